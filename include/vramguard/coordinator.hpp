@@ -1,0 +1,40 @@
+// SPDX-License-Identifier: MIT
+// The seam between in-process admission (Guard) and host-wide admission (host.hpp). Guard asks a
+// coordinator, when one is set, to check-and-reserve in one step, so pre-forked workers never both
+// see "6 GiB free" and both load 6 GiB.
+#pragma once
+
+#include <vramguard/memory.hpp>
+#include <vramguard/version.hpp>
+
+#include <cstdint>
+#include <memory>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+// Something held while admitted work runs (a ledger entry, a lock); released on destruction.
+class Hold {
+   public:
+    virtual ~Hold() = default;
+};
+
+class Coordinator {
+   public:
+    virtual ~Coordinator() = default;
+
+    struct Decision {
+        std::unique_ptr<Hold> hold;   // set when admitted
+        std::uint64_t available = 0;  // what this process may take after others' reservations
+    };
+
+    // Admits `required` bytes (plus `margin_bytes` kept free) against `seen`, this process's own
+    // probe reading, minus what other live processes have reserved but not yet allocated; on
+    // success the reservation is held until the returned Hold is destroyed. One atomic step.
+    virtual Decision try_reserve(std::uint64_t required, std::uint64_t margin_bytes,
+                                 const MemoryInfo& seen) = 0;
+
+    // Exclusion across processes for the single-item path; the kernel releases it if we die.
+    virtual std::unique_ptr<Hold> lock_single_item() = 0;
+};
+
+VRAMGUARD_END_NAMESPACE

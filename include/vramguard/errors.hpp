@@ -1,0 +1,357 @@
+// SPDX-License-Identifier: MIT
+// Errors a caller handles, and the answer to "was that an out-of-memory?".
+//
+// Classification is by type first and by message second: LibTorch raises c10::OutOfMemoryError only
+// since 1.13 and wraps many allocator failures in a plain c10::Error, and its message has had two
+// formats (one with the typo "capacty") and may be cut short. Backends add their own types through
+// register_oom_classifier(). Anything that is not recognised is not an OOM and is never retried.
+#pragma once
+
+#include <vramguard/memory.hpp>
+#include <vramguard/version.hpp>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <typeindex>
+#include <typeinfo>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+enum class OomKind {
+    none,       // not an out-of-memory error
+    allocator,  // an allocation failed; the process is healthy and may retry with less
+    driver,     // "CUDA error: out of memory" from outside the allocator: the CUDA context may be
+                // unusable, so it is reported, not retried blindly
+};
+
+// What an OOM said about itself, when it said it.
+struct OomReport {
+    std::uint64_t requested_bytes = 0;
+    std::optional<std::uint64_t> free_bytes;
+    std::optional<std::uint64_t> total_bytes;
+};
+
+// vramguard's own OOM (thrown by SimulatedDevice and by the CUDA backend's checked calls).
+class OutOfMemory : public std::runtime_error {
+   public:
+    explicit OutOfMemory(const std::string& message, OomKind kind = OomKind::allocator,
+                         std::optional<OomReport> report = std::nullopt)
+        : std::runtime_error(message), kind_(kind), report_(report) {}
+    OomKind kind() const noexcept { return kind_; }
+    const std::optional<OomReport>& report() const noexcept { return report_; }
+
+   private:
+    OomKind kind_;
+    std::optional<OomReport> report_;
+};
+
+// A backend asked for a device that is not there (no driver, no GPU, bad index).
+class DeviceUnavailable : public std::runtime_error {
+   public:
+    DeviceUnavailable(const std::string& message, int error_code = 0)
+        : std::runtime_error(message), error_code_(error_code) {}
+    int error_code() const noexcept { return error_code_; }
+
+   private:
+    int error_code_;
+};
+
+// Admission said no: the work needs more than this process can get now.
+class InsufficientMemory : public std::runtime_error {
+   public:
+    InsufficientMemory(std::uint64_t required, std::uint64_t available, std::uint64_t total,
+                       std::string key, std::chrono::milliseconds retry_after,
+                       const std::string& message)
+        : std::runtime_error(message),
+          required_(required),
+          available_(available),
+          total_(total),
+          key_(std::move(key)),
+          retry_after_(retry_after) {}
+
+    std::uint64_t required() const noexcept { return required_; }    // bytes, margin included
+    std::uint64_t available() const noexcept { return available_; }  // bytes this process could get
+    std::uint64_t total() const noexcept { return total_; }          // device size
+    const std::string& key() const noexcept { return key_; }         // "name{params} #hex"
+    // A hint for a 503's Retry-After: how long memory took to come back before, or the retry delay.
+    std::chrono::milliseconds retry_after() const noexcept { return retry_after_; }
+
+   private:
+    std::uint64_t required_, available_, total_;
+    std::string key_;
+    std::chrono::milliseconds retry_after_;
+};
+
+// The work ran out of memory even at its smallest: a load after every attempt, or one encode item
+// alone. The last OOM is nested (std::rethrow_if_nested). Results finished before the failing item
+// stay reachable through finished_results<R>().
+class OomExhausted : public std::runtime_error, public std::nested_exception {
+   public:
+    OomExhausted(const std::string& message, std::string key, std::optional<std::size_t> item_index,
+                 unsigned attempts)
+        : std::runtime_error(message),
+          key_(std::move(key)),
+          item_index_(item_index),
+          attempts_(attempts) {}
+
+    const std::string& key() const noexcept { return key_; }
+    // Index (in the caller's input) of the item that failed alone; empty for a load.
+    std::optional<std::size_t> item_index() const noexcept { return item_index_; }
+    unsigned attempts() const noexcept { return attempts_; }
+
+    template <class R>
+    void keep_finished_results(std::vector<R> results) {
+        results_ = std::make_shared<std::vector<R>>(std::move(results));
+        results_type_ = typeid(std::vector<R>);
+    }
+    bool has_finished_results() const noexcept { return results_ != nullptr; }
+    // The results of every item before item_index(), in input order. Throws std::bad_cast when R
+    // is not the batch function's result type.
+    template <class R>
+    const std::vector<R>& finished_results() const {
+        if (!results_ || results_type_ != std::type_index(typeid(std::vector<R>))) throw std::bad_cast();
+        return *static_cast<const std::vector<R>*>(results_.get());
+    }
+
+   private:
+    std::string key_;
+    std::optional<std::size_t> item_index_;
+    unsigned attempts_;
+    std::shared_ptr<const void> results_;
+    std::type_index results_type_{typeid(void)};
+};
+
+namespace detail {
+
+inline char ascii_lower(char c) noexcept {
+    return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+inline std::size_t find_nocase(std::string_view text, std::string_view needle,
+                               std::size_t from = 0) noexcept {
+    if (needle.size() > text.size()) return std::string_view::npos;
+    for (std::size_t i = from; i + needle.size() <= text.size(); ++i) {
+        std::size_t j = 0;
+        while (j < needle.size() && ascii_lower(text[i + j]) == ascii_lower(needle[j])) ++j;
+        if (j == needle.size()) return i;
+    }
+    return std::string_view::npos;
+}
+
+inline bool contains_nocase(std::string_view text, std::string_view needle) noexcept {
+    return find_nocase(text, needle) != std::string_view::npos;
+}
+
+// Parses "20.00 MiB", "1.5GiB", "8000000000 bytes" at the start of `text` (after spaces).
+// Returns the byte count and how many characters were read.
+inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(std::string_view text) noexcept {
+    std::size_t i = 0;
+    while (i < text.size() && text[i] == ' ') ++i;
+    const std::size_t digits_start = i;
+    double whole = 0, fraction = 0, scale = 1;
+    while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
+        if (whole < 1e30) whole = whole * 10 + (text[i] - '0');
+        ++i;
+    }
+    if (i == digits_start) return std::nullopt;
+    if (i < text.size() && text[i] == '.') {
+        ++i;
+        while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
+            if (scale > 1e-18) {
+                scale /= 10;
+                fraction += (text[i] - '0') * scale;
+            }
+            ++i;
+        }
+    }
+    while (i < text.size() && text[i] == ' ') ++i;
+    struct Unit {
+        std::string_view name;
+        double bytes;
+    };
+    static constexpr Unit units[] = {
+        {"bytes", 1.0},  {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0},
+        {"TiB", 1099511627776.0}, {"KB", 1024.0}, {"MB", 1048576.0}, {"GB", 1073741824.0},
+        {"TB", 1099511627776.0},  {"B", 1.0},
+    };
+    double multiplier = 0;
+    for (const Unit& unit : units) {
+        if (text.substr(i, unit.name.size()) == unit.name) {
+            multiplier = unit.bytes;
+            i += unit.name.size();
+            break;
+        }
+    }
+    if (multiplier == 0) return std::nullopt;
+    const double bytes = (whole + fraction) * multiplier;
+    if (!(bytes >= 0) || bytes >= 1.8e19) return std::nullopt;
+    return std::make_pair(static_cast<std::uint64_t>(bytes + 0.5), i);
+}
+
+// The size written just before `end` in `text` ("... 3.75 MiB free").
+inline std::optional<std::uint64_t> parse_size_before(std::string_view text, std::size_t end) noexcept {
+    std::size_t start = end;
+    // Step back over "<number> <unit>" : at most two space-separated tokens.
+    int tokens = 0;
+    while (start > 0 && text[start - 1] == ' ') --start;
+    while (start > 0 && tokens < 2) {
+        std::size_t token_end = start;
+        while (start > 0 && text[start - 1] != ' ' && text[start - 1] != ';' && text[start - 1] != '(' &&
+               text[start - 1] != ',')
+            --start;
+        if (start == token_end) break;
+        ++tokens;
+        if (std::isdigit(static_cast<unsigned char>(text[start]))) break;
+        while (start > 0 && text[start - 1] == ' ') --start;
+    }
+    auto parsed = parse_size(text.substr(start, end - start));
+    if (!parsed) return std::nullopt;
+    return parsed->first;
+}
+
+}  // namespace detail
+
+// Reads the numbers out of a PyTorch/CUDA/CPU OOM message, in any of its historical formats:
+//   "Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity; ...; 3.75 MiB free; ...)"
+//   "Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which 12.75 MiB is free."
+//   "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000 bytes."
+// Returns nothing when not even the requested size can be read.
+inline std::optional<OomReport> parse_oom_message(std::string_view message) noexcept {
+    const std::size_t tried = detail::find_nocase(message, "tried to allocate");
+    if (tried == std::string_view::npos) return std::nullopt;
+    auto requested = detail::parse_size(message.substr(tried + 17));
+    if (!requested) return std::nullopt;
+    OomReport report;
+    report.requested_bytes = requested->first;
+    const std::string_view rest = message.substr(tried + 17 + requested->second);
+
+    const std::size_t of_which = detail::find_nocase(rest, "of which");
+    if (of_which != std::string_view::npos) {
+        if (auto free = detail::parse_size(rest.substr(of_which + 8))) report.free_bytes = free->first;
+    } else {
+        const std::size_t free_word = detail::find_nocase(rest, " free");
+        if (free_word != std::string_view::npos)
+            report.free_bytes = detail::parse_size_before(rest, free_word);
+    }
+    const std::size_t capacity_of = detail::find_nocase(rest, "total capacity of");
+    if (capacity_of != std::string_view::npos) {
+        if (auto total = detail::parse_size(rest.substr(capacity_of + 17))) report.total_bytes = total->first;
+    } else {
+        // "total capacity" and the historical typo "total capacty".
+        const std::size_t total_word = detail::find_nocase(rest, " total capac");
+        if (total_word != std::string_view::npos)
+            report.total_bytes = detail::parse_size_before(rest, total_word);
+    }
+    return report;
+}
+
+// Classifies an error message; used for exception types no classifier knows.
+inline OomKind classify_oom_message(std::string_view message) noexcept {
+    // The driver-level failure ("CUDA error: out of memory", cudaErrorMemoryAllocation raised outside
+    // the caching allocator) is checked first: its context may be broken.
+    if (detail::contains_nocase(message, "CUDA error: out of memory") ||
+        detail::contains_nocase(message, "cudaErrorMemoryAllocation"))
+        return OomKind::driver;
+    if (detail::contains_nocase(message, "CUDA out of memory") ||
+        detail::contains_nocase(message, "DefaultCPUAllocator: can't allocate memory") ||
+        detail::contains_nocase(message, "DefaultCPUAllocator: not enough memory") ||
+        detail::contains_nocase(message, "HIP out of memory") ||
+        detail::contains_nocase(message, "MPS backend out of memory") ||
+        (detail::contains_nocase(message, "out of memory") &&
+         detail::contains_nocase(message, "tried to allocate")))
+        return OomKind::allocator;
+    return OomKind::none;
+}
+
+// A classifier looks at one exception and says what it is; OomKind::none means "not mine".
+using OomClassifier = OomKind (*)(const std::exception_ptr&);
+
+namespace detail {
+struct ClassifierRegistry {
+    std::mutex mutex;
+    std::vector<OomClassifier> classifiers;
+};
+inline ClassifierRegistry& classifier_registry() {
+    static ClassifierRegistry registry;
+    return registry;
+}
+}  // namespace detail
+
+// Adds a classifier (idempotent). Backends register theirs from an inline variable, so including
+// cuda.hpp or torch.hpp is all it takes. Returns true, for use in such initialisers.
+inline bool register_oom_classifier(OomClassifier classifier) {
+    auto& registry = detail::classifier_registry();
+    std::lock_guard<std::mutex> lock(registry.mutex);
+    if (std::find(registry.classifiers.begin(), registry.classifiers.end(), classifier) ==
+        registry.classifiers.end())
+        registry.classifiers.push_back(classifier);
+    return true;
+}
+
+inline OomKind classify_oom(const std::exception_ptr& error) {
+    if (!error) return OomKind::none;
+    try {
+        std::rethrow_exception(error);
+    } catch (const OutOfMemory& oom) {
+        return oom.kind();
+    } catch (const std::bad_alloc&) {
+        return OomKind::allocator;  // host memory: the CPU inference case
+    } catch (...) {
+    }
+    std::vector<OomClassifier> classifiers;
+    {
+        auto& registry = detail::classifier_registry();
+        std::lock_guard<std::mutex> lock(registry.mutex);
+        classifiers = registry.classifiers;
+    }
+    for (OomClassifier classifier : classifiers) {
+        const OomKind kind = classifier(error);
+        if (kind != OomKind::none) return kind;
+    }
+    try {
+        std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+        return classify_oom_message(e.what());
+    } catch (...) {
+        return OomKind::none;
+    }
+}
+
+inline bool is_oom(std::exception_ptr error) { return classify_oom(error) != OomKind::none; }
+
+// The numbers an OOM carried: from OutOfMemory's own report, else parsed from what().
+inline std::optional<OomReport> oom_report(const std::exception_ptr& error) {
+    try {
+        std::rethrow_exception(error);
+    } catch (const OutOfMemory& oom) {
+        if (oom.report()) return oom.report();
+        return parse_oom_message(oom.what());
+    } catch (const std::exception& e) {
+        return parse_oom_message(e.what());
+    } catch (...) {
+        return std::nullopt;
+    }
+}
+
+inline std::string describe(const std::exception_ptr& error) {
+    try {
+        std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+        return e.what();
+    } catch (...) {
+        return "unknown exception";
+    }
+}
+
+VRAMGUARD_END_NAMESPACE

@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: MIT
+// Everything a Guard can be told, each field with its default and the reason for it.
+#pragma once
+
+#include <vramguard/clock.hpp>
+#include <vramguard/coordinator.hpp>
+#include <vramguard/log.hpp>
+#include <vramguard/version.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace defaults {
+// 10 % of the device kept free: the CUDA context, cuBLAS workspaces and fragmentation grow
+// outside what a measured peak saw.
+inline constexpr double safety_margin = 0.10;
+// A load never measured is assumed to take most of the device: admitting an unknown too eagerly
+// is what causes the OOM in the first place. Declare bytes to admit a first load more tightly.
+inline constexpr double first_run_fraction = 0.80;
+// A measured peak moves between runs (allocator rounding, input sizes): 20 % over it.
+inline constexpr double history_headroom = 1.2;
+inline constexpr unsigned load_attempts = 3;
+// The longest wait for memory to come back between load attempts (polled, not slept blindly).
+inline constexpr std::chrono::milliseconds retry_delay{30000};
+// How often a wait looks at the probe again; also Ollama's VRAM-recovery poll.
+inline constexpr std::chrono::milliseconds poll_interval{250};
+// 0: admission that says no fails at once with InsufficientMemory (a server answers 503).
+inline constexpr std::chrono::milliseconds admission_wait{0};
+inline constexpr unsigned single_item_attempts = 3;
+inline constexpr std::size_t single_item_concurrency = 1;
+inline constexpr unsigned grow_after_successes = 8;
+// After an unload the driver reports freed VRAM late (Ollama: poll until 75 % of the expected
+// bytes show, at most 5 s, then trust the estimate).
+inline constexpr double recovery_fraction = 0.75;
+inline constexpr std::chrono::milliseconds recovery_timeout{5000};
+inline constexpr unsigned forget_failure_after = 64;
+}  // namespace defaults
+
+struct Options {
+    double safety_margin = defaults::safety_margin;            // fraction of total kept free, [0, 1)
+    double first_run_fraction = defaults::first_run_fraction;  // unknown load's requirement, (0, 1]
+    double history_headroom = defaults::history_headroom;      // factor over a measured peak, >= 1
+    unsigned load_attempts = defaults::load_attempts;          // tries of one load, >= 1
+    std::chrono::milliseconds retry_delay = defaults::retry_delay;      // max wait between tries
+    std::chrono::milliseconds poll_interval = defaults::poll_interval;  // > 0
+    std::chrono::milliseconds admission_wait = defaults::admission_wait;  // max wait to be admitted
+    unsigned single_item_attempts = defaults::single_item_attempts;  // tries of one item alone, >= 1
+    // Items run alone at the same time on one device (the single-item semaphore's count).
+    std::size_t single_item_concurrency = defaults::single_item_concurrency;
+    unsigned grow_after_successes = defaults::grow_after_successes;  // successes before growing back
+    unsigned forget_failure_after = defaults::forget_failure_after;  // successes before retrying a size that failed
+    double recovery_fraction = defaults::recovery_fraction;  // of the expected freed bytes, (0, 1]
+    std::chrono::milliseconds recovery_timeout = defaults::recovery_timeout;  // then trust the estimate
+    // Where profiles live; "" = $VRAMGUARD_PROFILE_DIR, $XDG_CACHE_HOME/vramguard, ~/.cache/vramguard.
+    std::string profile_dir;
+    bool persist = true;  // false: learn in memory only
+    LogSink log = stderr_sink();
+    ClockFn clock = system_clock();  // every wait reads this clock ...
+    SleepFn sleep = system_sleep();  // ... and waits through this sleep
+    // Host-wide admission across processes (host.hpp); null = this process only.
+    std::shared_ptr<Coordinator> coordinator;
+
+    // Throws std::invalid_argument naming the first field that makes no sense.
+    void validate() const {
+        auto fail = [](const char* field, const std::string& why) {
+            throw std::invalid_argument(std::string("vramguard::Options::") + field + " " + why);
+        };
+        auto finite = [](double v) { return std::isfinite(v); };
+        if (!finite(safety_margin) || safety_margin < 0 || safety_margin >= 1)
+            fail("safety_margin", "must be in [0, 1), got " + std::to_string(safety_margin));
+        if (!finite(first_run_fraction) || first_run_fraction <= 0 || first_run_fraction > 1)
+            fail("first_run_fraction", "must be in (0, 1], got " + std::to_string(first_run_fraction));
+        if (!finite(history_headroom) || history_headroom < 1 || history_headroom > 100)
+            fail("history_headroom", "must be in [1, 100], got " + std::to_string(history_headroom));
+        if (load_attempts < 1) fail("load_attempts", "must be at least 1");
+        if (retry_delay.count() < 0) fail("retry_delay", "must not be negative");
+        if (poll_interval.count() <= 0) fail("poll_interval", "must be positive");
+        if (admission_wait.count() < 0) fail("admission_wait", "must not be negative");
+        if (single_item_attempts < 1) fail("single_item_attempts", "must be at least 1");
+        if (single_item_concurrency < 1) fail("single_item_concurrency", "must be at least 1");
+        if (grow_after_successes < 1) fail("grow_after_successes", "must be at least 1");
+        if (forget_failure_after < 1) fail("forget_failure_after", "must be at least 1");
+        if (!finite(recovery_fraction) || recovery_fraction <= 0 || recovery_fraction > 1)
+            fail("recovery_fraction", "must be in (0, 1], got " + std::to_string(recovery_fraction));
+        if (recovery_timeout.count() < 0) fail("recovery_timeout", "must not be negative");
+        if (!clock) fail("clock", "must be set (use vramguard::system_clock())");
+        if (!sleep) fail("sleep", "must be set (use vramguard::system_sleep())");
+    }
+};
+
+VRAMGUARD_END_NAMESPACE

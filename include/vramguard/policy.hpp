@@ -1,0 +1,219 @@
+// SPDX-License-Identifier: MIT
+// The decisions, as pure functions: no I/O, no clock, no locks. Guard and ModelRegistry do the
+// waiting and the measuring; these say what the numbers mean. Every rule is table-tested.
+#pragma once
+
+#include <vramguard/errors.hpp>
+#include <vramguard/memory.hpp>
+#include <vramguard/version.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace policy {
+
+// ---- Admission -------------------------------------------------------------------------------
+
+enum class RequirementSource {
+    declared,      // the caller said how much
+    measured,      // a peak measured before, times history_headroom
+    conservative,  // never seen: first_run_fraction of the device
+};
+
+inline const char* to_string(RequirementSource source) noexcept {
+    switch (source) {
+        case RequirementSource::declared: return "declared";
+        case RequirementSource::measured: return "measured";
+        case RequirementSource::conservative: return "first-run estimate";
+    }
+    return "?";
+}
+
+struct Requirement {
+    std::uint64_t bytes = 0;
+    RequirementSource source = RequirementSource::conservative;
+};
+
+inline std::uint64_t scale_bytes(std::uint64_t bytes, double factor) noexcept {
+    const double scaled = std::ceil(static_cast<double>(bytes) * factor);
+    if (!(scaled < 1.8e19)) return std::numeric_limits<std::uint64_t>::max();
+    return scaled <= 0 ? 0 : static_cast<std::uint64_t>(scaled);
+}
+
+inline std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
+    return a > std::numeric_limits<std::uint64_t>::max() - b ? std::numeric_limits<std::uint64_t>::max()
+                                                              : a + b;
+}
+
+// Declared bytes beat a measured peak (the caller knows about this run), which beats the
+// conservative first-run guess (a fraction of the whole device: an unknown load is assumed big).
+inline Requirement required_bytes(std::optional<std::uint64_t> declared, std::uint64_t measured_peak,
+                                  std::uint64_t total_bytes, double history_headroom,
+                                  double first_run_fraction) noexcept {
+    if (declared) return {*declared, RequirementSource::declared};
+    if (measured_peak > 0)
+        return {scale_bytes(measured_peak, history_headroom), RequirementSource::measured};
+    return {scale_bytes(total_bytes, first_run_fraction), RequirementSource::conservative};
+}
+
+// The slice of the device kept free beyond the requirement.
+inline std::uint64_t margin_bytes(std::uint64_t total_bytes, double safety_margin) noexcept {
+    return scale_bytes(total_bytes, safety_margin);
+}
+
+// Admitted when required + safety_margin x total <= free.
+// Written as a subtraction so huge requests can never wrap around into "fits".
+inline bool admits(std::uint64_t required, const MemoryInfo& memory, double safety_margin) noexcept {
+    return required <= memory.free_bytes &&
+           memory.free_bytes - required >= margin_bytes(memory.total_bytes, safety_margin);
+}
+
+// Work that would not fit on an empty device is refused at once instead of waited for.
+inline bool can_ever_fit(std::uint64_t required, std::uint64_t total_bytes, double safety_margin) noexcept {
+    return admits(required, MemoryInfo{total_bytes, total_bytes}, safety_margin);
+}
+
+// ---- Batch sizing ----------------------------------------------------------------------------
+//
+// One rule serves item counts and item weights (tokens, pixels, seconds of audio): a "size" is
+// either. On OOM the size halves (or drops to what the OOM's numbers say fits, never above half);
+// a failed growth probe instead falls back to the size that last worked. After
+// `grow_after_successes` successes at the ceiling it probes back up: halfway to the smallest size
+// known to fail (stopping within 1/32 of it), or double when none is known. The known failure is
+// dropped when the device has clearly more free memory than when it failed (a squeeze ended), and
+// relaxed by a quarter after `forget_failure_after` successes, so a limit that moved is found again
+// at the cost of one probe, not a new search.
+
+struct GrowthRule {
+    unsigned grow_after_successes = 8;
+    unsigned forget_failure_after = 64;
+};
+
+struct CeilingState {
+    std::uint64_t ceiling = 0;          // largest size to try; 0 = no limit known
+    std::uint64_t failed_at = 0;        // smallest size seen failing since it was last forgotten
+    std::uint64_t free_at_failure = 0;  // what the probe said just after that failure
+    unsigned streak = 0;                // successes at the ceiling since the last change
+    unsigned since_failure = 0;         // successes at the ceiling since failed_at was set
+    std::uint64_t probing_from = 0;     // the proven ceiling while a grown one is still untried
+    std::uint64_t largest_success = 0;  // largest size that ran since the last failure at or below it
+};
+
+// What is known to work: a ceiling grown but not yet tried is a guess, not something learned.
+inline std::uint64_t learned(const CeilingState& state) noexcept {
+    return state.probing_from != 0 ? state.probing_from : state.ceiling;
+}
+
+// The next size to try after `tried` ran out of memory. With the OOM's own numbers ("tried to
+// allocate R, F free"), the part that fits is estimated as tried x F / R (an underestimate: the
+// chunk's earlier allocations were not counted), but never above half, never below 1.
+inline std::uint64_t size_after_oom(std::uint64_t tried, const std::optional<OomReport>& report) noexcept {
+    const std::uint64_t half = std::max<std::uint64_t>(1, tried / 2);
+    if (!report || !report->free_bytes || report->requested_bytes == 0) return half;
+    const double fits = static_cast<double>(tried) * static_cast<double>(*report->free_bytes) /
+                        static_cast<double>(report->requested_bytes);
+    const std::uint64_t estimate = fits < 1.0 ? 1 : static_cast<std::uint64_t>(fits);
+    return std::max<std::uint64_t>(1, std::min(half, estimate));
+}
+
+inline void on_oom(CeilingState& state, std::uint64_t tried, std::uint64_t next,
+                   std::uint64_t free_after_release) noexcept {
+    // Above what just worked, the failure only says the limit is lower than `tried`: go back to
+    // what worked. At or below it, memory shrank: halve, and what worked is no longer known.
+    if (state.largest_success != 0 && tried > state.largest_success)
+        next = std::max(next, state.largest_success);
+    else
+        state.largest_success = 0;
+    state.ceiling = state.ceiling == 0 ? next : std::min(state.ceiling, next);
+    if (state.ceiling == 0) state.ceiling = 1;
+    if (state.failed_at == 0 || tried < state.failed_at) state.failed_at = tried;
+    state.free_at_failure = free_after_release;
+    state.probing_from = 0;
+    state.streak = 0;
+    state.since_failure = 0;
+}
+
+// Whether it is time to look at free memory before deciding to grow (the caller reads the probe
+// only then, keeping the fast path free of extra readings).
+inline bool wants_memory_reading(const CeilingState& state, const GrowthRule& rule) noexcept {
+    return state.ceiling != 0 && state.failed_at != 0 && state.streak + 1 >= rule.grow_after_successes;
+}
+
+// Records a success of size `tried`. Only a batch limited by the ceiling counts towards growing (a
+// short tail chunk, or a weighted batch that ended with the input, does not). `free_now` is a fresh probe reading or 0
+// when none was taken. Returns true when the ceiling grew.
+inline bool on_success(CeilingState& state, bool at_ceiling, std::uint64_t tried,
+                       const GrowthRule& rule, std::uint64_t free_now = 0) noexcept {
+    state.largest_success = std::max(state.largest_success, tried);
+    if (state.ceiling == 0 || !at_ceiling) return false;
+    state.probing_from = 0;  // the ceiling itself just worked
+    ++state.streak;
+    if (state.failed_at != 0) ++state.since_failure;
+    if (state.streak < rule.grow_after_successes) return false;
+    state.streak = 0;
+    if (state.failed_at != 0) {
+        const bool memory_came_back =
+            free_now > 0 && free_now > state.free_at_failure + state.free_at_failure / 4;
+        if (memory_came_back) {
+            state.failed_at = 0;
+        } else if (state.since_failure >= rule.forget_failure_after) {
+            state.failed_at = std::max(state.failed_at,
+                                       saturating_add(state.ceiling, std::max<std::uint64_t>(2, state.ceiling / 4)));
+        }
+        if (state.failed_at == 0 || state.since_failure >= rule.forget_failure_after) state.since_failure = 0;
+    }
+    const std::uint64_t before = state.ceiling;
+    if (state.failed_at == 0) {
+        state.ceiling = before > std::numeric_limits<std::uint64_t>::max() / 2 ? before : before * 2;
+    } else if (state.failed_at - before > std::max<std::uint64_t>(1, before / 32)) {
+        state.ceiling = before + std::max<std::uint64_t>(1, (state.failed_at - before) / 2);
+    }
+    if (state.ceiling == before) return false;
+    state.probing_from = before;
+    return true;
+}
+
+// How many items from `begin` form the next weighted batch: add items while the total stays within
+// `budget`; the first item always goes, alone if it is heavier than the budget. budget 0 = no limit.
+template <class WeightAt>
+std::size_t cut_by_weight(std::size_t begin, std::size_t end, std::uint64_t budget, WeightAt&& weight_at) {
+    if (begin >= end) return 0;
+    if (budget == 0) return end - begin;
+    std::uint64_t total = weight_at(begin);
+    std::size_t count = 1;
+    while (begin + count < end) {
+        const std::uint64_t next = saturating_add(total, weight_at(begin + count));
+        if (next > budget) break;
+        total = next;
+        ++count;
+    }
+    return count;
+}
+
+// A first batch size from a measured per-item cost and what is free now; 0 when unknown.
+inline std::uint64_t predicted_batch(const MemoryInfo& memory, double safety_margin,
+                                     std::uint64_t bytes_per_item) noexcept {
+    if (bytes_per_item == 0) return 0;
+    const std::uint64_t margin = margin_bytes(memory.total_bytes, safety_margin);
+    if (memory.free_bytes <= margin) return 1;
+    return std::max<std::uint64_t>(1, (memory.free_bytes - margin) / bytes_per_item);
+}
+
+// ---- Recovery after an unload ----------------------------------------------------------------
+//
+// Freed VRAM shows up in the driver's report late. Ollama's rule: poll every 250 ms until 75 % of
+// the expected bytes appear, at most 5 s, then trust the estimate.
+
+inline bool recovered(std::uint64_t free_before, std::uint64_t free_now, std::uint64_t expected_freed,
+                      double fraction) noexcept {
+    return free_now >= saturating_add(free_before, scale_bytes(expected_freed, fraction));
+}
+
+}  // namespace policy
+
+VRAMGUARD_END_NAMESPACE

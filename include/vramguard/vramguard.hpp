@@ -1,0 +1,20 @@
+// SPDX-License-Identifier: MIT
+// vramguard: admission, learning and OOM recovery for programs that share a GPU.
+// The core: standard library + POSIX only. The backends are separate headers: cuda.hpp (CUDA
+// Runtime) and torch.hpp (LibTorch).
+#pragma once
+
+#include <vramguard/version.hpp>
+#include <vramguard/memory.hpp>
+#include <vramguard/log.hpp>
+#include <vramguard/clock.hpp>
+#include <vramguard/errors.hpp>
+#include <vramguard/policy.hpp>
+#include <vramguard/options.hpp>
+#include <vramguard/stats.hpp>
+#include <vramguard/key.hpp>
+#include <vramguard/profile.hpp>
+#include <vramguard/semaphore.hpp>
+#include <vramguard/coordinator.hpp>
+#include <vramguard/simulated.hpp>
+#include <vramguard/guard.hpp>

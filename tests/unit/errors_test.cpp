@@ -1,0 +1,174 @@
+// SPDX-License-Identifier: MIT
+// OOM classification and the OOM-message parser, on the messages PyTorch and CUDA really print.
+#include <vramguard/errors.hpp>
+
+#include <gtest/gtest.h>
+
+#include <new>
+#include <stdexcept>
+#include <string>
+
+using namespace vramguard;
+using namespace vramguard::literals;
+
+namespace {
+
+template <class E>
+std::exception_ptr thrown(E error) {
+    try {
+        throw error;
+    } catch (...) {
+        return std::current_exception();
+    }
+}
+
+// PyTorch <= 2.0 (and 1.13, Debian's libtorch): parenthesised, semicolon-separated.
+const char* const kOldCudaOom =
+    "CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity; 14.56 GiB "
+    "already allocated; 3.75 MiB free; 14.73 GiB reserved in total by PyTorch) If reserved memory "
+    "is >> allocated memory try setting max_split_size_mb to avoid fragmentation.";
+// The same format with the historical typo.
+const char* const kTypoCudaOom =
+    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 1; 7.79 GiB total capacty; 5.12 GiB already "
+    "allocated; 1.25 GiB free; 5.50 GiB reserved in total by PyTorch)";
+// PyTorch >= 2.1.
+const char* const kNewCudaOom =
+    "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of "
+    "which 12.75 MiB is free. Process 1234 has 79.13 GiB memory in use. Of the allocated memory "
+    "78.2 GiB is allocated by PyTorch, and 300 MiB is reserved by PyTorch but unallocated.";
+const char* const kCpuOom =
+    "[enforce fail at alloc_cpu.cpp:75] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+    "tried to allocate 8000000000 bytes. Error code 12 (Cannot allocate memory)";
+
+TEST(ParseOomMessage, OldFormat) {
+    const auto report = parse_oom_message(kOldCudaOom);
+    ASSERT_TRUE(report);
+    EXPECT_EQ(report->requested_bytes, 20_MiB);
+    EXPECT_EQ(report->free_bytes, 3932160u);  // 3.75 MiB
+    EXPECT_EQ(report->total_bytes, static_cast<std::uint64_t>(15.78 * GiB + 0.5));
+}
+
+TEST(ParseOomMessage, HistoricalTypoCapacty) {
+    const auto report = parse_oom_message(kTypoCudaOom);
+    ASSERT_TRUE(report);
+    EXPECT_EQ(report->requested_bytes, 2_GiB);
+    EXPECT_EQ(report->free_bytes, 1_GiB + 256_MiB);
+    EXPECT_EQ(report->total_bytes, static_cast<std::uint64_t>(7.79 * GiB + 0.5));
+}
+
+TEST(ParseOomMessage, NewFormat) {
+    const auto report = parse_oom_message(kNewCudaOom);
+    ASSERT_TRUE(report);
+    EXPECT_EQ(report->requested_bytes, 20_MiB);
+    EXPECT_EQ(report->free_bytes, static_cast<std::uint64_t>(12.75 * MiB));
+    EXPECT_EQ(report->total_bytes, static_cast<std::uint64_t>(79.15 * GiB + 0.5));
+}
+
+TEST(ParseOomMessage, CpuAllocatorBytes) {
+    const auto report = parse_oom_message(kCpuOom);
+    ASSERT_TRUE(report);
+    EXPECT_EQ(report->requested_bytes, 8000000000u);
+    EXPECT_FALSE(report->free_bytes);
+    EXPECT_FALSE(report->total_bytes);
+}
+
+TEST(ParseOomMessage, CutShortMessagesKeepWhatIsThere) {
+    std::string old = kOldCudaOom;
+    const auto cut = parse_oom_message(old.substr(0, old.find("3.75")));
+    ASSERT_TRUE(cut);
+    EXPECT_EQ(cut->requested_bytes, 20_MiB);
+    EXPECT_FALSE(cut->free_bytes);
+    EXPECT_TRUE(cut->total_bytes);
+    EXPECT_FALSE(parse_oom_message("CUDA out of memory. Tried to allocate"));
+    EXPECT_FALSE(parse_oom_message("CUDA out of memory. Tried to allocate 20.00"));
+    EXPECT_FALSE(parse_oom_message(""));
+    EXPECT_FALSE(parse_oom_message("tried to allocate lots of bytes"));
+}
+
+TEST(ParseOomMessage, AbsurdNumbersDoNotOverflow) {
+    EXPECT_FALSE(parse_oom_message("Tried to allocate 99999999999999999999999 GiB"));
+    const auto huge = parse_oom_message("Tried to allocate 15 EiB");  // unknown unit: nothing
+    EXPECT_FALSE(huge);
+}
+
+TEST(ClassifyOomMessage, AllocatorDriverAndNone) {
+    EXPECT_EQ(classify_oom_message(kOldCudaOom), OomKind::allocator);
+    EXPECT_EQ(classify_oom_message(kNewCudaOom), OomKind::allocator);
+    EXPECT_EQ(classify_oom_message(kCpuOom), OomKind::allocator);
+    EXPECT_EQ(classify_oom_message("CUDA error: out of memory\nCUDA kernel errors might be asynchronously "
+                                   "reported"),
+              OomKind::driver);
+    EXPECT_EQ(classify_oom_message("cudaMalloc failed: cudaErrorMemoryAllocation"), OomKind::driver);
+    EXPECT_EQ(classify_oom_message("file not found"), OomKind::none);
+    EXPECT_EQ(classify_oom_message("out of memory"), OomKind::none);  // too vague to retry on
+    EXPECT_EQ(classify_oom_message("shape mismatch: tried to allocate [3, 4]"), OomKind::none);
+}
+
+TEST(ClassifyOom, ByTypeFirstThenMessage) {
+    EXPECT_EQ(classify_oom(thrown(OutOfMemory("anything at all"))), OomKind::allocator);
+    EXPECT_EQ(classify_oom(thrown(OutOfMemory("x", OomKind::driver))), OomKind::driver);
+    EXPECT_EQ(classify_oom(thrown(std::bad_alloc())), OomKind::allocator);
+    EXPECT_EQ(classify_oom(thrown(std::runtime_error(kNewCudaOom))), OomKind::allocator);
+    EXPECT_EQ(classify_oom(thrown(std::runtime_error("bad weights"))), OomKind::none);
+    EXPECT_EQ(classify_oom(thrown(42)), OomKind::none);
+    EXPECT_EQ(classify_oom(nullptr), OomKind::none);
+    EXPECT_TRUE(is_oom(thrown(OutOfMemory("x"))));
+    EXPECT_FALSE(is_oom(thrown(std::logic_error("x"))));
+}
+
+struct VendorOom {
+    int code;
+};
+OomKind classify_vendor(const std::exception_ptr& error) {
+    try {
+        std::rethrow_exception(error);
+    } catch (const VendorOom& e) {
+        return e.code == 2 ? OomKind::allocator : OomKind::none;
+    } catch (...) {
+        return OomKind::none;
+    }
+}
+
+TEST(ClassifyOom, RegisteredClassifiersExtendIt) {
+    EXPECT_EQ(classify_oom(thrown(VendorOom{2})), OomKind::none);
+    EXPECT_TRUE(register_oom_classifier(&classify_vendor));
+    EXPECT_TRUE(register_oom_classifier(&classify_vendor));  // idempotent
+    EXPECT_EQ(classify_oom(thrown(VendorOom{2})), OomKind::allocator);
+    EXPECT_EQ(classify_oom(thrown(VendorOom{3})), OomKind::none);
+}
+
+TEST(OomReport, FromOwnReportOrFromTheMessage) {
+    const auto own = oom_report(thrown(OutOfMemory("no numbers here", OomKind::allocator,
+                                                   OomReport{1_GiB, 2_GiB, 8_GiB})));
+    ASSERT_TRUE(own);
+    EXPECT_EQ(own->requested_bytes, 1_GiB);
+    const auto parsed = oom_report(thrown(std::runtime_error(kNewCudaOom)));
+    ASSERT_TRUE(parsed);
+    EXPECT_EQ(parsed->requested_bytes, 20_MiB);
+    EXPECT_FALSE(oom_report(thrown(7)));
+}
+
+TEST(InsufficientMemory, CarriesItsNumbers) {
+    const InsufficientMemory e(6_GiB, 4_GiB, 80_GiB, "llm{size=7b} #0011223344556677",
+                               std::chrono::milliseconds(1500), "needs more");
+    EXPECT_EQ(e.required(), 6_GiB);
+    EXPECT_EQ(e.available(), 4_GiB);
+    EXPECT_EQ(e.total(), 80_GiB);
+    EXPECT_EQ(e.key(), "llm{size=7b} #0011223344556677");
+    EXPECT_EQ(e.retry_after(), std::chrono::milliseconds(1500));
+    EXPECT_STREQ(e.what(), "needs more");
+}
+
+TEST(FormatBytes, BinaryUnitsWithTwoDecimals) {
+    EXPECT_EQ(format_bytes(0), "0 B");
+    EXPECT_EQ(format_bytes(1023), "1023 B");
+    EXPECT_EQ(format_bytes(1024), "1.00 KiB");
+    EXPECT_EQ(format_bytes(1536), "1.50 KiB");
+    EXPECT_EQ(format_bytes(6_GiB), "6.00 GiB");
+    EXPECT_EQ(format_bytes(std::numeric_limits<std::uint64_t>::max()), "16.00 EiB");
+    EXPECT_EQ(MemoryInfo({2_GiB, 8_GiB}).used_bytes(), 6_GiB);
+    EXPECT_DOUBLE_EQ(MemoryInfo({2_GiB, 8_GiB}).usage(), 0.75);
+    EXPECT_DOUBLE_EQ(MemoryInfo({}).usage(), 0.0);
+}
+
+}  // namespace
