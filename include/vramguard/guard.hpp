@@ -63,6 +63,18 @@ class BatchView {
     std::size_t size_, offset_;
 };
 
+// Marks a weight function whose batches are padded to their heaviest item (a padded transformer
+// batch): a batch then costs size x its heaviest weight, not the sum of the weights, and the
+// learned budget counts padded weight. `guard.encode(key, texts, fn, vramguard::padded(tokens_of))`.
+template <class W>
+struct Padded {
+    W weight;
+};
+template <class W>
+Padded<std::decay_t<W>> padded(W&& weight) {
+    return {std::forward<W>(weight)};
+}
+
 // What an admission check saw and decided.
 struct Admission {
     bool admitted = false;
@@ -117,6 +129,22 @@ struct is_weight_fn<Range, W,
     : std::is_convertible<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>()))),
                           std::uint64_t> {};
 
+template <class W>
+struct is_padded : std::false_type {};
+template <class W>
+struct is_padded<Padded<W>> : std::true_type {};
+
+template <class W>
+decltype(auto) unpadded(W& weight) {
+    if constexpr (is_padded<std::remove_cv_t<W>>::value) {
+        return (weight.weight);
+    } else {
+        return (weight);
+    }
+}
+template <class W>
+using unpadded_t = std::remove_reference_t<decltype(unpadded(std::declval<W&>()))>;
+
 }  // namespace detail
 
 template <class Probe>
@@ -156,20 +184,23 @@ class Guard {
     template <class It, class F,
               class = typename std::iterator_traits<It>::iterator_category>
     auto encode(const Key& key, It first, It last, F&& batch_fn) {
-        return run_encode(key, first, last, batch_fn, nullptr);
+        return run_encode(key, first, last, batch_fn);
     }
     template <class Range, class F, class = detail::range_iterator_t<Range>>
     auto encode(const Key& key, const Range& items, F&& batch_fn) {
-        return run_encode(key, std::begin(items), std::end(items), batch_fn, nullptr);
+        return run_encode(key, std::begin(items), std::end(items), batch_fn);
     }
     // Weighted form: weight_fn(item) -> tokens, pixels, samples. The learned ceiling is a weight
-    // budget: batches are cut where the next item would exceed it.
+    // budget: batches are cut where the next item would exceed it. Wrap weight_fn in padded() when
+    // batches are padded to their longest item.
     template <class Range, class F, class W,
-              class = std::enable_if_t<detail::is_weight_fn<Range, W>::value>>
+              class = std::enable_if_t<detail::is_weight_fn<Range, detail::unpadded_t<std::remove_reference_t<W>>>::value>>
     auto encode(const Key& key, const Range& items, F&& batch_fn, W&& weight_fn) {
+        auto& weight_of = detail::unpadded(weight_fn);
         std::vector<std::uint64_t> weights;
-        for (const auto& item : items) weights.push_back(static_cast<std::uint64_t>(weight_fn(item)));
-        return run_encode(key, std::begin(items), std::end(items), batch_fn, &weights);
+        for (const auto& item : items) weights.push_back(static_cast<std::uint64_t>(weight_of(item)));
+        return run_encode(key, std::begin(items), std::end(items), batch_fn, &weights,
+                          detail::is_padded<std::decay_t<W>>::value);
     }
 
     // ---- what it knows -----------------------------------------------------------------------
@@ -216,6 +247,7 @@ class Guard {
         std::uint64_t persisted_weight = 0;
         std::uint64_t bytes_per_item = 0;      // highest measured cost of one item (count mode)
         std::uint64_t cheapest_item_bytes = 0;  // lowest measured per-item cost: the least any item takes
+        unsigned chunks_since_measured = 0;
 
         std::pair<std::uint64_t, std::uint64_t> snapshot() {
             std::lock_guard<std::mutex> lock(mutex);
@@ -295,12 +327,20 @@ class Guard {
 
     // Admission: check (and reserve host-wide, with a coordinator) in one step; wait up to
     // admission_wait; throw InsufficientMemory with the numbers otherwise.
-    Admitted admit(const Key& key, const char* what, const policy::Requirement& requirement) {
+    // `requirement_of(total_bytes)` turns the device size into the requirement: the first
+    // reading serves both, so the fast path reads the probe once.
+    template <class RequirementOf>
+    Admitted admit(const Key& key, const char* what, RequirementOf&& requirement_of) {
         Admitted admitted;
-        admitted.requirement = requirement;
+        const policy::Requirement& requirement = admitted.requirement;
         std::uint64_t available = 0;
+        bool first = true;
         auto try_once = [&] {
             admitted.memory = probe_.memory();
+            if (first) {
+                admitted.requirement = requirement_of(admitted.memory.total_bytes);
+                first = false;
+            }
             const std::uint64_t margin =
                 policy::margin_bytes(admitted.memory.total_bytes, options_.safety_margin);
             if (options_.coordinator) {
@@ -360,12 +400,20 @@ class Guard {
                                 std::memory_order_relaxed);
     }
 
-    // Polls until `required` bytes (plus the margin) are free or `max_wait` passes.
-    bool wait_for_memory(std::uint64_t required, std::chrono::milliseconds max_wait) {
+    // After an OOM: polls until `required` bytes (plus the margin) are free, or `max_wait` passes.
+    // `distrusted_free` is the reading that let the failed work start: it was stale (drivers report
+    // freed and taken memory late) or the memory was taken since, so only a reading that differs
+    // from it is evidence that memory came back.
+    bool wait_for_memory(std::uint64_t required, std::chrono::milliseconds max_wait,
+                         std::uint64_t distrusted_free) {
         const TimePoint start = options_.clock();
+        bool reading_moved = false;
         const bool came_back = detail::poll_until(
-            options_.clock, options_.sleep, options_.poll_interval, start + max_wait,
-            [&] { return policy::admits(required, probe_.memory(), options_.safety_margin); });
+            options_.clock, options_.sleep, options_.poll_interval, start + max_wait, [&] {
+                const MemoryInfo now = probe_.memory();
+                reading_moved = reading_moved || now.free_bytes != distrusted_free;
+                return reading_moved && policy::admits(required, now, options_.safety_margin);
+            });
         if (options_.clock() > start) stats_.bump(stats_.waits);
         if (came_back) remember_recovery(options_.clock() - start);
         return came_back;
@@ -376,8 +424,9 @@ class Guard {
         using R = std::invoke_result_t<F&>;
         stats_.bump(stats_.calls);
         for (unsigned attempt = 1;; ++attempt) {
-            const MemoryInfo memory_hint = probe_.memory();
-            Admitted admitted = admit(key, "load", requirement_for(key, declared, memory_hint.total_bytes));
+            Admitted admitted = admit(key, "load", [&](std::uint64_t total_bytes) {
+                return requirement_for(key, declared, total_bytes);
+            });
             try {
                 Measurement measurement(*this);
                 if constexpr (std::is_void_v<R>) {
@@ -403,7 +452,8 @@ class Guard {
                 probe_.release_cached();
                 admitted.hold.reset();
                 const std::uint64_t required = admitted.requirement.bytes;
-                if (attempt >= options_.load_attempts) {
+                if (attempt >= options_.load_attempts ||
+                    asked_for_more_than_the_device(error, admitted.memory.total_bytes)) {
                     log(Level::warn, "load " + key.describe() + ": out of memory on the last of " +
                                          std::to_string(attempt) + " attempts: " + describe(error));
                     std::throw_with_nested(OomExhausted(
@@ -421,28 +471,56 @@ class Guard {
                                      std::to_string(options_.retry_delay.count()) + " ms for " +
                                      format_bytes(required) + " to be free (" + describe(error) + ")");
                 stats_.bump(stats_.retries);
-                wait_for_memory(required, options_.retry_delay);
+                wait_for_memory(required, options_.retry_delay, admitted.memory.free_bytes);
             }
         }
+    }
+
+    // An allocation larger than the whole device never succeeds: retrying it only wastes time.
+    static bool asked_for_more_than_the_device(const std::exception_ptr& error, std::uint64_t total) {
+        const auto report = oom_report(error);
+        return report && total > 0 && report->requested_bytes > total;
     }
 
     void record_load_peak(const Key& key, const Measurement& measurement) {
         if (auto peak = measurement.peak(); peak && *peak > 0) profiles_.record_peak(key, *peak);
     }
 
+    // The learned state of `key`, created from its profile on first use. A server encodes with one
+    // key over and over, so each thread remembers its last lookup (guard ids are never reused, so
+    // the remembered pointer cannot outlive its guard's map).
     KeyMemory& key_memory(const Key& key) {
-        std::lock_guard<std::mutex> lock(keys_mutex_);
-        auto& slot = keys_[key.value()];
-        if (!slot) {
-            slot = std::make_unique<KeyMemory>();
-            const Profile profile = profiles_.get(key);
-            seed(slot->items, profile.batch_ceiling);
-            seed(slot->weight, profile.weight_budget);
-            slot->persisted_items = profile.batch_ceiling;
-            slot->persisted_weight = profile.weight_budget;
-            slot->bytes_per_item = profile.peak_bytes_per_item;
+        struct LastLookup {
+            std::uint64_t guard_id = 0;
+            std::uint64_t key = 0;
+            KeyMemory* memory = nullptr;
+        };
+        thread_local LastLookup last;
+        if (last.guard_id == id_ && last.key == key.value()) return *last.memory;
+        KeyMemory* found = nullptr;
+        {
+            std::lock_guard<std::mutex> lock(keys_mutex_);
+            if (auto it = keys_.find(key.value()); it != keys_.end()) found = it->second.get();
         }
-        return *slot;
+        if (!found) {
+            const Profile profile = profiles_.get(key);  // may read a file: outside the lock
+            auto created = std::make_unique<KeyMemory>();
+            seed(created->items, profile.batch_ceiling);
+            seed(created->weight, profile.weight_budget);
+            created->persisted_items = profile.batch_ceiling;
+            created->persisted_weight = profile.weight_budget;
+            created->bytes_per_item = profile.peak_bytes_per_item;
+            std::lock_guard<std::mutex> lock(keys_mutex_);
+            auto& slot = keys_[key.value()];
+            if (!slot) slot = std::move(created);  // another thread may have won the race
+            found = slot.get();
+        }
+        last = {id_, key.value(), found};
+        return *found;
+    }
+    static std::uint64_t next_guard_id() noexcept {
+        static std::atomic<std::uint64_t> next{1};
+        return next.fetch_add(1, std::memory_order_relaxed);
     }
     // A learned ceiling came from halving: the size twice as large is assumed to have failed, so
     // growth probes halfway there first instead of doubling straight into the same OOM.
@@ -468,7 +546,8 @@ class Guard {
     }
 
     template <class It, class F>
-    auto run_encode(const Key& key, It first, It last, F& batch_fn, const std::vector<std::uint64_t>* weights) {
+    auto run_encode(const Key& key, It first, It last, F& batch_fn,
+                    const std::vector<std::uint64_t>* weights = nullptr, bool padded_weights = false) {
         using View = BatchView<It>;
         using Out = std::invoke_result_t<F&, View>;
         static_assert(std::is_void_v<Out> || detail::is_std_vector<Out>::value,
@@ -477,7 +556,6 @@ class Guard {
         stats_.bump(stats_.calls);
         const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
         std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out> results{};  // unused for void
-        if constexpr (!std::is_void_v<Out>) results.reserve(n);
         if (n == 0) {
             if constexpr (std::is_void_v<Out>) return;
             else return results;
@@ -505,17 +583,24 @@ class Guard {
             const MemoryInfo seen = probe_.memory();
             const std::uint64_t one_item = policy::scale_bytes(cheapest, options_.history_headroom);
             if (cheapest > 0 && !policy::admits(one_item, seen, options_.safety_margin) && in_flight.alone())
-                admit(key, "encode", {one_item, policy::RequirementSource::measured});
+                admit(key, "encode", [one_item](std::uint64_t) {
+                    return policy::Requirement{one_item, policy::RequirementSource::measured};
+                });
             if (!weights)
                 predicted = policy::predicted_batch(
                     seen, options_.safety_margin, policy::scale_bytes(costliest, options_.history_headroom));
         }
 
+        // What this call learned is persisted when it ends, however it ends; a call that learned
+        // nothing costs no lock here.
         struct PersistOnExit {
             Guard& guard;
             const Key& key;
             KeyMemory& memory;
-            ~PersistOnExit() { guard.persist_learned(key, memory); }
+            bool learned = false;
+            ~PersistOnExit() {
+                if (learned) guard.persist_learned(key, memory);
+            }
         } persist_on_exit{*this, key, memory};
 
         std::size_t pos = 0;
@@ -526,25 +611,36 @@ class Guard {
             std::size_t size = 0;
             std::uint64_t limit = 0;
             bool alone = false;
+            bool measure = false;
             {
+                // Peaks are sampled: measuring costs three probe calls, and a per-item cost moves
+                // slowly once known.
                 std::lock_guard<std::mutex> lock(memory.mutex);
                 limit = (memory.*state_of).ceiling;
+                measure = memory.cheapest_item_bytes == 0 || ++memory.chunks_since_measured >= 16;
+                if (measure) memory.chunks_since_measured = 0;
             }
+            // A batch's weight: the sum of its items', or with padding its size x its heaviest.
+            auto batch_weight = [&](std::size_t begin, std::size_t count) {
+                std::uint64_t total = 0, heaviest = 0;
+                for (std::size_t i = begin; i < begin + count; ++i) {
+                    total = policy::saturating_add(total, weight_at(i));
+                    heaviest = std::max(heaviest, weight_at(i));
+                }
+                return padded_weights ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
+            };
             if (weights) {
-                size = policy::cut_by_weight(pos, n, limit, weight_at);
+                size = padded_weights ? policy::cut_by_padded_weight(pos, n, limit, weight_at)
+                                      : policy::cut_by_weight(pos, n, limit, weight_at);
+                // Alone when not even two such items fit the budget.
                 alone = size == 1 && limit != 0 &&
-                        (pos + 1 < n ? policy::saturating_add(weight_at(pos), weight_at(pos + 1)) > limit
-                                     : weight_at(pos) > limit / 2);
+                        (pos + 1 < n ? batch_weight(pos, 2) : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
             } else {
                 const std::uint64_t cap = limit != 0 ? limit : predicted;
                 size = cap == 0 ? n - pos : static_cast<std::size_t>(std::min<std::uint64_t>(cap, n - pos));
                 alone = limit == 1;
             }
-            std::uint64_t tried = size;
-            if (weights) {
-                tried = 0;
-                for (std::size_t i = pos; i < pos + size; ++i) tried = policy::saturating_add(tried, weight_at(i));
-            }
+            const std::uint64_t tried = weights ? batch_weight(pos, size) : size;
             const bool at_ceiling = limit != 0 && (weights ? pos + size < n || alone : size == limit);
             It chunk_end = std::next(cursor, static_cast<typename std::iterator_traits<It>::difference_type>(size));
 
@@ -556,7 +652,8 @@ class Guard {
                     permit = Semaphore::Permit(*single_item_);
                     if (options_.coordinator) host_lock = options_.coordinator->lock_single_item();
                 }
-                Measurement measurement(*this);
+                std::optional<Measurement> measurement;
+                if (measure) measurement.emplace(*this);
                 if constexpr (std::is_void_v<Out>) {
                     std::invoke(batch_fn, View(cursor, chunk_end, size, pos));
                 } else {
@@ -567,9 +664,14 @@ class Guard {
                                                 " results for " + std::to_string(size) + " items (items " +
                                                 std::to_string(pos) + ".." + std::to_string(pos + size - 1) +
                                                 "); it must return exactly one per item");
-                    std::move(out.begin(), out.end(), std::back_inserter(results));
+                    if (results.empty() && size == n) {
+                        results = std::move(out);  // one chunk: its vector is the answer
+                    } else {
+                        if (results.empty()) results.reserve(n);
+                        std::move(out.begin(), out.end(), std::back_inserter(results));
+                    }
                 }
-                if (auto peak = measurement.peak(); peak && *peak > 0) {
+                if (auto peak = measurement ? measurement->peak() : std::nullopt; peak && *peak > 0) {
                     const std::uint64_t per_item = (*peak + size - 1) / size;
                     profiles_.record_peak(key, *peak, size);
                     std::lock_guard<std::mutex> lock(memory.mutex);
@@ -592,7 +694,8 @@ class Guard {
                 probe_.release_cached();
                 // The message's "free" is the driver's view at the failure; what this process can
                 // use now, with its cache emptied, is the probe's reading.
-                const std::uint64_t free_after = probe_.memory().free_bytes;
+                const MemoryInfo after = probe_.memory();
+                const std::uint64_t free_after = after.free_bytes;
                 std::optional<OomReport> report = oom_report(error);
                 if (report) report->free_bytes = std::max(report->free_bytes.value_or(0), free_after);
                 if (size > 1) {
@@ -600,6 +703,7 @@ class Guard {
                     {
                         std::lock_guard<std::mutex> lock(memory.mutex);
                         policy::on_oom(memory.*state_of, tried, next, free_after);
+                        persist_on_exit.learned = true;
                     }
                     stats_.bump(stats_.halvings);
                     log(Level::warn, "encode " + key.describe() + ": out of memory on a batch of " +
@@ -611,7 +715,8 @@ class Guard {
                     continue;
                 }
                 ++alone_failures;
-                if (alone_failures >= options_.single_item_attempts) {
+                if (alone_failures >= options_.single_item_attempts ||
+                    asked_for_more_than_the_device(error, after.total_bytes)) {
                     log(Level::warn, "encode " + key.describe() + ": item " + std::to_string(pos) +
                                          " ran out of memory alone " + std::to_string(alone_failures) +
                                          " times; giving up on it");
@@ -633,7 +738,7 @@ class Guard {
                                      describe(error) + ")");
                 stats_.bump(stats_.retries);
                 if (report && report->requested_bytes > 0)
-                    wait_for_memory(report->requested_bytes, options_.retry_delay);
+                    wait_for_memory(report->requested_bytes, options_.retry_delay, free_after);
                 else
                     options_.sleep(options_.poll_interval);
                 continue;
@@ -653,7 +758,9 @@ class Guard {
                     lock.lock();
                 }
                 const std::uint64_t before = state.ceiling;
+                const std::uint64_t learned_before = policy::learned(state);
                 grew = policy::on_success(state, at_ceiling, tried, rule, free_now);
+                if (policy::learned(state) != learned_before) persist_on_exit.learned = true;
                 if (grew) limit = before;
             }
             if (grew) {
@@ -670,6 +777,7 @@ class Guard {
     const Options options_;
     ProfileCache profiles_;
     std::shared_ptr<Semaphore> single_item_;
+    const std::uint64_t id_ = next_guard_id();
     detail::AtomicStats stats_;
     std::mutex keys_mutex_;
     std::unordered_map<std::uint64_t, std::unique_ptr<KeyMemory>> keys_;

@@ -102,7 +102,14 @@ struct CeilingState {
     unsigned since_failure = 0;         // successes at the ceiling since failed_at was set
     std::uint64_t probing_from = 0;     // the proven ceiling while a grown one is still untried
     std::uint64_t largest_success = 0;  // largest size that ran since the last failure at or below it
+    unsigned failed_probes = 0;         // growth probes in a row that ran out of memory
 };
+
+// Successes before a known failure is relaxed: doubles with every probe that failed in a row
+// (the limit has not moved, so probing it again only costs OOMs), up to 64 times the rule's.
+inline std::uint64_t relax_interval(const CeilingState& state, const GrowthRule& rule) noexcept {
+    return static_cast<std::uint64_t>(rule.forget_failure_after) << std::min(state.failed_probes, 6u);
+}
 
 // What is known to work: a ceiling grown but not yet tried is a guess, not something learned.
 inline std::uint64_t learned(const CeilingState& state) noexcept {
@@ -125,6 +132,7 @@ inline void on_oom(CeilingState& state, std::uint64_t tried, std::uint64_t next,
                    std::uint64_t free_after_release) noexcept {
     // Above what just worked, the failure only says the limit is lower than `tried`: go back to
     // what worked. At or below it, memory shrank: halve, and what worked is no longer known.
+    if (state.probing_from != 0 && state.failed_probes < 64) ++state.failed_probes;
     if (state.largest_success != 0 && tried > state.largest_success)
         next = std::max(next, state.largest_success);
     else
@@ -151,7 +159,8 @@ inline bool on_success(CeilingState& state, bool at_ceiling, std::uint64_t tried
                        const GrowthRule& rule, std::uint64_t free_now = 0) noexcept {
     state.largest_success = std::max(state.largest_success, tried);
     if (state.ceiling == 0 || !at_ceiling) return false;
-    state.probing_from = 0;  // the ceiling itself just worked
+    if (state.probing_from != 0) state.failed_probes = 0;  // a probe worked: the limit moved
+    state.probing_from = 0;                                 // the ceiling itself just worked
     ++state.streak;
     if (state.failed_at != 0) ++state.since_failure;
     if (state.streak < rule.grow_after_successes) return false;
@@ -159,13 +168,15 @@ inline bool on_success(CeilingState& state, bool at_ceiling, std::uint64_t tried
     if (state.failed_at != 0) {
         const bool memory_came_back =
             free_now > 0 && free_now > state.free_at_failure + state.free_at_failure / 4;
+        const bool relax = state.since_failure >= relax_interval(state, rule);
         if (memory_came_back) {
             state.failed_at = 0;
-        } else if (state.since_failure >= rule.forget_failure_after) {
+            state.failed_probes = 0;
+        } else if (relax) {
             state.failed_at = std::max(state.failed_at,
                                        saturating_add(state.ceiling, std::max<std::uint64_t>(2, state.ceiling / 4)));
         }
-        if (state.failed_at == 0 || state.since_failure >= rule.forget_failure_after) state.since_failure = 0;
+        if (memory_came_back || relax) state.since_failure = 0;
     }
     const std::uint64_t before = state.ceiling;
     if (state.failed_at == 0) {
@@ -190,6 +201,24 @@ std::size_t cut_by_weight(std::size_t begin, std::size_t end, std::uint64_t budg
         const std::uint64_t next = saturating_add(total, weight_at(begin + count));
         if (next > budget) break;
         total = next;
+        ++count;
+    }
+    return count;
+}
+
+// The same for batches padded to their heaviest item: a batch of n costs n x its heaviest weight,
+// which is what a padded encoder allocates (and what a padded token budget counts).
+template <class WeightAt>
+std::size_t cut_by_padded_weight(std::size_t begin, std::size_t end, std::uint64_t budget,
+                                 WeightAt&& weight_at) {
+    if (begin >= end) return 0;
+    if (budget == 0) return end - begin;
+    std::uint64_t heaviest = weight_at(begin);
+    std::size_t count = 1;
+    while (begin + count < end) {
+        const std::uint64_t next_heaviest = std::max<std::uint64_t>(heaviest, weight_at(begin + count));
+        if (next_heaviest > budget / (count + 1)) break;  // (count + 1) x heaviest > budget, without overflow
+        heaviest = next_heaviest;
         ++count;
     }
     return count;

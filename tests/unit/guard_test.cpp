@@ -209,12 +209,12 @@ TEST_F(GuardTest, LoadOomIsRetriedAsSoonAsExternalUsageDropsMidWait) {
 
 TEST_F(GuardTest, LoadGivesUpAfterItsAttemptsWithTheLastOomNested) {
     Guard<SimulatedDevice> guard(device, options);
-    device.set_external_usage(0);
     int attempts = 0;
     try {
         guard.load(key, 1_GiB, [&] {
             ++attempts;
-            return device.allocate(11_GiB);
+            device.set_external_usage(5_GiB);  // someone else keeps taking what the load needs
+            return device.allocate(6_GiB);
         });
         FAIL();
     } catch (const OomExhausted& e) {
@@ -227,6 +227,40 @@ TEST_F(GuardTest, LoadGivesUpAfterItsAttemptsWithTheLastOomNested) {
     EXPECT_EQ(guard.stats().ooms, 3u);
     EXPECT_EQ(guard.stats().retries, 2u);
     EXPECT_LE(clock.slept(), 2 * options.retry_delay);
+}
+
+TEST_F(GuardTest, AnAllocationLargerThanTheWholeDeviceIsNotRetried) {
+    Guard<SimulatedDevice> guard(device, options);
+    int attempts = 0;
+    try {
+        guard.load(key, 1_GiB, [&] {
+            ++attempts;
+            return device.allocate(11_GiB);
+        });
+        FAIL();
+    } catch (const OomExhausted& e) {
+        EXPECT_EQ(e.attempts(), 1u);
+    }
+    EXPECT_EQ(attempts, 1);
+    EXPECT_EQ(clock.slept(), Duration::zero());
+}
+
+TEST_F(GuardTest, AfterAnOomAStaleReadingIsNotTakenForMemoryComingBack) {
+    // The driver reports 2 s late. Another process takes 6 GiB just before the load; the stale
+    // reading still says 10 GiB free. Retrying on that reading would fail again at once.
+    Guard<SimulatedDevice> guard(device, options);
+    device.set_report_lag(2s, clock.clock_fn());
+    clock.advance(3s);
+    device.set_external_usage(6_GiB);
+    clock.after(10s, [&] { device.set_external_usage(0); });
+    int attempts = 0;
+    auto model = guard.load(key, 5_GiB, [&] {
+        ++attempts;
+        return device.allocate(5_GiB);
+    });
+    EXPECT_EQ(attempts, 2);  // one failure, then the retry after the memory really came back
+    EXPECT_GE(clock.slept(), 3s + 10s);
+    EXPECT_LE(clock.slept(), 3s + 10s + 2s + options.poll_interval);
 }
 
 struct NotAStdException {
@@ -352,11 +386,12 @@ TEST_F(GuardTest, AnItemThatOomsAloneIsNamedAndFinishedResultsAreKept) {
         std::vector<SimulatedDevice::Allocation> held;
         std::vector<int> out;
         for (int item : batch) {
-            held.push_back(device.allocate(item == 7 ? 20_GiB : 100_MiB));
+            held.push_back(device.allocate(item == 7 ? 8_GiB : 100_MiB));
             out.push_back(item * 10);
         }
         return out;
     };
+    device.set_external_usage(3_GiB);  // item 7 needs 8 GiB of the 7 GiB left, for good
     try {
         guard.encode(key, items, encoder);
         FAIL() << "item 7 can never fit";
@@ -369,6 +404,7 @@ TEST_F(GuardTest, AnItemThatOomsAloneIsNamedAndFinishedResultsAreKept) {
         EXPECT_THROW(e.rethrow_nested(), OutOfMemory);
         EXPECT_NE(std::string(e.what()).find("item 7"), std::string::npos) << e.what();
     }
+    EXPECT_EQ(clock.slept(), 2 * options.retry_delay);  // waited for memory between its attempts
     // The guard stays usable.
     const auto small = iota_items(5);
     EXPECT_EQ(guard.encode(key, small, encoder), times_ten(small));
@@ -473,6 +509,32 @@ TEST_F(GuardTest, WeightedEncodeLearnsATokenBudgetAndHeavyItemsGoAlone) {
     EXPECT_EQ(guard.encode(key, tokens, encoder, [](int t) { return t; }), tokens);
     EXPECT_EQ(guard.stats().ooms, ooms_before);
     for (std::uint64_t weight : batch_weights) EXPECT_LE(weight, 640u);
+}
+
+TEST_F(GuardTest, PaddedWeightsBudgetBatchSizeTimesTheLongestItem) {
+    options.grow_after_successes = 1000;
+    device.set_flush_cache_before_oom(true);
+    Guard<SimulatedDevice> guard(device, options);
+    // 16 MiB per padded token: 640 padded tokens fit.
+    std::vector<int> tokens;
+    for (int i = 0; i < 200; ++i) tokens.push_back(i % 10 == 9 ? 200 : 10);
+    std::vector<std::uint64_t> padded_costs;
+    auto encoder = [&](const BatchView<std::vector<int>::const_iterator>& batch) {
+        const std::uint64_t longest = static_cast<std::uint64_t>(*std::max_element(batch.begin(), batch.end()));
+        padded_costs.push_back(longest * batch.size());
+        auto activations = device.allocate(16_MiB * longest * batch.size());
+        return std::vector<int>(batch.begin(), batch.end());
+    };
+    auto tokens_of = [](int t) { return t; };
+    EXPECT_EQ(guard.encode(key, tokens, encoder, padded(tokens_of)), tokens);
+    const std::uint64_t budget = guard.learned_weight_budget(key);
+    EXPECT_GT(budget, 0u);
+    EXPECT_LE(budget, 640u);
+    padded_costs.clear();
+    const std::uint64_t ooms = guard.stats().ooms;
+    EXPECT_EQ(guard.encode(key, tokens, encoder, padded(tokens_of)), tokens);
+    EXPECT_EQ(guard.stats().ooms, ooms);  // the learned padded budget holds
+    for (std::uint64_t cost : padded_costs) EXPECT_LE(cost, budget);
 }
 
 TEST_F(GuardTest, EmptyInputReturnsNothingAndNeverCallsTheBatchFunction) {

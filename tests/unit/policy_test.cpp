@@ -226,6 +226,32 @@ TEST(CutByWeight, CutsWhereTheNextItemWouldExceedTheBudget) {
             << "begin " << row.begin << " budget " << row.budget;
 }
 
+TEST(CutByPaddedWeight, CutsWhereSizeTimesTheHeaviestWouldExceedTheBudget) {
+    const std::vector<std::uint64_t> weights = {10, 10, 10, 100, 10, 5, 5};
+    auto at = [&](std::size_t i) { return weights[i]; };
+    EXPECT_EQ(policy::cut_by_padded_weight(0, weights.size(), 30, at), 3u);   // 3 x 10
+    EXPECT_EQ(policy::cut_by_padded_weight(0, weights.size(), 399, at), 3u);  // 4 x 100 > 399
+    EXPECT_EQ(policy::cut_by_padded_weight(0, weights.size(), 400, at), 4u);
+    EXPECT_EQ(policy::cut_by_padded_weight(3, weights.size(), 50, at), 1u);   // alone
+    EXPECT_EQ(policy::cut_by_padded_weight(4, weights.size(), 30, at), 3u);
+    EXPECT_EQ(policy::cut_by_padded_weight(0, weights.size(), 0, at), 7u);
+}
+
+TEST(Ceiling, ProbesThatKeepFailingBackOffExponentially) {
+    const policy::GrowthRule rule{1, 4};
+    policy::CeilingState state;
+    policy::on_oom(state, 101, 100, 0);
+    EXPECT_EQ(policy::relax_interval(state, rule), 4u);
+    for (int round = 0; round < 3; ++round) {
+        while (!policy::on_success(state, true, state.ceiling, rule)) {
+        }
+        policy::on_oom(state, state.ceiling, state.ceiling / 2, 0);  // the relaxed probe fails
+    }
+    EXPECT_EQ(state.failed_probes, 3u);
+    EXPECT_EQ(policy::relax_interval(state, rule), 32u);
+    EXPECT_EQ(policy::learned(state), 100u);
+}
+
 TEST(PredictedBatch, FromFreeMemoryMinusMarginOverPerItemCost) {
     EXPECT_EQ(policy::predicted_batch({5_GiB, 10_GiB}, 0.10, 1_GiB), 4u);
     EXPECT_EQ(policy::predicted_batch({1_GiB, 10_GiB}, 0.10, 1_GiB), 1u);  // never zero
