@@ -18,3 +18,4 @@
 #include <vramguard/coordinator.hpp>
 #include <vramguard/simulated.hpp>
 #include <vramguard/guard.hpp>
+#include <vramguard/models.hpp>
