@@ -18,4 +18,5 @@
 #include <vramguard/coordinator.hpp>
 #include <vramguard/simulated.hpp>
 #include <vramguard/guard.hpp>
+#include <vramguard/host.hpp>
 #include <vramguard/models.hpp>

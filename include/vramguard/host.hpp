@@ -1,0 +1,877 @@
+// SPDX-License-Identifier: MIT
+// Host-wide coordination (POSIX): pre-forked workers on one GPU must not all see "6 GiB free" and
+// all load 6 GiB. An in-process check cannot see the other processes, so admission goes through a
+// per-device reservation ledger, a small file locked with flock: lock, prune the entries of dead
+// processes, compare free memory minus everyone's live reservations, reserve or refuse, unlock.
+// No daemon: the kernel releases a dead process's flock, and its entries are pruned by the next
+// process that looks.
+//
+// Accounting. A reservation covers the window between admission and the moment the load's own
+// allocations show in the driver's free figure: while it is held, every other process sees
+// `free - sum(live reservations)`. During the load its allocations already show in `free` and the
+// reservation still counts, so the same bytes are counted twice for a while: conservative on
+// purpose (an over-admission is an OOM in someone's load; a refusal is a retry). When the load
+// returns, Guard drops the hold and only the driver's figure counts.
+//
+// One subtlety: Guard reads its probe *before* it asks the ledger. A process that waited for the
+// ledger lock while another process loaded and released could compare a stale reading against a
+// ledger where that load no longer shows. So a released reservation stays in the file as a
+// "released" entry for a short while, and still counts for every caller that started waiting
+// before it was released (both sides use CLOCK_MONOTONIC, which all processes of one boot share).
+//
+// Every process that shares a ledger must share one pid namespace (liveness is judged by pid and
+// the process start time from /proc/<pid>/stat) and one boot (checked through the boot id).
+#pragma once
+
+#include <vramguard/coordinator.hpp>
+#include <vramguard/key.hpp>
+#include <vramguard/log.hpp>
+#include <vramguard/memory.hpp>
+#include <vramguard/options.hpp>
+#include <vramguard/policy.hpp>
+#include <vramguard/profile.hpp>
+#include <vramguard/version.hpp>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace defaults {
+// The ledger lock is held for one read-modify-write of a small file (microseconds); waiting longer
+// than this means its holder is stopped (SIGSTOP, a debugger), and admission falls back to this
+// process's own view rather than stall every load on the host.
+inline constexpr std::chrono::milliseconds ledger_lock_timeout{2000};
+// The single-item lock is held for one item's computation. Past this the item runs without
+// host-wide exclusion (an OOM it causes is still retried), instead of waiting forever on a holder
+// that hangs.
+inline constexpr std::chrono::milliseconds single_item_lock_timeout{30000};
+// Worker processes per GPU: each loads its own model copy and contends for the same device, so
+// the CPU formula (2 x cores + 1) only multiplies copies. A few workers keep the GPU busy while
+// others do CPU work (tokenizing, I/O).
+inline constexpr std::size_t gpu_workers = 4;
+}  // namespace defaults
+
+// How a HostLedger finds and protects its files. Every field states its default.
+struct HostOptions {
+    // Where the ledger lives; "" = HostLedger::default_directory() ($VRAMGUARD_RUNTIME_DIR, else
+    // /dev/shm, else $XDG_RUNTIME_DIR, else /tmp). Every process of one server must agree on it.
+    std::string directory;
+    // Unset: files are 0600, this user's processes only. Set: files are created 0660 and owned by
+    // this group, for workers that run as different users of one group.
+    std::optional<gid_t> group;
+    // Waits on other processes use the system's monotonic clock, not an injected one: the other
+    // side of the wait is another process, which a test's ManualClock cannot move.
+    // Longest wait for the ledger lock, (0, 10 s]; then admission uses this process's view alone.
+    std::chrono::milliseconds lock_timeout = defaults::ledger_lock_timeout;
+    // Longest wait for the host-wide single-item lock, > 0; then the item runs without it.
+    std::chrono::milliseconds single_item_timeout = defaults::single_item_lock_timeout;
+    LogSink log = stderr_sink();
+
+    // Throws std::invalid_argument naming the first field that makes no sense.
+    void validate() const {
+        auto fail = [](const char* field, const std::string& why) {
+            throw std::invalid_argument(std::string("vramguard::HostOptions::") + field + " " +
+                                        why);
+        };
+        if (lock_timeout.count() <= 0 || lock_timeout > std::chrono::milliseconds(10000))
+            fail("lock_timeout",
+                 "must be in (0, 10000] ms, got " + std::to_string(lock_timeout.count()) + " ms");
+        if (single_item_timeout.count() <= 0) fail("single_item_timeout", "must be positive");
+    }
+};
+
+// One reservation in the ledger file.
+struct LedgerEntry {
+    std::uint64_t id = 0;           // random, so ids survive a rebuilt ledger without clashing
+    pid_t pid = 0;                  // owner, 1..INT_MAX
+    std::uint64_t start_ticks = 0;  // owner's start time (/proc/<pid>/stat field 22); 0 = unknown
+    std::uint64_t bytes = 0;        // reserved
+    std::uint64_t created_ns = 0;   // CLOCK_MONOTONIC when reserved
+    std::uint64_t released_ns = 0;  // CLOCK_MONOTONIC when released; 0 = live
+
+    bool live() const noexcept { return released_ns == 0; }
+    friend bool operator==(const LedgerEntry& a, const LedgerEntry& b) noexcept {
+        return a.id == b.id && a.pid == b.pid && a.start_ticks == b.start_ticks &&
+               a.bytes == b.bytes && a.created_ns == b.created_ns && a.released_ns == b.released_ns;
+    }
+    friend bool operator!=(const LedgerEntry& a, const LedgerEntry& b) noexcept {
+        return !(a == b);
+    }
+};
+
+// The whole ledger file, parsed.
+struct LedgerState {
+    std::uint64_t device = 0;  // detail::ledger_device_hash(device identity)
+    std::string boot = "-";    // the boot id when written ("-" when the system has none)
+    std::vector<LedgerEntry> entries;
+
+    std::uint64_t live_bytes() const noexcept {
+        std::uint64_t sum = 0;
+        for (const LedgerEntry& entry : entries)
+            if (entry.live()) sum = policy::saturating_add(sum, entry.bytes);
+        return sum;
+    }
+    std::size_t live_count() const noexcept {
+        return static_cast<std::size_t>(std::count_if(
+            entries.begin(), entries.end(), [](const LedgerEntry& entry) { return entry.live(); }));
+    }
+    friend bool operator==(const LedgerState& a, const LedgerState& b) noexcept {
+        return a.device == b.device && a.boot == b.boot && a.entries == b.entries;
+    }
+    friend bool operator!=(const LedgerState& a, const LedgerState& b) noexcept {
+        return !(a == b);
+    }
+};
+
+namespace detail {
+
+// File format, version 1 (text, so an operator can `cat` it; every line ends in '\n'):
+//   vramguard-ledger 1
+//   device <16 hex digits: ledger_device_hash of the device identity>
+//   boot <boot id, 1-64 of [0-9a-f-], or "-">
+//   reservation <id, 16 hex> <pid> <start_ticks> <bytes> <created_ns> <released_ns>   (0 or more)
+//   checksum <FNV-1a 64 of every byte above, 16 hex digits>
+// Numbers are canonical decimals. It is rewritten in place under the flock; a writer killed
+// halfway leaves a file whose checksum (or length) is wrong, which the next reader rebuilds.
+inline constexpr std::string_view ledger_magic = "vramguard-ledger 1";
+// 4096 entries of at most ~130 bytes: an upper bound, far above any real ledger.
+inline constexpr std::size_t max_ledger_entries = 4096;
+inline constexpr std::size_t max_ledger_file_bytes = 1 << 20;
+// Released entries are kept this long (for callers that started waiting before the release; the
+// longest such wait is HostOptions::lock_timeout, at most 10 s) and at most this many.
+inline constexpr std::uint64_t released_entry_ns = 15'000'000'000ULL;
+inline constexpr std::size_t max_released_entries = 512;
+// A release up to this long before a caller entered try_reserve still counts for it: Guard reads
+// its probe just before the call, and a process can be preempted in between.
+inline constexpr std::uint64_t reading_slack_ns = 20'000'000ULL;
+
+inline std::uint64_t ledger_device_hash(std::string_view device_identity) noexcept {
+    return fnv1a64_string(device_identity, fnv1a64("vramguard-ledger-v1"));
+}
+
+inline bool parse_hex16_u64(std::string_view text, std::uint64_t& out) noexcept {
+    if (!is_hex16(text)) return false;
+    std::uint64_t value = 0;
+    for (const char c : text)
+        value = (value << 4) | static_cast<std::uint64_t>(c <= '9' ? c - '0' : c - 'a' + 10);
+    out = value;
+    return true;
+}
+
+inline bool is_boot_id(std::string_view text) noexcept {
+    if (text == "-") return true;
+    if (text.empty() || text.size() > 64) return false;
+    for (const char c : text)
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || c == '-')) return false;
+    return true;
+}
+
+inline std::string serialize_ledger(const LedgerState& state) {
+    std::string text;
+    text.reserve(96 + state.entries.size() * 112);
+    text.append(ledger_magic).append("\n");
+    text.append("device ").append(hex16(state.device)).append("\n");
+    text.append("boot ")
+        .append(is_boot_id(state.boot) ? state.boot : std::string("-"))
+        .append("\n");
+    for (const LedgerEntry& entry : state.entries) {
+        text.append("reservation ").append(hex16(entry.id));
+        const std::uint64_t numbers[] = {static_cast<std::uint64_t>(entry.pid < 0 ? 0 : entry.pid),
+                                         entry.start_ticks, entry.bytes, entry.created_ns,
+                                         entry.released_ns};
+        for (const std::uint64_t number : numbers) text.append(" ").append(std::to_string(number));
+        text.append("\n");
+    }
+    const std::string checksum = hex16(fnv1a64(text));
+    text.append("checksum ").append(checksum).append("\n");
+    return text;
+}
+
+// Parses a ledger file. Returns nothing, with the reason in `*error` when given, for anything that
+// is not exactly such a file: arbitrary bytes are safe input (this is the fuzzing entry point).
+inline std::optional<LedgerState> parse_ledger(std::string_view text,
+                                               std::string* error = nullptr) {
+    const auto fail = [error](const char* reason) -> std::optional<LedgerState> {
+        if (error) *error = reason;
+        return std::nullopt;
+    };
+    if (text.size() > max_ledger_file_bytes) return fail("file is too large");
+    std::size_t position = 0;
+    const auto next_line = [&](std::string_view& line) {
+        const std::size_t end = text.find('\n', position);
+        if (end == std::string_view::npos) return false;
+        line = text.substr(position, end - position);
+        position = end + 1;
+        return true;
+    };
+    // "<name> <value>": the value after exactly one space.
+    const auto value_of = [](std::string_view line, std::string_view name,
+                             std::string_view& value) {
+        if (line.size() <= name.size() || line.substr(0, name.size()) != name ||
+            line[name.size()] != ' ')
+            return false;
+        value = line.substr(name.size() + 1);
+        return true;
+    };
+
+    std::string_view line, value;
+    if (!next_line(line)) return fail("file is truncated");
+    if (line != ledger_magic) {
+        if (line.substr(0, 17) == "vramguard-ledger ") return fail("unsupported format version");
+        return fail("not a vramguard ledger (bad first line)");
+    }
+    LedgerState state;
+    if (!next_line(line) || !value_of(line, "device", value) ||
+        !parse_hex16_u64(value, state.device))
+        return fail("truncated or malformed device line");
+    if (!next_line(line) || !value_of(line, "boot", value) || !is_boot_id(value))
+        return fail("truncated or malformed boot line");
+    state.boot = std::string(value);
+    for (;;) {
+        const std::size_t line_start = position;
+        if (!next_line(line)) return fail("file is truncated (no checksum line)");
+        if (value_of(line, "checksum", value)) {
+            if (!is_hex16(value)) return fail("malformed checksum line");
+            if (position != text.size()) return fail("unexpected bytes after the checksum line");
+            if (value != hex16(fnv1a64(text.substr(0, line_start))))
+                return fail("checksum mismatch (damaged, cut short or hand-edited)");
+            return state;
+        }
+        if (!value_of(line, "reservation", value)) return fail("unexpected line");
+        if (state.entries.size() >= max_ledger_entries) return fail("too many reservations");
+        LedgerEntry entry;
+        std::uint64_t pid = 0;
+        std::uint64_t* const numbers[] = {&pid, &entry.start_ticks, &entry.bytes, &entry.created_ns,
+                                          &entry.released_ns};
+        std::size_t space = value.find(' ');
+        if (space == std::string_view::npos || !parse_hex16_u64(value.substr(0, space), entry.id))
+            return fail("malformed reservation id");
+        value.remove_prefix(space + 1);
+        for (std::size_t i = 0; i < 5; ++i) {
+            space = value.find(' ');
+            const bool last = i == 4;
+            if (last != (space == std::string_view::npos))
+                return fail("malformed reservation line");
+            if (!parse_decimal_u64(value.substr(0, last ? value.size() : space), *numbers[i]))
+                return fail("malformed number in a reservation line");
+            if (!last) value.remove_prefix(space + 1);
+        }
+        if (pid == 0 || pid > static_cast<std::uint64_t>(INT_MAX)) return fail("pid out of range");
+        entry.pid = static_cast<pid_t>(pid);
+        state.entries.push_back(entry);
+    }
+}
+
+// ---- processes and clocks ----
+
+// CLOCK_MONOTONIC: the one clock every process of a boot shares (steady_clock promises less).
+inline std::uint64_t monotonic_ns() noexcept {
+    timespec now{};
+    ::clock_gettime(CLOCK_MONOTONIC, &now);
+    return static_cast<std::uint64_t>(now.tv_sec) * 1'000'000'000ULL +
+           static_cast<std::uint64_t>(now.tv_nsec);
+}
+
+// Small /proc files (stat, boot_id); false when absent (no /proc, other systems) or unreadable.
+inline bool read_proc_file(const std::string& path, std::string& out) {
+    out.clear();
+    FileDescriptor fd(retry_eintr([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC); }));
+    if (!fd) return false;
+    char buffer[1024];
+    while (out.size() < 8192) {
+        const ssize_t got = retry_eintr([&] { return ::read(fd.get(), buffer, sizeof buffer); });
+        if (got < 0) return false;
+        if (got == 0) break;
+        out.append(buffer, static_cast<std::size_t>(got));
+    }
+    return true;
+}
+
+// The kernel's boot id, read once: a ledger left in a persistent directory by an earlier boot
+// names pids (and start times) that mean nothing now.
+inline const std::string& current_boot_id() {
+    static const std::string boot = [] {
+        std::string text;
+        if (!read_proc_file("/proc/sys/kernel/random/boot_id", text)) return std::string("-");
+        while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+        return is_boot_id(text) ? text : std::string("-");
+    }();
+    return boot;
+}
+
+struct ProcessStat {
+    char state = '?';
+    std::uint64_t start_ticks = 0;
+};
+
+// Field 3 (state) and field 22 (starttime) of /proc/<pid>/stat. The command name (field 2) may
+// hold spaces and parentheses, so fields are counted from its last ')'.
+inline std::optional<ProcessStat> read_process_stat(pid_t pid) {
+    std::string text;
+    if (!read_proc_file("/proc/" + std::to_string(pid) + "/stat", text)) return std::nullopt;
+    const std::size_t paren = text.rfind(')');
+    if (paren == std::string::npos) return std::nullopt;
+    std::string_view rest = std::string_view(text).substr(paren + 1);
+    ProcessStat stat;
+    for (int field = 3; field <= 22; ++field) {
+        while (!rest.empty() && rest.front() == ' ') rest.remove_prefix(1);
+        const std::size_t end = std::min(rest.find(' '), rest.size());
+        const std::string_view token = rest.substr(0, end);
+        if (token.empty()) return std::nullopt;
+        if (field == 3) stat.state = token.front();
+        if (field == 22) {
+            std::string_view digits = token;
+            while (!digits.empty() && digits.back() == '\n') digits.remove_suffix(1);
+            if (!parse_decimal_u64(digits, stat.start_ticks)) return std::nullopt;
+        }
+        rest.remove_prefix(end);
+    }
+    return stat;
+}
+
+inline std::uint64_t process_start_ticks(pid_t pid) {
+    const auto stat = read_process_stat(pid);
+    return stat ? stat->start_ticks : 0;
+}
+
+// Whether the process that wrote an entry still runs. Dead: no such pid, a zombie (killed but not
+// yet reaped: its memory is already gone), or a different start time (the pid was recycled).
+inline bool owner_alive(pid_t pid, std::uint64_t start_ticks) {
+    if (pid <= 0) return false;
+    if (const auto stat = read_process_stat(pid)) {
+        if (stat->state == 'Z' || stat->state == 'X') return false;
+        return start_ticks == 0 || stat->start_ticks == start_ticks;
+    }
+    // No /proc entry readable (another system, hidepid): only kill() can tell, and EPERM means it
+    // exists but belongs to someone else.
+    return !(::kill(pid, 0) != 0 && errno == ESRCH);
+}
+
+// Unique enough across processes and rebuilt ledgers: pid, time and a counter, mixed.
+inline std::uint64_t fresh_reservation_id() noexcept {
+    static std::atomic<std::uint64_t> counter{0};
+    std::uint64_t x = monotonic_ns() ^ (static_cast<std::uint64_t>(::getpid()) << 40) ^
+                      (counter.fetch_add(1, std::memory_order_relaxed) * 0x9e3779b97f4a7c15ULL);
+    // splitmix64 finalizer
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x == 0 ? 1 : x;
+}
+
+// "[A-Za-z0-9._-]" kept, anything else '_', at most 48 characters: readable in `ls`, safe as a
+// name.
+inline std::string sanitize_file_part(std::string_view text) {
+    std::string out;
+    for (const char c : text.substr(0, 48)) {
+        const bool keep = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                          (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+        out += keep ? c : '_';
+    }
+    return out;
+}
+
+// flock(LOCK_EX) with a deadline: flock itself cannot time out, so it is polled with a short
+// backoff (20 us doubling to 1 ms; the ledger lock is held for microseconds). Returns 0, or the
+// errno that stopped it (ETIMEDOUT when the deadline passed).
+inline int lock_until(int fd, std::chrono::steady_clock::time_point deadline) {
+    auto pause = std::chrono::microseconds(20);
+    for (;;) {
+        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return 0;
+        if (errno != EWOULDBLOCK && errno != EAGAIN) return errno;
+        const auto now = std::chrono::steady_clock::now();
+        if (now >= deadline) return ETIMEDOUT;
+        std::this_thread::sleep_for(
+            std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(1));
+    }
+}
+
+}  // namespace detail
+
+// The per-device reservation ledger and the host-wide single-item lock: a Coordinator for
+// Options::coordinator. Thread-safe. Create it in the parent before forking or in each worker:
+// every operation opens the file anew, because a descriptor inherited over fork() is one flock
+// owner shared by parent and children and would exclude no one.
+//
+// It never stops the caller over the filesystem: a ledger it cannot open, lock or write (missing
+// or read-only directory, another user's file, ENOSPC) makes admission fall back to this process's
+// own view, with one warning until it works again. A damaged file is rebuilt, not trusted.
+class HostLedger : public Coordinator, public std::enable_shared_from_this<HostLedger> {
+    struct Private {};
+
+   public:
+    // `device_identity` names the device the same way in every process: cuda::Probe::device_key()
+    // ("cuda-<uuid>"), or any agreed string for SimulatedDevice. Never null; never throws over the
+    // filesystem (see above); throws std::invalid_argument for invalid options or an empty
+    // identity.
+    static std::shared_ptr<HostLedger> open(std::string device_identity, HostOptions options = {}) {
+        options.validate();
+        if (device_identity.empty())
+            throw std::invalid_argument("vramguard::HostLedger::open: device_identity is empty");
+        auto ledger =
+            std::make_shared<HostLedger>(Private{}, std::move(device_identity), std::move(options));
+        // Creates the directory and the file now, so a ledger that cannot work says so at start-up
+        // (once), not in the middle of the first load.
+        detail::make_directories(ledger->directory_);
+        ledger->snapshot();
+        return ledger;
+    }
+
+    // $VRAMGUARD_RUNTIME_DIR, else /dev/shm (memory, shared by every process of the host, gone at
+    // reboot), else $XDG_RUNTIME_DIR (per user), else /tmp.
+    static std::string default_directory() {
+        if (const char* dir = std::getenv("VRAMGUARD_RUNTIME_DIR"); dir && *dir) return dir;
+        struct stat st {};
+        if (::stat("/dev/shm", &st) == 0 && S_ISDIR(st.st_mode) && ::access("/dev/shm", W_OK) == 0)
+            return "/dev/shm";
+        if (const char* xdg = std::getenv("XDG_RUNTIME_DIR"); xdg && *xdg == '/') return xdg;
+        return "/tmp";
+    }
+
+    // "vramguard-ledger-<readable part of the identity>-<16 hex digits of its hash>".
+    static std::string file_name(std::string_view device_identity) {
+        return "vramguard-ledger-" + detail::sanitize_file_part(device_identity) + "-" +
+               detail::hex16(detail::ledger_device_hash(device_identity));
+    }
+
+    HostLedger(Private, std::string device_identity, HostOptions options)
+        : identity_(std::move(device_identity)),
+          device_hash_(detail::ledger_device_hash(identity_)),
+          options_(std::move(options)) {
+        directory_ = options_.directory.empty() ? default_directory() : options_.directory;
+        while (directory_.size() > 1 && directory_.back() == '/') directory_.pop_back();
+        path_ = directory_ + "/" + file_name(identity_);
+    }
+    HostLedger(const HostLedger&) = delete;
+    HostLedger& operator=(const HostLedger&) = delete;
+
+    // Admits `required` bytes plus `margin_bytes` kept free against `seen.free_bytes` minus every
+    // live reservation on the host, and reserves them, in one locked step.
+    Decision try_reserve(std::uint64_t required, std::uint64_t margin_bytes,
+                         const MemoryInfo& seen) override {
+        // Before any waiting (less the slack for the probe reading just before this call): a
+        // reservation released after this instant may have been allocated after `seen` was read.
+        const std::uint64_t now_ns = detail::monotonic_ns();
+        const std::uint64_t entered_ns =
+            now_ns > detail::reading_slack_ns ? now_ns - detail::reading_slack_ns : 0;
+        Decision decision;
+        bool full = false;
+        LedgerEntry mine;
+        const std::optional<std::string> failure = transact([&](LedgerState& state) {
+            std::uint64_t reserved = 0;
+            for (const LedgerEntry& entry : state.entries)
+                if (entry.live() || entry.released_ns > entered_ns)
+                    reserved = policy::saturating_add(reserved, entry.bytes);
+            decision.available = seen.free_bytes > reserved ? seen.free_bytes - reserved : 0;
+            if (!fits(required, margin_bytes, decision.available)) return false;
+            if (state.entries.size() >= detail::max_ledger_entries) {
+                full = true;
+                return false;
+            }
+            mine.id = detail::fresh_reservation_id();
+            mine.pid = ::getpid();
+            mine.start_ticks = detail::process_start_ticks(mine.pid);
+            mine.bytes = required;
+            mine.created_ns = detail::monotonic_ns();
+            state.entries.push_back(mine);
+            return true;
+        });
+        if (failure || full) {
+            unusable(failure ? *failure
+                             : "it holds " + std::to_string(detail::max_ledger_entries) +
+                                   " live reservations (leaked holds?)");
+            decision.available = seen.free_bytes;
+            if (fits(required, margin_bytes, seen.free_bytes))
+                decision.hold = std::make_unique<Hold>();
+            return decision;
+        }
+        if (mine.id != 0) decision.hold = std::make_unique<Reservation>(shared_from_this(), mine);
+        return decision;
+    }
+
+    // Host-wide exclusion for the single-item path, held until the returned Hold is destroyed; the
+    // kernel releases it if this process dies. Waits at most HostOptions::single_item_timeout, then
+    // returns null with a warning (the item runs without host-wide exclusion), as it does when the
+    // lock files cannot be opened. Waiters queue through a turnstile file first, so a process that
+    // runs single items back to back cannot take the lock again before a waiter gets its turn.
+    std::unique_ptr<Hold> lock_single_item() override {
+        const auto deadline = std::chrono::steady_clock::now() + options_.single_item_timeout;
+        std::string reason;
+        detail::FileDescriptor turnstile = open_file(path_ + ".turnstile", reason);
+        if (!turnstile) return single_item_failed(reason);
+        if (const int error = detail::lock_until(turnstile.get(), deadline); error != 0)
+            return single_item_failed(lock_failure(path_ + ".turnstile", error));
+        detail::FileDescriptor lock = open_file(path_ + ".single", reason);
+        if (!lock) return single_item_failed(reason);
+        if (const int error = detail::lock_until(lock.get(), deadline); error != 0)
+            return single_item_failed(lock_failure(path_ + ".single", error));
+        turnstile.reset();  // the next waiter may queue up behind us now
+        single_item_failing_.store(false, std::memory_order_relaxed);
+        return std::make_unique<SingleItemLock>(std::move(lock));
+    }
+
+    // The ledger as it is now, after pruning dead owners (and writing that back); nothing when it
+    // cannot be used. For diagnostics and tests.
+    std::optional<LedgerState> snapshot() {
+        LedgerState copy;
+        const std::optional<std::string> failure = transact([&](LedgerState& state) {
+            copy = state;
+            return false;
+        });
+        if (failure) {
+            unusable(*failure);
+            return std::nullopt;
+        }
+        return copy;
+    }
+
+    // Whether the last operation reached the ledger (false: admission is in-process only).
+    bool usable() const noexcept { return !failing_.load(std::memory_order_relaxed); }
+    const std::string& path() const noexcept { return path_; }
+    const std::string& device_identity() const noexcept { return identity_; }
+    const HostOptions& options() const noexcept { return options_; }
+
+   private:
+    // A reservation: marked released on destruction (not erased: see "one subtlety" at the top).
+    class Reservation final : public Hold {
+       public:
+        Reservation(std::shared_ptr<HostLedger> ledger, const LedgerEntry& entry)
+            : ledger_(std::move(ledger)), id_(entry.id), owner_(entry.pid) {}
+        ~Reservation() override {
+            // A copy inherited by a forked child is not the child's to release.
+            if (::getpid() == owner_) ledger_->release(id_);
+        }
+
+       private:
+        std::shared_ptr<HostLedger> ledger_;
+        std::uint64_t id_;
+        pid_t owner_;
+    };
+
+    class SingleItemLock final : public Hold {
+       public:
+        explicit SingleItemLock(detail::FileDescriptor fd)
+            : fd_(std::move(fd)), owner_(::getpid()) {}
+        ~SingleItemLock() override {
+            // A forked child shares the lock's open file description: unlocking there would
+            // release the parent's lock; closing its copy does not.
+            if (::getpid() == owner_)
+                detail::retry_eintr([&] { return ::flock(fd_.get(), LOCK_UN); });
+        }
+
+       private:
+        detail::FileDescriptor fd_;
+        pid_t owner_;
+    };
+
+    static bool fits(std::uint64_t required, std::uint64_t margin,
+                     std::uint64_t available) noexcept {
+        return required <= available && available - required >= margin;
+    }
+
+    void release(std::uint64_t id) noexcept {
+        try {
+            {
+                std::lock_guard<std::mutex> lock(pending_mutex_);
+                pending_releases_.push_back(id);
+            }
+            // transact() applies every pending release; one that fails stays pending for the next
+            // operation (an entry left live would shrink the host's memory until this process
+            // exits).
+            if (const auto failure = transact([](LedgerState&) { return false; }))
+                unusable(*failure);
+        } catch (...) {
+            // Out of memory while releasing: the entry goes when this process does.
+        }
+    }
+
+    // Opens (creating) one of the ledger's files, read-write, close-on-exec, never through a
+    // symbolic link, and checks that it may be trusted. On failure: an invalid descriptor and the
+    // reason.
+    detail::FileDescriptor open_file(const std::string& path, std::string& reason) const {
+        const mode_t mode = options_.group ? 0660 : 0600;
+        const int flags = O_RDWR | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK;
+        int raw = detail::retry_eintr(
+            [&] { return ::open(path.c_str(), flags | O_CREAT | O_EXCL, mode); });
+        const bool created = raw >= 0;
+        if (raw < 0 && errno == EEXIST)
+            raw = detail::retry_eintr([&] { return ::open(path.c_str(), flags); });
+        detail::FileDescriptor fd(raw);
+        if (!fd) {
+            reason = "cannot open " + path + " (" + detail::errno_text(errno) + ")";
+            return fd;
+        }
+        struct stat st {};
+        if (::fstat(fd.get(), &st) != 0) {
+            reason = "cannot stat " + path + " (" + detail::errno_text(errno) + ")";
+            return detail::FileDescriptor();
+        }
+        if (!S_ISREG(st.st_mode)) {
+            reason = path + " is not a regular file";
+            return detail::FileDescriptor();
+        }
+        if (created) {
+            // The umask may have taken the group bits the caller asked for.
+            if ((options_.group &&
+                 ::fchown(fd.get(), static_cast<uid_t>(-1), *options_.group) != 0) ||
+                ::fchmod(fd.get(), mode) != 0) {
+                reason = "cannot set the owner group or mode of " + path + " (" +
+                         detail::errno_text(errno) + ")";
+                return detail::FileDescriptor();
+            }
+            return fd;
+        }
+        if (st.st_uid != ::geteuid() && !(options_.group && st.st_gid == *options_.group)) {
+            reason = path + " belongs to uid " + std::to_string(st.st_uid) +
+                     " (another user's ledger; to share one, set HostOptions::group in every "
+                     "process)";
+            return detail::FileDescriptor();
+        }
+        if ((st.st_mode & S_IWOTH) != 0) {
+            reason = path + " is writable by every user; not trusting it";
+            return detail::FileDescriptor();
+        }
+        return fd;
+    }
+
+    static std::string lock_failure(const std::string& path, int error) {
+        if (error == ETIMEDOUT) return "timed out waiting for the lock on " + path;
+        return "cannot lock " + path + " (" + detail::errno_text(error) + ")";
+    }
+
+    // One locked read-modify-write: open, flock, read and validate (a damaged file is rebuilt
+    // empty, with a warning), prune dead owners and expired releases, apply pending releases, run
+    // `change` (true: it changed the state), write back what changed, unlock. Returns the reason
+    // when the ledger could not be used.
+    template <class Change>
+    std::optional<std::string> transact(Change&& change) {
+        std::vector<std::string> warnings;
+        std::optional<std::string> failure;
+        std::vector<std::uint64_t> pending;  // cleared from the list only once written
+        {
+            std::lock_guard<std::mutex> lock(pending_mutex_);
+            pending = pending_releases_;
+        }
+        {
+            std::string reason;
+            detail::FileDescriptor fd = open_file(path_, reason);
+            if (!fd) return reason;
+            const auto deadline = std::chrono::steady_clock::now() + options_.lock_timeout;
+            if (const int error = detail::lock_until(fd.get(), deadline); error != 0)
+                return lock_failure(path_, error);
+            std::string text;
+            if (!read_all(fd.get(), text))
+                return "cannot read " + path_ + " (" + detail::errno_text(errno) + ")";
+
+            LedgerState state;
+            bool dirty = false;
+            if (!text.empty()) {
+                std::string why;
+                if (auto parsed = detail::parse_ledger(text, &why)) {
+                    if (parsed->device != device_hash_) {
+                        why = "it belongs to another device identity";
+                    } else {
+                        state = std::move(*parsed);
+                        why.clear();
+                    }
+                }
+                if (!why.empty()) {
+                    warnings.push_back("host ledger " + path_ + " was damaged (" + why +
+                                       "); rebuilt it empty: reservations other processes held in "
+                                       "it are forgotten, and their loads are no longer counted");
+                    dirty = true;
+                }
+            } else {
+                dirty = true;  // a new file gets its header now
+            }
+            state.device = device_hash_;
+            if (state.boot != detail::current_boot_id()) {
+                // Written before a reboot: every pid in it is meaningless now.
+                state.boot = detail::current_boot_id();
+                state.entries.clear();
+                dirty = true;
+            }
+            dirty |= prune(state, pending);
+            dirty |= change(state);
+            if (dirty) {
+                const std::string bytes = detail::serialize_ledger(state);
+                // In place: under the flock no reader can see it half-written, and a writer killed
+                // halfway leaves a bad checksum or stray bytes, which the next reader rebuilds.
+                if (::lseek(fd.get(), 0, SEEK_SET) != 0 || !detail::write_all(fd.get(), bytes) ||
+                    detail::retry_eintr([&] {
+                        return ::ftruncate(fd.get(), static_cast<off_t>(bytes.size()));
+                    }) != 0)
+                    failure = "cannot write " + path_ + " (" + detail::errno_text(errno) + ")";
+            }
+        }  // closing the descriptor releases the flock
+        for (const std::string& warning : warnings)
+            detail::emit(options_.log, Level::warn, warning);
+        if (!failure && !pending.empty()) {
+            std::lock_guard<std::mutex> lock(pending_mutex_);
+            for (const std::uint64_t id : pending)
+                pending_releases_.erase(
+                    std::remove(pending_releases_.begin(), pending_releases_.end(), id),
+                    pending_releases_.end());
+        }
+        if (!failure && failing_.exchange(false, std::memory_order_relaxed))
+            detail::emit(options_.log, Level::info,
+                         "host ledger " + path_ + " works again; admission is host-wide again");
+        return failure;
+    }
+
+    // Drops dead owners' entries, releases older than released_entry_ns (and the oldest beyond
+    // max_released_entries), and applies this process's pending releases. True when it changed.
+    bool prune(LedgerState& state, const std::vector<std::uint64_t>& pending) {
+        const pid_t self = ::getpid();
+        const std::uint64_t now = detail::monotonic_ns();
+        bool changed = false;
+        for (LedgerEntry& entry : state.entries) {
+            if (entry.live() && entry.pid == self &&
+                std::find(pending.begin(), pending.end(), entry.id) != pending.end()) {
+                entry.released_ns = now;
+                changed = true;
+            }
+        }
+        const std::size_t before = state.entries.size();
+        // Each owner (pid and start time) looked up once. This process's entries too: one under
+        // our pid with another start time is a dead process's whose pid we were given.
+        std::vector<std::pair<std::pair<pid_t, std::uint64_t>, bool>> looked_up;
+        const auto is_dead = [&](const LedgerEntry& entry) {
+            const std::pair<pid_t, std::uint64_t> owner{entry.pid, entry.start_ticks};
+            for (const auto& known : looked_up)
+                if (known.first == owner) return !known.second;
+            const bool live = detail::owner_alive(entry.pid, entry.start_ticks);
+            looked_up.emplace_back(owner, live);
+            return !live;
+        };
+        state.entries.erase(std::remove_if(state.entries.begin(), state.entries.end(),
+                                           [&](const LedgerEntry& entry) {
+                                               if (!entry.live() && (entry.released_ns > now ||
+                                                                     now - entry.released_ns >
+                                                                         detail::released_entry_ns))
+                                                   return true;
+                                               return is_dead(entry);
+                                           }),
+                            state.entries.end());
+        std::size_t released = state.entries.size() - state.live_count();
+        for (auto it = state.entries.begin(); released > detail::max_released_entries;) {
+            if (!it->live()) {
+                it = state.entries.erase(it);
+                --released;
+            } else {
+                ++it;
+            }
+        }
+        return changed || state.entries.size() != before;
+    }
+
+    static bool read_all(int fd, std::string& out) {
+        out.clear();
+        char buffer[4096];
+        while (out.size() <= detail::max_ledger_file_bytes) {
+            const ssize_t got = detail::retry_eintr(
+                [&] { return ::pread(fd, buffer, sizeof buffer, static_cast<off_t>(out.size())); });
+            if (got < 0) return false;
+            if (got == 0) break;
+            out.append(buffer, static_cast<std::size_t>(got));
+        }
+        return true;
+    }
+
+    // Host-wide admission is off until an operation works again; said once per such stretch.
+    void unusable(const std::string& reason) {
+        if (failing_.exchange(true, std::memory_order_relaxed)) return;
+        detail::emit(options_.log, Level::warn,
+                     "host ledger for " + identity_ + " is not usable: " + reason +
+                         "; admission uses this process's own view only (other processes' loads "
+                         "in flight are not seen), and single items are excluded within this "
+                         "process only, until it works again");
+    }
+
+    std::unique_ptr<Hold> single_item_failed(const std::string& reason) {
+        // When the ledger itself is unusable its one warning has said this already.
+        if (!single_item_failing_.exchange(true, std::memory_order_relaxed) &&
+            !failing_.load(std::memory_order_relaxed))
+            detail::emit(options_.log, Level::warn,
+                         "host-wide single-item lock for " + identity_ + " not taken: " + reason +
+                             "; single items run with in-process exclusion only");
+        return nullptr;
+    }
+
+    const std::string identity_;
+    const std::uint64_t device_hash_;
+    const HostOptions options_;
+    std::string directory_;
+    std::string path_;
+    std::atomic<bool> failing_{false};
+    std::atomic<bool> single_item_failing_{false};
+    std::mutex pending_mutex_;
+    std::vector<std::uint64_t> pending_releases_;
+};
+
+// ---- how many worker processes ----------------------------------------------------------------
+
+// Workers for a pre-forking server. Without a GPU (`gpu` empty, or a report of 0 total bytes) the
+// usual CPU formula, 2 x cores + 1. With one: min(4, cores), because every worker loads its own
+// model copy onto the same device; and, given the model's footprint, no more workers than the
+// device's free memory holds beside the safety margin (each copy must pass the same admission
+// rule: footprint + margin <= free). Never below 1. `gpu` is a reading taken before any worker
+// loads; take it without initializing CUDA in the parent (NVML, nvidia-smi, or a short-lived
+// child), since CUDA does not survive fork().
+inline std::size_t recommended_workers(
+    std::optional<MemoryInfo> gpu, std::uint64_t model_footprint_bytes = 0,
+    double safety_margin = defaults::safety_margin,
+    unsigned cores = std::thread::hardware_concurrency()) noexcept {
+    const std::size_t cpus = cores == 0 ? 1 : cores;  // 0: the standard library could not tell
+    if (!gpu || gpu->total_bytes == 0) return 2 * cpus + 1;
+    std::size_t workers = std::min(defaults::gpu_workers, cpus);
+    if (model_footprint_bytes > 0) {
+        if (!(safety_margin >= 0 && safety_margin < 1)) safety_margin = defaults::safety_margin;
+        const std::uint64_t margin = policy::margin_bytes(gpu->total_bytes, safety_margin);
+        const std::uint64_t usable = gpu->free_bytes > margin ? gpu->free_bytes - margin : 0;
+        workers = static_cast<std::size_t>(
+            std::min<std::uint64_t>(workers, usable / model_footprint_bytes));
+    }
+    return std::max<std::size_t>(1, workers);
+}
+
+// The same with the footprint taken from the profile cache: the model's measured load peak times
+// history_headroom, as Guard would require it (unknown: the count is not capped by memory).
+inline std::size_t recommended_workers(std::optional<MemoryInfo> gpu, ProfileCache& profiles,
+                                       const Key& model,
+                                       double safety_margin = defaults::safety_margin,
+                                       double history_headroom = defaults::history_headroom,
+                                       unsigned cores = std::thread::hardware_concurrency()) {
+    const std::uint64_t peak = profiles.get(model).peak_bytes;
+    const std::uint64_t footprint = peak == 0 ? 0 : policy::scale_bytes(peak, history_headroom);
+    return recommended_workers(gpu, footprint, safety_margin, cores);
+}
+
+VRAMGUARD_END_NAMESPACE
