@@ -344,14 +344,22 @@ inline std::optional<OomReport> oom_report(const std::exception_ptr& error) {
     }
 }
 
+// One line for a log: the message without c10's appended C++ backtrace ("Exception raised
+// from ..."), at most 400 characters.
 inline std::string describe(const std::exception_ptr& error) {
+    std::string text;
     try {
         std::rethrow_exception(error);
     } catch (const std::exception& e) {
-        return e.what();
+        text = e.what();
     } catch (...) {
         return "unknown exception";
     }
+    const std::size_t backtrace = text.find("\nException raised from ");
+    if (backtrace != std::string::npos) text.resize(backtrace);
+    constexpr std::size_t limit = 400;
+    if (text.size() > limit) text = text.substr(0, limit) + "...";
+    return text;
 }
 
 VRAMGUARD_END_NAMESPACE

@@ -17,6 +17,7 @@
 #include <vramguard/semaphore.hpp>
 #include <vramguard/coordinator.hpp>
 #include <vramguard/simulated.hpp>
+#include <vramguard/system_memory.hpp>
 #include <vramguard/guard.hpp>
 #include <vramguard/host.hpp>
 #include <vramguard/models.hpp>

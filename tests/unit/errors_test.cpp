@@ -148,6 +148,15 @@ TEST(OomReport, FromOwnReportOrFromTheMessage) {
     EXPECT_FALSE(oom_report(thrown(7)));
 }
 
+TEST(Describe, OneLineWithoutC10sBacktraceAndBounded) {
+    EXPECT_EQ(describe(thrown(std::runtime_error(
+                  "CUDA out of memory. Tried to allocate 2.00 MiB\nException raised from malloc at "
+                  "CUDACachingAllocator.cpp:913 (most recent call first):\nframe #0: ..."))),
+              "CUDA out of memory. Tried to allocate 2.00 MiB");
+    EXPECT_EQ(describe(thrown(std::runtime_error(std::string(1000, 'x')))).size(), 403u);
+    EXPECT_EQ(describe(thrown(3)), "unknown exception");
+}
+
 TEST(InsufficientMemory, CarriesItsNumbers) {
     const InsufficientMemory e(6_GiB, 4_GiB, 80_GiB, "llm{size=7b} #0011223344556677",
                                std::chrono::milliseconds(1500), "needs more");

@@ -1,0 +1,494 @@
+// SPDX-License-Identifier: MIT
+// End to end: the examples/torch_server binary, started on 127.0.0.1 with a port the kernel picks,
+// driven over HTTP by cpp-httplib's client from several threads at once. Checks what a user of the
+// server relies on: embeddings (count, unit norm, the same text gives the same vector whatever its
+// batch, request, or load), 400 on bad input, /status, /request-unload's three answers, 503 with
+// Retry-After when admission says no, 413 naming the item that cannot fit even alone, and a clean
+// exit on SIGTERM. Every wait has a deadline; every server started is killed when its test ends.
+//
+// The test does not use LibTorch itself (the server does); it is built where the server is.
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include "temp_dir.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#ifndef VRAMGUARD_TORCH_SERVER_PATH
+#error "VRAMGUARD_TORCH_SERVER_PATH must name the torch_server binary (tests/CMakeLists.txt sets it)"
+#endif
+
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The server binary as a child process: stdout is a pipe, from which the first line (the address)
+// is read; stderr is inherited (ctest shows it when a test fails).
+class ServerProcess {
+   public:
+    explicit ServerProcess(std::vector<std::string> extra_args) {
+        std::vector<std::string> args = {VRAMGUARD_TORCH_SERVER_PATH, "--host", "127.0.0.1",
+                                         "--port", "0", "--threads", "8"};
+        args.insert(args.end(), extra_args.begin(), extra_args.end());
+        std::vector<char*> argv;
+        for (auto& arg : args) argv.push_back(arg.data());
+        argv.push_back(nullptr);
+
+        int out[2];
+        if (::pipe2(out, O_CLOEXEC) != 0) throw std::runtime_error(std::strerror(errno));
+        pid_ = ::fork();
+        if (pid_ < 0) throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
+        if (pid_ == 0) {
+            ::dup2(out[1], STDOUT_FILENO);  // dup2 clears O_CLOEXEC on the copy
+            ::execv(argv[0], argv.data());
+            std::fprintf(stderr, "execv(%s): %s\n", argv[0], std::strerror(errno));
+            ::_exit(127);
+        }
+        ::close(out[1]);
+        stdout_ = out[0];
+        first_line_ = read_line(60s);
+    }
+
+    ServerProcess(const ServerProcess&) = delete;
+    ServerProcess& operator=(const ServerProcess&) = delete;
+    ~ServerProcess() { stop(); }
+
+    // What the server printed first ("listening on http://127.0.0.1:PORT"), or "" when it exited
+    // or printed nothing within the deadline.
+    const std::string& first_line() const { return first_line_; }
+
+    int port() const {
+        const std::string prefix = "listening on http://127.0.0.1:";
+        if (first_line_.rfind(prefix, 0) != 0) return -1;
+        return std::stoi(first_line_.substr(prefix.size()));
+    }
+
+    // SIGTERM, then up to 20 s for it to exit, then SIGKILL. Returns the wait status (-1 when
+    // already reaped).
+    int stop() {
+        if (stdout_ >= 0) {
+            ::close(stdout_);
+            stdout_ = -1;
+        }
+        if (pid_ <= 0) return status_;
+        ::kill(pid_, SIGTERM);
+        const auto deadline = Clock::now() + 20s;
+        for (;;) {
+            int status = 0;
+            const pid_t done = ::waitpid(pid_, &status, WNOHANG);
+            if (done == pid_) {
+                status_ = status;
+                break;
+            }
+            if (done < 0 && errno != EINTR) break;
+            if (Clock::now() >= deadline) {
+                ADD_FAILURE() << "torch_server did not exit within 20 s of SIGTERM; killing it";
+                ::kill(pid_, SIGKILL);
+                ::waitpid(pid_, &status, 0);
+                status_ = status;
+                break;
+            }
+            std::this_thread::sleep_for(20ms);
+        }
+        pid_ = -1;
+        return status_;
+    }
+
+   private:
+    std::string read_line(Clock::duration timeout) {
+        std::string line;
+        const auto deadline = Clock::now() + timeout;
+        for (;;) {
+            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+            if (left.count() <= 0) return "";
+            pollfd fd{stdout_, POLLIN, 0};
+            const int ready = ::poll(&fd, 1, static_cast<int>(left.count()));
+            if (ready < 0 && errno == EINTR) continue;
+            if (ready <= 0) return "";
+            char c = 0;
+            const ssize_t n = ::read(stdout_, &c, 1);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) return "";  // the server exited
+            if (c == '\n') return line;
+            line += c;
+        }
+    }
+
+    pid_t pid_ = -1;
+    int stdout_ = -1;
+    int status_ = -1;
+    std::string first_line_;
+};
+
+// One started server with a profile directory of its own and a client for it.
+struct Running {
+    explicit Running(std::vector<std::string> args = {}) {
+        args.insert(args.end(), {"--profile-dir", profiles.path()});
+        process = std::make_unique<ServerProcess>(std::move(args));
+        if (process->port() <= 0)
+            throw std::runtime_error("torch_server did not start: first line was \"" +
+                                     process->first_line() + "\"");
+    }
+    std::unique_ptr<httplib::Client> client() const {
+        auto c = std::make_unique<httplib::Client>("127.0.0.1", process->port());
+        c->set_connection_timeout(10, 0);
+        c->set_read_timeout(60, 0);
+        c->set_write_timeout(10, 0);
+        return c;
+    }
+    vramguard_test::TempDir profiles{"torch-server-test-"};
+    std::unique_ptr<ServerProcess> process;
+};
+
+struct Reply {
+    int status = 0;
+    json body;
+    std::string retry_after;
+};
+
+Reply post(httplib::Client& client, const std::string& path, const std::string& body) {
+    auto res = client.Post(path.c_str(), body, "application/json");
+    if (!res) throw std::runtime_error("POST " + path + " failed: " + httplib::to_string(res.error()));
+    Reply reply;
+    reply.status = res->status;
+    reply.body = json::parse(res->body);
+    reply.retry_after = res->get_header_value("Retry-After");
+    return reply;
+}
+
+Reply get(httplib::Client& client, const std::string& path) {
+    auto res = client.Get(path.c_str());
+    if (!res) throw std::runtime_error("GET " + path + " failed: " + httplib::to_string(res.error()));
+    return {res->status, json::parse(res->body), ""};
+}
+
+Reply encode(httplib::Client& client, const std::vector<std::string>& texts) {
+    return post(client, "/encode", json{{"texts", texts}}.dump());
+}
+
+std::vector<std::vector<float>> embeddings_of(const Reply& reply) {
+    return reply.body.at("embeddings").get<std::vector<std::vector<float>>>();
+}
+
+double norm(const std::vector<float>& v) {
+    double sum = 0;
+    for (float x : v) sum += static_cast<double>(x) * x;
+    return std::sqrt(sum);
+}
+
+float max_difference(const std::vector<float>& a, const std::vector<float>& b) {
+    if (a.size() != b.size()) return INFINITY;
+    float worst = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]));
+    return worst;
+}
+
+// Texts of very different lengths, so batches are padded.
+std::vector<std::string> text_pool() {
+    std::vector<std::string> pool = {"", "hello", "hello world", "The quick brown fox jumps over the lazy dog"};
+    for (int i = 0; i < 12; ++i) {
+        std::string text = "text " + std::to_string(i) + ":";
+        for (int w = 0; w < (i * 7) % 40; ++w) text += " word" + std::to_string((w * 31 + i) % 97);
+        pool.push_back(text);
+    }
+    return pool;
+}
+
+constexpr float tolerance = 1e-5f;
+
+TEST(TorchServer, ConcurrentEncodesGiveUnitVectorsThatDoNotDependOnTheBatch) {
+    Running server;
+    const std::vector<std::string> pool = text_pool();
+
+    // The reference: each text alone, in a batch of one (no padding at all).
+    std::map<std::string, std::vector<float>> reference;
+    {
+        auto client = server.client();
+        for (const std::string& text : pool) {
+            const Reply reply = encode(*client, {text});
+            ASSERT_EQ(reply.status, 200) << reply.body.dump();
+            ASSERT_EQ(reply.body.at("dim").get<int>(), 64);
+            reference[text] = embeddings_of(reply).at(0);
+            EXPECT_NEAR(norm(reference[text]), 1.0, 1e-5) << "text \"" << text << "\"";
+        }
+    }
+    EXPECT_GT(max_difference(reference["hello"], reference["hello world"]), 1e-3f)
+        << "different texts should not share an embedding";
+
+    constexpr int threads = 6;
+    constexpr int requests_per_thread = 8;
+    std::atomic<int> checked{0};
+    std::vector<std::string> failures(threads);
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t) {
+        workers.emplace_back([&, t] {
+            try {
+                auto client = server.client();
+                for (int r = 0; r < requests_per_thread; ++r) {
+                    // A different mix and order of texts in every request (repeats included).
+                    std::vector<std::string> texts;
+                    const std::size_t count = 1 + static_cast<std::size_t>((t * 5 + r * 3) % 24);
+                    for (std::size_t i = 0; i < count; ++i)
+                        texts.push_back(pool[(static_cast<std::size_t>(t) * 7 + r * 11 + i * 5) % pool.size()]);
+                    const Reply reply = encode(*client, texts);
+                    if (reply.status != 200) throw std::runtime_error("status " + std::to_string(reply.status) + ": " + reply.body.dump());
+                    const auto got = embeddings_of(reply);
+                    if (got.size() != texts.size())
+                        throw std::runtime_error(std::to_string(got.size()) + " embeddings for " + std::to_string(texts.size()) + " texts");
+                    if (reply.body.at("batches").get<int>() < 1) throw std::runtime_error("no batch reported");
+                    for (std::size_t i = 0; i < texts.size(); ++i) {
+                        if (std::fabs(norm(got[i]) - 1.0) > 1e-5) throw std::runtime_error("not unit norm: \"" + texts[i] + "\"");
+                        const float diff = max_difference(got[i], reference.at(texts[i]));
+                        if (!(diff <= tolerance))
+                            throw std::runtime_error("text \"" + texts[i] + "\" in a batch of " + std::to_string(texts.size()) +
+                                                     " differs from its embedding alone by " + std::to_string(diff));
+                        ++checked;
+                    }
+                }
+            } catch (const std::exception& e) {
+                failures[static_cast<std::size_t>(t)] = e.what();
+            }
+        });
+    }
+    for (auto& worker : workers) worker.join();
+    for (int t = 0; t < threads; ++t) EXPECT_EQ(failures[static_cast<std::size_t>(t)], "") << "thread " << t;
+    EXPECT_GT(checked.load(), threads * requests_per_thread);
+
+    auto client = server.client();
+    const Reply status = get(*client, "/status");
+    ASSERT_EQ(status.status, 200);
+    EXPECT_EQ(status.body["registry"]["loads"].get<int>(), 1) << "one load served every request";
+    EXPECT_EQ(status.body["requests"]["encode"].get<int>(),
+              static_cast<int>(pool.size()) + threads * requests_per_thread);
+    EXPECT_EQ(status.body["model"]["leases"].get<int>(), 0);
+}
+
+TEST(TorchServer, EmptyListIsOkAndBadInputIs400) {
+    Running server;
+    auto client = server.client();
+
+    const Reply empty = encode(*client, {});
+    EXPECT_EQ(empty.status, 200);
+    EXPECT_EQ(empty.body["embeddings"], json::array());
+    EXPECT_EQ(empty.body["dim"].get<int>(), 64);
+
+    for (const std::string body : {"{\"texts\": [\"a\"", "not json", "[\"a\"]", "{\"text\": [\"a\"]}",
+                                   "{\"texts\": \"a\"}", "{\"texts\": [\"a\", 3]}", "{\"texts\": [null]}"}) {
+        const Reply reply = post(*client, "/encode", body);
+        EXPECT_EQ(reply.status, 400) << body;
+        EXPECT_TRUE(reply.body.contains("error")) << body;
+        EXPECT_FALSE(reply.body["error"].get<std::string>().empty()) << body;
+    }
+    const Reply non_string = post(*client, "/encode", "{\"texts\": [\"a\", 3]}");
+    EXPECT_NE(non_string.body["error"].get<std::string>().find("texts[1]"), std::string::npos)
+        << non_string.body.dump();
+
+    // Nothing above needed the model.
+    const Reply status = get(*client, "/status");
+    EXPECT_FALSE(status.body["model"]["loaded"].get<bool>());
+    EXPECT_EQ(status.body["registry"]["loads"].get<int>(), 0);
+    EXPECT_EQ(status.body["requests"]["bad_request_400"].get<int>(), 8);
+}
+
+TEST(TorchServer, StatusReportsModelDeviceLearningAndCounters) {
+    Running server;
+    auto client = server.client();
+
+    Reply status = get(*client, "/status");
+    ASSERT_EQ(status.status, 200);
+    const json& before = status.body;
+    EXPECT_EQ(before["model"]["name"], "encoder");
+    EXPECT_FALSE(before["model"]["loaded"].get<bool>());
+    EXPECT_EQ(before["model"]["state"], "unloaded");
+    EXPECT_EQ(before["model"]["bytes"].get<std::uint64_t>(), 0u);
+    EXPECT_GT(before["model"]["declared_bytes"].get<std::uint64_t>(), 0u);
+    EXPECT_EQ(before["device"]["name"], "cpu");
+    const auto total = before["device"]["memory"]["total_bytes"].get<std::uint64_t>();
+    EXPECT_GT(total, 0u);
+    EXPECT_LE(before["device"]["memory"]["free_bytes"].get<std::uint64_t>(), total);
+    EXPECT_EQ(before["encode"]["key"].get<std::string>().size(), 16u);
+    EXPECT_TRUE(before["encode"].contains("learned_batch_ceiling"));
+    EXPECT_TRUE(before["encode"].contains("learned_weight_budget"));
+    for (const char* counter : {"calls", "ooms", "retries", "halvings", "single_item_calls", "rejections", "waits"})
+        EXPECT_TRUE(before["guard"].contains(counter)) << counter;
+    EXPECT_EQ(before["guard"]["calls"].get<int>(), 0);
+
+    ASSERT_EQ(encode(*client, {"one", "two words", "three words here"}).status, 200);
+    status = get(*client, "/status");
+    const json& after = status.body;
+    EXPECT_TRUE(after["model"]["loaded"].get<bool>());
+    EXPECT_EQ(after["model"]["state"], "loaded");
+    EXPECT_EQ(after["model"]["bytes"], before["model"]["declared_bytes"]);
+    EXPECT_EQ(after["model"]["leases"].get<int>(), 0);
+    EXPECT_GE(after["model"]["idle_seconds"].get<double>(), 0.0);
+    EXPECT_EQ(after["registry"]["loads"].get<int>(), 1);
+    EXPECT_EQ(after["guard"]["calls"].get<int>(), 2) << "one load and one encode";
+    EXPECT_EQ(after["guard"]["rejections"].get<int>(), 0);
+    EXPECT_EQ(after["requests"]["texts"].get<int>(), 3);
+}
+
+TEST(TorchServer, RequestUnloadAnswersBusyThenUnloadedThenNotLoaded) {
+    Running server({"--idle-unload-seconds", "0"});
+    auto client = server.client();
+
+    Reply unload = post(*client, "/request-unload", "");
+    EXPECT_EQ(unload.status, 200);
+    EXPECT_EQ(unload.body["result"], "not_loaded") << unload.body.dump();
+
+    const Reply first = encode(*client, {"the same text twice", "and another"});
+    ASSERT_EQ(first.status, 200);
+
+    unload = post(*client, "/request-unload?min_idle_seconds=3600", "");
+    EXPECT_EQ(unload.status, 200);
+    EXPECT_EQ(unload.body["result"], "busy") << unload.body.dump();
+    EXPECT_GE(unload.body["idle_seconds"].get<double>(), 0.0);
+    EXPECT_LT(unload.body["idle_seconds"].get<double>(), 3600.0);
+    EXPECT_EQ(unload.body["leases"].get<int>(), 0);
+    EXPECT_TRUE(get(*client, "/status").body["model"]["loaded"].get<bool>());
+
+    unload = post(*client, "/request-unload?min_idle_seconds=0", "");
+    EXPECT_EQ(unload.body["result"], "unloaded") << unload.body.dump();
+    EXPECT_GT(unload.body["freed_bytes"].get<std::uint64_t>(), 0u);
+
+    unload = post(*client, "/request-unload?min_idle_seconds=0", "");
+    EXPECT_EQ(unload.body["result"], "not_loaded") << unload.body.dump();
+
+    Reply status = get(*client, "/status");
+    EXPECT_FALSE(status.body["model"]["loaded"].get<bool>());
+    EXPECT_EQ(status.body["registry"]["requested_unloads"].get<int>(), 1);
+
+    // The next request loads it again, with the same weights.
+    const Reply again = encode(*client, {"the same text twice", "and another"});
+    ASSERT_EQ(again.status, 200);
+    const auto a = embeddings_of(first), b = embeddings_of(again);
+    for (std::size_t i = 0; i < a.size(); ++i) EXPECT_LE(max_difference(a[i], b[i]), tolerance);
+    status = get(*client, "/status");
+    EXPECT_EQ(status.body["registry"]["loads"].get<int>(), 2);
+
+    EXPECT_EQ(post(*client, "/request-unload?min_idle_seconds=soon", "").status, 400);
+    EXPECT_EQ(post(*client, "/request-unload?min_idle_seconds=-1", "").status, 400);
+}
+
+TEST(TorchServer, IdleModelIsUnloadedByTheReaper) {
+    Running server({"--idle-unload-seconds", "1"});
+    auto client = server.client();
+    ASSERT_EQ(encode(*client, {"warm"}).status, 200);
+    const auto deadline = Clock::now() + 15s;
+    json status;
+    do {
+        std::this_thread::sleep_for(100ms);
+        status = get(*client, "/status").body;
+    } while (status["model"]["loaded"].get<bool>() && Clock::now() < deadline);
+    EXPECT_FALSE(status["model"]["loaded"].get<bool>()) << status.dump();
+    EXPECT_EQ(status["registry"]["idle_unloads"].get<int>(), 1);
+}
+
+TEST(TorchServer, AdmissionRefusalIs503WithRetryAfter) {
+    // A 1 MB "device": the 2.3 MiB encoder can never be admitted.
+    Running server({"--memory-limit-bytes", "1000000"});
+    auto client = server.client();
+
+    for (int attempt = 0; attempt < 2; ++attempt) {
+        const Reply reply = encode(*client, {"no room for me"});
+        EXPECT_EQ(reply.status, 503) << reply.body.dump();
+        ASSERT_FALSE(reply.retry_after.empty()) << "a 503 must say when to come back";
+        EXPECT_GE(std::stoi(reply.retry_after), 1);
+        EXPECT_EQ(reply.body["retry_after_seconds"].get<int>(), std::stoi(reply.retry_after));
+        EXPECT_EQ(reply.body["total_bytes"].get<std::uint64_t>(), 1000000u);
+        EXPECT_GT(reply.body["required_bytes"].get<std::uint64_t>(),
+                  reply.body["available_bytes"].get<std::uint64_t>());
+        EXPECT_NE(reply.body["error"].get<std::string>().find("cannot start"), std::string::npos)
+            << reply.body.dump();
+    }
+    EXPECT_EQ(encode(*client, {}).status, 200) << "an empty request needs no model";
+
+    const json status = get(*client, "/status").body;
+    EXPECT_FALSE(status["model"]["loaded"].get<bool>());
+    EXPECT_EQ(status["device"]["limit_bytes"].get<std::uint64_t>(), 1000000u);
+    EXPECT_EQ(status["device"]["memory"]["total_bytes"].get<std::uint64_t>(), 1000000u);
+    EXPECT_EQ(status["guard"]["rejections"].get<int>(), 2);
+    EXPECT_EQ(status["requests"]["rejected_503"].get<int>(), 2);
+    EXPECT_EQ(status["requests"]["failed_500"].get<int>(), 0);
+}
+
+TEST(TorchServer, BatchesShrinkOnOomAndAnItemTooLargeAloneIs413) {
+    // Fault injection: batches over 24 padded tokens fail as if out of memory.
+    Running server({"--simulate-oom-above-tokens", "24"});
+    auto client = server.client();
+
+    // 12 texts of 3 tokens (the start token and two words): 36 padded tokens in one batch.
+    std::vector<std::string> texts;
+    for (int i = 0; i < 12; ++i) texts.push_back("word" + std::to_string(i) + " other" + std::to_string(i));
+    const Reply batched = encode(*client, texts);
+    ASSERT_EQ(batched.status, 200) << batched.body.dump();
+    EXPECT_GT(batched.body["batches"].get<int>(), 1);
+    const auto got = embeddings_of(batched);
+    ASSERT_EQ(got.size(), texts.size());
+    for (std::size_t i = 0; i < texts.size(); ++i) {
+        const auto alone = embeddings_of(encode(*client, {texts[i]})).at(0);
+        EXPECT_LE(max_difference(got[i], alone), tolerance) << texts[i];
+    }
+    json status = get(*client, "/status").body;
+    EXPECT_GE(status["guard"]["halvings"].get<int>(), 1);
+    const auto budget = status["encode"]["learned_weight_budget"].get<std::uint64_t>();
+    EXPECT_GT(budget, 0u);
+    EXPECT_LE(budget, 24u) << "the learned budget counts padded tokens";
+
+    // Item 2 has 30 tokens: more than 24 even alone.
+    std::string long_text;
+    for (int w = 0; w < 29; ++w) long_text += "w" + std::to_string(w) + " ";
+    const Reply too_large = encode(*client, {"short", "also short", long_text, "never reached"});
+    EXPECT_EQ(too_large.status, 413) << too_large.body.dump();
+    EXPECT_EQ(too_large.body["item_index"].get<int>(), 2) << too_large.body.dump();
+    status = get(*client, "/status").body;
+    EXPECT_EQ(status["requests"]["oom_413"].get<int>(), 1);
+    EXPECT_EQ(status["model"]["leases"].get<int>(), 0) << "the failed request's lease ended";
+}
+
+TEST(TorchServer, ExitsCleanlyOnSigterm) {
+    Running server;
+    auto client = server.client();
+    ASSERT_EQ(encode(*client, {"loaded before the signal"}).status, 200);
+    const int status = server.process->stop();
+    ASSERT_TRUE(WIFEXITED(status)) << "wait status " << status;
+    EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+TEST(TorchServer, CudaDeviceWithoutCudaExitsWithAMessage) {
+    vramguard_test::TempDir profiles{"torch-server-test-"};
+    ServerProcess process({"--device", "cuda:0", "--profile-dir", profiles.path()});
+    if (process.port() > 0) GTEST_SKIP() << "this machine has CUDA: the server started on cuda:0";
+    const int status = process.stop();
+    ASSERT_TRUE(WIFEXITED(status)) << "wait status " << status;
+    EXPECT_EQ(WEXITSTATUS(status), 1);
+}
+
+TEST(TorchServer, BadFlagsExitWithUsage) {
+    ServerProcess process({"--no-such-flag", "1"});
+    EXPECT_LT(process.port(), 0);
+    const int status = process.stop();
+    ASSERT_TRUE(WIFEXITED(status)) << "wait status " << status;
+    EXPECT_EQ(WEXITSTATUS(status), 2);
+}
+
+}  // namespace
