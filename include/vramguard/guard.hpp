@@ -644,6 +644,9 @@ class Guard {
             const bool at_ceiling = limit != 0 && (weights ? pos + size < n || alone : size == limit);
             It chunk_end = std::next(cursor, static_cast<typename std::iterator_traits<It>::difference_type>(size));
 
+            // batch_fn's output is checked after the try: a contract error must never meet the
+            // OOM classifier (a key named like an OOM message would turn it into one).
+            std::conditional_t<std::is_void_v<Out>, char, Out> produced{};
             try {
                 Semaphore::Permit permit;
                 std::unique_ptr<Hold> host_lock;
@@ -657,19 +660,7 @@ class Guard {
                 if constexpr (std::is_void_v<Out>) {
                     std::invoke(batch_fn, View(cursor, chunk_end, size, pos));
                 } else {
-                    Out out = std::invoke(batch_fn, View(cursor, chunk_end, size, pos));
-                    if (out.size() != size)
-                        throw std::length_error("vramguard::Guard::encode " + key.describe() +
-                                                ": batch_fn returned " + std::to_string(out.size()) +
-                                                " results for " + std::to_string(size) + " items (items " +
-                                                std::to_string(pos) + ".." + std::to_string(pos + size - 1) +
-                                                "); it must return exactly one per item");
-                    if (results.empty() && size == n) {
-                        results = std::move(out);  // one chunk: its vector is the answer
-                    } else {
-                        if (results.empty()) results.reserve(n);
-                        std::move(out.begin(), out.end(), std::back_inserter(results));
-                    }
+                    produced = std::invoke(batch_fn, View(cursor, chunk_end, size, pos));
                 }
                 if (auto peak = measurement ? measurement->peak() : std::nullopt; peak && *peak > 0) {
                     const std::uint64_t per_item = (*peak + size - 1) / size;
@@ -744,6 +735,20 @@ class Guard {
                 continue;
             }
 
+            if constexpr (!std::is_void_v<Out>) {
+                if (produced.size() != size)
+                    throw std::length_error("vramguard::Guard::encode " + key.describe() +
+                                            ": batch_fn returned " + std::to_string(produced.size()) +
+                                            " results for " + std::to_string(size) + " items (items " +
+                                            std::to_string(pos) + ".." + std::to_string(pos + size - 1) +
+                                            "); it must return exactly one per item");
+                if (results.empty() && size == n) {
+                    results = std::move(produced);  // one chunk: its vector is the answer
+                } else {
+                    if (results.empty()) results.reserve(n);
+                    std::move(produced.begin(), produced.end(), std::back_inserter(results));
+                }
+            }
             pos += size;
             cursor = chunk_end;
             alone_failures = 0;

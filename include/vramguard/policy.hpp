@@ -124,8 +124,9 @@ inline std::uint64_t size_after_oom(std::uint64_t tried, const std::optional<Oom
     if (!report || !report->free_bytes || report->requested_bytes == 0) return half;
     const double fits = static_cast<double>(tried) * static_cast<double>(*report->free_bytes) /
                         static_cast<double>(report->requested_bytes);
-    const std::uint64_t estimate = fits < 1.0 ? 1 : static_cast<std::uint64_t>(fits);
-    return std::max<std::uint64_t>(1, std::min(half, estimate));
+    // Clamped while still a double: converting an out-of-range double is undefined.
+    if (!(fits < static_cast<double>(half))) return half;
+    return fits < 1.0 ? 1 : static_cast<std::uint64_t>(fits);
 }
 
 inline void on_oom(CeilingState& state, std::uint64_t tried, std::uint64_t next,

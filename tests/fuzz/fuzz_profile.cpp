@@ -1,0 +1,164 @@
+// SPDX-License-Identifier: MIT
+// libFuzzer target: profile-cache files, the bytes vramguard reads back from disk.
+//
+// The first input byte picks a mode, the rest is the payload:
+//   0  parse_profile(payload) as found on disk (almost always rejected: the checksum);
+//   1  the payload with a correct checksum line appended, so the number and label parsing behind
+//      the checksum is reached too;
+//   2  the payload planted as a key's file in a real ProfileCache directory: find() must ignore
+//      it (or read it), and the next record must overwrite it with a file that parses back;
+//   3  temp_file_pid(payload): the directory-scan parser that decides which files are stale;
+//   else a round trip: a Key and a Profile built from the payload must serialize and parse back.
+// Every mode checks invariants and aborts on a violation; a crash or sanitizer report is a bug.
+#include <vramguard/profile.hpp>
+
+#include <fuzzer/FuzzedDataProvider.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+namespace {
+
+using vramguard::Key;
+using vramguard::Profile;
+namespace detail = vramguard::detail;
+
+[[noreturn]] void violated(const char* what) {
+    std::fprintf(stderr, "fuzz_profile: invariant violated: %s\n", what);
+    std::abort();
+}
+#define FUZZ_CHECK(cond)              \
+    do {                              \
+        if (!(cond)) violated(#cond); \
+    } while (0)
+
+constexpr std::string_view fixed_hex = "0123456789abcdef";
+
+// The key hex a file names on its second line, when it has one; else a fixed one.
+std::string_view claimed_hex(std::string_view text) {
+    const std::size_t first = text.find('\n');
+    if (first == std::string_view::npos) return fixed_hex;
+    std::string_view rest = text.substr(first + 1);
+    if (rest.substr(0, 4) != "key " || rest.size() < 20) return fixed_hex;
+    return rest.substr(4, 16);
+}
+
+void check_parse(std::string_view text, std::string_view expected_hex) {
+    std::string error;
+    const auto profile = detail::parse_profile(text, expected_hex, &error);
+    if (profile) {
+        FUZZ_CHECK(error.empty());
+        FUZZ_CHECK(text.size() <= detail::max_profile_file_bytes);
+        FUZZ_CHECK(text.substr(0, detail::profile_magic.size()) == detail::profile_magic);
+        FUZZ_CHECK(!text.empty() && text.back() == '\n');
+    } else {
+        FUZZ_CHECK(!error.empty());  // every rejection says why
+    }
+    // Without the error out-parameter the answer is the same.
+    const auto again = detail::parse_profile(text, expected_hex);
+    FUZZ_CHECK(again.has_value() == profile.has_value());
+    if (profile) FUZZ_CHECK(*again == *profile);
+}
+
+// Lines up to and including the one before "checksum", then a correct checksum line.
+std::string with_checksum(std::string_view body) {
+    std::string text(body);
+    if (!text.empty() && text.back() != '\n') text += '\n';
+    text += "checksum " + detail::hex16(detail::fnv1a64(text)) + "\n";
+    return text;
+}
+
+std::string scratch_directory() {
+    const char* base = ::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : std::getenv("TMPDIR");
+    std::string pattern = std::string(base && *base ? base : "/tmp") + "/vramguard-fuzz-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) violated("mkdtemp failed");
+    return pattern;
+}
+
+void check_cache_overwrites(std::string_view payload) {
+    static const std::string directory = scratch_directory();
+    static const Key key = Key::of("fuzz", {{"mode", "cache"}});
+    const std::string path = directory + "/" + key.hex() + ".profile";
+    {
+        std::FILE* file = std::fopen(path.c_str(), "wb");
+        if (file == nullptr) violated("cannot plant the profile file");
+        if (!payload.empty()) std::fwrite(payload.data(), 1, payload.size(), file);
+        std::fclose(file);
+    }
+    const auto planted = detail::parse_profile(payload, key.hex());
+    vramguard::ProfileCache cache(directory, true, [](vramguard::Level, std::string_view) {});
+    const auto found = cache.find(key);
+    FUZZ_CHECK(found.has_value() == planted.has_value());
+    if (found) FUZZ_CHECK(*found == *planted);
+    const std::uint64_t peak = 4096 + payload.size();
+    cache.record_peak(key, peak, 3);
+    FUZZ_CHECK(cache.persistent());
+    std::string text;
+    int error = 0;
+    FUZZ_CHECK(detail::read_small_file(path, text, error) == detail::ReadResult::ok);
+    const auto rewritten = detail::parse_profile(text, key.hex());
+    FUZZ_CHECK(rewritten.has_value());
+    FUZZ_CHECK(rewritten->peak_bytes >= peak);
+    FUZZ_CHECK(*rewritten == cache.get(key));
+}
+
+void check_temp_file_pid(std::string_view name) {
+    const pid_t pid = detail::temp_file_pid(name);
+    FUZZ_CHECK(pid >= 0);
+    if (pid == 0) return;
+    FUZZ_CHECK(name.size() >= 5 && name.front() == '.' && name.substr(name.size() - 4) == ".tmp");
+    // The name we write is always recognised.
+    const std::string ours = "." + detail::hex16(static_cast<std::uint64_t>(name.size())) + "." +
+                             std::to_string(pid) + ".7.tmp";
+    FUZZ_CHECK(detail::temp_file_pid(ours) == pid);
+}
+
+void check_round_trip(const std::uint8_t* data, std::size_t size) {
+    FuzzedDataProvider input(data, size);
+    Profile profile;
+    profile.peak_bytes = input.ConsumeIntegral<std::uint64_t>();
+    profile.peak_bytes_per_item = input.ConsumeIntegral<std::uint64_t>();
+    profile.batch_ceiling = input.ConsumeIntegral<std::uint64_t>();
+    profile.weight_budget = input.ConsumeIntegral<std::uint64_t>();
+    const std::string name = input.ConsumeRandomLengthString(256);
+    const std::string param = input.ConsumeRandomLengthString(64);
+    const std::string value = input.ConsumeRemainingBytesAsString();
+    const Key key = Key::of(name, {{param, value}});
+    const std::string text = detail::serialize_profile(key, profile);
+    std::string error;
+    const auto parsed = detail::parse_profile(text, key, &error);
+    if (!parsed) {
+        std::fprintf(stderr, "round trip rejected: %s\n", error.c_str());
+        violated("a serialized profile must parse back");
+    }
+    FUZZ_CHECK(*parsed == profile);
+    // Any other key's name on it is refused.
+    const Key other = Key::of(name + "x", {{param, value}});
+    if (other.hex() != key.hex()) FUZZ_CHECK(!detail::parse_profile(text, other));
+    // Cut short anywhere, it is refused (a torn write must never read as a record).
+    const std::size_t cut = profile.peak_bytes % text.size();
+    FUZZ_CHECK(!detail::parse_profile(std::string_view(text).substr(0, cut), key));
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+    if (size == 0) return 0;
+    const std::string_view payload(reinterpret_cast<const char*>(data + 1), size - 1);
+    switch (data[0] % 8) {
+        case 0: check_parse(payload, claimed_hex(payload)); break;
+        case 1: {
+            const std::string text = with_checksum(payload);
+            check_parse(text, claimed_hex(text));
+            break;
+        }
+        case 2: check_cache_overwrites(payload); break;
+        case 3: check_temp_file_pid(payload); break;
+        default: check_round_trip(data + 1, size - 1); break;
+    }
+    return 0;
+}
