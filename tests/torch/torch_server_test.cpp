@@ -32,7 +32,8 @@
 #include <vector>
 
 #ifndef VRAMGUARD_TORCH_SERVER_PATH
-#error "VRAMGUARD_TORCH_SERVER_PATH must name the torch_server binary (tests/CMakeLists.txt sets it)"
+#error \
+    "VRAMGUARD_TORCH_SERVER_PATH must name the torch_server binary (tests/CMakeLists.txt sets it)"
 #endif
 
 using json = nlohmann::json;
@@ -47,8 +48,8 @@ using Clock = std::chrono::steady_clock;
 class ServerProcess {
    public:
     explicit ServerProcess(std::vector<std::string> extra_args) {
-        std::vector<std::string> args = {VRAMGUARD_TORCH_SERVER_PATH, "--host", "127.0.0.1",
-                                         "--port", "0", "--threads", "8"};
+        std::vector<std::string> args = {
+            VRAMGUARD_TORCH_SERVER_PATH, "--host", "127.0.0.1", "--port", "0", "--threads", "8"};
         args.insert(args.end(), extra_args.begin(), extra_args.end());
         std::vector<char*> argv;
         for (auto& arg : args) argv.push_back(arg.data());
@@ -119,7 +120,8 @@ class ServerProcess {
         std::string line;
         const auto deadline = Clock::now() + timeout;
         for (;;) {
-            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+            const auto left =
+                std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
             if (left.count() <= 0) return "";
             pollfd fd{stdout_, POLLIN, 0};
             const int ready = ::poll(&fd, 1, static_cast<int>(left.count()));
@@ -168,7 +170,8 @@ struct Reply {
 
 Reply post(httplib::Client& client, const std::string& path, const std::string& body) {
     auto res = client.Post(path.c_str(), body, "application/json");
-    if (!res) throw std::runtime_error("POST " + path + " failed: " + httplib::to_string(res.error()));
+    if (!res)
+        throw std::runtime_error("POST " + path + " failed: " + httplib::to_string(res.error()));
     Reply reply;
     reply.status = res->status;
     reply.body = json::parse(res->body);
@@ -178,7 +181,8 @@ Reply post(httplib::Client& client, const std::string& path, const std::string& 
 
 Reply get(httplib::Client& client, const std::string& path) {
     auto res = client.Get(path.c_str());
-    if (!res) throw std::runtime_error("GET " + path + " failed: " + httplib::to_string(res.error()));
+    if (!res)
+        throw std::runtime_error("GET " + path + " failed: " + httplib::to_string(res.error()));
     return {res->status, json::parse(res->body), ""};
 }
 
@@ -205,7 +209,8 @@ float max_difference(const std::vector<float>& a, const std::vector<float>& b) {
 
 // Texts of very different lengths, so batches are padded.
 std::vector<std::string> text_pool() {
-    std::vector<std::string> pool = {"", "hello", "hello world", "The quick brown fox jumps over the lazy dog"};
+    std::vector<std::string> pool = {"", "hello", "hello world",
+                                     "The quick brown fox jumps over the lazy dog"};
     for (int i = 0; i < 12; ++i) {
         std::string text = "text " + std::to_string(i) + ":";
         for (int w = 0; w < (i * 7) % 40; ++w) text += " word" + std::to_string((w * 31 + i) % 97);
@@ -249,19 +254,27 @@ TEST(TorchServer, ConcurrentEncodesGiveUnitVectorsThatDoNotDependOnTheBatch) {
                     std::vector<std::string> texts;
                     const std::size_t count = 1 + static_cast<std::size_t>((t * 5 + r * 3) % 24);
                     for (std::size_t i = 0; i < count; ++i)
-                        texts.push_back(pool[(static_cast<std::size_t>(t) * 7 + r * 11 + i * 5) % pool.size()]);
+                        texts.push_back(
+                            pool[(static_cast<std::size_t>(t) * 7 + r * 11 + i * 5) % pool.size()]);
                     const Reply reply = encode(*client, texts);
-                    if (reply.status != 200) throw std::runtime_error("status " + std::to_string(reply.status) + ": " + reply.body.dump());
+                    if (reply.status != 200)
+                        throw std::runtime_error("status " + std::to_string(reply.status) + ": " +
+                                                 reply.body.dump());
                     const auto got = embeddings_of(reply);
                     if (got.size() != texts.size())
-                        throw std::runtime_error(std::to_string(got.size()) + " embeddings for " + std::to_string(texts.size()) + " texts");
-                    if (reply.body.at("batches").get<int>() < 1) throw std::runtime_error("no batch reported");
+                        throw std::runtime_error(std::to_string(got.size()) + " embeddings for " +
+                                                 std::to_string(texts.size()) + " texts");
+                    if (reply.body.at("batches").get<int>() < 1)
+                        throw std::runtime_error("no batch reported");
                     for (std::size_t i = 0; i < texts.size(); ++i) {
-                        if (std::fabs(norm(got[i]) - 1.0) > 1e-5) throw std::runtime_error("not unit norm: \"" + texts[i] + "\"");
+                        if (std::fabs(norm(got[i]) - 1.0) > 1e-5)
+                            throw std::runtime_error("not unit norm: \"" + texts[i] + "\"");
                         const float diff = max_difference(got[i], reference.at(texts[i]));
                         if (!(diff <= tolerance))
-                            throw std::runtime_error("text \"" + texts[i] + "\" in a batch of " + std::to_string(texts.size()) +
-                                                     " differs from its embedding alone by " + std::to_string(diff));
+                            throw std::runtime_error("text \"" + texts[i] + "\" in a batch of " +
+                                                     std::to_string(texts.size()) +
+                                                     " differs from its embedding alone by " +
+                                                     std::to_string(diff));
                         ++checked;
                     }
                 }
@@ -271,7 +284,8 @@ TEST(TorchServer, ConcurrentEncodesGiveUnitVectorsThatDoNotDependOnTheBatch) {
         });
     }
     for (auto& worker : workers) worker.join();
-    for (int t = 0; t < threads; ++t) EXPECT_EQ(failures[static_cast<std::size_t>(t)], "") << "thread " << t;
+    for (int t = 0; t < threads; ++t)
+        EXPECT_EQ(failures[static_cast<std::size_t>(t)], "") << "thread " << t;
     EXPECT_GT(checked.load(), threads * requests_per_thread);
 
     auto client = server.client();
@@ -292,8 +306,9 @@ TEST(TorchServer, EmptyListIsOkAndBadInputIs400) {
     EXPECT_EQ(empty.body["embeddings"], json::array());
     EXPECT_EQ(empty.body["dim"].get<int>(), 64);
 
-    for (const std::string body : {"{\"texts\": [\"a\"", "not json", "[\"a\"]", "{\"text\": [\"a\"]}",
-                                   "{\"texts\": \"a\"}", "{\"texts\": [\"a\", 3]}", "{\"texts\": [null]}"}) {
+    for (const std::string body :
+         {"{\"texts\": [\"a\"", "not json", "[\"a\"]", "{\"text\": [\"a\"]}", "{\"texts\": \"a\"}",
+          "{\"texts\": [\"a\", 3]}", "{\"texts\": [null]}"}) {
         const Reply reply = post(*client, "/encode", body);
         EXPECT_EQ(reply.status, 400) << body;
         EXPECT_TRUE(reply.body.contains("error")) << body;
@@ -329,7 +344,8 @@ TEST(TorchServer, StatusReportsModelDeviceLearningAndCounters) {
     EXPECT_EQ(before["encode"]["key"].get<std::string>().size(), 16u);
     EXPECT_TRUE(before["encode"].contains("learned_batch_ceiling"));
     EXPECT_TRUE(before["encode"].contains("learned_weight_budget"));
-    for (const char* counter : {"calls", "ooms", "retries", "halvings", "single_item_calls", "rejections", "waits"})
+    for (const char* counter :
+         {"calls", "ooms", "retries", "halvings", "single_item_calls", "rejections", "waits"})
         EXPECT_TRUE(before["guard"].contains(counter)) << counter;
     EXPECT_EQ(before["guard"]["calls"].get<int>(), 0);
 
@@ -438,7 +454,8 @@ TEST(TorchServer, BatchesShrinkOnOomAndAnItemTooLargeAloneIs413) {
 
     // 12 texts of 3 tokens (the start token and two words): 36 padded tokens in one batch.
     std::vector<std::string> texts;
-    for (int i = 0; i < 12; ++i) texts.push_back("word" + std::to_string(i) + " other" + std::to_string(i));
+    for (int i = 0; i < 12; ++i)
+        texts.push_back("word" + std::to_string(i) + " other" + std::to_string(i));
     const Reply batched = encode(*client, texts);
     ASSERT_EQ(batched.status, 200) << batched.body.dump();
     EXPECT_GT(batched.body["batches"].get<int>(), 1);

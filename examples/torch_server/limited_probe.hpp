@@ -1,0 +1,85 @@
+// SPDX-License-Identifier: MIT
+// A probe that reports a smaller device than the real one: `--memory-limit-bytes`.
+//
+// For demos and tests of admission on a machine whose real memory is plentiful (or unknown): the
+// server then behaves as if it had `limit` bytes in all, of which what it has used since it
+// started is gone. "Used since it started" is the drop in the real probe's free bytes, except on
+// the host, where it is this process's resident growth (MemAvailable moves with every other
+// process on the machine). With no limit the readings pass through unchanged.
+#pragma once
+
+#include <vramguard/memory.hpp>
+#include <vramguard/system_memory.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <type_traits>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+namespace torch_server {
+
+// Resident bytes of this process (/proc/self/statm), 0 where unreadable.
+inline std::uint64_t resident_bytes() {
+    std::string text;
+    if (!vramguard::detail::host::read_file("/proc/self/statm", text)) return 0;
+    const std::size_t space = text.find(' ');
+    if (space == std::string::npos) return 0;
+    const auto pages = vramguard::detail::host::parse_u64(std::string_view(text).substr(space + 1));
+    return pages.value_or(0) * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+}
+
+template <class Inner>
+class LimitedProbe {
+   public:
+    LimitedProbe(Inner& inner, std::optional<std::uint64_t> limit)
+        : inner_(inner), limit_(limit), baseline_(limit ? usage_mark() : 0) {}
+
+    LimitedProbe(const LimitedProbe&) = delete;
+    LimitedProbe& operator=(const LimitedProbe&) = delete;
+
+    vramguard::MemoryInfo memory() const {
+        vramguard::MemoryInfo real = inner_.memory();
+        if (!limit_) return real;
+        const std::uint64_t total = std::min(real.total_bytes, *limit_);
+        const std::uint64_t used = used_since_start(real);
+        const std::uint64_t left = total > used ? total - used : 0;
+        return {std::min(real.free_bytes, left), total};
+    }
+    void release_cached() { inner_.release_cached(); }
+    void reset_peak() { inner_.reset_peak(); }
+    std::uint64_t peak_bytes() const { return inner_.peak_bytes(); }
+    // The real device's identity: guards on the same device share its single-item semaphore.
+    std::string device_key() const { return inner_.device_key(); }
+
+    std::optional<std::uint64_t> limit() const noexcept { return limit_; }
+    Inner& inner() noexcept { return inner_; }
+
+   private:
+    static constexpr bool on_host = std::is_base_of_v<vramguard::SystemMemoryProbe, Inner>;
+
+    // Resident bytes on the host; the real probe's free bytes on a device.
+    std::uint64_t usage_mark() const {
+        if constexpr (on_host)
+            return resident_bytes();
+        else
+            return inner_.memory().free_bytes;
+    }
+    std::uint64_t used_since_start(const vramguard::MemoryInfo& real) const {
+        if constexpr (on_host) {
+            const std::uint64_t now = resident_bytes();
+            return now > baseline_ ? now - baseline_ : 0;
+        } else {
+            return baseline_ > real.free_bytes ? baseline_ - real.free_bytes : 0;
+        }
+    }
+
+    Inner& inner_;
+    std::optional<std::uint64_t> limit_;
+    std::uint64_t baseline_;
+};
+
+}  // namespace torch_server
