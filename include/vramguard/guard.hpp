@@ -440,16 +440,7 @@ class Guard {
                 }
             } catch (...) {
                 const std::exception_ptr error = std::current_exception();
-                const OomKind kind = classify_oom(error);
-                if (kind == OomKind::none) throw;  // not ours: untouched, never retried
-                stats_.bump(stats_.ooms);
-                if (kind == OomKind::driver) {
-                    log(Level::warn, "load " + key.describe() + ": driver-level out of memory (" +
-                                         describe(error) +
-                                         "); the CUDA context may be unusable, so it is not retried");
-                    throw;
-                }
-                probe_.release_cached();
+                take_oom_or_rethrow(error, "load", key);
                 admitted.hold.reset();
                 const std::uint64_t required = admitted.requirement.bytes;
                 if (attempt >= options_.load_attempts ||
@@ -474,6 +465,22 @@ class Guard {
                 wait_for_memory(required, options_.retry_delay, admitted.memory.free_bytes);
             }
         }
+    }
+
+    // The first answer to anything the caller's work throws (inside a catch block): not an OOM
+    // -> rethrown untouched, never retried; a driver-level OOM -> counted, logged, rethrown (the
+    // CUDA context may be unusable); an allocator OOM -> counted, the cache emptied, and the
+    // caller goes on to retry.
+    void take_oom_or_rethrow(const std::exception_ptr& error, const char* what, const Key& key) {
+        const OomKind kind = classify_oom(error);
+        if (kind == OomKind::none) std::rethrow_exception(error);
+        stats_.bump(stats_.ooms);
+        if (kind == OomKind::driver) {
+            log(Level::warn, std::string(what) + " " + key.describe() + ": driver-level out of memory (" +
+                                 describe(error) + "); the CUDA context may be unusable, so it is not retried");
+            std::rethrow_exception(error);
+        }
+        probe_.release_cached();
     }
 
     // An allocation larger than the whole device never succeeds: retrying it only wastes time.
@@ -673,16 +680,7 @@ class Guard {
                 }
             } catch (...) {
                 const std::exception_ptr error = std::current_exception();
-                const OomKind kind = classify_oom(error);
-                if (kind == OomKind::none) throw;  // not ours: untouched, never retried
-                stats_.bump(stats_.ooms);
-                if (kind == OomKind::driver) {
-                    log(Level::warn, "encode " + key.describe() + ": driver-level out of memory (" +
-                                         describe(error) +
-                                         "); the CUDA context may be unusable, so it is not retried");
-                    throw;
-                }
-                probe_.release_cached();
+                take_oom_or_rethrow(error, "encode", key);
                 // The message's "free" is the driver's view at the failure; what this process can
                 // use now, with its cache emptied, is the probe's reading.
                 const MemoryInfo after = probe_.memory();

@@ -24,6 +24,7 @@
 #pragma once
 
 #include <vramguard/coordinator.hpp>
+#include <vramguard/detail/text_record.hpp>
 #include <vramguard/key.hpp>
 #include <vramguard/log.hpp>
 #include <vramguard/memory.hpp>
@@ -173,15 +174,6 @@ inline std::uint64_t ledger_device_hash(std::string_view device_identity) noexce
     return fnv1a64_string(device_identity, fnv1a64("vramguard-ledger-v1"));
 }
 
-inline bool parse_hex16_u64(std::string_view text, std::uint64_t& out) noexcept {
-    if (!is_hex16(text)) return false;
-    std::uint64_t value = 0;
-    for (const char c : text)
-        value = (value << 4) | static_cast<std::uint64_t>(c <= '9' ? c - '0' : c - 'a' + 10);
-    out = value;
-    return true;
-}
-
 inline bool is_boot_id(std::string_view text) noexcept {
     if (text == "-") return true;
     if (text.empty() || text.size() > 64) return false;
@@ -206,8 +198,7 @@ inline std::string serialize_ledger(const LedgerState& state) {
         for (const std::uint64_t number : numbers) text.append(" ").append(std::to_string(number));
         text.append("\n");
     }
-    const std::string checksum = hex16(fnv1a64(text));
-    text.append("checksum ").append(checksum).append("\n");
+    append_checksum_line(text);
     return text;
 }
 
@@ -215,53 +206,36 @@ inline std::string serialize_ledger(const LedgerState& state) {
 // is not exactly such a file: arbitrary bytes are safe input (this is the fuzzing entry point).
 inline std::optional<LedgerState> parse_ledger(std::string_view text,
                                                std::string* error = nullptr) {
-    const auto fail = [error](const char* reason) -> std::optional<LedgerState> {
-        if (error) *error = reason;
-        return std::nullopt;
-    };
+    const auto fail = [error](const char* reason) { return parse_failure(error, reason); };
     if (text.size() > max_ledger_file_bytes) return fail("file is too large");
-    std::size_t position = 0;
-    const auto next_line = [&](std::string_view& line) {
-        const std::size_t end = text.find('\n', position);
-        if (end == std::string_view::npos) return false;
-        line = text.substr(position, end - position);
-        position = end + 1;
-        return true;
-    };
-    // "<name> <value>": the value after exactly one space.
-    const auto value_of = [](std::string_view line, std::string_view name,
-                             std::string_view& value) {
-        if (line.size() <= name.size() || line.substr(0, name.size()) != name ||
-            line[name.size()] != ' ')
-            return false;
-        value = line.substr(name.size() + 1);
-        return true;
-    };
+    LineReader lines(text);
 
     std::string_view line, value;
-    if (!next_line(line)) return fail("file is truncated");
+    if (!lines.next(line)) return fail("file is truncated");
     if (line != ledger_magic) {
         if (line.substr(0, 17) == "vramguard-ledger ") return fail("unsupported format version");
         return fail("not a vramguard ledger (bad first line)");
     }
     LedgerState state;
-    if (!next_line(line) || !value_of(line, "device", value) ||
-        !parse_hex16_u64(value, state.device))
+    if (!lines.next_field("device", value) || !parse_hex16_u64(value, state.device))
         return fail("truncated or malformed device line");
-    if (!next_line(line) || !value_of(line, "boot", value) || !is_boot_id(value))
+    if (!lines.next_field("boot", value) || !is_boot_id(value))
         return fail("truncated or malformed boot line");
     state.boot = std::string(value);
     for (;;) {
-        const std::size_t line_start = position;
-        if (!next_line(line)) return fail("file is truncated (no checksum line)");
-        if (value_of(line, "checksum", value)) {
-            if (!is_hex16(value)) return fail("malformed checksum line");
-            if (position != text.size()) return fail("unexpected bytes after the checksum line");
-            if (value != hex16(fnv1a64(text.substr(0, line_start))))
-                return fail("checksum mismatch (damaged, cut short or hand-edited)");
-            return state;
+        const std::size_t line_start = lines.position();
+        if (!lines.next(line)) return fail("file is truncated (no checksum line)");
+        if (field_value(line, "checksum", value)) {
+            switch (check_checksum_line(lines, line_start, value)) {
+                case ChecksumLine::ok: return state;
+                case ChecksumLine::malformed: return fail("malformed checksum line");
+                case ChecksumLine::not_last:
+                    return fail("unexpected bytes after the checksum line");
+                case ChecksumLine::mismatch:
+                    return fail("checksum mismatch (damaged, cut short or hand-edited)");
+            }
         }
-        if (!value_of(line, "reservation", value)) return fail("unexpected line");
+        if (!field_value(line, "reservation", value)) return fail("unexpected line");
         if (state.entries.size() >= max_ledger_entries) return fail("too many reservations");
         LedgerEntry entry;
         std::uint64_t pid = 0;

@@ -11,6 +11,7 @@
 //    memory-only with one warning, and a damaged file is ignored with one warning and rewritten.
 #pragma once
 
+#include <vramguard/detail/text_record.hpp>
 #include <vramguard/key.hpp>
 #include <vramguard/log.hpp>
 #include <vramguard/version.hpp>
@@ -82,30 +83,8 @@ inline std::string serialize_profile(const Key& key, const Profile& profile) {
     text.append("\n");
     text.append("batch_ceiling ").append(std::to_string(profile.batch_ceiling)).append("\n");
     text.append("weight_budget ").append(std::to_string(profile.weight_budget)).append("\n");
-    const std::string checksum = hex16(fnv1a64(text));  // of every byte before its own line
-    text.append("checksum ").append(checksum).append("\n");
+    append_checksum_line(text);
     return text;
-}
-
-// Canonical decimal only: digits, no sign, no leading zero, no overflow.
-inline bool parse_decimal_u64(std::string_view text, std::uint64_t& out) noexcept {
-    if (text.empty() || text.size() > 20 || (text.size() > 1 && text[0] == '0')) return false;
-    std::uint64_t value = 0;
-    for (const char c : text) {
-        if (c < '0' || c > '9') return false;
-        const auto digit = static_cast<std::uint64_t>(c - '0');
-        if (value > (UINT64_MAX - digit) / 10) return false;
-        value = value * 10 + digit;
-    }
-    out = value;
-    return true;
-}
-
-inline bool is_hex16(std::string_view text) noexcept {
-    if (text.size() != 16) return false;
-    for (const char c : text)
-        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
-    return true;
 }
 
 // Parses a profile file written for the key whose hex() is `expected_hex`. Returns nothing, with
@@ -113,33 +92,14 @@ inline bool is_hex16(std::string_view text) noexcept {
 // are safe input (this is the fuzzing entry point).
 inline std::optional<Profile> parse_profile(std::string_view text, std::string_view expected_hex,
                                             std::string* error = nullptr) {
-    const auto fail = [error](std::string reason) -> std::optional<Profile> {
-        if (error) *error = std::move(reason);
-        return std::nullopt;
+    const auto fail = [error](std::string reason) {
+        return parse_failure(error, std::move(reason));
     };
     if (text.size() > max_profile_file_bytes) return fail("file is too large");
-    std::size_t position = 0;
-    // The next '\n'-terminated line; a missing '\n' means the file was cut short.
-    const auto next_line = [&](std::string_view& line) {
-        const std::size_t end = text.find('\n', position);
-        if (end == std::string_view::npos) return false;
-        line = text.substr(position, end - position);
-        position = end + 1;
-        return true;
-    };
-    // "<field> <value>" with exactly the expected field name.
-    const auto field = [&](std::string_view name, std::string_view& value) {
-        std::string_view line;
-        if (!next_line(line)) return false;
-        if (line.size() <= name.size() || line.substr(0, name.size()) != name ||
-            line[name.size()] != ' ')
-            return false;
-        value = line.substr(name.size() + 1);
-        return true;
-    };
+    LineReader lines(text);
 
     std::string_view line;
-    if (!next_line(line)) return fail("file is empty or truncated");
+    if (!lines.next(line)) return fail("file is empty or truncated");
     if (line != profile_magic) {
         if (line.substr(0, 18) == "vramguard-profile ")
             return fail("unsupported format version (expected \"" + std::string(profile_magic) +
@@ -147,8 +107,9 @@ inline std::optional<Profile> parse_profile(std::string_view text, std::string_v
         return fail("not a vramguard profile (bad first line)");
     }
     std::string_view hex, label, checksum;
-    if (!field("key", hex) || !is_hex16(hex)) return fail("truncated or malformed key line");
-    if (!field("label", label)) return fail("truncated or malformed label line");
+    if (!lines.next_field("key", hex) || !is_hex16(hex))
+        return fail("truncated or malformed key line");
+    if (!lines.next_field("label", label)) return fail("truncated or malformed label line");
     Profile profile;
     const std::pair<std::string_view, std::uint64_t*> numbers[] = {
         {"peak_bytes", &profile.peak_bytes},
@@ -158,15 +119,18 @@ inline std::optional<Profile> parse_profile(std::string_view text, std::string_v
     };
     for (const auto& number : numbers) {
         std::string_view digits;
-        if (!field(number.first, digits) || !parse_decimal_u64(digits, *number.second))
+        if (!lines.next_field(number.first, digits) || !parse_decimal_u64(digits, *number.second))
             return fail("truncated or malformed " + std::string(number.first) + " line");
     }
-    const std::size_t checked_bytes = position;
-    if (!field("checksum", checksum) || !is_hex16(checksum))
+    const std::size_t checked_bytes = lines.position();
+    if (!lines.next_field("checksum", checksum))
         return fail("truncated or malformed checksum line");
-    if (position != text.size()) return fail("unexpected bytes after the checksum line");
-    if (checksum != hex16(fnv1a64(text.substr(0, checked_bytes))))
-        return fail("checksum mismatch (damaged or hand-edited file)");
+    switch (check_checksum_line(lines, checked_bytes, checksum)) {
+        case ChecksumLine::ok: break;
+        case ChecksumLine::malformed: return fail("truncated or malformed checksum line");
+        case ChecksumLine::not_last: return fail("unexpected bytes after the checksum line");
+        case ChecksumLine::mismatch: return fail("checksum mismatch (damaged or hand-edited file)");
+    }
     if (hex != expected_hex) return fail("file belongs to key " + std::string(hex));
     return profile;
 }

@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "fork_child.hpp"
 #include "guard_fixture.hpp"
 
 #include <sys/resource.h>
@@ -38,42 +39,6 @@ using vramguard_test::CapturedLog;
 using vramguard_test::test_options;
 
 namespace {
-
-// Runs `body` in a forked child; returns what it reported ("" = all well) or how it died.
-std::string in_child(const std::function<std::string()>& body) {
-    int fds[2];
-    if (::pipe(fds) != 0) return std::string("pipe: ") + std::strerror(errno);
-    const pid_t pid = ::fork();
-    if (pid < 0) return std::string("fork: ") + std::strerror(errno);
-    if (pid == 0) {
-        ::close(fds[0]);
-        std::string report;
-        try {
-            report = body();
-        } catch (const std::exception& e) {
-            report = std::string("exception: ") + e.what();
-        } catch (...) {
-            report = "unknown exception";
-        }
-        if (!report.empty() && ::write(fds[1], report.data(), report.size()) < 0) _exit(3);
-        // _exit: no atexit handlers or static destructors of the runner's copy in the child.
-        _exit(report.empty() ? 0 : 1);
-    }
-    ::close(fds[1]);
-    std::string report;
-    char buffer[4096];
-    ssize_t n;
-    while ((n = ::read(fds[0], buffer, sizeof buffer)) > 0)
-        report.append(buffer, static_cast<std::size_t>(n));
-    ::close(fds[0]);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    if (WIFSIGNALED(status))
-        return "child killed by signal " + std::to_string(WTERMSIG(status)) + ": " + report;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        return report.empty() ? "child failed without a report" : report;
-    return report;
-}
 
 std::uint64_t virtual_size() {
     std::ifstream statm("/proc/self/statm");
@@ -119,7 +84,7 @@ struct Encoder {
 }  // namespace
 
 TEST(TorchRealOom, EncodeHalvesUnderRlimitAndMatchesSingleItemResultsBitForBit) {
-    const std::string report = in_child([]() -> std::string {
+    const std::string report = vramguard_test::run_in_child([]() -> std::string {
         ::at::set_num_threads(1);
         // oneDNN JIT-compiles a kernel for every new shape (GELU goes through it), and its code
         // generator crashes instead of throwing when mmap fails under RLIMIT_AS. This test is
@@ -180,7 +145,7 @@ TEST(TorchRealOom, EncodeHalvesUnderRlimitAndMatchesSingleItemResultsBitForBit) 
 }
 
 TEST(TorchRealOom, LoadFailsForRealThenSucceedsOnceMemoryIsReleased) {
-    const std::string report = in_child([]() -> std::string {
+    const std::string report = vramguard_test::run_in_child([]() -> std::string {
         ::at::set_num_threads(1);
         // Warm up the module code path before the limit.
         static_cast<void>(::torch::nn::Linear(::torch::nn::LinearOptions(16, 16)));

@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include "fork_child.hpp"
 #include "guard_fixture.hpp"
 #include "shared_device.hpp"
 #include "temp_dir.hpp"
@@ -36,43 +37,13 @@ using namespace vramguard::literals;
 using namespace std::chrono_literals;
 using vramguard_test::CapturedLog;
 using vramguard_test::SharedBudget;
+using vramguard_test::spawn_child;
 using vramguard_test::TempDir;
+using vramguard_test::wait_child;
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-// Runs `body` in a child process, which exits with body's return value (97 when it throws) and
-// never returns into the test framework.
-pid_t spawn(const std::function<int()>& body) {
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-        int code = 97;
-        try {
-            code = body();
-        } catch (...) {
-        }
-        ::_exit(code);
-    }
-    return pid;
-}
-
-// The child's exit status; -1 when it died of a signal or had to be killed after `timeout`.
-int wait_child(pid_t pid, std::chrono::milliseconds timeout = 20s) {
-    const auto deadline = Clock::now() + timeout;
-    int status = 0;
-    for (;;) {
-        const pid_t done = ::waitpid(pid, &status, WNOHANG);
-        if (done == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-        if (done < 0) return -1;
-        if (Clock::now() >= deadline) {
-            ::kill(pid, SIGKILL);
-            ::waitpid(pid, &status, 0);
-            return -1;
-        }
-        std::this_thread::sleep_for(2ms);
-    }
-}
 
 // A pipe; both ends close with it.
 struct Pipe {
@@ -186,7 +157,7 @@ class HostLedgerTest : public ::testing::Test {
         Pipe ready, go;
         std::vector<pid_t> children;
         for (int i = 0; i < workers; ++i) {
-            children.push_back(spawn([&, i] {
+            children.push_back(spawn_child([&, i] {
                 go.close_write();
                 ready.send();
                 if (!go.wait_closed()) return 3;
@@ -258,7 +229,7 @@ TEST_F(HostLedgerTest, AReservationOfAKilledWorkerIsPrunedEvenBeforeItIsReaped) 
     auto ledger = open_ledger();
     const MemoryInfo seen{10_GiB, 16_GiB};
     Pipe reserved;
-    const pid_t child = spawn([&] {
+    const pid_t child = spawn_child([&] {
         auto decision = ledger->try_reserve(8_GiB, 1_GiB, seen);
         if (!decision.hold) return 1;
         reserved.send();
@@ -292,7 +263,7 @@ TEST_F(HostLedgerTest, TheSingleItemLockOfAKilledWorkerIsFreedByTheKernel) {
     options.single_item_timeout = 200ms;
     auto ledger = HostLedger::open("sim-gpu-0", options);
     Pipe locked;
-    const pid_t child = spawn([&] {
+    const pid_t child = spawn_child([&] {
         auto lock = ledger->lock_single_item();
         if (!lock) return 1;
         locked.send();
@@ -324,7 +295,7 @@ TEST_F(HostLedgerTest, TheSingleItemLockExcludesOtherProcessesAndIsHandedOver) {
     Shared<std::atomic<int>> overlaps;
     std::vector<pid_t> children;
     for (int i = 0; i < 4; ++i) {
-        children.push_back(spawn([&] {
+        children.push_back(spawn_child([&] {
             for (int n = 0; n < 50; ++n) {
                 auto lock = ledger->lock_single_item();
                 if (!lock) return 1;
@@ -346,7 +317,7 @@ TEST_F(HostLedgerTest, AWorkerRunningSingleItemsBackToBackCannotStarveAWaiter) {
     auto ledger = HostLedger::open("sim-gpu-0", options);
     Pipe started;
     Shared<std::atomic<int>> stop;
-    const pid_t child = spawn([&] {
+    const pid_t child = spawn_child([&] {
         bool told = false;
         const auto deadline = Clock::now() + 10s;
         while (!stop->load() && Clock::now() < deadline) {
@@ -375,7 +346,7 @@ TEST_F(HostLedgerTest, HundredsOfCyclesAcrossProcessesLeaveAnEmptyValidLedger) {
     const MemoryInfo seen{1024_GiB, 1024_GiB};
     std::vector<pid_t> children;
     for (int i = 0; i < 4; ++i) {
-        children.push_back(spawn([&] {
+        children.push_back(spawn_child([&] {
             for (int n = 0; n < 150; ++n) {
                 auto decision = ledger->try_reserve(1_GiB, 0, seen);
                 if (!decision.hold) return 1;
@@ -533,7 +504,7 @@ TEST_F(HostLedgerTest, AGuardRefusesALoadAnotherProcessHasReserved) {
     const Key key = Key::of("model", {});
 
     Pipe reserved, release;
-    const pid_t child = spawn([&] {
+    const pid_t child = spawn_child([&] {
         release.close_write();
         auto decision = ledger->try_reserve(7_GiB, 0, device.memory());
         if (!decision.hold) return 1;
@@ -586,7 +557,7 @@ PreforkOutcome run_prefork(bool host_mode, const std::string& directory) {
     Pipe ready, go;
     std::vector<pid_t> children;
     for (int i = 0; i < workers; ++i) {
-        children.push_back(spawn([&] {
+        children.push_back(spawn_child([&] {
             go.close_write();
             SharedBudget::Probe probe(budget);
             Options options;
@@ -702,7 +673,7 @@ TEST_F(HostLedgerTest, AHoldInheritedByAForkedChildIsNotReleasedByIt) {
     auto ledger = open_ledger();
     auto decision = ledger->try_reserve(3_GiB, 0, MemoryInfo{10_GiB, 16_GiB});
     ASSERT_TRUE(decision.hold);
-    const pid_t child = spawn([&] {
+    const pid_t child = spawn_child([&] {
         decision.hold.reset();  // the child's copy of the parent's hold
         return 0;
     });

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include "fork_child.hpp"
 #include "temp_dir.hpp"
 
 #include <sys/resource.h>
@@ -27,6 +28,7 @@ using vramguard::MiB;
 using vramguard::SystemMemoryProbe;
 using vramguard::SystemMemoryReading;
 using vramguard::SystemMemorySources;
+using vramguard_test::run_in_child;
 
 namespace {
 
@@ -68,41 +70,6 @@ std::string kib(std::uint64_t bytes) { return std::to_string(bytes / 1024) + " k
 std::string meminfo(std::uint64_t total, std::uint64_t available) {
     return "MemTotal:       " + kib(total) + "\nMemFree:        " + kib(available / 2) +
            "\nMemAvailable:   " + kib(available) + "\nBuffers:        0 kB\n";
-}
-
-// Runs `body` in a forked child; returns what it reported ("" = all well) or why it died.
-std::string in_child(const std::function<std::string()>& body) {
-    int fds[2];
-    if (::pipe(fds) != 0) return std::string("pipe: ") + std::strerror(errno);
-    const pid_t pid = ::fork();
-    if (pid < 0) return std::string("fork: ") + std::strerror(errno);
-    if (pid == 0) {
-        ::close(fds[0]);
-        std::string report;
-        try {
-            report = body();
-        } catch (const std::exception& e) {
-            report = std::string("exception: ") + e.what();
-        } catch (...) {
-            report = "unknown exception";
-        }
-        if (!report.empty() && ::write(fds[1], report.data(), report.size()) < 0) _exit(3);
-        _exit(report.empty() ? 0 : 1);
-    }
-    ::close(fds[1]);
-    std::string report;
-    char buffer[512];
-    ssize_t n;
-    while ((n = ::read(fds[0], buffer, sizeof buffer)) > 0)
-        report.append(buffer, static_cast<std::size_t>(n));
-    ::close(fds[0]);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    if (WIFSIGNALED(status))
-        return "child killed by signal " + std::to_string(WTERMSIG(status)) + " " + report;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        return report.empty() ? "child failed without a report" : report;
-    return report;
 }
 
 std::uint64_t virtual_size() {
@@ -257,7 +224,7 @@ TEST(SystemMemoryProbe, RlimitAsBoundsFreeMemoryInAChild) {
 #if !defined(__linux__)
     GTEST_SKIP() << "reads /proc/self/statm";
 #endif
-    const std::string report = in_child([]() -> std::string {
+    const std::string report = run_in_child([]() -> std::string {
         constexpr std::uint64_t headroom = 64 * MiB;
         const std::uint64_t limit = virtual_size() + headroom;
         struct rlimit rl {};
