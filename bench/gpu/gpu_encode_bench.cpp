@@ -1,0 +1,404 @@
+// SPDX-License-Identifier: MIT
+// Real GPU: a LibTorch transformer encoder on a skewed stream under a memory cap (the caching
+// allocator's memory fraction), run with
+//   vramguard            Guard::encode, count-based
+//   vramguard-weighted   Guard::encode with item weights (tokens)
+//   fixed-conservative   one batch size safe for a batch of the longest items
+//   fixed-best           the best of a sweep of fixed sizes (hand-tuned: it saw the stream first)
+// Every batch is padded to its longest item, as encoders do. Wall-clock items per second, OOMs, and
+// the ratio to fixed-best, as JSON (--out=PATH, default stdout). bench/gpu/run_gpu_bench.sh runs
+// this and bench/gpu/accelerate_baseline.py (the same model and stream in PyTorch with accelerate's
+// find_executable_batch_size) in one command.
+//
+// Builds against any LibTorch (CPU-only included); the GPU part needs a CUDA LibTorch
+// (VRAMGUARD_BENCH_TORCH_CUDA, set by bench/CMakeLists.txt when LibTorch has c10_cuda) and a GPU.
+// Without one it says so and exits 0; --cpu-smoke runs a tiny configuration on the CPU (no cap, no
+// OOM) to check that everything runs end to end.
+//
+// Flags: --calls=N (200) --layers=N (4) --d-model=N (512) --heads=N (8) --fraction=F (0.25)
+//        --seed=N --out=PATH --cpu-smoke
+
+#include <vramguard/vramguard.hpp>
+
+#include <torch/torch.h>
+
+#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <cuda_runtime_api.h>
+#endif
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Config {
+    std::size_t calls = 200;
+    std::size_t min_call = 64, max_call = 256;
+    std::int64_t short_min = 16, short_max = 128, long_factor = 10;
+    unsigned long_percent = 5;
+    std::int64_t layers = 4, d_model = 512, heads = 8, vocab = 30522;
+    double fraction = 0.25;
+    std::uint64_t seed = 0x5eed;
+    std::string out;
+    bool cpu_smoke = false;
+};
+
+// The same generator as bench/cost_model.hpp and accelerate_baseline.py.
+struct SplitMix64 {
+    std::uint64_t state;
+    std::uint64_t next() {
+        std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    std::uint64_t between(std::uint64_t lo, std::uint64_t hi) {
+        return lo + next() % (hi - lo + 1);
+    }
+};
+
+struct Stream {
+    std::vector<std::int64_t> lengths;
+    std::vector<std::size_t> call_begin;
+};
+
+Stream make_stream(const Config& c) {
+    Stream s;
+    SplitMix64 rng{c.seed};
+    s.call_begin.push_back(0);
+    for (std::size_t call = 0; call < c.calls; ++call) {
+        const std::size_t n = rng.between(c.min_call, c.max_call);
+        for (std::size_t i = 0; i < n; ++i) {
+            auto length = static_cast<std::int64_t>(rng.between(c.short_min, c.short_max));
+            if (rng.between(1, 100) <= c.long_percent) length *= c.long_factor;
+            s.lengths.push_back(length);
+        }
+        s.call_begin.push_back(s.lengths.size());
+    }
+    return s;
+}
+
+struct EncoderImpl : torch::nn::Module {
+    EncoderImpl(const Config& c)
+        : embed(register_module("embed", torch::nn::Embedding(c.vocab, c.d_model))),
+          encoder(register_module(
+              "encoder",
+              torch::nn::TransformerEncoder(torch::nn::TransformerEncoderOptions(
+                  torch::nn::TransformerEncoderLayerOptions(c.d_model, c.heads), c.layers)))) {}
+    // tokens [batch, len], mask [batch, len] (true = padding) -> [batch, d_model] (mean of tokens)
+    torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& padding) {
+        auto x = embed(tokens).transpose(0, 1);  // [len, batch, d]
+        x = encoder->forward(x, /*src_mask=*/torch::Tensor(), /*src_key_padding_mask=*/padding)
+                .transpose(0, 1);
+        auto keep = (~padding).unsqueeze(-1).to(x.dtype());
+        return (x * keep).sum(1) / keep.sum(1).clamp_min(1);
+    }
+    torch::nn::Embedding embed;
+    torch::nn::TransformerEncoder encoder;
+};
+TORCH_MODULE(Encoder);
+
+#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+// This process's view under a memory-fraction cap: what the driver has free plus what the caching
+// allocator holds unused, but never more than the cap leaves. (cudaMemGetInfo alone ignores the
+// cap and the cache; allocator stats alone ignore other processes.)
+struct CappedTorchProbe {
+    int device = 0;
+    double fraction = 1.0;
+    vramguard::MemoryInfo memory() const {
+        std::size_t free = 0, total = 0;
+        cudaMemGetInfo(&free, &total);
+        const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+        const auto reserved = static_cast<std::uint64_t>(stats.reserved_bytes[0].current);
+        const auto allocated = static_cast<std::uint64_t>(stats.allocated_bytes[0].current);
+        const auto cap = static_cast<std::uint64_t>(fraction * static_cast<double>(total));
+        const std::uint64_t driver_view = free + (reserved > allocated ? reserved - allocated : 0);
+        const std::uint64_t cap_view = cap > allocated ? cap - allocated : 0;
+        return {std::min(driver_view, cap_view), cap};
+    }
+    void release_cached() { c10::cuda::CUDACachingAllocator::emptyCache(); }
+    void reset_peak() { c10::cuda::CUDACachingAllocator::resetPeakStats(device); }
+    std::uint64_t peak_bytes() const {
+        return static_cast<std::uint64_t>(
+            c10::cuda::CUDACachingAllocator::getDeviceStats(device).reserved_bytes[0].peak);
+    }
+};
+using Probe = CappedTorchProbe;
+#else
+// CPU smoke test: a probe that always has room.
+struct Probe {
+    vramguard::MemoryInfo memory() const { return {64ull << 30, 64ull << 30}; }
+    void release_cached() {}
+};
+#endif
+
+struct Runner {
+    const Config& config;
+    const Stream& stream;
+    Encoder model;
+    torch::Device device;
+    std::uint64_t ooms = 0, batches = 0;
+
+    // One padded batch of items [first, last).
+    void run_batch(std::size_t first, std::size_t last) {
+        std::int64_t longest = 0;
+        for (std::size_t i = first; i < last; ++i) longest = std::max(longest, stream.lengths[i]);
+        const auto n = static_cast<std::int64_t>(last - first);
+        auto lengths = torch::from_blob(const_cast<std::int64_t*>(stream.lengths.data() + first),
+                                        {n}, torch::kInt64)
+                           .to(device);
+        auto positions =
+            torch::arange(longest, torch::TensorOptions().dtype(torch::kInt64).device(device));
+        auto padding = positions.unsqueeze(0) >= lengths.unsqueeze(1);
+        auto tokens = torch::randint(1, config.vocab, {n, longest},
+                                     torch::TensorOptions().dtype(torch::kInt64).device(device));
+        ++batches;
+        torch::NoGradGuard no_grad;
+        auto out = model->forward(tokens, padding).to(torch::kCPU);  // results leave the device
+        (void)out;
+    }
+    bool is_oom(const std::exception& e) {
+        return vramguard::is_oom(std::make_exception_ptr(std::runtime_error(e.what())));
+    }
+
+    // Fixed size: on OOM, split the chunk (and count it).
+    void run_fixed(std::size_t first, std::size_t last) {
+        try {
+            run_batch(first, last);
+        } catch (const c10::Error& e) {
+            if (!is_oom(e) || last - first == 1) throw;
+            ++ooms;
+#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+            c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+            const std::size_t mid = first + (last - first) / 2;
+            run_fixed(first, mid);
+            run_fixed(mid, last);
+        }
+    }
+};
+
+struct Result {
+    std::string policy;
+    double seconds = 0;
+    std::uint64_t items = 0, ooms = 0, batches = 0;
+    std::string note;
+};
+
+template <class PerCall>
+Result timed(const std::string& name, Runner& runner, PerCall&& per_call) {
+    runner.ooms = runner.batches = 0;
+    if (runner.device.is_cuda()) torch::cuda::synchronize();
+    const auto start = std::chrono::steady_clock::now();
+    for (std::size_t c = 0; c + 1 < runner.stream.call_begin.size(); ++c)
+        per_call(runner.stream.call_begin[c], runner.stream.call_begin[c + 1]);
+    if (runner.device.is_cuda()) torch::cuda::synchronize();
+    Result r;
+    r.policy = name;
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    r.items = runner.stream.lengths.size();
+    r.ooms = runner.ooms;
+    r.batches = runner.batches;
+    return r;
+}
+
+Result fixed(Runner& runner, std::size_t size, const std::string& name) {
+    Result r = timed(name, runner, [&](std::size_t first, std::size_t last) {
+        for (std::size_t pos = first; pos < last; pos += std::min(size, last - pos))
+            runner.run_fixed(pos, pos + std::min(size, last - pos));
+    });
+    r.note = "batch " + std::to_string(size);
+    return r;
+}
+
+Result guarded(Runner& runner, Probe& probe, bool weighted) {
+    vramguard::Options options;
+    options.persist = false;
+    options.log = [](vramguard::Level, std::string_view) {};
+    vramguard::Guard<Probe> guard(probe, options);
+    const auto key = vramguard::Key::of("gpu-encoder", {{"weighted", weighted ? "1" : "0"}});
+    Result r = timed(weighted ? "vramguard-weighted" : "vramguard", runner,
+                     [&](std::size_t first, std::size_t last) {
+                         std::vector<std::size_t> items(last - first);
+                         for (std::size_t i = 0; i < items.size(); ++i) items[i] = first + i;
+                         auto batch = [&](const auto& view) {
+                             runner.run_batch(view[0], view[0] + view.size());
+                         };
+                         if (weighted)
+                             guard.encode(key, items, batch, [&](std::size_t i) {
+                                 return static_cast<std::uint64_t>(runner.stream.lengths[i]);
+                             });
+                         else
+                             guard.encode(key, items, batch);
+                     });
+    r.ooms = guard.stats().ooms;
+    r.note = "learned " + std::to_string(weighted ? guard.learned_weight_budget(key)
+                                                  : guard.learned_batch_ceiling(key));
+    return r;
+}
+
+std::string json(const Config& c, const std::string& device_name,
+                 const std::vector<Result>& results, double best) {
+    std::ostringstream o;
+    char date[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
+    o << "{\n  \"bench\": \"gpu_encode_bench\",\n  \"date\": \"" << date << "\",\n  \"device\": \""
+      << device_name << "\",\n  \"memory_fraction\": " << c.fraction
+      << ",\n  \"model\": {\"layers\": " << c.layers << ", \"d_model\": " << c.d_model
+      << ", \"heads\": " << c.heads << "},\n  \"calls\": " << c.calls << ",\n  \"results\": [";
+    for (std::size_t i = 0; i < results.size(); ++i) {
+        const Result& r = results[i];
+        const double ips = r.seconds > 0 ? static_cast<double>(r.items) / r.seconds : 0;
+        o << (i ? ",\n" : "\n") << "    {\"policy\": \"" << r.policy
+          << "\", \"items_per_s\": " << ips
+          << ", \"ratio_to_fixed_best\": " << (best > 0 ? ips / best : 0)
+          << ", \"ooms\": " << r.ooms << ", \"batches\": " << r.batches
+          << ", \"seconds\": " << r.seconds << ", \"note\": \"" << r.note << "\"}";
+    }
+    o << "\n  ]\n}\n";
+    return o.str();
+}
+
+bool flag(const char* arg, const char* name, std::string& value) {
+    const std::size_t n = std::strlen(name);
+    if (std::strncmp(arg, name, n) != 0 || arg[n] != '=') return false;
+    value = arg + n + 1;
+    return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Config c;
+    for (int i = 1; i < argc; ++i) {
+        std::string v;
+        if (std::strcmp(argv[i], "--cpu-smoke") == 0)
+            c.cpu_smoke = true;
+        else if (flag(argv[i], "--calls", v))
+            c.calls = std::stoul(v);
+        else if (flag(argv[i], "--layers", v))
+            c.layers = std::stol(v);
+        else if (flag(argv[i], "--d-model", v))
+            c.d_model = std::stol(v);
+        else if (flag(argv[i], "--heads", v))
+            c.heads = std::stol(v);
+        else if (flag(argv[i], "--fraction", v))
+            c.fraction = std::stod(v);
+        else if (flag(argv[i], "--seed", v))
+            c.seed = std::stoull(v);
+        else if (flag(argv[i], "--out", v))
+            c.out = v;
+        else {
+            std::fprintf(stderr, "gpu_encode_bench: unknown argument %s\n", argv[i]);
+            return 2;
+        }
+    }
+
+    std::string device_name = "cpu";
+    torch::Device device(torch::kCPU);
+    Probe probe;
+#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+    const bool have_gpu = torch::cuda::is_available();
+#else
+    const bool have_gpu = false;
+#endif
+    if (!have_gpu && !c.cpu_smoke) {
+        std::printf("gpu_encode_bench: skipped: %s (run with --cpu-smoke for a CPU check)\n",
+#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+                    "no CUDA device visible"
+#else
+                    "this LibTorch has no CUDA support"
+#endif
+        );
+        return 0;
+    }
+    if (have_gpu) {
+#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+        device = torch::Device(torch::kCUDA, 0);
+        c10::cuda::CUDACachingAllocator::setMemoryFraction(c.fraction, 0);
+        probe.device = 0;
+        probe.fraction = c.fraction;
+        device_name = at::cuda::getDeviceProperties(0)->name;
+#endif
+    } else {
+        c.calls = std::min<std::size_t>(c.calls, 4);
+        c.layers = 1;
+        c.d_model = 64;
+        c.heads = 4;
+        c.min_call = 8;
+        c.max_call = 24;
+        c.short_max = 32;
+        c.long_factor = 4;
+    }
+    torch::manual_seed(1);
+    const Stream stream = make_stream(c);
+    Runner runner{c, stream, Encoder(c), device};
+    runner.model->to(device);
+    runner.model->eval();
+
+    std::vector<Result> results;
+    // Warm-up (kernels, cuBLAS handles), not timed.
+    runner.run_batch(0, std::min<std::size_t>(8, stream.lengths.size()));
+
+    // Conservative: a batch of the longest possible items must fit; measured, not guessed: the
+    // largest power of two that runs a batch of longest items.
+    const std::int64_t longest = c.short_max * c.long_factor;
+    std::size_t conservative = 1;
+    if (have_gpu) {
+        std::vector<std::int64_t> saved(stream.lengths.begin(), stream.lengths.begin() + 1);
+        for (std::size_t size = 1; size <= 1024; size *= 2) {
+            try {
+                const auto n = static_cast<std::int64_t>(size);
+                auto tokens =
+                    torch::randint(1, c.vocab, {n, longest},
+                                   torch::TensorOptions().dtype(torch::kInt64).device(device));
+                auto padding = torch::zeros(
+                    {n, longest}, torch::TensorOptions().dtype(torch::kBool).device(device));
+                torch::NoGradGuard no_grad;
+                runner.model->forward(tokens, padding);
+                torch::cuda::synchronize();
+                conservative = size;
+            } catch (const c10::Error&) {
+                break;
+            }
+        }
+        probe.release_cached();
+    } else {
+        conservative = 4;
+    }
+    results.push_back(fixed(runner, conservative, "fixed-conservative"));
+
+    // Hand-tuned: the best of a sweep (the tuner saw the stream; no server operator does).
+    Result best;
+    for (std::size_t size :
+         {conservative * 2, conservative * 4, conservative * 8, conservative * 16}) {
+        Result r = fixed(runner, size, "fixed-best");
+        if (best.seconds == 0 || r.seconds < best.seconds) best = r;
+    }
+    results.push_back(best);
+    results.push_back(guarded(runner, probe, false));
+    results.push_back(guarded(runner, probe, true));
+
+    const double best_ips = static_cast<double>(best.items) / best.seconds;
+    const std::string text = json(c, device_name, results, best_ips);
+    if (c.out.empty()) {
+        std::cout << text;
+    } else {
+        std::ofstream(c.out) << text;
+        std::cout << text;
+    }
+    return 0;
+}
