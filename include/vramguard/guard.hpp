@@ -328,7 +328,9 @@ class Guard {
     // Admission: check (and reserve host-wide, with a coordinator) in one step; wait up to
     // admission_wait; throw InsufficientMemory with the numbers otherwise.
     // `requirement_of(total_bytes)` turns the device size into the requirement: the first
-    // reading serves both, so the fast path reads the probe once.
+    // reading serves both, so the fast path reads the probe once. With a coordinator the reading
+    // that is compared is taken by the coordinator under its lock (see Coordinator::try_reserve);
+    // only the first try reads the probe before it too, for the device size.
     template <class RequirementOf>
     Admitted admit(const Key& key, const char* what, RequirementOf&& requirement_of) {
         Admitted admitted;
@@ -336,7 +338,7 @@ class Guard {
         std::uint64_t available = 0;
         bool first = true;
         auto try_once = [&] {
-            admitted.memory = probe_.memory();
+            if (first || !options_.coordinator) admitted.memory = probe_.memory();
             if (first) {
                 admitted.requirement = requirement_of(admitted.memory.total_bytes);
                 first = false;
@@ -344,7 +346,9 @@ class Guard {
             const std::uint64_t margin =
                 policy::margin_bytes(admitted.memory.total_bytes, options_.safety_margin);
             if (options_.coordinator) {
-                auto decision = options_.coordinator->try_reserve(requirement.bytes, margin, admitted.memory);
+                auto decision = options_.coordinator->try_reserve(
+                    requirement.bytes, margin, [this] { return probe_.memory(); });
+                admitted.memory = decision.seen;
                 available = decision.available;
                 admitted.hold = std::move(decision.hold);
                 return admitted.hold != nullptr;

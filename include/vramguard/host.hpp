@@ -13,11 +13,14 @@
 // purpose (an over-admission is an OOM in someone's load; a refusal is a retry). When the load
 // returns, Guard drops the hold and only the driver's figure counts.
 //
-// One subtlety: Guard reads its probe *before* it asks the ledger. A process that waited for the
-// ledger lock while another process loaded and released could compare a stale reading against a
-// ledger where that load no longer shows. So a released reservation stays in the file as a
-// "released" entry for a short while, and still counts for every caller that started waiting
-// before it was released (both sides use CLOCK_MONOTONIC, which all processes of one boot share).
+// The free-memory reading is taken under the lock, after pruning (Coordinator::try_reserve calls
+// the probe there). A reading taken before the lock could predate a load that another process
+// finished while this one waited for it, and compared with a ledger where that load's reservation
+// is gone it would count the load's memory as free. Under the lock, every reservation missing from
+// the ledger belonged to a load that had returned, so its allocations are in the reading. That
+// relies on the driver showing a finished allocation at once, which cudaMemGetInfo does (a
+// cudaMalloc that returned is counted); frees may show late, which only makes a reading
+// conservative. So a released reservation is erased at once; nothing lingers.
 //
 // Every process that shares a ledger must share one pid namespace (liveness is judged by pid and
 // the process start time from /proc/<pid>/stat) and one boot (checked through the boot id).
@@ -49,6 +52,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -112,7 +116,11 @@ struct LedgerEntry {
     std::uint64_t start_ticks = 0;  // owner's start time (/proc/<pid>/stat field 22); 0 = unknown
     std::uint64_t bytes = 0;        // reserved
     std::uint64_t created_ns = 0;   // CLOCK_MONOTONIC when reserved
-    std::uint64_t released_ns = 0;  // CLOCK_MONOTONIC when released; 0 = live
+    // Always 0 in what this version writes: it erases an entry on release. Earlier builds, which
+    // read the probe before taking the lock, kept a released entry a few seconds, marked with its
+    // CLOCK_MONOTONIC release time here; such an entry is no reservation and is dropped on sight.
+    // The field stays so that files of either kind parse (format version 1 is unchanged).
+    std::uint64_t released_ns = 0;
 
     bool live() const noexcept { return released_ns == 0; }
     friend bool operator==(const LedgerEntry& a, const LedgerEntry& b) noexcept {
@@ -155,6 +163,7 @@ namespace detail {
 //   device <16 hex digits: ledger_device_hash of the device identity>
 //   boot <boot id, 1-64 of [0-9a-f-], or "-">
 //   reservation <id, 16 hex> <pid> <start_ticks> <bytes> <created_ns> <released_ns>   (0 or more)
+//     (released_ns: 0; nonzero only in files written by earlier builds, see LedgerEntry)
 //   checksum <FNV-1a 64 of every byte above, 16 hex digits>
 // Numbers are canonical decimals. It is rewritten in place under the flock; a writer killed
 // halfway leaves a file whose checksum (or length) is wrong, which the next reader rebuilds.
@@ -162,13 +171,6 @@ inline constexpr std::string_view ledger_magic = "vramguard-ledger 1";
 // 4096 entries of at most ~130 bytes: an upper bound, far above any real ledger.
 inline constexpr std::size_t max_ledger_entries = 4096;
 inline constexpr std::size_t max_ledger_file_bytes = 1 << 20;
-// Released entries are kept this long (for callers that started waiting before the release; the
-// longest such wait is HostOptions::lock_timeout, at most 10 s) and at most this many.
-inline constexpr std::uint64_t released_entry_ns = 15'000'000'000ULL;
-inline constexpr std::size_t max_released_entries = 512;
-// A release up to this long before a caller entered try_reserve still counts for it: Guard reads
-// its probe just before the call, and a process can be preempted in between.
-inline constexpr std::uint64_t reading_slack_ns = 20'000'000ULL;
 
 inline std::uint64_t ledger_device_hash(std::string_view device_identity) noexcept {
     return fnv1a64_string(device_identity, fnv1a64("vramguard-ledger-v1"));
@@ -446,24 +448,21 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     HostLedger(const HostLedger&) = delete;
     HostLedger& operator=(const HostLedger&) = delete;
 
-    // Admits `required` bytes plus `margin_bytes` kept free against `seen.free_bytes` minus every
-    // live reservation on the host, and reserves them, in one locked step.
+    // Admits `required` bytes plus `margin_bytes` kept free against the free memory `read_memory`
+    // reports, read under the lock, minus every live reservation on the host, and reserves them,
+    // in one locked step. When the ledger cannot be used, against the reading alone.
     Decision try_reserve(std::uint64_t required, std::uint64_t margin_bytes,
-                         const MemoryInfo& seen) override {
-        // Before any waiting (less the slack for the probe reading just before this call): a
-        // reservation released after this instant may have been allocated after `seen` was read.
-        const std::uint64_t now_ns = detail::monotonic_ns();
-        const std::uint64_t entered_ns =
-            now_ns > detail::reading_slack_ns ? now_ns - detail::reading_slack_ns : 0;
+                         const std::function<MemoryInfo()>& read_memory) override {
         Decision decision;
+        bool read = false;
         bool full = false;
         LedgerEntry mine;
         const std::optional<std::string> failure = transact([&](LedgerState& state) {
-            std::uint64_t reserved = 0;
-            for (const LedgerEntry& entry : state.entries)
-                if (entry.live() || entry.released_ns > entered_ns)
-                    reserved = policy::saturating_add(reserved, entry.bytes);
-            decision.available = seen.free_bytes > reserved ? seen.free_bytes - reserved : 0;
+            decision.seen = read_memory();
+            read = true;
+            const std::uint64_t reserved = state.live_bytes();
+            decision.available =
+                decision.seen.free_bytes > reserved ? decision.seen.free_bytes - reserved : 0;
             if (!fits(required, margin_bytes, decision.available)) return false;
             if (state.entries.size() >= detail::max_ledger_entries) {
                 full = true;
@@ -481,8 +480,9 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
             unusable(failure ? *failure
                              : "it holds " + std::to_string(detail::max_ledger_entries) +
                                    " live reservations (leaked holds?)");
-            decision.available = seen.free_bytes;
-            if (fits(required, margin_bytes, seen.free_bytes))
+            if (!read) decision.seen = read_memory();
+            decision.available = decision.seen.free_bytes;
+            if (fits(required, margin_bytes, decision.available))
                 decision.hold = std::make_unique<Hold>();
             return decision;
         }
@@ -533,7 +533,7 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     const HostOptions& options() const noexcept { return options_; }
 
    private:
-    // A reservation: marked released on destruction (not erased: see "one subtlety" at the top).
+    // A reservation: erased from the ledger on destruction.
     class Reservation final : public Hold {
        public:
         Reservation(std::shared_ptr<HostLedger> ledger, const LedgerEntry& entry)
@@ -641,9 +641,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     }
 
     // One locked read-modify-write: open, flock, read and validate (a damaged file is rebuilt
-    // empty, with a warning), prune dead owners and expired releases, apply pending releases, run
-    // `change` (true: it changed the state), write back what changed, unlock. Returns the reason
-    // when the ledger could not be used.
+    // empty, with a warning), apply pending releases, prune dead owners, run `change` (true: it
+    // changed the state), write back what changed, unlock. Returns the reason when the ledger could
+    // not be used. An exception from `change` propagates with nothing written (the flock goes with
+    // the descriptor, and pending releases stay pending).
     template <class Change>
     std::optional<std::string> transact(Change&& change) {
         std::vector<std::string> warnings;
@@ -720,19 +721,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return failure;
     }
 
-    // Drops dead owners' entries, releases older than released_entry_ns (and the oldest beyond
-    // max_released_entries), and applies this process's pending releases. True when it changed.
+    // Erases this process's pending releases, dead owners' entries and entries an earlier build
+    // marked released (see LedgerEntry). True when it changed.
     bool prune(LedgerState& state, const std::vector<std::uint64_t>& pending) {
         const pid_t self = ::getpid();
-        const std::uint64_t now = detail::monotonic_ns();
-        bool changed = false;
-        for (LedgerEntry& entry : state.entries) {
-            if (entry.live() && entry.pid == self &&
-                std::find(pending.begin(), pending.end(), entry.id) != pending.end()) {
-                entry.released_ns = now;
-                changed = true;
-            }
-        }
         const std::size_t before = state.entries.size();
         // Each owner (pid and start time) looked up once. This process's entries too: one under
         // our pid with another start time is a dead process's whose pid we were given.
@@ -745,25 +737,17 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
             looked_up.emplace_back(owner, live);
             return !live;
         };
+        const auto released = [&](const LedgerEntry& entry) {
+            if (!entry.live()) return true;  // marked by an earlier build
+            return entry.pid == self &&
+                   std::find(pending.begin(), pending.end(), entry.id) != pending.end();
+        };
         state.entries.erase(std::remove_if(state.entries.begin(), state.entries.end(),
                                            [&](const LedgerEntry& entry) {
-                                               if (!entry.live() && (entry.released_ns > now ||
-                                                                     now - entry.released_ns >
-                                                                         detail::released_entry_ns))
-                                                   return true;
-                                               return is_dead(entry);
+                                               return released(entry) || is_dead(entry);
                                            }),
                             state.entries.end());
-        std::size_t released = state.entries.size() - state.live_count();
-        for (auto it = state.entries.begin(); released > detail::max_released_entries;) {
-            if (!it->live()) {
-                it = state.entries.erase(it);
-                --released;
-            } else {
-                ++it;
-            }
-        }
-        return changed || state.entries.size() != before;
+        return state.entries.size() != before;
     }
 
     static bool read_all(int fd, std::string& out) {

@@ -11,6 +11,7 @@
 #include "temp_dir.hpp"
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <stdexcept>
@@ -44,10 +45,12 @@ class CountingCoordinator : public Coordinator {
         ~Counted() override { --live_; }
         std::atomic<int>& live_;
     };
-    Decision try_reserve(std::uint64_t, std::uint64_t, const MemoryInfo& seen) override {
+    Decision try_reserve(std::uint64_t, std::uint64_t,
+                         const std::function<MemoryInfo()>& read_memory) override {
         ++reservations;
         Decision decision;
-        decision.available = seen.free_bytes;
+        decision.seen = read_memory();
+        decision.available = decision.seen.free_bytes;
         decision.hold = std::make_unique<Counted>(live_reservations);
         return decision;
     }

@@ -114,6 +114,11 @@ void write_file(const std::string& path, const std::string& bytes) {
     out << bytes;
 }
 
+// A probe reading that never changes, for try_reserve.
+std::function<MemoryInfo()> reading(MemoryInfo memory) {
+    return [memory] { return memory; };
+}
+
 bool is_zombie(pid_t pid) {
     const auto stat = detail::read_process_stat(pid);
     return stat && stat->state == 'Z';
@@ -164,7 +169,8 @@ class HostLedgerTest : public ::testing::Test {
                 bool admitted = false;
                 std::unique_ptr<Hold> hold;
                 if (ledger) {
-                    Coordinator::Decision decision = ledger->try_reserve(3_GiB, margin, seen);
+                    Coordinator::Decision decision =
+                        ledger->try_reserve(3_GiB, margin, reading(seen));
                     records[static_cast<std::size_t>(i)].available = decision.available;
                     hold = std::move(decision.hold);
                     admitted = hold != nullptr;
@@ -230,14 +236,14 @@ TEST_F(HostLedgerTest, AReservationOfAKilledWorkerIsPrunedEvenBeforeItIsReaped) 
     const MemoryInfo seen{10_GiB, 16_GiB};
     Pipe reserved;
     const pid_t child = spawn_child([&] {
-        auto decision = ledger->try_reserve(8_GiB, 1_GiB, seen);
+        auto decision = ledger->try_reserve(8_GiB, 1_GiB, reading(seen));
         if (!decision.hold) return 1;
         reserved.send();
         ::pause();
         return 0;
     });
     ASSERT_TRUE(reserved.receive());
-    auto refused = ledger->try_reserve(8_GiB, 1_GiB, seen);
+    auto refused = ledger->try_reserve(8_GiB, 1_GiB, reading(seen));
     EXPECT_FALSE(refused.hold);
     EXPECT_EQ(refused.available, 2_GiB);
 
@@ -247,7 +253,7 @@ TEST_F(HostLedgerTest, AReservationOfAKilledWorkerIsPrunedEvenBeforeItIsReaped) 
     ASSERT_TRUE(is_zombie(child)) << "the killed child should be a zombie until reaped";
 
     const auto start = Clock::now();
-    auto admitted = ledger->try_reserve(8_GiB, 1_GiB, seen);
+    auto admitted = ledger->try_reserve(8_GiB, 1_GiB, reading(seen));
     EXPECT_TRUE(admitted.hold);
     EXPECT_LT(Clock::now() - start, 1s);
     EXPECT_EQ(wait_child(child), -1);
@@ -348,23 +354,22 @@ TEST_F(HostLedgerTest, HundredsOfCyclesAcrossProcessesLeaveAnEmptyValidLedger) {
     for (int i = 0; i < 4; ++i) {
         children.push_back(spawn_child([&] {
             for (int n = 0; n < 150; ++n) {
-                auto decision = ledger->try_reserve(1_GiB, 0, seen);
+                auto decision = ledger->try_reserve(1_GiB, 0, reading(seen));
                 if (!decision.hold) return 1;
             }
             return ledger->usable() ? 0 : 2;
         }));
     }
-    for (int n = 0; n < 150; ++n) EXPECT_TRUE(ledger->try_reserve(1_GiB, 0, seen).hold);
+    for (int n = 0; n < 150; ++n) EXPECT_TRUE(ledger->try_reserve(1_GiB, 0, reading(seen)).hold);
     for (const pid_t child : children) EXPECT_EQ(wait_child(child, 60s), 0);
 
     const auto state = ledger->snapshot();
     ASSERT_TRUE(state);
-    EXPECT_EQ(state->live_count(), 0u);
-    EXPECT_LE(state->entries.size(), detail::max_released_entries);
+    EXPECT_TRUE(state->entries.empty());  // a release erases its entry
     std::string why;
     const auto on_disk = detail::parse_ledger(read_file(ledger->path()), &why);
     ASSERT_TRUE(on_disk) << why;
-    EXPECT_EQ(on_disk->live_count(), 0u);
+    EXPECT_TRUE(on_disk->entries.empty());
     EXPECT_EQ(warnings(), 0u);
 }
 
@@ -393,7 +398,7 @@ TEST_F(HostLedgerTest, ADamagedLedgerIsRebuiltWithOneWarning) {
     std::size_t expected_warnings = 0;
     for (const auto& damage : damages) {
         write_file(ledger->path(), damage.second);
-        auto decision = ledger->try_reserve(3_GiB, 1_GiB, seen);
+        auto decision = ledger->try_reserve(3_GiB, 1_GiB, reading(seen));
         EXPECT_TRUE(decision.hold) << damage.first;
         EXPECT_EQ(warnings(), ++expected_warnings) << damage.first;
         EXPECT_TRUE(log.contains("was damaged")) << damage.first;
@@ -435,10 +440,11 @@ TEST_F(HostLedgerTest, AnUnusableDirectoryDegradesToInProcessAdmissionWithOneWar
     EXPECT_TRUE(log.contains("not usable"));
 
     const MemoryInfo seen{10_GiB, 16_GiB};
-    auto fits = ledger->try_reserve(3_GiB, 1_GiB, seen);
+    auto fits = ledger->try_reserve(3_GiB, 1_GiB, reading(seen));
     EXPECT_TRUE(fits.hold);
     EXPECT_EQ(fits.available, 10_GiB);
-    auto too_big = ledger->try_reserve(9_GiB + 1, 1_GiB, seen);
+    EXPECT_EQ(fits.seen.free_bytes, 10_GiB);  // read once, without the lock
+    auto too_big = ledger->try_reserve(9_GiB + 1, 1_GiB, reading(seen));
     EXPECT_FALSE(too_big.hold);
     EXPECT_EQ(ledger->lock_single_item(), nullptr);
     EXPECT_FALSE(ledger->snapshot());
@@ -506,7 +512,7 @@ TEST_F(HostLedgerTest, AGuardRefusesALoadAnotherProcessHasReserved) {
     Pipe reserved, release;
     const pid_t child = spawn_child([&] {
         release.close_write();
-        auto decision = ledger->try_reserve(7_GiB, 0, device.memory());
+        auto decision = ledger->try_reserve(7_GiB, 0, [&] { return device.memory(); });
         if (!decision.hold) return 1;
         reserved.send();
         release.wait_closed();
@@ -630,14 +636,19 @@ TEST_F(HostLedgerTest, AnEntryWhosePidWasRecycledIsPruned) {
     ASSERT_TRUE(pruned);
     ASSERT_EQ(pruned->entries.size(), 1u);
     EXPECT_EQ(pruned->entries[0].id, 1u);
-    auto decision = ledger->try_reserve(1_GiB, 0, MemoryInfo{2_GiB, 16_GiB});
+    auto decision = ledger->try_reserve(1_GiB, 0, reading(MemoryInfo{2_GiB, 16_GiB}));
     EXPECT_EQ(decision.available, 1_GiB);
     EXPECT_EQ(warnings(), 0u);
 }
 
-TEST_F(HostLedgerTest, ALoadReleasedWhileAnotherWaitedForTheLockStillCountsForIt) {
+TEST_F(HostLedgerTest, TheProbeIsReadUnderTheLockSoALoadFinishedWhileWaitingCounts) {
     auto ledger = open_ledger();
-    const MemoryInfo stale{10_GiB, 16_GiB};  // read before the other load allocated its 6 GiB
+    std::atomic<std::uint64_t> free_bytes{10_GiB};
+    std::atomic<int> reads{0};
+    const std::function<MemoryInfo()> probe = [&] {
+        ++reads;
+        return MemoryInfo{free_bytes.load(), 16_GiB};
+    };
     detail::FileDescriptor held(::open(ledger->path().c_str(), O_RDWR | O_CLOEXEC));
     ASSERT_TRUE(held);
     ASSERT_EQ(::flock(held.get(), LOCK_EX), 0);
@@ -646,32 +657,98 @@ TEST_F(HostLedgerTest, ALoadReleasedWhileAnotherWaitedForTheLockStillCountsForIt
     Coordinator::Decision waited;
     std::thread waiter([&] {
         entering = true;
-        waited = ledger->try_reserve(6_GiB, 1_GiB, stale);
+        waited = ledger->try_reserve(6_GiB, 1_GiB, probe);
     });
     while (!entering) std::this_thread::yield();
     std::this_thread::sleep_for(50ms);
-    // Meanwhile another process loaded 6 GiB and released its reservation.
+    EXPECT_EQ(reads.load(), 0) << "the probe was read before the lock was taken";
+    // Meanwhile another process finished a 6 GiB load: its memory is in use, and its reservation
+    // is gone from the ledger (the file holds none).
+    free_bytes = 4_GiB;
+    ::flock(held.get(), LOCK_UN);
+    waiter.join();
+    EXPECT_EQ(reads.load(), 1);
+    EXPECT_FALSE(waited.hold);
+    EXPECT_EQ(waited.available, 4_GiB);
+    EXPECT_EQ(waited.seen.free_bytes, 4_GiB);
+    EXPECT_EQ(waited.seen.total_bytes, 16_GiB);
+
+    // Nothing lingers: once that model is unloaded, its memory is admitted again at once.
+    free_bytes = 10_GiB;
+    auto fresh = ledger->try_reserve(6_GiB, 1_GiB, probe);
+    EXPECT_TRUE(fresh.hold);
+    EXPECT_EQ(fresh.available, 10_GiB);
+    EXPECT_EQ(ledger->snapshot()->entries.size(), 1u);
+    fresh.hold.reset();
+    EXPECT_TRUE(ledger->snapshot()->entries.empty());
+    EXPECT_EQ(warnings(), 0u);
+}
+
+TEST_F(HostLedgerTest, EntriesAnEarlierBuildMarkedReleasedAreDroppedAndNotCounted) {
+    auto ledger = open_ledger();
+    const std::uint64_t started = detail::process_start_ticks(::getpid());
     LedgerState state;
     state.device = detail::ledger_device_hash("sim-gpu-0");
     state.boot = detail::current_boot_id();
     const std::uint64_t now = detail::monotonic_ns();
-    state.entries.push_back(
-        {7, ::getpid(), detail::process_start_ticks(::getpid()), 6_GiB, now - 1000, now});
+    state.entries.push_back({1, ::getpid(), started, 6_GiB, now - 1000, now});  // released
+    state.entries.push_back({2, ::getpid(), started, 2_GiB, now - 1000, 0});    // live
     write_file(ledger->path(), detail::serialize_ledger(state));
-    ::flock(held.get(), LOCK_UN);
-    waiter.join();
-    EXPECT_FALSE(waited.hold);
-    EXPECT_EQ(waited.available, 4_GiB);
 
-    // A caller that read the device after the release is not charged for it again.
-    std::this_thread::sleep_for(std::chrono::nanoseconds(detail::reading_slack_ns) + 5ms);
-    auto fresh = ledger->try_reserve(6_GiB, 1_GiB, stale);
-    EXPECT_TRUE(fresh.hold);
+    auto decision = ledger->try_reserve(1_GiB, 0, reading(MemoryInfo{10_GiB, 16_GiB}));
+    EXPECT_TRUE(decision.hold);
+    EXPECT_EQ(decision.available, 8_GiB);  // only the live 2 GiB counts
+    const auto on_disk = detail::parse_ledger(read_file(ledger->path()));
+    ASSERT_TRUE(on_disk);
+    ASSERT_EQ(on_disk->entries.size(), 2u);
+    EXPECT_EQ(on_disk->entries[0].id, 2u);
+    EXPECT_EQ(on_disk->live_count(), 2u);
+    EXPECT_EQ(warnings(), 0u);
+}
+
+// The whole path: a Guard whose probe changes while it waits for the ledger lock compares the
+// reading taken under the lock, and reports it.
+TEST_F(HostLedgerTest, AGuardComparesTheReadingTakenUnderTheLedgerLock) {
+    auto ledger = open_ledger();
+    SimulatedDevice device(16_GiB);
+    ManualClock clock;
+    Options options = vramguard_test::test_options(clock, log);
+    options.coordinator = ledger;
+    options.admission_wait = std::chrono::milliseconds(0);
+    Guard<SimulatedDevice> guard(device, options);
+    const Key key = Key::of("model", {});
+
+    detail::FileDescriptor held(::open(ledger->path().c_str(), O_RDWR | O_CLOEXEC));
+    ASSERT_TRUE(held);
+    ASSERT_EQ(::flock(held.get(), LOCK_EX), 0);
+    std::atomic<bool> entering{false};
+    std::atomic<bool> loaded{false};
+    std::optional<std::uint64_t> refused_available;
+    std::thread loader([&] {
+        entering = true;
+        try {
+            guard.load(key, 8_GiB, [&] { loaded = true; });
+        } catch (const InsufficientMemory& error) {
+            refused_available = error.available();
+        }
+    });
+    while (!entering) std::this_thread::yield();
+    std::this_thread::sleep_for(50ms);
+    device.set_external_usage(10_GiB);  // another process's load finished meanwhile
+    ::flock(held.get(), LOCK_UN);
+    loader.join();
+    EXPECT_FALSE(loaded);
+    ASSERT_TRUE(refused_available);
+    EXPECT_EQ(*refused_available, 6_GiB);  // not the 16 GiB it read before the lock
+
+    device.set_external_usage(0);
+    guard.load(key, 8_GiB, [&] { loaded = true; });
+    EXPECT_TRUE(loaded);
 }
 
 TEST_F(HostLedgerTest, AHoldInheritedByAForkedChildIsNotReleasedByIt) {
     auto ledger = open_ledger();
-    auto decision = ledger->try_reserve(3_GiB, 0, MemoryInfo{10_GiB, 16_GiB});
+    auto decision = ledger->try_reserve(3_GiB, 0, reading(MemoryInfo{10_GiB, 16_GiB}));
     ASSERT_TRUE(decision.hold);
     const pid_t child = spawn_child([&] {
         decision.hold.reset();  // the child's copy of the parent's hold
@@ -690,7 +767,7 @@ TEST_F(HostLedgerTest, ThreadsOfOneProcessReserveAgainstEachOther) {
     std::vector<std::thread> threads;
     for (std::size_t i = 0; i < holds.size(); ++i) {
         threads.emplace_back([&, i] {
-            holds[i] = ledger->try_reserve(3_GiB, 1_GiB, MemoryInfo{10_GiB, 16_GiB}).hold;
+            holds[i] = ledger->try_reserve(3_GiB, 1_GiB, reading(MemoryInfo{10_GiB, 16_GiB})).hold;
             if (holds[i]) ++admitted;
         });
     }

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -131,9 +132,11 @@ class HoldCounter : public Coordinator {
         ~Counted() override { --live_; }
         std::atomic<int>& live_;
     };
-    Decision try_reserve(std::uint64_t, std::uint64_t, const MemoryInfo& seen) override {
+    Decision try_reserve(std::uint64_t, std::uint64_t,
+                         const std::function<MemoryInfo()>& read_memory) override {
         Decision decision;
-        decision.available = seen.free_bytes;
+        decision.seen = read_memory();
+        decision.available = decision.seen.free_bytes;
         decision.hold = std::make_unique<Counted>(live);
         return decision;
     }
