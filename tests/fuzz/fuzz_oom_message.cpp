@@ -12,6 +12,7 @@
 //    parse_size_before accepts any end position inside the text.
 #include <vramguard/errors.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -61,8 +62,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     // The same text as an exception nobody registered a classifier for. (what() stops at a NUL,
     // so the exception's view of the text is compared against its own what().)
     const std::string owned(text);
-    const std::exception_ptr error = std::make_exception_ptr(std::runtime_error(owned));
-    const std::string what = vg::describe(error);
+    const std::runtime_error thrown(owned);
+    const std::exception_ptr error = std::make_exception_ptr(thrown);
+    const std::string what = thrown.what();  // not describe(): that one is shortened for logs
+    const std::string line = vg::describe(error);
+    FUZZ_CHECK(line.size() <= 403 && what.compare(0, std::min(line.size(), std::size_t{400}), line, 0,
+                                                  std::min(line.size(), std::size_t{400})) == 0);
     FUZZ_CHECK(vg::classify_oom(error) == vg::classify_oom_message(what));
     FUZZ_CHECK(vg::is_oom(error) == (vg::classify_oom_message(what) != vg::OomKind::none));
     const auto via_exception = vg::oom_report(error);
