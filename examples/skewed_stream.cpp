@@ -30,7 +30,8 @@ struct Text {
 std::vector<Text> make_request(std::mt19937& random, int first_id, int size) {
     std::vector<Text> texts;
     for (int i = 0; i < size; ++i)
-        texts.push_back({first_id + i, random() % 12 == 0 ? 160u + random() % 96 : 16u + random() % 16});
+        texts.push_back(
+            {first_id + i, random() % 12 == 0 ? 160u + random() % 96 : 16u + random() % 16});
     return texts;
 }
 
@@ -47,7 +48,9 @@ int main(int argc, char** argv) {
     options.sleep = clock.sleep_fn();
     options.persist = false;  // a real server keeps the default: learned sizes survive restarts
     options.log = [](Level level, std::string_view message) {
-        if (level >= Level::warn) std::printf("    [%s] %.*s\n", to_string(level), static_cast<int>(message.size()), message.data());
+        if (level >= Level::warn)
+            std::printf("    [%s] %.*s\n", to_string(level), static_cast<int>(message.size()),
+                        message.data());
     };
     Guard<SimulatedDevice> guard(gpu, options);
 
@@ -57,7 +60,8 @@ int main(int argc, char** argv) {
     std::printf("loaded %s: %s on a %s device\n\n", model_key.describe().c_str(),
                 format_bytes(weights.bytes()).c_str(), format_bytes(gpu.total_bytes()).c_str());
 
-    const Key encode_key = Key::of("text-encoder/encode", {{"model", "e5-large"}, {"max_len", "256"}});
+    const Key encode_key =
+        Key::of("text-encoder/encode", {{"model", "e5-large"}, {"max_len", "256"}});
     std::mt19937 random(7);
     std::uint64_t items_done = 0, batches = 0;
     for (int request = 0; request < 36; ++request) {
@@ -87,25 +91,29 @@ int main(int argc, char** argv) {
             for (const Text& text : batch) ids.push_back(text.id);
             return ids;
         };
-        const std::vector<int> ids =
-            weighted ? guard.encode(encode_key, texts, encode_batch, [](const Text& t) { return t.tokens; })
-                     : guard.encode(encode_key, texts, encode_batch);
+        const std::vector<int> ids = weighted ? guard.encode(encode_key, texts, encode_batch,
+                                                             [](const Text& t) { return t.tokens; })
+                                              : guard.encode(encode_key, texts, encode_batch);
         items_done += ids.size();
         batches += request_batches;
         const Stats stats = guard.stats();
-        std::printf("request %2d: %zu texts in %2llu batches | learned %s %5llu | ooms %llu, grow-backs %llu\n",
-                    request, ids.size(), static_cast<unsigned long long>(request_batches),
-                    weighted ? "token budget" : "batch size  ",
-                    static_cast<unsigned long long>(weighted ? guard.learned_weight_budget(encode_key)
-                                                             : guard.learned_batch_ceiling(encode_key)),
-                    static_cast<unsigned long long>(stats.ooms),
-                    static_cast<unsigned long long>(stats.grow_backs));
+        std::printf(
+            "request %2d: %zu texts in %2llu batches | learned %s %5llu | ooms %llu, grow-backs "
+            "%llu\n",
+            request, ids.size(), static_cast<unsigned long long>(request_batches),
+            weighted ? "token budget" : "batch size  ",
+            static_cast<unsigned long long>(weighted ? guard.learned_weight_budget(encode_key)
+                                                     : guard.learned_batch_ceiling(encode_key)),
+            static_cast<unsigned long long>(stats.ooms),
+            static_cast<unsigned long long>(stats.grow_backs));
     }
     const Stats stats = guard.stats();
-    std::printf("\n%llu texts in %llu batches, %llu OOMs handled (%llu halvings, %llu single-item "
-                "batches), %.2f s of simulated GPU time\n",
-                static_cast<unsigned long long>(items_done), static_cast<unsigned long long>(batches),
-                static_cast<unsigned long long>(stats.ooms), static_cast<unsigned long long>(stats.halvings),
-                static_cast<unsigned long long>(stats.single_item_calls), to_seconds(clock.slept()));
+    std::printf(
+        "\n%llu texts in %llu batches, %llu OOMs handled (%llu halvings, %llu single-item "
+        "batches), %.2f s of simulated GPU time\n",
+        static_cast<unsigned long long>(items_done), static_cast<unsigned long long>(batches),
+        static_cast<unsigned long long>(stats.ooms),
+        static_cast<unsigned long long>(stats.halvings),
+        static_cast<unsigned long long>(stats.single_item_calls), to_seconds(clock.slept()));
     return 0;
 }

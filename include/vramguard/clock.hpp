@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: MIT
-// Injected time. Every wait in vramguard reads `ClockFn` and waits through `SleepFn`, so a 30 s retry
-// delay or a 5 min idle timeout is tested in microseconds with a ManualClock.
+// Injected time. Every wait in vramguard reads `ClockFn` and waits through `SleepFn`, so a 30 s
+// retry delay or a 5 min idle timeout is tested in microseconds with a ManualClock.
 #pragma once
 
 #include <vramguard/version.hpp>
@@ -78,7 +78,9 @@ class ManualClock {
         std::lock_guard<std::mutex> lock(mutex_);
         actions_.emplace(when, std::move(action));
     }
-    void after(Duration delay, std::function<void()> action) { at(now() + delay, std::move(action)); }
+    void after(Duration delay, std::function<void()> action) {
+        at(now() + delay, std::move(action));
+    }
 
     // Total time slept through this clock: a test's proof that a wait polled instead of blocking.
     Duration slept() const {
@@ -102,8 +104,8 @@ class ManualClock {
 
 namespace detail {
 
-// Polls `ready` every `interval` until it holds or `deadline` passes; never sleeps past the deadline.
-// Returns whether `ready` held.
+// Polls `ready` every `interval` until it holds or `deadline` passes; never sleeps past the
+// deadline. Returns whether `ready` held.
 template <class Ready>
 bool poll_until(const ClockFn& clock, const SleepFn& sleep, Duration interval, TimePoint deadline,
                 Ready&& ready) {

@@ -76,8 +76,7 @@ inline bool is_unavailable(cudaError_t status) noexcept {
         case cudaErrorUnsupportedPtxVersion:
 #endif
             return true;
-        default:
-            return false;
+        default: return false;
     }
 }
 

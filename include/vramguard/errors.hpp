@@ -120,7 +120,8 @@ class OomExhausted : public std::runtime_error, public std::nested_exception {
     // is not the batch function's result type.
     template <class R>
     const std::vector<R>& finished_results() const {
-        if (!results_ || results_type_ != std::type_index(typeid(std::vector<R>))) throw std::bad_cast();
+        if (!results_ || results_type_ != std::type_index(typeid(std::vector<R>)))
+            throw std::bad_cast();
         return *static_cast<const std::vector<R>*>(results_.get());
     }
 
@@ -155,7 +156,8 @@ inline bool contains_nocase(std::string_view text, std::string_view needle) noex
 
 // Parses "20.00 MiB", "1.5GiB", "8000000000 bytes" at the start of `text` (after spaces).
 // Returns the byte count and how many characters were read.
-inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(std::string_view text) noexcept {
+inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(
+    std::string_view text) noexcept {
     std::size_t i = 0;
     while (i < text.size() && text[i] == ' ') ++i;
     const std::size_t digits_start = i;
@@ -181,8 +183,8 @@ inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(std::stri
         double bytes;
     };
     static constexpr Unit units[] = {
-        {"bytes", 1.0},  {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0},
-        {"TiB", 1099511627776.0}, {"KB", 1024.0}, {"MB", 1048576.0}, {"GB", 1073741824.0},
+        {"bytes", 1.0},           {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0},
+        {"TiB", 1099511627776.0}, {"KB", 1024.0},  {"MB", 1048576.0},  {"GB", 1073741824.0},
         {"TB", 1099511627776.0},  {"B", 1.0},
     };
     double multiplier = 0;
@@ -200,15 +202,16 @@ inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(std::stri
 }
 
 // The size written just before `end` in `text` ("... 3.75 MiB free").
-inline std::optional<std::uint64_t> parse_size_before(std::string_view text, std::size_t end) noexcept {
+inline std::optional<std::uint64_t> parse_size_before(std::string_view text,
+                                                      std::size_t end) noexcept {
     std::size_t start = end;
     // Step back over "<number> <unit>" : at most two space-separated tokens.
     int tokens = 0;
     while (start > 0 && text[start - 1] == ' ') --start;
     while (start > 0 && tokens < 2) {
         std::size_t token_end = start;
-        while (start > 0 && text[start - 1] != ' ' && text[start - 1] != ';' && text[start - 1] != '(' &&
-               text[start - 1] != ',')
+        while (start > 0 && text[start - 1] != ' ' && text[start - 1] != ';' &&
+               text[start - 1] != '(' && text[start - 1] != ',')
             --start;
         if (start == token_end) break;
         ++tokens;
@@ -224,8 +227,8 @@ inline std::optional<std::uint64_t> parse_size_before(std::string_view text, std
 
 // Reads the numbers out of a PyTorch/CUDA/CPU OOM message, in any of its historical formats:
 //   "Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity; ...; 3.75 MiB free; ...)"
-//   "Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which 12.75 MiB is free."
-//   "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000 bytes."
+//   "Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which 12.75 MiB is
+//   free." "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000 bytes."
 // Returns nothing when not even the requested size can be read.
 inline std::optional<OomReport> parse_oom_message(std::string_view message) noexcept {
     const std::size_t tried = detail::find_nocase(message, "tried to allocate");
@@ -238,7 +241,8 @@ inline std::optional<OomReport> parse_oom_message(std::string_view message) noex
 
     const std::size_t of_which = detail::find_nocase(rest, "of which");
     if (of_which != std::string_view::npos) {
-        if (auto free = detail::parse_size(rest.substr(of_which + 8))) report.free_bytes = free->first;
+        if (auto free = detail::parse_size(rest.substr(of_which + 8)))
+            report.free_bytes = free->first;
     } else {
         const std::size_t free_word = detail::find_nocase(rest, " free");
         if (free_word != std::string_view::npos)
@@ -246,7 +250,8 @@ inline std::optional<OomReport> parse_oom_message(std::string_view message) noex
     }
     const std::size_t capacity_of = detail::find_nocase(rest, "total capacity of");
     if (capacity_of != std::string_view::npos) {
-        if (auto total = detail::parse_size(rest.substr(capacity_of + 17))) report.total_bytes = total->first;
+        if (auto total = detail::parse_size(rest.substr(capacity_of + 17)))
+            report.total_bytes = total->first;
     } else {
         // "total capacity" and the historical typo "total capacty".
         const std::size_t total_word = detail::find_nocase(rest, " total capac");
@@ -258,8 +263,8 @@ inline std::optional<OomReport> parse_oom_message(std::string_view message) noex
 
 // Classifies an error message; used for exception types no classifier knows.
 inline OomKind classify_oom_message(std::string_view message) noexcept {
-    // The driver-level failure ("CUDA error: out of memory", cudaErrorMemoryAllocation raised outside
-    // the caching allocator) is checked first: its context may be broken.
+    // The driver-level failure ("CUDA error: out of memory", cudaErrorMemoryAllocation raised
+    // outside the caching allocator) is checked first: its context may be broken.
     if (detail::contains_nocase(message, "CUDA error: out of memory") ||
         detail::contains_nocase(message, "cudaErrorMemoryAllocation"))
         return OomKind::driver;

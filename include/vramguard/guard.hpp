@@ -54,7 +54,8 @@ class BatchView {
         if constexpr (std::is_base_of_v<std::random_access_iterator_tag, Category>) {
             return first_[static_cast<typename std::iterator_traits<It>::difference_type>(i)];
         } else {
-            return *std::next(first_, static_cast<typename std::iterator_traits<It>::difference_type>(i));
+            return *std::next(first_,
+                              static_cast<typename std::iterator_traits<It>::difference_type>(i));
         }
     }
 
@@ -65,7 +66,8 @@ class BatchView {
 
 // Marks a weight function whose batches are padded to their heaviest item (a padded transformer
 // batch): a batch then costs size x its heaviest weight, not the sum of the weights, and the
-// learned budget counts padded weight. `guard.encode(key, texts, fn, vramguard::padded(tokens_of))`.
+// learned budget counts padded weight. `guard.encode(key, texts, fn,
+// vramguard::padded(tokens_of))`.
 template <class W>
 struct Padded {
     W weight;
@@ -89,12 +91,14 @@ template <class P, class = void>
 struct has_peak_tracking : std::false_type {};
 template <class P>
 struct has_peak_tracking<P, std::void_t<decltype(std::declval<P&>().reset_peak()),
-                                        decltype(std::declval<P&>().peak_bytes())>> : std::true_type {};
+                                        decltype(std::declval<P&>().peak_bytes())>>
+    : std::true_type {};
 
 template <class P, class = void>
 struct has_device_key : std::false_type {};
 template <class P>
-struct has_device_key<P, std::void_t<decltype(std::declval<const P&>().device_key())>> : std::true_type {};
+struct has_device_key<P, std::void_t<decltype(std::declval<const P&>().device_key())>>
+    : std::true_type {};
 
 template <class T>
 struct is_std_vector : std::false_type {};
@@ -124,8 +128,8 @@ using range_iterator_t = decltype(std::begin(std::declval<const Range&>()));
 template <class Range, class W, class = void>
 struct is_weight_fn : std::false_type {};
 template <class Range, class W>
-struct is_weight_fn<Range, W,
-                    std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
+struct is_weight_fn<
+    Range, W, std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
     : std::is_convertible<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>()))),
                           std::uint64_t> {};
 
@@ -154,8 +158,9 @@ class Guard {
         : probe_(probe),
           options_((options.validate(), std::move(options))),
           profiles_(options_.profile_dir, options_.persist, options_.log),
-          single_item_(shared_device_semaphore(detail::device_identity(probe),
-                                               static_cast<std::ptrdiff_t>(options_.single_item_concurrency))) {}
+          single_item_(shared_device_semaphore(
+              detail::device_identity(probe),
+              static_cast<std::ptrdiff_t>(options_.single_item_concurrency))) {}
 
     Guard(const Guard&) = delete;
     Guard& operator=(const Guard&) = delete;
@@ -181,8 +186,7 @@ class Guard {
 
     // batch_fn(BatchView) returns one result per item (std::vector<R>) or nothing. Returns the
     // results in input order (std::vector<R>), or nothing.
-    template <class It, class F,
-              class = typename std::iterator_traits<It>::iterator_category>
+    template <class It, class F, class = typename std::iterator_traits<It>::iterator_category>
     auto encode(const Key& key, It first, It last, F&& batch_fn) {
         return run_encode(key, first, last, batch_fn);
     }
@@ -194,11 +198,13 @@ class Guard {
     // budget: batches are cut where the next item would exceed it. Wrap weight_fn in padded() when
     // batches are padded to their longest item.
     template <class Range, class F, class W,
-              class = std::enable_if_t<detail::is_weight_fn<Range, detail::unpadded_t<std::remove_reference_t<W>>>::value>>
+              class = std::enable_if_t<detail::is_weight_fn<
+                  Range, detail::unpadded_t<std::remove_reference_t<W>>>::value>>
     auto encode(const Key& key, const Range& items, F&& batch_fn, W&& weight_fn) {
         auto& weight_of = detail::unpadded(weight_fn);
         std::vector<std::uint64_t> weights;
-        for (const auto& item : items) weights.push_back(static_cast<std::uint64_t>(weight_of(item)));
+        for (const auto& item : items)
+            weights.push_back(static_cast<std::uint64_t>(weight_of(item)));
         return run_encode(key, std::begin(items), std::end(items), batch_fn, &weights,
                           detail::is_padded<std::decay_t<W>>::value);
     }
@@ -212,15 +218,20 @@ class Guard {
 
     // The learned largest batch (items) / batch weight for `key`; 0 when nothing limits it yet.
     std::uint64_t learned_batch_ceiling(const Key& key) { return key_memory(key).snapshot().first; }
-    std::uint64_t learned_weight_budget(const Key& key) { return key_memory(key).snapshot().second; }
+    std::uint64_t learned_weight_budget(const Key& key) {
+        return key_memory(key).snapshot().second;
+    }
 
     // One admission reading, reserving nothing: would a load of `key` start now?
-    Admission admission(const Key& key, std::optional<std::uint64_t> declared_bytes = std::nullopt) {
+    Admission admission(const Key& key,
+                        std::optional<std::uint64_t> declared_bytes = std::nullopt) {
         Admission result;
         result.memory = probe_.memory();
         result.requirement = requirement_for(key, declared_bytes, result.memory.total_bytes);
-        result.margin_bytes = policy::margin_bytes(result.memory.total_bytes, options_.safety_margin);
-        result.admitted = policy::admits(result.requirement.bytes, result.memory, options_.safety_margin);
+        result.margin_bytes =
+            policy::margin_bytes(result.memory.total_bytes, options_.safety_margin);
+        result.admitted =
+            policy::admits(result.requirement.bytes, result.memory, options_.safety_margin);
         return result;
     }
 
@@ -230,11 +241,13 @@ class Guard {
     bool wait_for_freed_memory(std::uint64_t expected_freed, std::uint64_t free_before,
                                std::uint64_t needed_free = 0) {
         const TimePoint deadline = options_.clock() + options_.recovery_timeout;
-        return detail::poll_until(options_.clock, options_.sleep, options_.poll_interval, deadline, [&] {
-            const std::uint64_t free_now = probe_.memory().free_bytes;
-            return (needed_free > 0 && free_now >= needed_free) ||
-                   policy::recovered(free_before, free_now, expected_freed, options_.recovery_fraction);
-        });
+        return detail::poll_until(
+            options_.clock, options_.sleep, options_.poll_interval, deadline, [&] {
+                const std::uint64_t free_now = probe_.memory().free_bytes;
+                return (needed_free > 0 && free_now >= needed_free) ||
+                       policy::recovered(free_before, free_now, expected_freed,
+                                         options_.recovery_fraction);
+            });
     }
 
    private:
@@ -245,8 +258,9 @@ class Guard {
         policy::CeilingState weight;
         std::uint64_t persisted_items = 0;
         std::uint64_t persisted_weight = 0;
-        std::uint64_t bytes_per_item = 0;      // highest measured cost of one item (count mode)
-        std::uint64_t cheapest_item_bytes = 0;  // lowest measured per-item cost: the least any item takes
+        std::uint64_t bytes_per_item = 0;  // highest measured cost of one item (count mode)
+        std::uint64_t cheapest_item_bytes =
+            0;  // lowest measured per-item cost: the least any item takes
         unsigned chunks_since_measured = 0;
 
         std::pair<std::uint64_t, std::uint64_t> snapshot() {
@@ -323,7 +337,9 @@ class Guard {
                                       options_.first_run_fraction);
     }
 
-    void log(Level level, const std::string& message) const { detail::emit(options_.log, level, message); }
+    void log(Level level, const std::string& message) const {
+        detail::emit(options_.log, level, message);
+    }
 
     // Admission: check (and reserve host-wide, with a coordinator) in one step; wait up to
     // admission_wait; throw InsufficientMemory with the numbers otherwise.
@@ -357,7 +373,8 @@ class Guard {
             return policy::admits(requirement.bytes, admitted.memory, options_.safety_margin);
         };
         if (try_once()) return admitted;
-        if (!policy::can_ever_fit(requirement.bytes, admitted.memory.total_bytes, options_.safety_margin))
+        if (!policy::can_ever_fit(requirement.bytes, admitted.memory.total_bytes,
+                                  options_.safety_margin))
             reject(key, what, requirement, available, admitted.memory.total_bytes, true);
         if (options_.admission_wait.count() > 0) {
             stats_.bump(stats_.waits);
@@ -374,24 +391,27 @@ class Guard {
         reject(key, what, requirement, available, admitted.memory.total_bytes, false);
     }
 
-    [[noreturn]] void reject(const Key& key, const char* what, const policy::Requirement& requirement,
-                             std::uint64_t available, std::uint64_t total, bool never_fits) {
+    [[noreturn]] void reject(const Key& key, const char* what,
+                             const policy::Requirement& requirement, std::uint64_t available,
+                             std::uint64_t total, bool never_fits) {
         stats_.bump(stats_.rejections);
         const std::uint64_t margin = policy::margin_bytes(total, options_.safety_margin);
-        std::string message = "vramguard: cannot start " + std::string(what) + " " + key.describe() +
-                              ": it needs " + format_bytes(requirement.bytes) + " (" +
-                              policy::to_string(requirement.source) + ") plus a safety margin of " +
-                              format_bytes(margin) + " (" + detail::percent(options_.safety_margin) +
-                              " of " + format_bytes(total) + "), ";
+        std::string message =
+            "vramguard: cannot start " + std::string(what) + " " + key.describe() + ": it needs " +
+            format_bytes(requirement.bytes) + " (" + policy::to_string(requirement.source) +
+            ") plus a safety margin of " + format_bytes(margin) + " (" +
+            detail::percent(options_.safety_margin) + " of " + format_bytes(total) + "), ";
         if (never_fits) {
-            message += "more than the whole device: it can never fit here. Declare a smaller size, "
-                       "lower safety_margin or use a larger device.";
+            message +=
+                "more than the whole device: it can never fit here. Declare a smaller size, "
+                "lower safety_margin or use a larger device.";
         } else {
             message += "but only " + format_bytes(available) + " is free for this process" +
                        (options_.coordinator ? " after other processes' reservations" : "") +
                        ". Free memory (unload idle models), lower the load, or retry later.";
         }
-        throw InsufficientMemory(requirement.bytes, available, total, key.describe(), retry_after(), message);
+        throw InsufficientMemory(requirement.bytes, available, total, key.describe(), retry_after(),
+                                 message);
     }
 
     std::chrono::milliseconds retry_after() const noexcept {
@@ -424,7 +444,8 @@ class Guard {
     }
 
     template <class F>
-    std::invoke_result_t<F&> run_load(const Key& key, std::optional<std::uint64_t> declared, F& fn) {
+    std::invoke_result_t<F&> run_load(const Key& key, std::optional<std::uint64_t> declared,
+                                      F& fn) {
         using R = std::invoke_result_t<F&>;
         stats_.bump(stats_.calls);
         for (unsigned attempt = 1;; ++attempt) {
@@ -453,18 +474,19 @@ class Guard {
                                          std::to_string(attempt) + " attempts: " + describe(error));
                     std::throw_with_nested(OomExhausted(
                         "vramguard: load " + key.describe() + " ran out of memory " +
-                            std::to_string(attempt) + " times (needed about " + format_bytes(required) +
+                            std::to_string(attempt) + " times (needed about " +
+                            format_bytes(required) +
                             ", released the allocator cache and waited up to " +
                             std::to_string(options_.retry_delay.count()) +
                             " ms for memory each time). Last error: " + describe(error),
                         key.describe(), std::nullopt, attempt));
                 }
-                log(Level::warn, "load " + key.describe() + ": out of memory on attempt " +
-                                     std::to_string(attempt) + " of " +
-                                     std::to_string(options_.load_attempts) +
-                                     "; released the allocator cache, waiting up to " +
-                                     std::to_string(options_.retry_delay.count()) + " ms for " +
-                                     format_bytes(required) + " to be free (" + describe(error) + ")");
+                log(Level::warn,
+                    "load " + key.describe() + ": out of memory on attempt " +
+                        std::to_string(attempt) + " of " + std::to_string(options_.load_attempts) +
+                        "; released the allocator cache, waiting up to " +
+                        std::to_string(options_.retry_delay.count()) + " ms for " +
+                        format_bytes(required) + " to be free (" + describe(error) + ")");
                 stats_.bump(stats_.retries);
                 wait_for_memory(required, options_.retry_delay, admitted.memory.free_bytes);
             }
@@ -480,15 +502,17 @@ class Guard {
         if (kind == OomKind::none) std::rethrow_exception(error);
         stats_.bump(stats_.ooms);
         if (kind == OomKind::driver) {
-            log(Level::warn, std::string(what) + " " + key.describe() + ": driver-level out of memory (" +
-                                 describe(error) + "); the CUDA context may be unusable, so it is not retried");
+            log(Level::warn, std::string(what) + " " + key.describe() +
+                                 ": driver-level out of memory (" + describe(error) +
+                                 "); the CUDA context may be unusable, so it is not retried");
             std::rethrow_exception(error);
         }
         probe_.release_cached();
     }
 
     // An allocation larger than the whole device never succeeds: retrying it only wastes time.
-    static bool asked_for_more_than_the_device(const std::exception_ptr& error, std::uint64_t total) {
+    static bool asked_for_more_than_the_device(const std::exception_ptr& error,
+                                               std::uint64_t total) {
         const auto report = oom_report(error);
         return report && total > 0 && report->requested_bytes > total;
     }
@@ -558,7 +582,8 @@ class Guard {
 
     template <class It, class F>
     auto run_encode(const Key& key, It first, It last, F& batch_fn,
-                    const std::vector<std::uint64_t>* weights = nullptr, bool padded_weights = false) {
+                    const std::vector<std::uint64_t>* weights = nullptr,
+                    bool padded_weights = false) {
         using View = BatchView<It>;
         using Out = std::invoke_result_t<F&, View>;
         static_assert(std::is_void_v<Out> || detail::is_std_vector<Out>::value,
@@ -566,14 +591,18 @@ class Guard {
                       "result per item of the view it was given");
         stats_.bump(stats_.calls);
         const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
-        std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out> results{};  // unused for void
+        std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out>
+            results{};  // unused for void
         if (n == 0) {
-            if constexpr (std::is_void_v<Out>) return;
-            else return results;
+            if constexpr (std::is_void_v<Out>)
+                return;
+            else
+                return results;
         }
 
         KeyMemory& memory = key_memory(key);
-        policy::CeilingState KeyMemory::*state_of = weights ? &KeyMemory::weight : &KeyMemory::items;
+        policy::CeilingState KeyMemory::*state_of =
+            weights ? &KeyMemory::weight : &KeyMemory::items;
         const policy::GrowthRule rule{options_.grow_after_successes, options_.forget_failure_after};
         auto weight_at = [weights](std::size_t i) { return (*weights)[i]; };
 
@@ -593,13 +622,15 @@ class Guard {
         if (cheapest > 0 || (!weights && costliest > 0)) {
             const MemoryInfo seen = probe_.memory();
             const std::uint64_t one_item = policy::scale_bytes(cheapest, options_.history_headroom);
-            if (cheapest > 0 && !policy::admits(one_item, seen, options_.safety_margin) && in_flight.alone())
+            if (cheapest > 0 && !policy::admits(one_item, seen, options_.safety_margin) &&
+                in_flight.alone())
                 admit(key, "encode", [one_item](std::uint64_t) {
                     return policy::Requirement{one_item, policy::RequirementSource::measured};
                 });
             if (!weights)
                 predicted = policy::predicted_batch(
-                    seen, options_.safety_margin, policy::scale_bytes(costliest, options_.history_headroom));
+                    seen, options_.safety_margin,
+                    policy::scale_bytes(costliest, options_.history_headroom));
         }
 
         // What this call learned is persisted when it ends, however it ends; a call that learned
@@ -638,22 +669,28 @@ class Guard {
                     total = policy::saturating_add(total, weight_at(i));
                     heaviest = std::max(heaviest, weight_at(i));
                 }
-                return padded_weights ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
+                return padded_weights ? policy::scale_bytes(heaviest, static_cast<double>(count))
+                                      : total;
             };
             if (weights) {
                 size = padded_weights ? policy::cut_by_padded_weight(pos, n, limit, weight_at)
                                       : policy::cut_by_weight(pos, n, limit, weight_at);
                 // Alone when not even two such items fit the budget.
-                alone = size == 1 && limit != 0 &&
-                        (pos + 1 < n ? batch_weight(pos, 2) : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
+                alone =
+                    size == 1 && limit != 0 &&
+                    (pos + 1 < n ? batch_weight(pos, 2)
+                                 : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
             } else {
                 const std::uint64_t cap = limit != 0 ? limit : predicted;
-                size = cap == 0 ? n - pos : static_cast<std::size_t>(std::min<std::uint64_t>(cap, n - pos));
+                size = cap == 0 ? n - pos
+                                : static_cast<std::size_t>(std::min<std::uint64_t>(cap, n - pos));
                 alone = limit == 1;
             }
             const std::uint64_t tried = weights ? batch_weight(pos, size) : size;
-            const bool at_ceiling = limit != 0 && (weights ? pos + size < n || alone : size == limit);
-            It chunk_end = std::next(cursor, static_cast<typename std::iterator_traits<It>::difference_type>(size));
+            const bool at_ceiling =
+                limit != 0 && (weights ? pos + size < n || alone : size == limit);
+            It chunk_end = std::next(
+                cursor, static_cast<typename std::iterator_traits<It>::difference_type>(size));
 
             // batch_fn's output is checked after the try: a contract error must never meet the
             // OOM classifier (a key named like an OOM message would turn it into one).
@@ -673,14 +710,16 @@ class Guard {
                 } else {
                     produced = std::invoke(batch_fn, View(cursor, chunk_end, size, pos));
                 }
-                if (auto peak = measurement ? measurement->peak() : std::nullopt; peak && *peak > 0) {
+                if (auto peak = measurement ? measurement->peak() : std::nullopt;
+                    peak && *peak > 0) {
                     const std::uint64_t per_item = (*peak + size - 1) / size;
                     profiles_.record_peak(key, *peak, size);
                     std::lock_guard<std::mutex> lock(memory.mutex);
                     memory.bytes_per_item = std::max(memory.bytes_per_item, per_item);
-                    memory.cheapest_item_bytes = memory.cheapest_item_bytes == 0
-                                                     ? per_item
-                                                     : std::min(memory.cheapest_item_bytes, per_item);
+                    memory.cheapest_item_bytes =
+                        memory.cheapest_item_bytes == 0
+                            ? per_item
+                            : std::min(memory.cheapest_item_bytes, per_item);
                 }
             } catch (...) {
                 const std::exception_ptr error = std::current_exception();
@@ -690,7 +729,8 @@ class Guard {
                 const MemoryInfo after = probe_.memory();
                 const std::uint64_t free_after = after.free_bytes;
                 std::optional<OomReport> report = oom_report(error);
-                if (report) report->free_bytes = std::max(report->free_bytes.value_or(0), free_after);
+                if (report)
+                    report->free_bytes = std::max(report->free_bytes.value_or(0), free_after);
                 if (size > 1) {
                     const std::uint64_t next = policy::size_after_oom(tried, report);
                     {
@@ -699,34 +739,41 @@ class Guard {
                         persist_on_exit.learned = true;
                     }
                     stats_.bump(stats_.halvings);
-                    log(Level::warn, "encode " + key.describe() + ": out of memory on a batch of " +
-                                         std::to_string(size) + " items" +
-                                         (weights ? " (weight " + std::to_string(tried) + ")" : "") +
-                                         "; released the allocator cache, retrying at " +
-                                         (weights ? "weight budget " : "") + std::to_string(next) + " (" +
-                                         describe(error) + ")");
+                    log(Level::warn,
+                        "encode " + key.describe() + ": out of memory on a batch of " +
+                            std::to_string(size) + " items" +
+                            (weights ? " (weight " + std::to_string(tried) + ")" : "") +
+                            "; released the allocator cache, retrying at " +
+                            (weights ? "weight budget " : "") + std::to_string(next) + " (" +
+                            describe(error) + ")");
                     continue;
                 }
                 ++alone_failures;
                 if (alone_failures >= options_.single_item_attempts ||
                     asked_for_more_than_the_device(error, after.total_bytes)) {
                     log(Level::warn, "encode " + key.describe() + ": item " + std::to_string(pos) +
-                                         " ran out of memory alone " + std::to_string(alone_failures) +
+                                         " ran out of memory alone " +
+                                         std::to_string(alone_failures) +
                                          " times; giving up on it");
                     OomExhausted exhausted(
                         "vramguard: encode " + key.describe() + ": item " + std::to_string(pos) +
                             " ran out of memory even alone, " + std::to_string(alone_failures) +
-                            " times (released the allocator cache and waited for memory each time). "
-                            "The " + std::to_string(pos) +
+                            " times (released the allocator cache and waited for memory each "
+                            "time). "
+                            "The " +
+                            std::to_string(pos) +
                             " results before it are kept in OomExhausted::finished_results(). Last "
-                            "error: " + describe(error),
+                            "error: " +
+                            describe(error),
                         key.describe(), pos, alone_failures);
-                    if constexpr (!std::is_void_v<Out>) exhausted.keep_finished_results(std::move(results));
+                    if constexpr (!std::is_void_v<Out>)
+                        exhausted.keep_finished_results(std::move(results));
                     std::throw_with_nested(std::move(exhausted));
                 }
                 log(Level::warn, "encode " + key.describe() + ": item " + std::to_string(pos) +
-                                     " ran out of memory alone (attempt " + std::to_string(alone_failures) +
-                                     " of " + std::to_string(options_.single_item_attempts) +
+                                     " ran out of memory alone (attempt " +
+                                     std::to_string(alone_failures) + " of " +
+                                     std::to_string(options_.single_item_attempts) +
                                      "); released the allocator cache, waiting for memory (" +
                                      describe(error) + ")");
                 stats_.bump(stats_.retries);
@@ -739,11 +786,11 @@ class Guard {
 
             if constexpr (!std::is_void_v<Out>) {
                 if (produced.size() != size)
-                    throw std::length_error("vramguard::Guard::encode " + key.describe() +
-                                            ": batch_fn returned " + std::to_string(produced.size()) +
-                                            " results for " + std::to_string(size) + " items (items " +
-                                            std::to_string(pos) + ".." + std::to_string(pos + size - 1) +
-                                            "); it must return exactly one per item");
+                    throw std::length_error(
+                        "vramguard::Guard::encode " + key.describe() + ": batch_fn returned " +
+                        std::to_string(produced.size()) + " results for " + std::to_string(size) +
+                        " items (items " + std::to_string(pos) + ".." +
+                        std::to_string(pos + size - 1) + "); it must return exactly one per item");
                 if (results.empty() && size == n) {
                     results = std::move(produced);  // one chunk: its vector is the answer
                 } else {
@@ -772,12 +819,16 @@ class Guard {
             }
             if (grew) {
                 stats_.bump(stats_.grow_backs);
-                log(Level::info, "encode " + key.describe() + ": " + std::to_string(options_.grow_after_successes) +
-                                     " batches at " + std::to_string(limit) + " succeeded; trying larger batches");
+                log(Level::info, "encode " + key.describe() + ": " +
+                                     std::to_string(options_.grow_after_successes) +
+                                     " batches at " + std::to_string(limit) +
+                                     " succeeded; trying larger batches");
             }
         }
-        if constexpr (std::is_void_v<Out>) return;
-        else return results;
+        if constexpr (std::is_void_v<Out>)
+            return;
+        else
+            return results;
     }
 
     Probe& probe_;

@@ -20,8 +20,9 @@ struct MemoryInfo {
     }
     // Fraction of the device in use, 0 for an empty report.
     double usage() const noexcept {
-        return total_bytes == 0 ? 0.0
-                                : static_cast<double>(used_bytes()) / static_cast<double>(total_bytes);
+        return total_bytes == 0
+                   ? 0.0
+                   : static_cast<double>(used_bytes()) / static_cast<double>(total_bytes);
     }
     friend bool operator==(const MemoryInfo& a, const MemoryInfo& b) noexcept {
         return a.free_bytes == b.free_bytes && a.total_bytes == b.total_bytes;

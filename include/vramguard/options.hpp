@@ -43,21 +43,26 @@ inline constexpr unsigned forget_failure_after = 64;
 }  // namespace defaults
 
 struct Options {
-    double safety_margin = defaults::safety_margin;            // fraction of total kept free, [0, 1)
+    double safety_margin = defaults::safety_margin;  // fraction of total kept free, [0, 1)
     double first_run_fraction = defaults::first_run_fraction;  // unknown load's requirement, (0, 1]
     double history_headroom = defaults::history_headroom;      // factor over a measured peak, >= 1
     unsigned load_attempts = defaults::load_attempts;          // tries of one load, >= 1
-    std::chrono::milliseconds retry_delay = defaults::retry_delay;      // max wait between tries
-    std::chrono::milliseconds poll_interval = defaults::poll_interval;  // > 0
+    std::chrono::milliseconds retry_delay = defaults::retry_delay;        // max wait between tries
+    std::chrono::milliseconds poll_interval = defaults::poll_interval;    // > 0
     std::chrono::milliseconds admission_wait = defaults::admission_wait;  // max wait to be admitted
-    unsigned single_item_attempts = defaults::single_item_attempts;  // tries of one item alone, >= 1
+    unsigned single_item_attempts =
+        defaults::single_item_attempts;  // tries of one item alone, >= 1
     // Items run alone at the same time on one device (the single-item semaphore's count).
     std::size_t single_item_concurrency = defaults::single_item_concurrency;
-    unsigned grow_after_successes = defaults::grow_after_successes;  // successes before growing back
-    unsigned forget_failure_after = defaults::forget_failure_after;  // successes before retrying a size that failed
+    unsigned grow_after_successes =
+        defaults::grow_after_successes;  // successes before growing back
+    unsigned forget_failure_after =
+        defaults::forget_failure_after;  // successes before retrying a size that failed
     double recovery_fraction = defaults::recovery_fraction;  // of the expected freed bytes, (0, 1]
-    std::chrono::milliseconds recovery_timeout = defaults::recovery_timeout;  // then trust the estimate
-    // Where profiles live; "" = $VRAMGUARD_PROFILE_DIR, $XDG_CACHE_HOME/vramguard, ~/.cache/vramguard.
+    std::chrono::milliseconds recovery_timeout =
+        defaults::recovery_timeout;  // then trust the estimate
+    // Where profiles live; "" = $VRAMGUARD_PROFILE_DIR, $XDG_CACHE_HOME/vramguard,
+    // ~/.cache/vramguard.
     std::string profile_dir;
     bool persist = true;  // false: learn in memory only
     LogSink log = stderr_sink();
@@ -75,9 +80,11 @@ struct Options {
         if (!finite(safety_margin) || safety_margin < 0 || safety_margin >= 1)
             fail("safety_margin", "must be in [0, 1), got " + std::to_string(safety_margin));
         if (!finite(first_run_fraction) || first_run_fraction <= 0 || first_run_fraction > 1)
-            fail("first_run_fraction", "must be in (0, 1], got " + std::to_string(first_run_fraction));
+            fail("first_run_fraction",
+                 "must be in (0, 1], got " + std::to_string(first_run_fraction));
         if (!finite(history_headroom) || history_headroom < 1 || history_headroom > 100)
-            fail("history_headroom", "must be in [1, 100], got " + std::to_string(history_headroom));
+            fail("history_headroom",
+                 "must be in [1, 100], got " + std::to_string(history_headroom));
         if (load_attempts < 1) fail("load_attempts", "must be at least 1");
         if (retry_delay.count() < 0) fail("retry_delay", "must not be negative");
         if (poll_interval.count() <= 0) fail("poll_interval", "must be positive");
@@ -87,7 +94,8 @@ struct Options {
         if (grow_after_successes < 1) fail("grow_after_successes", "must be at least 1");
         if (forget_failure_after < 1) fail("forget_failure_after", "must be at least 1");
         if (!finite(recovery_fraction) || recovery_fraction <= 0 || recovery_fraction > 1)
-            fail("recovery_fraction", "must be in (0, 1], got " + std::to_string(recovery_fraction));
+            fail("recovery_fraction",
+                 "must be in (0, 1], got " + std::to_string(recovery_fraction));
         if (recovery_timeout.count() < 0) fail("recovery_timeout", "must not be negative");
         if (!clock) fail("clock", "must be set (use vramguard::system_clock())");
         if (!sleep) fail("sleep", "must be set (use vramguard::system_sleep())");

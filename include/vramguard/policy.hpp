@@ -46,15 +46,16 @@ inline std::uint64_t scale_bytes(std::uint64_t bytes, double factor) noexcept {
 }
 
 inline std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-    return a > std::numeric_limits<std::uint64_t>::max() - b ? std::numeric_limits<std::uint64_t>::max()
-                                                              : a + b;
+    return a > std::numeric_limits<std::uint64_t>::max() - b
+               ? std::numeric_limits<std::uint64_t>::max()
+               : a + b;
 }
 
 // Declared bytes beat a measured peak (the caller knows about this run), which beats the
 // conservative first-run guess (a fraction of the whole device: an unknown load is assumed big).
-inline Requirement required_bytes(std::optional<std::uint64_t> declared, std::uint64_t measured_peak,
-                                  std::uint64_t total_bytes, double history_headroom,
-                                  double first_run_fraction) noexcept {
+inline Requirement required_bytes(std::optional<std::uint64_t> declared,
+                                  std::uint64_t measured_peak, std::uint64_t total_bytes,
+                                  double history_headroom, double first_run_fraction) noexcept {
     if (declared) return {*declared, RequirementSource::declared};
     if (measured_peak > 0)
         return {scale_bytes(measured_peak, history_headroom), RequirementSource::measured};
@@ -68,13 +69,15 @@ inline std::uint64_t margin_bytes(std::uint64_t total_bytes, double safety_margi
 
 // Admitted when required + safety_margin x total <= free.
 // Written as a subtraction so huge requests can never wrap around into "fits".
-inline bool admits(std::uint64_t required, const MemoryInfo& memory, double safety_margin) noexcept {
+inline bool admits(std::uint64_t required, const MemoryInfo& memory,
+                   double safety_margin) noexcept {
     return required <= memory.free_bytes &&
            memory.free_bytes - required >= margin_bytes(memory.total_bytes, safety_margin);
 }
 
 // Work that would not fit on an empty device is refused at once instead of waited for.
-inline bool can_ever_fit(std::uint64_t required, std::uint64_t total_bytes, double safety_margin) noexcept {
+inline bool can_ever_fit(std::uint64_t required, std::uint64_t total_bytes,
+                         double safety_margin) noexcept {
     return admits(required, MemoryInfo{total_bytes, total_bytes}, safety_margin);
 }
 
@@ -101,14 +104,16 @@ struct CeilingState {
     unsigned streak = 0;                // successes at the ceiling since the last change
     unsigned since_failure = 0;         // successes at the ceiling since failed_at was set
     std::uint64_t probing_from = 0;     // the proven ceiling while a grown one is still untried
-    std::uint64_t largest_success = 0;  // largest size that ran since the last failure at or below it
-    unsigned failed_probes = 0;         // growth probes in a row that ran out of memory
+    std::uint64_t largest_success =
+        0;                       // largest size that ran since the last failure at or below it
+    unsigned failed_probes = 0;  // growth probes in a row that ran out of memory
 };
 
 // Successes before a known failure is relaxed: doubles with every probe that failed in a row
 // (the limit has not moved, so probing it again only costs OOMs), up to 64 times the rule's.
 inline std::uint64_t relax_interval(const CeilingState& state, const GrowthRule& rule) noexcept {
-    return static_cast<std::uint64_t>(rule.forget_failure_after) << std::min(state.failed_probes, 6u);
+    return static_cast<std::uint64_t>(rule.forget_failure_after)
+           << std::min(state.failed_probes, 6u);
 }
 
 // What is known to work: a ceiling grown but not yet tried is a guess, not something learned.
@@ -119,7 +124,8 @@ inline std::uint64_t learned(const CeilingState& state) noexcept {
 // The next size to try after `tried` ran out of memory. With the OOM's own numbers ("tried to
 // allocate R, F free"), the part that fits is estimated as tried x F / R (an underestimate: the
 // chunk's earlier allocations were not counted), but never above half, never below 1.
-inline std::uint64_t size_after_oom(std::uint64_t tried, const std::optional<OomReport>& report) noexcept {
+inline std::uint64_t size_after_oom(std::uint64_t tried,
+                                    const std::optional<OomReport>& report) noexcept {
     const std::uint64_t half = std::max<std::uint64_t>(1, tried / 2);
     if (!report || !report->free_bytes || report->requested_bytes == 0) return half;
     const double fits = static_cast<double>(tried) * static_cast<double>(*report->free_bytes) /
@@ -150,18 +156,19 @@ inline void on_oom(CeilingState& state, std::uint64_t tried, std::uint64_t next,
 // Whether it is time to look at free memory before deciding to grow (the caller reads the probe
 // only then, keeping the fast path free of extra readings).
 inline bool wants_memory_reading(const CeilingState& state, const GrowthRule& rule) noexcept {
-    return state.ceiling != 0 && state.failed_at != 0 && state.streak + 1 >= rule.grow_after_successes;
+    return state.ceiling != 0 && state.failed_at != 0 &&
+           state.streak + 1 >= rule.grow_after_successes;
 }
 
 // Records a success of size `tried`. Only a batch limited by the ceiling counts towards growing (a
-// short tail chunk, or a weighted batch that ended with the input, does not). `free_now` is a fresh probe reading or 0
-// when none was taken. Returns true when the ceiling grew.
+// short tail chunk, or a weighted batch that ended with the input, does not). `free_now` is a fresh
+// probe reading or 0 when none was taken. Returns true when the ceiling grew.
 inline bool on_success(CeilingState& state, bool at_ceiling, std::uint64_t tried,
                        const GrowthRule& rule, std::uint64_t free_now = 0) noexcept {
     state.largest_success = std::max(state.largest_success, tried);
     if (state.ceiling == 0 || !at_ceiling) return false;
     if (state.probing_from != 0) state.failed_probes = 0;  // a probe worked: the limit moved
-    state.probing_from = 0;                                 // the ceiling itself just worked
+    state.probing_from = 0;                                // the ceiling itself just worked
     ++state.streak;
     if (state.failed_at != 0) ++state.since_failure;
     if (state.streak < rule.grow_after_successes) return false;
@@ -174,14 +181,16 @@ inline bool on_success(CeilingState& state, bool at_ceiling, std::uint64_t tried
             state.failed_at = 0;
             state.failed_probes = 0;
         } else if (relax) {
-            state.failed_at = std::max(state.failed_at,
-                                       saturating_add(state.ceiling, std::max<std::uint64_t>(2, state.ceiling / 4)));
+            state.failed_at = std::max(
+                state.failed_at,
+                saturating_add(state.ceiling, std::max<std::uint64_t>(2, state.ceiling / 4)));
         }
         if (memory_came_back || relax) state.since_failure = 0;
     }
     const std::uint64_t before = state.ceiling;
     if (state.failed_at == 0) {
-        state.ceiling = before > std::numeric_limits<std::uint64_t>::max() / 2 ? before : before * 2;
+        state.ceiling =
+            before > std::numeric_limits<std::uint64_t>::max() / 2 ? before : before * 2;
     } else if (state.failed_at - before > std::max<std::uint64_t>(1, before / 32)) {
         state.ceiling = before + std::max<std::uint64_t>(1, (state.failed_at - before) / 2);
     }
@@ -191,9 +200,11 @@ inline bool on_success(CeilingState& state, bool at_ceiling, std::uint64_t tried
 }
 
 // How many items from `begin` form the next weighted batch: add items while the total stays within
-// `budget`; the first item always goes, alone if it is heavier than the budget. budget 0 = no limit.
+// `budget`; the first item always goes, alone if it is heavier than the budget. budget 0 = no
+// limit.
 template <class WeightAt>
-std::size_t cut_by_weight(std::size_t begin, std::size_t end, std::uint64_t budget, WeightAt&& weight_at) {
+std::size_t cut_by_weight(std::size_t begin, std::size_t end, std::uint64_t budget,
+                          WeightAt&& weight_at) {
     if (begin >= end) return 0;
     if (budget == 0) return end - begin;
     std::uint64_t total = weight_at(begin);
@@ -217,8 +228,10 @@ std::size_t cut_by_padded_weight(std::size_t begin, std::size_t end, std::uint64
     std::uint64_t heaviest = weight_at(begin);
     std::size_t count = 1;
     while (begin + count < end) {
-        const std::uint64_t next_heaviest = std::max<std::uint64_t>(heaviest, weight_at(begin + count));
-        if (next_heaviest > budget / (count + 1)) break;  // (count + 1) x heaviest > budget, without overflow
+        const std::uint64_t next_heaviest =
+            std::max<std::uint64_t>(heaviest, weight_at(begin + count));
+        if (next_heaviest > budget / (count + 1))
+            break;  // (count + 1) x heaviest > budget, without overflow
         heaviest = next_heaviest;
         ++count;
     }
@@ -239,8 +252,8 @@ inline std::uint64_t predicted_batch(const MemoryInfo& memory, double safety_mar
 // Freed VRAM shows up in the driver's report late. Ollama's rule: poll every 250 ms until 75 % of
 // the expected bytes appear, at most 5 s, then trust the estimate.
 
-inline bool recovered(std::uint64_t free_before, std::uint64_t free_now, std::uint64_t expected_freed,
-                      double fraction) noexcept {
+inline bool recovered(std::uint64_t free_before, std::uint64_t free_now,
+                      std::uint64_t expected_freed, double fraction) noexcept {
     return free_now >= saturating_add(free_before, scale_bytes(expected_freed, fraction));
 }
 

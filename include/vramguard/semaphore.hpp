@@ -67,7 +67,9 @@ class Semaphore {
        public:
         Permit() = default;
         explicit Permit(Semaphore& semaphore) : semaphore_(&semaphore) { semaphore.acquire(); }
-        Permit(Permit&& other) noexcept : semaphore_(other.semaphore_) { other.semaphore_ = nullptr; }
+        Permit(Permit&& other) noexcept : semaphore_(other.semaphore_) {
+            other.semaphore_ = nullptr;
+        }
         Permit& operator=(Permit&& other) noexcept {
             if (this != &other) {
                 reset();
@@ -104,7 +106,8 @@ class Semaphore {
 
 // The semaphore of one device in this process: guards naming the same device get the same one
 // (the first caller's count wins), and it lives while any of them does.
-inline std::shared_ptr<Semaphore> shared_device_semaphore(const std::string& device, std::ptrdiff_t count) {
+inline std::shared_ptr<Semaphore> shared_device_semaphore(const std::string& device,
+                                                          std::ptrdiff_t count) {
     static std::mutex mutex;
     static std::map<std::string, std::weak_ptr<Semaphore>> semaphores;
     std::lock_guard<std::mutex> lock(mutex);

@@ -32,9 +32,14 @@ struct AtomicStats {
     }
     Stats snapshot() const noexcept {
         const auto r = std::memory_order_relaxed;
-        return Stats{calls.load(r),   ooms.load(r),       retries.load(r),
-                     halvings.load(r), single_item_calls.load(r), rejections.load(r),
-                     waits.load(r),   grow_backs.load(r)};
+        return Stats{calls.load(r),
+                     ooms.load(r),
+                     retries.load(r),
+                     halvings.load(r),
+                     single_item_calls.load(r),
+                     rejections.load(r),
+                     waits.load(r),
+                     grow_backs.load(r)};
     }
 };
 

@@ -27,7 +27,8 @@
 #endif
 #endif
 
-#if defined(__cpp_lib_semaphore) || (__cplusplus >= 202002L && defined(__has_include) && __has_include(<semaphore>))
+#if defined(__cpp_lib_semaphore) || \
+    (__cplusplus >= 202002L && defined(__has_include) && __has_include(<semaphore>))
 #define VRAMGUARD_HAS_STD_SEMAPHORE 1
 #else
 #define VRAMGUARD_HAS_STD_SEMAPHORE 0

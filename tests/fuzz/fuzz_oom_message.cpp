@@ -66,8 +66,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const std::exception_ptr error = std::make_exception_ptr(thrown);
     const std::string what = thrown.what();  // not describe(): that one is shortened for logs
     const std::string line = vg::describe(error);
-    FUZZ_CHECK(line.size() <= 403 && what.compare(0, std::min(line.size(), std::size_t{400}), line, 0,
-                                                  std::min(line.size(), std::size_t{400})) == 0);
+    FUZZ_CHECK(line.size() <= 403 && what.compare(0, std::min(line.size(), std::size_t{400}), line,
+                                                  0, std::min(line.size(), std::size_t{400})) == 0);
     FUZZ_CHECK(vg::classify_oom(error) == vg::classify_oom_message(what));
     FUZZ_CHECK(vg::is_oom(error) == (vg::classify_oom_message(what) != vg::OomKind::none));
     const auto via_exception = vg::oom_report(error);

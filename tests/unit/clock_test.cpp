@@ -43,16 +43,18 @@ TEST(ManualClock, AnActionMayScheduleAnother) {
 TEST(PollUntil, ChecksFirstPollsAtTheIntervalAndNeverSleepsPastTheDeadline) {
     ManualClock clock;
     int checks = 0;
-    const bool ok = detail::poll_until(clock.clock_fn(), clock.sleep_fn(), 250ms, clock.now() + 1s, [&] {
-        ++checks;
-        return false;
-    });
+    const bool ok =
+        detail::poll_until(clock.clock_fn(), clock.sleep_fn(), 250ms, clock.now() + 1s, [&] {
+            ++checks;
+            return false;
+        });
     EXPECT_FALSE(ok);
     EXPECT_EQ(checks, 5);  // t = 0, .25, .5, .75, 1.0
     EXPECT_EQ(clock.slept(), 1s);
 
     ManualClock ready;
-    EXPECT_TRUE(detail::poll_until(ready.clock_fn(), ready.sleep_fn(), 250ms, ready.now(), [] { return true; }));
+    EXPECT_TRUE(detail::poll_until(ready.clock_fn(), ready.sleep_fn(), 250ms, ready.now(),
+                                   [] { return true; }));
     EXPECT_EQ(ready.slept(), 0s);
 
     ManualClock odd;

@@ -29,7 +29,8 @@ const char* const kOldCudaOom =
     "is >> allocated memory try setting max_split_size_mb to avoid fragmentation.";
 // The same format with the historical typo.
 const char* const kTypoCudaOom =
-    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 1; 7.79 GiB total capacty; 5.12 GiB already "
+    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 1; 7.79 GiB total capacty; 5.12 GiB "
+    "already "
     "allocated; 1.25 GiB free; 5.50 GiB reserved in total by PyTorch)";
 // PyTorch >= 2.1.
 const char* const kNewCudaOom =
@@ -95,10 +96,12 @@ TEST(ClassifyOomMessage, AllocatorDriverAndNone) {
     EXPECT_EQ(classify_oom_message(kOldCudaOom), OomKind::allocator);
     EXPECT_EQ(classify_oom_message(kNewCudaOom), OomKind::allocator);
     EXPECT_EQ(classify_oom_message(kCpuOom), OomKind::allocator);
-    EXPECT_EQ(classify_oom_message("CUDA error: out of memory\nCUDA kernel errors might be asynchronously "
-                                   "reported"),
+    EXPECT_EQ(classify_oom_message(
+                  "CUDA error: out of memory\nCUDA kernel errors might be asynchronously "
+                  "reported"),
               OomKind::driver);
-    EXPECT_EQ(classify_oom_message("cudaMalloc failed: cudaErrorMemoryAllocation"), OomKind::driver);
+    EXPECT_EQ(classify_oom_message("cudaMalloc failed: cudaErrorMemoryAllocation"),
+              OomKind::driver);
     EXPECT_EQ(classify_oom_message("file not found"), OomKind::none);
     EXPECT_EQ(classify_oom_message("out of memory"), OomKind::none);  // too vague to retry on
     EXPECT_EQ(classify_oom_message("shape mismatch: tried to allocate [3, 4]"), OomKind::none);
@@ -138,8 +141,8 @@ TEST(ClassifyOom, RegisteredClassifiersExtendIt) {
 }
 
 TEST(OomReport, FromOwnReportOrFromTheMessage) {
-    const auto own = oom_report(thrown(OutOfMemory("no numbers here", OomKind::allocator,
-                                                   OomReport{1_GiB, 2_GiB, 8_GiB})));
+    const auto own = oom_report(
+        thrown(OutOfMemory("no numbers here", OomKind::allocator, OomReport{1_GiB, 2_GiB, 8_GiB})));
     ASSERT_TRUE(own);
     EXPECT_EQ(own->requested_bytes, 1_GiB);
     const auto parsed = oom_report(thrown(std::runtime_error(kNewCudaOom)));

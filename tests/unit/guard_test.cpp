@@ -132,9 +132,11 @@ TEST_F(GuardTest, RejectionExplainsTheNumbersAndSuggestsWhatToDo) {
         EXPECT_EQ(e.required(), 4_GiB);
         EXPECT_EQ(e.available(), 4_GiB);
         EXPECT_EQ(e.retry_after(), options.retry_delay);  // nothing observed yet
-        for (const char* part : {"encoder{dim=768}", "4.00 GiB (declared)", "safety margin of 1.00 GiB",
-                                 "10% of 10.00 GiB", "only 4.00 GiB is free"})
-            EXPECT_NE(what.find(part), std::string::npos) << "missing '" << part << "' in: " << what;
+        for (const char* part :
+             {"encoder{dim=768}", "4.00 GiB (declared)", "safety margin of 1.00 GiB",
+              "10% of 10.00 GiB", "only 4.00 GiB is free"})
+            EXPECT_NE(what.find(part), std::string::npos)
+                << "missing '" << part << "' in: " << what;
     }
 }
 
@@ -483,7 +485,7 @@ TEST_F(GuardTest, CeilingGrowsBackOnceTheSqueezeIsOver) {
 }
 
 TEST_F(GuardTest, WeightedEncodeLearnsATokenBudgetAndHeavyItemsGoAlone) {
-    options.grow_after_successes = 1000;  // no probing back up: the second pass must not OOM
+    options.grow_after_successes = 1000;      // no probing back up: the second pass must not OOM
     device.set_flush_cache_before_oom(true);  // no fragmentation OOMs: only the budget is tested
     Guard<SimulatedDevice> guard(device, options);
     // 16 MiB per token: 10 GiB holds 640 tokens. Mostly 8-token items, every tenth 256 tokens.
@@ -520,7 +522,8 @@ TEST_F(GuardTest, PaddedWeightsBudgetBatchSizeTimesTheLongestItem) {
     for (int i = 0; i < 200; ++i) tokens.push_back(i % 10 == 9 ? 200 : 10);
     std::vector<std::uint64_t> padded_costs;
     auto encoder = [&](const BatchView<std::vector<int>::const_iterator>& batch) {
-        const std::uint64_t longest = static_cast<std::uint64_t>(*std::max_element(batch.begin(), batch.end()));
+        const std::uint64_t longest =
+            static_cast<std::uint64_t>(*std::max_element(batch.begin(), batch.end()));
         padded_costs.push_back(longest * batch.size());
         auto activations = device.allocate(16_MiB * longest * batch.size());
         return std::vector<int>(batch.begin(), batch.end());
@@ -556,7 +559,8 @@ TEST_F(GuardTest, ABatchFunctionReturningTheWrongCountIsAClearError) {
         guard.encode(key, items, [](auto) { return std::vector<int>{1}; });
         FAIL();
     } catch (const std::length_error& e) {
-        EXPECT_NE(std::string(e.what()).find("returned 1 results for 4 items"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find("returned 1 results for 4 items"), std::string::npos)
+            << e.what();
     }
 }
 
@@ -674,7 +678,8 @@ TEST_F(GuardTest, ManyThreadsShareOneGuardWithoutLosingOrDuplicatingAnItem) {
                     return out;
                 };
                 try {
-                    if (guard.encode(Key::of("shared"), items, encoder) != times_ten(items)) ++wrong;
+                    if (guard.encode(Key::of("shared"), items, encoder) != times_ten(items))
+                        ++wrong;
                 } catch (const OomExhausted&) {
                     ++wrong;  // 512 MiB always fits alone: must not happen
                 }
@@ -683,7 +688,8 @@ TEST_F(GuardTest, ManyThreadsShareOneGuardWithoutLosingOrDuplicatingAnItem) {
     }
     for (auto& worker : workers) worker.join();
     EXPECT_EQ(wrong.load(), 0);
-    for (std::size_t i = 0; i < completions.size(); ++i) ASSERT_EQ(completions[i].load(), 1) << "item " << i;
+    for (std::size_t i = 0; i < completions.size(); ++i)
+        ASSERT_EQ(completions[i].load(), 1) << "item " << i;
     EXPECT_GT(guard.stats().ooms, 0u);  // 8 threads x 37 x 512 MiB cannot all fit on 10 GiB
     EXPECT_EQ(guard.stats().calls, static_cast<std::uint64_t>(threads * calls));
 }

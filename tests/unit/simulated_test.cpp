@@ -34,9 +34,7 @@ std::exception_ptr expect_oom(F&& fn) {
     return nullptr;
 }
 
-TEST(SimulatedDevice, RejectsZeroTotal) {
-    EXPECT_THROW(SimulatedDevice(0), std::invalid_argument);
-}
+TEST(SimulatedDevice, RejectsZeroTotal) { EXPECT_THROW(SimulatedDevice(0), std::invalid_argument); }
 
 TEST(SimulatedDevice, BasicAccounting) {
     SimulatedDevice device(8_GiB);
@@ -131,7 +129,7 @@ TEST(SimulatedDevice, FragmentedCacheFailsABigAllocationUntilReleased) {
     // ...but no cached block is big enough and the driver has only 1.75 GiB left.
     const auto error = expect_oom([&] { device.allocate(4_GiB); });
     EXPECT_EQ(device.oom_count(), 1u);
-    EXPECT_EQ(device.cached_bytes(), 6400_MiB);  // the OOM did not flush the cache by itself
+    EXPECT_EQ(device.cached_bytes(), 6400_MiB);         // the OOM did not flush the cache by itself
     EXPECT_THROW(device.allocate(4_GiB), OutOfMemory);  // nor does trying again
     device.release_cached();
     auto big = device.allocate(4_GiB);
@@ -212,7 +210,7 @@ TEST(SimulatedDevice, PeakIsReservedSinceReset) {
     EXPECT_EQ(device.peak_bytes(), 0u);
     {
         auto a = device.allocate(1_GiB);
-        a.release();  // cached: reserved stays 1 GiB
+        a.release();                        // cached: reserved stays 1 GiB
         auto b = device.allocate(512_MiB);  // reuses the cached 1 GiB block
         EXPECT_EQ(device.peak_bytes(), 1_GiB);
         auto c = device.allocate(1_GiB);
@@ -392,9 +390,7 @@ TEST(SimulatedDevice, ConcurrentAllocationsKeepTheBooksBalanced) {
                             held.pop_back();
                         }
                         break;
-                    default:
-                        try {
-                            held.push_back(device.allocate(1 + (r >> 16) % 16_MiB));
+                    default: try { held.push_back(device.allocate(1 + (r >> 16) % 16_MiB));
                         } catch (const OutOfMemory&) {
                             if (!held.empty()) held.pop_back();
                         }

@@ -46,7 +46,8 @@
 #endif
 #endif
 
-#if defined(__cpp_lib_semaphore) || (__cplusplus >= 202002L && defined(__has_include) && __has_include(<semaphore>))
+#if defined(__cpp_lib_semaphore) || \
+    (__cplusplus >= 202002L && defined(__has_include) && __has_include(<semaphore>))
 #define VRAMGUARD_HAS_STD_SEMAPHORE 1
 #else
 #define VRAMGUARD_HAS_STD_SEMAPHORE 0
@@ -73,8 +74,9 @@ struct MemoryInfo {
     }
     // Fraction of the device in use, 0 for an empty report.
     double usage() const noexcept {
-        return total_bytes == 0 ? 0.0
-                                : static_cast<double>(used_bytes()) / static_cast<double>(total_bytes);
+        return total_bytes == 0
+                   ? 0.0
+                   : static_cast<double>(used_bytes()) / static_cast<double>(total_bytes);
     }
     friend bool operator==(const MemoryInfo& a, const MemoryInfo& b) noexcept {
         return a.free_bytes == b.free_bytes && a.total_bytes == b.total_bytes;
@@ -172,8 +174,8 @@ VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/log.hpp> ----
 
 // ---- begin <vramguard/clock.hpp> ----
-// Injected time. Every wait in vramguard reads `ClockFn` and waits through `SleepFn`, so a 30 s retry
-// delay or a 5 min idle timeout is tested in microseconds with a ManualClock.
+// Injected time. Every wait in vramguard reads `ClockFn` and waits through `SleepFn`, so a 30 s
+// retry delay or a 5 min idle timeout is tested in microseconds with a ManualClock.
 
 
 #include <algorithm>
@@ -249,7 +251,9 @@ class ManualClock {
         std::lock_guard<std::mutex> lock(mutex_);
         actions_.emplace(when, std::move(action));
     }
-    void after(Duration delay, std::function<void()> action) { at(now() + delay, std::move(action)); }
+    void after(Duration delay, std::function<void()> action) {
+        at(now() + delay, std::move(action));
+    }
 
     // Total time slept through this clock: a test's proof that a wait polled instead of blocking.
     Duration slept() const {
@@ -273,8 +277,8 @@ class ManualClock {
 
 namespace detail {
 
-// Polls `ready` every `interval` until it holds or `deadline` passes; never sleeps past the deadline.
-// Returns whether `ready` held.
+// Polls `ready` every `interval` until it holds or `deadline` passes; never sleeps past the
+// deadline. Returns whether `ready` held.
 template <class Ready>
 bool poll_until(const ClockFn& clock, const SleepFn& sleep, Duration interval, TimePoint deadline,
                 Ready&& ready) {
@@ -410,7 +414,8 @@ class OomExhausted : public std::runtime_error, public std::nested_exception {
     // is not the batch function's result type.
     template <class R>
     const std::vector<R>& finished_results() const {
-        if (!results_ || results_type_ != std::type_index(typeid(std::vector<R>))) throw std::bad_cast();
+        if (!results_ || results_type_ != std::type_index(typeid(std::vector<R>)))
+            throw std::bad_cast();
         return *static_cast<const std::vector<R>*>(results_.get());
     }
 
@@ -445,7 +450,8 @@ inline bool contains_nocase(std::string_view text, std::string_view needle) noex
 
 // Parses "20.00 MiB", "1.5GiB", "8000000000 bytes" at the start of `text` (after spaces).
 // Returns the byte count and how many characters were read.
-inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(std::string_view text) noexcept {
+inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(
+    std::string_view text) noexcept {
     std::size_t i = 0;
     while (i < text.size() && text[i] == ' ') ++i;
     const std::size_t digits_start = i;
@@ -471,8 +477,8 @@ inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(std::stri
         double bytes;
     };
     static constexpr Unit units[] = {
-        {"bytes", 1.0},  {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0},
-        {"TiB", 1099511627776.0}, {"KB", 1024.0}, {"MB", 1048576.0}, {"GB", 1073741824.0},
+        {"bytes", 1.0},           {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0},
+        {"TiB", 1099511627776.0}, {"KB", 1024.0},  {"MB", 1048576.0},  {"GB", 1073741824.0},
         {"TB", 1099511627776.0},  {"B", 1.0},
     };
     double multiplier = 0;
@@ -490,15 +496,16 @@ inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(std::stri
 }
 
 // The size written just before `end` in `text` ("... 3.75 MiB free").
-inline std::optional<std::uint64_t> parse_size_before(std::string_view text, std::size_t end) noexcept {
+inline std::optional<std::uint64_t> parse_size_before(std::string_view text,
+                                                      std::size_t end) noexcept {
     std::size_t start = end;
     // Step back over "<number> <unit>" : at most two space-separated tokens.
     int tokens = 0;
     while (start > 0 && text[start - 1] == ' ') --start;
     while (start > 0 && tokens < 2) {
         std::size_t token_end = start;
-        while (start > 0 && text[start - 1] != ' ' && text[start - 1] != ';' && text[start - 1] != '(' &&
-               text[start - 1] != ',')
+        while (start > 0 && text[start - 1] != ' ' && text[start - 1] != ';' &&
+               text[start - 1] != '(' && text[start - 1] != ',')
             --start;
         if (start == token_end) break;
         ++tokens;
@@ -514,8 +521,8 @@ inline std::optional<std::uint64_t> parse_size_before(std::string_view text, std
 
 // Reads the numbers out of a PyTorch/CUDA/CPU OOM message, in any of its historical formats:
 //   "Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity; ...; 3.75 MiB free; ...)"
-//   "Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which 12.75 MiB is free."
-//   "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000 bytes."
+//   "Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which 12.75 MiB is
+//   free." "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000 bytes."
 // Returns nothing when not even the requested size can be read.
 inline std::optional<OomReport> parse_oom_message(std::string_view message) noexcept {
     const std::size_t tried = detail::find_nocase(message, "tried to allocate");
@@ -528,7 +535,8 @@ inline std::optional<OomReport> parse_oom_message(std::string_view message) noex
 
     const std::size_t of_which = detail::find_nocase(rest, "of which");
     if (of_which != std::string_view::npos) {
-        if (auto free = detail::parse_size(rest.substr(of_which + 8))) report.free_bytes = free->first;
+        if (auto free = detail::parse_size(rest.substr(of_which + 8)))
+            report.free_bytes = free->first;
     } else {
         const std::size_t free_word = detail::find_nocase(rest, " free");
         if (free_word != std::string_view::npos)
@@ -536,7 +544,8 @@ inline std::optional<OomReport> parse_oom_message(std::string_view message) noex
     }
     const std::size_t capacity_of = detail::find_nocase(rest, "total capacity of");
     if (capacity_of != std::string_view::npos) {
-        if (auto total = detail::parse_size(rest.substr(capacity_of + 17))) report.total_bytes = total->first;
+        if (auto total = detail::parse_size(rest.substr(capacity_of + 17)))
+            report.total_bytes = total->first;
     } else {
         // "total capacity" and the historical typo "total capacty".
         const std::size_t total_word = detail::find_nocase(rest, " total capac");
@@ -548,8 +557,8 @@ inline std::optional<OomReport> parse_oom_message(std::string_view message) noex
 
 // Classifies an error message; used for exception types no classifier knows.
 inline OomKind classify_oom_message(std::string_view message) noexcept {
-    // The driver-level failure ("CUDA error: out of memory", cudaErrorMemoryAllocation raised outside
-    // the caching allocator) is checked first: its context may be broken.
+    // The driver-level failure ("CUDA error: out of memory", cudaErrorMemoryAllocation raised
+    // outside the caching allocator) is checked first: its context may be broken.
     if (detail::contains_nocase(message, "CUDA error: out of memory") ||
         detail::contains_nocase(message, "cudaErrorMemoryAllocation"))
         return OomKind::driver;
@@ -699,15 +708,16 @@ inline std::uint64_t scale_bytes(std::uint64_t bytes, double factor) noexcept {
 }
 
 inline std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-    return a > std::numeric_limits<std::uint64_t>::max() - b ? std::numeric_limits<std::uint64_t>::max()
-                                                              : a + b;
+    return a > std::numeric_limits<std::uint64_t>::max() - b
+               ? std::numeric_limits<std::uint64_t>::max()
+               : a + b;
 }
 
 // Declared bytes beat a measured peak (the caller knows about this run), which beats the
 // conservative first-run guess (a fraction of the whole device: an unknown load is assumed big).
-inline Requirement required_bytes(std::optional<std::uint64_t> declared, std::uint64_t measured_peak,
-                                  std::uint64_t total_bytes, double history_headroom,
-                                  double first_run_fraction) noexcept {
+inline Requirement required_bytes(std::optional<std::uint64_t> declared,
+                                  std::uint64_t measured_peak, std::uint64_t total_bytes,
+                                  double history_headroom, double first_run_fraction) noexcept {
     if (declared) return {*declared, RequirementSource::declared};
     if (measured_peak > 0)
         return {scale_bytes(measured_peak, history_headroom), RequirementSource::measured};
@@ -721,13 +731,15 @@ inline std::uint64_t margin_bytes(std::uint64_t total_bytes, double safety_margi
 
 // Admitted when required + safety_margin x total <= free.
 // Written as a subtraction so huge requests can never wrap around into "fits".
-inline bool admits(std::uint64_t required, const MemoryInfo& memory, double safety_margin) noexcept {
+inline bool admits(std::uint64_t required, const MemoryInfo& memory,
+                   double safety_margin) noexcept {
     return required <= memory.free_bytes &&
            memory.free_bytes - required >= margin_bytes(memory.total_bytes, safety_margin);
 }
 
 // Work that would not fit on an empty device is refused at once instead of waited for.
-inline bool can_ever_fit(std::uint64_t required, std::uint64_t total_bytes, double safety_margin) noexcept {
+inline bool can_ever_fit(std::uint64_t required, std::uint64_t total_bytes,
+                         double safety_margin) noexcept {
     return admits(required, MemoryInfo{total_bytes, total_bytes}, safety_margin);
 }
 
@@ -754,14 +766,16 @@ struct CeilingState {
     unsigned streak = 0;                // successes at the ceiling since the last change
     unsigned since_failure = 0;         // successes at the ceiling since failed_at was set
     std::uint64_t probing_from = 0;     // the proven ceiling while a grown one is still untried
-    std::uint64_t largest_success = 0;  // largest size that ran since the last failure at or below it
-    unsigned failed_probes = 0;         // growth probes in a row that ran out of memory
+    std::uint64_t largest_success =
+        0;                       // largest size that ran since the last failure at or below it
+    unsigned failed_probes = 0;  // growth probes in a row that ran out of memory
 };
 
 // Successes before a known failure is relaxed: doubles with every probe that failed in a row
 // (the limit has not moved, so probing it again only costs OOMs), up to 64 times the rule's.
 inline std::uint64_t relax_interval(const CeilingState& state, const GrowthRule& rule) noexcept {
-    return static_cast<std::uint64_t>(rule.forget_failure_after) << std::min(state.failed_probes, 6u);
+    return static_cast<std::uint64_t>(rule.forget_failure_after)
+           << std::min(state.failed_probes, 6u);
 }
 
 // What is known to work: a ceiling grown but not yet tried is a guess, not something learned.
@@ -772,7 +786,8 @@ inline std::uint64_t learned(const CeilingState& state) noexcept {
 // The next size to try after `tried` ran out of memory. With the OOM's own numbers ("tried to
 // allocate R, F free"), the part that fits is estimated as tried x F / R (an underestimate: the
 // chunk's earlier allocations were not counted), but never above half, never below 1.
-inline std::uint64_t size_after_oom(std::uint64_t tried, const std::optional<OomReport>& report) noexcept {
+inline std::uint64_t size_after_oom(std::uint64_t tried,
+                                    const std::optional<OomReport>& report) noexcept {
     const std::uint64_t half = std::max<std::uint64_t>(1, tried / 2);
     if (!report || !report->free_bytes || report->requested_bytes == 0) return half;
     const double fits = static_cast<double>(tried) * static_cast<double>(*report->free_bytes) /
@@ -803,18 +818,19 @@ inline void on_oom(CeilingState& state, std::uint64_t tried, std::uint64_t next,
 // Whether it is time to look at free memory before deciding to grow (the caller reads the probe
 // only then, keeping the fast path free of extra readings).
 inline bool wants_memory_reading(const CeilingState& state, const GrowthRule& rule) noexcept {
-    return state.ceiling != 0 && state.failed_at != 0 && state.streak + 1 >= rule.grow_after_successes;
+    return state.ceiling != 0 && state.failed_at != 0 &&
+           state.streak + 1 >= rule.grow_after_successes;
 }
 
 // Records a success of size `tried`. Only a batch limited by the ceiling counts towards growing (a
-// short tail chunk, or a weighted batch that ended with the input, does not). `free_now` is a fresh probe reading or 0
-// when none was taken. Returns true when the ceiling grew.
+// short tail chunk, or a weighted batch that ended with the input, does not). `free_now` is a fresh
+// probe reading or 0 when none was taken. Returns true when the ceiling grew.
 inline bool on_success(CeilingState& state, bool at_ceiling, std::uint64_t tried,
                        const GrowthRule& rule, std::uint64_t free_now = 0) noexcept {
     state.largest_success = std::max(state.largest_success, tried);
     if (state.ceiling == 0 || !at_ceiling) return false;
     if (state.probing_from != 0) state.failed_probes = 0;  // a probe worked: the limit moved
-    state.probing_from = 0;                                 // the ceiling itself just worked
+    state.probing_from = 0;                                // the ceiling itself just worked
     ++state.streak;
     if (state.failed_at != 0) ++state.since_failure;
     if (state.streak < rule.grow_after_successes) return false;
@@ -827,14 +843,16 @@ inline bool on_success(CeilingState& state, bool at_ceiling, std::uint64_t tried
             state.failed_at = 0;
             state.failed_probes = 0;
         } else if (relax) {
-            state.failed_at = std::max(state.failed_at,
-                                       saturating_add(state.ceiling, std::max<std::uint64_t>(2, state.ceiling / 4)));
+            state.failed_at = std::max(
+                state.failed_at,
+                saturating_add(state.ceiling, std::max<std::uint64_t>(2, state.ceiling / 4)));
         }
         if (memory_came_back || relax) state.since_failure = 0;
     }
     const std::uint64_t before = state.ceiling;
     if (state.failed_at == 0) {
-        state.ceiling = before > std::numeric_limits<std::uint64_t>::max() / 2 ? before : before * 2;
+        state.ceiling =
+            before > std::numeric_limits<std::uint64_t>::max() / 2 ? before : before * 2;
     } else if (state.failed_at - before > std::max<std::uint64_t>(1, before / 32)) {
         state.ceiling = before + std::max<std::uint64_t>(1, (state.failed_at - before) / 2);
     }
@@ -844,9 +862,11 @@ inline bool on_success(CeilingState& state, bool at_ceiling, std::uint64_t tried
 }
 
 // How many items from `begin` form the next weighted batch: add items while the total stays within
-// `budget`; the first item always goes, alone if it is heavier than the budget. budget 0 = no limit.
+// `budget`; the first item always goes, alone if it is heavier than the budget. budget 0 = no
+// limit.
 template <class WeightAt>
-std::size_t cut_by_weight(std::size_t begin, std::size_t end, std::uint64_t budget, WeightAt&& weight_at) {
+std::size_t cut_by_weight(std::size_t begin, std::size_t end, std::uint64_t budget,
+                          WeightAt&& weight_at) {
     if (begin >= end) return 0;
     if (budget == 0) return end - begin;
     std::uint64_t total = weight_at(begin);
@@ -870,8 +890,10 @@ std::size_t cut_by_padded_weight(std::size_t begin, std::size_t end, std::uint64
     std::uint64_t heaviest = weight_at(begin);
     std::size_t count = 1;
     while (begin + count < end) {
-        const std::uint64_t next_heaviest = std::max<std::uint64_t>(heaviest, weight_at(begin + count));
-        if (next_heaviest > budget / (count + 1)) break;  // (count + 1) x heaviest > budget, without overflow
+        const std::uint64_t next_heaviest =
+            std::max<std::uint64_t>(heaviest, weight_at(begin + count));
+        if (next_heaviest > budget / (count + 1))
+            break;  // (count + 1) x heaviest > budget, without overflow
         heaviest = next_heaviest;
         ++count;
     }
@@ -892,8 +914,8 @@ inline std::uint64_t predicted_batch(const MemoryInfo& memory, double safety_mar
 // Freed VRAM shows up in the driver's report late. Ollama's rule: poll every 250 ms until 75 % of
 // the expected bytes appear, at most 5 s, then trust the estimate.
 
-inline bool recovered(std::uint64_t free_before, std::uint64_t free_now, std::uint64_t expected_freed,
-                      double fraction) noexcept {
+inline bool recovered(std::uint64_t free_before, std::uint64_t free_now,
+                      std::uint64_t expected_freed, double fraction) noexcept {
     return free_now >= saturating_add(free_before, scale_bytes(expected_freed, fraction));
 }
 
@@ -913,6 +935,7 @@ VRAMGUARD_END_NAMESPACE
 
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 VRAMGUARD_BEGIN_NAMESPACE
@@ -930,13 +953,22 @@ class Coordinator {
     struct Decision {
         std::unique_ptr<Hold> hold;   // set when admitted
         std::uint64_t available = 0;  // what this process may take after others' reservations
+        MemoryInfo seen;              // the reading the decision was made against
     };
 
-    // Admits `required` bytes (plus `margin_bytes` kept free) against `seen`, this process's own
-    // probe reading, minus what other live processes have reserved but not yet allocated; on
-    // success the reservation is held until the returned Hold is destroyed. One atomic step.
+    // Admits `required` bytes (plus `margin_bytes` kept free) against this process's probe reading
+    // minus what other live processes have reserved but not yet allocated; on success the
+    // reservation is held until the returned Hold is destroyed. One atomic step.
+    //
+    // The reading is taken here, by calling `read_memory` once after the coordinator's lock is
+    // taken (once without it when the lock cannot be had), and returned in Decision::seen, which
+    // Guard reports as what admission saw. A reading taken before the lock could predate a load
+    // that another process finished (and stopped reserving for) while this one waited: compared
+    // with a ledger that no longer shows that load, it would count the same memory as free. Taken
+    // under the lock it is at least as fresh as the ledger. An exception from `read_memory`
+    // propagates, with nothing reserved.
     virtual Decision try_reserve(std::uint64_t required, std::uint64_t margin_bytes,
-                                 const MemoryInfo& seen) = 0;
+                                 const std::function<MemoryInfo()>& read_memory) = 0;
 
     // Exclusion across processes for the single-item path; the kernel releases it if we die.
     virtual std::unique_ptr<Hold> lock_single_item() = 0;
@@ -981,21 +1013,26 @@ inline constexpr unsigned forget_failure_after = 64;
 }  // namespace defaults
 
 struct Options {
-    double safety_margin = defaults::safety_margin;            // fraction of total kept free, [0, 1)
+    double safety_margin = defaults::safety_margin;  // fraction of total kept free, [0, 1)
     double first_run_fraction = defaults::first_run_fraction;  // unknown load's requirement, (0, 1]
     double history_headroom = defaults::history_headroom;      // factor over a measured peak, >= 1
     unsigned load_attempts = defaults::load_attempts;          // tries of one load, >= 1
-    std::chrono::milliseconds retry_delay = defaults::retry_delay;      // max wait between tries
-    std::chrono::milliseconds poll_interval = defaults::poll_interval;  // > 0
+    std::chrono::milliseconds retry_delay = defaults::retry_delay;        // max wait between tries
+    std::chrono::milliseconds poll_interval = defaults::poll_interval;    // > 0
     std::chrono::milliseconds admission_wait = defaults::admission_wait;  // max wait to be admitted
-    unsigned single_item_attempts = defaults::single_item_attempts;  // tries of one item alone, >= 1
+    unsigned single_item_attempts =
+        defaults::single_item_attempts;  // tries of one item alone, >= 1
     // Items run alone at the same time on one device (the single-item semaphore's count).
     std::size_t single_item_concurrency = defaults::single_item_concurrency;
-    unsigned grow_after_successes = defaults::grow_after_successes;  // successes before growing back
-    unsigned forget_failure_after = defaults::forget_failure_after;  // successes before retrying a size that failed
+    unsigned grow_after_successes =
+        defaults::grow_after_successes;  // successes before growing back
+    unsigned forget_failure_after =
+        defaults::forget_failure_after;  // successes before retrying a size that failed
     double recovery_fraction = defaults::recovery_fraction;  // of the expected freed bytes, (0, 1]
-    std::chrono::milliseconds recovery_timeout = defaults::recovery_timeout;  // then trust the estimate
-    // Where profiles live; "" = $VRAMGUARD_PROFILE_DIR, $XDG_CACHE_HOME/vramguard, ~/.cache/vramguard.
+    std::chrono::milliseconds recovery_timeout =
+        defaults::recovery_timeout;  // then trust the estimate
+    // Where profiles live; "" = $VRAMGUARD_PROFILE_DIR, $XDG_CACHE_HOME/vramguard,
+    // ~/.cache/vramguard.
     std::string profile_dir;
     bool persist = true;  // false: learn in memory only
     LogSink log = stderr_sink();
@@ -1013,9 +1050,11 @@ struct Options {
         if (!finite(safety_margin) || safety_margin < 0 || safety_margin >= 1)
             fail("safety_margin", "must be in [0, 1), got " + std::to_string(safety_margin));
         if (!finite(first_run_fraction) || first_run_fraction <= 0 || first_run_fraction > 1)
-            fail("first_run_fraction", "must be in (0, 1], got " + std::to_string(first_run_fraction));
+            fail("first_run_fraction",
+                 "must be in (0, 1], got " + std::to_string(first_run_fraction));
         if (!finite(history_headroom) || history_headroom < 1 || history_headroom > 100)
-            fail("history_headroom", "must be in [1, 100], got " + std::to_string(history_headroom));
+            fail("history_headroom",
+                 "must be in [1, 100], got " + std::to_string(history_headroom));
         if (load_attempts < 1) fail("load_attempts", "must be at least 1");
         if (retry_delay.count() < 0) fail("retry_delay", "must not be negative");
         if (poll_interval.count() <= 0) fail("poll_interval", "must be positive");
@@ -1025,7 +1064,8 @@ struct Options {
         if (grow_after_successes < 1) fail("grow_after_successes", "must be at least 1");
         if (forget_failure_after < 1) fail("forget_failure_after", "must be at least 1");
         if (!finite(recovery_fraction) || recovery_fraction <= 0 || recovery_fraction > 1)
-            fail("recovery_fraction", "must be in (0, 1], got " + std::to_string(recovery_fraction));
+            fail("recovery_fraction",
+                 "must be in (0, 1], got " + std::to_string(recovery_fraction));
         if (recovery_timeout.count() < 0) fail("recovery_timeout", "must not be negative");
         if (!clock) fail("clock", "must be set (use vramguard::system_clock())");
         if (!sleep) fail("sleep", "must be set (use vramguard::system_sleep())");
@@ -1067,9 +1107,14 @@ struct AtomicStats {
     }
     Stats snapshot() const noexcept {
         const auto r = std::memory_order_relaxed;
-        return Stats{calls.load(r),   ooms.load(r),       retries.load(r),
-                     halvings.load(r), single_item_calls.load(r), rejections.load(r),
-                     waits.load(r),   grow_backs.load(r)};
+        return Stats{calls.load(r),
+                     ooms.load(r),
+                     retries.load(r),
+                     halvings.load(r),
+                     single_item_calls.load(r),
+                     rejections.load(r),
+                     waits.load(r),
+                     grow_backs.load(r)};
     }
 };
 
@@ -2052,7 +2097,9 @@ class Semaphore {
        public:
         Permit() = default;
         explicit Permit(Semaphore& semaphore) : semaphore_(&semaphore) { semaphore.acquire(); }
-        Permit(Permit&& other) noexcept : semaphore_(other.semaphore_) { other.semaphore_ = nullptr; }
+        Permit(Permit&& other) noexcept : semaphore_(other.semaphore_) {
+            other.semaphore_ = nullptr;
+        }
         Permit& operator=(Permit&& other) noexcept {
             if (this != &other) {
                 reset();
@@ -2089,7 +2136,8 @@ class Semaphore {
 
 // The semaphore of one device in this process: guards naming the same device get the same one
 // (the first caller's count wins), and it lives while any of them does.
-inline std::shared_ptr<Semaphore> shared_device_semaphore(const std::string& device, std::ptrdiff_t count) {
+inline std::shared_ptr<Semaphore> shared_device_semaphore(const std::string& device,
+                                                          std::ptrdiff_t count) {
     static std::mutex mutex;
     static std::map<std::string, std::weak_ptr<Semaphore>> semaphores;
     std::lock_guard<std::mutex> lock(mutex);
@@ -2903,7 +2951,8 @@ class BatchView {
         if constexpr (std::is_base_of_v<std::random_access_iterator_tag, Category>) {
             return first_[static_cast<typename std::iterator_traits<It>::difference_type>(i)];
         } else {
-            return *std::next(first_, static_cast<typename std::iterator_traits<It>::difference_type>(i));
+            return *std::next(first_,
+                              static_cast<typename std::iterator_traits<It>::difference_type>(i));
         }
     }
 
@@ -2914,7 +2963,8 @@ class BatchView {
 
 // Marks a weight function whose batches are padded to their heaviest item (a padded transformer
 // batch): a batch then costs size x its heaviest weight, not the sum of the weights, and the
-// learned budget counts padded weight. `guard.encode(key, texts, fn, vramguard::padded(tokens_of))`.
+// learned budget counts padded weight. `guard.encode(key, texts, fn,
+// vramguard::padded(tokens_of))`.
 template <class W>
 struct Padded {
     W weight;
@@ -2938,12 +2988,14 @@ template <class P, class = void>
 struct has_peak_tracking : std::false_type {};
 template <class P>
 struct has_peak_tracking<P, std::void_t<decltype(std::declval<P&>().reset_peak()),
-                                        decltype(std::declval<P&>().peak_bytes())>> : std::true_type {};
+                                        decltype(std::declval<P&>().peak_bytes())>>
+    : std::true_type {};
 
 template <class P, class = void>
 struct has_device_key : std::false_type {};
 template <class P>
-struct has_device_key<P, std::void_t<decltype(std::declval<const P&>().device_key())>> : std::true_type {};
+struct has_device_key<P, std::void_t<decltype(std::declval<const P&>().device_key())>>
+    : std::true_type {};
 
 template <class T>
 struct is_std_vector : std::false_type {};
@@ -2973,8 +3025,8 @@ using range_iterator_t = decltype(std::begin(std::declval<const Range&>()));
 template <class Range, class W, class = void>
 struct is_weight_fn : std::false_type {};
 template <class Range, class W>
-struct is_weight_fn<Range, W,
-                    std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
+struct is_weight_fn<
+    Range, W, std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
     : std::is_convertible<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>()))),
                           std::uint64_t> {};
 
@@ -3003,8 +3055,9 @@ class Guard {
         : probe_(probe),
           options_((options.validate(), std::move(options))),
           profiles_(options_.profile_dir, options_.persist, options_.log),
-          single_item_(shared_device_semaphore(detail::device_identity(probe),
-                                               static_cast<std::ptrdiff_t>(options_.single_item_concurrency))) {}
+          single_item_(shared_device_semaphore(
+              detail::device_identity(probe),
+              static_cast<std::ptrdiff_t>(options_.single_item_concurrency))) {}
 
     Guard(const Guard&) = delete;
     Guard& operator=(const Guard&) = delete;
@@ -3030,8 +3083,7 @@ class Guard {
 
     // batch_fn(BatchView) returns one result per item (std::vector<R>) or nothing. Returns the
     // results in input order (std::vector<R>), or nothing.
-    template <class It, class F,
-              class = typename std::iterator_traits<It>::iterator_category>
+    template <class It, class F, class = typename std::iterator_traits<It>::iterator_category>
     auto encode(const Key& key, It first, It last, F&& batch_fn) {
         return run_encode(key, first, last, batch_fn);
     }
@@ -3043,11 +3095,13 @@ class Guard {
     // budget: batches are cut where the next item would exceed it. Wrap weight_fn in padded() when
     // batches are padded to their longest item.
     template <class Range, class F, class W,
-              class = std::enable_if_t<detail::is_weight_fn<Range, detail::unpadded_t<std::remove_reference_t<W>>>::value>>
+              class = std::enable_if_t<detail::is_weight_fn<
+                  Range, detail::unpadded_t<std::remove_reference_t<W>>>::value>>
     auto encode(const Key& key, const Range& items, F&& batch_fn, W&& weight_fn) {
         auto& weight_of = detail::unpadded(weight_fn);
         std::vector<std::uint64_t> weights;
-        for (const auto& item : items) weights.push_back(static_cast<std::uint64_t>(weight_of(item)));
+        for (const auto& item : items)
+            weights.push_back(static_cast<std::uint64_t>(weight_of(item)));
         return run_encode(key, std::begin(items), std::end(items), batch_fn, &weights,
                           detail::is_padded<std::decay_t<W>>::value);
     }
@@ -3061,15 +3115,20 @@ class Guard {
 
     // The learned largest batch (items) / batch weight for `key`; 0 when nothing limits it yet.
     std::uint64_t learned_batch_ceiling(const Key& key) { return key_memory(key).snapshot().first; }
-    std::uint64_t learned_weight_budget(const Key& key) { return key_memory(key).snapshot().second; }
+    std::uint64_t learned_weight_budget(const Key& key) {
+        return key_memory(key).snapshot().second;
+    }
 
     // One admission reading, reserving nothing: would a load of `key` start now?
-    Admission admission(const Key& key, std::optional<std::uint64_t> declared_bytes = std::nullopt) {
+    Admission admission(const Key& key,
+                        std::optional<std::uint64_t> declared_bytes = std::nullopt) {
         Admission result;
         result.memory = probe_.memory();
         result.requirement = requirement_for(key, declared_bytes, result.memory.total_bytes);
-        result.margin_bytes = policy::margin_bytes(result.memory.total_bytes, options_.safety_margin);
-        result.admitted = policy::admits(result.requirement.bytes, result.memory, options_.safety_margin);
+        result.margin_bytes =
+            policy::margin_bytes(result.memory.total_bytes, options_.safety_margin);
+        result.admitted =
+            policy::admits(result.requirement.bytes, result.memory, options_.safety_margin);
         return result;
     }
 
@@ -3079,11 +3138,13 @@ class Guard {
     bool wait_for_freed_memory(std::uint64_t expected_freed, std::uint64_t free_before,
                                std::uint64_t needed_free = 0) {
         const TimePoint deadline = options_.clock() + options_.recovery_timeout;
-        return detail::poll_until(options_.clock, options_.sleep, options_.poll_interval, deadline, [&] {
-            const std::uint64_t free_now = probe_.memory().free_bytes;
-            return (needed_free > 0 && free_now >= needed_free) ||
-                   policy::recovered(free_before, free_now, expected_freed, options_.recovery_fraction);
-        });
+        return detail::poll_until(
+            options_.clock, options_.sleep, options_.poll_interval, deadline, [&] {
+                const std::uint64_t free_now = probe_.memory().free_bytes;
+                return (needed_free > 0 && free_now >= needed_free) ||
+                       policy::recovered(free_before, free_now, expected_freed,
+                                         options_.recovery_fraction);
+            });
     }
 
    private:
@@ -3094,8 +3155,9 @@ class Guard {
         policy::CeilingState weight;
         std::uint64_t persisted_items = 0;
         std::uint64_t persisted_weight = 0;
-        std::uint64_t bytes_per_item = 0;      // highest measured cost of one item (count mode)
-        std::uint64_t cheapest_item_bytes = 0;  // lowest measured per-item cost: the least any item takes
+        std::uint64_t bytes_per_item = 0;  // highest measured cost of one item (count mode)
+        std::uint64_t cheapest_item_bytes =
+            0;  // lowest measured per-item cost: the least any item takes
         unsigned chunks_since_measured = 0;
 
         std::pair<std::uint64_t, std::uint64_t> snapshot() {
@@ -3172,12 +3234,16 @@ class Guard {
                                       options_.first_run_fraction);
     }
 
-    void log(Level level, const std::string& message) const { detail::emit(options_.log, level, message); }
+    void log(Level level, const std::string& message) const {
+        detail::emit(options_.log, level, message);
+    }
 
     // Admission: check (and reserve host-wide, with a coordinator) in one step; wait up to
     // admission_wait; throw InsufficientMemory with the numbers otherwise.
     // `requirement_of(total_bytes)` turns the device size into the requirement: the first
-    // reading serves both, so the fast path reads the probe once.
+    // reading serves both, so the fast path reads the probe once. With a coordinator the reading
+    // that is compared is taken by the coordinator under its lock (see Coordinator::try_reserve);
+    // only the first try reads the probe before it too, for the device size.
     template <class RequirementOf>
     Admitted admit(const Key& key, const char* what, RequirementOf&& requirement_of) {
         Admitted admitted;
@@ -3185,7 +3251,7 @@ class Guard {
         std::uint64_t available = 0;
         bool first = true;
         auto try_once = [&] {
-            admitted.memory = probe_.memory();
+            if (first || !options_.coordinator) admitted.memory = probe_.memory();
             if (first) {
                 admitted.requirement = requirement_of(admitted.memory.total_bytes);
                 first = false;
@@ -3193,7 +3259,9 @@ class Guard {
             const std::uint64_t margin =
                 policy::margin_bytes(admitted.memory.total_bytes, options_.safety_margin);
             if (options_.coordinator) {
-                auto decision = options_.coordinator->try_reserve(requirement.bytes, margin, admitted.memory);
+                auto decision = options_.coordinator->try_reserve(
+                    requirement.bytes, margin, [this] { return probe_.memory(); });
+                admitted.memory = decision.seen;
                 available = decision.available;
                 admitted.hold = std::move(decision.hold);
                 return admitted.hold != nullptr;
@@ -3202,7 +3270,8 @@ class Guard {
             return policy::admits(requirement.bytes, admitted.memory, options_.safety_margin);
         };
         if (try_once()) return admitted;
-        if (!policy::can_ever_fit(requirement.bytes, admitted.memory.total_bytes, options_.safety_margin))
+        if (!policy::can_ever_fit(requirement.bytes, admitted.memory.total_bytes,
+                                  options_.safety_margin))
             reject(key, what, requirement, available, admitted.memory.total_bytes, true);
         if (options_.admission_wait.count() > 0) {
             stats_.bump(stats_.waits);
@@ -3219,24 +3288,27 @@ class Guard {
         reject(key, what, requirement, available, admitted.memory.total_bytes, false);
     }
 
-    [[noreturn]] void reject(const Key& key, const char* what, const policy::Requirement& requirement,
-                             std::uint64_t available, std::uint64_t total, bool never_fits) {
+    [[noreturn]] void reject(const Key& key, const char* what,
+                             const policy::Requirement& requirement, std::uint64_t available,
+                             std::uint64_t total, bool never_fits) {
         stats_.bump(stats_.rejections);
         const std::uint64_t margin = policy::margin_bytes(total, options_.safety_margin);
-        std::string message = "vramguard: cannot start " + std::string(what) + " " + key.describe() +
-                              ": it needs " + format_bytes(requirement.bytes) + " (" +
-                              policy::to_string(requirement.source) + ") plus a safety margin of " +
-                              format_bytes(margin) + " (" + detail::percent(options_.safety_margin) +
-                              " of " + format_bytes(total) + "), ";
+        std::string message =
+            "vramguard: cannot start " + std::string(what) + " " + key.describe() + ": it needs " +
+            format_bytes(requirement.bytes) + " (" + policy::to_string(requirement.source) +
+            ") plus a safety margin of " + format_bytes(margin) + " (" +
+            detail::percent(options_.safety_margin) + " of " + format_bytes(total) + "), ";
         if (never_fits) {
-            message += "more than the whole device: it can never fit here. Declare a smaller size, "
-                       "lower safety_margin or use a larger device.";
+            message +=
+                "more than the whole device: it can never fit here. Declare a smaller size, "
+                "lower safety_margin or use a larger device.";
         } else {
             message += "but only " + format_bytes(available) + " is free for this process" +
                        (options_.coordinator ? " after other processes' reservations" : "") +
                        ". Free memory (unload idle models), lower the load, or retry later.";
         }
-        throw InsufficientMemory(requirement.bytes, available, total, key.describe(), retry_after(), message);
+        throw InsufficientMemory(requirement.bytes, available, total, key.describe(), retry_after(),
+                                 message);
     }
 
     std::chrono::milliseconds retry_after() const noexcept {
@@ -3269,7 +3341,8 @@ class Guard {
     }
 
     template <class F>
-    std::invoke_result_t<F&> run_load(const Key& key, std::optional<std::uint64_t> declared, F& fn) {
+    std::invoke_result_t<F&> run_load(const Key& key, std::optional<std::uint64_t> declared,
+                                      F& fn) {
         using R = std::invoke_result_t<F&>;
         stats_.bump(stats_.calls);
         for (unsigned attempt = 1;; ++attempt) {
@@ -3298,18 +3371,19 @@ class Guard {
                                          std::to_string(attempt) + " attempts: " + describe(error));
                     std::throw_with_nested(OomExhausted(
                         "vramguard: load " + key.describe() + " ran out of memory " +
-                            std::to_string(attempt) + " times (needed about " + format_bytes(required) +
+                            std::to_string(attempt) + " times (needed about " +
+                            format_bytes(required) +
                             ", released the allocator cache and waited up to " +
                             std::to_string(options_.retry_delay.count()) +
                             " ms for memory each time). Last error: " + describe(error),
                         key.describe(), std::nullopt, attempt));
                 }
-                log(Level::warn, "load " + key.describe() + ": out of memory on attempt " +
-                                     std::to_string(attempt) + " of " +
-                                     std::to_string(options_.load_attempts) +
-                                     "; released the allocator cache, waiting up to " +
-                                     std::to_string(options_.retry_delay.count()) + " ms for " +
-                                     format_bytes(required) + " to be free (" + describe(error) + ")");
+                log(Level::warn,
+                    "load " + key.describe() + ": out of memory on attempt " +
+                        std::to_string(attempt) + " of " + std::to_string(options_.load_attempts) +
+                        "; released the allocator cache, waiting up to " +
+                        std::to_string(options_.retry_delay.count()) + " ms for " +
+                        format_bytes(required) + " to be free (" + describe(error) + ")");
                 stats_.bump(stats_.retries);
                 wait_for_memory(required, options_.retry_delay, admitted.memory.free_bytes);
             }
@@ -3325,15 +3399,17 @@ class Guard {
         if (kind == OomKind::none) std::rethrow_exception(error);
         stats_.bump(stats_.ooms);
         if (kind == OomKind::driver) {
-            log(Level::warn, std::string(what) + " " + key.describe() + ": driver-level out of memory (" +
-                                 describe(error) + "); the CUDA context may be unusable, so it is not retried");
+            log(Level::warn, std::string(what) + " " + key.describe() +
+                                 ": driver-level out of memory (" + describe(error) +
+                                 "); the CUDA context may be unusable, so it is not retried");
             std::rethrow_exception(error);
         }
         probe_.release_cached();
     }
 
     // An allocation larger than the whole device never succeeds: retrying it only wastes time.
-    static bool asked_for_more_than_the_device(const std::exception_ptr& error, std::uint64_t total) {
+    static bool asked_for_more_than_the_device(const std::exception_ptr& error,
+                                               std::uint64_t total) {
         const auto report = oom_report(error);
         return report && total > 0 && report->requested_bytes > total;
     }
@@ -3403,7 +3479,8 @@ class Guard {
 
     template <class It, class F>
     auto run_encode(const Key& key, It first, It last, F& batch_fn,
-                    const std::vector<std::uint64_t>* weights = nullptr, bool padded_weights = false) {
+                    const std::vector<std::uint64_t>* weights = nullptr,
+                    bool padded_weights = false) {
         using View = BatchView<It>;
         using Out = std::invoke_result_t<F&, View>;
         static_assert(std::is_void_v<Out> || detail::is_std_vector<Out>::value,
@@ -3411,14 +3488,18 @@ class Guard {
                       "result per item of the view it was given");
         stats_.bump(stats_.calls);
         const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
-        std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out> results{};  // unused for void
+        std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out>
+            results{};  // unused for void
         if (n == 0) {
-            if constexpr (std::is_void_v<Out>) return;
-            else return results;
+            if constexpr (std::is_void_v<Out>)
+                return;
+            else
+                return results;
         }
 
         KeyMemory& memory = key_memory(key);
-        policy::CeilingState KeyMemory::*state_of = weights ? &KeyMemory::weight : &KeyMemory::items;
+        policy::CeilingState KeyMemory::*state_of =
+            weights ? &KeyMemory::weight : &KeyMemory::items;
         const policy::GrowthRule rule{options_.grow_after_successes, options_.forget_failure_after};
         auto weight_at = [weights](std::size_t i) { return (*weights)[i]; };
 
@@ -3438,13 +3519,15 @@ class Guard {
         if (cheapest > 0 || (!weights && costliest > 0)) {
             const MemoryInfo seen = probe_.memory();
             const std::uint64_t one_item = policy::scale_bytes(cheapest, options_.history_headroom);
-            if (cheapest > 0 && !policy::admits(one_item, seen, options_.safety_margin) && in_flight.alone())
+            if (cheapest > 0 && !policy::admits(one_item, seen, options_.safety_margin) &&
+                in_flight.alone())
                 admit(key, "encode", [one_item](std::uint64_t) {
                     return policy::Requirement{one_item, policy::RequirementSource::measured};
                 });
             if (!weights)
                 predicted = policy::predicted_batch(
-                    seen, options_.safety_margin, policy::scale_bytes(costliest, options_.history_headroom));
+                    seen, options_.safety_margin,
+                    policy::scale_bytes(costliest, options_.history_headroom));
         }
 
         // What this call learned is persisted when it ends, however it ends; a call that learned
@@ -3483,22 +3566,28 @@ class Guard {
                     total = policy::saturating_add(total, weight_at(i));
                     heaviest = std::max(heaviest, weight_at(i));
                 }
-                return padded_weights ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
+                return padded_weights ? policy::scale_bytes(heaviest, static_cast<double>(count))
+                                      : total;
             };
             if (weights) {
                 size = padded_weights ? policy::cut_by_padded_weight(pos, n, limit, weight_at)
                                       : policy::cut_by_weight(pos, n, limit, weight_at);
                 // Alone when not even two such items fit the budget.
-                alone = size == 1 && limit != 0 &&
-                        (pos + 1 < n ? batch_weight(pos, 2) : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
+                alone =
+                    size == 1 && limit != 0 &&
+                    (pos + 1 < n ? batch_weight(pos, 2)
+                                 : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
             } else {
                 const std::uint64_t cap = limit != 0 ? limit : predicted;
-                size = cap == 0 ? n - pos : static_cast<std::size_t>(std::min<std::uint64_t>(cap, n - pos));
+                size = cap == 0 ? n - pos
+                                : static_cast<std::size_t>(std::min<std::uint64_t>(cap, n - pos));
                 alone = limit == 1;
             }
             const std::uint64_t tried = weights ? batch_weight(pos, size) : size;
-            const bool at_ceiling = limit != 0 && (weights ? pos + size < n || alone : size == limit);
-            It chunk_end = std::next(cursor, static_cast<typename std::iterator_traits<It>::difference_type>(size));
+            const bool at_ceiling =
+                limit != 0 && (weights ? pos + size < n || alone : size == limit);
+            It chunk_end = std::next(
+                cursor, static_cast<typename std::iterator_traits<It>::difference_type>(size));
 
             // batch_fn's output is checked after the try: a contract error must never meet the
             // OOM classifier (a key named like an OOM message would turn it into one).
@@ -3518,14 +3607,16 @@ class Guard {
                 } else {
                     produced = std::invoke(batch_fn, View(cursor, chunk_end, size, pos));
                 }
-                if (auto peak = measurement ? measurement->peak() : std::nullopt; peak && *peak > 0) {
+                if (auto peak = measurement ? measurement->peak() : std::nullopt;
+                    peak && *peak > 0) {
                     const std::uint64_t per_item = (*peak + size - 1) / size;
                     profiles_.record_peak(key, *peak, size);
                     std::lock_guard<std::mutex> lock(memory.mutex);
                     memory.bytes_per_item = std::max(memory.bytes_per_item, per_item);
-                    memory.cheapest_item_bytes = memory.cheapest_item_bytes == 0
-                                                     ? per_item
-                                                     : std::min(memory.cheapest_item_bytes, per_item);
+                    memory.cheapest_item_bytes =
+                        memory.cheapest_item_bytes == 0
+                            ? per_item
+                            : std::min(memory.cheapest_item_bytes, per_item);
                 }
             } catch (...) {
                 const std::exception_ptr error = std::current_exception();
@@ -3535,7 +3626,8 @@ class Guard {
                 const MemoryInfo after = probe_.memory();
                 const std::uint64_t free_after = after.free_bytes;
                 std::optional<OomReport> report = oom_report(error);
-                if (report) report->free_bytes = std::max(report->free_bytes.value_or(0), free_after);
+                if (report)
+                    report->free_bytes = std::max(report->free_bytes.value_or(0), free_after);
                 if (size > 1) {
                     const std::uint64_t next = policy::size_after_oom(tried, report);
                     {
@@ -3544,34 +3636,41 @@ class Guard {
                         persist_on_exit.learned = true;
                     }
                     stats_.bump(stats_.halvings);
-                    log(Level::warn, "encode " + key.describe() + ": out of memory on a batch of " +
-                                         std::to_string(size) + " items" +
-                                         (weights ? " (weight " + std::to_string(tried) + ")" : "") +
-                                         "; released the allocator cache, retrying at " +
-                                         (weights ? "weight budget " : "") + std::to_string(next) + " (" +
-                                         describe(error) + ")");
+                    log(Level::warn,
+                        "encode " + key.describe() + ": out of memory on a batch of " +
+                            std::to_string(size) + " items" +
+                            (weights ? " (weight " + std::to_string(tried) + ")" : "") +
+                            "; released the allocator cache, retrying at " +
+                            (weights ? "weight budget " : "") + std::to_string(next) + " (" +
+                            describe(error) + ")");
                     continue;
                 }
                 ++alone_failures;
                 if (alone_failures >= options_.single_item_attempts ||
                     asked_for_more_than_the_device(error, after.total_bytes)) {
                     log(Level::warn, "encode " + key.describe() + ": item " + std::to_string(pos) +
-                                         " ran out of memory alone " + std::to_string(alone_failures) +
+                                         " ran out of memory alone " +
+                                         std::to_string(alone_failures) +
                                          " times; giving up on it");
                     OomExhausted exhausted(
                         "vramguard: encode " + key.describe() + ": item " + std::to_string(pos) +
                             " ran out of memory even alone, " + std::to_string(alone_failures) +
-                            " times (released the allocator cache and waited for memory each time). "
-                            "The " + std::to_string(pos) +
+                            " times (released the allocator cache and waited for memory each "
+                            "time). "
+                            "The " +
+                            std::to_string(pos) +
                             " results before it are kept in OomExhausted::finished_results(). Last "
-                            "error: " + describe(error),
+                            "error: " +
+                            describe(error),
                         key.describe(), pos, alone_failures);
-                    if constexpr (!std::is_void_v<Out>) exhausted.keep_finished_results(std::move(results));
+                    if constexpr (!std::is_void_v<Out>)
+                        exhausted.keep_finished_results(std::move(results));
                     std::throw_with_nested(std::move(exhausted));
                 }
                 log(Level::warn, "encode " + key.describe() + ": item " + std::to_string(pos) +
-                                     " ran out of memory alone (attempt " + std::to_string(alone_failures) +
-                                     " of " + std::to_string(options_.single_item_attempts) +
+                                     " ran out of memory alone (attempt " +
+                                     std::to_string(alone_failures) + " of " +
+                                     std::to_string(options_.single_item_attempts) +
                                      "); released the allocator cache, waiting for memory (" +
                                      describe(error) + ")");
                 stats_.bump(stats_.retries);
@@ -3584,11 +3683,11 @@ class Guard {
 
             if constexpr (!std::is_void_v<Out>) {
                 if (produced.size() != size)
-                    throw std::length_error("vramguard::Guard::encode " + key.describe() +
-                                            ": batch_fn returned " + std::to_string(produced.size()) +
-                                            " results for " + std::to_string(size) + " items (items " +
-                                            std::to_string(pos) + ".." + std::to_string(pos + size - 1) +
-                                            "); it must return exactly one per item");
+                    throw std::length_error(
+                        "vramguard::Guard::encode " + key.describe() + ": batch_fn returned " +
+                        std::to_string(produced.size()) + " results for " + std::to_string(size) +
+                        " items (items " + std::to_string(pos) + ".." +
+                        std::to_string(pos + size - 1) + "); it must return exactly one per item");
                 if (results.empty() && size == n) {
                     results = std::move(produced);  // one chunk: its vector is the answer
                 } else {
@@ -3617,12 +3716,16 @@ class Guard {
             }
             if (grew) {
                 stats_.bump(stats_.grow_backs);
-                log(Level::info, "encode " + key.describe() + ": " + std::to_string(options_.grow_after_successes) +
-                                     " batches at " + std::to_string(limit) + " succeeded; trying larger batches");
+                log(Level::info, "encode " + key.describe() + ": " +
+                                     std::to_string(options_.grow_after_successes) +
+                                     " batches at " + std::to_string(limit) +
+                                     " succeeded; trying larger batches");
             }
         }
-        if constexpr (std::is_void_v<Out>) return;
-        else return results;
+        if constexpr (std::is_void_v<Out>)
+            return;
+        else
+            return results;
     }
 
     Probe& probe_;
@@ -3657,11 +3760,14 @@ VRAMGUARD_END_NAMESPACE
 // purpose (an over-admission is an OOM in someone's load; a refusal is a retry). When the load
 // returns, Guard drops the hold and only the driver's figure counts.
 //
-// One subtlety: Guard reads its probe *before* it asks the ledger. A process that waited for the
-// ledger lock while another process loaded and released could compare a stale reading against a
-// ledger where that load no longer shows. So a released reservation stays in the file as a
-// "released" entry for a short while, and still counts for every caller that started waiting
-// before it was released (both sides use CLOCK_MONOTONIC, which all processes of one boot share).
+// The free-memory reading is taken under the lock, after pruning (Coordinator::try_reserve calls
+// the probe there). A reading taken before the lock could predate a load that another process
+// finished while this one waited for it, and compared with a ledger where that load's reservation
+// is gone it would count the load's memory as free. Under the lock, every reservation missing from
+// the ledger belonged to a load that had returned, so its allocations are in the reading. That
+// relies on the driver showing a finished allocation at once, which cudaMemGetInfo does (a
+// cudaMalloc that returned is counted); frees may show late, which only makes a reading
+// conservative. So a released reservation is erased at once; nothing lingers.
 //
 // Every process that shares a ledger must share one pid namespace (liveness is judged by pid and
 // the process start time from /proc/<pid>/stat) and one boot (checked through the boot id).
@@ -3683,6 +3789,7 @@ VRAMGUARD_END_NAMESPACE
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -3746,7 +3853,11 @@ struct LedgerEntry {
     std::uint64_t start_ticks = 0;  // owner's start time (/proc/<pid>/stat field 22); 0 = unknown
     std::uint64_t bytes = 0;        // reserved
     std::uint64_t created_ns = 0;   // CLOCK_MONOTONIC when reserved
-    std::uint64_t released_ns = 0;  // CLOCK_MONOTONIC when released; 0 = live
+    // Always 0 in what this version writes: it erases an entry on release. Earlier builds, which
+    // read the probe before taking the lock, kept a released entry a few seconds, marked with its
+    // CLOCK_MONOTONIC release time here; such an entry is no reservation and is dropped on sight.
+    // The field stays so that files of either kind parse (format version 1 is unchanged).
+    std::uint64_t released_ns = 0;
 
     bool live() const noexcept { return released_ns == 0; }
     friend bool operator==(const LedgerEntry& a, const LedgerEntry& b) noexcept {
@@ -3789,6 +3900,7 @@ namespace detail {
 //   device <16 hex digits: ledger_device_hash of the device identity>
 //   boot <boot id, 1-64 of [0-9a-f-], or "-">
 //   reservation <id, 16 hex> <pid> <start_ticks> <bytes> <created_ns> <released_ns>   (0 or more)
+//     (released_ns: 0; nonzero only in files written by earlier builds, see LedgerEntry)
 //   checksum <FNV-1a 64 of every byte above, 16 hex digits>
 // Numbers are canonical decimals. It is rewritten in place under the flock; a writer killed
 // halfway leaves a file whose checksum (or length) is wrong, which the next reader rebuilds.
@@ -3796,13 +3908,6 @@ inline constexpr std::string_view ledger_magic = "vramguard-ledger 1";
 // 4096 entries of at most ~130 bytes: an upper bound, far above any real ledger.
 inline constexpr std::size_t max_ledger_entries = 4096;
 inline constexpr std::size_t max_ledger_file_bytes = 1 << 20;
-// Released entries are kept this long (for callers that started waiting before the release; the
-// longest such wait is HostOptions::lock_timeout, at most 10 s) and at most this many.
-inline constexpr std::uint64_t released_entry_ns = 15'000'000'000ULL;
-inline constexpr std::size_t max_released_entries = 512;
-// A release up to this long before a caller entered try_reserve still counts for it: Guard reads
-// its probe just before the call, and a process can be preempted in between.
-inline constexpr std::uint64_t reading_slack_ns = 20'000'000ULL;
 
 inline std::uint64_t ledger_device_hash(std::string_view device_identity) noexcept {
     return fnv1a64_string(device_identity, fnv1a64("vramguard-ledger-v1"));
@@ -4080,24 +4185,21 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     HostLedger(const HostLedger&) = delete;
     HostLedger& operator=(const HostLedger&) = delete;
 
-    // Admits `required` bytes plus `margin_bytes` kept free against `seen.free_bytes` minus every
-    // live reservation on the host, and reserves them, in one locked step.
+    // Admits `required` bytes plus `margin_bytes` kept free against the free memory `read_memory`
+    // reports, read under the lock, minus every live reservation on the host, and reserves them,
+    // in one locked step. When the ledger cannot be used, against the reading alone.
     Decision try_reserve(std::uint64_t required, std::uint64_t margin_bytes,
-                         const MemoryInfo& seen) override {
-        // Before any waiting (less the slack for the probe reading just before this call): a
-        // reservation released after this instant may have been allocated after `seen` was read.
-        const std::uint64_t now_ns = detail::monotonic_ns();
-        const std::uint64_t entered_ns =
-            now_ns > detail::reading_slack_ns ? now_ns - detail::reading_slack_ns : 0;
+                         const std::function<MemoryInfo()>& read_memory) override {
         Decision decision;
+        bool read = false;
         bool full = false;
         LedgerEntry mine;
         const std::optional<std::string> failure = transact([&](LedgerState& state) {
-            std::uint64_t reserved = 0;
-            for (const LedgerEntry& entry : state.entries)
-                if (entry.live() || entry.released_ns > entered_ns)
-                    reserved = policy::saturating_add(reserved, entry.bytes);
-            decision.available = seen.free_bytes > reserved ? seen.free_bytes - reserved : 0;
+            decision.seen = read_memory();
+            read = true;
+            const std::uint64_t reserved = state.live_bytes();
+            decision.available =
+                decision.seen.free_bytes > reserved ? decision.seen.free_bytes - reserved : 0;
             if (!fits(required, margin_bytes, decision.available)) return false;
             if (state.entries.size() >= detail::max_ledger_entries) {
                 full = true;
@@ -4115,8 +4217,9 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
             unusable(failure ? *failure
                              : "it holds " + std::to_string(detail::max_ledger_entries) +
                                    " live reservations (leaked holds?)");
-            decision.available = seen.free_bytes;
-            if (fits(required, margin_bytes, seen.free_bytes))
+            if (!read) decision.seen = read_memory();
+            decision.available = decision.seen.free_bytes;
+            if (fits(required, margin_bytes, decision.available))
                 decision.hold = std::make_unique<Hold>();
             return decision;
         }
@@ -4167,7 +4270,7 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     const HostOptions& options() const noexcept { return options_; }
 
    private:
-    // A reservation: marked released on destruction (not erased: see "one subtlety" at the top).
+    // A reservation: erased from the ledger on destruction.
     class Reservation final : public Hold {
        public:
         Reservation(std::shared_ptr<HostLedger> ledger, const LedgerEntry& entry)
@@ -4275,9 +4378,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     }
 
     // One locked read-modify-write: open, flock, read and validate (a damaged file is rebuilt
-    // empty, with a warning), prune dead owners and expired releases, apply pending releases, run
-    // `change` (true: it changed the state), write back what changed, unlock. Returns the reason
-    // when the ledger could not be used.
+    // empty, with a warning), apply pending releases, prune dead owners, run `change` (true: it
+    // changed the state), write back what changed, unlock. Returns the reason when the ledger could
+    // not be used. An exception from `change` propagates with nothing written (the flock goes with
+    // the descriptor, and pending releases stay pending).
     template <class Change>
     std::optional<std::string> transact(Change&& change) {
         std::vector<std::string> warnings;
@@ -4354,19 +4458,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return failure;
     }
 
-    // Drops dead owners' entries, releases older than released_entry_ns (and the oldest beyond
-    // max_released_entries), and applies this process's pending releases. True when it changed.
+    // Erases this process's pending releases, dead owners' entries and entries an earlier build
+    // marked released (see LedgerEntry). True when it changed.
     bool prune(LedgerState& state, const std::vector<std::uint64_t>& pending) {
         const pid_t self = ::getpid();
-        const std::uint64_t now = detail::monotonic_ns();
-        bool changed = false;
-        for (LedgerEntry& entry : state.entries) {
-            if (entry.live() && entry.pid == self &&
-                std::find(pending.begin(), pending.end(), entry.id) != pending.end()) {
-                entry.released_ns = now;
-                changed = true;
-            }
-        }
         const std::size_t before = state.entries.size();
         // Each owner (pid and start time) looked up once. This process's entries too: one under
         // our pid with another start time is a dead process's whose pid we were given.
@@ -4379,25 +4474,17 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
             looked_up.emplace_back(owner, live);
             return !live;
         };
+        const auto released = [&](const LedgerEntry& entry) {
+            if (!entry.live()) return true;  // marked by an earlier build
+            return entry.pid == self &&
+                   std::find(pending.begin(), pending.end(), entry.id) != pending.end();
+        };
         state.entries.erase(std::remove_if(state.entries.begin(), state.entries.end(),
                                            [&](const LedgerEntry& entry) {
-                                               if (!entry.live() && (entry.released_ns > now ||
-                                                                     now - entry.released_ns >
-                                                                         detail::released_entry_ns))
-                                                   return true;
-                                               return is_dead(entry);
+                                               return released(entry) || is_dead(entry);
                                            }),
                             state.entries.end());
-        std::size_t released = state.entries.size() - state.live_count();
-        for (auto it = state.entries.begin(); released > detail::max_released_entries;) {
-            if (!it->live()) {
-                it = state.entries.erase(it);
-                --released;
-            } else {
-                ++it;
-            }
-        }
-        return changed || state.entries.size() != before;
+        return state.entries.size() != before;
     }
 
     static bool read_all(int fd, std::string& out) {
@@ -5651,8 +5738,7 @@ inline bool is_unavailable(cudaError_t status) noexcept {
         case cudaErrorUnsupportedPtxVersion:
 #endif
             return true;
-        default:
-            return false;
+        default: return false;
     }
 }
 
@@ -6041,8 +6127,7 @@ inline bool is_unavailable(cudaError_t status) noexcept {
         case cudaErrorUnsupportedPtxVersion:
 #endif
             return true;
-        default:
-            return false;
+        default: return false;
     }
 }
 
