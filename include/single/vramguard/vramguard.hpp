@@ -1080,6 +1080,7 @@ VRAMGUARD_END_NAMESPACE
 
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 VRAMGUARD_BEGIN_NAMESPACE
@@ -1097,9 +1098,39 @@ struct Stats {
 
 namespace detail {
 
-// Relaxed atomics: counters are for reading, not for synchronising.
+// A counter that many threads bump on every call without sharing a cache line: each thread adds
+// to its own stripe, a reader sums them. Two cores bumping one atomic pay a cache-line transfer
+// per call (100+ ns); on the fast path that would cost more than everything else together.
+class StripedCounter {
+   public:
+    void add(std::int64_t n) noexcept {
+        stripes_[stripe()].value.fetch_add(n, std::memory_order_relaxed);
+    }
+    std::int64_t sum() const noexcept {
+        std::int64_t total = 0;
+        for (const Stripe& stripe : stripes_) total += stripe.value.load(std::memory_order_relaxed);
+        return total;
+    }
+
+   private:
+    static constexpr std::size_t stripe_count = 16;
+    struct alignas(64) Stripe {
+        std::atomic<std::int64_t> value{0};
+    };
+    static std::size_t stripe() noexcept {
+        static std::atomic<std::size_t> next{0};
+        thread_local const std::size_t mine =
+            next.fetch_add(1, std::memory_order_relaxed) % stripe_count;
+        return mine;
+    }
+    Stripe stripes_[stripe_count];
+};
+
+// Relaxed atomics: counters are for reading, not for synchronising. `calls` is bumped on every
+// call, so it is striped; the others count rare events.
 struct AtomicStats {
-    std::atomic<std::uint64_t> calls{0}, ooms{0}, retries{0}, halvings{0}, single_item_calls{0},
+    StripedCounter calls;
+    std::atomic<std::uint64_t> ooms{0}, retries{0}, halvings{0}, single_item_calls{0},
         rejections{0}, waits{0}, grow_backs{0};
 
     static void bump(std::atomic<std::uint64_t>& counter) noexcept {
@@ -1107,7 +1138,7 @@ struct AtomicStats {
     }
     Stats snapshot() const noexcept {
         const auto r = std::memory_order_relaxed;
-        return Stats{calls.load(r),
+        return Stats{static_cast<std::uint64_t>(calls.sum()),
                      ooms.load(r),
                      retries.load(r),
                      halvings.load(r),
@@ -3155,10 +3186,29 @@ class Guard {
         policy::CeilingState weight;
         std::uint64_t persisted_items = 0;
         std::uint64_t persisted_weight = 0;
-        std::uint64_t bytes_per_item = 0;  // highest measured cost of one item (count mode)
-        std::uint64_t cheapest_item_bytes =
-            0;  // lowest measured per-item cost: the least any item takes
-        unsigned chunks_since_measured = 0;
+        std::uint64_t bytes_per_item = 0;       // highest measured cost of one item
+        std::uint64_t cheapest_item_bytes = 0;  // lowest measured cost of one item
+
+        // Copies of the above for the fast path, which reads them without the mutex (two cores
+        // taking one mutex per call pay a cache-line transfer each time). Written under `mutex`
+        // by publish() whenever the originals change.
+        struct Published {
+            std::atomic<std::uint64_t> ceiling{0};
+            std::atomic<std::uint64_t> largest_success{0};
+        };
+        Published items_published, weight_published;
+        std::atomic<std::uint64_t> cheapest_published{0}, costliest_published{0};
+        std::atomic<std::uint64_t> load_peak{0};  // highest measured peak of a load (profile)
+
+        void publish() noexcept {
+            const auto order = std::memory_order_release;
+            items_published.ceiling.store(items.ceiling, order);
+            items_published.largest_success.store(items.largest_success, order);
+            weight_published.ceiling.store(weight.ceiling, order);
+            weight_published.largest_success.store(weight.largest_success, order);
+            cheapest_published.store(cheapest_item_bytes, order);
+            costliest_published.store(bytes_per_item, order);
+        }
 
         std::pair<std::uint64_t, std::uint64_t> snapshot() {
             std::lock_guard<std::mutex> lock(mutex);
@@ -3172,8 +3222,12 @@ class Guard {
        public:
         explicit Measurement(Guard& guard) : guard_(guard) {
             if constexpr (detail::has_peak_tracking<Probe>::value) {
-                solo_ = guard.measuring_.fetch_add(1, std::memory_order_acq_rel) == 0;
-                epoch_ = guard.measure_epoch_.fetch_add(1, std::memory_order_acq_rel) + 1;
+                // One word: runs in flight in the low half, runs started in the high half, so
+                // a start is one atomic step.
+                const std::uint64_t before =
+                    guard.measurements_.fetch_add(started_one + 1, std::memory_order_acq_rel);
+                solo_ = (before & in_flight_mask) == 0;
+                started_ = (before >> 32) + 1;
                 if (solo_) {
                     guard.probe_.reset_peak();
                     baseline_ = guard.probe_.peak_bytes();
@@ -3182,7 +3236,7 @@ class Guard {
         }
         ~Measurement() {
             if constexpr (detail::has_peak_tracking<Probe>::value)
-                guard_.measuring_.fetch_sub(1, std::memory_order_acq_rel);
+                guard_.measurements_.fetch_sub(1, std::memory_order_acq_rel);
         }
         Measurement(const Measurement&) = delete;
         Measurement& operator=(const Measurement&) = delete;
@@ -3190,7 +3244,9 @@ class Guard {
         // Bytes this run added at its peak, when it ran alone.
         std::optional<std::uint64_t> peak() const {
             if constexpr (detail::has_peak_tracking<Probe>::value) {
-                if (!solo_ || guard_.measure_epoch_.load(std::memory_order_acquire) != epoch_)
+                // Another run started meanwhile: the device's peak is shared, not this run's.
+                if (!solo_ || (guard_.measurements_.load(std::memory_order_acquire) >> 32) !=
+                                  (started_ & 0xffffffffu))
                     return std::nullopt;
                 const std::uint64_t peak = guard_.probe_.peak_bytes();
                 return peak > baseline_ ? peak - baseline_ : 0;
@@ -3200,25 +3256,25 @@ class Guard {
         }
 
        private:
+        static constexpr std::uint64_t started_one = std::uint64_t{1} << 32;
+        static constexpr std::uint64_t in_flight_mask = started_one - 1;
         Guard& guard_;
         bool solo_ = false;
-        std::uint64_t epoch_ = 0;
+        std::uint64_t started_ = 0;
         std::uint64_t baseline_ = 0;
     };
 
     class InFlight {
        public:
-        explicit InFlight(Guard& guard) : guard_(guard) {
-            others_ = guard.in_flight_.fetch_add(1, std::memory_order_acq_rel);
-        }
-        ~InFlight() { guard_.in_flight_.fetch_sub(1, std::memory_order_acq_rel); }
+        explicit InFlight(Guard& guard) : guard_(guard) { guard.in_flight_.add(1); }
+        ~InFlight() { guard_.in_flight_.add(-1); }
         InFlight(const InFlight&) = delete;
         InFlight& operator=(const InFlight&) = delete;
-        bool alone() const noexcept { return others_ == 0; }
+        // Read only on the rare path where admission says no.
+        bool alone() const noexcept { return guard_.in_flight_.sum() <= 1; }
 
        private:
         Guard& guard_;
-        int others_ = 0;
     };
 
     struct Admitted {
@@ -3229,7 +3285,8 @@ class Guard {
 
     policy::Requirement requirement_for(const Key& key, std::optional<std::uint64_t> declared,
                                         std::uint64_t total_bytes) {
-        const std::uint64_t measured = declared ? 0 : profiles_.get(key).peak_bytes;
+        const std::uint64_t measured =
+            declared ? 0 : key_memory(key).load_peak.load(std::memory_order_acquire);
         return policy::required_bytes(declared, measured, total_bytes, options_.history_headroom,
                                       options_.first_run_fraction);
     }
@@ -3344,7 +3401,7 @@ class Guard {
     std::invoke_result_t<F&> run_load(const Key& key, std::optional<std::uint64_t> declared,
                                       F& fn) {
         using R = std::invoke_result_t<F&>;
-        stats_.bump(stats_.calls);
+        stats_.calls.add(1);
         for (unsigned attempt = 1;; ++attempt) {
             Admitted admitted = admit(key, "load", [&](std::uint64_t total_bytes) {
                 return requirement_for(key, declared, total_bytes);
@@ -3415,7 +3472,13 @@ class Guard {
     }
 
     void record_load_peak(const Key& key, const Measurement& measurement) {
-        if (auto peak = measurement.peak(); peak && *peak > 0) profiles_.record_peak(key, *peak);
+        const auto peak = measurement.peak();
+        if (!peak || *peak == 0) return;
+        profiles_.record_peak(key, *peak);
+        std::atomic<std::uint64_t>& highest = key_memory(key).load_peak;
+        std::uint64_t seen = highest.load(std::memory_order_relaxed);
+        while (*peak > seen && !highest.compare_exchange_weak(seen, *peak)) {
+        }
     }
 
     // The learned state of `key`, created from its profile on first use. A server encodes with one
@@ -3442,6 +3505,8 @@ class Guard {
             created->persisted_items = profile.batch_ceiling;
             created->persisted_weight = profile.weight_budget;
             created->bytes_per_item = profile.peak_bytes_per_item;
+            created->load_peak.store(profile.peak_bytes, std::memory_order_relaxed);
+            created->publish();
             std::lock_guard<std::mutex> lock(keys_mutex_);
             auto& slot = keys_[key.value()];
             if (!slot) slot = std::move(created);  // another thread may have won the race
@@ -3486,7 +3551,7 @@ class Guard {
         static_assert(std::is_void_v<Out> || detail::is_std_vector<Out>::value,
                       "vramguard::Guard::encode: batch_fn must return void or std::vector<R>, one "
                       "result per item of the view it was given");
-        stats_.bump(stats_.calls);
+        stats_.calls.add(1);
         const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
         std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out>
             results{};  // unused for void
@@ -3500,6 +3565,8 @@ class Guard {
         KeyMemory& memory = key_memory(key);
         policy::CeilingState KeyMemory::*state_of =
             weights ? &KeyMemory::weight : &KeyMemory::items;
+        typename KeyMemory::Published& published =
+            weights ? memory.weight_published : memory.items_published;
         const policy::GrowthRule rule{options_.grow_after_successes, options_.forget_failure_after};
         auto weight_at = [weights](std::size_t i) { return (*weights)[i]; };
 
@@ -3510,12 +3577,8 @@ class Guard {
         // Count mode with no learned ceiling starts at the batch the costliest item allows now.
         const InFlight in_flight(*this);
         std::uint64_t predicted = 0;
-        std::uint64_t cheapest = 0, costliest = 0;
-        {
-            std::lock_guard<std::mutex> lock(memory.mutex);
-            cheapest = memory.cheapest_item_bytes;
-            costliest = memory.bytes_per_item;
-        }
+        const std::uint64_t cheapest = memory.cheapest_published.load(std::memory_order_acquire);
+        const std::uint64_t costliest = memory.costliest_published.load(std::memory_order_acquire);
         if (cheapest > 0 || (!weights && costliest > 0)) {
             const MemoryInfo seen = probe_.memory();
             const std::uint64_t one_item = policy::scale_bytes(cheapest, options_.history_headroom);
@@ -3550,15 +3613,12 @@ class Guard {
             std::size_t size = 0;
             std::uint64_t limit = 0;
             bool alone = false;
-            bool measure = false;
-            {
-                // Peaks are sampled: measuring costs three probe calls, and a per-item cost moves
-                // slowly once known.
-                std::lock_guard<std::mutex> lock(memory.mutex);
-                limit = (memory.*state_of).ceiling;
-                measure = memory.cheapest_item_bytes == 0 || ++memory.chunks_since_measured >= 16;
-                if (measure) memory.chunks_since_measured = 0;
-            }
+            // Peaks are sampled (per thread): measuring costs three probe calls, and a per-item
+            // cost moves slowly once known.
+            thread_local unsigned chunks_since_measured = 0;
+            const bool measure = memory.cheapest_published.load(std::memory_order_relaxed) == 0 ||
+                                 ++chunks_since_measured % 16 == 0;
+            limit = published.ceiling.load(std::memory_order_acquire);
             // A batch's weight: the sum of its items', or with padding its size x its heaviest.
             auto batch_weight = [&](std::size_t begin, std::size_t count) {
                 std::uint64_t total = 0, heaviest = 0;
@@ -3617,6 +3677,7 @@ class Guard {
                         memory.cheapest_item_bytes == 0
                             ? per_item
                             : std::min(memory.cheapest_item_bytes, per_item);
+                    memory.publish();
                 }
             } catch (...) {
                 const std::exception_ptr error = std::current_exception();
@@ -3633,6 +3694,7 @@ class Guard {
                     {
                         std::lock_guard<std::mutex> lock(memory.mutex);
                         policy::on_oom(memory.*state_of, tried, next, free_after);
+                        memory.publish();
                         persist_on_exit.learned = true;
                     }
                     stats_.bump(stats_.halvings);
@@ -3699,7 +3761,9 @@ class Guard {
             cursor = chunk_end;
             alone_failures = 0;
             bool grew = false;
-            {
+            // A success below the ceiling that is no larger than one seen before teaches nothing:
+            // no lock for it (the common case once a size is learned or none is needed).
+            if (at_ceiling || tried > published.largest_success.load(std::memory_order_acquire)) {
                 std::unique_lock<std::mutex> lock(memory.mutex);
                 policy::CeilingState& state = memory.*state_of;
                 std::uint64_t free_now = 0;
@@ -3711,6 +3775,7 @@ class Guard {
                 const std::uint64_t before = state.ceiling;
                 const std::uint64_t learned_before = policy::learned(state);
                 grew = policy::on_success(state, at_ceiling, tried, rule, free_now);
+                memory.publish();
                 if (policy::learned(state) != learned_before) persist_on_exit.learned = true;
                 if (grew) limit = before;
             }
@@ -3736,9 +3801,8 @@ class Guard {
     detail::AtomicStats stats_;
     std::mutex keys_mutex_;
     std::unordered_map<std::uint64_t, std::unique_ptr<KeyMemory>> keys_;
-    std::atomic<int> measuring_{0};
-    std::atomic<int> in_flight_{0};
-    std::atomic<std::uint64_t> measure_epoch_{0};
+    std::atomic<std::uint64_t> measurements_{0};  // see Measurement
+    detail::StripedCounter in_flight_;
     std::atomic<std::int64_t> last_recovery_ms_{-1};
 };
 
