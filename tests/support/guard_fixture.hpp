@@ -5,6 +5,9 @@
 
 #include <vramguard/vramguard.hpp>
 
+#include <atomic>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -62,6 +65,32 @@ class ForgetfulProbe {
 
    private:
     vramguard::SimulatedDevice& device_;
+};
+
+// A coordinator that admits everything and counts what it hands out and what is still held: a
+// leaked hold would block every other process on the host.
+class CountingCoordinator : public vramguard::Coordinator {
+   public:
+    struct Counted : vramguard::Hold {
+        explicit Counted(std::atomic<int>& live) : live_(live) { ++live_; }
+        ~Counted() override { --live_; }
+        std::atomic<int>& live_;
+    };
+    Decision try_reserve(std::uint64_t, std::uint64_t,
+                         const std::function<vramguard::MemoryInfo()>& read_memory) override {
+        ++reservations;
+        Decision decision;
+        decision.seen = read_memory();
+        decision.available = decision.seen.free_bytes;
+        decision.hold = std::make_unique<Counted>(live_reservations);
+        return decision;
+    }
+    std::unique_ptr<vramguard::Hold> lock_single_item() override {
+        ++single_item_locks;
+        return std::make_unique<Counted>(live_locks);
+    }
+    int live() const { return live_reservations.load() + live_locks.load(); }
+    std::atomic<int> live_reservations{0}, live_locks{0}, reservations{0}, single_item_locks{0};
 };
 
 }  // namespace vramguard_test

@@ -36,30 +36,7 @@ std::vector<int> sequence(int n, int from = 0) {
     return items;
 }
 
-// A coordinator that admits everything and counts what is held: a leaked hold would block every
-// other process on the host.
-class CountingCoordinator : public Coordinator {
-   public:
-    struct Counted : Hold {
-        explicit Counted(std::atomic<int>& live) : live_(live) { ++live_; }
-        ~Counted() override { --live_; }
-        std::atomic<int>& live_;
-    };
-    Decision try_reserve(std::uint64_t, std::uint64_t,
-                         const std::function<MemoryInfo()>& read_memory) override {
-        ++reservations;
-        Decision decision;
-        decision.seen = read_memory();
-        decision.available = decision.seen.free_bytes;
-        decision.hold = std::make_unique<Counted>(live_reservations);
-        return decision;
-    }
-    std::unique_ptr<Hold> lock_single_item() override {
-        ++single_item_locks;
-        return std::make_unique<Counted>(live_locks);
-    }
-    std::atomic<int> live_reservations{0}, live_locks{0}, reservations{0}, single_item_locks{0};
-};
+using vramguard_test::CountingCoordinator;
 
 // Every OOM is accounted for exactly once: halved, retried, or given up on.
 void expect_consistent(const Stats& stats, std::uint64_t exhausted) {

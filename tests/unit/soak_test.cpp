@@ -124,25 +124,7 @@ struct SoakLog {
     }
 };
 
-// Coordinator that admits everything and counts what is held.
-class HoldCounter : public Coordinator {
-   public:
-    struct Counted : Hold {
-        explicit Counted(std::atomic<int>& live) : live_(live) { ++live_; }
-        ~Counted() override { --live_; }
-        std::atomic<int>& live_;
-    };
-    Decision try_reserve(std::uint64_t, std::uint64_t,
-                         const std::function<MemoryInfo()>& read_memory) override {
-        Decision decision;
-        decision.seen = read_memory();
-        decision.available = decision.seen.free_bytes;
-        decision.hold = std::make_unique<Counted>(live);
-        return decision;
-    }
-    std::unique_ptr<Hold> lock_single_item() override { return std::make_unique<Counted>(live); }
-    std::atomic<int> live{0};
-};
+using vramguard_test::CountingCoordinator;
 
 class Worker {
    public:
@@ -265,7 +247,7 @@ TEST(Soak, ManyThreadsRandomOomsFailuresAndExternalUsageLoseNothing) {
     ManualClock clock;
     SoakLog log;
     TempDir profiles("vramguard-soak-");
-    auto holds = std::make_shared<HoldCounter>();
+    auto holds = std::make_shared<CountingCoordinator>();
     Options options;
     options.clock = clock.clock_fn();
     options.sleep = clock.sleep_fn();
@@ -320,7 +302,7 @@ TEST(Soak, ManyThreadsRandomOomsFailuresAndExternalUsageLoseNothing) {
     // Nothing leaked: allocations, reservations, locks, the single-item permit.
     EXPECT_EQ(device.live_allocations(), 0u);
     EXPECT_EQ(device.allocated_bytes(), 0u);
-    EXPECT_EQ(holds->live.load(), 0);
+    EXPECT_EQ(holds->live(), 0);
     auto semaphore = shared_device_semaphore(detail::device_identity(device), 1);
     EXPECT_TRUE(semaphore->try_acquire());
     semaphore->release();
