@@ -809,7 +809,9 @@ TEST_F(ModelRegistryTest, ReaperThreadUnloadsIdleModelsAndStopsWhenTheRegistryIs
     clock.advance(2min);
     // The reaper runs in real time; wait for its effect, bounded.
     const auto give_up = std::chrono::steady_clock::now() + 10s;
-    while (a->loaded() && std::chrono::steady_clock::now() < give_up)
+    // The slot reads unloaded a moment before the reaper counts the unload: wait for both.
+    while ((a->loaded() || registry->stats().idle_unloads == 0) &&
+           std::chrono::steady_clock::now() < give_up)
         std::this_thread::sleep_for(1ms);
     EXPECT_FALSE(a->loaded());
     EXPECT_GE(registry->stats().idle_unloads, 1u);
