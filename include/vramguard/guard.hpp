@@ -494,17 +494,17 @@ class Guard {
                 take_oom_or_rethrow(error, "load", key);
                 admitted.hold.reset();
                 const std::uint64_t required = admitted.requirement.bytes;
-                if (attempt >= options_.load_attempts ||
-                    asked_for_more_than_the_device(error, admitted.memory.total_bytes)) {
-                    log(Level::warn, "load " + key.describe() + ": out of memory on the last of " +
-                                         std::to_string(attempt) + " attempts: " + describe(error));
+                const bool hopeless =
+                    asked_for_more_than_the_device(error, admitted.memory.total_bytes);
+                if (attempt >= options_.load_attempts || hopeless) {
+                    log(Level::warn, "load " + key.describe() + ": out of memory on attempt " +
+                                         std::to_string(attempt) +
+                                         ", giving up: " + describe(error));
                     std::throw_with_nested(OomExhausted(
                         "vramguard: load " + key.describe() + " ran out of memory " +
-                            std::to_string(attempt) + " times (needed about " +
-                            format_bytes(required) +
-                            ", released the allocator cache and waited up to " +
-                            std::to_string(options_.retry_delay.count()) +
-                            " ms for memory each time). Last error: " + describe(error),
+                            given_up_because(hopeless, attempt, admitted.memory.total_bytes) +
+                            " It needed about " + format_bytes(required) +
+                            ". Last error: " + describe(error),
                         key.describe(), std::nullopt, attempt));
                 }
                 log(Level::warn,
@@ -541,6 +541,17 @@ class Guard {
                                                std::uint64_t total) {
         const auto report = oom_report(error);
         return report && total > 0 && report->requested_bytes > total;
+    }
+
+    // Why a load or an item was given up on, for OomExhausted's message: retried and waited for
+    // in vain, or not retried at all because it asked for more than the device has.
+    std::string given_up_because(bool hopeless, unsigned attempts, std::uint64_t total) const {
+        if (hopeless)
+            return "asking for more than the whole device (" + format_bytes(total) +
+                   "), so it was not retried.";
+        return std::to_string(attempts) +
+               " times; the allocator cache was released and memory waited for (up to " +
+               std::to_string(options_.retry_delay.count()) + " ms) before each retry.";
     }
 
     void record_load_peak(const Key& key, const Measurement& measurement) {
@@ -780,19 +791,17 @@ class Guard {
                     continue;
                 }
                 ++alone_failures;
-                if (alone_failures >= options_.single_item_attempts ||
-                    asked_for_more_than_the_device(error, after.total_bytes)) {
+                const bool hopeless = asked_for_more_than_the_device(error, after.total_bytes);
+                if (alone_failures >= options_.single_item_attempts || hopeless) {
                     log(Level::warn, "encode " + key.describe() + ": item " + std::to_string(pos) +
                                          " ran out of memory alone " +
                                          std::to_string(alone_failures) +
                                          " times; giving up on it");
                     OomExhausted exhausted(
                         "vramguard: encode " + key.describe() + ": item " + std::to_string(pos) +
-                            " ran out of memory even alone, " + std::to_string(alone_failures) +
-                            " times (released the allocator cache and waited for memory each "
-                            "time). "
-                            "The " +
-                            std::to_string(pos) +
+                            " ran out of memory even alone " +
+                            given_up_because(hopeless, alone_failures, after.total_bytes) +
+                            " The " + std::to_string(pos) +
                             " results before it are kept in OomExhausted::finished_results(). Last "
                             "error: " +
                             describe(error),
