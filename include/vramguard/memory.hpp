@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <string>
 
 VRAMGUARD_BEGIN_NAMESPACE
@@ -48,6 +49,19 @@ inline std::string format_bytes(std::uint64_t bytes) {
     std::snprintf(text, sizeof text, "%.2f %s", value, units[unit]);
     return text;
 }
+
+namespace detail {
+// Byte counts from probes and callers can be absurd (2^64 - 1, usage beyond the device): sums
+// stop at the largest value and differences at zero instead of wrapping around.
+constexpr std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
+    return a > std::numeric_limits<std::uint64_t>::max() - b
+               ? std::numeric_limits<std::uint64_t>::max()
+               : a + b;
+}
+constexpr std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) noexcept {
+    return a > b ? a - b : 0;
+}
+}  // namespace detail
 
 namespace literals {
 constexpr std::uint64_t operator""_B(unsigned long long n) { return n; }

@@ -45,11 +45,7 @@ inline std::uint64_t scale_bytes(std::uint64_t bytes, double factor) noexcept {
     return scaled <= 0 ? 0 : static_cast<std::uint64_t>(scaled);
 }
 
-inline std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-    return a > std::numeric_limits<std::uint64_t>::max() - b
-               ? std::numeric_limits<std::uint64_t>::max()
-               : a + b;
-}
+using detail::saturating_add;  // models.hpp, host.hpp and callers say policy::
 
 // Declared bytes beat a measured peak (the caller knows about this run), which beats the
 // conservative first-run guess (a fraction of the whole device: an unknown load is assumed big).

@@ -144,15 +144,18 @@ class SimulatedDevice {
     MemoryInfo memory() const {
         std::lock_guard<std::mutex> lock(mutex_);
         const State state = reported_locked();
-        return {saturating_sub(total_, saturating_add(state.external, state.allocated)), total_};
+        return {
+            detail::saturating_sub(total_, detail::saturating_add(state.external, state.allocated)),
+            total_};
     }
 
     // What cudaMemGetInfo would say: cached bytes count as used. Lags like memory().
     MemoryInfo driver_memory() const {
         std::lock_guard<std::mutex> lock(mutex_);
         const State state = reported_locked();
-        const std::uint64_t reserved = saturating_add(state.allocated, state.cached);
-        return {saturating_sub(total_, saturating_add(state.external, reserved)), total_};
+        const std::uint64_t reserved = detail::saturating_add(state.allocated, state.cached);
+        return {detail::saturating_sub(total_, detail::saturating_add(state.external, reserved)),
+                total_};
     }
 
     // PyTorch's caching allocator frees its cached blocks and retries before it raises an OOM, so
@@ -277,19 +280,11 @@ class SimulatedDevice {
         State state;
     };
 
-    static std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-        return a > std::numeric_limits<std::uint64_t>::max() - b
-                   ? std::numeric_limits<std::uint64_t>::max()
-                   : a + b;
-    }
-    static std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) noexcept {
-        return a > b ? a - b : 0;
-    }
-
     State current_locked() const noexcept { return {allocated_, cached_, external_}; }
 
     std::uint64_t driver_free_locked() const noexcept {
-        return saturating_sub(total_, saturating_add(external_, allocated_ + cached_));
+        return detail::saturating_sub(total_,
+                                      detail::saturating_add(external_, allocated_ + cached_));
     }
 
     [[noreturn]] void throw_oom_locked(std::uint64_t bytes, const char* what) {

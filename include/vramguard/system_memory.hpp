@@ -236,8 +236,6 @@ inline std::optional<std::uint64_t> soft_limit(int resource) {
     return static_cast<std::uint64_t>(limit.rlim_cur);
 }
 
-inline std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) { return a > b ? a - b : 0; }
-
 // Tightens `reading` with one bound: `limit` caps the total, `free` the free bytes.
 inline void apply_bound(SystemMemoryReading& reading, std::uint64_t limit, std::uint64_t free,
                         const char* name) {
@@ -342,9 +340,9 @@ class SystemMemoryProbe {
                 std::optional<std::uint64_t> inactive;
                 if (!v2) inactive = host::field(text, "total_inactive_file ");
                 if (!inactive) inactive = host::field(text, "inactive_file ");
-                usage = host::saturating_sub(usage, inactive.value_or(0));
+                usage = detail::saturating_sub(usage, inactive.value_or(0));
             }
-            const std::uint64_t free = host::saturating_sub(*limit, usage);
+            const std::uint64_t free = detail::saturating_sub(*limit, usage);
             reading.cgroup_limit = std::min(reading.cgroup_limit.value_or(UINT64_MAX), *limit);
             reading.cgroup_free = std::min(reading.cgroup_free.value_or(UINT64_MAX), free);
             host::apply_bound(reading, *limit, free, "cgroup");
@@ -372,11 +370,11 @@ class SystemMemoryProbe {
         if (reading.address_space_limit)
             host::apply_bound(
                 reading, *reading.address_space_limit,
-                host::saturating_sub(*reading.address_space_limit, reading.virtual_bytes),
+                detail::saturating_sub(*reading.address_space_limit, reading.virtual_bytes),
                 "RLIMIT_AS");
         if (reading.data_limit)
             host::apply_bound(reading, *reading.data_limit,
-                              host::saturating_sub(*reading.data_limit, reading.data_bytes),
+                              detail::saturating_sub(*reading.data_limit, reading.data_bytes),
                               "RLIMIT_DATA");
     }
 

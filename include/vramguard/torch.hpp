@@ -131,7 +131,8 @@ class Probe {
 #if VRAMGUARD_TORCH_CUDA
         const MemoryInfo driver = cuda::detail::read_memory(device_, "vramguard::torch::Probe");
         const AllocatorStats stats = allocator_stats();
-        MemoryInfo result{saturating_add(driver.free_bytes, stats.cached()), driver.total_bytes};
+        MemoryInfo result{detail::saturating_add(driver.free_bytes, stats.cached()),
+                          driver.total_bytes};
         const double fraction = fraction_.load(std::memory_order_relaxed);
         if (fraction < 1.0) {
             // The allocator compares reserved + request with fraction x total (the total that
@@ -141,7 +142,7 @@ class Probe {
             const std::uint64_t under_cap = cap > stats.reserved ? cap - stats.reserved : 0;
             result.total_bytes = cap;
             result.free_bytes =
-                saturating_add(stats.cached(), std::min(driver.free_bytes, under_cap));
+                detail::saturating_add(stats.cached(), std::min(driver.free_bytes, under_cap));
         }
         result.free_bytes = std::min(result.free_bytes, result.total_bytes);
         return result;
@@ -169,9 +170,9 @@ class Probe {
 
     std::uint64_t peak_bytes() const {
         const AllocatorStats stats = allocator_stats();
-        return std::max(
-            stats.peak_reserved,
-            saturating_add(stats.peak_allocated, cached_at_reset_.load(std::memory_order_relaxed)));
+        return std::max(stats.peak_reserved,
+                        detail::saturating_add(stats.peak_allocated,
+                                               cached_at_reset_.load(std::memory_order_relaxed)));
     }
 
     // Caps what the allocator may reserve on this device at fraction x total (LibTorch's
@@ -215,9 +216,6 @@ class Probe {
     std::string device_key() const { return key_; }
 
    private:
-    static std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-        return a > UINT64_MAX - b ? UINT64_MAX : a + b;
-    }
     ::c10::DeviceIndex index() const noexcept { return static_cast<::c10::DeviceIndex>(device_); }
 
     int device_;

@@ -60,6 +60,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <string>
 
 VRAMGUARD_BEGIN_NAMESPACE
@@ -102,6 +103,19 @@ inline std::string format_bytes(std::uint64_t bytes) {
     std::snprintf(text, sizeof text, "%.2f %s", value, units[unit]);
     return text;
 }
+
+namespace detail {
+// Byte counts from probes and callers can be absurd (2^64 - 1, usage beyond the device): sums
+// stop at the largest value and differences at zero instead of wrapping around.
+constexpr std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
+    return a > std::numeric_limits<std::uint64_t>::max() - b
+               ? std::numeric_limits<std::uint64_t>::max()
+               : a + b;
+}
+constexpr std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) noexcept {
+    return a > b ? a - b : 0;
+}
+}  // namespace detail
 
 namespace literals {
 constexpr std::uint64_t operator""_B(unsigned long long n) { return n; }
@@ -707,11 +721,7 @@ inline std::uint64_t scale_bytes(std::uint64_t bytes, double factor) noexcept {
     return scaled <= 0 ? 0 : static_cast<std::uint64_t>(scaled);
 }
 
-inline std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-    return a > std::numeric_limits<std::uint64_t>::max() - b
-               ? std::numeric_limits<std::uint64_t>::max()
-               : a + b;
-}
+using detail::saturating_add;  // models.hpp, host.hpp and callers say policy::
 
 // Declared bytes beat a measured peak (the caller knows about this run), which beats the
 // conservative first-run guess (a fraction of the whole device: an unknown load is assumed big).
@@ -2323,15 +2333,18 @@ class SimulatedDevice {
     MemoryInfo memory() const {
         std::lock_guard<std::mutex> lock(mutex_);
         const State state = reported_locked();
-        return {saturating_sub(total_, saturating_add(state.external, state.allocated)), total_};
+        return {
+            detail::saturating_sub(total_, detail::saturating_add(state.external, state.allocated)),
+            total_};
     }
 
     // What cudaMemGetInfo would say: cached bytes count as used. Lags like memory().
     MemoryInfo driver_memory() const {
         std::lock_guard<std::mutex> lock(mutex_);
         const State state = reported_locked();
-        const std::uint64_t reserved = saturating_add(state.allocated, state.cached);
-        return {saturating_sub(total_, saturating_add(state.external, reserved)), total_};
+        const std::uint64_t reserved = detail::saturating_add(state.allocated, state.cached);
+        return {detail::saturating_sub(total_, detail::saturating_add(state.external, reserved)),
+                total_};
     }
 
     // PyTorch's caching allocator frees its cached blocks and retries before it raises an OOM, so
@@ -2456,19 +2469,11 @@ class SimulatedDevice {
         State state;
     };
 
-    static std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-        return a > std::numeric_limits<std::uint64_t>::max() - b
-                   ? std::numeric_limits<std::uint64_t>::max()
-                   : a + b;
-    }
-    static std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) noexcept {
-        return a > b ? a - b : 0;
-    }
-
     State current_locked() const noexcept { return {allocated_, cached_, external_}; }
 
     std::uint64_t driver_free_locked() const noexcept {
-        return saturating_sub(total_, saturating_add(external_, allocated_ + cached_));
+        return detail::saturating_sub(total_,
+                                      detail::saturating_add(external_, allocated_ + cached_));
     }
 
     [[noreturn]] void throw_oom_locked(std::uint64_t bytes, const char* what) {
@@ -2787,8 +2792,6 @@ inline std::optional<std::uint64_t> soft_limit(int resource) {
     return static_cast<std::uint64_t>(limit.rlim_cur);
 }
 
-inline std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) { return a > b ? a - b : 0; }
-
 // Tightens `reading` with one bound: `limit` caps the total, `free` the free bytes.
 inline void apply_bound(SystemMemoryReading& reading, std::uint64_t limit, std::uint64_t free,
                         const char* name) {
@@ -2893,9 +2896,9 @@ class SystemMemoryProbe {
                 std::optional<std::uint64_t> inactive;
                 if (!v2) inactive = host::field(text, "total_inactive_file ");
                 if (!inactive) inactive = host::field(text, "inactive_file ");
-                usage = host::saturating_sub(usage, inactive.value_or(0));
+                usage = detail::saturating_sub(usage, inactive.value_or(0));
             }
-            const std::uint64_t free = host::saturating_sub(*limit, usage);
+            const std::uint64_t free = detail::saturating_sub(*limit, usage);
             reading.cgroup_limit = std::min(reading.cgroup_limit.value_or(UINT64_MAX), *limit);
             reading.cgroup_free = std::min(reading.cgroup_free.value_or(UINT64_MAX), free);
             host::apply_bound(reading, *limit, free, "cgroup");
@@ -2923,11 +2926,11 @@ class SystemMemoryProbe {
         if (reading.address_space_limit)
             host::apply_bound(
                 reading, *reading.address_space_limit,
-                host::saturating_sub(*reading.address_space_limit, reading.virtual_bytes),
+                detail::saturating_sub(*reading.address_space_limit, reading.virtual_bytes),
                 "RLIMIT_AS");
         if (reading.data_limit)
             host::apply_bound(reading, *reading.data_limit,
-                              host::saturating_sub(*reading.data_limit, reading.data_bytes),
+                              detail::saturating_sub(*reading.data_limit, reading.data_bytes),
                               "RLIMIT_DATA");
     }
 
@@ -6537,7 +6540,8 @@ class Probe {
 #if VRAMGUARD_TORCH_CUDA
         const MemoryInfo driver = cuda::detail::read_memory(device_, "vramguard::torch::Probe");
         const AllocatorStats stats = allocator_stats();
-        MemoryInfo result{saturating_add(driver.free_bytes, stats.cached()), driver.total_bytes};
+        MemoryInfo result{detail::saturating_add(driver.free_bytes, stats.cached()),
+                          driver.total_bytes};
         const double fraction = fraction_.load(std::memory_order_relaxed);
         if (fraction < 1.0) {
             // The allocator compares reserved + request with fraction x total (the total that
@@ -6547,7 +6551,7 @@ class Probe {
             const std::uint64_t under_cap = cap > stats.reserved ? cap - stats.reserved : 0;
             result.total_bytes = cap;
             result.free_bytes =
-                saturating_add(stats.cached(), std::min(driver.free_bytes, under_cap));
+                detail::saturating_add(stats.cached(), std::min(driver.free_bytes, under_cap));
         }
         result.free_bytes = std::min(result.free_bytes, result.total_bytes);
         return result;
@@ -6575,9 +6579,9 @@ class Probe {
 
     std::uint64_t peak_bytes() const {
         const AllocatorStats stats = allocator_stats();
-        return std::max(
-            stats.peak_reserved,
-            saturating_add(stats.peak_allocated, cached_at_reset_.load(std::memory_order_relaxed)));
+        return std::max(stats.peak_reserved,
+                        detail::saturating_add(stats.peak_allocated,
+                                               cached_at_reset_.load(std::memory_order_relaxed)));
     }
 
     // Caps what the allocator may reserve on this device at fraction x total (LibTorch's
@@ -6621,9 +6625,6 @@ class Probe {
     std::string device_key() const { return key_; }
 
    private:
-    static std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-        return a > UINT64_MAX - b ? UINT64_MAX : a + b;
-    }
     ::c10::DeviceIndex index() const noexcept { return static_cast<::c10::DeviceIndex>(device_); }
 
     int device_;
