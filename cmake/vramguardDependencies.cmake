@@ -114,7 +114,9 @@ function(vramguard_find_torch)
     endif()
     if(TARGET torch)
         _vramguard_promote_imported_targets(torch torch_cpu torch_library c10 caffe2::Threads
-                                            protobuf::libprotobuf gflags glog::glog)
+                                            protobuf::libprotobuf gflags glog::glog c10_cuda
+                                            torch_cuda torch_cuda_library torch::cudart
+                                            torch::nvtoolsext caffe2::cudart caffe2::cuda)
         set(VRAMGUARD_HAS_TORCH ON PARENT_SCOPE)
         message(STATUS "vramguard: LibTorch found (${Torch_DIR})")
     elseif(VRAMGUARD_REQUIRE_TORCH)

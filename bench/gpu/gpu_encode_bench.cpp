@@ -10,22 +10,23 @@
 // this and bench/gpu/accelerate_baseline.py (the same model and stream in PyTorch with accelerate's
 // find_executable_batch_size) in one command.
 //
-// Builds against any LibTorch (CPU-only included); the GPU part needs a CUDA LibTorch
-// (VRAMGUARD_BENCH_TORCH_CUDA, set by bench/CMakeLists.txt when LibTorch has c10_cuda) and a GPU.
-// Without one it says so and exits 0; --cpu-smoke runs a tiny configuration on the CPU (no cap, no
-// OOM) to check that everything runs end to end.
+// The guards use the library's own probes: vramguard::torch::Probe on the GPU (its memory() counts
+// the allocator's cache and the memory-fraction cap), vramguard::torch::HostProbe for the CPU
+// smoke. Builds against any LibTorch (CPU-only included); the GPU part needs a CUDA LibTorch
+// (VRAMGUARD_TORCH_CUDA, detected by <vramguard/torch.hpp>) and a GPU. Without one it says so and
+// exits 0; --cpu-smoke runs a tiny configuration on the CPU (no cap, no OOM) to check that
+// everything runs end to end.
 //
 // Flags: --calls=N (200) --layers=N (4) --d-model=N (512) --heads=N (8) --fraction=F (0.25)
 //        --seed=N --out=PATH --cpu-smoke
 
+#include <vramguard/torch.hpp>
 #include <vramguard/vramguard.hpp>
 
 #include <torch/torch.h>
 
-#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+#if VRAMGUARD_TORCH_CUDA
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDACachingAllocator.h>
-#include <cuda_runtime_api.h>
 #endif
 
 #include <algorithm>
@@ -36,7 +37,9 @@
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <functional>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -110,45 +113,12 @@ struct EncoderImpl : torch::nn::Module {
 };
 TORCH_MODULE(Encoder);
 
-#ifdef VRAMGUARD_BENCH_TORCH_CUDA
-// This process's view under a memory-fraction cap: what the driver has free plus what the caching
-// allocator holds unused, but never more than the cap leaves. (cudaMemGetInfo alone ignores the
-// cap and the cache; allocator stats alone ignore other processes.)
-struct CappedTorchProbe {
-    int device = 0;
-    double fraction = 1.0;
-    vramguard::MemoryInfo memory() const {
-        std::size_t free = 0, total = 0;
-        cudaMemGetInfo(&free, &total);
-        const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
-        const auto reserved = static_cast<std::uint64_t>(stats.reserved_bytes[0].current);
-        const auto allocated = static_cast<std::uint64_t>(stats.allocated_bytes[0].current);
-        const auto cap = static_cast<std::uint64_t>(fraction * static_cast<double>(total));
-        const std::uint64_t driver_view = free + (reserved > allocated ? reserved - allocated : 0);
-        const std::uint64_t cap_view = cap > allocated ? cap - allocated : 0;
-        return {std::min(driver_view, cap_view), cap};
-    }
-    void release_cached() { c10::cuda::CUDACachingAllocator::emptyCache(); }
-    void reset_peak() { c10::cuda::CUDACachingAllocator::resetPeakStats(device); }
-    std::uint64_t peak_bytes() const {
-        return static_cast<std::uint64_t>(
-            c10::cuda::CUDACachingAllocator::getDeviceStats(device).reserved_bytes[0].peak);
-    }
-};
-using Probe = CappedTorchProbe;
-#else
-// CPU smoke test: a probe that always has room.
-struct Probe {
-    vramguard::MemoryInfo memory() const { return {64ull << 30, 64ull << 30}; }
-    void release_cached() {}
-};
-#endif
-
 struct Runner {
     const Config& config;
     const Stream& stream;
     Encoder model;
     torch::Device device;
+    std::function<void()> empty_cache;  // what a hand-written OOM handler calls before retrying
     std::uint64_t ooms = 0, batches = 0;
 
     // One padded batch of items [first, last).
@@ -169,20 +139,14 @@ struct Runner {
         auto out = model->forward(tokens, padding).to(torch::kCPU);  // results leave the device
         (void)out;
     }
-    bool is_oom(const std::exception& e) {
-        return vramguard::is_oom(std::make_exception_ptr(std::runtime_error(e.what())));
-    }
-
     // Fixed size: on OOM, split the chunk (and count it).
     void run_fixed(std::size_t first, std::size_t last) {
         try {
             run_batch(first, last);
-        } catch (const c10::Error& e) {
-            if (!is_oom(e) || last - first == 1) throw;
+        } catch (const c10::Error&) {
+            if (!vramguard::is_oom(std::current_exception()) || last - first == 1) throw;
             ++ooms;
-#ifdef VRAMGUARD_BENCH_TORCH_CUDA
-            c10::cuda::CUDACachingAllocator::emptyCache();
-#endif
+            empty_cache();
             const std::size_t mid = first + (last - first) / 2;
             run_fixed(first, mid);
             run_fixed(mid, last);
@@ -223,6 +187,7 @@ Result fixed(Runner& runner, std::size_t size, const std::string& name) {
     return r;
 }
 
+template <class Probe>
 Result guarded(Runner& runner, Probe& probe, bool weighted) {
     vramguard::Options options;
     options.persist = false;
@@ -309,15 +274,16 @@ int main(int argc, char** argv) {
 
     std::string device_name = "cpu";
     torch::Device device(torch::kCPU);
-    Probe probe;
-#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+    vramguard::torch::HostProbe host_probe;
+#if VRAMGUARD_TORCH_CUDA
+    std::unique_ptr<vramguard::torch::Probe> gpu_probe;
     const bool have_gpu = torch::cuda::is_available();
 #else
     const bool have_gpu = false;
 #endif
     if (!have_gpu && !c.cpu_smoke) {
         std::printf("gpu_encode_bench: skipped: %s (run with --cpu-smoke for a CPU check)\n",
-#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+#if VRAMGUARD_TORCH_CUDA
                     "no CUDA device visible"
 #else
                     "this LibTorch has no CUDA support"
@@ -326,11 +292,10 @@ int main(int argc, char** argv) {
         return 0;
     }
     if (have_gpu) {
-#ifdef VRAMGUARD_BENCH_TORCH_CUDA
+#if VRAMGUARD_TORCH_CUDA
         device = torch::Device(torch::kCUDA, 0);
-        c10::cuda::CUDACachingAllocator::setMemoryFraction(c.fraction, 0);
-        probe.device = 0;
-        probe.fraction = c.fraction;
+        gpu_probe = std::make_unique<vramguard::torch::Probe>(0);
+        gpu_probe->set_memory_fraction(c.fraction);
         device_name = at::cuda::getDeviceProperties(0)->name;
 #endif
     } else {
@@ -345,7 +310,10 @@ int main(int argc, char** argv) {
     }
     torch::manual_seed(1);
     const Stream stream = make_stream(c);
-    Runner runner{c, stream, Encoder(c), device};
+    Runner runner{c, stream, Encoder(c), device, [] {}};
+#if VRAMGUARD_TORCH_CUDA
+    if (gpu_probe) runner.empty_cache = [&] { gpu_probe->release_cached(); };
+#endif
     runner.model->to(device);
     runner.model->eval();
 
@@ -375,7 +343,7 @@ int main(int argc, char** argv) {
                 break;
             }
         }
-        probe.release_cached();
+        runner.empty_cache();
     } else {
         conservative = 4;
     }
@@ -389,8 +357,15 @@ int main(int argc, char** argv) {
         if (best.seconds == 0 || r.seconds < best.seconds) best = r;
     }
     results.push_back(best);
-    results.push_back(guarded(runner, probe, false));
-    results.push_back(guarded(runner, probe, true));
+    for (const bool weighted : {false, true}) {
+#if VRAMGUARD_TORCH_CUDA
+        if (gpu_probe) {
+            results.push_back(guarded(runner, *gpu_probe, weighted));
+            continue;
+        }
+#endif
+        results.push_back(guarded(runner, host_probe, weighted));
+    }
 
     const double best_ips = static_cast<double>(best.items) / best.seconds;
     const std::string text = json(c, device_name, results, best_ips);

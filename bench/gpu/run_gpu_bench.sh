@@ -4,7 +4,8 @@
 # gpu_encode_bench, run it and accelerate_baseline.py on the same model and stream, and write
 #   ${OUT_DIR:-bench/results}/gpu-<date>.json   (both results and the machine)
 # Extra arguments go to both programs (e.g. --calls=100 --fraction=0.3; use the = form).
-# Needs: a CUDA GPU, python3 with torch and accelerate, cmake, a C++17 compiler.
+# Needs: a CUDA GPU, python3 with torch and accelerate, cmake, a C++17 compiler (C++20 for
+# torch 2.14 and later), and the CUDA toolkit that pip's torch's CMake files look for.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -14,9 +15,9 @@ PYTHON="${PYTHON:-python3}"
 mkdir -p "${OUT_DIR}"
 stamp="$(date -u +%Y-%m-%d)"
 
-prefix="$("${PYTHON}" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
-cmake -S . -B "${BUILD_DIR}" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="${prefix}" \
-    -DVRAMGUARD_REQUIRE_TORCH=ON -DVRAMGUARD_BUILD_TESTS=OFF -DVRAMGUARD_BUILD_EXAMPLES=OFF
+source bench/gpu/python_torch.sh
+vramguard_configure_python_torch "${BUILD_DIR}" -DVRAMGUARD_BUILD_TESTS=OFF \
+    -DVRAMGUARD_BUILD_EXAMPLES=OFF
 cmake --build "${BUILD_DIR}" --target gpu_encode_bench -j "${JOBS:-$(nproc)}"
 
 "${BUILD_DIR}/bench/gpu_encode_bench" "$@" --out="${OUT_DIR}/gpu-encode-${stamp}.json"
