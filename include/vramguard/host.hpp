@@ -304,14 +304,13 @@ struct ProcessStat {
     std::uint64_t start_ticks = 0;
 };
 
-// Field 3 (state) and field 22 (starttime) of /proc/<pid>/stat. The command name (field 2) may
-// hold spaces and parentheses, so fields are counted from its last ')'.
-inline std::optional<ProcessStat> read_process_stat(pid_t pid) {
-    std::string text;
-    if (!read_proc_file("/proc/" + std::to_string(pid) + "/stat", text)) return std::nullopt;
+// Field 3 (state) and field 22 (starttime) of a /proc/<pid>/stat line. The command name (field
+// 2) may hold any bytes, spaces and parentheses included, so fields are counted from its last ')'.
+// A line cut anywhere before field 23 is rejected.
+inline std::optional<ProcessStat> parse_process_stat(std::string_view text) {
     const std::size_t paren = text.rfind(')');
-    if (paren == std::string::npos) return std::nullopt;
-    std::string_view rest = std::string_view(text).substr(paren + 1);
+    if (paren == std::string_view::npos) return std::nullopt;
+    std::string_view rest = text.substr(paren + 1);
     ProcessStat stat;
     for (int field = 3; field <= 22; ++field) {
         while (!rest.empty() && rest.front() == ' ') rest.remove_prefix(1);
@@ -319,14 +318,18 @@ inline std::optional<ProcessStat> read_process_stat(pid_t pid) {
         const std::string_view token = rest.substr(0, end);
         if (token.empty()) return std::nullopt;
         if (field == 3) stat.state = token.front();
-        if (field == 22) {
-            std::string_view digits = token;
-            while (!digits.empty() && digits.back() == '\n') digits.remove_suffix(1);
-            if (!parse_decimal_u64(digits, stat.start_ticks)) return std::nullopt;
-        }
+        // The kernel writes 52 fields: a start time with nothing after it was cut short.
+        if (field == 22 && (end == rest.size() || !parse_decimal_u64(token, stat.start_ticks)))
+            return std::nullopt;
         rest.remove_prefix(end);
     }
     return stat;
+}
+
+inline std::optional<ProcessStat> read_process_stat(pid_t pid) {
+    std::string text;
+    if (!read_proc_file("/proc/" + std::to_string(pid) + "/stat", text)) return std::nullopt;
+    return parse_process_stat(text);
 }
 
 inline std::uint64_t process_start_ticks(pid_t pid) {

@@ -11,12 +11,12 @@
 //  - describe() is label() + " #" + hex().
 #include <vramguard/key.hpp>
 
+#include "fuzz_check.hpp"
+
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -27,15 +27,6 @@ namespace {
 
 using vramguard::Key;
 using Params = std::vector<std::pair<std::string, std::string>>;
-
-[[noreturn]] void violated(const char* what) {
-    std::fprintf(stderr, "fuzz_key: invariant violated: %s\n", what);
-    std::abort();
-}
-#define FUZZ_CHECK(cond)              \
-    do {                              \
-        if (!(cond)) violated(#cond); \
-    } while (0)
 
 // The v1 hash input, written again from its specification in key.hpp, not from its code.
 std::uint64_t reference_value(const std::string& name, Params params) {

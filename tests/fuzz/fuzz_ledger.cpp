@@ -11,6 +11,8 @@
 // cut-short copy is rejected.
 #include <vramguard/host.hpp>
 
+#include "fuzz_check.hpp"
+
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <climits>
@@ -25,15 +27,6 @@ namespace {
 using vramguard::LedgerEntry;
 using vramguard::LedgerState;
 namespace detail = vramguard::detail;
-
-[[noreturn]] void violated(const char* what) {
-    std::fprintf(stderr, "fuzz_ledger: invariant violated: %s\n", what);
-    std::abort();
-}
-#define FUZZ_CHECK(cond)              \
-    do {                              \
-        if (!(cond)) violated(#cond); \
-    } while (0)
 
 void check_parse(std::string_view text, std::size_t cut_seed) {
     std::string error;
@@ -83,7 +76,7 @@ void check_round_trip(const std::uint8_t* data, std::size_t size) {
     const auto parsed = detail::parse_ledger(text, &error);
     if (!parsed) {
         std::fprintf(stderr, "round trip rejected: %s\n", error.c_str());
-        violated("a serialized ledger must parse back");
+        FUZZ_FAIL("a serialized ledger must parse back");
     }
     LedgerState expected = state;
     if (!boot_valid) expected.boot = "-";  // serialize writes an invalid boot id as "-"

@@ -12,6 +12,8 @@
 // Every mode checks invariants and aborts on a violation; a crash or sanitizer report is a bug.
 #include <vramguard/profile.hpp>
 
+#include "fuzz_check.hpp"
+
 #include <fuzzer/FuzzedDataProvider.h>
 #include <unistd.h>
 
@@ -26,15 +28,6 @@ namespace {
 using vramguard::Key;
 using vramguard::Profile;
 namespace detail = vramguard::detail;
-
-[[noreturn]] void violated(const char* what) {
-    std::fprintf(stderr, "fuzz_profile: invariant violated: %s\n", what);
-    std::abort();
-}
-#define FUZZ_CHECK(cond)              \
-    do {                              \
-        if (!(cond)) violated(#cond); \
-    } while (0)
 
 constexpr std::string_view fixed_hex = "0123456789abcdef";
 
@@ -75,7 +68,7 @@ std::string with_checksum(std::string_view body) {
 std::string scratch_directory() {
     const char* base = ::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : std::getenv("TMPDIR");
     std::string pattern = std::string(base && *base ? base : "/tmp") + "/vramguard-fuzz-XXXXXX";
-    if (::mkdtemp(pattern.data()) == nullptr) violated("mkdtemp failed");
+    if (::mkdtemp(pattern.data()) == nullptr) FUZZ_FAIL("mkdtemp failed");
     return pattern;
 }
 
@@ -85,7 +78,7 @@ void check_cache_overwrites(std::string_view payload) {
     const std::string path = directory + "/" + key.hex() + ".profile";
     {
         std::FILE* file = std::fopen(path.c_str(), "wb");
-        if (file == nullptr) violated("cannot plant the profile file");
+        if (file == nullptr) FUZZ_FAIL("cannot plant the profile file");
         if (!payload.empty()) std::fwrite(payload.data(), 1, payload.size(), file);
         std::fclose(file);
     }
@@ -133,7 +126,7 @@ void check_round_trip(const std::uint8_t* data, std::size_t size) {
     const auto parsed = detail::parse_profile(text, key, &error);
     if (!parsed) {
         std::fprintf(stderr, "round trip rejected: %s\n", error.c_str());
-        violated("a serialized profile must parse back");
+        FUZZ_FAIL("a serialized profile must parse back");
     }
     FUZZ_CHECK(*parsed == profile);
     // Any other key's name on it is refused.

@@ -856,6 +856,49 @@ TEST(HostLedgerFormatTest, RandomDamageNeverCrashesAndWhatParsesIsCanonical) {
 // ---- (h) recommended_workers
 // ---------------------------------------------------------------------
 
+// The stat line of a process whose command name is `comm`, with `state` and start time `ticks`
+// (fields 3 and 22; the rest as the kernel writes them, 52 fields in all).
+std::string stat_line(const std::string& comm, char state, const std::string& ticks) {
+    std::string line = "4242 (" + comm + ") " + state;
+    for (int field = 4; field <= 52; ++field)
+        line += " " + (field == 22 ? ticks : std::to_string(field * 7));
+    return line + "\n";
+}
+
+TEST(ProcessStatTest, ThisProcessIsRunningWithAStartTime) {
+    const auto stat = detail::read_process_stat(::getpid());
+    ASSERT_TRUE(stat) << "/proc/self/stat should parse on Linux";
+    EXPECT_EQ(stat->state, 'R');
+    EXPECT_GT(stat->start_ticks, 0u);
+    EXPECT_FALSE(detail::read_process_stat(-1));
+}
+
+TEST(ProcessStatTest, ACommandNameOfAnyBytesDoesNotShiftTheFields) {
+    for (const std::string& comm :
+         {std::string("python3"), std::string("a) Z 1 2 3"), std::string(") X ) ) 99"),
+          std::string("two  spaces"), std::string("new\nline"), std::string(1, '\0') + "nul",
+          std::string("(((")}) {
+        const auto stat = detail::parse_process_stat(stat_line(comm, 'S', "123456789"));
+        ASSERT_TRUE(stat) << comm;
+        EXPECT_EQ(stat->state, 'S') << comm;
+        EXPECT_EQ(stat->start_ticks, 123456789u) << comm;
+    }
+}
+
+TEST(ProcessStatTest, CutShortOrMalformedLinesAreRejected) {
+    const std::string line = stat_line("worker", 'S', "777");
+    EXPECT_TRUE(detail::parse_process_stat(line));
+    const std::size_t start_time = line.find(" 777 ");
+    ASSERT_NE(start_time, std::string::npos);
+    // Cut anywhere up to the end of the start time (a cut inside it would read a smaller number).
+    for (std::size_t cut = 0; cut <= start_time + 4; ++cut)
+        EXPECT_FALSE(detail::parse_process_stat(line.substr(0, cut))) << "cut at " << cut;
+    EXPECT_TRUE(detail::parse_process_stat(line.substr(0, start_time + 5)));
+    EXPECT_FALSE(detail::parse_process_stat(stat_line("worker", 'S', "77x")));
+    EXPECT_FALSE(detail::parse_process_stat(stat_line("worker", 'S', "99999999999999999999999")));
+    EXPECT_FALSE(detail::parse_process_stat("4242 worker S 1 2 3"));  // no ')'
+}
+
 TEST(RecommendedWorkersTest, Table) {
     const MemoryInfo gpu16{16_GiB, 16_GiB};
     struct Row {
