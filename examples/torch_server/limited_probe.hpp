@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: MIT
-// A probe that reports a smaller device than the real one: `--memory-limit-bytes`.
+// A probe that reports a smaller device than the real one (`--memory-limit-bytes`), or one that
+// another process shares (`--simulate-other-process-bytes`).
 //
 // For demos and tests of admission on a machine whose real memory is plentiful (or unknown): the
 // server then behaves as if it had `limit` bytes in all, of which what it has used since it
 // started is gone. "Used since it started" is the drop in the real probe's free bytes, except on
 // the host, where it is this process's resident growth (MemAvailable moves with every other
-// process on the machine). With no limit the readings pass through unchanged.
+// process on the machine). `other_process` bytes are then taken off what is free, total
+// unchanged: work that fits the device but not now, the case a server answers with 503 and
+// Retry-After (a limit alone can only make work that never fits). With neither, the readings
+// pass through unchanged.
 #pragma once
 
 #include <vramguard/memory.hpp>
@@ -35,19 +39,27 @@ inline std::uint64_t resident_bytes() {
 template <class Inner>
 class LimitedProbe {
    public:
-    LimitedProbe(Inner& inner, std::optional<std::uint64_t> limit)
-        : inner_(inner), limit_(limit), baseline_(limit ? usage_mark() : 0) {}
+    LimitedProbe(Inner& inner, std::optional<std::uint64_t> limit,
+                 std::uint64_t other_process_bytes = 0)
+        : inner_(inner),
+          limit_(limit),
+          other_process_bytes_(other_process_bytes),
+          baseline_(limit ? usage_mark() : 0) {}
 
     LimitedProbe(const LimitedProbe&) = delete;
     LimitedProbe& operator=(const LimitedProbe&) = delete;
 
     vramguard::MemoryInfo memory() const {
-        vramguard::MemoryInfo real = inner_.memory();
-        if (!limit_) return real;
-        const std::uint64_t total = std::min(real.total_bytes, *limit_);
-        const std::uint64_t used = used_since_start(real);
-        const std::uint64_t left = total > used ? total - used : 0;
-        return {std::min(real.free_bytes, left), total};
+        const vramguard::MemoryInfo real = inner_.memory();
+        vramguard::MemoryInfo seen = real;
+        if (limit_) {
+            seen.total_bytes = std::min(real.total_bytes, *limit_);
+            const std::uint64_t used = used_since_start(real);
+            const std::uint64_t left = seen.total_bytes > used ? seen.total_bytes - used : 0;
+            seen.free_bytes = std::min(real.free_bytes, left);
+        }
+        seen.free_bytes = vramguard::detail::saturating_sub(seen.free_bytes, other_process_bytes_);
+        return seen;
     }
     void release_cached() { inner_.release_cached(); }
     void reset_peak() { inner_.reset_peak(); }
@@ -56,6 +68,7 @@ class LimitedProbe {
     std::string device_key() const { return inner_.device_key(); }
 
     std::optional<std::uint64_t> limit() const noexcept { return limit_; }
+    std::uint64_t other_process_bytes() const noexcept { return other_process_bytes_; }
     Inner& inner() noexcept { return inner_; }
 
    private:
@@ -79,6 +92,7 @@ class LimitedProbe {
 
     Inner& inner_;
     std::optional<std::uint64_t> limit_;
+    std::uint64_t other_process_bytes_;
     std::uint64_t baseline_;
 };
 

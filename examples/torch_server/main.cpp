@@ -3,7 +3,8 @@
 //
 //   torch_server --port 8080 [--host 127.0.0.1] [--device cpu|cuda:N] [--threads 8]
 //                [--idle-unload-seconds 300] [--profile-dir DIR] [--memory-limit-bytes N]
-//                [--intra-op-threads 1] [--max-texts 1024] [--simulate-oom-above-tokens N]
+//                [--simulate-other-process-bytes N] [--intra-op-threads 1] [--max-texts 1024]
+//                [--simulate-oom-above-tokens N]
 //
 // The model loads on the first /encode (admitted by the guard, counted by the registry), stays
 // loaded while requests lease it, and is unloaded after --idle-unload-seconds without one or on
@@ -37,6 +38,7 @@ struct Flags {
     long long idle_unload_seconds = 300;
     std::string profile_dir;
     std::optional<std::uint64_t> memory_limit_bytes;
+    std::uint64_t simulate_other_process_bytes = 0;
     std::size_t max_texts = 1024;
     std::uint64_t simulate_oom_above_tokens = 0;
 };
@@ -52,6 +54,9 @@ constexpr const char* usage =
     "(300)\n"
     "  --profile-dir DIR              where vramguard keeps what it learned (its default)\n"
     "  --memory-limit-bytes N         behave as if the device had N bytes (demos, tests)\n"
+    "  --simulate-other-process-bytes N\n"
+    "                                 behave as if another process held N bytes of the device\n"
+    "                                 (demos, tests of 503; 0 = off)\n"
     "  --max-texts N                  texts per /encode request (1024)\n"
     "  --simulate-oom-above-tokens N  fault injection: batches over N padded tokens fail with an\n"
     "                                 out-of-memory error, as on a device that small (off)\n";
@@ -99,6 +104,8 @@ Flags parse_flags(int argc, char** argv) {
             flags.profile_dir = value;
         else if (flag == "--memory-limit-bytes")
             flags.memory_limit_bytes = parse_number(flag, value);
+        else if (flag == "--simulate-other-process-bytes")
+            flags.simulate_other_process_bytes = parse_number(flag, value);
         else if (flag == "--max-texts")
             flags.max_texts = std::max<std::size_t>(1, parse_number(flag, value));
         else if (flag == "--simulate-oom-above-tokens")
@@ -149,7 +156,8 @@ class SignalWatcher {
 template <class Inner>
 int serve(Inner& inner, const Flags& flags, torch_server::ServerConfig config,
           SignalWatcher& signals) {
-    torch_server::LimitedProbe<Inner> probe(inner, flags.memory_limit_bytes);
+    torch_server::LimitedProbe<Inner> probe(inner, flags.memory_limit_bytes,
+                                            flags.simulate_other_process_bytes);
     torch_server::Server<torch_server::LimitedProbe<Inner>> server(probe, std::move(config));
 
     httplib::Server http;

@@ -4,7 +4,10 @@
 //   POST /request-unload  ?min_idle_seconds=N -> unloaded | busy (idle s, leases) | not_loaded
 //   GET  /status          model, device memory, what the guard learned, counters
 // Admission that says no is 503 with Retry-After, never 500: the client should come back later.
-// A text too large to encode even alone is 413, naming it.
+// Work that can never fit, even on an empty device, is not worth coming back for: a model larger
+// than the device is 507 (the server's problem), an encode whose cheapest item cannot fit is 413
+// (the request's), neither with Retry-After. A text too large to encode even alone is 413, naming
+// it.
 #pragma once
 
 #include "encoder.hpp"
@@ -154,8 +157,8 @@ class Server {
             {"device",
              {{"name", config_.device_name},
               {"memory", detail::to_json(registry.memory)},
-              {"limit_bytes",
-               guard.probe().limit() ? json(*guard.probe().limit()) : json(nullptr)}}},
+              {"limit_bytes", guard.probe().limit() ? json(*guard.probe().limit()) : json(nullptr)},
+              {"simulated_other_process_bytes", guard.probe().other_process_bytes()}}},
             {"encode",
              {{"key", encode_key_.hex()},
               {"learned_batch_ceiling", guard.learned_batch_ceiling(encode_key_)},
@@ -169,6 +172,7 @@ class Server {
               {"rejected_503", rejected_.load()},
               {"bad_request_400", bad_requests_.load()},
               {"oom_413", exhausted_.load()},
+              {"never_fits_507", never_fits_.load()},
               {"failed_500", failed_.load()}}},
         };
     }
@@ -243,10 +247,12 @@ class Server {
         tokens.reserve(texts->size());
         for (const std::string& text : *texts) tokens.push_back(tokenize(text, config_.encoder));
 
+        bool loaded = false;  // past the load: an InsufficientMemory now is the encode's
         try {
             // The lease keeps the model loaded for this request: request-unload and the idle
             // reaper answer "busy" until it ends.
             vramguard::Lease<EncoderModel> model = slot_->acquire();
+            loaded = true;
             std::atomic<unsigned> batches{0};
             const std::uint64_t oom_above = config_.simulate_oom_above_tokens;
             std::vector<Embedding> embeddings = guard_.encode(
@@ -275,15 +281,24 @@ class Server {
                                {"dim", model->dim()},
                                {"batches", batches.load()}});
         } catch (const vramguard::InsufficientMemory& e) {
+            json body{{"error", e.what()},
+                      {"required_bytes", e.required()},
+                      {"available_bytes", e.available()},
+                      {"total_bytes", e.total()},
+                      {"can_never_fit", e.can_never_fit()}};
+            if (e.can_never_fit()) {
+                // More than the whole device: a retry would get the same answer, so no
+                // Retry-After. The model is this server's problem (507); the request is the
+                // client's (413).
+                (loaded ? exhausted_ : never_fits_).fetch_add(1, std::memory_order_relaxed);
+                detail::reply(res, loaded ? 413 : 507, body);
+                return;
+            }
             rejected_.fetch_add(1, std::memory_order_relaxed);
             const long long retry = detail::retry_after_seconds(e.retry_after());
             res.set_header("Retry-After", std::to_string(retry));
-            detail::reply(res, 503,
-                          json{{"error", e.what()},
-                               {"required_bytes", e.required()},
-                               {"available_bytes", e.available()},
-                               {"total_bytes", e.total()},
-                               {"retry_after_seconds", retry}});
+            body["retry_after_seconds"] = retry;
+            detail::reply(res, 503, body);
         } catch (const vramguard::OomExhausted& e) {
             json body{{"error", e.what()}, {"attempts", e.attempts()}};
             if (e.item_index()) {
@@ -356,7 +371,7 @@ class Server {
     vramguard::Key encode_key_;
     std::shared_ptr<vramguard::ModelSlot<EncoderModel>> slot_;
     std::atomic<std::uint64_t> encode_requests_{0}, texts_encoded_{0}, rejected_{0},
-        bad_requests_{0}, exhausted_{0}, failed_{0};
+        bad_requests_{0}, exhausted_{0}, never_fits_{0}, failed_{0};
 };
 
 }  // namespace torch_server

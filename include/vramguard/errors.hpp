@@ -72,13 +72,14 @@ class InsufficientMemory : public std::runtime_error {
    public:
     InsufficientMemory(std::uint64_t required, std::uint64_t available, std::uint64_t total,
                        std::string key, std::chrono::milliseconds retry_after,
-                       const std::string& message)
+                       const std::string& message, bool can_never_fit = false)
         : std::runtime_error(message),
           required_(required),
           available_(available),
           total_(total),
           key_(std::move(key)),
-          retry_after_(retry_after) {}
+          retry_after_(retry_after),
+          can_never_fit_(can_never_fit) {}
 
     std::uint64_t required() const noexcept { return required_; }    // bytes, margin included
     std::uint64_t available() const noexcept { return available_; }  // bytes this process could get
@@ -86,11 +87,15 @@ class InsufficientMemory : public std::runtime_error {
     const std::string& key() const noexcept { return key_; }         // "name{params} #hex"
     // A hint for a 503's Retry-After: how long memory took to come back before, or the retry delay.
     std::chrono::milliseconds retry_after() const noexcept { return retry_after_; }
+    // The work needs more than the whole device even with nothing else on it: waiting will not
+    // help, so a server answers 507 or 413 instead of 503, and a client does not come back.
+    bool can_never_fit() const noexcept { return can_never_fit_; }
 
    private:
     std::uint64_t required_, available_, total_;
     std::string key_;
     std::chrono::milliseconds retry_after_;
+    bool can_never_fit_;
 };
 
 // The work ran out of memory even at its smallest: a load after every attempt, or one encode item
@@ -223,16 +228,41 @@ inline std::optional<std::uint64_t> parse_size_before(std::string_view text,
     return parsed->first;
 }
 
+// "<label> : <size>" as the cudaMallocAsync backend writes it (the label padded with spaces).
+inline std::optional<std::uint64_t> parse_labelled_size(std::string_view text,
+                                                        std::string_view label) noexcept {
+    const std::size_t at = find_nocase(text, label);
+    if (at == std::string_view::npos) return std::nullopt;
+    std::size_t i = at + label.size();
+    while (i < text.size() && text[i] == ' ') ++i;
+    if (i == text.size() || text[i] != ':') return std::nullopt;
+    auto parsed = parse_size(text.substr(i + 1));
+    if (!parsed) return std::nullopt;
+    return parsed->first;
+}
+
 }  // namespace detail
 
 // Reads the numbers out of a PyTorch/CUDA/CPU OOM message, in any of its historical formats:
 //   "Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity; ...; 3.75 MiB free; ...)"
 //   "Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which 12.75 MiB is
 //   free." "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000 bytes."
+//   "Allocation on device 0 would exceed allowed memory. (out of memory)\nCurrently allocated
+//   : 22.43 GiB\nRequested : 4.07 GiB\nDevice limit : 16.00 GiB\nFree (according to CUDA): 0
+//   bytes" (the cudaMallocAsync backend)
 // Returns nothing when not even the requested size can be read.
 inline std::optional<OomReport> parse_oom_message(std::string_view message) noexcept {
     const std::size_t tried = detail::find_nocase(message, "tried to allocate");
-    if (tried == std::string_view::npos) return std::nullopt;
+    if (tried == std::string_view::npos) {
+        if (!detail::contains_nocase(message, "would exceed allowed memory")) return std::nullopt;
+        const auto requested = detail::parse_labelled_size(message, "Requested");
+        if (!requested) return std::nullopt;
+        OomReport report;
+        report.requested_bytes = *requested;
+        report.free_bytes = detail::parse_labelled_size(message, "Free (according to CUDA)");
+        report.total_bytes = detail::parse_labelled_size(message, "Device limit");
+        return report;
+    }
     auto requested = detail::parse_size(message.substr(tried + 17));
     if (!requested) return std::nullopt;
     OomReport report;
@@ -273,6 +303,7 @@ inline OomKind classify_oom_message(std::string_view message) noexcept {
         detail::contains_nocase(message, "DefaultCPUAllocator: not enough memory") ||
         detail::contains_nocase(message, "HIP out of memory") ||
         detail::contains_nocase(message, "MPS backend out of memory") ||
+        detail::contains_nocase(message, "would exceed allowed memory") ||
         (detail::contains_nocase(message, "out of memory") &&
          detail::contains_nocase(message, "tried to allocate")))
         return OomKind::allocator;

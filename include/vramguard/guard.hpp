@@ -437,7 +437,7 @@ class Guard {
                        ". Free memory (unload idle models), lower the load, or retry later.";
         }
         throw InsufficientMemory(requirement.bytes, available, total, key.describe(), retry_after(),
-                                 message);
+                                 message, never_fits);
     }
 
     std::chrono::milliseconds retry_after() const noexcept {

@@ -1049,8 +1049,10 @@ class ModelRegistry : private detail::SlotOwner {
                    "other use (other processes, work outside the registry) " +
                    format_bytes(used > held ? used - held : 0) + ". Waited " + ms_text(waited) +
                    " (load_wait " + ms_text(options_.load_wait) + "); retry when a lease ends.";
+        // Never a "can never fit": make_room calls such a load ready, and Guard::load rejects it.
         throw InsufficientMemory(admission.requirement.bytes, memory.free_bytes, memory.total_bytes,
-                                 slot.key().describe(), guard_.options().retry_delay, message);
+                                 slot.key().describe(), guard_.options().retry_delay, message,
+                                 false);
     }
 
     // ---- reaper ------------------------------------------------------------------------------

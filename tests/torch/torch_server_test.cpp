@@ -3,8 +3,9 @@
 // driven over HTTP by cpp-httplib's client from several threads at once. Checks what a user of the
 // server relies on: embeddings (count, unit norm, the same text gives the same vector whatever its
 // batch, request, or load), 400 on bad input, /status, /request-unload's three answers, 503 with
-// Retry-After when admission says no, 413 naming the item that cannot fit even alone, and a clean
-// exit on SIGTERM. Every wait has a deadline; every server started is killed when its test ends.
+// Retry-After when admission says no for now, 507 without it for a model larger than the device,
+// 413 naming the item that cannot fit even alone, and a clean exit on SIGTERM. Every wait has a
+// deadline; every server started is killed when its test ends.
 //
 // The test does not use LibTorch itself (the server does); it is built where the server is.
 #include <gtest/gtest.h>
@@ -419,21 +420,21 @@ TEST(TorchServer, IdleModelIsUnloadedByTheReaper) {
     EXPECT_EQ(status["registry"]["idle_unloads"].get<int>(), 1);
 }
 
-TEST(TorchServer, AdmissionRefusalIs503WithRetryAfter) {
-    // A 1 MB "device": the 2.3 MiB encoder can never be admitted.
+TEST(TorchServer, ModelLargerThanTheDeviceIs507WithoutRetryAfter) {
+    // A 1 MB "device": the 2.3 MiB encoder can never be admitted, so coming back will not help.
     Running server({"--memory-limit-bytes", "1000000"});
     auto client = server.client();
 
     for (int attempt = 0; attempt < 2; ++attempt) {
         const Reply reply = encode(*client, {"no room for me"});
-        EXPECT_EQ(reply.status, 503) << reply.body.dump();
-        ASSERT_FALSE(reply.retry_after.empty()) << "a 503 must say when to come back";
-        EXPECT_GE(std::stoi(reply.retry_after), 1);
-        EXPECT_EQ(reply.body["retry_after_seconds"].get<int>(), std::stoi(reply.retry_after));
+        EXPECT_EQ(reply.status, 507) << reply.body.dump();
+        EXPECT_EQ(reply.retry_after, "") << "a retry would get the same answer";
+        EXPECT_FALSE(reply.body.contains("retry_after_seconds")) << reply.body.dump();
+        EXPECT_TRUE(reply.body["can_never_fit"].get<bool>()) << reply.body.dump();
         EXPECT_EQ(reply.body["total_bytes"].get<std::uint64_t>(), 1000000u);
         EXPECT_GT(reply.body["required_bytes"].get<std::uint64_t>(),
-                  reply.body["available_bytes"].get<std::uint64_t>());
-        EXPECT_NE(reply.body["error"].get<std::string>().find("cannot start"), std::string::npos)
+                  reply.body["total_bytes"].get<std::uint64_t>());
+        EXPECT_NE(reply.body["error"].get<std::string>().find("can never fit"), std::string::npos)
             << reply.body.dump();
     }
     EXPECT_EQ(encode(*client, {}).status, 200) << "an empty request needs no model";
@@ -443,7 +444,41 @@ TEST(TorchServer, AdmissionRefusalIs503WithRetryAfter) {
     EXPECT_EQ(status["device"]["limit_bytes"].get<std::uint64_t>(), 1000000u);
     EXPECT_EQ(status["device"]["memory"]["total_bytes"].get<std::uint64_t>(), 1000000u);
     EXPECT_EQ(status["guard"]["rejections"].get<int>(), 2);
+    EXPECT_EQ(status["requests"]["never_fits_507"].get<int>(), 2);
+    EXPECT_EQ(status["requests"]["rejected_503"].get<int>(), 0);
+    EXPECT_EQ(status["requests"]["failed_500"].get<int>(), 0);
+}
+
+TEST(TorchServer, AdmissionRefusalIs503WithRetryAfter) {
+    // A 64 MB "device" the 2.3 MiB encoder and its 6.4 MB margin fit, of which another process
+    // holds 63 MB: at most 1 MB is free (less as this process grows), so the load waits its turn.
+    Running server(
+        {"--memory-limit-bytes", "64000000", "--simulate-other-process-bytes", "63000000"});
+    auto client = server.client();
+
+    for (int attempt = 0; attempt < 2; ++attempt) {
+        const Reply reply = encode(*client, {"no room for me yet"});
+        EXPECT_EQ(reply.status, 503) << reply.body.dump();
+        ASSERT_FALSE(reply.retry_after.empty()) << "a 503 must say when to come back";
+        EXPECT_GE(std::stoi(reply.retry_after), 1);
+        EXPECT_EQ(reply.body["retry_after_seconds"].get<int>(), std::stoi(reply.retry_after));
+        EXPECT_FALSE(reply.body["can_never_fit"].get<bool>()) << reply.body.dump();
+        EXPECT_EQ(reply.body["total_bytes"].get<std::uint64_t>(), 64000000u);
+        EXPECT_LE(reply.body["available_bytes"].get<std::uint64_t>(), 1000000u);
+        EXPECT_LT(reply.body["required_bytes"].get<std::uint64_t>(),
+                  reply.body["total_bytes"].get<std::uint64_t>());
+        EXPECT_NE(reply.body["error"].get<std::string>().find("cannot load model 'encoder'"),
+                  std::string::npos)
+            << reply.body.dump();
+    }
+
+    const json status = get(*client, "/status").body;
+    EXPECT_FALSE(status["model"]["loaded"].get<bool>());
+    EXPECT_EQ(status["device"]["simulated_other_process_bytes"].get<std::uint64_t>(), 63000000u);
+    EXPECT_LE(status["device"]["memory"]["free_bytes"].get<std::uint64_t>(), 1000000u);
+    EXPECT_EQ(status["registry"]["rejections"].get<int>(), 2);
     EXPECT_EQ(status["requests"]["rejected_503"].get<int>(), 2);
+    EXPECT_EQ(status["requests"]["never_fits_507"].get<int>(), 0);
     EXPECT_EQ(status["requests"]["failed_500"].get<int>(), 0);
 }
 
@@ -501,11 +536,17 @@ TEST(TorchServer, CudaDeviceWithoutCudaExitsWithAMessage) {
 }
 
 TEST(TorchServer, BadFlagsExitWithUsage) {
-    ServerProcess process({"--no-such-flag", "1"});
-    EXPECT_LT(process.port(), 0);
-    const int status = process.stop();
-    ASSERT_TRUE(WIFEXITED(status)) << "wait status " << status;
-    EXPECT_EQ(WEXITSTATUS(status), 2);
+    for (const std::vector<std::string>& args :
+         std::vector<std::vector<std::string>>{{"--no-such-flag", "1"},
+                                               {"--simulate-other-process-bytes", "lots"},
+                                               {"--simulate-other-process-bytes", "-1"},
+                                               {"--simulate-other-process-bytes"}}) {
+        ServerProcess process(args);
+        EXPECT_LT(process.port(), 0) << args.front();
+        const int status = process.stop();
+        ASSERT_TRUE(WIFEXITED(status)) << "wait status " << status;
+        EXPECT_EQ(WEXITSTATUS(status), 2) << args.front() << " " << args.back();
+    }
 }
 
 }  // namespace

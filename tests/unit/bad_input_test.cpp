@@ -178,6 +178,7 @@ TEST_F(BadInput, AbsurdDeclaredSizesCanNeverFitAndFailAtOnceEvenWithAnAdmissionW
             EXPECT_EQ(e.required(), absurd);
             EXPECT_EQ(e.total(), 10_GiB);
             EXPECT_TRUE(mentions(e, "can never fit")) << e.what();
+            EXPECT_TRUE(e.can_never_fit()) << absurd;
         }
     }
     EXPECT_EQ(calls, 0);
@@ -196,6 +197,7 @@ TEST_F(BadInput, ExternalUsageBeyondTheDeviceReadsAsNothingFree) {
     } catch (const InsufficientMemory& e) {
         EXPECT_EQ(e.available(), 0u);
         EXPECT_TRUE(mentions(e, "only 0 B is free") || mentions(e, "only 0")) << e.what();
+        EXPECT_FALSE(e.can_never_fit()) << "1 GiB fits once the other use is gone";
     }
     EXPECT_THROW(device.allocate(1), OutOfMemory);
     device.set_external_usage(0);

@@ -37,6 +37,16 @@ const char* const kNewCudaOom =
     "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of "
     "which 12.75 MiB is free. Process 1234 has 79.13 GiB memory in use. Of the allocated memory "
     "78.2 GiB is allocated by PyTorch, and 300 MiB is reserved by PyTorch but unallocated.";
+// The cudaMallocAsync backend (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync), also thrown as
+// c10::OutOfMemoryError but with labelled lines instead of "Tried to allocate".
+const char* const kAsyncCudaOom =
+    "Allocation on device 0 would exceed allowed memory. (out of memory)\n"
+    "Currently allocated     : 22.43 GiB\n"
+    "Requested               : 4.07 GiB\n"
+    "Device limit            : 16.00 GiB\n"
+    "Free (according to CUDA): 0 bytes\n"
+    "PyTorch limit (set by user-supplied memory fraction)\n"
+    "                        : 17179869184.00 GiB";
 const char* const kCpuOom =
     "[enforce fail at alloc_cpu.cpp:75] err == 0. DefaultCPUAllocator: can't allocate memory: you "
     "tried to allocate 8000000000 bytes. Error code 12 (Cannot allocate memory)";
@@ -73,6 +83,36 @@ TEST(ParseOomMessage, CpuAllocatorBytes) {
     EXPECT_FALSE(report->total_bytes);
 }
 
+TEST(ParseOomMessage, OldFormatWithMemoryFractionAllowance) {
+    // Under a memory fraction, PyTorch <= 2.0 adds "X allowed;" after the free figure.
+    const auto report = parse_oom_message(
+        "CUDA out of memory. Tried to allocate 512 bytes (GPU 0; 79.15 GiB total capacity; 19.50 "
+        "GiB already allocated; 58.00 GiB free; 19.79 GiB allowed; 19.75 GiB reserved in total by "
+        "PyTorch)");
+    ASSERT_TRUE(report);
+    EXPECT_EQ(report->requested_bytes, 512u);  // format_size writes small sizes in bytes
+    EXPECT_EQ(report->free_bytes, 58_GiB);
+    EXPECT_EQ(report->total_bytes, static_cast<std::uint64_t>(79.15 * GiB + 0.5));
+}
+
+TEST(ParseOomMessage, AsyncAllocatorLabelledLines) {
+    const auto report = parse_oom_message(kAsyncCudaOom);
+    ASSERT_TRUE(report);
+    EXPECT_EQ(report->requested_bytes, static_cast<std::uint64_t>(4.07 * GiB + 0.5));
+    EXPECT_EQ(report->free_bytes, 0u);
+    EXPECT_EQ(report->total_bytes, 16_GiB);
+    // Cut before the free line: what is there is kept.
+    std::string text = kAsyncCudaOom;
+    const auto cut = parse_oom_message(text.substr(0, text.find("Device limit")));
+    ASSERT_TRUE(cut);
+    EXPECT_FALSE(cut->free_bytes);
+    EXPECT_FALSE(cut->total_bytes);
+    // Labels without the allocator's sentence, or without a size, are no report.
+    EXPECT_FALSE(parse_oom_message("Requested               : 4.07 GiB"));
+    EXPECT_FALSE(parse_oom_message("would exceed allowed memory. Requested : lots"));
+    EXPECT_FALSE(parse_oom_message("would exceed allowed memory. Requested 4 GiB"));
+}
+
 TEST(ParseOomMessage, CutShortMessagesKeepWhatIsThere) {
     std::string old = kOldCudaOom;
     const auto cut = parse_oom_message(old.substr(0, old.find("3.75")));
@@ -96,6 +136,7 @@ TEST(ClassifyOomMessage, AllocatorDriverAndNone) {
     EXPECT_EQ(classify_oom_message(kOldCudaOom), OomKind::allocator);
     EXPECT_EQ(classify_oom_message(kNewCudaOom), OomKind::allocator);
     EXPECT_EQ(classify_oom_message(kCpuOom), OomKind::allocator);
+    EXPECT_EQ(classify_oom_message(kAsyncCudaOom), OomKind::allocator);
     EXPECT_EQ(classify_oom_message(
                   "CUDA error: out of memory\nCUDA kernel errors might be asynchronously "
                   "reported"),
@@ -169,6 +210,10 @@ TEST(InsufficientMemory, CarriesItsNumbers) {
     EXPECT_EQ(e.key(), "llm{size=7b} #0011223344556677");
     EXPECT_EQ(e.retry_after(), std::chrono::milliseconds(1500));
     EXPECT_STREQ(e.what(), "needs more");
+    EXPECT_FALSE(e.can_never_fit()) << "unless said, the work may fit later";
+    const InsufficientMemory never(90_GiB, 80_GiB, 80_GiB, "llm{size=70b} #0011223344556677",
+                                   std::chrono::milliseconds(1500), "too big", true);
+    EXPECT_TRUE(never.can_never_fit());
 }
 
 TEST(FormatBytes, BinaryUnitsWithTwoDecimals) {

@@ -132,6 +132,7 @@ TEST_F(GuardTest, RejectionExplainsTheNumbersAndSuggestsWhatToDo) {
         EXPECT_EQ(e.required(), 4_GiB);
         EXPECT_EQ(e.available(), 4_GiB);
         EXPECT_EQ(e.retry_after(), options.retry_delay);  // nothing observed yet
+        EXPECT_FALSE(e.can_never_fit()) << "it fits once the other 6 GiB are freed";
         for (const char* part :
              {"encoder{dim=768}", "4.00 GiB (declared)", "safety margin of 1.00 GiB",
               "10% of 10.00 GiB", "only 4.00 GiB is free"})
@@ -147,9 +148,60 @@ TEST_F(GuardTest, WorkThatCanNeverFitFailsAtOnceEvenWhenWaitingIsAllowed) {
     EXPECT_EQ(clock.slept(), Duration::zero());
     try {
         guard.load(key, 20_GiB, [] { return 0; });
+        FAIL();
     } catch (const InsufficientMemory& e) {
         EXPECT_NE(std::string(e.what()).find("can never fit"), std::string::npos) << e.what();
+        EXPECT_TRUE(e.can_never_fit());
+        EXPECT_EQ(e.total(), 10_GiB);
     }
+}
+
+TEST_F(GuardTest, LoadThatFitsTheDeviceOnlyWithItsMarginCanNeverFitEither) {
+    Guard<SimulatedDevice> guard(device, options);
+    try {
+        guard.load(key, 9_GiB + 1, [] { return 0; });  // 9 GiB + 1 byte + a 1 GiB margin > 10 GiB
+        FAIL();
+    } catch (const InsufficientMemory& e) {
+        EXPECT_TRUE(e.can_never_fit()) << e.what();
+    }
+    device.set_external_usage(1_GiB);
+    try {
+        guard.load(key, 9_GiB, [] { return 0; });  // exactly the device: fits once it is empty
+        FAIL();
+    } catch (const InsufficientMemory& e) {
+        EXPECT_FALSE(e.can_never_fit()) << e.what();
+    }
+}
+
+TEST_F(GuardTest, EncodeAdmissionSaysWhetherTheCheapestItemCouldEverFit) {
+    Guard<SimulatedDevice> guard(device, options);
+    // One measured item of 1 GiB: 1.2 GiB with headroom, refused while only 1 GiB is free.
+    ItemByItemEncoder small{device, 1_GiB, {}};
+    guard.encode(key, iota_items(1), std::ref(small));
+    device.set_external_usage(9_GiB);
+    try {
+        guard.encode(key, iota_items(4), std::ref(small));
+        FAIL() << "only 1 GiB is free";
+    } catch (const InsufficientMemory& e) {
+        EXPECT_NE(std::string(e.what()).find("cannot start encode"), std::string::npos) << e.what();
+        EXPECT_FALSE(e.can_never_fit()) << e.what();
+    }
+    device.set_external_usage(0);
+
+    // One measured item of 8 GiB: 9.6 GiB with headroom plus a 1 GiB margin, more than the device.
+    const Key big = Key::of("encoder", {{"dim", "65536"}});
+    ItemByItemEncoder huge{device, 8_GiB, {}};
+    guard.encode(big, iota_items(1), std::ref(huge));
+    try {
+        guard.encode(big, iota_items(1), std::ref(huge));
+        FAIL() << "one item needs more than the whole device";
+    } catch (const InsufficientMemory& e) {
+        EXPECT_NE(std::string(e.what()).find("can never fit"), std::string::npos) << e.what();
+        EXPECT_TRUE(e.can_never_fit()) << e.what();
+        EXPECT_EQ(e.available(), 10_GiB);
+    }
+    EXPECT_EQ(huge.sizes.size(), 1u) << "refused before the batch function ran";
+    EXPECT_EQ(guard.stats().rejections, 2u);
 }
 
 TEST_F(GuardTest, AdmissionWaitsForMemoryAndIsAdmittedWithinOnePollOfItComingBack) {

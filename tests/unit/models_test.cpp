@@ -357,6 +357,7 @@ TEST_F(ModelRegistryTest, WhenEveryModelIsBusyTheLoadFailsNamingWhoHoldsMemory) 
         EXPECT_EQ(e.available(), 1_GiB + 512_MiB);
         EXPECT_EQ(e.total(), 10_GiB);
         EXPECT_EQ(e.key(), Key::of("c", {{"dtype", "fp16"}}).describe());
+        EXPECT_FALSE(e.can_never_fit()) << "it fits once a lease ends";
         for (const char* part :
              {"cannot load model 'c'", "needs 4.00 GiB (declared)", "no loaded model is idle",
               "'a' 4.00 GiB (busy, 1 lease)", "'b' 4.00 GiB (busy, 2 leases)",
@@ -382,6 +383,7 @@ TEST_F(ModelRegistryTest, AFullCapOfBusyModelsFailsEvenWithMemoryToSpare) {
         EXPECT_TRUE(contains(e.what(),
                              "2 models are loaded (max_loaded_models 2) and none of them is idle"))
             << e.what();
+        EXPECT_FALSE(e.can_never_fit());
     }
 }
 
@@ -425,6 +427,7 @@ TEST_F(ModelRegistryTest, IdleModelsAreKeptWhenEvictingThemCouldNotMakeRoom) {
     } catch (const InsufficientMemory& e) {
         EXPECT_TRUE(contains(e.what(), "unloading every idle model would not free enough"))
             << e.what();
+        EXPECT_FALSE(e.can_never_fit()) << "6 GiB + a 1 GiB margin fit the empty 10 GiB device";
         EXPECT_TRUE(contains(e.what(), "'a' 4.00 GiB (idle 0.0 s)")) << e.what();
     }
     EXPECT_TRUE(a->loaded()) << "not destroyed for nothing";
@@ -440,6 +443,7 @@ TEST_F(ModelRegistryTest, AModelThatCanNeverFitEvictsNothing) {
         FAIL();
     } catch (const InsufficientMemory& e) {
         EXPECT_TRUE(contains(e.what(), "can never fit")) << e.what();
+        EXPECT_TRUE(e.can_never_fit()) << "the guard's rejection passes through the registry";
     }
     EXPECT_TRUE(a->loaded());
     EXPECT_EQ(registry->stats().evictions, 0u);
