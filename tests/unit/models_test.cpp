@@ -342,6 +342,25 @@ TEST_F(ModelRegistryTest, ABusyModelIsNeverEvictedEvenWhenLeastRecentlyUsed) {
     EXPECT_FALSE(b->loaded());
 }
 
+TEST_F(ModelRegistryTest, WithNoOtherModelLoadedTheRefusalBlamesTheOtherUse) {
+    make_registry();
+    auto a = add("a");
+    device.set_external_usage(8_GiB);  // another process: 2 GiB free, 4 GiB + 1 GiB margin needed
+    try {
+        a->acquire();
+        FAIL() << "another process holds the memory";
+    } catch (const InsufficientMemory& e) {
+        const std::string what = e.what();
+        EXPECT_FALSE(e.can_never_fit()) << what;
+        for (const char* part : {"no other model is loaded to unload",
+                                 "other use (other processes, work outside the registry) 8.00 GiB",
+                                 "retry when the other use shrinks"})
+            EXPECT_TRUE(contains(what, part)) << "missing '" << part << "' in: " << what;
+        EXPECT_FALSE(contains(what, "lease")) << "no lease is involved: " << what;
+    }
+    EXPECT_EQ(registry->stats().rejections, 1u);
+}
+
 TEST_F(ModelRegistryTest, WhenEveryModelIsBusyTheLoadFailsNamingWhoHoldsMemory) {
     make_registry();
     auto a = add("a"), b = add("b"), c = add("c");

@@ -5697,7 +5697,8 @@ class ModelRegistry : private detail::SlotOwner {
                        format_bytes(memory.total_bytes) + " is free, and ";
             message += room.evicting_cannot_help
                            ? "unloading every idle model would not free enough"
-                           : "no loaded model is idle";
+                       : room.loaded == 0 ? "no other model is loaded to unload"
+                                          : "no loaded model is idle";
             if (room.at_cap)
                 message += " (max_loaded_models " + std::to_string(options_.max_loaded_models) +
                            " reached)";
@@ -5722,7 +5723,8 @@ class ModelRegistry : private detail::SlotOwner {
         message += std::string(any ? ", " : "") +
                    "other use (other processes, work outside the registry) " +
                    format_bytes(used > held ? used - held : 0) + ". Waited " + ms_text(waited) +
-                   " (load_wait " + ms_text(options_.load_wait) + "); retry when a lease ends.";
+                   " (load_wait " + ms_text(options_.load_wait) + "); retry " +
+                   (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
         // Never a "can never fit": make_room calls such a load ready, and Guard::load rejects it.
         throw InsufficientMemory(admission.requirement.bytes, memory.free_bytes, memory.total_bytes,
                                  slot.key().describe(), guard_.options().retry_delay, message,
