@@ -23,6 +23,8 @@
 #include <vramguard/torch.hpp>
 #include <vramguard/vramguard.hpp>
 
+#include "../cost_model.hpp"
+
 #include <torch/torch.h>
 
 #if VRAMGUARD_TORCH_CUDA
@@ -47,50 +49,28 @@
 namespace {
 
 struct Config {
-    std::size_t calls = 200;
-    std::size_t min_call = 64, max_call = 256;
-    std::int64_t short_min = 16, short_max = 128, long_factor = 10;
-    unsigned long_percent = 5;
+    // The cost model's skewed stream: 200 calls, no squeeze; accelerate_baseline.py draws it too.
+    vgbench::StreamSpec stream = [] {
+        vgbench::StreamSpec spec;
+        spec.calls = 200;
+        return spec;
+    }();
     std::int64_t layers = 4, d_model = 512, heads = 8, vocab = 30522;
     double fraction = 0.25;
-    std::uint64_t seed = 0x5eed;
     std::string out;
     bool cpu_smoke = false;
 };
 
-// The same generator as bench/cost_model.hpp and accelerate_baseline.py.
-struct SplitMix64 {
-    std::uint64_t state;
-    std::uint64_t next() {
-        std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-        return z ^ (z >> 31);
-    }
-    std::uint64_t between(std::uint64_t lo, std::uint64_t hi) {
-        return lo + next() % (hi - lo + 1);
-    }
-};
-
+// The cost model's stream, with lengths as LibTorch wants them (int64, for from_blob).
 struct Stream {
     std::vector<std::int64_t> lengths;
     std::vector<std::size_t> call_begin;
 };
 
-Stream make_stream(const Config& c) {
-    Stream s;
-    SplitMix64 rng{c.seed};
-    s.call_begin.push_back(0);
-    for (std::size_t call = 0; call < c.calls; ++call) {
-        const std::size_t n = rng.between(c.min_call, c.max_call);
-        for (std::size_t i = 0; i < n; ++i) {
-            auto length = static_cast<std::int64_t>(rng.between(c.short_min, c.short_max));
-            if (rng.between(1, 100) <= c.long_percent) length *= c.long_factor;
-            s.lengths.push_back(length);
-        }
-        s.call_begin.push_back(s.lengths.size());
-    }
-    return s;
+Stream torch_stream(const vgbench::StreamSpec& spec) {
+    const vgbench::Stream generated = vgbench::make_stream(spec);
+    return {std::vector<std::int64_t>(generated.tokens.begin(), generated.tokens.end()),
+            generated.call_begin};
 }
 
 struct EncoderImpl : torch::nn::Module {
@@ -223,7 +203,8 @@ std::string json(const Config& c, const std::string& device_name,
     o << "{\n  \"bench\": \"gpu_encode_bench\",\n  \"date\": \"" << date << "\",\n  \"device\": \""
       << device_name << "\",\n  \"memory_fraction\": " << c.fraction
       << ",\n  \"model\": {\"layers\": " << c.layers << ", \"d_model\": " << c.d_model
-      << ", \"heads\": " << c.heads << "},\n  \"calls\": " << c.calls << ",\n  \"results\": [";
+      << ", \"heads\": " << c.heads << "},\n  \"calls\": " << c.stream.calls
+      << ",\n  \"results\": [";
     for (std::size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];
         const double ips = r.seconds > 0 ? static_cast<double>(r.items) / r.seconds : 0;
@@ -253,7 +234,7 @@ int main(int argc, char** argv) {
         if (std::strcmp(argv[i], "--cpu-smoke") == 0)
             c.cpu_smoke = true;
         else if (flag(argv[i], "--calls", v))
-            c.calls = std::stoul(v);
+            c.stream.calls = std::stoul(v);
         else if (flag(argv[i], "--layers", v))
             c.layers = std::stol(v);
         else if (flag(argv[i], "--d-model", v))
@@ -263,7 +244,7 @@ int main(int argc, char** argv) {
         else if (flag(argv[i], "--fraction", v))
             c.fraction = std::stod(v);
         else if (flag(argv[i], "--seed", v))
-            c.seed = std::stoull(v);
+            c.stream.seed = std::stoull(v);
         else if (flag(argv[i], "--out", v))
             c.out = v;
         else {
@@ -299,17 +280,17 @@ int main(int argc, char** argv) {
         device_name = at::cuda::getDeviceProperties(0)->name;
 #endif
     } else {
-        c.calls = std::min<std::size_t>(c.calls, 4);
+        c.stream.calls = std::min<std::size_t>(c.stream.calls, 4);
         c.layers = 1;
         c.d_model = 64;
         c.heads = 4;
-        c.min_call = 8;
-        c.max_call = 24;
-        c.short_max = 32;
-        c.long_factor = 4;
+        c.stream.min_call = 8;
+        c.stream.max_call = 24;
+        c.stream.short_max = 32;
+        c.stream.long_factor = 4;
     }
     torch::manual_seed(1);
-    const Stream stream = make_stream(c);
+    const Stream stream = torch_stream(c.stream);
     Runner runner{c, stream, Encoder(c), device, [] {}};
 #if VRAMGUARD_TORCH_CUDA
     if (gpu_probe) runner.empty_cache = [&] { gpu_probe->release_cached(); };
@@ -323,10 +304,9 @@ int main(int argc, char** argv) {
 
     // Conservative: a batch of the longest possible items must fit; measured, not guessed: the
     // largest power of two that runs a batch of longest items.
-    const std::int64_t longest = c.short_max * c.long_factor;
+    const auto longest = static_cast<std::int64_t>(c.stream.longest_item());
     std::size_t conservative = 1;
     if (have_gpu) {
-        std::vector<std::int64_t> saved(stream.lengths.begin(), stream.lengths.begin() + 1);
         for (std::size_t size = 1; size <= 1024; size *= 2) {
             try {
                 const auto n = static_cast<std::int64_t>(size);
