@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: MIT
 // Host-wide coordination (POSIX): pre-forked workers on one GPU must not all see "6 GiB free" and
 // all load 6 GiB. An in-process check cannot see the other processes, so admission goes through a
-// per-device reservation ledger, a small file locked with flock: lock, prune the entries of dead
+// per-device reservation ledger, a small file guarded by an flock: lock, prune the entries of dead
 // processes, compare free memory minus everyone's live reservations, reserve or refuse, unlock.
+// Every change replaces the file whole (temporary file, rename), so a process killed at any
+// instant leaves a ledger that still holds every live reservation.
 // No daemon: the kernel releases a dead process's flock, and its entries are pruned by the next
 // process that looks.
 //
@@ -165,8 +167,11 @@ namespace detail {
 //   reservation <id, 16 hex> <pid> <start_ticks> <bytes> <created_ns> <released_ns>   (0 or more)
 //     (released_ns: 0; nonzero only in files written by earlier builds, see LedgerEntry)
 //   checksum <FNV-1a 64 of every byte above, 16 hex digits>
-// Numbers are canonical decimals. It is rewritten in place under the flock; a writer killed
-// halfway leaves a file whose checksum (or length) is wrong, which the next reader rebuilds.
+// Numbers are canonical decimals. It is never written in place: a writer holding the lock file's
+// flock writes "<ledger>.tmp" and renames it over the ledger, so every reader, and every process
+// after a writer killed at any instant, finds either the old file or the new one, whole (see
+// HostLedger::store). A file damaged all the same (by hand, by a disk) is salvaged, never emptied:
+// see salvage_ledger.
 inline constexpr std::string_view ledger_magic = "vramguard-ledger 1";
 // 4096 entries of at most ~130 bytes: an upper bound, far above any real ledger.
 inline constexpr std::size_t max_ledger_entries = 4096;
@@ -204,6 +209,51 @@ inline std::string serialize_ledger(const LedgerState& state) {
     return text;
 }
 
+// One reservation line's value: "<id, 16 hex> <pid> <start_ticks> <bytes> <created_ns>
+// <released_ns>".
+inline std::optional<LedgerEntry> parse_reservation(std::string_view value, std::string* error) {
+    const auto fail = [error](const char* reason) { return parse_failure(error, reason); };
+    LedgerEntry entry;
+    std::uint64_t pid = 0;
+    std::uint64_t* const numbers[] = {&pid, &entry.start_ticks, &entry.bytes, &entry.created_ns,
+                                      &entry.released_ns};
+    std::size_t space = value.find(' ');
+    if (space == std::string_view::npos || !parse_hex16_u64(value.substr(0, space), entry.id))
+        return fail("malformed reservation id");
+    value.remove_prefix(space + 1);
+    for (std::size_t i = 0; i < 5; ++i) {
+        space = value.find(' ');
+        const bool last = i == 4;
+        if (last != (space == std::string_view::npos)) return fail("malformed reservation line");
+        if (!parse_decimal_u64(value.substr(0, last ? value.size() : space), *numbers[i]))
+            return fail("malformed number in a reservation line");
+        if (!last) value.remove_prefix(space + 1);
+    }
+    if (pid == 0 || pid > static_cast<std::uint64_t>(INT_MAX)) return fail("pid out of range");
+    entry.pid = static_cast<pid_t>(pid);
+    return entry;
+}
+
+// The three header lines (magic, device, boot) into `state`; false with the reason in `*error`.
+inline bool parse_ledger_header(LineReader& lines, LedgerState& state, std::string* error) {
+    const auto fail = [error](const char* reason) {
+        parse_failure(error, reason);
+        return false;
+    };
+    std::string_view line, value;
+    if (!lines.next(line)) return fail("file is truncated");
+    if (line != ledger_magic) {
+        if (line.substr(0, 17) == "vramguard-ledger ") return fail("unsupported format version");
+        return fail("not a vramguard ledger (bad first line)");
+    }
+    if (!lines.next_field("device", value) || !parse_hex16_u64(value, state.device))
+        return fail("truncated or malformed device line");
+    if (!lines.next_field("boot", value) || !is_boot_id(value))
+        return fail("truncated or malformed boot line");
+    state.boot = std::string(value);
+    return true;
+}
+
 // Parses a ledger file. Returns nothing, with the reason in `*error` when given, for anything that
 // is not exactly such a file: arbitrary bytes are safe input (this is the fuzzing entry point).
 inline std::optional<LedgerState> parse_ledger(std::string_view text,
@@ -211,21 +261,11 @@ inline std::optional<LedgerState> parse_ledger(std::string_view text,
     const auto fail = [error](const char* reason) { return parse_failure(error, reason); };
     if (text.size() > max_ledger_file_bytes) return fail("file is too large");
     LineReader lines(text);
-
-    std::string_view line, value;
-    if (!lines.next(line)) return fail("file is truncated");
-    if (line != ledger_magic) {
-        if (line.substr(0, 17) == "vramguard-ledger ") return fail("unsupported format version");
-        return fail("not a vramguard ledger (bad first line)");
-    }
     LedgerState state;
-    if (!lines.next_field("device", value) || !parse_hex16_u64(value, state.device))
-        return fail("truncated or malformed device line");
-    if (!lines.next_field("boot", value) || !is_boot_id(value))
-        return fail("truncated or malformed boot line");
-    state.boot = std::string(value);
+    if (!parse_ledger_header(lines, state, error)) return std::nullopt;
     for (;;) {
         const std::size_t line_start = lines.position();
+        std::string_view line, value;
         if (!lines.next(line)) return fail("file is truncated (no checksum line)");
         if (field_value(line, "checksum", value)) {
             switch (check_checksum_line(lines, line_start, value)) {
@@ -239,27 +279,72 @@ inline std::optional<LedgerState> parse_ledger(std::string_view text,
         }
         if (!field_value(line, "reservation", value)) return fail("unexpected line");
         if (state.entries.size() >= max_ledger_entries) return fail("too many reservations");
-        LedgerEntry entry;
-        std::uint64_t pid = 0;
-        std::uint64_t* const numbers[] = {&pid, &entry.start_ticks, &entry.bytes, &entry.created_ns,
-                                          &entry.released_ns};
-        std::size_t space = value.find(' ');
-        if (space == std::string_view::npos || !parse_hex16_u64(value.substr(0, space), entry.id))
-            return fail("malformed reservation id");
-        value.remove_prefix(space + 1);
-        for (std::size_t i = 0; i < 5; ++i) {
-            space = value.find(' ');
-            const bool last = i == 4;
-            if (last != (space == std::string_view::npos))
-                return fail("malformed reservation line");
-            if (!parse_decimal_u64(value.substr(0, last ? value.size() : space), *numbers[i]))
-                return fail("malformed number in a reservation line");
-            if (!last) value.remove_prefix(space + 1);
-        }
-        if (pid == 0 || pid > static_cast<std::uint64_t>(INT_MAX)) return fail("pid out of range");
-        entry.pid = static_cast<pid_t>(pid);
-        state.entries.push_back(entry);
+        auto entry = parse_reservation(value, error);
+        if (!entry) return std::nullopt;
+        state.entries.push_back(*entry);
     }
+}
+
+// A number of a damaged reservation line, trusted only when a space ends it (a cut line may have
+// lost its last digits: "10737" of "1073741824").
+inline bool salvage_number(std::string_view& rest, std::uint64_t& out) noexcept {
+    const std::size_t space = rest.find(' ');
+    if (space == std::string_view::npos || !parse_decimal_u64(rest.substr(0, space), out))
+        return false;
+    rest.remove_prefix(space + 1);
+    return true;
+}
+
+// What one line of a damaged file still says about a reservation. A whole line ('\n'-ended) that
+// parses is taken as it is. Otherwise an id and a pid that are whole still name a reservation and
+// its owner; its size is unknown and counts as the whole device (UINT64_MAX) until the owner
+// releases it or exits. Nothing when no owner can be named.
+inline std::optional<LedgerEntry> salvage_reservation(std::string_view line, bool whole) {
+    std::string_view rest;
+    if (!field_value(line, "reservation", rest)) return std::nullopt;
+    if (whole)
+        if (auto entry = parse_reservation(rest, nullptr)) return entry;
+    LedgerEntry entry;
+    std::uint64_t pid = 0;
+    if (rest.size() < 17 || rest[16] != ' ' || !parse_hex16_u64(rest.substr(0, 16), entry.id))
+        return std::nullopt;
+    rest.remove_prefix(17);
+    if (!salvage_number(rest, pid) || pid == 0 || pid > static_cast<std::uint64_t>(INT_MAX))
+        return std::nullopt;
+    entry.pid = static_cast<pid_t>(pid);
+    if (!salvage_number(rest, entry.start_ticks)) entry.start_ticks = 0;  // the pid alone decides
+    entry.bytes = UINT64_MAX;
+    return entry;
+}
+
+// What a damaged ledger (a checksum that fails, a file cut short, stray bytes) still says, so that
+// admission stays at least as careful as the truth: every reservation whose owner can be named
+// (see salvage_reservation; one entry per id, the larger size), and the boot it was written in
+// when that line is whole (otherwise `assumed_boot`: its pids are judged by liveness alone).
+// Never more than max_ledger_entries. Arbitrary bytes are safe input.
+inline LedgerState salvage_ledger(std::string_view text, std::string_view assumed_boot) {
+    LedgerState state;
+    state.boot = std::string(assumed_boot);
+    std::size_t start = 0;
+    while (start < text.size() && state.entries.size() < max_ledger_entries) {
+        std::size_t end = text.find('\n', start);
+        const bool whole = end != std::string_view::npos;
+        if (!whole) end = text.size();
+        const std::string_view line = text.substr(start, end - start);
+        start = end + 1;
+        std::string_view value;
+        if (whole && field_value(line, "boot", value) && is_boot_id(value)) {
+            state.boot = std::string(value);
+        } else if (const auto entry = salvage_reservation(line, whole)) {
+            const auto same = std::find_if(state.entries.begin(), state.entries.end(),
+                                           [&](const LedgerEntry& e) { return e.id == entry->id; });
+            if (same == state.entries.end())
+                state.entries.push_back(*entry);
+            else if (same->bytes < entry->bytes)
+                *same = *entry;
+        }
+    }
+    return state;
 }
 
 // ---- processes and clocks ----
@@ -274,17 +359,8 @@ inline std::uint64_t monotonic_ns() noexcept {
 
 // Small /proc files (stat, boot_id); false when absent (no /proc, other systems) or unreadable.
 inline bool read_proc_file(const std::string& path, std::string& out) {
-    out.clear();
-    FileDescriptor fd(retry_eintr([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC); }));
-    if (!fd) return false;
-    char buffer[1024];
-    while (out.size() < 8192) {
-        const ssize_t got = retry_eintr([&] { return ::read(fd.get(), buffer, sizeof buffer); });
-        if (got < 0) return false;
-        if (got == 0) break;
-        out.append(buffer, static_cast<std::size_t>(got));
-    }
-    return true;
+    int error = 0;
+    return read_small_file(path, out, error) == ReadResult::ok;
 }
 
 // The kernel's boot id, read once: a ledger left in a persistent directory by an earlier boot
@@ -363,6 +439,44 @@ inline std::uint64_t fresh_reservation_id() noexcept {
     x ^= x >> 31;
     return x == 0 ? 1 : x;
 }
+
+// The reservations this process holds, per ledger file: what its own entries in that file must be.
+// A transaction makes the file agree (HostLedger::reconcile): an entry naming this process that it
+// does not hold is a release that did not reach the file (or a stray line of a damaged one) and is
+// dropped; one it holds that the file lacks (lost to damage) is written back. Process-wide, because
+// several HostLedger objects may share one file; a forked child inherits a copy, but its pid
+// differs, so it never claims the parent's entries.
+class HeldReservations {
+   public:
+    static HeldReservations& instance() {
+        static HeldReservations* const held = new HeldReservations();  // outlives every static
+        return *held;
+    }
+    void add(const std::string& ledger, const LedgerEntry& entry) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        held_.emplace_back(ledger, entry);
+    }
+    void remove(const std::string& ledger, std::uint64_t id) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        held_.erase(std::remove_if(held_.begin(), held_.end(),
+                                   [&](const auto& item) {
+                                       return item.second.id == id && item.first == ledger;
+                                   }),
+                    held_.end());
+    }
+    // The live holds of process `pid` in `ledger`.
+    std::vector<LedgerEntry> of(const std::string& ledger, pid_t pid) const {
+        std::vector<LedgerEntry> result;
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (const auto& item : held_)
+            if (item.first == ledger && item.second.pid == pid) result.push_back(item.second);
+        return result;
+    }
+
+   private:
+    mutable std::mutex mutex_;
+    std::vector<std::pair<std::string, LedgerEntry>> held_;
+};
 
 // "[A-Za-z0-9._-]" kept, anything else '_', at most 48 characters: readable in `ls`, safe as a
 // name.
@@ -447,6 +561,7 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         directory_ = options_.directory.empty() ? default_directory() : options_.directory;
         while (directory_.size() > 1 && directory_.back() == '/') directory_.pop_back();
         path_ = directory_ + "/" + file_name(identity_);
+        lock_path_ = path_ + ".lock";
     }
     HostLedger(const HostLedger&) = delete;
     HostLedger& operator=(const HostLedger&) = delete;
@@ -460,25 +575,32 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         bool read = false;
         bool full = false;
         LedgerEntry mine;
-        const std::optional<std::string> failure = transact([&](LedgerState& state) {
-            decision.seen = read_memory();
-            read = true;
-            const std::uint64_t reserved = state.live_bytes();
-            decision.available =
-                decision.seen.free_bytes > reserved ? decision.seen.free_bytes - reserved : 0;
-            if (!fits(required, margin_bytes, decision.available)) return false;
-            if (state.entries.size() >= detail::max_ledger_entries) {
-                full = true;
-                return false;
-            }
-            mine.id = detail::fresh_reservation_id();
-            mine.pid = ::getpid();
-            mine.start_ticks = detail::process_start_ticks(mine.pid);
-            mine.bytes = required;
-            mine.created_ns = detail::monotonic_ns();
-            state.entries.push_back(mine);
-            return true;
-        });
+        const std::optional<std::string> failure = transact(
+            [&](LedgerState& state) {
+                decision.seen = read_memory();
+                read = true;
+                const std::uint64_t reserved = state.live_bytes();
+                decision.available =
+                    decision.seen.free_bytes > reserved ? decision.seen.free_bytes - reserved : 0;
+                if (!fits(required, margin_bytes, decision.available)) return false;
+                if (state.entries.size() >= detail::max_ledger_entries) {
+                    full = true;
+                    return false;
+                }
+                mine.id = detail::fresh_reservation_id();
+                mine.pid = ::getpid();
+                mine.start_ticks = detail::process_start_ticks(mine.pid);
+                mine.bytes = required;
+                mine.created_ns = detail::monotonic_ns();
+                state.entries.push_back(mine);
+                return true;
+            },
+            [&] {
+                // Held from the moment the file says so, before the lock is released: another
+                // thread of this process reconciling in between would take the entry for a stale
+                // one.
+                if (mine.id != 0) detail::HeldReservations::instance().add(path_, mine);
+            });
         if (failure || full) {
             unusable(failure ? *failure
                              : "it holds " + std::to_string(detail::max_ledger_entries) +
@@ -531,7 +653,9 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
 
     // Whether the last operation reached the ledger (false: admission is in-process only).
     bool usable() const noexcept { return !failing_.load(std::memory_order_relaxed); }
+    // The ledger file, and the lock file beside it whose flock orders every change to it.
     const std::string& path() const noexcept { return path_; }
+    const std::string& lock_path() const noexcept { return lock_path_; }
     const std::string& device_identity() const noexcept { return identity_; }
     const HostOptions& options() const noexcept { return options_; }
 
@@ -575,13 +699,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
 
     void release(std::uint64_t id) noexcept {
         try {
-            {
-                std::lock_guard<std::mutex> lock(pending_mutex_);
-                pending_releases_.push_back(id);
-            }
-            // transact() applies every pending release; one that fails stays pending for the next
-            // operation (an entry left live would shrink the host's memory until this process
-            // exits).
+            // No longer held, so the next transaction erases the entry (reconcile). When this one
+            // fails, the next one of this process that works does (an entry left live would shrink
+            // the host's memory until this process exits).
+            detail::HeldReservations::instance().remove(path_, id);
             if (const auto failure = transact([](LedgerState&) { return false; }))
                 unusable(*failure);
         } catch (...) {
@@ -589,10 +710,31 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         }
     }
 
-    // Opens (creating) one of the ledger's files, read-write, close-on-exec, never through a
-    // symbolic link, and checks that it may be trusted. On failure: an invalid descriptor and the
-    // reason.
+    // Why a file found on disk is not to be trusted; "" when it is: it must be a regular file of
+    // this user (or of HostOptions::group) that not every user may write.
+    std::string distrust(const std::string& path, const struct stat& st) const {
+        if (!S_ISREG(st.st_mode)) return path + " is not a regular file";
+        if (st.st_uid != ::geteuid() && !(options_.group && st.st_gid == *options_.group))
+            return path + " belongs to uid " + std::to_string(st.st_uid) +
+                   " (another user's ledger; to share one, set HostOptions::group in every "
+                   "process)";
+        if ((st.st_mode & S_IWOTH) != 0)
+            return path + " is writable by every user; not trusting it";
+        return {};
+    }
+
+    // Gives a file this process has just created the mode and group HostOptions asks for (the
+    // umask may have taken the group bits).
+    bool set_mode(int fd) const {
+        const mode_t mode = options_.group ? 0660 : 0600;
+        return !(options_.group && ::fchown(fd, static_cast<uid_t>(-1), *options_.group) != 0) &&
+               ::fchmod(fd, mode) == 0;
+    }
+
+    // Opens (creating) one of the lock files, read-write, close-on-exec, never through a symbolic
+    // link, and checks that it may be trusted. On failure: an invalid descriptor and the reason.
     detail::FileDescriptor open_file(const std::string& path, std::string& reason) const {
+        reason.clear();
         const mode_t mode = options_.group ? 0660 : 0600;
         const int flags = O_RDWR | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK;
         int raw = detail::retry_eintr(
@@ -610,31 +752,13 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
             reason = "cannot stat " + path + " (" + detail::errno_text(errno) + ")";
             return detail::FileDescriptor();
         }
-        if (!S_ISREG(st.st_mode)) {
-            reason = path + " is not a regular file";
+        if (created && !set_mode(fd.get())) {
+            reason = "cannot set the owner group or mode of " + path + " (" +
+                     detail::errno_text(errno) + ")";
             return detail::FileDescriptor();
         }
-        if (created) {
-            // The umask may have taken the group bits the caller asked for.
-            if ((options_.group &&
-                 ::fchown(fd.get(), static_cast<uid_t>(-1), *options_.group) != 0) ||
-                ::fchmod(fd.get(), mode) != 0) {
-                reason = "cannot set the owner group or mode of " + path + " (" +
-                         detail::errno_text(errno) + ")";
-                return detail::FileDescriptor();
-            }
-            return fd;
-        }
-        if (st.st_uid != ::geteuid() && !(options_.group && st.st_gid == *options_.group)) {
-            reason = path + " belongs to uid " + std::to_string(st.st_uid) +
-                     " (another user's ledger; to share one, set HostOptions::group in every "
-                     "process)";
-            return detail::FileDescriptor();
-        }
-        if ((st.st_mode & S_IWOTH) != 0) {
-            reason = path + " is writable by every user; not trusting it";
-            return detail::FileDescriptor();
-        }
+        if (!created) reason = distrust(path, st);
+        if (!reason.empty()) return detail::FileDescriptor();
         return fd;
     }
 
@@ -643,127 +767,182 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return "cannot lock " + path + " (" + detail::errno_text(error) + ")";
     }
 
-    // One locked read-modify-write: open, flock, read and validate (a damaged file is rebuilt
-    // empty, with a warning), apply pending releases, prune dead owners, run `change` (true: it
-    // changed the state), write back what changed, unlock. Returns the reason when the ledger could
-    // not be used. An exception from `change` propagates with nothing written (the flock goes with
-    // the descriptor, and pending releases stay pending).
-    template <class Change>
-    std::optional<std::string> transact(Change&& change) {
+    // The flock that orders every read-modify-write of the ledger, on "<ledger>.lock": a file that
+    // is never replaced (a lock on the ledger itself would protect nothing once a rename replaced
+    // its inode). Held while the descriptor lives; the kernel drops it when its holder dies.
+    detail::FileDescriptor lock_ledger(std::string& reason) const {
+        detail::FileDescriptor fd = open_file(lock_path_, reason);
+        if (!fd) return fd;
+        const auto deadline = std::chrono::steady_clock::now() + options_.lock_timeout;
+        if (const int error = detail::lock_until(fd.get(), deadline); error != 0) {
+            reason = lock_failure(lock_path_, error);
+            return detail::FileDescriptor();
+        }
+        return fd;
+    }
+
+    // One locked read-modify-write: lock, load (salvaging a damaged file, with a warning),
+    // reconcile with what is alive, run `change` (true: it changed the state), store what changed,
+    // run `committed` while still locked (only when all of it worked), unlock. Returns the reason
+    // when the ledger could not be used. An exception from `change` propagates with nothing written
+    // (the flock goes with the descriptor).
+    template <class Change, class Commit>
+    std::optional<std::string> transact(Change&& change, Commit&& committed) {
         std::vector<std::string> warnings;
         std::optional<std::string> failure;
-        std::vector<std::uint64_t> pending;  // cleared from the list only once written
-        {
-            std::lock_guard<std::mutex> lock(pending_mutex_);
-            pending = pending_releases_;
-        }
         {
             std::string reason;
-            detail::FileDescriptor fd = open_file(path_, reason);
-            if (!fd) return reason;
-            const auto deadline = std::chrono::steady_clock::now() + options_.lock_timeout;
-            if (const int error = detail::lock_until(fd.get(), deadline); error != 0)
-                return lock_failure(path_, error);
-            std::string text;
-            if (!read_all(fd.get(), text))
-                return "cannot read " + path_ + " (" + detail::errno_text(errno) + ")";
-
+            const detail::FileDescriptor lock = lock_ledger(reason);
+            if (!lock) return reason;
             LedgerState state;
             bool dirty = false;
-            if (!text.empty()) {
-                std::string why;
-                if (auto parsed = detail::parse_ledger(text, &why)) {
-                    if (parsed->device != device_hash_) {
-                        why = "it belongs to another device identity";
-                    } else {
-                        state = std::move(*parsed);
-                        why.clear();
-                    }
-                }
-                if (!why.empty()) {
-                    warnings.push_back("host ledger " + path_ + " was damaged (" + why +
-                                       "); rebuilt it empty: reservations other processes held in "
-                                       "it are forgotten, and their loads are no longer counted");
-                    dirty = true;
-                }
-            } else {
-                dirty = true;  // a new file gets its header now
-            }
-            state.device = device_hash_;
-            if (state.boot != detail::current_boot_id()) {
-                // Written before a reboot: every pid in it is meaningless now.
-                state.boot = detail::current_boot_id();
-                state.entries.clear();
-                dirty = true;
-            }
-            dirty |= prune(state, pending);
+            if ((failure = load(state, dirty, warnings))) return failure;
+            dirty |= reconcile(state);
             dirty |= change(state);
-            if (dirty) {
-                const std::string bytes = detail::serialize_ledger(state);
-                // In place: under the flock no reader can see it half-written, and a writer killed
-                // halfway leaves a bad checksum or stray bytes, which the next reader rebuilds.
-                if (::lseek(fd.get(), 0, SEEK_SET) != 0 || !detail::write_all(fd.get(), bytes) ||
-                    detail::retry_eintr([&] {
-                        return ::ftruncate(fd.get(), static_cast<off_t>(bytes.size()));
-                    }) != 0)
-                    failure = "cannot write " + path_ + " (" + detail::errno_text(errno) + ")";
-            }
-        }  // closing the descriptor releases the flock
+            if (dirty) failure = store(state);
+            if (!failure) committed();
+        }  // closing the lock file's descriptor releases the flock
         for (const std::string& warning : warnings)
             detail::emit(options_.log, Level::warn, warning);
-        if (!failure && !pending.empty()) {
-            std::lock_guard<std::mutex> lock(pending_mutex_);
-            for (const std::uint64_t id : pending)
-                pending_releases_.erase(
-                    std::remove(pending_releases_.begin(), pending_releases_.end(), id),
-                    pending_releases_.end());
-        }
         if (!failure && failing_.exchange(false, std::memory_order_relaxed))
             detail::emit(options_.log, Level::info,
                          "host ledger " + path_ + " works again; admission is host-wide again");
         return failure;
     }
+    template <class Change>
+    std::optional<std::string> transact(Change&& change) {
+        return transact(std::forward<Change>(change), [] {});
+    }
 
-    // Erases this process's pending releases, dead owners' entries and entries an earlier build
-    // marked released (see LedgerEntry). True when it changed.
-    bool prune(LedgerState& state, const std::vector<std::uint64_t>& pending) {
+    // The ledger's bytes ("" when there is none yet), read under the lock; the reason when it
+    // cannot be trusted or read.
+    std::optional<std::string> read_text(std::string& text) const {
+        text.clear();
+        struct stat st {};
+        if (::lstat(path_.c_str(), &st) != 0) {
+            if (errno == ENOENT) return std::nullopt;
+            return "cannot stat " + path_ + " (" + detail::errno_text(errno) + ")";
+        }
+        if (std::string why = distrust(path_, st); !why.empty()) return why;
+        int error = 0;
+        if (detail::read_small_file(path_, text, error) == detail::ReadResult::failed)
+            return "cannot read " + path_ + " (" + detail::errno_text(error) + ")";
+        return std::nullopt;
+    }
+
+    // The ledger as the file says, into `state`. No file (or an empty one) is a new ledger; a file
+    // written before this boot names no live process; a damaged one is salvaged, never emptied
+    // (see detail::salvage_ledger), with a warning. `dirty`: the file must be rewritten. Returns
+    // the reason when the file cannot be read or trusted.
+    std::optional<std::string> load(LedgerState& state, bool& dirty,
+                                    std::vector<std::string>& warnings) const {
+        std::string text;
+        if (auto failure = read_text(text)) return failure;
+        const std::string& boot = detail::current_boot_id();
+        std::string why;
+        std::optional<LedgerState> parsed;
+        if (!text.empty()) parsed = detail::parse_ledger(text, &why);
+        if (parsed && parsed->device != device_hash_) {
+            why = "it belongs to another device identity";
+            parsed.reset();
+        }
+        dirty = !parsed;
+        if (parsed) {
+            state = std::move(*parsed);
+        } else if (!text.empty()) {
+            state = detail::salvage_ledger(text, boot);
+            warnings.push_back("host ledger " + path_ + " was damaged (" + why +
+                               "); rebuilt it from the " + std::to_string(state.entries.size()) +
+                               " reservations it still names (one whose size is lost counts as "
+                               "the whole device until its owner releases it or exits; those of "
+                               "dead owners are dropped)");
+        }
+        state.device = device_hash_;
+        if (state.boot != boot) {
+            // Written before a reboot: every pid in it is meaningless now.
+            state.boot = boot;
+            state.entries.clear();
+            dirty = true;
+        }
+        return std::nullopt;
+    }
+
+    // Writes the state to "<ledger>.tmp" and renames that over the ledger, so a kill at any
+    // instant leaves the old file or the new one, never a mix (an in-place rewrite killed between
+    // its write and its ftruncate left the new text followed by stray bytes of the old). A
+    // temporary file left by a writer killed before its rename is removed by the next writer (one
+    // name, under the lock: litter never grows). No fsync: a kill loses nothing the kernel has, and
+    // the ledger means nothing after a power loss anyway (its pids belong to the earlier boot).
+    std::optional<std::string> store(const LedgerState& state) const {
+        const std::string temp = path_ + ".tmp";
+        const auto failed = [&temp](const std::string& what) -> std::optional<std::string> {
+            const std::string reason = "cannot " + what + " (" + detail::errno_text(errno) + ")";
+            ::unlink(temp.c_str());
+            return reason;
+        };
+        if (::unlink(temp.c_str()) != 0 && errno != ENOENT) return failed("remove " + temp);
+        detail::FileDescriptor fd(detail::retry_eintr([&] {
+            return ::open(temp.c_str(),
+                          O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW,
+                          options_.group ? 0660 : 0600);
+        }));
+        if (!fd) return failed("create " + temp);
+        if (!set_mode(fd.get())) return failed("set the owner group or mode of " + temp);
+        if (!detail::write_all(fd.get(), detail::serialize_ledger(state)))
+            return failed("write " + temp);
+        if (const int error = fd.reset(); error != 0) {
+            errno = error;
+            return failed("close " + temp);
+        }
+        if (::rename(temp.c_str(), path_.c_str()) != 0)
+            return failed("rename " + temp + " over " + path_);
+        return std::nullopt;
+    }
+
+    // Makes the state agree with what is alive: drops the entries of processes that are gone and
+    // those an earlier build marked released (see LedgerEntry), and makes this process's own
+    // entries exactly the reservations it holds (see detail::HeldReservations): a release that did
+    // not reach the file is applied, a reservation a damaged file lost is written back, a size a
+    // damaged file lost is restored. True when it changed.
+    bool reconcile(LedgerState& state) const {
         const pid_t self = ::getpid();
-        const std::size_t before = state.entries.size();
+        const std::vector<LedgerEntry> held = detail::HeldReservations::instance().of(path_, self);
         // Each owner (pid and start time) looked up once. This process's entries too: one under
         // our pid with another start time is a dead process's whose pid we were given.
         std::vector<std::pair<std::pair<pid_t, std::uint64_t>, bool>> looked_up;
-        const auto is_dead = [&](const LedgerEntry& entry) {
+        const auto alive = [&](const LedgerEntry& entry) {
             const std::pair<pid_t, std::uint64_t> owner{entry.pid, entry.start_ticks};
             for (const auto& known : looked_up)
-                if (known.first == owner) return !known.second;
+                if (known.first == owner) return known.second;
             const bool live = detail::owner_alive(entry.pid, entry.start_ticks);
             looked_up.emplace_back(owner, live);
-            return !live;
+            return live;
         };
-        const auto released = [&](const LedgerEntry& entry) {
-            if (!entry.live()) return true;  // marked by an earlier build
-            return entry.pid == self &&
-                   std::find(pending.begin(), pending.end(), entry.id) != pending.end();
+        const auto holds = [&](std::uint64_t id) {
+            return std::any_of(held.begin(), held.end(),
+                               [id](const LedgerEntry& mine) { return mine.id == id; });
         };
+        const std::size_t before = state.entries.size();
         state.entries.erase(std::remove_if(state.entries.begin(), state.entries.end(),
                                            [&](const LedgerEntry& entry) {
-                                               return released(entry) || is_dead(entry);
+                                               if (!entry.live() || !alive(entry)) return true;
+                                               return entry.pid == self && !holds(entry.id);
                                            }),
                             state.entries.end());
-        return state.entries.size() != before;
-    }
-
-    static bool read_all(int fd, std::string& out) {
-        out.clear();
-        char buffer[4096];
-        while (out.size() <= detail::max_ledger_file_bytes) {
-            const ssize_t got = detail::retry_eintr(
-                [&] { return ::pread(fd, buffer, sizeof buffer, static_cast<off_t>(out.size())); });
-            if (got < 0) return false;
-            if (got == 0) break;
-            out.append(buffer, static_cast<std::size_t>(got));
+        bool changed = state.entries.size() != before;
+        for (const LedgerEntry& mine : held) {
+            const auto found = std::find_if(state.entries.begin(), state.entries.end(),
+                                            [&](const LedgerEntry& e) { return e.id == mine.id; });
+            if (found == state.entries.end()) {
+                state.entries.push_back(mine);
+            } else if (*found != mine) {
+                *found = mine;
+            } else {
+                continue;
+            }
+            changed = true;
         }
-        return true;
+        return changed;
     }
 
     // Host-wide admission is off until an operation works again; said once per such stretch.
@@ -790,11 +969,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     const std::uint64_t device_hash_;
     const HostOptions options_;
     std::string directory_;
-    std::string path_;
+    std::string path_;       // the ledger
+    std::string lock_path_;  // "<ledger>.lock"
     std::atomic<bool> failing_{false};
     std::atomic<bool> single_item_failing_{false};
-    std::mutex pending_mutex_;
-    std::vector<std::uint64_t> pending_releases_;
 };
 
 // ---- how many worker processes ----------------------------------------------------------------

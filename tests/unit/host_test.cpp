@@ -150,6 +150,14 @@ class HostLedgerTest : public ::testing::Test {
         return HostLedger::open(identity, host_options());
     }
     std::size_t warnings() const { return log.count(Level::warn); }
+    // A ledger of this boot for "sim-gpu-0" holding `entries`.
+    static LedgerState ledger_of(std::vector<LedgerEntry> entries) {
+        LedgerState state;
+        state.device = detail::ledger_device_hash("sim-gpu-0");
+        state.boot = detail::current_boot_id();
+        state.entries = std::move(entries);
+        return state;
+    }
 
     // N workers released at once by one barrier; each tries to take 3 GiB against the same
     // reading (10 GiB free of 16 GiB, 1 GiB margin), with the ledger or with in-process admission
@@ -375,7 +383,7 @@ TEST_F(HostLedgerTest, HundredsOfCyclesAcrossProcessesLeaveAnEmptyValidLedger) {
 
 // ---- (e) a damaged ledger ----------------------------------------------------------------------
 
-TEST_F(HostLedgerTest, ADamagedLedgerIsRebuiltWithOneWarning) {
+TEST_F(HostLedgerTest, ADamagedLedgerIsRebuiltWithOneWarningEach) {
     auto ledger = open_ledger();
     const MemoryInfo seen{10_GiB, 16_GiB};
     const std::string valid = read_file(ledger->path());
@@ -410,6 +418,100 @@ TEST_F(HostLedgerTest, ADamagedLedgerIsRebuiltWithOneWarning) {
         EXPECT_EQ(warnings(), expected_warnings) << damage.first << ": warned twice";
         EXPECT_TRUE(ledger->usable());
     }
+}
+
+// A damaged ledger never makes admission less careful than the truth: the reservations it still
+// names are kept (their owners' liveness decides, as always), and one whose size was lost counts
+// as the whole device. Here the parent process (alive) holds 10 GiB in the file.
+TEST_F(HostLedgerTest, ADamagedLedgerKeepsTheLiveReservationsItStillNames) {
+    auto ledger = open_ledger();
+    const pid_t parent = ::getppid();
+    const std::uint64_t started = detail::process_start_ticks(parent);
+    ASSERT_NE(started, 0u) << "needs /proc";
+    const LedgerState old_state = ledger_of({{0x10, parent, started, 10_GiB, 1, 0},
+                                             {0x20, INT_MAX, 5, 1_GiB, 2, 0}});  // a dead owner's
+    LedgerState new_state = old_state;
+    new_state.entries.pop_back();
+    const std::string old_text = detail::serialize_ledger(old_state);
+    const std::string new_text = detail::serialize_ledger(new_state);
+    const std::string bytes_field = " " + std::to_string(10_GiB) + " ";
+    const std::size_t cut_in_bytes = old_text.find(bytes_field) + 4;
+    std::string flipped = old_text;
+    flipped[flipped.find("checksum ") + 12] ^= 1;
+    struct Damage {
+        const char* name;
+        std::string bytes;
+        std::uint64_t counted;  // what the parent's entry counts for afterwards
+    };
+    const std::vector<Damage> damages = {
+        // The repro's torn in-place rewrite: the new, shorter text, then stray bytes of the old.
+        {"torn rewrite", new_text + old_text.substr(new_text.size()), 10_GiB},
+        {"bad checksum", flipped, 10_GiB},
+        {"cut inside the size", old_text.substr(0, cut_in_bytes), UINT64_MAX},
+        {"cut after the line", old_text.substr(0, old_text.find("reservation 00000000000000")), 0},
+    };
+    for (const Damage& damage : damages) {
+        write_file(ledger->path(), damage.bytes);
+        const auto state = ledger->snapshot();
+        ASSERT_TRUE(state) << damage.name;
+        EXPECT_TRUE(log.contains("was damaged")) << damage.name;
+        EXPECT_EQ(state->live_bytes(), damage.counted) << damage.name;
+        const auto on_disk = detail::parse_ledger(read_file(ledger->path()));
+        ASSERT_TRUE(on_disk) << damage.name << ": rewritten whole";
+        EXPECT_EQ(*on_disk, *state) << damage.name;
+        for (const LedgerEntry& entry : on_disk->entries)
+            EXPECT_EQ(entry.pid, parent) << damage.name << ": the dead owner's entry is dropped";
+        const auto decision = ledger->try_reserve(5_GiB, 1_GiB, reading({15_GiB, 16_GiB}));
+        EXPECT_EQ(decision.hold != nullptr, damage.counted == 0) << damage.name;
+    }
+}
+
+// This process's own entries are exactly the reservations it holds: a release that did not reach
+// the file is applied, and a reservation or a size a damaged file lost is written back.
+TEST_F(HostLedgerTest, ThisProcessesOwnEntriesAreExactlyWhatItHolds) {
+    auto ledger = open_ledger();
+    const MemoryInfo seen{16_GiB, 16_GiB};
+    auto held = ledger->try_reserve(3_GiB, 0, reading(seen));
+    ASSERT_TRUE(held.hold);
+    const LedgerState with_hold = *ledger->snapshot();
+    ASSERT_EQ(with_hold.entries.size(), 1u);
+    LedgerState changed = with_hold;
+    changed.entries.clear();  // lost
+    write_file(ledger->path(), detail::serialize_ledger(changed));
+    EXPECT_EQ(*ledger->snapshot(), with_hold);
+    changed = with_hold;
+    changed.entries[0].bytes = UINT64_MAX;  // size lost
+    changed.entries.push_back(with_hold.entries[0]);
+    changed.entries[1].id = 12345;  // an entry of this process that it does not hold
+    write_file(ledger->path(), detail::serialize_ledger(changed));
+    EXPECT_EQ(*ledger->snapshot(), with_hold);
+    held.hold.reset();
+    EXPECT_TRUE(ledger->snapshot()->entries.empty());
+    EXPECT_EQ(warnings(), 0u);
+}
+
+// The ledger is replaced whole, by rename: the flock lives on a stable lock file beside it, every
+// change is a new inode, and no temporary file is left behind.
+TEST_F(HostLedgerTest, ChangesReplaceTheLedgerWholeUnderAStableLockFile) {
+    auto ledger = open_ledger();
+    struct stat before {
+    }, lock_before{}, after{}, lock_after{};
+    ASSERT_EQ(::stat(ledger->path().c_str(), &before), 0);
+    ASSERT_EQ(::stat(ledger->lock_path().c_str(), &lock_before), 0);
+    auto held = ledger->try_reserve(3_GiB, 0, reading({16_GiB, 16_GiB}));
+    ASSERT_TRUE(held.hold);
+    ASSERT_EQ(::stat(ledger->path().c_str(), &after), 0);
+    ASSERT_EQ(::stat(ledger->lock_path().c_str(), &lock_after), 0);
+    EXPECT_NE(before.st_ino, after.st_ino);
+    EXPECT_EQ(lock_before.st_ino, lock_after.st_ino);
+    EXPECT_EQ(after.st_mode & 0777, 0600u);
+    EXPECT_NE(::access((ledger->path() + ".tmp").c_str(), F_OK), 0);
+    // A temporary file a killed writer left is replaced, not trusted.
+    write_file(ledger->path() + ".tmp", "leftover");
+    held.hold.reset();
+    EXPECT_NE(::access((ledger->path() + ".tmp").c_str(), F_OK), 0);
+    EXPECT_TRUE(ledger->snapshot()->entries.empty());
+    EXPECT_EQ(warnings(), 0u);
 }
 
 TEST_F(HostLedgerTest, AnEmptyOrStaleBootLedgerIsTakenSilently) {
@@ -624,12 +726,11 @@ TEST_F(HostLedgerTest, AnEntryWhosePidWasRecycledIsPruned) {
     const pid_t parent = ::getppid();
     const std::uint64_t started = detail::process_start_ticks(parent);
     ASSERT_NE(started, 0u) << "needs /proc";
-    LedgerState state;
-    state.device = detail::ledger_device_hash("sim-gpu-0");
-    state.boot = detail::current_boot_id();
-    state.entries.push_back({1, parent, started, 1_GiB, 1, 0});      // alive: kept
-    state.entries.push_back({2, parent, started + 1, 2_GiB, 1, 0});  // same pid, other process
-    state.entries.push_back({3, INT_MAX, 5, 4_GiB, 1, 0});           // above any pid_max
+    const LedgerState state = ledger_of({
+        {1, parent, started, 1_GiB, 1, 0},      // alive: kept
+        {2, parent, started + 1, 2_GiB, 1, 0},  // same pid, other process
+        {3, INT_MAX, 5, 4_GiB, 1, 0},           // above any pid_max
+    });
     write_file(ledger->path(), detail::serialize_ledger(state));
 
     const auto pruned = ledger->snapshot();
@@ -649,7 +750,7 @@ TEST_F(HostLedgerTest, TheProbeIsReadUnderTheLockSoALoadFinishedWhileWaitingCoun
         ++reads;
         return MemoryInfo{free_bytes.load(), 16_GiB};
     };
-    detail::FileDescriptor held(::open(ledger->path().c_str(), O_RDWR | O_CLOEXEC));
+    detail::FileDescriptor held(::open(ledger->lock_path().c_str(), O_RDWR | O_CLOEXEC));
     ASSERT_TRUE(held);
     ASSERT_EQ(::flock(held.get(), LOCK_EX), 0);
 
@@ -686,13 +787,15 @@ TEST_F(HostLedgerTest, TheProbeIsReadUnderTheLockSoALoadFinishedWhileWaitingCoun
 
 TEST_F(HostLedgerTest, EntriesAnEarlierBuildMarkedReleasedAreDroppedAndNotCounted) {
     auto ledger = open_ledger();
-    const std::uint64_t started = detail::process_start_ticks(::getpid());
-    LedgerState state;
-    state.device = detail::ledger_device_hash("sim-gpu-0");
-    state.boot = detail::current_boot_id();
+    // Another live process's entries (an entry under this process's pid that it does not hold
+    // would be dropped as stale: see ThisProcessesOwnEntriesAreExactlyWhatItHolds).
+    const pid_t parent = ::getppid();
+    const std::uint64_t started = detail::process_start_ticks(parent);
     const std::uint64_t now = detail::monotonic_ns();
-    state.entries.push_back({1, ::getpid(), started, 6_GiB, now - 1000, now});  // released
-    state.entries.push_back({2, ::getpid(), started, 2_GiB, now - 1000, 0});    // live
+    const LedgerState state = ledger_of({
+        {1, parent, started, 6_GiB, now - 1000, now},  // released
+        {2, parent, started, 2_GiB, now - 1000, 0},    // live
+    });
     write_file(ledger->path(), detail::serialize_ledger(state));
 
     auto decision = ledger->try_reserve(1_GiB, 0, reading(MemoryInfo{10_GiB, 16_GiB}));
@@ -718,7 +821,7 @@ TEST_F(HostLedgerTest, AGuardComparesTheReadingTakenUnderTheLedgerLock) {
     Guard<SimulatedDevice> guard(device, options);
     const Key key = Key::of("model", {});
 
-    detail::FileDescriptor held(::open(ledger->path().c_str(), O_RDWR | O_CLOEXEC));
+    detail::FileDescriptor held(::open(ledger->lock_path().c_str(), O_RDWR | O_CLOEXEC));
     ASSERT_TRUE(held);
     ASSERT_EQ(::flock(held.get(), LOCK_EX), 0);
     std::atomic<bool> entering{false};
@@ -851,6 +954,65 @@ TEST(HostLedgerFormatTest, RandomDamageNeverCrashesAndWhatParsesIsCanonical) {
             EXPECT_EQ(detail::serialize_ledger(*parsed), bytes);
         }
     }
+}
+
+// Every cut of a ledger (a file damaged by a short write): every whole reservation line is
+// salvaged as it is, the cut one only when its id and pid are whole, and then with its size
+// unknown (the whole device); never a size smaller than the truth, never an invented owner.
+TEST(HostLedgerFormatTest, SalvageOfEveryCutNeverUndercounts) {
+    LedgerState state;
+    state.device = 77;
+    state.boot = "abc-123";
+    for (std::uint64_t i = 1; i <= 3; ++i)
+        state.entries.push_back(
+            {i * 0x1111, static_cast<pid_t>(i * 1000 + 7), i * 31, (i << 30) + 12345, i * 10, 0});
+    const std::string valid = detail::serialize_ledger(state);
+    for (std::size_t cut = 0; cut <= valid.size(); ++cut) {
+        const std::string_view text = std::string_view(valid).substr(0, cut);
+        const LedgerState salvaged = detail::salvage_ledger(text, "assumed");
+        EXPECT_EQ(salvaged.boot, cut > valid.find("boot abc-123\n") + 12 ? "abc-123" : "assumed")
+            << cut;
+        for (const LedgerEntry& truth : state.entries) {
+            const std::string line = "reservation " + detail::hex16(truth.id) + " ";
+            const std::size_t at = valid.find(line);
+            const auto found = std::find_if(salvaged.entries.begin(), salvaged.entries.end(),
+                                            [&](const LedgerEntry& e) { return e.id == truth.id; });
+            const std::size_t line_end = valid.find('\n', at);
+            if (cut > line_end) {
+                ASSERT_NE(found, salvaged.entries.end()) << cut;
+                EXPECT_EQ(*found, truth) << cut;
+            } else if (found != salvaged.entries.end()) {
+                EXPECT_EQ(found->pid, truth.pid) << cut;
+                EXPECT_EQ(found->bytes, UINT64_MAX) << cut;
+                EXPECT_TRUE(found->start_ticks == 0 || found->start_ticks == truth.start_ticks);
+            }
+        }
+        EXPECT_LE(salvaged.entries.size(), state.entries.size()) << cut;
+    }
+}
+
+TEST(HostLedgerFormatTest, SalvageOfRandomBytesNeverCrashesAndStaysBounded) {
+    std::mt19937_64 random(777);
+    LedgerState state;
+    state.entries.push_back({9, 100, 7, 1024, 5, 0});
+    const std::string valid = detail::serialize_ledger(state);
+    for (int round = 0; round < 2000; ++round) {
+        std::string bytes = valid;
+        for (int e = 0; e < 6 && !bytes.empty(); ++e)
+            bytes[random() % bytes.size()] =
+                static_cast<char>(random() % 4 ? ' ' + random() % 90 : random());
+        const LedgerState salvaged = detail::salvage_ledger(bytes, "-");
+        EXPECT_LE(salvaged.entries.size(), 1u + bytes.size() / 30);
+        for (const LedgerEntry& entry : salvaged.entries) EXPECT_GT(entry.pid, 0);
+        // What it salvaged serializes to a ledger that parses back the same.
+        EXPECT_EQ(detail::parse_ledger(detail::serialize_ledger(salvaged)), salvaged);
+    }
+    std::string flood;
+    for (std::size_t i = 0; i < detail::max_ledger_entries + 10; ++i) {
+        std::string line = "reservation " + detail::hex16(i + 1) + " 5 \n";
+        flood += line;
+    }
+    EXPECT_EQ(detail::salvage_ledger(flood, "-").entries.size(), detail::max_ledger_entries);
 }
 
 // ---- (h) recommended_workers
