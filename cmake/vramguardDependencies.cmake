@@ -145,3 +145,25 @@ function(vramguard_configure_own_target target)
         target_link_options(${target} PRIVATE -fsanitize=${sanitizers})
     endif()
 endfunction()
+
+# spdlog, for the logging example and its test only: the library never includes or links it (the
+# log sink is a std::function; the adapter is three lines in examples/spdlog_sink.hpp). Found
+# quietly, and only by the main project when it builds examples or tests.
+function(vramguard_find_spdlog)
+    set(VRAMGUARD_HAS_SPDLOG OFF PARENT_SCOPE)
+    if(NOT VRAMGUARD_MAIN_PROJECT OR NOT (VRAMGUARD_BUILD_EXAMPLES OR VRAMGUARD_BUILD_TESTS))
+        return()
+    endif()
+    if(NOT TARGET spdlog::spdlog)
+        find_package(spdlog CONFIG QUIET)
+    endif()
+    if(TARGET spdlog::spdlog)
+        set(VRAMGUARD_HAS_SPDLOG ON PARENT_SCOPE)
+        message(STATUS "vramguard: spdlog ${spdlog_VERSION} found: the spdlog example and test are built")
+    elseif(VRAMGUARD_REQUIRE_SPDLOG)
+        message(FATAL_ERROR "vramguard: VRAMGUARD_REQUIRE_SPDLOG is ON but spdlog was not found "
+                            "(Debian: apt-get install libspdlog-dev); set spdlog_DIR or CMAKE_PREFIX_PATH")
+    else()
+        message(STATUS "vramguard: spdlog not found; the spdlog example and test are skipped")
+    endif()
+endfunction()
