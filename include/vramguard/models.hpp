@@ -206,7 +206,12 @@ struct LoadedModel {
 // ModelSlot<T> without naming the device.
 class SlotOwner {
    public:
-    virtual LoadedModel load_model(SlotBase& slot) = 0;
+    // Loads the model and publishes it in the slot (SlotAccess::commit_load, with the loader's
+    // lease) before the registry's turn ends, so that the next load counts it against the cap.
+    // Returns the model, leased.
+    virtual void* load_model(SlotBase& slot) = 0;
+    // Whether the calling thread holds the registry's load turn (it runs a load or a loader).
+    virtual bool holds_load_turn() const noexcept = 0;
     virtual void on_requested_unload(SlotBase& slot, const UnloadResult& result) noexcept = 0;
 
    protected:
@@ -286,6 +291,14 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
                 ++uses_;
                 return model_.get();
             }
+            // A loader (this thread holds its registry's turn) that needs an absent model: its
+            // load needs that turn too, so waiting for it would wait for ever.
+            if (state_ != ModelState::unloading && owner_ != nullptr && owner_->holds_load_turn())
+                throw std::logic_error(
+                    "vramguard::ModelRegistry: the loader of a model acquired model '" + name_ +
+                    "', which is not loaded (" + to_string(state_) +
+                    "): loads take turns, so it would wait for itself. Acquire it before, not "
+                    "inside, the loader.");
             if (state_ == ModelState::loading || state_ == ModelState::unloading) {
                 const bool waiting_for_load = state_ == ModelState::loading;
                 const std::uint64_t generation = load_generation_;
@@ -305,9 +318,8 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
             state_ = ModelState::loading;
             const std::uint64_t generation = ++load_generation_;
             lock.unlock();
-            LoadedModel loaded;
             try {
-                loaded = owner->load_model(*this);
+                return owner->load_model(*this);  // published by commit_load
             } catch (...) {
                 lock.lock();
                 state_ = ModelState::unloaded;
@@ -316,22 +328,25 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
                 cv_.notify_all();
                 throw;
             }
-            const TimePoint now = clock_();
-            lock.lock();
-            model_ = std::move(loaded.model);
-            bytes_ = loaded.bytes;
-            last_error_ = nullptr;  // nobody waits for that failure any more
-            last_used_ = now;
-            state_ = ModelState::loaded;
-            ++leases_;
-            ++uses_;
-            cv_.notify_all();
-            return model_.get();
         }
     }
 
    private:
     friend struct SlotAccess;
+
+    // The loaded model, with the loader's lease: the slot counts as loaded from here on.
+    void* commit_load(LoadedModel loaded, TimePoint now) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        model_ = std::move(loaded.model);
+        bytes_ = loaded.bytes;
+        last_error_ = nullptr;  // nobody waits for that failure any more
+        last_used_ = now;
+        state_ = ModelState::loaded;
+        ++leases_;
+        ++uses_;
+        cv_.notify_all();
+        return model_.get();
+    }
 
     void end_lease() noexcept {
         TimePoint now{};
@@ -464,6 +479,9 @@ struct SlotAccess {
         return slot.status_at(now);
     }
     static const ErasedLoader& loader(const SlotBase& slot) { return slot.loader_; }
+    static void* commit_load(SlotBase& slot, LoadedModel loaded, TimePoint now) {
+        return slot.commit_load(std::move(loaded), now);
+    }
     static UnloadResult try_unload(SlotBase& slot, TimePoint now, Duration min_idle,
                                    std::optional<std::uint64_t> expected_uses,
                                    bool* still_referenced) {
@@ -819,13 +837,17 @@ class ModelRegistry : private detail::SlotOwner {
 
     // ---- SlotOwner ---------------------------------------------------------------------------
 
-    detail::LoadedModel load_model(detail::SlotBase& slot) override {
+    void* load_model(detail::SlotBase& slot) override {
         try {
             return load_with_room(slot);
         } catch (...) {
             bump(stats_.load_failures);
             throw;
         }
+    }
+
+    bool holds_load_turn() const noexcept override {
+        return turn_owner_.load(std::memory_order_acquire) == std::this_thread::get_id();
     }
 
     void on_requested_unload(detail::SlotBase& slot, const UnloadResult& result) noexcept override {
@@ -840,19 +862,13 @@ class ModelRegistry : private detail::SlotOwner {
 
     // ---- loading -----------------------------------------------------------------------------
 
-    detail::LoadedModel load_with_room(detail::SlotBase& slot) {
+    void* load_with_room(detail::SlotBase& slot) {
         const TimePoint start = clock_();
         const TimePoint deadline = start + options_.load_wait;
         bool waited = false;
         for (;;) {
             Room room;
             {
-                if (turn_owner_.load(std::memory_order_acquire) == std::this_thread::get_id())
-                    throw std::logic_error(
-                        "vramguard::ModelRegistry: the loader of a model acquired model '" +
-                        slot.name() +
-                        "', which is not loaded: loads take turns, so it would wait "
-                        "for itself. Acquire it before, not inside, the loader.");
                 std::lock_guard<std::mutex> turn(turn_mutex_);
                 turn_owner_.store(std::this_thread::get_id(), std::memory_order_release);
                 struct ClearOwner {
@@ -860,7 +876,11 @@ class ModelRegistry : private detail::SlotOwner {
                     ~ClearOwner() { owner.store(std::thread::id(), std::memory_order_release); }
                 } clear_owner{turn_owner_};
                 room = make_room(slot);
-                if (room.ready) return run_loader(slot, room.trusted_bytes);
+                if (room.ready) {
+                    detail::LoadedModel loaded = run_loader(slot, room.trusted_bytes);
+                    // Published before the turn ends: the next load counts it against the cap.
+                    return detail::SlotAccess::commit_load(slot, std::move(loaded), clock_());
+                }
             }
             const TimePoint now = clock_();
             if (now >= deadline) {

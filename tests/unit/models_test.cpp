@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include "fork_child.hpp"
 #include "guard_fixture.hpp"
 
 #include <atomic>
@@ -26,6 +27,7 @@ using namespace vramguard;
 using namespace vramguard::literals;
 using namespace std::chrono_literals;
 using vramguard_test::CapturedLog;
+using vramguard_test::run_in_child;
 using vramguard_test::test_options;
 
 namespace {
@@ -820,6 +822,133 @@ TEST_F(ModelRegistryTest, ALoaderThatLoadsAnotherModelFailsClearly) {
     EXPECT_THROW(outer->acquire(), std::logic_error);
     use(*inner);
     EXPECT_EQ(outer->acquire()->name, "outer") << "a loaded model may be used inside a loader";
+}
+
+// A device, a guard and a registry with default options, on injected time.
+struct OneRegistry {
+    SimulatedDevice device{16_GiB};
+    ManualClock clock;
+    CapturedLog log;
+    Guard<SimulatedDevice> guard{device, test_options(clock, log)};
+    ModelRegistry<SimulatedDevice> registry{guard};
+};
+
+// A loader that acquires a model another thread is loading: that load waits for the turn this
+// loader holds, so waiting for it would hang for ever. In a child process, bounded: the defect
+// hung.
+TEST(ModelRegistryLoaderMisuse, ALoaderAcquiringAModelAnotherThreadIsLoadingFailsClearly) {
+    const std::string report = run_in_child(
+        []() -> std::string {
+            OneRegistry one;
+            SimulatedDevice& device = one.device;
+            auto& registry = one.registry;
+            LoadCounter loads;
+            auto inner = add_model(registry, device, loads, "inner", 1_GiB);
+            std::thread other;
+            std::string outcome = "the loader's acquire() returned";
+            auto outer = registry.add<Model>(
+                "outer", Key::of("outer"),
+                [&] {
+                    other = std::thread([&] {
+                        try {
+                            inner->acquire();
+                        } catch (...) {
+                        }
+                    });
+                    // The other thread marks `inner` loading, then waits for this load's turn.
+                    while (inner->state() != ModelState::loading) std::this_thread::yield();
+                    try {
+                        inner->acquire();
+                    } catch (const std::logic_error& e) {
+                        outcome = contains(e.what(), "model 'inner', which is not loaded (loading)")
+                                      ? ""
+                                      : std::string("wrong message: ") + e.what();
+                    }
+                    return std::make_shared<Model>("outer", device.allocate(1_GiB));
+                },
+                1_GiB);
+            outer->acquire();
+            other.join();
+            if (!inner->loaded()) return "the other thread's load did not go on afterwards";
+            return outcome;
+        },
+        std::chrono::seconds(20));
+    EXPECT_EQ(report, "");
+}
+
+TEST(ModelRegistryLoaderMisuse, ALoaderAcquiringItsOwnModelFailsClearly) {
+    const std::string report = run_in_child(
+        []() -> std::string {
+            OneRegistry one;
+            SimulatedDevice& device = one.device;
+            auto& registry = one.registry;
+            std::shared_ptr<ModelSlot<Model>> self;
+            bool first = true;
+            self = registry.add<Model>(
+                "self", Key::of("self"),
+                [&] {
+                    if (std::exchange(first, false)) self->acquire();
+                    return std::make_shared<Model>("self", device.allocate(1_GiB));
+                },
+                1_GiB);
+            try {
+                self->acquire();
+                return "acquire() returned";
+            } catch (const std::logic_error& e) {
+                if (!contains(e.what(), "model 'self', which is not loaded (loading)"))
+                    return std::string("wrong message: ") + e.what();
+            }
+            if (self->state() != ModelState::unloaded) return "left in state loading";
+            return self->acquire()->name == "self" ? "" : "no model on the next acquire()";
+        },
+        std::chrono::seconds(20));
+    EXPECT_EQ(report, "");
+}
+
+// A load's model counts against max_loaded_models before the registry's load turn ends. Each
+// reading of the registry's clock after a's loader has returned tries to load d from right there:
+// inside the turn that is the documented std::logic_error; outside it (the defect: a was published
+// only after the turn ended), d would load as a fourth model without evicting anything.
+TEST_F(ModelRegistryTest, AFinishedLoadCountsAgainstTheCapBeforeItsTurnEnds) {
+    std::shared_ptr<ModelSlot<Model>> d;
+    bool a_loader_returned = false, in_hook = false;
+    int loads_of_d_inside = 0, nested_refusals = 0;
+    registry_options.idle_timeout = 0ms;
+    registry_options.clock = [&] {
+        if (a_loader_returned && !in_hook) {
+            in_hook = true;
+            try {
+                d->acquire();
+                ++loads_of_d_inside;
+            } catch (const std::logic_error&) {
+                ++nested_refusals;
+            }
+            in_hook = false;
+        }
+        return clock.now();
+    };
+    make_registry();
+    auto a = registry->add<Model>(
+        "a", Key::of("a"),
+        [&] {
+            auto model = std::make_shared<Model>("a", device.allocate(1_GiB));
+            a_loader_returned = true;
+            return model;
+        },
+        1_GiB);
+    auto b = add("b", 1_GiB), c = add("c", 1_GiB);
+    d = add("d", 1_GiB);
+    use(*b);
+    use(*c);
+    Lease<Model> lease = a->acquire();
+    a_loader_returned = false;
+    EXPECT_EQ(loads_of_d_inside, 0) << "d loaded while a's load was not yet counted";
+    EXPECT_GE(nested_refusals, 1);
+    EXPECT_EQ(registry->status().loaded_models, 3u);
+    Lease<Model> ld = d->acquire();  // now d evicts the least recently used idle model
+    EXPECT_EQ(registry->status().loaded_models, 3u);
+    EXPECT_EQ(registry->stats().evictions, 1u);
+    EXPECT_FALSE(b->loaded());
 }
 
 TEST_F(ModelRegistryTest, ReaperThreadUnloadsIdleModelsAndStopsWhenTheRegistryIsDestroyed) {
