@@ -20,4 +20,8 @@
 #include <vramguard/system_memory.hpp>
 #include <vramguard/guard.hpp>
 #include <vramguard/host.hpp>
+#include <vramguard/model_slot.hpp>
+#include <vramguard/eviction.hpp>
+#include <vramguard/pressure.hpp>
+#include <vramguard/reaper.hpp>
 #include <vramguard/models.hpp>
