@@ -88,7 +88,9 @@ struct HostOptions {
     // /dev/shm, else $XDG_RUNTIME_DIR, else /tmp). Every process of one server must agree on it.
     std::string directory;
     // Unset: files are 0600, this user's processes only. Set: files are created 0660 and owned by
-    // this group, for workers that run as different users of one group.
+    // this group, for workers that run as different users of one group. The ledger is replaced by
+    // rename, which a sticky directory (/dev/shm, /tmp) refuses over another user's file: give
+    // such workers a directory of that group that is not sticky (mode 2770, say).
     std::optional<gid_t> group;
     // Waits on other processes use the system's monotonic clock, not an injected one: the other
     // side of the wait is another process, which a test's ManualClock cannot move.
