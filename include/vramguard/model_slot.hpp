@@ -60,6 +60,7 @@ struct UnloadResult {
     double idle_seconds = 0;  // since the last lease ended; 0 while leased or loading
     int leases = 0;           // alive when asked (busy because of them when > 0)
     std::uint64_t bytes = 0;  // what the model was counted as holding, when unloaded
+    bool loading = false;     // busy because its registry is loading a model (peer relief)
 
     bool unloaded() const noexcept { return outcome == UnloadOutcome::unloaded; }
     bool busy() const noexcept { return outcome == UnloadOutcome::busy; }

@@ -20,9 +20,11 @@
 #include <vramguard/memory.hpp>
 #include <vramguard/model_slot.hpp>
 #include <vramguard/options.hpp>
+#include <vramguard/peer.hpp>
 #include <vramguard/policy.hpp>
 #include <vramguard/pressure.hpp>
 #include <vramguard/reaper.hpp>
+#include <vramguard/relief.hpp>
 #include <vramguard/version.hpp>
 
 #include <algorithm>
@@ -67,6 +69,11 @@ inline constexpr std::chrono::milliseconds pressure_rate_limit{30000};
 // 503 with retry_after) instead of holding the request.
 inline constexpr std::chrono::milliseconds load_wait{0};
 inline constexpr std::chrono::milliseconds reaper_interval{1000};
+// A peer that has not answered in 2 s is down or stuck: an unload it agrees to answers at once.
+inline constexpr std::chrono::milliseconds peer_timeout{2000};
+// The seeds' /request-unload rate limit: a peer is asked at most once per window, so two servers
+// that need memory in turn cannot ping-pong each other's models.
+inline constexpr std::chrono::milliseconds peer_cooldown{30000};
 }  // namespace defaults
 
 struct RegistryOptions {
@@ -82,6 +89,11 @@ struct RegistryOptions {
     // registry is destroyed. false: the host calls tick() from its own loop.
     bool reaper = false;
     std::chrono::milliseconds reaper_interval = defaults::reaper_interval;  // > 0, real time
+    // Other services on the device, asked in this order to free memory when a load still does not
+    // fit after the registry's own idle models went (peer.hpp). Empty: no peer relief.
+    std::vector<std::shared_ptr<Peer>> peers;
+    std::chrono::milliseconds peer_timeout = defaults::peer_timeout;    // per ask, > 0
+    std::chrono::milliseconds peer_cooldown = defaults::peer_cooldown;  // per peer, >= 0
     ClockFn clock;  // empty = the guard's Options::clock
     SleepFn sleep;  // empty = the guard's Options::sleep
 
@@ -103,6 +115,10 @@ struct RegistryOptions {
         if (pressure_rate_limit.count() < 0) fail("pressure_rate_limit", "must not be negative");
         if (load_wait.count() < 0) fail("load_wait", "must not be negative");
         if (reaper_interval.count() <= 0) fail("reaper_interval", "must be positive");
+        for (const auto& peer : peers)
+            if (!peer) fail("peers", "must not hold a null peer");
+        if (peer_timeout.count() <= 0) fail("peer_timeout", "must be positive");
+        if (peer_cooldown.count() < 0) fail("peer_cooldown", "must not be negative");
     }
 };
 
@@ -119,6 +135,8 @@ struct RegistryStats {
     std::uint64_t pressure_unloads = 0;         // idle models unloaded by pressure relief
     std::uint64_t rejections = 0;               // loads refused with InsufficientMemory here
     std::uint64_t waits = 0;                    // loads that waited (load_wait) for room
+    std::uint64_t peer_requests = 0;            // peers asked to free memory
+    std::uint64_t peer_reliefs = 0;             // loads admitted after peers freed memory
 };
 
 struct RegistryStatus {
@@ -127,6 +145,7 @@ struct RegistryStatus {
     std::size_t max_loaded_models = 0;
     MemoryInfo memory;  // the probe's reading
     RegistryStats stats;
+    std::vector<PeerStatus> peers;  // in the configured order: last answer, cooldown
 };
 
 // Many model slots on one device: a cap on loaded models, least-recently-used eviction of idle
@@ -146,7 +165,9 @@ class ModelRegistry : private detail::SlotOwner {
         : guard_(guard),
           options_((options.validate(), std::move(options))),
           clock_(options_.clock ? options_.clock : guard.options().clock),
-          sleep_(options_.sleep ? options_.sleep : guard.options().sleep) {
+          sleep_(options_.sleep ? options_.sleep : guard.options().sleep),
+          peers_(options_.peers, options_.peer_timeout, options_.peer_cooldown),
+          relief_mutex_(detail::device_relief_mutex(detail::device_identity(guard.probe()))) {
         if (options_.reaper)
             reaper_ = std::make_unique<detail::Reaper>(
                 options_.reaper_interval, [this] { tick(clock_()); },
@@ -204,11 +225,41 @@ class ModelRegistry : private detail::SlotOwner {
     }
 
     // request_unload() of the model registered as `name`; std::out_of_range when there is none.
+    // Busy (loading) while this registry loads a model, like the registry-wide form below.
     UnloadResult request_unload(std::string_view name, Duration min_idle = Duration::zero()) {
+        if (loading()) return busy_loading();
         for (const auto& slot : slots())
             if (slot->name() == name) return slot->request_unload(min_idle);
         throw std::out_of_range("vramguard::ModelRegistry::request_unload: no model named '" +
                                 std::string(name) + "'");
+    }
+
+    // The registry as a peer's answer (relief::reply_from): unloads models idle for at least
+    // `min_idle`, least recently used first, until `wanted_bytes` are freed; says busy (with the
+    // longest idle time and the leases) when none could go, not loaded when none is loaded. While
+    // this registry is loading a model it answers busy (loading): it needs the memory itself, and
+    // two registries that ask each other must not trade models back and forth.
+    UnloadResult request_unload(
+        Duration min_idle, std::uint64_t wanted_bytes = std::numeric_limits<std::uint64_t>::max()) {
+        if (loading()) return busy_loading();
+        const TimePoint now = clock_();
+        const Look seen = look();
+        std::vector<std::size_t> order = eviction::idle_lru(seen.seen);
+        for (std::size_t i = 0; i < seen.slots.size(); ++i)
+            if (std::find(order.begin(), order.end(), i) == order.end()) order.push_back(i);
+        std::vector<UnloadResult> results;
+        std::uint64_t freed = 0;
+        for (const std::size_t i : order) {
+            if (freed >= wanted_bytes) break;
+            bool still_referenced = false;
+            results.push_back(detail::SlotAccess::try_unload(*seen.slots[i], now, min_idle,
+                                                             seen.seen[i].uses, &still_referenced));
+            if (!results.back().unloaded()) continue;
+            freed = policy::saturating_add(freed, results.back().bytes);
+            on_requested_unload(*seen.slots[i], results.back());
+            warn_if_referenced(*seen.slots[i], still_referenced);
+        }
+        return relief::merge_unloads(results);
     }
 
     // Housekeeping: unloads models idle for idle_timeout, then relieves memory pressure. The reaper
@@ -288,6 +339,7 @@ class ModelRegistry : private detail::SlotOwner {
         status.max_loaded_models = options_.max_loaded_models;
         status.memory = guard_.probe().memory();
         status.stats = stats();
+        status.peers = peers_.status(now);
         return status;
     }
 
@@ -305,6 +357,8 @@ class ModelRegistry : private detail::SlotOwner {
         s.pressure_unloads = stats_.pressure_unloads.load(r);
         s.rejections = stats_.rejections.load(r);
         s.waits = stats_.waits.load(r);
+        s.peer_requests = stats_.peer_requests.load(r);
+        s.peer_reliefs = stats_.peer_reliefs.load(r);
         return s;
     }
     const RegistryOptions& options() const noexcept { return options_; }
@@ -315,7 +369,8 @@ class ModelRegistry : private detail::SlotOwner {
     struct AtomicRegistryStats {
         std::atomic<std::uint64_t> loads{0}, load_failures{0}, evictions{0}, recoveries_seen{0},
             recoveries_trusted{0}, idle_unloads{0}, requested_unloads{0},
-            pressure_cache_releases{0}, pressure_unloads{0}, rejections{0}, waits{0};
+            pressure_cache_releases{0}, pressure_unloads{0}, rejections{0}, waits{0},
+            peer_requests{0}, peer_reliefs{0};
     };
     // What one look at the device decided.
     struct Room {
@@ -324,7 +379,20 @@ class ModelRegistry : private detail::SlotOwner {
         Admission admission;
         std::size_t loaded = 0;
         eviction::Plan plan;
+        std::uint64_t reachable = 0;  // free once every idle model went (with trusted bytes)
+        std::string peers;            // what the peers were asked and answered, for the refusal
     };
+
+    // Whether a load is in progress on this registry (some thread holds the turn).
+    bool loading() const noexcept {
+        return turn_owner_.load(std::memory_order_acquire) != std::thread::id();
+    }
+    static UnloadResult busy_loading() noexcept {
+        UnloadResult result;
+        result.outcome = UnloadOutcome::busy;
+        result.loading = true;
+        return result;
+    }
 
     static void bump(std::atomic<std::uint64_t>& counter) noexcept {
         counter.fetch_add(1, std::memory_order_relaxed);
@@ -434,20 +502,7 @@ class ModelRegistry : private detail::SlotOwner {
         bool waited = false;
         for (;;) {
             Room room;
-            {
-                std::lock_guard<std::mutex> turn(turn_mutex_);
-                turn_owner_.store(std::this_thread::get_id(), std::memory_order_release);
-                struct ClearOwner {
-                    std::atomic<std::thread::id>& owner;
-                    ~ClearOwner() { owner.store(std::thread::id(), std::memory_order_release); }
-                } clear_owner{turn_owner_};
-                room = make_room(slot);
-                if (room.ready) {
-                    detail::LoadedModel loaded = run_loader(slot, room.trusted_bytes);
-                    // Published before the turn ends: the next load counts it against the cap.
-                    return detail::SlotAccess::commit_load(slot, std::move(loaded), clock_());
-                }
-            }
+            if (void* model = load_in_turn(slot, room)) return model;
             const TimePoint now = clock_();
             if (now >= deadline) {
                 bump(stats_.rejections);
@@ -458,14 +513,69 @@ class ModelRegistry : private detail::SlotOwner {
                 bump(stats_.waits);
                 log(Level::info, "load of model '" + slot.name() + "' waits up to " +
                                      ms_text(options_.load_wait) +
-                                     " for a lease to end or memory to "
-                                     "free (" +
+                                     " for a lease to end or memory to free (" +
                                      (room.plan.at_cap ? "max_loaded_models reached"
                                                        : "not enough free memory") +
                                      ", no idle model to evict)");
             }
             sleep_(std::min<Duration>(guard_.options().poll_interval, deadline - now));
         }
+    }
+
+    // One turn: make room, ask peers when that is not enough, then load once admitted. Returns the
+    // model (published, leased), or nullptr when there is no room (`room` says why).
+    void* load_in_turn(detail::SlotBase& slot, Room& room) {
+        std::lock_guard<std::mutex> turn(turn_mutex_);
+        turn_owner_.store(std::this_thread::get_id(), std::memory_order_release);
+        struct ClearOwner {
+            std::atomic<std::thread::id>& owner;
+            ~ClearOwner() { owner.store(std::thread::id(), std::memory_order_release); }
+        } clear_owner{turn_owner_};
+        room = make_room(slot);
+        if (!room.ready && relieve_with_peers(slot, room)) {
+            std::string asked = std::move(room.peers);
+            room = make_room(slot);  // admit once more: only the probe's reading counts
+            room.peers = std::move(asked);
+            if (room.ready) bump(stats_.peer_reliefs);
+        }
+        if (!room.ready) return nullptr;
+        detail::LoadedModel loaded = run_loader(slot, room.trusted_bytes);
+        // Published before the turn ends: the next load counts it against the cap.
+        return detail::SlotAccess::commit_load(slot, std::move(loaded), clock_());
+    }
+
+    // Peer relief (relief.hpp), after local eviction: asks the peers for what the registry cannot
+    // reach by itself, then waits for the memory with the recovery rule. Returns whether to look
+    // again. Claims are never trusted: the next look reads the probe. One relief per device at a
+    // time; a second one does not wait for the first, it does without.
+    bool relieve_with_peers(detail::SlotBase& slot, Room& room) {
+        if (peers_.empty() ||
+            !relief::worth_asking(room.plan.never_fits, room.plan.fits, room.plan.at_cap))
+            return false;
+        const std::uint64_t needed =
+            policy::saturating_add(room.admission.requirement.bytes, room.admission.margin_bytes);
+        const std::uint64_t shortfall = relief::shortfall(needed, room.reachable);
+        if (shortfall == 0) return false;
+        std::unique_lock<std::mutex> one_relief(*relief_mutex_, std::try_to_lock);
+        if (!one_relief.owns_lock()) {
+            room.peers = "none (another load on this device is asking them)";
+            return false;
+        }
+        const std::uint64_t free_before = guard_.probe().memory().free_bytes;
+        const detail::ReliefOutcome outcome =
+            peers_.ask(shortfall, slot.name(), clock_, sleep_, guard_.options().poll_interval);
+        stats_.peer_requests.fetch_add(outcome.asked, std::memory_order_relaxed);
+        for (const std::string& answer : outcome.answers)
+            room.peers += (room.peers.empty() ? "" : "; ") + answer;
+        log(Level::info, "load of model '" + slot.name() + "' is " + format_bytes(shortfall) +
+                             " short after local eviction; peers: " + room.peers);
+        if (outcome.claimed == 0) return false;
+        const TimePoint start = clock_();
+        const bool seen = guard_.wait_for_freed_memory(outcome.claimed, free_before, needed);
+        room.peers +=
+            (seen ? "; the memory showed after " : "; the claimed memory did not show within ") +
+            ms_text(clock_() - start);
+        return true;
     }
 
     // Evicts idle models, least recently used first, until the load is admitted and under the cap
@@ -488,6 +598,8 @@ class ModelRegistry : private detail::SlotOwner {
             situation.max_loaded = options_.max_loaded_models;
             for (const std::size_t i : idle) situation.idle_bytes.push_back(seen.seen[i].bytes);
             room.plan = eviction::plan(situation);
+            room.reachable = eviction::reachable(situation.memory.free_bytes, situation.trusted,
+                                                 situation.idle_bytes);
             if (room.plan.never_fits) room.trusted_bytes = 0;
             if (room.plan.step != eviction::Step::evict) {
                 room.ready = room.plan.step == eviction::Step::load;
@@ -584,8 +696,9 @@ class ModelRegistry : private detail::SlotOwner {
         const std::string message =
             "vramguard: cannot load model '" + slot.name() + "' (" + slot.key().describe() +
             "): " + refusal_reason(room) + ". Holding memory: " + holders_text(memory) +
-            ". Waited " + ms_text(waited) + " (load_wait " + ms_text(options_.load_wait) +
-            "); retry " + (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
+            (room.peers.empty() ? "" : ". Peers asked: " + room.peers) + ". Waited " +
+            ms_text(waited) + " (load_wait " + ms_text(options_.load_wait) + "); retry " +
+            (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
         // Never a "can never fit": make_room calls such a load ready, and Guard::load rejects it.
         throw InsufficientMemory(admission.requirement.bytes, memory.free_bytes, memory.total_bytes,
                                  slot.key().describe(), guard_.options().retry_delay, message,
@@ -640,7 +753,10 @@ class ModelRegistry : private detail::SlotOwner {
     std::optional<TimePoint> last_relief_;
     AtomicRegistryStats stats_;
 
-    std::mutex turn_mutex_;  // one load (decide, evict, load) at a time
+    detail::PeerRelief peers_;
+    const std::shared_ptr<std::mutex> relief_mutex_;  // one peer relief per device at a time
+
+    std::mutex turn_mutex_;  // one load (decide, evict, ask peers, load) at a time
     std::atomic<std::thread::id> turn_owner_{};
 
     std::unique_ptr<detail::Reaper> reaper_;  // last: started once everything above exists

@@ -24,4 +24,6 @@
 #include <vramguard/eviction.hpp>
 #include <vramguard/pressure.hpp>
 #include <vramguard/reaper.hpp>
+#include <vramguard/peer.hpp>
+#include <vramguard/relief.hpp>
 #include <vramguard/models.hpp>
