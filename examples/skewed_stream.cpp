@@ -41,7 +41,6 @@ int main(int argc, char** argv) {
     const bool weighted = !(argc > 1 && std::strcmp(argv[1], "--count") == 0);
 
     SimulatedDevice gpu(16_GiB);
-    gpu.set_flush_cache_before_oom(true);  // as PyTorch's caching allocator does
     ManualClock clock;  // simulated time: the demo runs instantly but waits "for real"
     Options options;
     options.clock = clock.clock_fn();

@@ -104,6 +104,18 @@ class ManualClock {
 
 namespace detail {
 
+// now + wait, saturating: a wait of milliseconds::max() ("for ever") ends at the end of time,
+// not (overflowed) in the past.
+template <class Rep, class Period>
+TimePoint deadline_after(TimePoint now, std::chrono::duration<Rep, Period> wait) noexcept {
+    if (wait <= wait.zero()) return now;
+    const auto room = TimePoint::max() - now;
+    if (std::chrono::duration_cast<std::chrono::duration<double>>(wait) >=
+        std::chrono::duration_cast<std::chrono::duration<double>>(room))
+        return TimePoint::max();
+    return now + std::chrono::duration_cast<Duration>(wait);
+}
+
 // Polls `ready` every `interval` until it holds or `deadline` passes; never sleeps past the
 // deadline. Returns whether `ready` held.
 template <class Ready>

@@ -366,6 +366,17 @@ inline OomKind classify_oom(const std::exception_ptr& error) {
 
 inline bool is_oom(std::exception_ptr error) { return classify_oom(error) != OomKind::none; }
 
+// Throws what `make()` returns with `cause` nested in it, also outside a catch block: the
+// exception is made inside one, where std::nested_exception captures the cause.
+template <class Make>
+[[noreturn]] void throw_with_cause(const std::exception_ptr& cause, Make&& make) {
+    try {
+        std::rethrow_exception(cause);
+    } catch (...) {
+        std::throw_with_nested(make());
+    }
+}
+
 // The numbers an OOM carried: from OutOfMemory's own report, else parsed from what().
 inline std::optional<OomReport> oom_report(const std::exception_ptr& error) {
     try {

@@ -40,6 +40,17 @@ inline constexpr unsigned grow_after_successes = 8;
 inline constexpr double recovery_fraction = 0.75;
 inline constexpr std::chrono::milliseconds recovery_timeout{5000};
 inline constexpr unsigned forget_failure_after = 64;
+// Kept free beyond an encode chunk's predicted peak, as a fraction of the device. Not the load's
+// 10 % margin, which covers what grows beside a new model (CUDA context, cuBLAS workspaces,
+// fragmentation around a large new allocation); a chunk runs beside a model already loaded and
+// warmed up, so what its measured peak does not see is smaller: the allocator rounding every
+// block up (to 512 B, and large blocks to 2 MiB segments) and the spread of its peak from run to
+// run. 2 % (328 MiB of 16 GiB) covers both with room, and costs about 2 % of the largest batch.
+inline constexpr double encode_reserve = 0.02;
+// Events below this level are neither formatted nor sent to the sink.
+inline constexpr Level log_level = Level::info;
+// Most items allowed alone at once: far above any real device, low enough to be a semaphore count.
+inline constexpr std::size_t max_single_item_concurrency = 1 << 20;
 }  // namespace defaults
 
 struct Options {
@@ -58,6 +69,8 @@ struct Options {
         defaults::grow_after_successes;  // successes before growing back
     unsigned forget_failure_after =
         defaults::forget_failure_after;  // successes before retrying a size that failed
+    // Kept free beside an encode chunk's predicted peak, fraction of total, [0, safety_margin].
+    double encode_reserve = defaults::encode_reserve;
     double recovery_fraction = defaults::recovery_fraction;  // of the expected freed bytes, (0, 1]
     std::chrono::milliseconds recovery_timeout =
         defaults::recovery_timeout;  // then trust the estimate
@@ -66,8 +79,9 @@ struct Options {
     std::string profile_dir;
     bool persist = true;  // false: learn in memory only
     LogSink log = stderr_sink();
-    ClockFn clock = system_clock();  // every wait reads this clock ...
-    SleepFn sleep = system_sleep();  // ... and waits through this sleep
+    Level log_level = defaults::log_level;  // the least level formatted and sent to `log`
+    ClockFn clock = system_clock();         // every wait reads this clock ...
+    SleepFn sleep = system_sleep();         // ... and waits through this sleep
     // Host-wide admission across processes (host.hpp); null = this process only.
     std::shared_ptr<Coordinator> coordinator;
 
@@ -90,7 +104,13 @@ struct Options {
         if (poll_interval.count() <= 0) fail("poll_interval", "must be positive");
         if (admission_wait.count() < 0) fail("admission_wait", "must not be negative");
         if (single_item_attempts < 1) fail("single_item_attempts", "must be at least 1");
-        if (single_item_concurrency < 1) fail("single_item_concurrency", "must be at least 1");
+        if (single_item_concurrency < 1 ||
+            single_item_concurrency > defaults::max_single_item_concurrency)
+            fail("single_item_concurrency",
+                 "must be in [1, " + std::to_string(defaults::max_single_item_concurrency) +
+                     "], got " + std::to_string(single_item_concurrency));
+        if (!finite(encode_reserve) || encode_reserve < 0 || encode_reserve >= 1)
+            fail("encode_reserve", "must be in [0, 1), got " + std::to_string(encode_reserve));
         if (grow_after_successes < 1) fail("grow_after_successes", "must be at least 1");
         if (forget_failure_after < 1) fail("forget_failure_after", "must be at least 1");
         if (!finite(recovery_fraction) || recovery_fraction <= 0 || recovery_fraction > 1)

@@ -243,6 +243,202 @@ inline std::uint64_t predicted_batch(const MemoryInfo& memory, double safety_mar
     return std::max<std::uint64_t>(1, (memory.free_bytes - margin) / bytes_per_item);
 }
 
+// ---- The cost model ------------------------------------------------------------------------
+//
+// With a probe that measures peaks, batches are planned from what a chunk of a key costs:
+// peak ~= fixed + per_unit x size (size = items, or weight units), fitted from the key's recent
+// measured chunks. The slope is the Theil-Sen estimate (the median of the slopes between every two
+// samples of different sizes), which one wrong reading cannot move; the fixed part is the upper
+// envelope (the largest residual), so every sample in the window lies on or under the line: the
+// plan is as careful as the worst recent chunk, and a wrong reading ages out with the window.
+// With one size seen, nothing separates the two parts: the whole cost is charged per unit, an
+// upper bound (fixed = 0), and the model says so.
+
+struct CostSample {
+    std::uint64_t size = 0;        // items, or weight units, of a chunk that ran
+    std::uint64_t peak_bytes = 0;  // what it took at its peak, measured alone
+};
+
+struct CostModel {
+    std::uint64_t fixed_bytes = 0;
+    double bytes_per_unit = 0;
+    bool slope_is_upper_bound = false;  // one size seen: fixed is folded into the slope
+    std::size_t samples = 0;
+
+    bool known() const noexcept { return samples > 0 && bytes_per_unit > 0; }
+
+    std::uint64_t peak_for(std::uint64_t size) const noexcept {
+        const double peak =
+            static_cast<double>(fixed_bytes) + bytes_per_unit * static_cast<double>(size);
+        return peak < 1.8e19 ? static_cast<std::uint64_t>(std::ceil(peak))
+                             : std::numeric_limits<std::uint64_t>::max();
+    }
+
+    // The largest size whose predicted peak fits in `bytes`; 0 when not even one unit does.
+    std::uint64_t largest_within(std::uint64_t bytes) const noexcept {
+        if (!known() || bytes <= fixed_bytes) return 0;
+        const double units = static_cast<double>(bytes - fixed_bytes) / bytes_per_unit;
+        return units < 1.8e19 ? static_cast<std::uint64_t>(units)
+                              : std::numeric_limits<std::uint64_t>::max();
+    }
+};
+
+// Samples kept per key and mode: enough for a robust fit, few enough that a reading from before a
+// change (a new driver, another model version) is gone after a few dozen chunks.
+inline constexpr std::size_t cost_window = 32;
+
+namespace detail {
+inline double median_in_place(double* first, double* last) noexcept {
+    const std::size_t n = static_cast<std::size_t>(last - first);
+    double* middle = first + n / 2;
+    std::nth_element(first, middle, last);
+    if (n % 2 == 1) return *middle;
+    return (*middle + *std::max_element(first, middle)) / 2;
+}
+}  // namespace detail
+
+// Fits the model to `samples` (at most cost_window of them are read; zero sizes are skipped).
+template <class Samples>
+CostModel fit_cost(const Samples& samples) noexcept {
+    CostModel model;
+    double slopes[cost_window * (cost_window - 1) / 2];
+    std::size_t pairs = 0, used = 0;
+    double upper_slope = 0;  // the largest peak / size: the slope when the sizes cannot tell
+    for (auto a = std::begin(samples); a != std::end(samples) && used < cost_window; ++a) {
+        if (a->size == 0) continue;
+        ++used;
+        upper_slope = std::max(upper_slope,
+                               static_cast<double>(a->peak_bytes) / static_cast<double>(a->size));
+        std::size_t seen = 1;
+        for (auto b = std::begin(samples); b != a && seen < cost_window; ++b) {
+            if (b->size == 0 || b->size == a->size) continue;
+            ++seen;
+            slopes[pairs++] =
+                (static_cast<double>(a->peak_bytes) - static_cast<double>(b->peak_bytes)) /
+                (static_cast<double>(a->size) - static_cast<double>(b->size));
+        }
+    }
+    model.samples = used;
+    if (used == 0) return model;
+    const double slope = pairs > 0 ? detail::median_in_place(slopes, slopes + pairs) : 0;
+    // One size, or sizes that disagree about the direction: charge everything per unit.
+    model.slope_is_upper_bound = !(slope > 0);
+    model.bytes_per_unit = model.slope_is_upper_bound ? upper_slope : slope;
+    if (model.slope_is_upper_bound) return model;
+    double envelope = 0;
+    std::size_t read = 0;
+    for (auto s = std::begin(samples); s != std::end(samples) && read < cost_window; ++s) {
+        if (s->size == 0) continue;
+        ++read;
+        envelope = std::max(
+            envelope, static_cast<double>(s->peak_bytes) - slope * static_cast<double>(s->size));
+    }
+    model.fixed_bytes = static_cast<std::uint64_t>(std::min(std::ceil(envelope), 1.8e19));
+    return model;
+}
+
+// ---- Evidence: what ran and what failed, at how much free memory -----------------------------
+//
+// The model predicts; evidence bounds the prediction. A size that failed with as much or more
+// free memory than now is not tried again; a size that ran with as little or less free memory is
+// not planned below. When the two disagree (a chunk's cost varies with its items), the newer one
+// wins and the older is dropped. A failure is relaxed after `relax_after` successes just under
+// it, and the interval doubles with every failure in a row there, so a limit that moved is found
+// again while one that did not costs fewer and fewer probes.
+
+struct Evidence {
+    std::uint64_t failed_size = 0;  // smallest size that failed (0 = none known)
+    std::uint64_t failed_free = 0;  // the free memory it failed with
+    std::uint64_t ran_size = 0;     // largest size that ran (0 = none known)
+    std::uint64_t ran_free = 0;     // the free memory it ran with
+    unsigned successes_under_failure = 0;
+    unsigned failures_in_a_row = 0;
+};
+
+inline std::uint64_t relax_interval(const Evidence& evidence, unsigned relax_after) noexcept {
+    return static_cast<std::uint64_t>(relax_after) << std::min(evidence.failures_in_a_row, 10u);
+}
+
+inline void on_chunk_failed(Evidence& evidence, std::uint64_t size, std::uint64_t free) noexcept {
+    if (evidence.failed_size == 0 || size <= evidence.failed_size) {
+        evidence.failed_size = size;
+        evidence.failed_free = free;
+    }
+    if (evidence.ran_size >= size) evidence.ran_size = evidence.ran_free = 0;  // newer wins
+    evidence.successes_under_failure = 0;
+    if (evidence.failures_in_a_row < 64) ++evidence.failures_in_a_row;
+}
+
+// Returns true when the evidence changed (the caller persists nothing else).
+inline bool on_chunk_ran(Evidence& evidence, std::uint64_t size, std::uint64_t free, bool at_limit,
+                         unsigned relax_after) noexcept {
+    bool changed = false;
+    if (size > evidence.ran_size || (size == evidence.ran_size && free < evidence.ran_free)) {
+        evidence.ran_size = size;
+        evidence.ran_free = free;
+        changed = true;
+    }
+    if (evidence.failed_size == 0) return changed;
+    if (size >= evidence.failed_size) {  // newer wins: the failure no longer says anything
+        evidence.failed_size = evidence.failed_free = 0;
+        evidence.failures_in_a_row = 0;
+        return true;
+    }
+    if (at_limit && ++evidence.successes_under_failure >= relax_interval(evidence, relax_after)) {
+        evidence.failed_size = evidence.failed_free = 0;  // probe the limit once more
+        evidence.successes_under_failure = 0;
+        return true;
+    }
+    return changed;
+}
+
+// ---- Planning a chunk ------------------------------------------------------------------------
+
+struct ChunkPlan {
+    std::uint64_t limit = 0;  // largest size to run now; 0 = no limit known
+    bool from_model = false;  // the cost model set it (else evidence or the ceiling)
+};
+
+// The largest chunk to run with `free_bytes` free now: what the model says fits in free memory
+// less the encode reserve, raised to what ran with as little memory, lowered under what failed
+// with as much. Without a model, the ceiling learned from OOMs (0 = none) is the limit.
+inline ChunkPlan plan_chunk(const CostModel& model, const Evidence& evidence,
+                            std::uint64_t free_bytes, std::uint64_t reserve_bytes,
+                            std::uint64_t ceiling) noexcept {
+    ChunkPlan plan;
+    if (!model.known()) {
+        plan.limit = ceiling;
+        return plan;
+    }
+    plan.from_model = true;
+    const std::uint64_t usable = free_bytes > reserve_bytes ? free_bytes - reserve_bytes : 0;
+    plan.limit = std::max<std::uint64_t>(1, model.largest_within(usable));
+    if (evidence.ran_size != 0 && free_bytes >= evidence.ran_free)
+        plan.limit = std::max(plan.limit, evidence.ran_size);
+    if (evidence.failed_size != 0 && free_bytes <= evidence.failed_free)
+        plan.limit = std::min(plan.limit, std::max<std::uint64_t>(1, evidence.failed_size - 1));
+    return plan;
+}
+
+// The size of the retry right after `tried` ran out of memory: the plan with the failure now in
+// the evidence, and never above what the OOM's own numbers (or halving) allow.
+inline std::uint64_t retry_size(const ChunkPlan& plan, std::uint64_t tried,
+                                const std::optional<OomReport>& report) noexcept {
+    const std::uint64_t backstop = size_after_oom(tried, report);
+    return plan.limit == 0 ? backstop : std::min(plan.limit, backstop);
+}
+
+// ---- Waiting for memory after an OOM ---------------------------------------------------------
+//
+// The reading that let the failed work start was wrong (stale: drivers report late) or the
+// memory was taken since; an unchanged reading is no evidence that it came back. Unless the OOM's
+// own numbers say the request fitted what was free when it failed: then the failure was
+// transient (fragmentation, a race with a freeing thread), and the same reading is to be trusted.
+inline bool failure_was_transient(const std::optional<OomReport>& report) noexcept {
+    return report && report->free_bytes && report->requested_bytes > 0 &&
+           report->requested_bytes <= *report->free_bytes;
+}
+
 // ---- Recovery after an unload ----------------------------------------------------------------
 //
 // Freed VRAM shows up in the driver's report late. Ollama's rule: poll every 250 ms until 75 % of

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: MIT
-// What work costs, learned per Key and kept across runs: peak bytes, peak bytes per item, and the
-// batch ceiling / weight budget that last worked.
+// What work costs, learned per Key and kept across runs: the newest measured peaks of loads and
+// encode chunks (a bounded window, so a wrong reading ages out), and the batch ceiling / weight
+// budget that last worked.
 //
 // Files are shared by every process on the host (pre-forked workers, restarts), so:
 //  - one small text file per key, replaced by write-temp + fsync + rename, so a reader sees the old
 //    file or the new one, never half of either, and never needs a lock;
-//  - read-modify-write runs under flock on "<dir>/.lock", so "the higher peak wins" holds between
-//    processes too, not only between threads;
+//  - read-modify-write runs under flock on "<dir>/.lock", so the samples of every process are
+//    merged (the newest window of all of them), not only those of this process's threads;
 //  - nothing here throws or stops the caller over the disk: an unwritable directory degrades to
 //    memory-only with one warning, and a damaged file is ignored with one warning and rewritten.
 #pragma once
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -43,38 +45,87 @@
 
 VRAMGUARD_BEGIN_NAMESPACE
 
-// What is known about one key; 0 means "not known yet".
+// One measured run, as the profile keeps it: what ran (`size`: items or weight units, 0 for a
+// load), what it took at its peak, and when (a wall-clock stamp in ns, which orders samples from
+// every process and tells a sample already merged from a new one).
+struct ProfileSample {
+    std::uint64_t stamp = 0;
+    std::uint64_t size = 0;
+    std::uint64_t peak_bytes = 0;
+
+    friend bool operator==(const ProfileSample& a, const ProfileSample& b) noexcept {
+        return a.stamp == b.stamp && a.size == b.size && a.peak_bytes == b.peak_bytes;
+    }
+    friend bool operator<(const ProfileSample& a, const ProfileSample& b) noexcept {
+        if (a.stamp != b.stamp) return a.stamp < b.stamp;
+        if (a.size != b.size) return a.size < b.size;
+        return a.peak_bytes < b.peak_bytes;
+    }
+};
+
+// Samples kept per key and kind, the newest: a wrong reading (another process's allocation seen
+// as ours) ages out after this many newer ones instead of winning for ever.
+inline constexpr std::size_t profile_window = 32;
+
+// What is known about one key; 0 or empty means "not known yet".
 struct Profile {
-    std::uint64_t peak_bytes = 0;           // highest measured peak of one run (load, encode call)
-    std::uint64_t peak_bytes_per_item = 0;  // highest measured peak per item (encode)
-    std::uint64_t batch_ceiling = 0;        // largest batch (items) that last worked
-    std::uint64_t weight_budget = 0;        // largest batch weight (tokens...) that last worked
+    Profile() = default;
+    Profile(std::uint64_t peak, std::uint64_t per_item, std::uint64_t ceiling, std::uint64_t budget)
+        : peak_bytes(peak),
+          peak_bytes_per_item(per_item),
+          batch_ceiling(ceiling),
+          weight_budget(budget) {}
+
+    std::uint64_t peak_bytes = 0;               // highest peak of the recent loads (or runs)
+    std::uint64_t peak_bytes_per_item = 0;      // highest peak per item of the recent encode chunks
+    std::uint64_t batch_ceiling = 0;            // largest batch (items) that last worked
+    std::uint64_t weight_budget = 0;            // largest batch weight (tokens...) that last worked
+    std::vector<ProfileSample> load_samples;    // oldest first, at most profile_window each
+    std::vector<ProfileSample> item_samples;    // encode chunks sized in items
+    std::vector<ProfileSample> weight_samples;  // encode chunks sized in weight units
 
     friend bool operator==(const Profile& a, const Profile& b) noexcept {
         return a.peak_bytes == b.peak_bytes && a.peak_bytes_per_item == b.peak_bytes_per_item &&
-               a.batch_ceiling == b.batch_ceiling && a.weight_budget == b.weight_budget;
+               a.batch_ceiling == b.batch_ceiling && a.weight_budget == b.weight_budget &&
+               a.load_samples == b.load_samples && a.item_samples == b.item_samples &&
+               a.weight_samples == b.weight_samples;
     }
     friend bool operator!=(const Profile& a, const Profile& b) noexcept { return !(a == b); }
 };
 
 namespace detail {
 
-// File format, version 1 (text, so an operator can read and delete it; every line ends in '\n'):
-//   vramguard-profile 1
+// File format, version 2 (text, so an operator can read and delete it; every line ends in '\n'):
+//   vramguard-profile 2
 //   key <16 hex digits>
 //   label <Key::label(), already escaped to one printable line>
 //   peak_bytes <decimal>
 //   peak_bytes_per_item <decimal>
 //   batch_ceiling <decimal>
 //   weight_budget <decimal>
+//   samples <count>
+//   <load|items|weight> <stamp> <size> <peak bytes>      (count lines, each kind oldest first)
 //   checksum <FNV-1a 64 of every byte above, 16 hex digits>
-inline constexpr std::string_view profile_magic = "vramguard-profile 1";
+// Version 1 is the same without the samples; it is still read (its peaks become the first
+// samples' upper bounds, see Guard), and the next record rewrites it as version 2.
+inline constexpr std::string_view profile_magic = "vramguard-profile 2";
+inline constexpr std::string_view profile_magic_v1 = "vramguard-profile 1";
 // Far above any real file; stops a stray huge file from being read into memory.
 inline constexpr std::size_t max_profile_file_bytes = 1 << 20;
 
+struct SampleKind {
+    std::string_view name;
+    std::vector<ProfileSample> Profile::*samples;
+};
+inline constexpr SampleKind sample_kinds[] = {
+    {"load", &Profile::load_samples},
+    {"items", &Profile::item_samples},
+    {"weight", &Profile::weight_samples},
+};
+
 inline std::string serialize_profile(const Key& key, const Profile& profile) {
     std::string text;
-    text.reserve(160 + key.label().size());
+    text.reserve(200 + key.label().size() + 64 * profile_window);
     text.append(profile_magic).append("\n");
     text.append("key ").append(key.hex()).append("\n");
     text.append("label ").append(key.label()).append("\n");
@@ -83,8 +134,43 @@ inline std::string serialize_profile(const Key& key, const Profile& profile) {
     text.append("\n");
     text.append("batch_ceiling ").append(std::to_string(profile.batch_ceiling)).append("\n");
     text.append("weight_budget ").append(std::to_string(profile.weight_budget)).append("\n");
+    std::size_t count = 0;
+    for (const SampleKind& kind : sample_kinds) count += (profile.*kind.samples).size();
+    text.append("samples ").append(std::to_string(count)).append("\n");
+    for (const SampleKind& kind : sample_kinds) {
+        for (const ProfileSample& sample : profile.*kind.samples) {
+            text.append(kind.name).append(" ").append(std::to_string(sample.stamp)).append(" ");
+            text.append(std::to_string(sample.size)).append(" ");
+            text.append(std::to_string(sample.peak_bytes)).append("\n");
+        }
+    }
     append_checksum_line(text);
     return text;
+}
+
+// One "<kind> <stamp> <size> <peak>" line into its kind's list; false for anything else.
+inline bool parse_sample_line(std::string_view line, Profile& profile) {
+    std::string_view fields[4];
+    for (std::string_view& field : fields) {
+        const std::size_t space = line.find(' ');
+        field = line.substr(0, space);
+        line = space == std::string_view::npos ? std::string_view() : line.substr(space + 1);
+        if (field.empty()) return false;
+    }
+    if (!line.empty()) return false;
+    ProfileSample sample;
+    if (!parse_decimal_u64(fields[1], sample.stamp) || !parse_decimal_u64(fields[2], sample.size) ||
+        !parse_decimal_u64(fields[3], sample.peak_bytes))
+        return false;
+    for (const SampleKind& kind : sample_kinds) {
+        if (fields[0] != kind.name) continue;
+        auto& list = profile.*kind.samples;
+        if (list.size() >= profile_window || (!list.empty() && sample < list.back()))
+            return false;  // at most a window, oldest first: anything else was not written by us
+        list.push_back(sample);
+        return true;
+    }
+    return false;
 }
 
 // Parses a profile file written for the key whose hex() is `expected_hex`. Returns nothing, with
@@ -100,7 +186,8 @@ inline std::optional<Profile> parse_profile(std::string_view text, std::string_v
 
     std::string_view line;
     if (!lines.next(line)) return fail("file is empty or truncated");
-    if (line != profile_magic) {
+    const bool version1 = line == profile_magic_v1;
+    if (line != profile_magic && !version1) {
         if (line.substr(0, 18) == "vramguard-profile ")
             return fail("unsupported format version (expected \"" + std::string(profile_magic) +
                         "\")");
@@ -121,6 +208,15 @@ inline std::optional<Profile> parse_profile(std::string_view text, std::string_v
         std::string_view digits;
         if (!lines.next_field(number.first, digits) || !parse_decimal_u64(digits, *number.second))
             return fail("truncated or malformed " + std::string(number.first) + " line");
+    }
+    std::string_view digits;
+    std::uint64_t count = 0;
+    if (!version1 && (!lines.next_field("samples", digits) || !parse_decimal_u64(digits, count) ||
+                      count > std::size(sample_kinds) * profile_window))
+        return fail("truncated or malformed samples line");
+    for (std::uint64_t i = 0; i < count; ++i) {
+        if (!lines.next(line) || !parse_sample_line(line, profile))
+            return fail("truncated or malformed sample line " + std::to_string(i + 1));
     }
     const std::size_t checked_bytes = lines.position();
     if (!lines.next_field("checksum", checksum))
@@ -265,6 +361,25 @@ inline pid_t temp_file_pid(std::string_view name) noexcept {
     return static_cast<pid_t>(pid);
 }
 
+// flock(LOCK_EX) that gives up after `timeout` (errno ETIMEDOUT) instead of waiting for ever on a
+// holder that hangs (a process stopped under a debugger, a hung NFS server): polled, because flock
+// has no timed form. The caller's work goes on without the file.
+inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::chrono::microseconds pause{100};
+    for (;;) {
+        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return true;
+        if (errno != EWOULDBLOCK) return false;
+        if (std::chrono::steady_clock::now() >= deadline) {
+            errno = ETIMEDOUT;
+            return false;
+        }
+        timespec nap{0, static_cast<long>(pause.count()) * 1000};
+        ::nanosleep(&nap, nullptr);
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(10));
+    }
+}
+
 // Numbers temporary files uniquely within this process (the pid separates processes).
 inline std::uint64_t next_temp_counter() noexcept {
     static std::atomic<std::uint64_t> counter{0};
@@ -272,6 +387,54 @@ inline std::uint64_t next_temp_counter() noexcept {
 }
 
 inline std::string errno_text(int error) { return std::strerror(error); }
+
+// A wall-clock stamp in ns, strictly increasing within the process (two samples recorded in one
+// tick stay two samples when merged).
+inline std::uint64_t next_sample_stamp() noexcept {
+    static std::atomic<std::uint64_t> last{0};
+    timespec now{};
+    ::clock_gettime(CLOCK_REALTIME, &now);
+    std::uint64_t stamp = static_cast<std::uint64_t>(now.tv_sec) * 1000000000u +
+                          static_cast<std::uint64_t>(now.tv_nsec);
+    std::uint64_t seen = last.load(std::memory_order_relaxed);
+    do {
+        stamp = std::max(stamp, seen + 1);
+    } while (!last.compare_exchange_weak(seen, stamp, std::memory_order_relaxed));
+    return stamp;
+}
+
+// `into` becomes the newest profile_window samples of both lists, oldest first, each once.
+inline void merge_samples(std::vector<ProfileSample>& into,
+                          const std::vector<ProfileSample>& from) {
+    into.insert(into.end(), from.begin(), from.end());
+    std::sort(into.begin(), into.end());
+    into.erase(std::unique(into.begin(), into.end()), into.end());
+    if (into.size() > profile_window)
+        into.erase(into.begin(), into.end() - static_cast<std::ptrdiff_t>(profile_window));
+}
+
+// The scalar peaks follow the samples, so they age out with them; a version 1 file's scalars
+// stand until samples replace them.
+inline void derive_peaks(Profile& profile) {
+    if (!profile.load_samples.empty() || !profile.item_samples.empty()) profile.peak_bytes = 0;
+    for (const auto* samples : {&profile.load_samples, &profile.item_samples})
+        for (const ProfileSample& s : *samples)
+            profile.peak_bytes = std::max(profile.peak_bytes, s.peak_bytes);
+    if (!profile.item_samples.empty()) {
+        profile.peak_bytes_per_item = 0;
+        for (const ProfileSample& s : profile.item_samples)
+            if (s.size > 0)
+                profile.peak_bytes_per_item =
+                    std::max(profile.peak_bytes_per_item,
+                             s.peak_bytes / s.size + (s.peak_bytes % s.size != 0));
+    }
+}
+
+inline void merge_profile_samples(Profile& into, const Profile& from) {
+    for (const SampleKind& kind : sample_kinds)
+        merge_samples(into.*kind.samples, from.*kind.samples);
+    derive_peaks(into);
+}
 
 }  // namespace detail
 
@@ -281,6 +444,8 @@ class ProfileCache {
    public:
     // A temporary file older than this belongs to no live write, whatever its pid says.
     static constexpr std::time_t stale_temp_file_seconds = 3600;
+    // The longest wait for another process's write to the directory; then this one is skipped.
+    static constexpr std::chrono::milliseconds lock_timeout{2000};
 
     // `directory` "" means default_directory(). `persist` false keeps everything in memory and
     // never touches the disk.
@@ -335,15 +500,21 @@ class ProfileCache {
     }
     Profile get(const Key& key) { return find(key).value_or(Profile{}); }
 
-    // A higher peak wins. With `items`, the per-item peak ceil(peak / items) is kept the same way.
+    // Records one measured peak: a load's, or with `items` an encode chunk's of that many items.
+    // The profile keeps the newest profile_window of each; peak_bytes (peak_bytes_per_item) is the
+    // highest among them, so a wrong reading ages out instead of winning for ever.
     void record_peak(const Key& key, std::uint64_t peak_bytes, std::uint64_t items = 0) {
+        const ProfileSample sample{detail::next_sample_stamp(), items, peak_bytes};
+        record_samples(key, items == 0 ? &Profile::load_samples : &Profile::item_samples,
+                       {&sample, &sample + 1});
+    }
+    // Records encode chunks' samples (items or weight units) at once: one write for many.
+    void record_samples(const Key& key, std::vector<ProfileSample> Profile::*kind,
+                        const std::vector<ProfileSample>& samples) {
+        if (samples.empty()) return;
         update(key, [&](Entry& entry) {
-            Profile& profile = entry.profile;
-            profile.peak_bytes = std::max(profile.peak_bytes, peak_bytes);
-            if (items > 0) {
-                const std::uint64_t per_item = peak_bytes / items + (peak_bytes % items != 0);
-                profile.peak_bytes_per_item = std::max(profile.peak_bytes_per_item, per_item);
-            }
+            detail::merge_samples(entry.profile.*kind, samples);
+            detail::derive_peaks(entry.profile);
         });
     }
     // The latest wins: it is what just worked, and memory pressure changes both ways.
@@ -453,13 +624,19 @@ class ProfileCache {
         return std::nullopt;
     }
 
-    // Read-merge-write under the directory lock: peaks take the maximum of this process's and the
-    // file's; a ceiling or budget recorded here since the last write replaces the file's.
+    // Read-merge-write under the directory lock: the samples of both (the newest window); a
+    // ceiling or budget recorded here since the last write replaces the file's.
     void write_through(const Key& key, std::vector<std::string>& warnings) {
         if (!directory_usable_ || degraded_.load(std::memory_order_relaxed)) return;
         std::lock_guard<std::mutex> io_lock(io_mutex_);
         if (degraded_.load(std::memory_order_relaxed)) return;
         detail::FileDescriptor lock_file = lock_directory();
+        if (!lock_file && errno == ETIMEDOUT) {  // kept in memory; the next record writes it
+            warnings.push_back("profile directory " + directory_ + " stayed locked for " +
+                               std::to_string(lock_timeout.count()) + " ms; " + key.describe() +
+                               " is written with its next record");
+            return;
+        }
         if (!lock_file) {
             degrade("cannot lock " + directory_ + "/.lock (" + detail::errno_text(errno) + ")",
                     warnings);
@@ -477,6 +654,7 @@ class ProfileCache {
                 merged.peak_bytes = std::max(merged.peak_bytes, on_disk->peak_bytes);
                 merged.peak_bytes_per_item =
                     std::max(merged.peak_bytes_per_item, on_disk->peak_bytes_per_item);
+                detail::merge_profile_samples(merged, *on_disk);
                 if (!entry.ceiling_dirty) merged.batch_ceiling = on_disk->batch_ceiling;
                 if (!entry.budget_dirty) merged.weight_budget = on_disk->weight_budget;
             }
@@ -498,6 +676,7 @@ class ProfileCache {
         entry.profile.peak_bytes = std::max(entry.profile.peak_bytes, merged.peak_bytes);
         entry.profile.peak_bytes_per_item =
             std::max(entry.profile.peak_bytes_per_item, merged.peak_bytes_per_item);
+        detail::merge_profile_samples(entry.profile, merged);
         if (!entry.ceiling_dirty) entry.profile.batch_ceiling = merged.batch_ceiling;
         if (!entry.budget_dirty) entry.profile.weight_budget = merged.weight_budget;
     }
@@ -558,7 +737,7 @@ class ProfileCache {
         detail::FileDescriptor fd(detail::retry_eintr(
             [&] { return ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644); }));
         if (!fd) return fd;
-        if (detail::retry_eintr([&] { return ::flock(fd.get(), LOCK_EX); }) != 0) {
+        if (!detail::flock_within(fd.get(), lock_timeout)) {
             const int error = errno;
             fd.reset();
             errno = error;

@@ -3,10 +3,13 @@
 //
 // It behaves like a device driven by PyTorch's caching allocator: a freed block is not given back
 // to the driver but kept *cached* for reuse, so the driver's view (cudaMemGetInfo) counts it as
-// used while this process may still reuse it. A cache of many small blocks cannot serve one big
-// request, and nothing flushes it except release_cached(): a guard that forgets release_cached()
-// after an OOM keeps failing here, as it would on a real GPU. An optional report lag serves
-// readings as they were some time ago, so a guard that trusts a stale reading fails here too.
+// used while this process may still reuse it. Like that allocator, an allocation that finds no
+// cached block to reuse and too little free in the driver first frees the cache and tries once
+// more before it raises the OOM, so fragmentation alone never fails an allocation. A strict mode
+// (set_flush_cache_before_oom(false)) skips that retry: a cache of many small blocks then cannot
+// serve one big request until release_cached(), which makes a guard that forgets release_cached()
+// after an OOM fail visibly. An optional report lag serves readings as they were some time ago, so
+// a guard that trusts a stale reading fails here too.
 #pragma once
 
 #include <vramguard/clock.hpp>
@@ -67,8 +70,8 @@ class SimulatedDevice {
 
         // The bytes asked for.
         std::uint64_t bytes() const noexcept { return bytes_; }
-        // The block actually held: larger than bytes() when a bigger cached block was reused. This
-        // is what allocated_bytes() counts.
+        // The block actually held, what allocated_bytes() counts: bytes(), since a bigger cached
+        // block is split for the request as the caching allocator does.
         std::uint64_t block_bytes() const noexcept { return block_.empty() ? 0 : block_.value(); }
         explicit operator bool() const noexcept { return device_ != nullptr; }
 
@@ -105,10 +108,10 @@ class SimulatedDevice {
     }
 
     // Takes `bytes` from the device. 0 bytes gives an empty Allocation and changes nothing.
-    // Reuses the best-fitting cached block (the smallest with size >= bytes; it keeps its size);
-    // otherwise takes a new block from what the driver has free. Throws OutOfMemory (allocator
-    // kind) when neither works. It never flushes the cache by itself: that is the caller's
-    // release_cached() job, as with torch.
+    // Reuses the best-fitting cached block (the smallest with size >= bytes; what the request
+    // does not need of it stays cached); otherwise takes a new block from what the driver has
+    // free, freeing the cache first when the driver has too little (not in strict mode). Throws
+    // OutOfMemory (allocator kind) when neither works.
     Allocation allocate(std::uint64_t bytes) {
         if (bytes == 0) return Allocation();
         std::lock_guard<std::mutex> lock(mutex_);
@@ -119,8 +122,17 @@ class SimulatedDevice {
         BlockSet::node_type block;
         const auto cached = cache_.lower_bound(bytes);
         if (cached != cache_.end()) {
+            // Split like the caching allocator: the request takes what it needs, the rest stays
+            // cached (the node is made first, where failing changes nothing).
+            BlockSet rest;
+            if (*cached > bytes) rest.insert(*cached - bytes);
             block = cache_.extract(cached);
             cached_ -= block.value();
+            if (!rest.empty()) {
+                block.value() = bytes;
+                cached_ += *rest.begin();
+                cache_.insert(rest.extract(rest.begin()));
+            }
         } else {
             if (bytes > driver_free_locked() && flush_cache_before_oom_ && cached_ > 0) {
                 cache_.clear();
@@ -133,6 +145,7 @@ class SimulatedDevice {
         }
         allocated_ += block.value();
         peak_ = std::max(peak_, allocated_ + cached_);
+        peak_allocated_ = std::max(peak_allocated_, allocated_);
         ++allocation_count_;
         ++live_allocations_;
         record_locked();
@@ -159,9 +172,8 @@ class SimulatedDevice {
     }
 
     // PyTorch's caching allocator frees its cached blocks and retries before it raises an OOM, so
-    // fragmentation alone never fails an allocation there. Off by default: the strict device makes
-    // a guard that forgets release_cached() fail visibly; demos and benchmarks turn it on to model
-    // PyTorch faithfully.
+    // fragmentation alone never fails an allocation there. On by default; off is the strict
+    // device, on which a guard that forgets release_cached() after an OOM keeps failing.
     void set_flush_cache_before_oom(bool flush) {
         std::lock_guard<std::mutex> lock(mutex_);
         flush_cache_before_oom_ = flush;
@@ -189,15 +201,19 @@ class SimulatedDevice {
         return external_;
     }
 
-    // Peak *reserved* bytes (allocated + cached), like torch's max_memory_reserved(): peak
-    // allocated undercounts what the process really took from the device.
+    // Peaks as vramguard::torch::Probe reads them: the larger of the growth in reserved bytes
+    // (allocated + cached, torch's max_memory_reserved(): what work really took from the device)
+    // and the growth in allocated bytes (work that ran inside blocks the cache already held, where
+    // reserved bytes do not move), both since reset_peak(), on the reserved scale.
     void reset_peak() {
         std::lock_guard<std::mutex> lock(mutex_);
         peak_ = allocated_ + cached_;
+        peak_allocated_ = allocated_;
+        cached_at_reset_ = cached_;
     }
     std::uint64_t peak_bytes() const {
         std::lock_guard<std::mutex> lock(mutex_);
-        return peak_;
+        return std::max(peak_, peak_allocated_ + cached_at_reset_);
     }
 
     // Exact current books (never lagged).
@@ -353,13 +369,15 @@ class SimulatedDevice {
     std::uint64_t allocated_ = 0;
     std::uint64_t cached_ = 0;
     std::uint64_t external_ = 0;
-    std::uint64_t peak_ = 0;
+    std::uint64_t peak_ = 0;  // reserved
+    std::uint64_t peak_allocated_ = 0;
+    std::uint64_t cached_at_reset_ = 0;
     std::uint64_t release_cached_calls_ = 0;
     std::uint64_t oom_count_ = 0;
     std::uint64_t allocation_count_ = 0;
     std::uint64_t live_allocations_ = 0;
     std::uint64_t injected_failures_ = 0;
-    bool flush_cache_before_oom_ = false;
+    bool flush_cache_before_oom_ = true;
     Duration lag_{Duration::zero()};
     ClockFn clock_;
     std::deque<Snapshot> history_;

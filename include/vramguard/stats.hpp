@@ -26,21 +26,34 @@ namespace detail {
 // A counter that many threads bump on every call without sharing a cache line: each thread adds
 // to its own stripe, a reader sums them. Two cores bumping one atomic pay a cache-line transfer
 // per call (100+ ns); on the fast path that would cost more than everything else together.
+//
+// Each stripe counts what was added and what was taken away separately, and sum() reads every
+// "taken" before any "added". A unit taken away was added before it was taken, so the sum never
+// reads below the least the true count held while sum() ran: a count that stays >= 1 throughout
+// (one call hands over to the next) never reads 0. It can read above the truth (adds that land
+// during the read), which for "is anyone else in flight?" is the careful side.
 class StripedCounter {
    public:
     void add(std::int64_t n) noexcept {
-        stripes_[stripe()].value.fetch_add(n, std::memory_order_relaxed);
+        Stripe& mine = stripes_[stripe()];
+        if (n >= 0)
+            mine.added.fetch_add(static_cast<std::uint64_t>(n), std::memory_order_seq_cst);
+        else
+            mine.taken.fetch_add(static_cast<std::uint64_t>(-(n + 1)) + 1,
+                                 std::memory_order_seq_cst);
     }
     std::int64_t sum() const noexcept {
-        std::int64_t total = 0;
-        for (const Stripe& stripe : stripes_) total += stripe.value.load(std::memory_order_relaxed);
-        return total;
+        std::uint64_t taken = 0, added = 0;
+        for (const Stripe& stripe : stripes_) taken += stripe.taken.load(std::memory_order_seq_cst);
+        for (const Stripe& stripe : stripes_) added += stripe.added.load(std::memory_order_seq_cst);
+        return static_cast<std::int64_t>(added - taken);
     }
 
    private:
     static constexpr std::size_t stripe_count = 16;
     struct alignas(64) Stripe {
-        std::atomic<std::int64_t> value{0};
+        std::atomic<std::uint64_t> added{0};
+        std::atomic<std::uint64_t> taken{0};
     };
     static std::size_t stripe() noexcept {
         static std::atomic<std::size_t> next{0};

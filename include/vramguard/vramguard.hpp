@@ -18,6 +18,11 @@
 #include <vramguard/coordinator.hpp>
 #include <vramguard/simulated.hpp>
 #include <vramguard/system_memory.hpp>
+#include <vramguard/events.hpp>
+#include <vramguard/batch_view.hpp>
+#include <vramguard/key_memory.hpp>
+#include <vramguard/admission.hpp>
+#include <vramguard/encode_run.hpp>
 #include <vramguard/guard.hpp>
 #include <vramguard/host.hpp>
 #include <vramguard/model_slot.hpp>

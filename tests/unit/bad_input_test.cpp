@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <functional>
 #include <list>
 #include <numeric>
 #include <stdexcept>
@@ -292,8 +293,31 @@ TEST_F(BadInput, ZeroAndAbsurdWeightsNeitherCrashNorLoseItems) {
     EXPECT_EQ(guard.encode(key, items, echo, [](int) { return 0; }), items);
     // Weights that sum past 2^64 saturate instead of wrapping.
     EXPECT_EQ(guard.encode(key, items, echo, [](int) { return max_u64; }), items);
-    // A negative weight from a signed weight function converts to a huge one: the same.
-    EXPECT_EQ(guard.encode(key, items, echo, [](int i) -> long { return i % 2 ? -1 : 1; }), items);
+    // Fractions round up (0.25 weighs 1); 1e30 saturates like 2^64.
+    EXPECT_EQ(guard.encode(key, items, echo, [](int) { return 0.25; }), items);
+    EXPECT_EQ(guard.encode(key, items, echo, [](int) { return 1e30; }), items);
+    // Negative and NaN weights are the caller's bug: a clear error naming the item, before any
+    // batch runs (they were undefined behaviour in the conversion).
+    int calls = 0;
+    auto counting = [&](const View& b) {
+        ++calls;
+        return std::vector<int>(b.begin(), b.end());
+    };
+    const std::vector<std::function<double(int)>> bad_weights = {
+        [](int i) { return i == 3 ? -1.0 : 1.0; },
+        [](int i) { return i == 3 ? std::nan("") : 1.0; },
+    };
+    for (const auto& weight_fn : bad_weights) {
+        try {
+            guard.encode(key, items, counting, weight_fn);
+            FAIL() << "a negative or NaN weight was accepted";
+        } catch (const std::invalid_argument& e) {
+            EXPECT_NE(std::string(e.what()).find("item 3"), std::string::npos) << e.what();
+        }
+    }
+    EXPECT_THROW(guard.encode(key, items, counting, [](int i) -> long { return i == 3 ? -1 : 1; }),
+                 std::invalid_argument);
+    EXPECT_EQ(calls, 0);
     // After an OOM the budget is learned, and a heavy item then goes alone, in order.
     std::size_t chunk = 0;
     auto squeezed = [&](const View& b) {

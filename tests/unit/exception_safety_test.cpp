@@ -67,16 +67,15 @@ class ExceptionSafety : public ::testing::Test {
         for (std::size_t i = 0; i < taken; ++i) semaphore->release();
         return taken == options.single_item_concurrency;
     }
-    // Drives the key's learned ceiling down to one item.
+    // Drives the key's learned limit down to one item, and keeps the device squeezed (1.5 GiB
+    // free), so that it stays one: the guard grows batches back as soon as memory returns.
     void learn_single_items(Guard<SimulatedDevice>& guard) {
-        const std::uint64_t external = device.external_usage();
         device.set_external_usage(8_GiB + 512_MiB);
         guard.encode(key, sequence(8), [&](const View& b) {
             std::vector<SimulatedDevice::Allocation> held;
             for (std::size_t i = 0; i < b.size(); ++i) held.push_back(device.allocate(1_GiB));
             return std::vector<int>(b.begin(), b.end());
         });
-        device.set_external_usage(external);
         device.release_cached();
         ASSERT_EQ(guard.learned_batch_ceiling(key), 1u);
     }
@@ -282,7 +281,12 @@ TEST(ExceptionSafetyProfileCache, ADirectoryRemovedUnderneathDegradesWithoutLosi
     EXPECT_NO_THROW(cache.record_peak(key, 3_GiB, 3));
     EXPECT_NO_THROW(cache.record_batch_ceiling(key, 12));
     EXPECT_FALSE(cache.persistent());
-    EXPECT_EQ(cache.get(key), (Profile{3_GiB, 1_GiB, 12, 0}));
+    const Profile kept = cache.get(key);
+    EXPECT_EQ(kept.peak_bytes, 3_GiB);
+    EXPECT_EQ(kept.peak_bytes_per_item, 1_GiB);
+    EXPECT_EQ(kept.batch_ceiling, 12u);
+    ASSERT_EQ(kept.item_samples.size(), 1u);
+    EXPECT_EQ(kept.item_samples[0].size, 3u);
     EXPECT_EQ(log.count(Level::warn), 1u);
 }
 

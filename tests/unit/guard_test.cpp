@@ -482,11 +482,13 @@ TEST_F(GuardTest, AGuardThatForgetsToEmptyTheCacheFailsWhereTheRealOneRecovers) 
         };
     };
 
+    device.set_flush_cache_before_oom(false);  // strict: only release_cached() recovers
     fragment(device);
     Guard<SimulatedDevice> guard(device, options);
     EXPECT_EQ(guard.encode(key, items, encoder_for(device)), times_ten(items));
 
     SimulatedDevice other(10_GiB);
+    other.set_flush_cache_before_oom(false);
     fragment(other);
     vramguard_test::ForgetfulProbe forgetful(other);
     Guard<vramguard_test::ForgetfulProbe> careless(forgetful, options);
@@ -538,7 +540,6 @@ TEST_F(GuardTest, CeilingGrowsBackOnceTheSqueezeIsOver) {
 
 TEST_F(GuardTest, WeightedEncodeLearnsATokenBudgetAndHeavyItemsGoAlone) {
     options.grow_after_successes = 1000;      // no probing back up: the second pass must not OOM
-    device.set_flush_cache_before_oom(true);  // no fragmentation OOMs: only the budget is tested
     Guard<SimulatedDevice> guard(device, options);
     // 16 MiB per token: 10 GiB holds 640 tokens. Mostly 8-token items, every tenth 256 tokens.
     std::vector<int> tokens;
@@ -567,7 +568,6 @@ TEST_F(GuardTest, WeightedEncodeLearnsATokenBudgetAndHeavyItemsGoAlone) {
 
 TEST_F(GuardTest, PaddedWeightsBudgetBatchSizeTimesTheLongestItem) {
     options.grow_after_successes = 1000;
-    device.set_flush_cache_before_oom(true);
     Guard<SimulatedDevice> guard(device, options);
     // 16 MiB per padded token: 640 padded tokens fit.
     std::vector<int> tokens;

@@ -88,13 +88,15 @@ TEST(SimulatedDevice, CachedBytesAreFreeForThisProcessButUsedForTheDriver) {
     EXPECT_EQ(device.memory().free_bytes, 8_GiB);
     EXPECT_EQ(device.driver_memory().free_bytes, 5_GiB);
 
-    // A request that fits the cached block reuses it whole: reserved does not grow.
+    // A request that fits the cached block is cut from it (the rest stays cached): reserved does
+    // not grow, and free memory drops by the request only.
     auto reused = device.allocate(2_GiB);
     EXPECT_EQ(reused.bytes(), 2_GiB);
-    EXPECT_EQ(reused.block_bytes(), 3_GiB);
-    EXPECT_EQ(device.allocated_bytes(), 3_GiB);
-    EXPECT_EQ(device.cached_bytes(), 0u);
+    EXPECT_EQ(reused.block_bytes(), 2_GiB);
+    EXPECT_EQ(device.allocated_bytes(), 2_GiB);
+    EXPECT_EQ(device.cached_bytes(), 1_GiB);
     EXPECT_EQ(device.reserved_bytes(), 3_GiB);
+    EXPECT_EQ(device.memory().free_bytes, 6_GiB);
 
     reused.release();
     device.release_cached();
@@ -110,15 +112,18 @@ TEST(SimulatedDevice, BestFitPicksTheSmallestCachedBlockThatFits) {
         auto b = device.allocate(512_MiB);
         auto c = device.allocate(2_GiB);
     }
-    auto x = device.allocate(600_MiB);
-    EXPECT_EQ(x.block_bytes(), 1_GiB);
-    auto y = device.allocate(100_MiB);
-    EXPECT_EQ(y.block_bytes(), 512_MiB);
-    EXPECT_EQ(device.cached_bytes(), 2_GiB);
+    auto x = device.allocate(600_MiB);  // cut from the 1 GiB block, not the 2 GiB one
+    EXPECT_EQ(x.block_bytes(), 600_MiB);
+    auto y = device.allocate(100_MiB);  // cut from the 512 MiB block, the smallest that fits
+    EXPECT_EQ(y.block_bytes(), 100_MiB);
+    EXPECT_EQ(device.cached_bytes(), 2_GiB + 424_MiB + 412_MiB);
+    auto z = device.allocate(2_GiB);  // the 2 GiB block was left whole for it
+    EXPECT_EQ(device.reserved_bytes(), 1_GiB + 512_MiB + 2_GiB);
 }
 
-TEST(SimulatedDevice, FragmentedCacheFailsABigAllocationUntilReleased) {
+TEST(SimulatedDevice, StrictFragmentedCacheFailsABigAllocationUntilReleased) {
     SimulatedDevice device(8_GiB);
+    device.set_flush_cache_before_oom(false);  // strict: no allocator-side flush
     {
         std::vector<SimulatedDevice::Allocation> small;
         for (int i = 0; i < 64; ++i) small.push_back(device.allocate(100_MiB));
@@ -139,6 +144,7 @@ TEST(SimulatedDevice, FragmentedCacheFailsABigAllocationUntilReleased) {
 
 TEST(SimulatedDevice, OomCarriesItsReportAndAParseableMessage) {
     SimulatedDevice device(8_GiB);
+    device.set_flush_cache_before_oom(false);  // strict, so that the cache stays to be reported
     auto held = device.allocate(4_GiB);
     {
         // 3 GiB cached in blocks too small for the request, 1 GiB free for the driver.
@@ -196,7 +202,7 @@ TEST(SimulatedDevice, ExternalUsage) {
     EXPECT_EQ(device.memory().free_bytes, 6_GiB);
 }
 
-TEST(SimulatedDevice, PeakIsReservedSinceReset) {
+TEST(SimulatedDevice, PeakIsTheGrowthOfReservedOrAllocatedSinceReset) {
     SimulatedDevice device(8_GiB);
     {
         auto a = device.allocate(2_GiB);
@@ -219,6 +225,13 @@ TEST(SimulatedDevice, PeakIsReservedSinceReset) {
     // After a reset the peak starts from what is reserved now (cached blocks included).
     device.reset_peak();
     EXPECT_EQ(device.peak_bytes(), 2_GiB);
+    {
+        // Work inside the cache moves no reserved byte; its allocated growth still counts, so a
+        // guard measuring peak - baseline sees the 1 GiB it used.
+        auto inside = device.allocate(1_GiB);
+        EXPECT_EQ(device.reserved_bytes(), 2_GiB);
+        EXPECT_EQ(device.peak_bytes() - 2_GiB, 1_GiB);
+    }
     device.release_cached();
     device.reset_peak();
     EXPECT_EQ(device.peak_bytes(), 0u);
@@ -441,8 +454,8 @@ TEST(SimulatedDevice, ConcurrentReadersWithReportLag) {
 
 TEST(SimulatedDevice, PyTorchModeFlushesTheCacheBeforeRaising) {
     using namespace vramguard::literals;
-    vramguard::SimulatedDevice strict(10_GiB), pytorch(10_GiB);
-    pytorch.set_flush_cache_before_oom(true);
+    vramguard::SimulatedDevice strict(10_GiB), pytorch(10_GiB);  // PyTorch's way is the default
+    strict.set_flush_cache_before_oom(false);
     for (vramguard::SimulatedDevice* device : {&strict, &pytorch}) {
         std::vector<vramguard::SimulatedDevice::Allocation> blocks;
         for (int i = 0; i < 32; ++i) blocks.push_back(device->allocate(256_MiB));

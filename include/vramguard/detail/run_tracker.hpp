@@ -1,0 +1,114 @@
+// SPDX-License-Identifier: MIT
+// Who else is running on this guard: every load and every encode chunk registers while its work
+// runs, so that
+//  - a measured peak counts for a key only when no other run overlapped the measurement (a peak
+//    two runs share is neither's);
+//  - an item that ran out of memory alone while other runs held memory can take the guard for
+//    itself (new runs wait, running ones finish) and retry really alone, instead of being given
+//    up on because the guard's own batches were in the way.
+// Registration is two increments of this thread's stripe (no cache line shared on the fast path);
+// only a measurement or the rare exclusive turn reads the sums.
+#pragma once
+
+#include <vramguard/stats.hpp>
+#include <vramguard/version.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+class RunTracker {
+   public:
+    // One run in progress. `measured`: whether overlap is to be checked for it.
+    class Run {
+       public:
+        Run(RunTracker& tracker, bool measured, bool exclusive = false)
+            : tracker_(tracker), measured_(measured) {
+            // Registered first, then the turn checked: an exclusive turn sets its flag first,
+            // then reads the count, so one of the two always sees the other.
+            for (;;) {
+                tracker.running_.add(1);
+                if (exclusive || !tracker.exclusive_wanted_.load(std::memory_order_seq_cst)) break;
+                tracker.running_.add(-1);
+                tracker.turn_changed_.notify_all();
+                tracker.wait_for_turn();
+            }
+            if (!measured) return;
+            tracker.starts_.add(1);
+            starts_seen_ = tracker.starts_.sum();
+            solo_ = tracker.running_.sum() <= 1;
+        }
+        ~Run() {
+            tracker_.running_.add(-1);
+            if (tracker_.exclusive_wanted_.load(std::memory_order_seq_cst))
+                tracker_.turn_changed_.notify_all();
+        }
+        Run(const Run&) = delete;
+        Run& operator=(const Run&) = delete;
+
+        // True when this run was measured and nothing else was running when it started.
+        bool started_alone() const noexcept { return measured_ && solo_; }
+        // True when this run was measured and nothing else ran at any time since it started.
+        bool alone_so_far() const noexcept {
+            return measured_ && solo_ && tracker_.running_.sum() <= 1 &&
+                   tracker_.starts_.sum() == starts_seen_;
+        }
+
+       private:
+        RunTracker& tracker_;
+        bool measured_;
+        bool solo_ = false;
+        std::int64_t starts_seen_ = 0;
+    };
+
+    // Holding it, no new run of this tracker starts; the constructor returns once the runs that
+    // were running have finished (they always do: they are the caller's own batches and loads).
+    class ExclusiveTurn {
+       public:
+        explicit ExclusiveTurn(RunTracker& tracker) : tracker_(tracker) {
+            std::unique_lock<std::mutex> lock(tracker.mutex_);
+            tracker.turn_changed_.wait(lock, [&] { return !tracker.exclusive_held_; });
+            tracker.exclusive_held_ = true;
+            tracker.exclusive_wanted_.store(true, std::memory_order_seq_cst);
+            while (tracker.running_.sum() > 0)
+                tracker.turn_changed_.wait_for(lock, std::chrono::milliseconds(1));
+        }
+        ~ExclusiveTurn() {
+            {
+                std::lock_guard<std::mutex> lock(tracker_.mutex_);
+                tracker_.exclusive_held_ = false;
+                tracker_.exclusive_wanted_.store(false, std::memory_order_seq_cst);
+            }
+            tracker_.turn_changed_.notify_all();
+        }
+        ExclusiveTurn(const ExclusiveTurn&) = delete;
+        ExclusiveTurn& operator=(const ExclusiveTurn&) = delete;
+
+       private:
+        RunTracker& tracker_;
+    };
+
+    // Whether any run is in progress now (read after one's own run ended).
+    bool others_running() const noexcept { return running_.sum() > 0; }
+
+   private:
+    void wait_for_turn() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        turn_changed_.wait(lock, [&] { return !exclusive_held_; });
+    }
+
+    StripedCounter running_;
+    StripedCounter starts_;
+    std::atomic<bool> exclusive_wanted_{false};
+    std::mutex mutex_;
+    std::condition_variable turn_changed_;
+    bool exclusive_held_ = false;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
