@@ -165,13 +165,13 @@ class EncodeRun {
         cut(chunk);
         chunk.measured =
             Guard::measures_peaks && (chunk.inputs.model.samples < policy::cost_window / 2 ||
-                                      ++chunks_since_measured() % 8 == 0);
+                                      ++chunks_since_measured() % policy::measure_every == 0);
         return chunk;
     }
 
     policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
         const std::uint64_t reserve =
-            policy::scale_bytes(seen.total_bytes, guard_.options_.encode_reserve);
+            policy::scale_bytes(seen.free_bytes, guard_.options_.encode_reserve);
         return policy::plan_chunk(inputs.model, inputs.evidence, seen.free_bytes, reserve,
                                   inputs.ceiling);
     }
@@ -285,7 +285,9 @@ class EncodeRun {
                 learner_.limit = chunk.limit;
             }
             policy::on_chunk_ran(learner_.evidence, chunk.tried, free, chunk.at_limit,
-                                 guard_.options_.forget_failure_after);
+                                 guard_.options_.forget_failure_after * policy::model_relax_factor,
+                                 policy::model_fits_failure(learner_.model, learner_.evidence,
+                                                            guard_.options_.encode_reserve));
             grew = on_ceiling_success(chunk, lock) || grew;
             learner_.publish();
         }

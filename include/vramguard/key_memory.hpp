@@ -41,7 +41,8 @@ struct SizeLearner {
     std::uint64_t persisted_limit = 0;
 
     struct Published {
-        std::atomic<std::uint64_t> fixed{0}, slope_bits{0}, samples{0}, upper_bound{0};
+        std::atomic<std::uint64_t> fixed{0}, slope_bits{0}, costliest_bits{0}, samples{0},
+            upper_bound{0};
         std::atomic<std::uint64_t> failed_size{0}, failed_free{0}, ran_size{0}, ran_free{0};
         std::atomic<std::uint64_t> ceiling{0}, largest_success{0}, cheapest{0}, limit{0};
     } published;
@@ -76,12 +77,17 @@ struct SizeLearner {
         }
     }
 
+    static std::uint64_t bits_of(double value) noexcept {
+        std::uint64_t bits = 0;
+        std::memcpy(&bits, &value, sizeof bits);
+        return bits;
+    }
+
     void publish() noexcept {
         const auto order = std::memory_order_release;
-        std::uint64_t slope_bits = 0;
-        std::memcpy(&slope_bits, &model.bytes_per_unit, sizeof slope_bits);
         published.fixed.store(model.fixed_bytes, order);
-        published.slope_bits.store(slope_bits, order);
+        published.slope_bits.store(bits_of(model.bytes_per_unit), order);
+        published.costliest_bits.store(bits_of(model.costliest_unit), order);
         published.upper_bound.store(model.slope_is_upper_bound ? 1 : 0, order);
         published.samples.store(model.samples, order);
         published.failed_size.store(evidence.failed_size, order);
@@ -102,6 +108,8 @@ struct SizeLearner {
         const std::uint64_t slope_bits = published.slope_bits.load(order);
         std::memcpy(&in.model.bytes_per_unit, &slope_bits, sizeof slope_bits);
         in.model.slope_is_upper_bound = published.upper_bound.load(order) != 0;
+        const std::uint64_t costliest_bits = published.costliest_bits.load(order);
+        std::memcpy(&in.model.costliest_unit, &costliest_bits, sizeof costliest_bits);
         in.evidence.failed_size = published.failed_size.load(order);
         in.evidence.failed_free = published.failed_free.load(order);
         in.evidence.ran_size = published.ran_size.load(order);

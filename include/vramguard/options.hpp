@@ -40,12 +40,14 @@ inline constexpr unsigned grow_after_successes = 8;
 inline constexpr double recovery_fraction = 0.75;
 inline constexpr std::chrono::milliseconds recovery_timeout{5000};
 inline constexpr unsigned forget_failure_after = 64;
-// Kept free beyond an encode chunk's predicted peak, as a fraction of the device. Not the load's
-// 10 % margin, which covers what grows beside a new model (CUDA context, cuBLAS workspaces,
-// fragmentation around a large new allocation); a chunk runs beside a model already loaded and
-// warmed up, so what its measured peak does not see is smaller: the allocator rounding every
-// block up (to 512 B, and large blocks to 2 MiB segments) and the spread of its peak from run to
-// run. 2 % (328 MiB of 16 GiB) covers both with room, and costs about 2 % of the largest batch.
+// Kept free beyond an encode chunk's predicted peak, as a fraction of the memory free when the
+// chunk is planned. Not the load's 10 % margin of the device, which covers what grows beside a new
+// model (CUDA context, cuBLAS workspaces, fragmentation around a large new allocation); a chunk
+// runs beside a model already loaded and warmed up, and what its measured peak does not see grows
+// with the chunk: the allocator rounding every block up (to 512 B, large blocks to 2 MiB
+// segments) and the spread of its peak from run to run. 2 % of what the chunk is planned into
+// covers both with room, and costs about 2 % of the largest batch (a share of the device would
+// cost more, the less is free).
 inline constexpr double encode_reserve = 0.02;
 // Events below this level are neither formatted nor sent to the sink.
 inline constexpr Level log_level = Level::info;
@@ -69,7 +71,7 @@ struct Options {
         defaults::grow_after_successes;  // successes before growing back
     unsigned forget_failure_after =
         defaults::forget_failure_after;  // successes before retrying a size that failed
-    // Kept free beside an encode chunk's predicted peak, fraction of total, [0, safety_margin].
+    // Kept free beside an encode chunk's predicted peak, fraction of what is free, [0, 1).
     double encode_reserve = defaults::encode_reserve;
     double recovery_fraction = defaults::recovery_fraction;  // of the expected freed bytes, (0, 1]
     std::chrono::milliseconds recovery_timeout =

@@ -245,14 +245,20 @@ inline std::uint64_t predicted_batch(const MemoryInfo& memory, double safety_mar
 
 // ---- The cost model ------------------------------------------------------------------------
 //
-// With a probe that measures peaks, batches are planned from what a chunk of a key costs:
-// peak ~= fixed + per_unit x size (size = items, or weight units), fitted from the key's recent
-// measured chunks. The slope is the Theil-Sen estimate (the median of the slopes between every two
-// samples of different sizes), which one wrong reading cannot move; the fixed part is the upper
-// envelope (the largest residual), so every sample in the window lies on or under the line: the
-// plan is as careful as the worst recent chunk, and a wrong reading ages out with the window.
-// With one size seen, nothing separates the two parts: the whole cost is charged per unit, an
-// upper bound (fixed = 0), and the model says so.
+// With a probe that measures peaks, batches are planned from what a chunk of a key costs, fitted
+// from the key's recent measured chunks (size = items, or weight units):
+//  - the line peak ~= fixed + per_unit x size: the slope is the Theil-Sen estimate (the median of
+//    the slopes between every two samples of different sizes), which one wrong reading cannot
+//    move; the fixed part is the upper envelope (the largest residual), so every sample lies on
+//    or under the line;
+//  - the costliest unit: the largest peak / size among the samples at least half as large as the
+//    largest. A chunk's cost is not always a line plus noise: in a padded batch, or a count of
+//    items of mixed lengths, one long item multiplies the whole chunk, and only a per-unit bound
+//    taken where the chunks are planned sees that.
+// A chunk is predicted at the larger of the two, so the plan is as careful as the worst recent
+// chunk near its size, and a wrong reading ages out with the window. With one size seen, nothing
+// separates the fixed part from the slope: the whole cost is charged per unit (an upper bound,
+// and the model says so).
 
 struct CostSample {
     std::uint64_t size = 0;        // items, or weight units, of a chunk that ran
@@ -261,15 +267,17 @@ struct CostSample {
 
 struct CostModel {
     std::uint64_t fixed_bytes = 0;
-    double bytes_per_unit = 0;
+    double bytes_per_unit = 0;          // the line's slope
+    double costliest_unit = 0;          // the per-unit bound near the planned sizes
     bool slope_is_upper_bound = false;  // one size seen: fixed is folded into the slope
     std::size_t samples = 0;
 
     bool known() const noexcept { return samples > 0 && bytes_per_unit > 0; }
 
     std::uint64_t peak_for(std::uint64_t size) const noexcept {
-        const double peak =
-            static_cast<double>(fixed_bytes) + bytes_per_unit * static_cast<double>(size);
+        const double units = static_cast<double>(size);
+        const double peak = std::max(static_cast<double>(fixed_bytes) + bytes_per_unit * units,
+                                     costliest_unit * units);
         return peak < 1.8e19 ? static_cast<std::uint64_t>(std::ceil(peak))
                              : std::numeric_limits<std::uint64_t>::max();
     }
@@ -277,15 +285,20 @@ struct CostModel {
     // The largest size whose predicted peak fits in `bytes`; 0 when not even one unit does.
     std::uint64_t largest_within(std::uint64_t bytes) const noexcept {
         if (!known() || bytes <= fixed_bytes) return 0;
-        const double units = static_cast<double>(bytes - fixed_bytes) / bytes_per_unit;
+        double units = static_cast<double>(bytes - fixed_bytes) / bytes_per_unit;
+        if (costliest_unit > 0)
+            units = std::min(units, static_cast<double>(bytes) / costliest_unit);
         return units < 1.8e19 ? static_cast<std::uint64_t>(units)
                               : std::numeric_limits<std::uint64_t>::max();
     }
 };
 
 // Samples kept per key and mode: enough for a robust fit, few enough that a reading from before a
-// change (a new driver, another model version) is gone after a few dozen chunks.
+// change (a new driver, another model version, a squeeze that ended) is gone after a few dozen.
 inline constexpr std::size_t cost_window = 32;
+// Once half a window is measured, one chunk in this many is: a measurement costs three more probe
+// calls, and a cost moves slowly once known.
+inline constexpr unsigned measure_every = 8;
 
 namespace detail {
 inline double median_in_place(double* first, double* last) noexcept {
@@ -295,45 +308,68 @@ inline double median_in_place(double* first, double* last) noexcept {
     if (n % 2 == 1) return *middle;
     return (*middle + *std::max_element(first, middle)) / 2;
 }
-}  // namespace detail
 
-// Fits the model to `samples` (at most cost_window of them are read; zero sizes are skipped).
-template <class Samples>
-CostModel fit_cost(const Samples& samples) noexcept {
-    CostModel model;
+inline double per_unit(const CostSample& s) noexcept {
+    return static_cast<double>(s.peak_bytes) / static_cast<double>(s.size);
+}
+
+// The Theil-Sen slope of the first `count` samples (0 when no two sizes differ).
+template <class It>
+double theil_sen_slope(It first, std::size_t count) noexcept {
     double slopes[cost_window * (cost_window - 1) / 2];
-    std::size_t pairs = 0, used = 0;
-    double upper_slope = 0;  // the largest peak / size: the slope when the sizes cannot tell
-    for (auto a = std::begin(samples); a != std::end(samples) && used < cost_window; ++a) {
-        if (a->size == 0) continue;
-        ++used;
-        upper_slope = std::max(upper_slope,
-                               static_cast<double>(a->peak_bytes) / static_cast<double>(a->size));
-        std::size_t seen = 1;
-        for (auto b = std::begin(samples); b != a && seen < cost_window; ++b) {
-            if (b->size == 0 || b->size == a->size) continue;
-            ++seen;
+    std::size_t pairs = 0;
+    It a = first;
+    for (std::size_t i = 0; i < count; ++i, ++a) {
+        It b = first;
+        for (std::size_t j = 0; j < i; ++j, ++b) {
+            if (b->size == a->size) continue;
             slopes[pairs++] =
                 (static_cast<double>(a->peak_bytes) - static_cast<double>(b->peak_bytes)) /
                 (static_cast<double>(a->size) - static_cast<double>(b->size));
         }
     }
-    model.samples = used;
-    if (used == 0) return model;
-    const double slope = pairs > 0 ? detail::median_in_place(slopes, slopes + pairs) : 0;
+    return pairs > 0 ? median_in_place(slopes, slopes + pairs) : 0;
+}
+}  // namespace detail
+
+// Fits the model to the newest cost_window of `samples` (oldest first; zero sizes are not read).
+template <class Samples>
+CostModel fit_cost(const Samples& samples) noexcept {
+    CostSample kept[cost_window];
+    std::size_t count = 0;
+    for (const CostSample& s : samples) {
+        if (s.size == 0) continue;
+        if (count == cost_window) std::move(kept + 1, kept + cost_window, kept), --count;
+        kept[count++] = s;
+    }
+    CostModel model;
+    model.samples = count;
+    if (count == 0) return model;
+    std::uint64_t largest = 0;
+    for (std::size_t i = 0; i < count; ++i) largest = std::max(largest, kept[i].size);
+    for (std::size_t i = 0; i < count; ++i) {
+        if (kept[i].size * 2 >= largest)
+            model.costliest_unit = std::max(model.costliest_unit, detail::per_unit(kept[i]));
+    }
+    const double slope = detail::theil_sen_slope(kept, count);
     // One size, or sizes that disagree about the direction: charge everything per unit.
     model.slope_is_upper_bound = !(slope > 0);
-    model.bytes_per_unit = model.slope_is_upper_bound ? upper_slope : slope;
-    if (model.slope_is_upper_bound) return model;
-    double envelope = 0;
-    std::size_t read = 0;
-    for (auto s = std::begin(samples); s != std::end(samples) && read < cost_window; ++s) {
-        if (s->size == 0) continue;
-        ++read;
-        envelope = std::max(
-            envelope, static_cast<double>(s->peak_bytes) - slope * static_cast<double>(s->size));
+    if (model.slope_is_upper_bound) {
+        for (std::size_t i = 0; i < count; ++i)
+            model.bytes_per_unit = std::max(model.bytes_per_unit, detail::per_unit(kept[i]));
+        return model;
     }
-    model.fixed_bytes = static_cast<std::uint64_t>(std::min(std::ceil(envelope), 1.8e19));
+    model.bytes_per_unit = slope;
+    // A fixed cost is part of every chunk's peak, so it is never above the smallest one: a larger
+    // envelope says the cost is not a line plus noise (a long item multiplies a padded chunk), and
+    // the costliest unit, not the line, then carries the prediction.
+    double envelope = 0, smallest_peak = 1.8e19;
+    for (std::size_t i = 0; i < count; ++i) {
+        envelope = std::max(envelope, static_cast<double>(kept[i].peak_bytes) -
+                                          slope * static_cast<double>(kept[i].size));
+        smallest_peak = std::min(smallest_peak, static_cast<double>(kept[i].peak_bytes));
+    }
+    model.fixed_bytes = static_cast<std::uint64_t>(std::ceil(std::min(envelope, smallest_peak)));
     return model;
 }
 
@@ -342,9 +378,10 @@ CostModel fit_cost(const Samples& samples) noexcept {
 // The model predicts; evidence bounds the prediction. A size that failed with as much or more
 // free memory than now is not tried again; a size that ran with as little or less free memory is
 // not planned below. When the two disagree (a chunk's cost varies with its items), the newer one
-// wins and the older is dropped. A failure is relaxed after `relax_after` successes just under
-// it, and the interval doubles with every failure in a row there, so a limit that moved is found
-// again while one that did not costs fewer and fewer probes.
+// wins and the older is dropped. A failure is relaxed (probed once more) only when the model,
+// refitted since, says the failed size now fits where it failed (the work got cheaper), and then
+// only after `relax_after` successes just under it, an interval that doubles with every failure
+// in a row there: a limit that moved is found again, one that did not costs ever fewer probes.
 
 struct Evidence {
     std::uint64_t failed_size = 0;  // smallest size that failed (0 = none known)
@@ -354,6 +391,11 @@ struct Evidence {
     unsigned successes_under_failure = 0;
     unsigned failures_in_a_row = 0;
 };
+
+// With a model, a failure is probed again only once the samples that made the model plan it have
+// been replaced: a window of cost_window samples, measured one chunk in eight, is 256 chunks, four
+// times the ceiling path's default relax_after (64).
+inline constexpr unsigned model_relax_factor = 4;
 
 inline std::uint64_t relax_interval(const Evidence& evidence, unsigned relax_after) noexcept {
     return static_cast<std::uint64_t>(relax_after) << std::min(evidence.failures_in_a_row, 10u);
@@ -371,7 +413,7 @@ inline void on_chunk_failed(Evidence& evidence, std::uint64_t size, std::uint64_
 
 // Returns true when the evidence changed (the caller persists nothing else).
 inline bool on_chunk_ran(Evidence& evidence, std::uint64_t size, std::uint64_t free, bool at_limit,
-                         unsigned relax_after) noexcept {
+                         unsigned relax_after, bool model_fits_failure) noexcept {
     bool changed = false;
     if (size > evidence.ran_size || (size == evidence.ran_size && free < evidence.ran_free)) {
         evidence.ran_size = size;
@@ -384,12 +426,22 @@ inline bool on_chunk_ran(Evidence& evidence, std::uint64_t size, std::uint64_t f
         evidence.failures_in_a_row = 0;
         return true;
     }
-    if (at_limit && ++evidence.successes_under_failure >= relax_interval(evidence, relax_after)) {
+    if (at_limit && model_fits_failure &&
+        ++evidence.successes_under_failure >= relax_interval(evidence, relax_after)) {
         evidence.failed_size = evidence.failed_free = 0;  // probe the limit once more
         evidence.successes_under_failure = 0;
         return true;
     }
     return changed;
+}
+
+// Whether the model says the failed size fits, with the reserve, in what was free when it failed.
+inline bool model_fits_failure(const CostModel& model, const Evidence& evidence,
+                               double reserve_fraction) noexcept {
+    if (!model.known() || evidence.failed_size == 0) return false;
+    const std::uint64_t reserve = scale_bytes(evidence.failed_free, reserve_fraction);
+    return evidence.failed_free > reserve &&
+           model.peak_for(evidence.failed_size) <= evidence.failed_free - reserve;
 }
 
 // ---- Planning a chunk ------------------------------------------------------------------------
@@ -400,8 +452,10 @@ struct ChunkPlan {
 };
 
 // The largest chunk to run with `free_bytes` free now: what the model says fits in free memory
-// less the encode reserve, raised to what ran with as little memory, lowered under what failed
-// with as much. Without a model, the ceiling learned from OOMs (0 = none) is the limit.
+// less the encode reserve (`reserve_bytes`, see Options::encode_reserve), raised to what ran with
+// as little memory, lowered under what failed with as much (within the reserve). Without a
+// model, the ceiling learned
+// from OOMs (0 = none) is the limit.
 inline ChunkPlan plan_chunk(const CostModel& model, const Evidence& evidence,
                             std::uint64_t free_bytes, std::uint64_t reserve_bytes,
                             std::uint64_t ceiling) noexcept {
@@ -413,15 +467,23 @@ inline ChunkPlan plan_chunk(const CostModel& model, const Evidence& evidence,
     plan.from_model = true;
     const std::uint64_t usable = free_bytes > reserve_bytes ? free_bytes - reserve_bytes : 0;
     plan.limit = std::max<std::uint64_t>(1, model.largest_within(usable));
+    // What ran is raised to only as far as the model allows without the reserve: the reserve is
+    // for sizes never measured, but a size the model itself says does not fit (its items vary)
+    // is not made safe by having once run.
     if (evidence.ran_size != 0 && free_bytes >= evidence.ran_free)
-        plan.limit = std::max(plan.limit, evidence.ran_size);
-    if (evidence.failed_size != 0 && free_bytes <= evidence.failed_free)
+        plan.limit =
+            std::max(plan.limit, std::min(evidence.ran_size, model.largest_within(free_bytes)));
+    // "As much" within the reserve: readings of a device that did not change wander by a few MiB.
+    if (evidence.failed_size != 0 &&
+        free_bytes <= saturating_add(evidence.failed_free, reserve_bytes))
         plan.limit = std::min(plan.limit, std::max<std::uint64_t>(1, evidence.failed_size - 1));
     return plan;
 }
 
 // The size of the retry right after `tried` ran out of memory: the plan with the failure now in
-// the evidence, and never above what the OOM's own numbers (or halving) allow.
+// the evidence and the samples, and never above what the OOM's own numbers (or halving) allow.
+// Halving stays the backstop even when the model plans only a little less: the retry holds the
+// same items, and when one of them made the chunk fail, only a split leaves it behind.
 inline std::uint64_t retry_size(const ChunkPlan& plan, std::uint64_t tried,
                                 const std::optional<OomReport>& report) noexcept {
     const std::uint64_t backstop = size_after_oom(tried, report);
