@@ -213,7 +213,15 @@ class EncodeRun {
         // bad_alloc in a log line, a contract error) is never mistaken for a device OOM.
         std::exception_ptr error;
         {
-            typename Guard::Measurement run(guard_, chunk.measured, exclusive_.has_value());
+            // Chunks that always overlap would never be measured alone: after a few spoiled
+            // measurements, the next measured chunk of the key takes the guard for itself.
+            std::optional<RunTracker::ExclusiveTurn> measuring_alone;
+            if (chunk.measured && !exclusive_ &&
+                learner_.published.spoiled.load(std::memory_order_relaxed) >=
+                    policy::spoiled_before_exclusive)
+                measuring_alone.emplace(guard_.runs_);
+            typename Guard::Measurement run(guard_, chunk.measured,
+                                            exclusive_.has_value() || measuring_alone.has_value());
             Semaphore::Permit permit;
             std::unique_ptr<Hold> host_lock;
             if (chunk.alone) {
@@ -231,6 +239,12 @@ class EncodeRun {
             } catch (...) {
                 error = std::current_exception();
             }
+        }
+        if (chunk.measured) {
+            if (peak)
+                learner_.published.spoiled.store(0, std::memory_order_relaxed);
+            else
+                learner_.published.spoiled.fetch_add(1, std::memory_order_relaxed);
         }
         if (error) return on_failure(chunk, error);
         check_count(chunk, produced);
@@ -318,11 +332,13 @@ class EncodeRun {
 
     void on_failure(const Chunk& chunk, const std::exception_ptr& error) {
         guard_.take_oom_or_rethrow(error, "encode", key_);
-        // The message's "free" is the driver's view at the failure; what this process can use
-        // now, with its cache emptied, is the probe's reading.
+        // The message's "free" is what was left beside the chunk's own earlier allocations when
+        // it failed (the allocator had already emptied its cache to retry), which is what the
+        // rest of the chunk had to fit in: the part that fits is estimated from it. Without it,
+        // the probe's reading now, with the cache emptied, stands in.
         const MemoryInfo after = guard_.probe_.memory();
         std::optional<OomReport> report = oom_report(error);
-        if (report) report->free_bytes = std::max(report->free_bytes.value_or(0), after.free_bytes);
+        if (report && !report->free_bytes) report->free_bytes = after.free_bytes;
         if (chunk.size > 1) return shrink_after_oom(chunk, error, report, after);
         on_item_oom(chunk, error, report, after);
     }

@@ -45,6 +45,7 @@ struct SizeLearner {
             upper_bound{0};
         std::atomic<std::uint64_t> failed_size{0}, failed_free{0}, ran_size{0}, ran_free{0};
         std::atomic<std::uint64_t> ceiling{0}, largest_success{0}, cheapest{0}, limit{0};
+        std::atomic<unsigned> spoiled{0};  // measurements in a row that another run overlapped
     } published;
 
     void add_sample(const policy::CostSample& sample, std::uint64_t stamp) {

@@ -299,6 +299,10 @@ inline constexpr std::size_t cost_window = 32;
 // Once half a window is measured, one chunk in this many is: a measurement costs three more probe
 // calls, and a cost moves slowly once known.
 inline constexpr unsigned measure_every = 8;
+// Measurements in a row spoiled by another run of the guard before the next one takes the guard
+// for itself (waits for the running chunks, holds new ones back): keys that always overlap are
+// still learned, at the cost of one chunk in measure_every x (this + 1) run alone.
+inline constexpr unsigned spoiled_before_exclusive = 2;
 
 namespace detail {
 inline double median_in_place(double* first, double* last) noexcept {

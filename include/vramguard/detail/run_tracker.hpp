@@ -38,8 +38,10 @@ class RunTracker {
                 tracker.turn_changed_.notify_all();
                 tracker.wait_for_turn();
             }
-            if (!measured) return;
+            // Every run counts as a start, measured or not: a run that starts and ends inside a
+            // measurement leaves no other trace, and its peak would be booked as ours.
             tracker.starts_.add(1);
+            if (!measured) return;
             starts_seen_ = tracker.starts_.sum();
             solo_ = tracker.running_.sum() <= 1;
         }

@@ -1,0 +1,231 @@
+// SPDX-License-Identifier: MIT
+// The learner end to end: Guard::encode against SimulatedDevice (PyTorch's allocator behaviour),
+// with measured peaks, planning every chunk from the cost model and a fresh reading. The numbers
+// in the test names are the acceptance criteria.
+#include <vramguard/vramguard.hpp>
+
+#include <gtest/gtest.h>
+
+#include "guard_fixture.hpp"
+#include "temp_dir.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+using namespace vramguard;
+using namespace vramguard::literals;
+using vramguard_test::CapturedLog;
+using vramguard_test::test_options;
+
+namespace {
+
+using View = BatchView<std::vector<int>::const_iterator>;
+
+std::vector<int> iota_items(int n) {
+    std::vector<int> items(static_cast<std::size_t>(n));
+    std::iota(items.begin(), items.end(), 0);
+    return items;
+}
+
+// A chunk costs fixed + per_item x size, as one tensor (an encoder's activations), and records the
+// sizes it was given.
+struct LinearEncoder {
+    SimulatedDevice& device;
+    std::uint64_t fixed;
+    std::uint64_t per_item;
+    std::vector<std::size_t> sizes;
+
+    std::vector<int> operator()(const View& batch) {
+        sizes.push_back(batch.size());
+        auto workspace = device.allocate(fixed);
+        auto activations = device.allocate(per_item * batch.size());
+        return std::vector<int>(batch.begin(), batch.end());
+    }
+};
+
+std::size_t fewest_batches(std::size_t items, std::uint64_t usable, std::uint64_t fixed,
+                           std::uint64_t per_item) {
+    const std::size_t per_batch = static_cast<std::size_t>((usable - fixed) / per_item);
+    return (items + per_batch - 1) / per_batch;
+}
+
+class Learner : public ::testing::Test {
+   protected:
+    ManualClock clock;
+    CapturedLog log;
+    Options options = test_options(clock, log);
+};
+
+TEST_F(Learner, SteadyUniformLinearCostOneOomPerKeyAndTheFewestBatchesThatFit) {
+    SimulatedDevice device(16_GiB);
+    Guard<SimulatedDevice> guard(device, options);
+    const Key key = Key::of("uniform");
+    const auto items = iota_items(100);
+    const std::size_t fewest = fewest_batches(100, 16_GiB, 0, 1_GiB);  // 16 per batch: 7
+    for (int call = 0; call < 100; ++call) {
+        LinearEncoder encoder{device, 0, 1_GiB, {}};
+        ASSERT_EQ(guard.encode(key, items, std::ref(encoder)), items);
+        if (call > 0) {
+            EXPECT_LE(encoder.sizes.size(), fewest + 1) << "call " << call;
+        }
+    }
+    EXPECT_LE(guard.stats().ooms, 1u);
+    EXPECT_EQ(guard.stats().ooms, device.oom_count());
+}
+
+TEST_F(Learner, FixedPlusPerItemCostOneOomPerKeyAndTheFewestBatchesThatFit) {
+    SimulatedDevice device(16_GiB);
+    Guard<SimulatedDevice> guard(device, options);
+    const Key key = Key::of("fixed-plus-linear");
+    const auto items = iota_items(200);
+    const std::size_t fewest = fewest_batches(200, 16_GiB, 2_GiB, 200_MiB);  // 71 per batch: 3
+    for (int call = 0; call < 100; ++call) {
+        LinearEncoder encoder{device, 2_GiB, 200_MiB, {}};
+        ASSERT_EQ(guard.encode(key, items, std::ref(encoder)), items);
+        if (call > 0) {
+            EXPECT_LE(encoder.sizes.size(), fewest + 1) << "call " << call;
+        }
+    }
+    EXPECT_LE(guard.stats().ooms, 1u);
+    const policy::CostModel model = guard.cost_model(key);
+    EXPECT_NEAR(model.bytes_per_unit, static_cast<double>(200_MiB), 0.05 * 200_MiB);
+}
+
+// The third case: 3 GiB + 180 MiB per item on 24 GiB fits 100 items in one batch; once
+// measured, every later call must still run them in one batch (the old prediction cut them to
+// 87 + 13 for good).
+TEST_F(Learner, RoomProvenUsableIsNotLeftUnused) {
+    SimulatedDevice device(24_GiB);
+    Guard<SimulatedDevice> guard(device, options);
+    const Key key = Key::of("room");
+    const auto items = iota_items(100);
+    for (int call = 0; call < 20; ++call) {
+        LinearEncoder encoder{device, 3_GiB, 180_MiB, {}};
+        ASSERT_EQ(guard.encode(key, items, std::ref(encoder)), items);
+        EXPECT_EQ(encoder.sizes, std::vector<std::size_t>{100}) << "call " << call;
+    }
+    EXPECT_EQ(guard.stats().ooms, 0u);
+}
+
+TEST_F(Learner, ASqueezeShrinksTheNextChunkBeforeItRunsAndMemoryComingBackGrowsItAtOnce) {
+    SimulatedDevice device(16_GiB);
+    Guard<SimulatedDevice> guard(device, options);
+    const Key key = Key::of("squeeze");
+    const auto items = iota_items(64);
+    for (int call = 0; call < 3; ++call) {
+        LinearEncoder encoder{device, 0, 256_MiB, {}};
+        guard.encode(key, items, std::ref(encoder));
+    }
+    const std::uint64_t ooms = guard.stats().ooms;
+    device.set_external_usage(10_GiB);  // another process arrives between two calls
+    LinearEncoder squeezed{device, 0, 256_MiB, {}};
+    EXPECT_EQ(guard.encode(key, items, std::ref(squeezed)), items);
+    EXPECT_EQ(guard.stats().ooms, ooms) << "the reading shows the squeeze before the chunk runs";
+    EXPECT_LE(*std::max_element(squeezed.sizes.begin(), squeezed.sizes.end()), 24u);
+
+    device.set_external_usage(0);  // it leaves: the very next chunk is large again
+    LinearEncoder relieved{device, 0, 256_MiB, {}};
+    EXPECT_EQ(guard.encode(key, items, std::ref(relieved)), items);
+    EXPECT_EQ(relieved.sizes, std::vector<std::size_t>{64});
+    EXPECT_EQ(guard.stats().ooms, ooms);
+    EXPECT_GE(guard.stats().grow_backs, 1u);
+}
+
+// Measure only what is yours: two threads on two keys of one guard, chunks overlapping all the
+// time. A peak shared by both would be booked against one of them (4 GiB against a key whose
+// chunks take 100 MiB); only chunks that ran alone count, so both learned costs stay true.
+TEST_F(Learner, TwoThreadsTwoKeysEachLearnTheirOwnPerItemCost) {
+    SimulatedDevice device(64_GiB);
+    options.clock = system_clock();  // real threads: real time, no waits happen here
+    options.sleep = system_sleep();
+    Guard<SimulatedDevice> guard(device, options);
+    const Key small = Key::of("small"), large = Key::of("large");
+    std::atomic<int> wrong{0}, ready{0};
+    auto worker = [&](const Key& key, std::uint64_t per_item) {
+        const auto items = iota_items(10);
+        ++ready;
+        while (ready.load() < 2) std::this_thread::yield();  // both start together
+        for (int call = 0; call < 1000; ++call) {
+            LinearEncoder encoder{device, 0, per_item, {}};
+            auto held_a_moment = [&](const View& batch) {
+                auto result = encoder(batch);
+                std::this_thread::yield();  // overlap with the other thread's chunks
+                return result;
+            };
+            if (guard.encode(key, items, held_a_moment) != items) ++wrong;
+        }
+    };
+    std::thread a(worker, std::cref(small), 10_MiB);   // 100 MiB per batch
+    std::thread b(worker, std::cref(large), 410_MiB);  // about 4 GiB per batch
+    a.join();
+    b.join();
+    EXPECT_EQ(wrong.load(), 0);
+    EXPECT_EQ(guard.stats().ooms, 0u);
+    const policy::CostModel small_model = guard.cost_model(small);
+    const policy::CostModel large_model = guard.cost_model(large);
+    ASSERT_TRUE(small_model.known());
+    ASSERT_TRUE(large_model.known());
+    EXPECT_NEAR(small_model.bytes_per_unit, static_cast<double>(10_MiB), 0.05 * 10_MiB);
+    EXPECT_NEAR(small_model.costliest_unit, static_cast<double>(10_MiB), 0.05 * 10_MiB);
+    EXPECT_NEAR(large_model.bytes_per_unit, static_cast<double>(410_MiB), 0.05 * 410_MiB);
+    EXPECT_NEAR(large_model.costliest_unit, static_cast<double>(410_MiB), 0.05 * 410_MiB);
+    EXPECT_LE(guard.profiles().get(small).peak_bytes_per_item, 10_MiB + 10_MiB / 20);
+}
+
+// A wrong reading (another process's allocation taken for ours) is in the profile; after a window
+// of newer measured chunks it is gone, from the model and from the profile on disk.
+TEST_F(Learner, AWrongPeakAgesOutOfTheProfileAfterTheWindow) {
+    vramguard_test::TempDir dir;
+    options.persist = true;
+    options.profile_dir = dir.path();
+    const Key key = Key::of("aged");
+    {
+        ProfileCache poisoned(dir.path(), true, nullptr);
+        poisoned.record_peak(key, 40_GiB, 10);  // 4 GiB "per item": wrong
+    }
+    SimulatedDevice device(16_GiB);
+    Guard<SimulatedDevice> guard(device, options);
+    const auto items = iota_items(10);
+    EXPECT_GE(guard.cost_model(key).costliest_unit, static_cast<double>(4_GiB));
+    // Measured: the first half window every chunk, then one chunk in measure_every.
+    const int calls = static_cast<int>(policy::cost_window * policy::measure_every);
+    for (int call = 0; call < calls; ++call) {
+        LinearEncoder encoder{device, 0, 100_MiB, {}};
+        ASSERT_EQ(guard.encode(key, items, std::ref(encoder)), items);
+    }
+    EXPECT_NEAR(guard.cost_model(key).costliest_unit, static_cast<double>(100_MiB), 1_MiB);
+    ProfileCache reread(dir.path(), true, nullptr);
+    const Profile profile = reread.get(key);
+    EXPECT_EQ(profile.item_samples.size(), profile_window);
+    EXPECT_EQ(profile.peak_bytes_per_item, 100_MiB);
+    EXPECT_LE(profile.peak_bytes, 1_GiB);
+}
+
+// A probe that measures no peaks (NullProbe-like): the OOM-learned ceiling with its growth probes
+// still works, and the model stays unknown.
+TEST_F(Learner, WithoutPeaksTheCeilingLearnedFromOomsStillLimitsBatches) {
+    SimulatedDevice device(10_GiB);
+    vramguard_test::ForgetfulProbe blind(device);  // no reset_peak/peak_bytes
+    struct Releasing {
+        SimulatedDevice& device;
+        MemoryInfo memory() const { return device.memory(); }
+        void release_cached() { device.release_cached(); }
+    } probe{device};
+    Guard<Releasing> guard(probe, options);
+    const Key key = Key::of("blind");
+    const auto items = iota_items(64);
+    LinearEncoder first{device, 0, 1_GiB, {}};
+    EXPECT_EQ(guard.encode(key, items, std::ref(first)), items);
+    EXPECT_FALSE(guard.cost_model(key).known());
+    EXPECT_EQ(guard.learned_batch_ceiling(key), 10u);  // the OOM's numbers: 64 x 10 / 64
+    LinearEncoder second{device, 0, 1_GiB, {}};
+    EXPECT_EQ(guard.encode(key, items, std::ref(second)), items);
+    EXPECT_EQ(second.sizes.front(), 10u);
+    (void)blind;
+}
+
+}  // namespace
