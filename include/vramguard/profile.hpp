@@ -148,8 +148,12 @@ inline std::string serialize_profile(const Key& key, const Profile& profile) {
     return text;
 }
 
-// One "<kind> <stamp> <size> <peak>" line into its kind's list; false for anything else.
-inline bool parse_sample_line(std::string_view line, Profile& profile) {
+// One "<kind> <stamp> <size> <peak>" line into its kind's list; false for anything this code
+// would not have written: fields not separated by exactly one space, a kind before one already
+// read (they are written load, items, weight), a sample not strictly newer than the one before,
+// more than a window of a kind. `kind_index` is the index of the kind read last (0 to start).
+inline bool parse_sample_line(std::string_view line, Profile& profile, std::size_t& kind_index) {
+    if (std::count(line.begin(), line.end(), ' ') != 3) return false;
     std::string_view fields[4];
     for (std::string_view& field : fields) {
         const std::size_t space = line.find(' ');
@@ -157,17 +161,17 @@ inline bool parse_sample_line(std::string_view line, Profile& profile) {
         line = space == std::string_view::npos ? std::string_view() : line.substr(space + 1);
         if (field.empty()) return false;
     }
-    if (!line.empty()) return false;
     ProfileSample sample;
     if (!parse_decimal_u64(fields[1], sample.stamp) || !parse_decimal_u64(fields[2], sample.size) ||
         !parse_decimal_u64(fields[3], sample.peak_bytes))
         return false;
-    for (const SampleKind& kind : sample_kinds) {
-        if (fields[0] != kind.name) continue;
-        auto& list = profile.*kind.samples;
-        if (list.size() >= profile_window || (!list.empty() && sample < list.back()))
-            return false;  // at most a window, oldest first: anything else was not written by us
+    for (std::size_t k = kind_index; k < std::size(sample_kinds); ++k) {
+        if (fields[0] != sample_kinds[k].name) continue;
+        auto& list = profile.*sample_kinds[k].samples;
+        if (list.size() >= profile_window || (!list.empty() && !(list.back() < sample)))
+            return false;
         list.push_back(sample);
+        kind_index = k;
         return true;
     }
     return false;
@@ -214,8 +218,9 @@ inline std::optional<Profile> parse_profile(std::string_view text, std::string_v
     if (!version1 && (!lines.next_field("samples", digits) || !parse_decimal_u64(digits, count) ||
                       count > std::size(sample_kinds) * profile_window))
         return fail("truncated or malformed samples line");
+    std::size_t kind_index = 0;
     for (std::uint64_t i = 0; i < count; ++i) {
-        if (!lines.next(line) || !parse_sample_line(line, profile))
+        if (!lines.next(line) || !parse_sample_line(line, profile, kind_index))
             return fail("truncated or malformed sample line " + std::to_string(i + 1));
     }
     const std::size_t checked_bytes = lines.position();
@@ -376,7 +381,8 @@ inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
         }
         timespec nap{0, static_cast<long>(pause.count()) * 1000};
         ::nanosleep(&nap, nullptr);
-        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(10));
+        // Short pauses: a poller sleeping long loses the lock to ones that keep trying.
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
     }
 }
 
@@ -445,7 +451,7 @@ class ProfileCache {
     // A temporary file older than this belongs to no live write, whatever its pid says.
     static constexpr std::time_t stale_temp_file_seconds = 3600;
     // The longest wait for another process's write to the directory; then this one is skipped.
-    static constexpr std::chrono::milliseconds lock_timeout{2000};
+    static constexpr std::chrono::milliseconds lock_timeout{5000};
 
     // `directory` "" means default_directory(). `persist` false keeps everything in memory and
     // never touches the disk.
@@ -503,7 +509,9 @@ class ProfileCache {
     // Records one measured peak: a load's, or with `items` an encode chunk's of that many items.
     // The profile keeps the newest profile_window of each; peak_bytes (peak_bytes_per_item) is the
     // highest among them, so a wrong reading ages out instead of winning for ever.
+    // A zero peak is no measurement (the work ran inside memory already held): nothing is kept.
     void record_peak(const Key& key, std::uint64_t peak_bytes, std::uint64_t items = 0) {
+        if (peak_bytes == 0) return;
         const ProfileSample sample{detail::next_sample_stamp(), items, peak_bytes};
         record_samples(key, items == 0 ? &Profile::load_samples : &Profile::item_samples,
                        {&sample, &sample + 1});
