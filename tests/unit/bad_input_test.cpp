@@ -375,6 +375,7 @@ TEST_F(BadInput, NonOomExceptionsFromTheCallablePassThroughUnchangedAndAreNeverR
     check_load([] { throw 42; });
     try {
         guard.load(key, 1_GiB, []() -> int { throw std::out_of_range("tensor index 9"); });
+        FAIL() << "expected std::out_of_range";
     } catch (const std::out_of_range& e) {
         EXPECT_STREQ(e.what(), "tensor index 9");  // the very same exception, not wrapped
     }

@@ -215,17 +215,33 @@ TEST_F(GuardTest, AdmissionWaitsForMemoryAndIsAdmittedWithinOnePollOfItComingBac
     EXPECT_GE(clock.slept(), 3s);
     EXPECT_LE(clock.slept(), 3s + options.poll_interval);  // polled, not a blind sleep
     EXPECT_EQ(guard.stats().waits, 1u);
-    // The next rejection's hint is what recovery took this time.
+    // The next rejection's hint is what recovery took this time: memory that never comes back is
+    // waited for the whole admission_wait, then refused with the 3 s it took before as the hint.
     device.set_external_usage(9_GiB);
-    clock.after(1h, [] {});
-    options.admission_wait = 0ms;
-    Guard<SimulatedDevice> impatient(device, options);
+    const Duration slept_before = clock.slept();
     try {
-        guard.load(Key::of("other"), 2_GiB, [] {});
+        guard.load(Key::of("other"), 2_GiB, [&] { ++ran; });
+        FAIL() << "expected InsufficientMemory: only 1 GiB is free";
     } catch (const InsufficientMemory& e) {
         EXPECT_GE(e.retry_after(), 3s);
-        EXPECT_LE(e.retry_after(), 3250ms);
+        EXPECT_LE(e.retry_after(), 3s + options.poll_interval);
+        EXPECT_FALSE(e.can_never_fit()) << e.what();
     }
+    EXPECT_EQ(clock.slept() - slept_before, options.admission_wait);
+    EXPECT_EQ(guard.stats().rejections, 1u);
+    // A guard that has seen no memory come back refuses at once, hinting its retry_delay.
+    options.admission_wait = 0ms;
+    Guard<SimulatedDevice> impatient(device, options);
+    const Duration slept_impatient = clock.slept();
+    try {
+        impatient.load(Key::of("other"), 2_GiB, [&] { ++ran; });
+        FAIL() << "expected InsufficientMemory: only 1 GiB is free";
+    } catch (const InsufficientMemory& e) {
+        EXPECT_EQ(e.retry_after(), options.retry_delay) << "nothing observed by this guard yet";
+    }
+    EXPECT_EQ(clock.slept(), slept_impatient) << "admission_wait 0: no wait";
+    EXPECT_EQ(impatient.stats().rejections, 1u);
+    EXPECT_EQ(ran, 1);
 }
 
 TEST_F(GuardTest, AdmissionWaitGivesUpAtItsDeadline) {
@@ -332,6 +348,7 @@ TEST_F(GuardTest, NonOomExceptionsPassThroughUntouchedAndAreNeverRetried) {
                  std::runtime_error);
     try {
         guard.load(key, 1_GiB, [&]() -> int { throw NotAStdException{42}; });
+        FAIL() << "expected NotAStdException";
     } catch (const NotAStdException& e) {
         EXPECT_EQ(e.code, 42);
     }
@@ -539,7 +556,7 @@ TEST_F(GuardTest, CeilingGrowsBackOnceTheSqueezeIsOver) {
 }
 
 TEST_F(GuardTest, WeightedEncodeLearnsATokenBudgetAndHeavyItemsGoAlone) {
-    options.grow_after_successes = 1000;      // no probing back up: the second pass must not OOM
+    options.grow_after_successes = 1000;  // no probing back up: the second pass must not OOM
     Guard<SimulatedDevice> guard(device, options);
     // 16 MiB per token: 10 GiB holds 640 tokens. Mostly 8-token items, every tenth 256 tokens.
     std::vector<int> tokens;

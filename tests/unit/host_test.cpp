@@ -18,12 +18,14 @@
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <random>
@@ -117,6 +119,36 @@ void write_file(const std::string& path, const std::string& bytes) {
 // A probe reading that never changes, for try_reserve.
 std::function<MemoryInfo()> reading(MemoryInfo memory) {
     return [memory] { return memory; };
+}
+
+// How many of this process's descriptors are open on the file at `path` (same device and inode).
+// A thread of this process waiting for a HostLedger's lock holds one: the ledger opens the lock
+// file anew for each operation, only to flock it, so a descriptor beyond the test's own shows a
+// thread that is at the lock.
+std::size_t descriptors_open_on(const std::string& path) {
+    struct stat target {};
+    if (::stat(path.c_str(), &target) != 0) return 0;
+    std::size_t count = 0;
+    std::error_code error;
+    for (std::filesystem::directory_iterator it("/proc/self/fd", error), end; !error && it != end;
+         it.increment(error)) {
+        struct stat opened {};
+        if (::stat(it->path().c_str(), &opened) == 0 && opened.st_dev == target.st_dev &&
+            opened.st_ino == target.st_ino)
+            ++count;
+    }
+    return count;
+}
+
+// Polls `holds` until it is true or `timeout` passes; whether it became true.
+template <class Condition>
+bool eventually(Condition&& holds, std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+    const auto deadline = Clock::now() + timeout;
+    while (!holds()) {
+        if (Clock::now() >= deadline) return false;
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    return true;
 }
 
 bool is_zombie(pid_t pid) {
@@ -753,21 +785,29 @@ TEST_F(HostLedgerTest, TheProbeIsReadUnderTheLockSoALoadFinishedWhileWaitingCoun
     detail::FileDescriptor held(::open(ledger->lock_path().c_str(), O_RDWR | O_CLOEXEC));
     ASSERT_TRUE(held);
     ASSERT_EQ(::flock(held.get(), LOCK_EX), 0);
+    const std::size_t open_before = descriptors_open_on(ledger->lock_path());
+    ASSERT_EQ(open_before, 1u);  // `held`
 
-    std::atomic<bool> entering{false};
+    std::atomic<bool> returned{false};
     Coordinator::Decision waited;
     std::thread waiter([&] {
-        entering = true;
         waited = ledger->try_reserve(6_GiB, 1_GiB, probe);
+        returned = true;
     });
-    while (!entering) std::this_thread::yield();
-    std::this_thread::sleep_for(50ms);
-    EXPECT_EQ(reads.load(), 0) << "the probe was read before the lock was taken";
+    // The waiter opens the lock file only to lock it: once its descriptor is open, it is at the
+    // lock this test holds, and cannot pass it.
+    const bool at_lock =
+        eventually([&] { return descriptors_open_on(ledger->lock_path()) > open_before; });
+    const int reads_at_lock = reads.load();
+    const bool returned_at_lock = returned.load();
     // Meanwhile another process finished a 6 GiB load: its memory is in use, and its reservation
     // is gone from the ledger (the file holds none).
     free_bytes = 4_GiB;
     ::flock(held.get(), LOCK_UN);
     waiter.join();
+    ASSERT_TRUE(at_lock) << "the waiter never opened the ledger's lock file";
+    EXPECT_EQ(reads_at_lock, 0) << "the probe was read before the lock was taken";
+    EXPECT_FALSE(returned_at_lock) << "try_reserve returned while the lock was held elsewhere";
     EXPECT_EQ(reads.load(), 1);
     EXPECT_FALSE(waited.hold);
     EXPECT_EQ(waited.available, 4_GiB);
@@ -824,22 +864,29 @@ TEST_F(HostLedgerTest, AGuardComparesTheReadingTakenUnderTheLedgerLock) {
     detail::FileDescriptor held(::open(ledger->lock_path().c_str(), O_RDWR | O_CLOEXEC));
     ASSERT_TRUE(held);
     ASSERT_EQ(::flock(held.get(), LOCK_EX), 0);
-    std::atomic<bool> entering{false};
+    const std::size_t open_before = descriptors_open_on(ledger->lock_path());
+    ASSERT_EQ(open_before, 1u);  // `held`
+    std::atomic<bool> returned{false};
     std::atomic<bool> loaded{false};
     std::optional<std::uint64_t> refused_available;
     std::thread loader([&] {
-        entering = true;
         try {
             guard.load(key, 8_GiB, [&] { loaded = true; });
         } catch (const InsufficientMemory& error) {
             refused_available = error.available();
         }
+        returned = true;
     });
-    while (!entering) std::this_thread::yield();
-    std::this_thread::sleep_for(50ms);
+    // The guard read 16 GiB free, which admits 8 GiB, and went to the ledger: once its descriptor
+    // on the lock file is open, it is waiting at the lock this test holds.
+    const bool at_lock =
+        eventually([&] { return descriptors_open_on(ledger->lock_path()) > open_before; });
+    const bool returned_at_lock = returned.load();
     device.set_external_usage(10_GiB);  // another process's load finished meanwhile
     ::flock(held.get(), LOCK_UN);
     loader.join();
+    ASSERT_TRUE(at_lock) << "the guard never opened the ledger's lock file";
+    EXPECT_FALSE(returned_at_lock) << "the load returned while the ledger lock was held elsewhere";
     EXPECT_FALSE(loaded);
     ASSERT_TRUE(refused_available);
     EXPECT_EQ(*refused_available, 6_GiB);  // not the 16 GiB it read before the lock

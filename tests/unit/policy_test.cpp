@@ -170,9 +170,17 @@ TEST(Ceiling, AWeightedProbeFallsBackToTheHeaviestBatchThatRanNotToItsBudget) {
     policy::on_oom(state, 1000, 500, 0);                      // budget 500
     EXPECT_TRUE(policy::on_success(state, true, 490, rule));  // a 490-token batch ran: probe 750
     EXPECT_EQ(state.ceiling, 750u);
-    EXPECT_FALSE(policy::on_success(state, true, 505, rule) && false);  // 505 ran under the probe
+    // A 505-token batch ran at the probe: the probe worked, so it grows again, halfway to the
+    // 1000 that failed, and 505 is the heaviest batch that ran.
+    EXPECT_TRUE(policy::on_success(state, true, 505, rule));
+    EXPECT_EQ(state.ceiling, 875u);
+    EXPECT_EQ(state.probing_from, 750u);
+    EXPECT_EQ(state.largest_success, 505u);
+    EXPECT_EQ(state.failed_probes, 0u);
     policy::on_oom(state, 700, 350, 0);  // 700 fails: back to 505, the most that ran
     EXPECT_EQ(state.ceiling, 505u);
+    EXPECT_EQ(state.failed_at, 700u);
+    EXPECT_EQ(state.probing_from, 0u);
 }
 
 TEST(Ceiling, ConvergenceStopsWithinOneThirtySecondOfTheFailure) {
