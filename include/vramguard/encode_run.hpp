@@ -163,8 +163,12 @@ class EncodeRun {
             chunk.limit = chunk.limit ? std::min(chunk.limit, retry_limit_) : retry_limit_;
         retry_limit_ = 0;
         cut(chunk);
+        // Every chunk is measured until half a window of measurements was taken (a chunk that
+        // ran inside the cache measures 0 and is no sample, but counts here), then one in
+        // measure_every.
         chunk.measured =
-            Guard::measures_peaks && (chunk.inputs.model.samples < policy::cost_window / 2 ||
+            Guard::measures_peaks && (learner_.published.measured.load(std::memory_order_relaxed) <
+                                          policy::cost_window / 2 ||
                                       ++chunks_since_measured() % policy::measure_every == 0);
         return chunk;
     }
@@ -240,17 +244,26 @@ class EncodeRun {
                 error = std::current_exception();
             }
         }
-        if (chunk.measured) {
-            if (peak)
-                learner_.published.spoiled.store(0, std::memory_order_relaxed);
-            else
-                learner_.published.spoiled.fetch_add(1, std::memory_order_relaxed);
-        }
+        if (chunk.measured) note_measurement(peak.has_value());
         if (error) return on_failure(chunk, error);
         check_count(chunk, produced);
         keep(chunk, std::move(produced));
         cursor_ = chunk_end;
         record_success(chunk, peak);
+    }
+
+    // A measurement spoiled by another run of the guard, or one taken (it counts towards the
+    // learning phase whether or not it found a peak).
+    void note_measurement(bool taken) noexcept {
+        auto& published = learner_.published;
+        if (!taken) {
+            published.spoiled.fetch_add(1, std::memory_order_relaxed);
+            return;
+        }
+        if (published.spoiled.load(std::memory_order_relaxed) != 0)
+            published.spoiled.store(0, std::memory_order_relaxed);
+        if (published.measured.load(std::memory_order_relaxed) < policy::cost_window / 2)
+            published.measured.fetch_add(1, std::memory_order_relaxed);
     }
 
     void check_count(const Chunk& chunk, const Produced& produced) const {

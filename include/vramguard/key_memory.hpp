@@ -45,7 +45,8 @@ struct SizeLearner {
             upper_bound{0};
         std::atomic<std::uint64_t> failed_size{0}, failed_free{0}, ran_size{0}, ran_free{0};
         std::atomic<std::uint64_t> ceiling{0}, largest_success{0}, cheapest{0}, limit{0};
-        std::atomic<unsigned> spoiled{0};  // measurements in a row that another run overlapped
+        std::atomic<unsigned> spoiled{0};   // measurements in a row that another run overlapped
+        std::atomic<unsigned> measured{0};  // measurements taken, counted up to half a window
     } published;
 
     void add_sample(const policy::CostSample& sample, std::uint64_t stamp) {
@@ -146,8 +147,12 @@ struct KeyMemory {
         weight.seed(profile.weight_samples);
         seed_ceiling(items, profile.batch_ceiling);
         seed_ceiling(weight, profile.weight_budget);
-        items.publish();
-        weight.publish();
+        for (SizeLearner* learner : {&items, &weight}) {
+            learner->publish();
+            learner->published.measured.store(
+                static_cast<unsigned>(std::min(learner->samples.size(), policy::cost_window / 2)),
+                std::memory_order_relaxed);
+        }
         load_peak.store(profile.peak_bytes, std::memory_order_relaxed);
     }
 
