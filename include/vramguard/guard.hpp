@@ -441,7 +441,7 @@ class Guard {
     detail::AdmissionControl<Probe> admission_;
     std::mutex keys_mutex_;
     std::unordered_map<std::uint64_t, std::unique_ptr<detail::KeyMemory>> keys_;
-    detail::RunTracker runs_;
+    detail::RunTracker runs_{measures_peaks};
     detail::StripedCounter calls_in_flight_;
 };
 

@@ -24,6 +24,9 @@ namespace detail {
 
 class RunTracker {
    public:
+    // `counts_starts`: whether any run may be measured (the probe measures peaks).
+    explicit RunTracker(bool counts_starts) noexcept : counts_starts_(counts_starts) {}
+
     // One run in progress. `measured`: whether overlap is to be checked for it.
     class Run {
        public:
@@ -39,8 +42,9 @@ class RunTracker {
                 tracker.wait_for_turn();
             }
             // Every run counts as a start, measured or not: a run that starts and ends inside a
-            // measurement leaves no other trace, and its peak would be booked as ours.
-            tracker.starts_.add(1);
+            // measurement leaves no other trace, and its peak would be booked as ours. (Not
+            // counted where nothing is ever measured: a probe without peaks.)
+            if (tracker.counts_starts_) tracker.starts_.add(1);
             if (!measured) return;
             starts_seen_ = tracker.starts_.sum();
             solo_ = tracker.running_.sum() <= 1;
@@ -104,6 +108,7 @@ class RunTracker {
         turn_changed_.wait(lock, [&] { return !exclusive_held_; });
     }
 
+    const bool counts_starts_;
     StripedCounter running_;
     StripedCounter starts_;
     std::atomic<bool> exclusive_wanted_{false};
