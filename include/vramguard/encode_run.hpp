@@ -166,10 +166,12 @@ class EncodeRun {
         // Every chunk is measured until half a window of measurements was taken (a chunk that
         // ran inside the cache measures 0 and is no sample, but counts here), then one in
         // measure_every.
-        chunk.measured =
-            Guard::measures_peaks && (learner_.published.measured.load(std::memory_order_relaxed) <
-                                          policy::cost_window / 2 ||
-                                      ++chunks_since_measured() % policy::measure_every == 0);
+        chunk.measured = Guard::measures_peaks &&
+                         (learner_.published.measured.load(std::memory_order_relaxed) <
+                              policy::cost_window / 2 ||
+                          learner_.published.chunks.fetch_add(1, std::memory_order_relaxed) %
+                                  policy::measure_every ==
+                              0);
         return chunk;
     }
 
@@ -201,11 +203,6 @@ class EncodeRun {
             chunk.tried = chunk.size;
             chunk.at_limit = limit != 0 && chunk.size == limit;
         }
-    }
-
-    static unsigned& chunks_since_measured() {
-        thread_local unsigned count = 0;
-        return count;
     }
 
     void run_chunk(const Chunk& chunk) {

@@ -47,6 +47,7 @@ struct SizeLearner {
         std::atomic<std::uint64_t> ceiling{0}, largest_success{0}, cheapest{0}, limit{0};
         std::atomic<unsigned> spoiled{0};   // measurements in a row that another run overlapped
         std::atomic<unsigned> measured{0};  // measurements taken, counted up to half a window
+        std::atomic<unsigned> chunks{0};    // chunks planned since, for one in measure_every
     } published;
 
     void add_sample(const policy::CostSample& sample, std::uint64_t stamp) {
@@ -70,7 +71,7 @@ struct SizeLearner {
     }
 
     void refit() noexcept {
-        model = policy::fit_cost(samples);
+        model = policy::fit_cost(samples, limit);
         cheapest_unit_bytes = 0;
         for (const policy::CostSample& s : samples) {
             const std::uint64_t per_unit = s.peak_bytes / s.size + (s.peak_bytes % s.size != 0);

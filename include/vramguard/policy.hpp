@@ -252,7 +252,7 @@ inline std::uint64_t predicted_batch(const MemoryInfo& memory, double safety_mar
 //    move; the fixed part is the upper envelope (the largest residual), so every sample lies on
 //    or under the line;
 //  - the costliest unit: the largest peak / size among the samples at least half as large as the
-//    largest. A chunk's cost is not always a line plus noise: in a padded batch, or a count of
+//    chunks planned now (or the largest measured). A chunk's cost is not always a line plus noise: in a padded batch, or a count of
 //    items of mixed lengths, one long item multiplies the whole chunk, and only a per-unit bound
 //    taken where the chunks are planned sees that.
 // A chunk is predicted at the larger of the two, so the plan is as careful as the worst recent
@@ -337,8 +337,10 @@ double theil_sen_slope(It first, std::size_t count) noexcept {
 }  // namespace detail
 
 // Fits the model to the newest cost_window of `samples` (oldest first; zero sizes are not read).
+// `planned_size`: the size chunks were planned at last (0: unknown), where the costliest unit is
+// looked for.
 template <class Samples>
-CostModel fit_cost(const Samples& samples) noexcept {
+CostModel fit_cost(const Samples& samples, std::uint64_t planned_size = 0) noexcept {
     CostSample kept[cost_window];
     std::size_t count = 0;
     for (const CostSample& s : samples) {
@@ -349,8 +351,11 @@ CostModel fit_cost(const Samples& samples) noexcept {
     CostModel model;
     model.samples = count;
     if (count == 0) return model;
+    // "Near the planned sizes": at least half the size planned last (when given), else half
+    // the largest measured.
     std::uint64_t largest = 0;
     for (std::size_t i = 0; i < count; ++i) largest = std::max(largest, kept[i].size);
+    if (planned_size != 0) largest = std::min(largest, planned_size);
     for (std::size_t i = 0; i < count; ++i) {
         if (kept[i].size * 2 >= largest)
             model.costliest_unit = std::max(model.costliest_unit, detail::per_unit(kept[i]));
