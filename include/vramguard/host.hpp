@@ -623,7 +623,8 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     // lock files cannot be opened. Waiters queue through a turnstile file first, so a process that
     // runs single items back to back cannot take the lock again before a waiter gets its turn.
     std::unique_ptr<Hold> lock_single_item() override {
-        const auto deadline = std::chrono::steady_clock::now() + options_.single_item_timeout;
+        const auto deadline =
+            detail::deadline_after(std::chrono::steady_clock::now(), options_.single_item_timeout);
         std::string reason;
         detail::FileDescriptor turnstile = open_file(path_ + ".turnstile", reason);
         if (!turnstile) return single_item_failed(reason);
@@ -775,7 +776,8 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     detail::FileDescriptor lock_ledger(std::string& reason) const {
         detail::FileDescriptor fd = open_file(lock_path_, reason);
         if (!fd) return fd;
-        const auto deadline = std::chrono::steady_clock::now() + options_.lock_timeout;
+        const auto deadline =
+            detail::deadline_after(std::chrono::steady_clock::now(), options_.lock_timeout);
         if (const int error = detail::lock_until(fd.get(), deadline); error != 0) {
             reason = lock_failure(lock_path_, error);
             return detail::FileDescriptor();

@@ -498,7 +498,7 @@ class ModelRegistry : private detail::SlotOwner {
 
     void* load_with_room(detail::SlotBase& slot) {
         const TimePoint start = clock_();
-        const TimePoint deadline = start + options_.load_wait;
+        const TimePoint deadline = detail::deadline_after(start, options_.load_wait);
         bool waited = false;
         for (;;) {
             Room room;

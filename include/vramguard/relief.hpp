@@ -193,8 +193,8 @@ class PeerRelief {
             if (relief::covered(outcome.claimed, shortfall)) break;
             const TimePoint now = clock();
             if (!claim_turn(entry, now, outcome)) continue;
-            const ReliefRequest request{shortfall - outcome.claimed, timeout_, now + timeout_,
-                                        requester};
+            const ReliefRequest request{shortfall - outcome.claimed, timeout_,
+                                        deadline_after(now, timeout_), requester};
             const PeerReply reply = call_with_deadline(entry.peer, request, clock, sleep, slice);
             const std::string answer = describe(reply);
             {

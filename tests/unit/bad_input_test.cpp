@@ -103,6 +103,16 @@ TEST(BadInputOptions, EveryNonsensicalFieldIsRejectedByName) {
     o.single_item_concurrency = 0;
     expect_rejected(o, "single_item_concurrency");
     o = {};
+    // Once a semaphore count of -1 ("vramguard::Semaphore: count must be >= 1", naming nothing
+    // the caller set).
+    o.single_item_concurrency = std::numeric_limits<std::size_t>::max();
+    expect_rejected(o, "single_item_concurrency");
+    for (double bad : {nan, inf, -0.01, 1.0}) {
+        o = {};
+        o.encode_reserve = bad;
+        expect_rejected(o, "encode_reserve");
+    }
+    o = {};
     o.grow_after_successes = 0;
     expect_rejected(o, "grow_after_successes");
     o = {};
@@ -219,6 +229,51 @@ TEST_F(BadInput, AdmissionAndRecoveryWaitsTakeAbsurdNumbersWithoutThrowingOrHang
     EXPECT_EQ(clock.slept(), options.recovery_timeout);
     EXPECT_FALSE(guard.wait_for_freed_memory(max_u64, max_u64));
     EXPECT_EQ(clock.slept(), 2 * options.recovery_timeout);
+}
+
+// milliseconds::max() is how a caller says "wait for ever": the deadline saturates instead of
+// wrapping into the past (it once did: admission refused at once, "load_wait -1 ms").
+TEST_F(BadInput, WaitingForEverWaitsInsteadOfRefusingAtOnce) {
+    options.admission_wait = std::chrono::milliseconds::max();
+    options.retry_delay = std::chrono::milliseconds::max();
+    Guard<SimulatedDevice> guard(device, options);
+    device.set_external_usage(9_GiB);
+    clock.after(30s, [&] { device.set_external_usage(0); });
+    auto first = guard.load(key, 4_GiB, [&] { return device.allocate(4_GiB); });
+    EXPECT_EQ(first.bytes(), 4_GiB);
+    EXPECT_GE(clock.slept(), 30s);
+    EXPECT_LE(clock.slept(), 30s + options.poll_interval);
+    // A retry after an OOM waits (without end) until the memory is back, not a wrapped 0 ms.
+    int attempts = 0;
+    const Duration before = clock.slept();
+    auto second = guard.load(Key::of("bad-input-retry"), 1_GiB, [&] {
+        if (++attempts == 1) {
+            device.set_external_usage(6_GiB);
+            clock.after(20s, [&] { device.set_external_usage(0); });
+        }
+        return device.allocate(2_GiB);
+    });
+    EXPECT_EQ(attempts, 2);
+    EXPECT_GE(clock.slept() - before, 20s);
+
+    RegistryOptions registry_options;
+    registry_options.load_wait = std::chrono::milliseconds::max();
+    registry_options.clock = clock.clock_fn();
+    registry_options.sleep = clock.sleep_fn();
+    ModelRegistry<SimulatedDevice> registry(guard, registry_options);
+    auto slot = registry.add<SimulatedDevice::Allocation>(
+        "waits", Key::of("bad-input-model"),
+        [&] { return std::make_shared<SimulatedDevice::Allocation>(device.allocate(3_GiB)); },
+        3_GiB);
+    first.release();
+    second.release();
+    device.release_cached();
+    device.set_external_usage(9_GiB);
+    clock.after(40s, [&] { device.set_external_usage(0); });
+    const Duration before_registry = clock.slept();
+    auto lease = slot->acquire();
+    EXPECT_TRUE(lease);
+    EXPECT_GE(clock.slept() - before_registry, 40s);
 }
 
 // ---- SimulatedDevice -----------------------------------------------------------------------
