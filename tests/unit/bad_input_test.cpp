@@ -139,7 +139,7 @@ TEST(BadInputOptions, EveryNonsensicalFieldIsRejectedByName) {
     o = {};
     o.sleep = nullptr;
     expect_rejected(o, "sleep");
-    EXPECT_EQ(checked, 6 + 6 + 6 + 5 + 12);
+    EXPECT_EQ(checked, 6 + 6 + 6 + 5 + 13 + 4);
 }
 
 TEST(BadInputOptions, EdgesOfEveryRangeAreAccepted) {
