@@ -167,3 +167,55 @@ function(vramguard_find_spdlog)
         message(STATUS "vramguard: spdlog not found; the spdlog example and test are skipped")
     endif()
 endfunction()
+
+# cpp-httplib and nlohmann/json, for vramguard::peers (include/vramguard/peers_http.hpp). The same
+# search as examples/torch_server/dependencies.cmake, which finds the same target afterwards:
+# cpp-httplib's CMake package where it was installed from source, else Debian's pkg-config file
+# (libcpp-httplib-dev 0.11 is a compiled library, -lcpp-httplib, and its .pc carries the
+# CPPHTTPLIB_OPENSSL/ZLIB/BROTLI_SUPPORT defines the headers must be compiled with). Sets
+# VRAMGUARD_HAS_HTTP_PEERS and VRAMGUARD_HTTP_PEERS_LIBS (the httplib target and
+# nlohmann_json::nlohmann_json), and VRAMGUARD_HTTP_PEERS_HTTPLIB (which httplib target: the
+# package config file finds the same one for a consumer).
+function(vramguard_find_http_peers)
+    set(VRAMGUARD_HAS_HTTP_PEERS OFF PARENT_SCOPE)
+    set(VRAMGUARD_HTTP_PEERS_LIBS "" PARENT_SCOPE)
+    set(VRAMGUARD_HTTP_PEERS_HTTPLIB "" PARENT_SCOPE)
+    if(NOT VRAMGUARD_USE_HTTP_PEERS_IF_AVAILABLE AND NOT VRAMGUARD_REQUIRE_HTTP_PEERS)
+        return()
+    endif()
+    set(httplib_target "")
+    if(NOT TARGET httplib::httplib AND NOT TARGET PkgConfig::VRAMGUARD_HTTPLIB)
+        find_package(httplib CONFIG QUIET)
+    endif()
+    if(TARGET httplib::httplib)
+        set(httplib_target httplib::httplib)
+    else()
+        if(NOT TARGET PkgConfig::VRAMGUARD_HTTPLIB)
+            find_package(PkgConfig QUIET)
+            if(PKG_CONFIG_FOUND)
+                # GLOBAL: examples/ and tests/ (and torch_server's own search) see the same target.
+                pkg_check_modules(VRAMGUARD_HTTPLIB QUIET IMPORTED_TARGET GLOBAL cpp-httplib)
+            endif()
+        endif()
+        if(TARGET PkgConfig::VRAMGUARD_HTTPLIB)
+            set(httplib_target PkgConfig::VRAMGUARD_HTTPLIB)
+        endif()
+    endif()
+    if(NOT TARGET nlohmann_json::nlohmann_json)
+        find_package(nlohmann_json 3 CONFIG QUIET)
+    endif()
+    if(httplib_target AND TARGET nlohmann_json::nlohmann_json)
+        _vramguard_promote_imported_targets(httplib::httplib nlohmann_json::nlohmann_json)
+        set(VRAMGUARD_HAS_HTTP_PEERS ON PARENT_SCOPE)
+        set(VRAMGUARD_HTTP_PEERS_LIBS "${httplib_target};nlohmann_json::nlohmann_json" PARENT_SCOPE)
+        set(VRAMGUARD_HTTP_PEERS_HTTPLIB "${httplib_target}" PARENT_SCOPE)
+        message(STATUS "vramguard: cpp-httplib (${httplib_target}) and nlohmann_json found: "
+                       "vramguard::peers is provided")
+    elseif(VRAMGUARD_REQUIRE_HTTP_PEERS)
+        message(FATAL_ERROR "vramguard: VRAMGUARD_REQUIRE_HTTP_PEERS is ON but cpp-httplib or "
+                            "nlohmann_json was not found (Debian: apt-get install "
+                            "libcpp-httplib-dev nlohmann-json3-dev)")
+    else()
+        message(STATUS "vramguard: cpp-httplib or nlohmann_json not found; vramguard::peers is not provided")
+    endif()
+endfunction()

@@ -1,0 +1,901 @@
+// SPDX-License-Identifier: MIT
+// HTTP peers: adapters that ask the other services on a GPU to free memory, each speaking that
+// service's own HTTP API. Optional: needs cpp-httplib and nlohmann/json (CMake target
+// vramguard::peers), and is never part of the core or of the generated single header.
+//
+//   vramguard / the seed protocol  POST /request-unload {"min_idle_seconds": N}, GET /status
+//   Ollama                         GET /api/ps, POST /api/generate {"model": M, "keep_alive": 0}
+//   ComfyUI                        GET /queue, GET /system_stats, POST /free
+//   llama.cpp (router mode)        GET /models, POST /models/unload {"model": M}
+//   vLLM (sleep mode, opt-in)      GET /is_sleeping, GET /metrics, POST /sleep?level=N
+//
+// Every call is bounded by the request's timeout (connect and read); a bearer token is sent when
+// one is configured. Nothing here throws out of relieve() or ask(): a service that is down, too
+// slow, or answers garbage (not JSON, wrong types) is a PeerReply::error with a short reason.
+// What a service says it freed is a claim; only the probe's reading admits a load (peer.hpp).
+//
+// What was checked in each service's source (read, not copied):
+// - Ollama server/routes.go: PsHandler lists s.sched.loaded with size_vram and expires_at;
+//   GenerateHandler unloads on an empty prompt with keep_alive 0 (expireRunner) and answers
+//   done_reason "unload". api/types.go: a negative keep_alive becomes the largest Duration, so a
+//   pinned model's expires_at lies centuries ahead; the default keep_alive is 5 minutes.
+// - ComfyUI server.py: GET /queue answers queue_running and queue_pending; POST /free records
+//   unload_models and free_memory as queue flags only when true, and main.py's prompt worker
+//   reads flags.get("unload_models", free_memory): free_memory alone also unloads every model.
+//   Both fields are therefore always sent. GET /system_stats: devices[].torch_vram_total is what
+//   ComfyUI's PyTorch allocator holds. The flags act between prompts, so /free answers at once.
+// - llama.cpp tools/server (server.cpp, server-models.cpp): in router mode POST /models/unload
+//   {"model": M} answers {"success": true}, or 400 "model is not running"/"model is not found";
+//   GET /models lists data[] with status.value "loaded"/"unloaded"/"loading". An unload stops
+//   the model's process, generation in flight included.
+// - vLLM docs/features/sleep_mode.md: POST /sleep?level=1 offloads the weights and drops the KV
+//   cache, GET /is_sleeping answers {"is_sleeping": bool}; the endpoints exist only with
+//   VLLM_SERVER_DEV_MODE=1. Sleeping does not wait for the requests in flight, so this adapter
+//   is only built when configured and first reads vllm:num_requests_running from /metrics.
+#pragma once
+
+#include <vramguard/clock.hpp>
+#include <vramguard/memory.hpp>
+#include <vramguard/peer.hpp>
+#include <vramguard/version.hpp>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace peers {
+
+namespace defaults {
+// A service on the same host accepts a connection in microseconds: one that has not within half a
+// second is down or stuck, and the rest of the request's time is left for its answer.
+inline constexpr std::chrono::milliseconds connect_timeout{500};
+// When a request carries no timeout (a caller that is not a registry): the registry's own default.
+inline constexpr std::chrono::milliseconds request_timeout{2000};
+// Ask::idle: a model unused for a minute is not serving a conversation turn.
+inline constexpr std::chrono::seconds idle_min{60};
+// Ollama's default keep_alive (api/types.go): what expires_at counts from.
+inline constexpr std::chrono::minutes ollama_keep_alive{5};
+// An Ollama model that expires more than this from now was pinned (keep_alive -1 or hours) by
+// someone who wants it to stay: it is never asked to go.
+inline constexpr std::chrono::hours ollama_pinned_after{1};
+// vLLM's sleep level: 1 keeps the weights in host memory (a quick wake-up), 2 drops them.
+inline constexpr int vllm_sleep_level = 1;
+}  // namespace defaults
+
+// How hard to ask. The registry's relief (Peer::relieve) always unloads; an external manager asks
+// for idle models first (above 75 % in use) and for unloads only above 85 %.
+enum class Ask {
+    idle,    // drop caches and models idle for at least idle_min; nothing in use
+    unload,  // unload what is not in use now
+};
+
+inline const char* to_string(Ask ask) noexcept {
+    return ask == Ask::idle ? "idle models and caches" : "unload";
+}
+
+// One peer's configuration. Every field states its default; validate() names the bad field.
+struct HttpPeerOptions {
+    std::string url;           // required: http://host:port[/prefix] (https where httplib has TLS)
+    std::string name;          // "" -> "<kind>@host:port"
+    std::string bearer_token;  // "" -> no Authorization header
+    std::chrono::milliseconds connect_timeout = defaults::connect_timeout;  // > 0, capped by the
+                                                                            // request's time left
+    std::chrono::milliseconds idle_min = defaults::idle_min;  // Ask::idle: unused at least this
+    // What to claim when a service unloaded something but does not say how much (llama.cpp, vLLM,
+    // an old vramguard server): 0 = the bytes asked for, so the registry looks again and its probe
+    // decides. A claim is never trusted either way.
+    std::uint64_t unknown_freed_bytes = 0;
+    // Ollama
+    std::chrono::milliseconds ollama_keep_alive = defaults::ollama_keep_alive;
+    std::chrono::milliseconds ollama_pinned_after = defaults::ollama_pinned_after;
+    // llama.cpp router: the models it may unload; empty = every loaded model GET /models lists.
+    std::vector<std::string> llamacpp_models;
+    // vLLM
+    int vllm_sleep_level = defaults::vllm_sleep_level;  // 1 or 2
+    bool vllm_check_running = true;  // read /metrics first; busy while requests run
+
+    void validate() const {
+        auto fail = [](const char* field, const std::string& why) {
+            throw std::invalid_argument(std::string("vramguard::peers::HttpPeerOptions::") + field +
+                                        " " + why);
+        };
+        if (url.empty()) fail("url", "must not be empty (http://host:port)");
+        if (connect_timeout.count() <= 0) fail("connect_timeout", "must be positive");
+        if (idle_min.count() < 0) fail("idle_min", "must not be negative");
+        if (ollama_keep_alive.count() < 0) fail("ollama_keep_alive", "must not be negative");
+        if (ollama_pinned_after.count() <= 0) fail("ollama_pinned_after", "must be positive");
+        if (vllm_sleep_level != 1 && vllm_sleep_level != 2)
+            fail("vllm_sleep_level", "must be 1 or 2");
+        for (const std::string& model : llamacpp_models)
+            if (model.empty()) fail("llamacpp_models", "must not hold an empty name");
+    }
+};
+
+// What a service says it holds on the device, for a manager's log.
+struct Holding {
+    std::optional<std::uint64_t> bytes;  // none when it does not say or could not be asked
+    std::string detail;                  // "2 models", or why nothing is known
+};
+
+namespace detail {
+
+// http(s)://host[:port][/prefix], split; throws std::invalid_argument (configuration time).
+struct Url {
+    std::string scheme, host, prefix;
+    int port = 0;
+
+    static Url parse(const std::string& text) {
+        Url url;
+        const std::size_t colon = text.find("://");
+        if (colon == std::string::npos)
+            throw std::invalid_argument("vramguard::peers: url \"" + text +
+                                        "\" must start with http:// or https://");
+        url.scheme = text.substr(0, colon);
+        if (url.scheme != "http" && url.scheme != "https")
+            throw std::invalid_argument("vramguard::peers: url \"" + text +
+                                        "\": only http and https are supported");
+        std::string rest = text.substr(colon + 3);
+        const std::size_t slash = rest.find('/');
+        if (slash != std::string::npos) {
+            url.prefix = rest.substr(slash);
+            rest.resize(slash);
+            while (!url.prefix.empty() && url.prefix.back() == '/') url.prefix.pop_back();
+        }
+        url.port = url.scheme == "https" ? 443 : 80;
+        const std::size_t port_colon = rest.rfind(':');
+        if (port_colon != std::string::npos && rest.find(']', port_colon) == std::string::npos) {
+            const std::string port = rest.substr(port_colon + 1);
+            char* end = nullptr;
+            const long value = std::strtol(port.c_str(), &end, 10);
+            if (port.empty() || *end != '\0' || value <= 0 || value > 65535)
+                throw std::invalid_argument("vramguard::peers: url \"" + text +
+                                            "\" has a bad port");
+            url.port = static_cast<int>(value);
+            rest.resize(port_colon);
+        }
+        if (rest.empty())
+            throw std::invalid_argument("vramguard::peers: url \"" + text + "\" has no host");
+        url.host = rest;
+        return url;
+    }
+    std::string origin() const { return scheme + "://" + host + ":" + std::to_string(port); }
+    std::string host_port() const { return host + ":" + std::to_string(port); }
+};
+
+inline long long to_ms(Duration d) {
+    return static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
+}
+
+inline std::string shorten(std::string text, std::size_t limit = 120) {
+    if (text.size() > limit) text = text.substr(0, limit) + "...";
+    return text;
+}
+
+inline std::uint64_t add_bytes(std::uint64_t a, std::uint64_t b) noexcept {
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
+// What one HTTP call got: a status and a body, or why not.
+struct HttpAnswer {
+    int status = 0;
+    std::string body;
+    std::string error;  // network failure, timeout, HTTP error: a short reason
+    bool ok() const noexcept { return error.empty(); }
+};
+
+// The calls of one relieve(), all within one budget on the steady clock (a registry's injected
+// clock may be a ManualClock that never moves: the network runs on real time).
+class HttpCalls {
+   public:
+    HttpCalls(const Url& url, const HttpPeerOptions& options, Duration budget)
+        : url_(url),
+          options_(options),
+          budget_(budget),
+          deadline_(std::chrono::steady_clock::now() + budget) {}
+
+    HttpAnswer get(const std::string& path) { return call("GET", path, nullptr); }
+    HttpAnswer post(const std::string& path, const nlohmann::json& body) {
+        return call("POST", path, &body);
+    }
+    HttpAnswer post(const std::string& path) {
+        static const nlohmann::json no_body;
+        return call("POST", path, &no_body);
+    }
+    bool time_left() const { return std::chrono::steady_clock::now() < deadline_; }
+
+   private:
+    HttpAnswer call(const char* method, const std::string& path, const nlohmann::json* body) {
+        HttpAnswer answer;
+        const auto started = std::chrono::steady_clock::now();
+        const auto left =
+            std::chrono::duration_cast<std::chrono::microseconds>(deadline_ - started);
+        if (left.count() <= 0) {
+            answer.error = "no time left for " + std::string(method) + " " + path + " (timeout " +
+                           std::to_string(to_ms(budget_)) + " ms)";
+            return answer;
+        }
+        httplib::Client client(url_.origin());
+        if (!client.is_valid()) {
+            answer.error = "cannot make a client for " + url_.origin();
+            return answer;
+        }
+        client.set_connection_timeout(std::min<std::chrono::microseconds>(
+            left, std::chrono::duration_cast<std::chrono::microseconds>(options_.connect_timeout)));
+        client.set_read_timeout(left);
+        client.set_write_timeout(left);
+        client.set_keep_alive(false);
+        if (!options_.bearer_token.empty()) client.set_bearer_token_auth(options_.bearer_token);
+        const std::string target = url_.prefix + path;
+        httplib::Result result =
+            body ? client.Post(target, body->is_null() ? std::string() : body->dump(),
+                               "application/json")
+                 : client.Get(target);
+        if (!result) {
+            // A read that ran out of the time left is a timeout (select() may wake a little early).
+            const auto took = std::chrono::steady_clock::now() - started;
+            answer.error = std::string(method) + " " + path + ": " +
+                           failure_text(result.error(), took >= left * 9 / 10) + " after " +
+                           std::to_string(to_ms(took)) + " ms";
+            return answer;
+        }
+        answer.status = result->status;
+        answer.body = result->body;
+        if (answer.status < 200 || answer.status > 299)
+            answer.error = std::string(method) + " " + path + ": HTTP " +
+                           std::to_string(answer.status) + error_message(answer.body);
+        return answer;
+    }
+
+    static std::string failure_text(httplib::Error error, bool out_of_time) {
+        switch (error) {
+            case httplib::Error::Connection: return "cannot connect";
+            case httplib::Error::ConnectionTimeout: return "connect timed out";
+            case httplib::Error::Read:
+                return out_of_time ? "no answer in time" : "connection closed without an answer";
+            case httplib::Error::Write: return "could not send the request";
+            case httplib::Error::SSLConnection:
+            case httplib::Error::SSLServerVerification: return "TLS failed";
+            default: return "failed (" + httplib::to_string(error) + ")";
+        }
+    }
+
+    // ": <message>" from {"error": "..."} or {"error": {"message": "..."}} (llama.cpp), else "".
+    static std::string error_message(const std::string& body) {
+        const nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+        if (!json.is_object() || !json.contains("error")) return "";
+        const nlohmann::json& error = json["error"];
+        if (error.is_string()) return ": " + shorten(error.get<std::string>());
+        if (error.is_object() && error.contains("message") && error["message"].is_string())
+            return ": " + shorten(error["message"].get<std::string>());
+        return "";
+    }
+
+    const Url& url_;
+    const HttpPeerOptions& options_;
+    const Duration budget_;
+    const std::chrono::steady_clock::time_point deadline_;
+};
+
+// Parses a JSON answer; `what` names it in the error ("GET /api/ps").
+inline std::optional<nlohmann::json> parse_json(const std::string& body) {
+    nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
+    if (json.is_discarded()) return std::nullopt;
+    return json;
+}
+
+// Optional typed fields: absent is fine, a wrong type is garbage.
+struct FieldError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+inline const nlohmann::json* field(const nlohmann::json& object, const char* name) {
+    if (!object.is_object()) return nullptr;
+    const auto it = object.find(name);
+    return it == object.end() || it->is_null() ? nullptr : &*it;
+}
+inline std::optional<bool> bool_field(const nlohmann::json& object, const char* name) {
+    const nlohmann::json* value = field(object, name);
+    if (!value) return std::nullopt;
+    if (!value->is_boolean()) throw FieldError(std::string("\"") + name + "\" is not a boolean");
+    return value->get<bool>();
+}
+inline std::optional<double> number_field(const nlohmann::json& object, const char* name) {
+    const nlohmann::json* value = field(object, name);
+    if (!value) return std::nullopt;
+    if (!value->is_number()) throw FieldError(std::string("\"") + name + "\" is not a number");
+    const double number = value->get<double>();
+    if (!std::isfinite(number)) throw FieldError(std::string("\"") + name + "\" is not finite");
+    return number;
+}
+inline std::optional<std::string> string_field(const nlohmann::json& object, const char* name) {
+    const nlohmann::json* value = field(object, name);
+    if (!value) return std::nullopt;
+    if (!value->is_string()) throw FieldError(std::string("\"") + name + "\" is not a string");
+    return value->get<std::string>();
+}
+inline const nlohmann::json* array_field(const nlohmann::json& object, const char* name) {
+    const nlohmann::json* value = field(object, name);
+    if (value && !value->is_array())
+        throw FieldError(std::string("\"") + name + "\" is not a list");
+    return value;
+}
+// Bytes: a non-negative number (JSON integers up to 2^64 - 1, or a float).
+inline std::optional<std::uint64_t> bytes_field(const nlohmann::json& object, const char* name) {
+    const nlohmann::json* value = field(object, name);
+    if (!value) return std::nullopt;
+    if (value->is_number_unsigned()) return value->get<std::uint64_t>();
+    const std::optional<double> number = number_field(object, name);
+    if (*number < 0) throw FieldError(std::string("\"") + name + "\" is negative");
+    return *number >= 1.8e19 ? UINT64_MAX : static_cast<std::uint64_t>(*number);
+}
+
+// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's civil-days algorithm).
+inline long long days_from_civil(long long y, unsigned m, unsigned d) noexcept {
+    y -= m <= 2;
+    const long long era = (y >= 0 ? y : y - 399) / 400;
+    const unsigned yoe = static_cast<unsigned>(y - era * 400);
+    const unsigned doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    const unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + static_cast<long long>(doe) - 719468;
+}
+
+// Seconds since the Unix epoch of an RFC 3339 time ("2024-06-04T14:38:31.83753-07:00", "...Z"),
+// as Go's time.Time marshals it; none when it does not parse. A double: Ollama's pinned models
+// expire in the 2300s, past what a nanosecond system_clock can hold.
+inline std::optional<double> parse_rfc3339(const std::string& text) {
+    int year = 0, month = 0, day = 0, hour = 0, minute = 0, second = 0, used = 0;
+    if (std::sscanf(text.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d%n", &year, &month, &day, &hour, &minute,
+                    &second, &used) != 6 ||
+        used != 19)
+        return std::nullopt;
+    if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 60)
+        return std::nullopt;
+    std::size_t at = 19;
+    double fraction = 0;
+    if (at < text.size() && text[at] == '.') {
+        double scale = 0.1;
+        ++at;
+        const std::size_t digits_start = at;
+        while (at < text.size() && text[at] >= '0' && text[at] <= '9') {
+            fraction += (text[at] - '0') * scale;
+            scale /= 10;
+            ++at;
+        }
+        if (at == digits_start) return std::nullopt;
+    }
+    long long offset = 0;
+    if (at < text.size() && (text[at] == 'Z' || text[at] == 'z')) {
+        ++at;
+    } else if (at < text.size() && (text[at] == '+' || text[at] == '-')) {
+        int oh = 0, om = 0, n = 0;
+        if (std::sscanf(text.c_str() + at + 1, "%2d:%2d%n", &oh, &om, &n) != 2 || n != 5)
+            return std::nullopt;
+        offset = (oh * 3600LL + om * 60LL) * (text[at] == '-' ? -1 : 1);
+        at += 6;
+    } else {
+        return std::nullopt;
+    }
+    if (at != text.size()) return std::nullopt;
+    const long long days =
+        days_from_civil(year, static_cast<unsigned>(month), static_cast<unsigned>(day));
+    return static_cast<double>(days * 86400LL + hour * 3600LL + minute * 60LL + second - offset) +
+           fraction;
+}
+
+inline double unix_now() {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+        .count();
+}
+
+inline std::string join(const std::vector<std::string>& items) {
+    std::string text;
+    for (const std::string& item : items) text += (text.empty() ? "" : ", ") + item;
+    return text;
+}
+
+}  // namespace detail
+
+// A service reached over HTTP. relieve() is the registry's ask (unload); ask() lets a manager ask
+// for idle models only. Neither throws: every failure is a PeerReply::error.
+class HttpPeer : public Peer {
+   public:
+    HttpPeer(std::string kind, HttpPeerOptions options)
+        : kind_(std::move(kind)), options_(std::move(options)) {
+        options_.validate();
+        url_ = detail::Url::parse(options_.url);
+        name_ = options_.name.empty() ? kind_ + "@" + url_.host_port() : options_.name;
+    }
+
+    std::string name() const override { return name_; }
+    const std::string& kind() const noexcept { return kind_; }
+    const HttpPeerOptions& options() const noexcept { return options_; }
+
+    PeerReply relieve(const ReliefRequest& request) override { return ask(request, Ask::unload); }
+
+    PeerReply ask(const ReliefRequest& request, Ask how) noexcept {
+        try {
+            detail::HttpCalls calls(url_, options_, budget(request.timeout));
+            return ask_over_http(calls, request, how);
+        } catch (const detail::FieldError& e) {
+            return PeerReply::error(std::string("garbage answer: ") + e.what());
+        } catch (const std::exception& e) {
+            return PeerReply::error(std::string("failed: ") + e.what());
+        } catch (...) {
+            return PeerReply::error("failed with an unknown exception");
+        }
+    }
+
+    // What it says it holds on the device, within `timeout`. Never throws.
+    Holding holding(Duration timeout = defaults::request_timeout) noexcept {
+        try {
+            detail::HttpCalls calls(url_, options_, budget(timeout));
+            return holding_over_http(calls);
+        } catch (const std::exception& e) {
+            return {std::nullopt, std::string("unknown: ") + e.what()};
+        } catch (...) {
+            return {std::nullopt, "unknown"};
+        }
+    }
+
+   protected:
+    virtual PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
+                                    Ask how) = 0;
+    virtual Holding holding_over_http(detail::HttpCalls& calls) = 0;
+
+    // Bytes to claim when the service freed an unknown amount.
+    std::uint64_t unknown_claim(const ReliefRequest& request) const noexcept {
+        const std::uint64_t claim =
+            options_.unknown_freed_bytes > 0 ? options_.unknown_freed_bytes : request.shortfall;
+        return claim > 0 ? claim : 1;
+    }
+
+    // A JSON answer or the reason there is none.
+    static std::optional<nlohmann::json> json_of(const detail::HttpAnswer& answer,
+                                                 const std::string& what, std::string& error) {
+        if (!answer.ok()) {
+            error = answer.error;
+            return std::nullopt;
+        }
+        std::optional<nlohmann::json> json = detail::parse_json(answer.body);
+        if (!json)
+            error = "garbage answer to " + what + ": not JSON (\"" +
+                    detail::shorten(answer.body, 40) + "\")";
+        return json;
+    }
+
+   private:
+    static Duration budget(Duration timeout) {
+        return timeout > Duration::zero() ? timeout : Duration(defaults::request_timeout);
+    }
+
+    std::string kind_;
+    HttpPeerOptions options_;
+    detail::Url url_;
+    std::string name_;
+};
+
+// Another vramguard server (examples/torch_server), the seeds' protocol:
+//   POST /request-unload {"min_idle_seconds": N} (also ?min_idle_seconds=N, for servers that read
+//   the query) -> {"status": "ok"|"busy", "unloaded": bool, "message": str, "idle_seconds": s}
+//   or, from earlier servers, {"result": "unloaded"|"busy"|"not_loaded", "idle_seconds": s,
+//   "leases": n, "freed_bytes": b}. Missing fields are tolerated; wrong types are garbage.
+//   GET /status -> model.bytes while model.loaded.
+class VramguardPeer final : public HttpPeer {
+   public:
+    explicit VramguardPeer(HttpPeerOptions options) : HttpPeer("vramguard", std::move(options)) {}
+
+   protected:
+    PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
+                            Ask how) override {
+        const double min_idle =
+            how == Ask::idle ? std::chrono::duration<double>(options().idle_min).count() : 0.0;
+        char query[64];
+        std::snprintf(query, sizeof query, "?min_idle_seconds=%g", min_idle);
+        const detail::HttpAnswer answer =
+            calls.post(std::string("/request-unload") + query, {{"min_idle_seconds", min_idle}});
+        // A busy server may say so with an error status and the same body.
+        std::optional<nlohmann::json> json = detail::parse_json(answer.body);
+        if (!answer.ok() && !(json && json->is_object() && json->contains("status")))
+            return PeerReply::error(answer.error);
+        if (!json) return PeerReply::error("garbage answer to /request-unload: not JSON");
+        return reply_from(*json, request);
+    }
+
+    Holding holding_over_http(detail::HttpCalls& calls) override {
+        std::string error;
+        const std::optional<nlohmann::json> json = json_of(calls.get("/status"), "/status", error);
+        if (!json) return {std::nullopt, error};
+        const nlohmann::json* model = detail::field(*json, "model");
+        if (!model || !model->is_object()) return {std::nullopt, "/status names no model"};
+        const bool loaded = detail::bool_field(*model, "loaded").value_or(false);
+        const std::uint64_t bytes = loaded ? detail::bytes_field(*model, "bytes").value_or(0) : 0;
+        return {bytes, loaded ? "model loaded" : "no model loaded"};
+    }
+
+   private:
+    PeerReply reply_from(const nlohmann::json& json, const ReliefRequest& request) const {
+        if (!json.is_object()) return PeerReply::error("garbage answer: not a JSON object");
+        const std::optional<std::string> status = detail::string_field(json, "status");
+        const std::optional<std::string> result = detail::string_field(json, "result");
+        const std::optional<bool> unloaded = detail::bool_field(json, "unloaded");
+        const std::optional<double> idle = detail::number_field(json, "idle_seconds");
+        const std::string message = detail::string_field(json, "message").value_or("");
+        std::optional<std::uint64_t> bytes = detail::bytes_field(json, "freed_bytes");
+        if (!bytes) bytes = detail::bytes_field(json, "bytes");
+        if (unloaded.value_or(false) || result == std::optional<std::string>("unloaded"))
+            return PeerReply::freed(bytes && *bytes > 0 ? *bytes : unknown_claim(request), message);
+        if (status == std::optional<std::string>("busy") ||
+            result == std::optional<std::string>("busy")) {
+            std::string detail = message;
+            if (detail.empty()) {
+                const std::optional<double> leases = detail::number_field(json, "leases");
+                if (leases && *leases > 0)
+                    detail = std::to_string(static_cast<long long>(*leases)) + " leased";
+            }
+            return PeerReply::busy(idle, detail);
+        }
+        if (status == std::optional<std::string>("ok") ||
+            result == std::optional<std::string>("not_loaded"))
+            return PeerReply::nothing(message);
+        return PeerReply::error("unexpected answer: " + detail::shorten(json.dump(), 80));
+    }
+};
+
+// Ollama. GET /api/ps lists the loaded models with size_vram and expires_at (last use plus
+// keep_alive); POST /api/generate {"model": M, "keep_alive": 0} unloads one (a model answering a
+// request goes when that request ends). Models asked, least recently used first, until their
+// size_vram covers the shortfall: never one that lives on the CPU (size_vram 0), never a pinned
+// one (expires more than ollama_pinned_after from now), and for Ask::idle only those unused for
+// idle_min (expiring within keep_alive - idle_min).
+class OllamaPeer final : public HttpPeer {
+   public:
+    explicit OllamaPeer(HttpPeerOptions options) : HttpPeer("ollama", std::move(options)) {}
+
+   protected:
+    struct Loaded {
+        std::string name;
+        std::uint64_t vram = 0;
+        double expires_in = 0;  // seconds from now
+    };
+
+    PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
+                            Ask how) override {
+        std::string error;
+        std::vector<Loaded> models;
+        if (!list(calls, models, error)) return PeerReply::error(error);
+        if (models.empty()) return PeerReply::nothing("no model loaded");
+        const double pinned = seconds(options().ollama_pinned_after);
+        const double idle_within =
+            seconds(options().ollama_keep_alive) - seconds(options().idle_min);
+        std::vector<std::string> kept, unloaded, failed;
+        std::uint64_t claimed = 0;
+        std::sort(models.begin(), models.end(),
+                  [](const Loaded& a, const Loaded& b) { return a.expires_in < b.expires_in; });
+        for (const Loaded& model : models) {
+            if (model.vram == 0) continue;
+            if (model.expires_in > pinned) {
+                kept.push_back(model.name + " pinned");
+                continue;
+            }
+            if (how == Ask::idle && model.expires_in > idle_within) {
+                kept.push_back(model.name + " in use");
+                continue;
+            }
+            if (claimed >= request.shortfall && request.shortfall > 0) break;
+            if (!calls.time_left()) {
+                failed.push_back(model.name + ": out of time");
+                break;
+            }
+            std::string why;
+            if (unload(calls, model.name, why)) {
+                claimed = detail::add_bytes(claimed, model.vram);
+                unloaded.push_back(model.name);
+            } else {
+                failed.push_back(model.name + ": " + why);
+            }
+        }
+        if (!unloaded.empty())
+            return PeerReply::freed(claimed,
+                                    "unloaded " + detail::join(unloaded) +
+                                        (kept.empty() ? "" : "; kept " + detail::join(kept)));
+        if (!failed.empty()) return PeerReply::error(detail::join(failed));
+        if (!kept.empty()) return PeerReply::busy(std::nullopt, detail::join(kept));
+        return PeerReply::nothing("no model on the GPU");
+    }
+
+    Holding holding_over_http(detail::HttpCalls& calls) override {
+        std::string error;
+        std::vector<Loaded> models;
+        if (!list(calls, models, error)) return {std::nullopt, error};
+        std::uint64_t bytes = 0;
+        for (const Loaded& model : models) bytes = detail::add_bytes(bytes, model.vram);
+        return {bytes, std::to_string(models.size()) + " model(s) loaded"};
+    }
+
+   private:
+    static double seconds(std::chrono::milliseconds d) {
+        return std::chrono::duration<double>(d).count();
+    }
+
+    bool list(detail::HttpCalls& calls, std::vector<Loaded>& models, std::string& error) const {
+        const std::optional<nlohmann::json> json = json_of(calls.get("/api/ps"), "/api/ps", error);
+        if (!json) return false;
+        const nlohmann::json* list = detail::array_field(*json, "models");
+        if (!json->is_object() || !list) {
+            error = "garbage answer to /api/ps: no \"models\" list";
+            return false;
+        }
+        const double now = detail::unix_now();
+        for (const nlohmann::json& entry : *list) {
+            if (!entry.is_object()) throw detail::FieldError("a model in /api/ps is not an object");
+            Loaded model;
+            model.name = detail::string_field(entry, "name")
+                             .value_or(detail::string_field(entry, "model").value_or(""));
+            if (model.name.empty()) throw detail::FieldError("a model in /api/ps has no name");
+            model.vram = detail::bytes_field(entry, "size_vram").value_or(0);
+            const std::optional<std::string> expires = detail::string_field(entry, "expires_at");
+            const std::optional<double> at =
+                expires ? detail::parse_rfc3339(*expires) : std::nullopt;
+            if (expires && !at)
+                throw detail::FieldError("\"expires_at\" of " + model.name + " is not a time");
+            // No expiry said: treat it as pinned, so it is never unloaded on a guess.
+            model.expires_in = at ? *at - now : 1e18;
+            models.push_back(std::move(model));
+        }
+        return true;
+    }
+
+    static bool unload(detail::HttpCalls& calls, const std::string& model, std::string& why) {
+        const detail::HttpAnswer answer =
+            calls.post("/api/generate", {{"model", model}, {"keep_alive", 0}, {"stream", false}});
+        std::optional<nlohmann::json> json = json_of(answer, "/api/generate", why);
+        if (!json) return false;
+        const std::optional<std::string> reason = detail::string_field(*json, "done_reason");
+        if (reason && *reason != "unload") {
+            why = "answered done_reason \"" + detail::shorten(*reason, 20) + "\", not \"unload\"";
+            return false;
+        }
+        return true;
+    }
+};
+
+// ComfyUI. GET /queue first: a prompt running or pending means it needs its models now (busy, not
+// asked). Then GET /system_stats for what its PyTorch allocator holds (torch_vram_total, the
+// claim) and POST /free with both fields explicit: {"unload_models": true, "free_memory": F},
+// F = true for Ask::unload (the node cache goes too), false for Ask::idle (models only).
+class ComfyUiPeer final : public HttpPeer {
+   public:
+    explicit ComfyUiPeer(HttpPeerOptions options) : HttpPeer("comfyui", std::move(options)) {}
+
+   protected:
+    PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
+                            Ask how) override {
+        std::string error;
+        const std::optional<nlohmann::json> queue = json_of(calls.get("/queue"), "/queue", error);
+        if (!queue) return PeerReply::error(error);
+        if (!queue->is_object()) return PeerReply::error("garbage answer to /queue: not an object");
+        const nlohmann::json* running = detail::array_field(*queue, "queue_running");
+        const nlohmann::json* pending = detail::array_field(*queue, "queue_pending");
+        const std::size_t busy_running = running ? running->size() : 0;
+        const std::size_t busy_pending = pending ? pending->size() : 0;
+        if (busy_running + busy_pending > 0)
+            return PeerReply::busy(std::nullopt, std::to_string(busy_running) + " running, " +
+                                                     std::to_string(busy_pending) + " pending");
+        const Holding held = holding_over_http(calls);
+        if (held.bytes && *held.bytes == 0)
+            return PeerReply::nothing("its allocator holds nothing");
+        const detail::HttpAnswer freed =
+            calls.post("/free", {{"unload_models", true}, {"free_memory", how == Ask::unload}});
+        if (!freed.ok()) return PeerReply::error(freed.error);
+        return PeerReply::freed(held.bytes ? *held.bytes : unknown_claim(request),
+                                how == Ask::unload ? "models and node cache" : "models");
+    }
+
+    Holding holding_over_http(detail::HttpCalls& calls) override {
+        std::string error;
+        const std::optional<nlohmann::json> stats =
+            json_of(calls.get("/system_stats"), "/system_stats", error);
+        if (!stats) return {std::nullopt, error};
+        const nlohmann::json* devices = detail::array_field(*stats, "devices");
+        if (!devices || devices->empty() || !(*devices)[0].is_object())
+            return {std::nullopt, "/system_stats lists no device"};
+        const std::optional<std::uint64_t> torch =
+            detail::bytes_field((*devices)[0], "torch_vram_total");
+        if (!torch) return {std::nullopt, "/system_stats has no torch_vram_total"};
+        return {torch, "held by its PyTorch allocator"};
+    }
+};
+
+// llama.cpp's server in router mode. POST /models/unload {"model": M} for each model in
+// llamacpp_models, or for each model GET /models lists as loaded. An unload stops generation in
+// flight, so Ask::idle (a manager's first stage) never unloads here. The router does not say how
+// much memory a model held: the claim is unknown_freed_bytes per model, else the shortfall.
+class LlamaCppRouterPeer final : public HttpPeer {
+   public:
+    explicit LlamaCppRouterPeer(HttpPeerOptions options)
+        : HttpPeer("llamacpp", std::move(options)) {}
+
+   protected:
+    PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
+                            Ask how) override {
+        if (how == Ask::idle)
+            return PeerReply::nothing("unloads only when asked to unload (stops generation)");
+        std::vector<std::string> models = options().llamacpp_models;
+        if (models.empty()) {
+            std::string error;
+            if (!loaded(calls, models, error)) return PeerReply::error(error);
+            if (models.empty()) return PeerReply::nothing("no model loaded");
+        }
+        std::vector<std::string> unloaded, failed;
+        for (const std::string& model : models) {
+            if (!calls.time_left()) {
+                failed.push_back(model + ": out of time");
+                break;
+            }
+            const detail::HttpAnswer answer = calls.post("/models/unload", {{"model", model}});
+            if (answer.ok()) {
+                const std::optional<nlohmann::json> json = detail::parse_json(answer.body);
+                if (!json || detail::bool_field(*json, "success") != std::optional<bool>(true))
+                    failed.push_back(model + ": garbage answer");
+                else
+                    unloaded.push_back(model);
+            } else if (answer.status == 400 &&
+                       answer.error.find("not running") != std::string::npos) {
+                continue;  // not loaded: nothing to free
+            } else {
+                failed.push_back(model + ": " + answer.error);
+            }
+        }
+        if (!unloaded.empty()) {
+            std::uint64_t claim = 0;
+            for (std::size_t i = 0; i < unloaded.size(); ++i)
+                claim = detail::add_bytes(claim, options().unknown_freed_bytes);
+            if (claim == 0) claim = unknown_claim(request);
+            return PeerReply::freed(claim, "unloaded " + detail::join(unloaded));
+        }
+        if (!failed.empty()) return PeerReply::error(detail::join(failed));
+        return PeerReply::nothing("no model loaded");
+    }
+
+    Holding holding_over_http(detail::HttpCalls& calls) override {
+        std::vector<std::string> models;
+        std::string error;
+        if (!loaded(calls, models, error)) return {std::nullopt, error};
+        return {std::nullopt, std::to_string(models.size()) + " model(s) loaded (sizes unknown)"};
+    }
+
+   private:
+    static bool loaded(detail::HttpCalls& calls, std::vector<std::string>& models,
+                       std::string& error) {
+        const std::optional<nlohmann::json> json = json_of(calls.get("/models"), "/models", error);
+        if (!json) return false;
+        const nlohmann::json* data = detail::array_field(*json, "data");
+        if (!data) {
+            error = "garbage answer to /models: no \"data\" list (is it in router mode?)";
+            return false;
+        }
+        for (const nlohmann::json& entry : *data) {
+            const std::optional<std::string> id = detail::string_field(entry, "id");
+            const nlohmann::json* status = detail::field(entry, "status");
+            std::optional<std::string> value;
+            if (status && status->is_object()) value = detail::string_field(*status, "value");
+            if (status && status->is_string()) value = status->get<std::string>();
+            if (id && value == std::optional<std::string>("loaded")) models.push_back(*id);
+        }
+        return true;
+    }
+};
+
+// vLLM's sleep mode (VLLM_SERVER_DEV_MODE=1, --enable-sleep-mode), opt-in: make one only for a
+// vLLM server whose requests may be refused while it sleeps. GET /is_sleeping (asleep: nothing to
+// free), GET /metrics (vllm:num_requests_running > 0: busy), then POST /sleep?level=N. Ask::idle
+// never puts it to sleep. The claim is unknown_freed_bytes, else the shortfall.
+class VllmSleepPeer final : public HttpPeer {
+   public:
+    explicit VllmSleepPeer(HttpPeerOptions options) : HttpPeer("vllm", std::move(options)) {}
+
+   protected:
+    PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
+                            Ask how) override {
+        if (how == Ask::idle) return PeerReply::nothing("sleeps only when asked to unload");
+        std::string error;
+        const std::optional<nlohmann::json> sleeping =
+            json_of(calls.get("/is_sleeping"), "/is_sleeping", error);
+        if (!sleeping) return PeerReply::error(error);
+        if (detail::bool_field(*sleeping, "is_sleeping").value_or(false))
+            return PeerReply::nothing("already asleep");
+        if (options().vllm_check_running) {
+            const detail::HttpAnswer metrics = calls.get("/metrics");
+            if (!metrics.ok()) return PeerReply::error(metrics.error);
+            const std::optional<double> running = requests_running(metrics.body);
+            if (!running) return PeerReply::error("/metrics has no vllm:num_requests_running");
+            if (*running > 0)
+                return PeerReply::busy(
+                    std::nullopt,
+                    std::to_string(static_cast<long long>(*running)) + " request(s) running");
+        }
+        const detail::HttpAnswer slept =
+            calls.post("/sleep?level=" + std::to_string(options().vllm_sleep_level));
+        if (!slept.ok()) return PeerReply::error(slept.error);
+        return PeerReply::freed(unknown_claim(request),
+                                "asleep at level " + std::to_string(options().vllm_sleep_level));
+    }
+
+    Holding holding_over_http(detail::HttpCalls& calls) override {
+        std::string error;
+        const std::optional<nlohmann::json> sleeping =
+            json_of(calls.get("/is_sleeping"), "/is_sleeping", error);
+        if (!sleeping) return {std::nullopt, error};
+        const bool asleep = detail::bool_field(*sleeping, "is_sleeping").value_or(false);
+        return {asleep ? std::optional<std::uint64_t>(0) : std::nullopt,
+                asleep ? "asleep" : "awake (size unknown)"};
+    }
+
+   private:
+    // The sum of the vllm:num_requests_running samples of a Prometheus text exposition.
+    static std::optional<double> requests_running(const std::string& text) {
+        static const std::string metric = "vllm:num_requests_running";
+        std::optional<double> sum;
+        std::size_t at = 0;
+        while (at < text.size()) {
+            std::size_t end = text.find('\n', at);
+            if (end == std::string::npos) end = text.size();
+            const std::string line = text.substr(at, end - at);
+            at = end + 1;
+            if (line.compare(0, metric.size(), metric) != 0) continue;
+            if (line.size() > metric.size() && line[metric.size()] != '{' &&
+                line[metric.size()] != ' ')
+                continue;
+            const std::size_t space = line.rfind(' ');
+            if (space == std::string::npos) continue;
+            char* parsed_end = nullptr;
+            const double value = std::strtod(line.c_str() + space + 1, &parsed_end);
+            if (parsed_end == line.c_str() + space + 1 || !std::isfinite(value)) continue;
+            sum = sum.value_or(0) + value;
+        }
+        return sum;
+    }
+};
+
+// The adapter for `kind`: "vramguard", "ollama", "comfyui", "llamacpp" or "vllm". Throws
+// std::invalid_argument for an unknown kind or bad options (configuration time).
+inline std::shared_ptr<HttpPeer> make_http_peer(const std::string& kind, HttpPeerOptions options) {
+    if (kind == "vramguard") return std::make_shared<VramguardPeer>(std::move(options));
+    if (kind == "ollama") return std::make_shared<OllamaPeer>(std::move(options));
+    if (kind == "comfyui") return std::make_shared<ComfyUiPeer>(std::move(options));
+    if (kind == "llamacpp") return std::make_shared<LlamaCppRouterPeer>(std::move(options));
+    if (kind == "vllm") return std::make_shared<VllmSleepPeer>(std::move(options));
+    throw std::invalid_argument("vramguard::peers: unknown peer kind \"" + kind +
+                                "\" (vramguard, ollama, comfyui, llamacpp, vllm)");
+}
+
+// "ollama=http://127.0.0.1:11434" -> make_http_peer("ollama", {url, ...}); `options` supplies the
+// rest (token, timeouts). Throws std::invalid_argument.
+inline std::shared_ptr<HttpPeer> parse_http_peer(const std::string& spec,
+                                                 HttpPeerOptions options = {}) {
+    const std::size_t equals = spec.find('=');
+    if (equals == std::string::npos || equals == 0 || equals + 1 == spec.size())
+        throw std::invalid_argument("vramguard::peers: peer \"" + spec +
+                                    "\" should read KIND=URL, e.g. ollama=http://127.0.0.1:11434");
+    options.url = spec.substr(equals + 1);
+    return make_http_peer(spec.substr(0, equals), std::move(options));
+}
+
+}  // namespace peers
+
+VRAMGUARD_END_NAMESPACE
