@@ -21,15 +21,25 @@ endif()
 if(TARGET vramguard_torch)
     list(APPEND _vramguard_exports torch)
 endif()
+if(TARGET vramguard_peers)
+    list(APPEND _vramguard_exports peers)
+endif()
 
 # What the config file needs to know at configure time of a consumer.
 set(VRAMGUARD_CONFIG_EXPORTS_CUDA OFF)
 set(VRAMGUARD_CONFIG_EXPORTS_TORCH OFF)
+set(VRAMGUARD_CONFIG_EXPORTS_PEERS OFF)
+# Which cpp-httplib target vramguard::peers links (httplib::httplib or the pkg-config one): the
+# config file finds that one again for a consumer.
+set(VRAMGUARD_CONFIG_PEERS_HTTPLIB "${VRAMGUARD_HTTP_PEERS_HTTPLIB}")
 if(TARGET vramguard_cuda)
     set(VRAMGUARD_CONFIG_EXPORTS_CUDA ON)
 endif()
 if(TARGET vramguard_torch)
     set(VRAMGUARD_CONFIG_EXPORTS_TORCH ON)
+endif()
+if(TARGET vramguard_peers)
+    set(VRAMGUARD_CONFIG_EXPORTS_PEERS ON)
 endif()
 
 # --- build tree ---------------------------------------------------------------------------------
@@ -41,6 +51,10 @@ endif()
 if(TARGET vramguard_torch)
     export(TARGETS vramguard_torch NAMESPACE vramguard::
            FILE "${PROJECT_BINARY_DIR}/vramguardTorchTargets.cmake")
+endif()
+if(TARGET vramguard_peers)
+    export(TARGETS vramguard_peers NAMESPACE vramguard::
+           FILE "${PROJECT_BINARY_DIR}/vramguardPeersTargets.cmake")
 endif()
 configure_package_config_file(
     "${CMAKE_CURRENT_LIST_DIR}/vramguardConfig.cmake.in"
@@ -75,6 +89,11 @@ if(VRAMGUARD_INSTALL)
         install(TARGETS vramguard_torch EXPORT vramguardTorchTargets)
         install(EXPORT vramguardTorchTargets NAMESPACE vramguard::
                 FILE vramguardTorchTargets.cmake DESTINATION "${VRAMGUARD_INSTALL_CMAKEDIR}")
+    endif()
+    if(TARGET vramguard_peers)
+        install(TARGETS vramguard_peers EXPORT vramguardPeersTargets)
+        install(EXPORT vramguardPeersTargets NAMESPACE vramguard::
+                FILE vramguardPeersTargets.cmake DESTINATION "${VRAMGUARD_INSTALL_CMAKEDIR}")
     endif()
 
     configure_package_config_file(
