@@ -5,7 +5,11 @@
 #
 # vramguard_torch_server_dependencies(<out_var>): sets <out_var> to the libraries to link (an
 # httplib target and nlohmann_json::nlohmann_json), or to "" when either is missing. The imported
-# targets are created in the calling directory.
+# targets are created in the calling directory. prometheus-cpp (Debian: prometheus-cpp-dev) is
+# optional: where its core library is found, the list also holds vramguard_torch_server_metrics,
+# which links prometheus-cpp::core and defines TORCH_SERVER_HAS_PROMETHEUS=1 (GET /metrics);
+# without it the server builds and /metrics answers 404 saying why. vramguard::peers (the HTTP
+# peer adapters, for --peer) is linked where the top level defined it.
 function(vramguard_torch_server_dependencies out_var)
     # cpp-httplib: its CMake package where installed from source; Debian's libcpp-httplib-dev
     # ships only a pkg-config file (and a compiled libcpp-httplib.so, whose -D flags the headers
@@ -24,8 +28,28 @@ function(vramguard_torch_server_dependencies out_var)
         endif()
     endif()
     find_package(nlohmann_json 3 CONFIG QUIET)
+    set(metrics_target "")
+    find_package(prometheus-cpp CONFIG QUIET)
+    if(TARGET prometheus-cpp::core)
+        if(NOT TARGET vramguard_torch_server_metrics)
+            add_library(vramguard_torch_server_metrics INTERFACE IMPORTED)
+            set_target_properties(vramguard_torch_server_metrics PROPERTIES
+                INTERFACE_LINK_LIBRARIES prometheus-cpp::core
+                INTERFACE_COMPILE_DEFINITIONS TORCH_SERVER_HAS_PROMETHEUS=1)
+        endif()
+        set(metrics_target vramguard_torch_server_metrics)
+    endif()
+    # vramguard's HTTP peer adapters (--peer KIND=URL), where the top level built them.
+    set(peers_target "")
+    if(TARGET vramguard::peers)
+        set(peers_target vramguard::peers)
+    endif()
     if(httplib_target AND TARGET nlohmann_json::nlohmann_json)
-        set(${out_var} "${httplib_target};nlohmann_json::nlohmann_json" PARENT_SCOPE)
+        # vramguard's core headers too: the end-to-end test includes the server's own
+        # shared_device.hpp (the simulated device both servers and the test map).
+        set(${out_var}
+            "vramguard::vramguard;${httplib_target};nlohmann_json::nlohmann_json;${metrics_target};${peers_target}"
+            PARENT_SCOPE)
     else()
         set(${out_var} "" PARENT_SCOPE)
     endif()

@@ -4,14 +4,17 @@
 //   torch_server --port 8080 [--host 127.0.0.1] [--device cpu|cuda:N] [--threads 8]
 //                [--idle-unload-seconds 300] [--profile-dir DIR] [--memory-limit-bytes N]
 //                [--simulate-other-process-bytes N] [--intra-op-threads 1] [--max-texts 1024]
-//                [--simulate-oom-above-tokens N]
+//                [--simulate-oom-above-tokens N] [--unload-token TOKEN] [--peer KIND=URL]...
+//                [--peer-token TOKEN] [--simulate-shared-device FILE [--simulated-device-bytes N]]
 //
 // The model loads on the first /encode (admitted by the guard, counted by the registry), stays
 // loaded while requests lease it, and is unloaded after --idle-unload-seconds without one or on
 // POST /request-unload. With --port 0 the kernel picks a free port; the first line on stdout is
 // always "listening on http://HOST:PORT". SIGINT or SIGTERM stops the server cleanly.
 // See docs/torch_server.md for a session with curl.
+#include "peers.hpp"
 #include "server.hpp"
+#include "shared_device.hpp"
 
 #include <vramguard/torch.hpp>
 
@@ -26,6 +29,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace {
 
@@ -41,6 +45,12 @@ struct Flags {
     std::uint64_t simulate_other_process_bytes = 0;
     std::size_t max_texts = 1024;
     std::uint64_t simulate_oom_above_tokens = 0;
+    std::string unload_token;
+    std::vector<std::string> peers;  // KIND=URL, in the order given
+    std::string peer_token;
+    std::string shared_device;
+    std::uint64_t simulated_device_bytes = 0;
+    std::string hold_encodes_while_file_exists;
 };
 
 constexpr const char* usage =
@@ -59,7 +69,20 @@ constexpr const char* usage =
     "                                 (demos, tests of 503; 0 = off)\n"
     "  --max-texts N                  texts per /encode request (1024)\n"
     "  --simulate-oom-above-tokens N  fault injection: batches over N padded tokens fail with an\n"
-    "                                 out-of-memory error, as on a device that small (off)\n";
+    "                                 out-of-memory error, as on a device that small (off)\n"
+    "  --unload-token TOKEN           let remote callers use /request-unload with\n"
+    "                                 \"Authorization: Bearer TOKEN\" (off: loopback only)\n"
+    "  --peer KIND=URL                another service on this GPU to ask for memory when the\n"
+    "                                 model does not fit (repeatable, asked in order; KIND:\n"
+    "                                 vramguard, ollama, comfyui, llamacpp or vllm)\n"
+    "  --peer-token TOKEN             sent to peers as \"Authorization: Bearer TOKEN\"\n"
+    "  --simulate-shared-device FILE  run on a simulated device kept in FILE, shared with every\n"
+    "                                 server started on the same FILE, with a simulated clock\n"
+    "                                 (demos, tests of peers)\n"
+    "  --simulated-device-bytes N     its size, when FILE is new\n"
+    "  --hold-encodes-while-file-exists FILE\n"
+    "                                 tests: an /encode holding the model waits while FILE\n"
+    "                                 exists (at most 60 s), to keep a request in flight\n";
 
 [[noreturn]] void fail_usage(const std::string& message) {
     std::fprintf(stderr, "torch_server: %s\n%s", message.c_str(), usage);
@@ -110,6 +133,18 @@ Flags parse_flags(int argc, char** argv) {
             flags.max_texts = std::max<std::size_t>(1, parse_number(flag, value));
         else if (flag == "--simulate-oom-above-tokens")
             flags.simulate_oom_above_tokens = parse_number(flag, value);
+        else if (flag == "--unload-token")
+            flags.unload_token = value;
+        else if (flag == "--peer")
+            flags.peers.push_back(value);
+        else if (flag == "--peer-token")
+            flags.peer_token = value;
+        else if (flag == "--simulate-shared-device")
+            flags.shared_device = value;
+        else if (flag == "--simulated-device-bytes")
+            flags.simulated_device_bytes = parse_number(flag, value);
+        else if (flag == "--hold-encodes-while-file-exists")
+            flags.hold_encodes_while_file_exists = value;
         else
             fail_usage("unknown option " + flag);
     }
@@ -200,9 +235,36 @@ int main(int argc, char** argv) {
     config.profile_dir = flags.profile_dir;
     config.max_texts = flags.max_texts;
     config.simulate_oom_above_tokens = flags.simulate_oom_above_tokens;
+    config.unload_token = flags.unload_token;
+    config.hold_encodes_while_file_exists = flags.hold_encodes_while_file_exists;
+    for (const std::string& peer : flags.peers) {
+        try {
+            config.peers.push_back(torch_server::make_peer_from_flag(peer, flags.peer_token));
+        } catch (const std::invalid_argument& e) {
+            fail_usage(e.what());
+        }
+    }
     torch::set_num_threads(flags.intra_op_threads);
 
     try {
+        if (!flags.shared_device.empty()) {
+            if (flags.device != "cpu") fail_usage("--simulate-shared-device runs on --device cpu");
+            if (flags.memory_limit_bytes)
+                fail_usage(
+                    "--simulate-shared-device sets the device's size: give "
+                    "--simulated-device-bytes, not --memory-limit-bytes");
+            // The model runs on the CPU; its bytes are taken from the shared simulated device.
+            config.device = torch::Device(torch::kCPU);
+            config.device_name = "simulated";
+            torch_server::SharedDevice device(flags.shared_device, flags.simulated_device_bytes);
+            config.clock = device.clock();
+            config.sleep = device.sleep();
+            config.hold_device_bytes = [&device](std::uint64_t bytes) {
+                return device.allocate(bytes);
+            };
+            torch_server::SharedDevice::Probe probe(device);
+            return serve(probe, flags, std::move(config), signals);
+        }
         if (flags.device == "cpu") {
             config.device = torch::Device(torch::kCPU);
             vramguard::torch::HostProbe host;

@@ -4,8 +4,11 @@
 // server relies on: embeddings (count, unit norm, the same text gives the same vector whatever its
 // batch, request, or load), 400 on bad input, /status, /request-unload's three answers, 503 with
 // Retry-After when admission says no for now, 507 without it for a model larger than the device,
-// 413 naming the item that cannot fit even alone, and a clean exit on SIGTERM. Every wait has a
-// deadline; every server started is killed when its test ends.
+// 413 naming the item that cannot fit even alone, and a clean exit on SIGTERM. Then the seeds'
+// protocol (/request-unload's fields and 30 s default, /status's), who may call /request-unload,
+// large JSON bodies sent as a form (curl -d's default), GET /metrics parsed back, and two servers
+// on one simulated device asking each other for memory (--peer). Every wait has a deadline; every
+// server started is killed when its test ends.
 //
 // The test does not use LibTorch itself (the server does); it is built where the server is.
 #include <gtest/gtest.h>
@@ -14,8 +17,16 @@
 
 #include "temp_dir.hpp"
 
+// The server's own pieces that need neither LibTorch nor HTTP: the access rule and the simulated
+// device file both servers and this test map.
+#include "../../examples/torch_server/shared_device.hpp"
+#include "../../examples/torch_server/unload_access.hpp"
+
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -24,8 +35,11 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <map>
+#include <sstream>
 #include <memory>
 #include <optional>
 #include <string>
@@ -169,8 +183,10 @@ struct Reply {
     std::string retry_after;
 };
 
-Reply post(httplib::Client& client, const std::string& path, const std::string& body) {
-    auto res = client.Post(path.c_str(), body, "application/json");
+Reply post(httplib::Client& client, const std::string& path, const std::string& body,
+           const std::string& content_type = "application/json",
+           const httplib::Headers& headers = {}) {
+    auto res = client.Post(path.c_str(), headers, body, content_type.c_str());
     if (!res)
         throw std::runtime_error("POST " + path + " failed: " + httplib::to_string(res.error()));
     Reply reply;
@@ -334,6 +350,10 @@ TEST(TorchServer, StatusReportsModelDeviceLearningAndCounters) {
     ASSERT_EQ(status.status, 200);
     const json& before = status.body;
     EXPECT_EQ(before["model"]["name"], "encoder");
+    // The seeds' /status fields.
+    EXPECT_FALSE(before["model_loaded"].get<bool>());
+    EXPECT_TRUE(before["auto_unload_enabled"].get<bool>());
+    EXPECT_EQ(before["auto_unload_minutes"].get<double>(), 5.0) << "--idle-unload-seconds 300";
     EXPECT_FALSE(before["model"]["loaded"].get<bool>());
     EXPECT_EQ(before["model"]["state"], "unloaded");
     EXPECT_EQ(before["model"]["bytes"].get<std::uint64_t>(), 0u);
@@ -354,6 +374,7 @@ TEST(TorchServer, StatusReportsModelDeviceLearningAndCounters) {
     status = get(*client, "/status");
     const json& after = status.body;
     EXPECT_TRUE(after["model"]["loaded"].get<bool>());
+    EXPECT_TRUE(after["model_loaded"].get<bool>());
     EXPECT_EQ(after["model"]["state"], "loaded");
     EXPECT_EQ(after["model"]["bytes"], before["model"]["declared_bytes"]);
     EXPECT_EQ(after["model"]["leases"].get<int>(), 0);
@@ -371,9 +392,30 @@ TEST(TorchServer, RequestUnloadAnswersBusyThenUnloadedThenNotLoaded) {
     Reply unload = post(*client, "/request-unload", "");
     EXPECT_EQ(unload.status, 200);
     EXPECT_EQ(unload.body["result"], "not_loaded") << unload.body.dump();
+    // The seeds' fields: nothing to unload is "ok", not unloaded.
+    EXPECT_EQ(unload.body["status"], "ok") << unload.body.dump();
+    EXPECT_FALSE(unload.body["unloaded"].get<bool>());
+    EXPECT_EQ(unload.body["message"], "no model loaded");
+    EXPECT_EQ(unload.body["idle_seconds"].get<double>(), 0.0);
 
     const Reply first = encode(*client, {"the same text twice", "and another"});
     ASSERT_EQ(first.status, 200);
+
+    // A bare request (a peer's) asks for 30 s of idleness, the protocol's default: a model used
+    // a moment ago stays.
+    unload = post(*client, "/request-unload", "");
+    EXPECT_EQ(unload.body["result"], "busy") << unload.body.dump();
+    EXPECT_EQ(unload.body["status"], "busy");
+    EXPECT_FALSE(unload.body["unloaded"].get<bool>());
+    EXPECT_EQ(unload.body["min_idle_seconds"].get<double>(), 30.0);
+    EXPECT_LT(unload.body["idle_seconds"].get<double>(), 30.0);
+    EXPECT_NE(unload.body["message"].get<std::string>().find("less than the 30 s"),
+              std::string::npos)
+        << unload.body.dump();
+    // The same in a JSON body.
+    unload = post(*client, "/request-unload", "{\"min_idle_seconds\": 3600}");
+    EXPECT_EQ(unload.body["status"], "busy") << unload.body.dump();
+    EXPECT_EQ(unload.body["min_idle_seconds"].get<double>(), 3600.0);
 
     unload = post(*client, "/request-unload?min_idle_seconds=3600", "");
     EXPECT_EQ(unload.status, 200);
@@ -385,6 +427,11 @@ TEST(TorchServer, RequestUnloadAnswersBusyThenUnloadedThenNotLoaded) {
 
     unload = post(*client, "/request-unload?min_idle_seconds=0", "");
     EXPECT_EQ(unload.body["result"], "unloaded") << unload.body.dump();
+    EXPECT_EQ(unload.body["status"], "ok");
+    EXPECT_TRUE(unload.body["unloaded"].get<bool>());
+    EXPECT_GE(unload.body["idle_seconds"].get<double>(), 0.0);
+    EXPECT_NE(unload.body["message"].get<std::string>().find("unloaded model 'encoder'"),
+              std::string::npos);
     EXPECT_GT(unload.body["freed_bytes"].get<std::uint64_t>(), 0u);
 
     unload = post(*client, "/request-unload?min_idle_seconds=0", "");
@@ -404,6 +451,9 @@ TEST(TorchServer, RequestUnloadAnswersBusyThenUnloadedThenNotLoaded) {
 
     EXPECT_EQ(post(*client, "/request-unload?min_idle_seconds=soon", "").status, 400);
     EXPECT_EQ(post(*client, "/request-unload?min_idle_seconds=-1", "").status, 400);
+    EXPECT_EQ(post(*client, "/request-unload", "{\"min_idle_seconds\": \"soon\"}").status, 400);
+    EXPECT_EQ(post(*client, "/request-unload", "[1]").status, 400);
+    EXPECT_EQ(post(*client, "/request-unload?wanted_bytes=lots", "").status, 400);
 }
 
 TEST(TorchServer, IdleModelIsUnloadedByTheReaper) {
@@ -547,6 +597,381 @@ TEST(TorchServer, BadFlagsExitWithUsage) {
         ASSERT_TRUE(WIFEXITED(status)) << "wait status " << status;
         EXPECT_EQ(WEXITSTATUS(status), 2) << args.front() << " " << args.back();
     }
+}
+
+// --- who may call /request-unload ---------------------------------------------------------------
+
+TEST(TorchServerUnloadAccess, LoopbackOrTheTokenFromAnywhere) {
+    using torch_server::decide_unload_access;
+    struct Case {
+        const char* address;
+        const char* token;
+        const char* authorization;
+        bool allowed;
+        int status;
+    };
+    const Case cases[] = {
+        // No token configured: loopback only.
+        {"127.0.0.1", "", "", true, 200},
+        {"127.10.20.30", "", "", true, 200},
+        {"::1", "", "", true, 200},
+        {"::ffff:127.0.0.1", "", "", true, 200},
+        {"::ffff:127.0.0.1", "", "Bearer anything", true, 200},
+        {"10.0.0.5", "", "", false, 403},
+        {"10.0.0.5", "", "Bearer s3cret", false, 403},
+        {"192.168.1.2", "", "", false, 403},
+        {"::ffff:10.0.0.5", "", "", false, 403},
+        {"2001:db8::1", "", "", false, 403},
+        {"128.0.0.1", "", "", false, 403},
+        {"", "", "", false, 403},
+        {"localhost", "", "", false, 403},  // an address, never a name
+        // A token configured: it opens the endpoint to remote callers that send it.
+        {"10.0.0.5", "s3cret", "Bearer s3cret", true, 200},
+        {"2001:db8::1", "s3cret", "Bearer s3cret", true, 200},
+        {"10.0.0.5", "s3cret", "", false, 401},
+        {"10.0.0.5", "s3cret", "Bearer wrong", false, 401},
+        {"10.0.0.5", "s3cret", "Bearer s3cre", false, 401},
+        {"10.0.0.5", "s3cret", "Bearer s3cret2", false, 401},
+        {"10.0.0.5", "s3cret", "bearer s3cret", false, 401},
+        {"10.0.0.5", "s3cret", "Basic s3cret", false, 401},
+        {"10.0.0.5", "s3cret", "s3cret", false, 401},
+        {"10.0.0.5", "s3cret", "Bearer ", false, 401},
+        // Loopback needs no token, but a wrong one is refused (a misconfigured client).
+        {"127.0.0.1", "s3cret", "", true, 200},
+        {"127.0.0.1", "s3cret", "Bearer s3cret", true, 200},
+        {"127.0.0.1", "s3cret", "Bearer wrong", false, 401},
+    };
+    for (const Case& c : cases) {
+        const auto access = decide_unload_access(c.address, c.token, c.authorization);
+        EXPECT_EQ(access.allowed, c.allowed)
+            << c.address << " token \"" << c.token << "\" header \"" << c.authorization << "\"";
+        EXPECT_EQ(access.status, c.status) << c.address << " \"" << c.authorization << "\"";
+        EXPECT_EQ(access.reason.empty(), c.allowed) << access.reason;
+    }
+    EXPECT_NE(decide_unload_access("10.0.0.5", "", "").reason.find("--unload-token"),
+              std::string::npos);
+}
+
+TEST(TorchServer, UnloadTokenEndToEndOnLoopback) {
+    Running server({"--unload-token", "s3cret", "--idle-unload-seconds", "0"});
+    auto client = server.client();
+    ASSERT_EQ(encode(*client, {"loaded"}).status, 200);
+
+    const Reply wrong = post(*client, "/request-unload?min_idle_seconds=0", "", "application/json",
+                             {{"Authorization", "Bearer wrong"}});
+    EXPECT_EQ(wrong.status, 401) << wrong.body.dump();
+    EXPECT_FALSE(wrong.body["unloaded"].get<bool>());
+    EXPECT_NE(wrong.body["error"].get<std::string>().find("--unload-token"), std::string::npos);
+    EXPECT_TRUE(get(*client, "/status").body["model_loaded"].get<bool>()) << "refused: still there";
+
+    const Reply right = post(*client, "/request-unload?min_idle_seconds=0", "", "application/json",
+                             {{"Authorization", "Bearer s3cret"}});
+    EXPECT_EQ(right.status, 200) << right.body.dump();
+    EXPECT_TRUE(right.body["unloaded"].get<bool>()) << right.body.dump();
+
+    ASSERT_EQ(encode(*client, {"loaded again"}).status, 200);
+    const Reply loopback = post(*client, "/request-unload?min_idle_seconds=0", "");
+    EXPECT_EQ(loopback.status, 200) << "loopback needs no token";
+    EXPECT_TRUE(loopback.body["unloaded"].get<bool>()) << loopback.body.dump();
+    EXPECT_EQ(get(*client, "/status").body["unload_requests"]["refused"].get<int>(), 1);
+}
+
+// --- bodies as curl -d and Python's urllib send them -------------------------------------------
+
+TEST(TorchServer, LargeJsonSentAsAFormIsAccepted) {
+    // 20 texts of 120 words: about 18 KB, over cpp-httplib 0.11's 8 KB cap on form bodies.
+    std::vector<std::string> texts;
+    for (int t = 0; t < 20; ++t) {
+        std::string text;
+        for (int w = 0; w < 120; ++w) text += (w ? " word" : "word") + std::to_string(t * 131 + w);
+        texts.push_back(text);
+    }
+    const std::string body = json{{"texts", texts}}.dump();
+    ASSERT_GT(body.size(), 8192u);
+
+    Running server;
+    auto client = server.client();
+    for (const char* content_type :
+         {"application/x-www-form-urlencoded", "application/json", "text/plain"}) {
+        const Reply reply = post(*client, "/encode", body, content_type);
+        EXPECT_EQ(reply.status, 200) << content_type << ": " << reply.body.dump().substr(0, 300);
+        EXPECT_EQ(reply.body["embeddings"].size(), texts.size()) << content_type;
+    }
+
+    // cpp-httplib's own errors come back as JSON saying what to send.
+    auto res = client->Get("/no-such-endpoint");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 404);
+    const json not_found = json::parse(res->body);
+    EXPECT_NE(not_found["error"].get<std::string>().find("POST /encode"), std::string::npos);
+}
+
+// --- GET /metrics
+// ----------------------------------------------------------------------------------
+
+struct Sample {
+    std::string name;
+    std::map<std::string, std::string> labels;
+    double value = 0;
+};
+
+// The Prometheus text format, as far as /metrics uses it: "# HELP"/"# TYPE" lines, and
+// name{label="value",...} number. Throws on a line it cannot read.
+std::vector<Sample> parse_metrics(const std::string& text,
+                                  std::map<std::string, std::string>& types) {
+    std::vector<Sample> samples;
+    std::istringstream lines(text);
+    std::string line;
+    while (std::getline(lines, line)) {
+        if (line.empty()) continue;
+        if (line.rfind("# TYPE ", 0) == 0) {
+            std::istringstream words(line.substr(7));
+            std::string name, type;
+            words >> name >> type;
+            types[name] = type;
+            continue;
+        }
+        if (line[0] == '#') continue;
+        Sample sample;
+        std::size_t i = line.find_first_of("{ ");
+        if (i == std::string::npos) throw std::runtime_error("no value: " + line);
+        sample.name = line.substr(0, i);
+        if (line[i] == '{') {
+            const std::size_t close = line.find('}', i);
+            if (close == std::string::npos) throw std::runtime_error("unclosed labels: " + line);
+            std::string labels = line.substr(i + 1, close - i - 1);
+            while (!labels.empty()) {
+                const std::size_t eq = labels.find("=\"");
+                const std::size_t end = labels.find('"', eq + 2);
+                if (eq == std::string::npos || end == std::string::npos)
+                    throw std::runtime_error("bad label: " + line);
+                sample.labels[labels.substr(0, eq)] = labels.substr(eq + 2, end - eq - 2);
+                labels = labels.substr(std::min(labels.size(), end + 2));  // past '",'
+            }
+            i = close + 1;
+        }
+        sample.value = std::stod(line.substr(i + 1));
+        samples.push_back(std::move(sample));
+    }
+    return samples;
+}
+
+TEST(TorchServer, MetricsAreScrapedAndParsedBack) {
+    Running server({"--simulate-oom-above-tokens", "24"});
+    auto client = server.client();
+    auto res = client->Get("/metrics");
+    ASSERT_TRUE(res);
+#if !TORCH_SERVER_HAS_PROMETHEUS
+    EXPECT_EQ(res->status, 404);
+    EXPECT_NE(json::parse(res->body)["error"].get<std::string>().find("prometheus-cpp"),
+              std::string::npos);
+    GTEST_SKIP() << "built without prometheus-cpp: /metrics answers 404";
+#endif
+    ASSERT_EQ(res->status, 200);
+    EXPECT_EQ(res->get_header_value("Content-Type").rfind("text/plain", 0), 0u);
+
+    std::vector<std::string> texts;
+    for (int i = 0; i < 12; ++i)
+        texts.push_back("w" + std::to_string(i) + " x" + std::to_string(i));
+    ASSERT_EQ(encode(*client, texts).status, 200);  // 36 padded tokens: halves once
+    ASSERT_EQ(post(*client, "/encode", "not json").status, 400);
+    ASSERT_EQ(post(*client, "/request-unload", "").status, 200);  // busy: used just now
+
+    res = client->Get("/metrics");
+    ASSERT_TRUE(res);
+    ASSERT_EQ(res->status, 200);
+    std::map<std::string, std::string> types;
+    const std::vector<Sample> samples = parse_metrics(res->body, types);
+    auto value = [&](const std::string& name,
+                     const std::map<std::string, std::string>& labels = {}) {
+        for (const Sample& s : samples)
+            if (s.name == name && s.labels == labels) return s.value;
+        ADD_FAILURE() << "no sample " << name << " in\n" << res->body;
+        return -1.0;
+    };
+    const json status = get(*client, "/status").body;
+
+    EXPECT_EQ(types["vramguard_guard_calls_total"], "counter");
+    EXPECT_EQ(value("vramguard_guard_calls_total"), status["guard"]["calls"].get<double>());
+    EXPECT_GE(value("vramguard_guard_halvings_total"), 1.0);
+    EXPECT_EQ(value("vramguard_guard_ooms_total"), status["guard"]["ooms"].get<double>());
+    EXPECT_EQ(value("vramguard_registry_loads_total"), 1.0);
+    EXPECT_EQ(value("vramguard_registry_requested_unloads_total"), 0.0);
+    EXPECT_EQ(types["vramguard_device_free_bytes"], "gauge");
+    EXPECT_GT(value("vramguard_device_total_bytes", {{"device", "cpu"}}), 0.0);
+    EXPECT_LE(value("vramguard_device_free_bytes", {{"device", "cpu"}}),
+              value("vramguard_device_total_bytes", {{"device", "cpu"}}));
+    const std::string key = status["encode"]["key"].get<std::string>();
+    EXPECT_EQ(value("vramguard_learned_weight_budget", {{"key", key}}),
+              status["encode"]["learned_weight_budget"].get<double>());
+    EXPECT_GT(value("vramguard_learned_weight_budget", {{"key", key}}), 0.0);
+    EXPECT_EQ(value("vramguard_model_loaded", {{"model", "encoder"}}), 1.0);
+    EXPECT_EQ(value("torch_server_requests_total", {{"outcome", "ok"}}), 1.0);
+    EXPECT_EQ(value("torch_server_requests_total", {{"outcome", "bad_request_400"}}), 1.0);
+    EXPECT_EQ(value("torch_server_unload_requests_total", {{"answer", "busy"}}), 1.0);
+}
+
+// --- two servers on one simulated device
+// -----------------------------------------------------------
+
+// A port nobody listens on now, for a server whose peer must know its port before it starts.
+int free_port() {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t size = sizeof address;
+    if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &size) != 0)
+        throw std::runtime_error(std::string("free_port: ") + std::strerror(errno));
+    ::close(fd);
+    return ntohs(address.sin_port);
+}
+
+// Servers A and B on a simulated 4 MB device in a file: one encoder (2.29 MiB and a 0.4 MB margin)
+// fits, two do not. B has A as its peer; with `mutual`, A has B too. The clock is the device
+// file's: it moves when the test says (and by a poll interval when a server waits), so "idle
+// 31 s" is exact.
+struct TwoServers {
+    static constexpr std::uint64_t device_bytes = 4000000;
+
+    explicit TwoServers(bool mutual = false)
+        : b_port(mutual ? free_port() : 0),
+          a(args({"--hold-encodes-while-file-exists", hold_file()}, b_port)),
+          device(device_file(), 0),
+          b(args({"--port", std::to_string(b_port)}, a.process->port())) {}
+
+    std::vector<std::string> args(std::vector<std::string> extra, int peer_port) const {
+        if (peer_port > 0)
+            extra.insert(extra.end(),
+                         {"--peer", "vramguard=http://127.0.0.1:" + std::to_string(peer_port)});
+        return args(std::move(extra));
+    }
+    std::vector<std::string> args(std::vector<std::string> extra) const {
+        std::vector<std::string> all = {"--simulate-shared-device", device_file(),
+                                        "--simulated-device-bytes", std::to_string(device_bytes),
+                                        "--idle-unload-seconds",    "0"};
+        all.insert(all.end(), extra.begin(), extra.end());
+        return all;
+    }
+    std::string device_file() const { return dir.file("device"); }
+    std::string hold_file() const { return dir.file("hold"); }
+    void advance(std::chrono::milliseconds d) { device.advance(d); }
+
+    vramguard_test::TempDir dir{"torch-server-peers-"};
+    int b_port;
+    Running a;
+    torch_server::SharedDevice device;  // the test's own map of the device: its clock and ooms
+    Running b;
+};
+
+TEST(TorchServerPeers, AnIdlePeerUnloadsAndTheLoadSucceeds) {
+    TwoServers servers;
+    auto a = servers.a.client();
+    auto b = servers.b.client();
+
+    ASSERT_EQ(encode(*a, {"A's model"}).status, 200);
+    EXPECT_EQ(servers.device.used(), 2397696u) << "A's encoder holds its bytes on the device";
+    servers.advance(31s);  // A idle past the protocol's 30 s
+
+    const Reply reply = encode(*b, {"B needs the room"});
+    EXPECT_EQ(reply.status, 200) << reply.body.dump();
+    EXPECT_EQ(servers.device.ooms(), 0u);
+
+    const json status_a = get(*a, "/status").body;
+    EXPECT_FALSE(status_a["model_loaded"].get<bool>()) << status_a.dump();
+    EXPECT_EQ(status_a["registry"]["requested_unloads"].get<int>(), 1);
+    EXPECT_EQ(status_a["unload_requests"]["unloaded"].get<int>(), 1);
+    const json status_b = get(*b, "/status").body;
+    EXPECT_TRUE(status_b["model_loaded"].get<bool>());
+    EXPECT_EQ(status_b["registry"]["peer_requests"].get<int>(), 1);
+    EXPECT_EQ(status_b["registry"]["peer_reliefs"].get<int>(), 1);
+    EXPECT_EQ(status_b["requests"]["rejected_503"].get<int>(), 0);
+    ASSERT_EQ(status_b["peers"].size(), 1u);
+    EXPECT_EQ(status_b["peers"][0]["last_answer"].get<std::string>().rfind("freed", 0), 0u)
+        << status_b["peers"].dump();
+    EXPECT_EQ(servers.device.used(), 2397696u) << "B's encoder now, and only it";
+}
+
+TEST(TorchServerPeers, ABusyPeerMakesA503WithRetryAfterNamingIt) {
+    TwoServers servers;
+    auto a = servers.a.client();
+    auto b = servers.b.client();
+    const std::string peer = "vramguard@127.0.0.1:" + std::to_string(servers.a.process->port());
+
+    // Idle for less than 30 s.
+    ASSERT_EQ(encode(*a, {"A's model"}).status, 200);
+    servers.advance(10s);
+    Reply reply = encode(*b, {"B needs the room"});
+    EXPECT_EQ(reply.status, 503) << reply.body.dump();
+    EXPECT_FALSE(reply.retry_after.empty());
+    const std::string idle_error = reply.body["error"].get<std::string>();
+    EXPECT_NE(idle_error.find(peer + " busy, idle 10 s"), std::string::npos) << idle_error;
+    EXPECT_TRUE(get(*a, "/status").body["model_loaded"].get<bool>());
+
+    // A request in flight on A, past B's cooldown for A (30 s), A idle long before it.
+    servers.advance(40s);
+    { std::ofstream(servers.hold_file()) << "hold"; }
+    Reply in_flight;
+    std::thread request([&] {
+        auto own = servers.a.client();
+        in_flight = encode(*own, {"held in flight"});
+    });
+    const auto deadline = Clock::now() + 30s;
+    while (get(*a, "/status").body["model"]["leases"].get<int>() == 0 && Clock::now() < deadline)
+        std::this_thread::sleep_for(5ms);
+    reply = encode(*b, {"B needs the room"});
+    std::remove(servers.hold_file().c_str());
+    request.join();
+    EXPECT_EQ(in_flight.status, 200) << in_flight.body.dump();
+    EXPECT_EQ(reply.status, 503) << reply.body.dump();
+    EXPECT_FALSE(reply.retry_after.empty());
+    const std::string busy_error = reply.body["error"].get<std::string>();
+    EXPECT_NE(busy_error.find(peer + " busy"), std::string::npos) << busy_error;
+    EXPECT_NE(busy_error.find("1 request(s) in flight"), std::string::npos) << busy_error;
+
+    const json status_b = get(*b, "/status").body;
+    EXPECT_EQ(status_b["requests"]["rejected_503"].get<int>(), 2);
+    EXPECT_EQ(status_b["registry"]["peer_requests"].get<int>(), 2);
+    EXPECT_EQ(get(*a, "/status").body["registry"]["requested_unloads"].get<int>(), 0);
+    EXPECT_EQ(servers.device.ooms(), 0u);
+}
+
+TEST(TorchServerPeers, AlternatingRequestsDoNotPingPong) {
+    TwoServers servers(/*mutual=*/true);  // each is the other's peer
+    auto a = servers.a.client();
+    auto b = servers.b.client();
+
+    ASSERT_EQ(encode(*a, {"A first"}).status, 200);
+    servers.advance(31s);
+    Reply reply = encode(*b, {"B takes over"});
+    ASSERT_EQ(reply.status, 200) << "A idle 31 s gives way: " << reply.body.dump();
+
+    // 60 simulated seconds of A and B taking turns, a request a second.
+    std::map<int, int> a_answers, b_answers;
+    for (int second = 1; second <= 60; ++second) {
+        servers.advance(1s);
+        const bool a_turn = second % 2 == 1;
+        reply = encode(a_turn ? *a : *b, {"turn " + std::to_string(second)});
+        ASSERT_TRUE(reply.status == 200 || reply.status == 503) << reply.body.dump();
+        if (reply.status == 503) {
+            EXPECT_FALSE(reply.retry_after.empty());
+        }
+        ++(a_turn ? a_answers : b_answers)[reply.status];
+    }
+    const json status_a = get(*a, "/status").body, status_b = get(*b, "/status").body;
+    const int unloads = status_a["registry"]["requested_unloads"].get<int>() +
+                        status_b["registry"]["requested_unloads"].get<int>();
+    // A gave way once, before the 60 s; in them, at most once per 30 s cooldown.
+    EXPECT_LE(unloads, 1 + 60 / 30) << status_a.dump() << "\n" << status_b.dump();
+    EXPECT_LE(status_a["peers"][0]["asked"].get<int>(), 60 / 30) << status_a["peers"].dump();
+    EXPECT_LE(status_b["peers"][0]["asked"].get<int>(), 1) << status_b["peers"].dump();
+    EXPECT_EQ(status_a["requests"]["failed_500"].get<int>(), 0);
+    EXPECT_EQ(status_b["requests"]["failed_500"].get<int>(), 0);
+    // B uses the device every 2 s, never idle 30 s: it keeps it, and A is told so.
+    EXPECT_EQ(b_answers[200], 30);
+    EXPECT_EQ(a_answers[503], 30);
+    EXPECT_EQ(servers.device.ooms(), 0u);
 }
 
 }  // namespace
