@@ -159,8 +159,7 @@ class EncodeRun {
         const policy::ChunkPlan plan = plan_for(chunk.inputs, chunk.seen);
         chunk.from_model = plan.from_model;
         chunk.limit = plan.limit;
-        if (retry_limit_ != 0)
-            chunk.limit = chunk.limit ? std::min(chunk.limit, retry_limit_) : retry_limit_;
+        if (retry_limit_ != 0) chunk.limit = retry_limit_;  // decided when the OOM was handled
         retry_limit_ = 0;
         cut(chunk);
         // Every chunk is measured until half a window of measurements was taken (a chunk that
@@ -361,15 +360,20 @@ class EncodeRun {
             std::lock_guard<std::mutex> lock(memory_.mutex);
             const std::uint64_t free = planned_or(chunk, after);
             policy::on_chunk_failed(learner_.evidence, chunk.tried, free);
-            // The model planned a chunk that did not fit: it cost more than was free then.
-            if (chunk.from_model && !policy::failure_was_transient(report))
-                learner_.add_sample(
-                    {chunk.tried, std::max(free + 1, report ? report->requested_bytes : 0)},
-                    next_sample_stamp());
+            // A chunk that did not fit cost at least the allocation that failed and, planned
+            // against a reading, more than was free then: a lower bound, kept as a sample.
+            const std::uint64_t at_least = std::max(chunk.seen.total_bytes != 0 ? free + 1 : 0,
+                                                    report ? report->requested_bytes : 0);
+            if (Guard::measures_peaks && at_least > 0 && !policy::failure_was_transient(report))
+                learner_.add_sample({chunk.tried, at_least}, next_sample_stamp(), false);
             policy::on_oom(learner_.ceiling, chunk.tried, backstop, after.free_bytes);
             learner_.publish();
         }
-        retry_limit_ = policy::retry_size(plan_for(learner_.read(), after), chunk.tried, report);
+        // A chunk the model did not plan (nothing was known) retries at what the OOM's numbers
+        // say fits, not at a model made of that one failure: what then runs is measured.
+        retry_limit_ = chunk.from_model ? policy::retry_size(plan_for(learner_.read(), after),
+                                                             chunk.tried, report)
+                                        : backstop;
         Event event(EventKind::chunk_shrunk, key_, "encode");
         event.size = chunk.size;
         event.weight = weights_ ? chunk.tried : 0;

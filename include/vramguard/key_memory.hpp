@@ -50,10 +50,12 @@ struct SizeLearner {
         std::atomic<unsigned> chunks{0};    // chunks planned since, for one in measure_every
     } published;
 
-    void add_sample(const policy::CostSample& sample, std::uint64_t stamp) {
+    // `measured`: the chunk ran and its peak was read (else a lower bound from an OOM, which the
+    // model uses while it lasts but the profile does not keep: it is no size that ran).
+    void add_sample(const policy::CostSample& sample, std::uint64_t stamp, bool measured = true) {
         if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
         samples.push_back(sample);
-        unsaved.push_back(ProfileSample{stamp, sample.size, sample.peak_bytes});
+        if (measured) unsaved.push_back(ProfileSample{stamp, sample.size, sample.peak_bytes});
         refit();
     }
 
