@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 // A server-like loop on a simulated 16 GiB GPU: a model load is admitted, then requests of skewed
-// text lengths are encoded. Watch the guard halve on OOM, learn a token budget, survive another
-// process squeezing the device, and grow back when it leaves. Runs in simulated time (instantly).
+// text lengths are encoded. Watch the guard learn what a token costs from its first OOM, plan
+// every batch from that cost and the free memory, shrink before another process's squeeze can
+// cost an OOM, and grow back when it leaves. Runs in simulated time (instantly).
 //
 //   ./skewed_stream            # weighted (token budget)
 //   ./skewed_stream --count    # count-based batches, for comparison
