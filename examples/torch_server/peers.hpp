@@ -31,15 +31,11 @@ inline std::shared_ptr<vramguard::Peer> make_peer_from_flag(const std::string& s
     namespace peers = vramguard::peers;
     peers::HttpPeerOptions options;
     options.bearer_token = bearer_token;
-    options.idle_min = seed_min_idle;
-    std::shared_ptr<peers::HttpPeer> peer = peers::parse_http_peer(spec, options);
-    if (peer->kind() != "vramguard") return peer;
-    // Another vramguard server is asked for models idle at least 30 s (Ask::idle), not for an
-    // unload of whatever is not leased (Ask::unload, what relieve() asks): two servers taking
-    // turns must not unload a model the other used a second ago.
-    return vramguard::make_peer(peer->name(), [peer](const vramguard::ReliefRequest& request) {
-        return peer->ask(request, peers::Ask::idle);
-    });
+    // Another vramguard server gives up only a model idle for the protocol's 30 s (the adapter's
+    // vramguard_unload_min_idle): two servers taking turns never unload a model the other used a
+    // second ago.
+    options.vramguard_unload_min_idle = seed_min_idle;
+    return peers::parse_http_peer(spec, options);
 #else
     (void)bearer_token;
     throw std::invalid_argument(

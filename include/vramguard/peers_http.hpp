@@ -68,6 +68,9 @@ inline constexpr std::chrono::milliseconds connect_timeout{500};
 inline constexpr std::chrono::milliseconds request_timeout{2000};
 // Ask::idle: a model unused for a minute is not serving a conversation turn.
 inline constexpr std::chrono::seconds idle_min{60};
+// Ask::unload of another vramguard server: the seeds' protocol gives up only a model unused for
+// 30 s, so two servers taking turns never unload a model the other used a second ago.
+inline constexpr std::chrono::seconds vramguard_unload_min_idle{30};
 // Ollama's default keep_alive (api/types.go): what expires_at counts from.
 inline constexpr std::chrono::minutes ollama_keep_alive{5};
 // An Ollama model that expires more than this from now was pinned (keep_alive -1 or hours) by
@@ -96,6 +99,8 @@ struct HttpPeerOptions {
     std::chrono::milliseconds connect_timeout = defaults::connect_timeout;  // > 0, capped by the
                                                                             // request's time left
     std::chrono::milliseconds idle_min = defaults::idle_min;  // Ask::idle: unused at least this
+    // Ask::unload (relieve()) of a vramguard server: unused at least this (the protocol's 30 s)
+    std::chrono::milliseconds vramguard_unload_min_idle = defaults::vramguard_unload_min_idle;
     // What to claim when a service unloaded something but does not say how much (llama.cpp, vLLM,
     // an old vramguard server): 0 = the bytes asked for, so the registry looks again and its probe
     // decides. A claim is never trusted either way.
@@ -117,6 +122,8 @@ struct HttpPeerOptions {
         if (url.empty()) fail("url", "must not be empty (http://host:port)");
         if (connect_timeout.count() <= 0) fail("connect_timeout", "must be positive");
         if (idle_min.count() < 0) fail("idle_min", "must not be negative");
+        if (vramguard_unload_min_idle.count() < 0)
+            fail("vramguard_unload_min_idle", "must not be negative");
         if (ollama_keep_alive.count() < 0) fail("ollama_keep_alive", "must not be negative");
         if (ollama_pinned_after.count() <= 0) fail("ollama_pinned_after", "must be positive");
         if (vllm_sleep_level != 1 && vllm_sleep_level != 2)
@@ -503,7 +510,9 @@ class VramguardPeer final : public HttpPeer {
     PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
                             Ask how) override {
         const double min_idle =
-            how == Ask::idle ? std::chrono::duration<double>(options().idle_min).count() : 0.0;
+            std::chrono::duration<double>(how == Ask::idle ? options().idle_min
+                                                           : options().vramguard_unload_min_idle)
+                .count();
         char query[64];
         std::snprintf(query, sizeof query, "?min_idle_seconds=%g", min_idle);
         const detail::HttpAnswer answer =

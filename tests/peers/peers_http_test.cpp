@@ -122,7 +122,18 @@ TEST_F(PeersHttpTest, AVramguardServerUnloadsOnRequestAndTheLoadFits) {
     auto embedder = registry_with({peers::make_http_peer("vramguard", at(server.url()))});
     expect_loaded_without_oom(*embedder);
     EXPECT_FALSE(server.loaded());
-    EXPECT_DOUBLE_EQ(server.last_min_idle(), 0) << "the registry's relief asks for an unload";
+    EXPECT_DOUBLE_EQ(server.last_min_idle(), 30)
+        << "the registry's relief asks for what the protocol gives up: idle 30 s";
+}
+
+TEST_F(PeersHttpTest, AVramguardServerKeepsAModelUsedWithinTheProtocolsThirtySeconds) {
+    FakeVramguard server(device);
+    server.hold(6_GiB, 10);  // used 10 s ago
+    server.start();
+    auto peer = peers::make_http_peer("vramguard", at(server.url()));
+    EXPECT_EQ(describe(peer->ask(asking(1_GiB), Ask::unload)),
+              "busy, idle 10 s (idle for less than asked)");
+    EXPECT_TRUE(server.loaded());
 }
 
 TEST_F(PeersHttpTest, TodaysVramguardServerAnswerIsUnderstood) {
@@ -324,7 +335,7 @@ TEST_F(PeersHttpTest, TheBearerTokenIsSentWhenConfigured) {
     const PeerReply refused =
         peers::make_http_peer("vramguard", at(server.url()))->ask(asking(1_GiB), Ask::unload);
     EXPECT_EQ(describe(refused),
-              "error: POST /request-unload?min_idle_seconds=0: HTTP 401: unauthorized");
+              "error: POST /request-unload?min_idle_seconds=30: HTTP 401: unauthorized");
     EXPECT_TRUE(server.loaded());
     HttpPeerOptions options = at(server.url());
     options.bearer_token = "s3cret";
