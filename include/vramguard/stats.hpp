@@ -42,6 +42,12 @@ class StripedCounter {
             mine.taken.fetch_add(static_cast<std::uint64_t>(-(n + 1)) + 1,
                                  std::memory_order_seq_cst);
     }
+    // What was ever added, for a counter that only grows (half the loads of sum()).
+    std::uint64_t added() const noexcept {
+        std::uint64_t added = 0;
+        for (const Stripe& stripe : stripes_) added += stripe.added.load(std::memory_order_seq_cst);
+        return added;
+    }
     std::int64_t sum() const noexcept {
         std::uint64_t taken = 0, added = 0;
         for (const Stripe& stripe : stripes_) taken += stripe.taken.load(std::memory_order_seq_cst);

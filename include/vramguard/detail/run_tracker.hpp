@@ -46,7 +46,7 @@ class RunTracker {
             // counted where nothing is ever measured: a probe without peaks.)
             if (tracker.counts_starts_) tracker.starts_.add(1);
             if (!measured) return;
-            starts_seen_ = tracker.starts_.sum();
+            starts_seen_ = tracker.starts_.added();
             solo_ = tracker.running_.sum() <= 1;
         }
         ~Run() {
@@ -62,14 +62,14 @@ class RunTracker {
         // True when this run was measured and nothing else ran at any time since it started.
         bool alone_so_far() const noexcept {
             return measured_ && solo_ && tracker_.running_.sum() <= 1 &&
-                   tracker_.starts_.sum() == starts_seen_;
+                   tracker_.starts_.added() == starts_seen_;
         }
 
        private:
         RunTracker& tracker_;
         bool measured_;
         bool solo_ = false;
-        std::int64_t starts_seen_ = 0;
+        std::uint64_t starts_seen_ = 0;
     };
 
     // Holding it, no new run of this tracker starts; the constructor returns once the runs that
