@@ -291,6 +291,18 @@ class ManualClock {
 
 namespace detail {
 
+// now + wait, saturating: a wait of milliseconds::max() ("for ever") ends at the end of time,
+// not (overflowed) in the past.
+template <class Rep, class Period>
+TimePoint deadline_after(TimePoint now, std::chrono::duration<Rep, Period> wait) noexcept {
+    if (wait <= wait.zero()) return now;
+    const auto room = TimePoint::max() - now;
+    if (std::chrono::duration_cast<std::chrono::duration<double>>(wait) >=
+        std::chrono::duration_cast<std::chrono::duration<double>>(room))
+        return TimePoint::max();
+    return now + std::chrono::duration_cast<Duration>(wait);
+}
+
 // Polls `ready` every `interval` until it holds or `deadline` passes; never sleeps past the
 // deadline. Returns whether `ready` held.
 template <class Ready>
@@ -674,6 +686,17 @@ inline OomKind classify_oom(const std::exception_ptr& error) {
 
 inline bool is_oom(std::exception_ptr error) { return classify_oom(error) != OomKind::none; }
 
+// Throws what `make()` returns with `cause` nested in it, also outside a catch block: the
+// exception is made inside one, where std::nested_exception captures the cause.
+template <class Make>
+[[noreturn]] void throw_with_cause(const std::exception_ptr& cause, Make&& make) {
+    try {
+        std::rethrow_exception(cause);
+    } catch (...) {
+        std::throw_with_nested(make());
+    }
+}
+
 // The numbers an OOM carried: from OutOfMemory's own report, else parsed from what().
 inline std::optional<OomReport> oom_report(const std::exception_ptr& error) {
     try {
@@ -950,6 +973,273 @@ inline std::uint64_t predicted_batch(const MemoryInfo& memory, double safety_mar
     return std::max<std::uint64_t>(1, (memory.free_bytes - margin) / bytes_per_item);
 }
 
+// ---- The cost model ------------------------------------------------------------------------
+//
+// With a probe that measures peaks, batches are planned from what a chunk of a key costs, fitted
+// from the key's recent measured chunks (size = items, or weight units):
+//  - the line peak ~= fixed + per_unit x size: the slope is the Theil-Sen estimate (the median of
+//    the slopes between every two samples of different sizes), which one wrong reading cannot
+//    move; the fixed part is the upper envelope (the largest residual), so every sample lies on
+//    or under the line;
+//  - the costliest unit: the largest peak / size among the samples at least half as large as the
+//    chunks planned now (or the largest measured). A chunk's cost is not always a line plus noise: in a padded batch, or a count of
+//    items of mixed lengths, one long item multiplies the whole chunk, and only a per-unit bound
+//    taken where the chunks are planned sees that.
+// A chunk is predicted at the larger of the two, so the plan is as careful as the worst recent
+// chunk near its size, and a wrong reading ages out with the window. With one size seen, nothing
+// separates the fixed part from the slope: the whole cost is charged per unit (an upper bound,
+// and the model says so).
+
+struct CostSample {
+    std::uint64_t size = 0;        // items, or weight units, of a chunk that ran
+    std::uint64_t peak_bytes = 0;  // what it took at its peak, measured alone
+};
+
+struct CostModel {
+    std::uint64_t fixed_bytes = 0;
+    double bytes_per_unit = 0;          // the line's slope
+    double costliest_unit = 0;          // the per-unit bound near the planned sizes
+    bool slope_is_upper_bound = false;  // one size seen: fixed is folded into the slope
+    std::size_t samples = 0;
+
+    bool known() const noexcept { return samples > 0 && bytes_per_unit > 0; }
+
+    std::uint64_t peak_for(std::uint64_t size) const noexcept {
+        const double units = static_cast<double>(size);
+        const double peak = std::max(static_cast<double>(fixed_bytes) + bytes_per_unit * units,
+                                     costliest_unit * units);
+        return peak < 1.8e19 ? static_cast<std::uint64_t>(std::ceil(peak))
+                             : std::numeric_limits<std::uint64_t>::max();
+    }
+
+    // The largest size whose predicted peak fits in `bytes`; 0 when not even one unit does.
+    std::uint64_t largest_within(std::uint64_t bytes) const noexcept {
+        if (!known() || bytes <= fixed_bytes) return 0;
+        double units = static_cast<double>(bytes - fixed_bytes) / bytes_per_unit;
+        if (costliest_unit > 0)
+            units = std::min(units, static_cast<double>(bytes) / costliest_unit);
+        return units < 1.8e19 ? static_cast<std::uint64_t>(units)
+                              : std::numeric_limits<std::uint64_t>::max();
+    }
+};
+
+// Samples kept per key and mode: enough for a robust fit, few enough that a reading from before a
+// change (a new driver, another model version, a squeeze that ended) is gone after a few dozen.
+inline constexpr std::size_t cost_window = 32;
+// Once half a window is measured, one chunk in this many is: a measurement costs three more probe
+// calls, and a cost moves slowly once known.
+inline constexpr unsigned measure_every = 8;
+// Measurements in a row spoiled by another run of the guard before the next one takes the guard
+// for itself (waits for the running chunks, holds new ones back): keys that always overlap are
+// still learned, at the cost of one chunk in measure_every x (this + 1) run alone.
+inline constexpr unsigned spoiled_before_exclusive = 2;
+
+namespace detail {
+inline double median_in_place(double* first, double* last) noexcept {
+    const std::size_t n = static_cast<std::size_t>(last - first);
+    double* middle = first + n / 2;
+    std::nth_element(first, middle, last);
+    if (n % 2 == 1) return *middle;
+    return (*middle + *std::max_element(first, middle)) / 2;
+}
+
+inline double per_unit(const CostSample& s) noexcept {
+    return static_cast<double>(s.peak_bytes) / static_cast<double>(s.size);
+}
+
+// The Theil-Sen slope of the first `count` samples (0 when no two sizes differ).
+template <class It>
+double theil_sen_slope(It first, std::size_t count) noexcept {
+    double slopes[cost_window * (cost_window - 1) / 2];
+    std::size_t pairs = 0;
+    It a = first;
+    for (std::size_t i = 0; i < count; ++i, ++a) {
+        It b = first;
+        for (std::size_t j = 0; j < i; ++j, ++b) {
+            if (b->size == a->size) continue;
+            slopes[pairs++] =
+                (static_cast<double>(a->peak_bytes) - static_cast<double>(b->peak_bytes)) /
+                (static_cast<double>(a->size) - static_cast<double>(b->size));
+        }
+    }
+    return pairs > 0 ? median_in_place(slopes, slopes + pairs) : 0;
+}
+}  // namespace detail
+
+// Fits the model to the newest cost_window of `samples` (oldest first; zero sizes are not read).
+// `planned_size`: the size chunks were planned at last (0: unknown), where the costliest unit is
+// looked for.
+template <class Samples>
+CostModel fit_cost(const Samples& samples, std::uint64_t planned_size = 0) noexcept {
+    CostSample kept[cost_window];
+    std::size_t count = 0;
+    for (const CostSample& s : samples) {
+        if (s.size == 0) continue;
+        if (count == cost_window) std::move(kept + 1, kept + cost_window, kept), --count;
+        kept[count++] = s;
+    }
+    CostModel model;
+    model.samples = count;
+    if (count == 0) return model;
+    // "Near the planned sizes": at least half the size planned last (when given), else half
+    // the largest measured.
+    std::uint64_t largest = 0;
+    for (std::size_t i = 0; i < count; ++i) largest = std::max(largest, kept[i].size);
+    if (planned_size != 0) largest = std::min(largest, planned_size);
+    for (std::size_t i = 0; i < count; ++i) {
+        if (kept[i].size * 2 >= largest)
+            model.costliest_unit = std::max(model.costliest_unit, detail::per_unit(kept[i]));
+    }
+    const double slope = detail::theil_sen_slope(kept, count);
+    // One size, or sizes that disagree about the direction: charge everything per unit.
+    model.slope_is_upper_bound = !(slope > 0);
+    if (model.slope_is_upper_bound) {
+        for (std::size_t i = 0; i < count; ++i)
+            model.bytes_per_unit = std::max(model.bytes_per_unit, detail::per_unit(kept[i]));
+        return model;
+    }
+    model.bytes_per_unit = slope;
+    // A fixed cost is part of every chunk's peak, so it is never above the smallest one: a larger
+    // envelope says the cost is not a line plus noise (a long item multiplies a padded chunk), and
+    // the costliest unit, not the line, then carries the prediction.
+    double envelope = 0, smallest_peak = 1.8e19;
+    for (std::size_t i = 0; i < count; ++i) {
+        envelope = std::max(envelope, static_cast<double>(kept[i].peak_bytes) -
+                                          slope * static_cast<double>(kept[i].size));
+        smallest_peak = std::min(smallest_peak, static_cast<double>(kept[i].peak_bytes));
+    }
+    model.fixed_bytes = static_cast<std::uint64_t>(std::ceil(std::min(envelope, smallest_peak)));
+    return model;
+}
+
+// ---- Evidence: what ran and what failed, at how much free memory -----------------------------
+//
+// The model predicts; evidence bounds the prediction. A size that failed with as much or more
+// free memory than now is not tried again; a size that ran with as little or less free memory is
+// not planned below. When the two disagree (a chunk's cost varies with its items), the newer one
+// wins and the older is dropped. A failure is relaxed (probed once more) only when the model,
+// refitted since, says the failed size now fits where it failed (the work got cheaper), and then
+// only after `relax_after` successes just under it, an interval that doubles with every failure
+// in a row there: a limit that moved is found again, one that did not costs ever fewer probes.
+
+struct Evidence {
+    std::uint64_t failed_size = 0;  // smallest size that failed (0 = none known)
+    std::uint64_t failed_free = 0;  // the free memory it failed with
+    std::uint64_t ran_size = 0;     // largest size that ran (0 = none known)
+    std::uint64_t ran_free = 0;     // the free memory it ran with
+    unsigned successes_under_failure = 0;
+    unsigned failures_in_a_row = 0;
+};
+
+// With a model, a failure is probed again only once the samples that made the model plan it have
+// been replaced: a window of cost_window samples, measured one chunk in eight, is 256 chunks, four
+// times the ceiling path's default relax_after (64).
+inline constexpr unsigned model_relax_factor = 4;
+
+inline std::uint64_t relax_interval(const Evidence& evidence, unsigned relax_after) noexcept {
+    return static_cast<std::uint64_t>(relax_after) << std::min(evidence.failures_in_a_row, 10u);
+}
+
+inline void on_chunk_failed(Evidence& evidence, std::uint64_t size, std::uint64_t free) noexcept {
+    if (evidence.failed_size == 0 || size <= evidence.failed_size) {
+        evidence.failed_size = size;
+        evidence.failed_free = free;
+    }
+    if (evidence.ran_size >= size) evidence.ran_size = evidence.ran_free = 0;  // newer wins
+    evidence.successes_under_failure = 0;
+    if (evidence.failures_in_a_row < 64) ++evidence.failures_in_a_row;
+}
+
+// Returns true when the evidence changed (the caller persists nothing else).
+inline bool on_chunk_ran(Evidence& evidence, std::uint64_t size, std::uint64_t free, bool at_limit,
+                         unsigned relax_after, bool model_fits_failure) noexcept {
+    bool changed = false;
+    if (size > evidence.ran_size || (size == evidence.ran_size && free < evidence.ran_free)) {
+        evidence.ran_size = size;
+        evidence.ran_free = free;
+        changed = true;
+    }
+    if (evidence.failed_size == 0) return changed;
+    if (size >= evidence.failed_size) {  // newer wins: the failure no longer says anything
+        evidence.failed_size = evidence.failed_free = 0;
+        evidence.failures_in_a_row = 0;
+        return true;
+    }
+    if (at_limit && model_fits_failure &&
+        ++evidence.successes_under_failure >= relax_interval(evidence, relax_after)) {
+        evidence.failed_size = evidence.failed_free = 0;  // probe the limit once more
+        evidence.successes_under_failure = 0;
+        return true;
+    }
+    return changed;
+}
+
+// Whether the model says the failed size fits, with the reserve, in what was free when it failed.
+inline bool model_fits_failure(const CostModel& model, const Evidence& evidence,
+                               double reserve_fraction) noexcept {
+    if (!model.known() || evidence.failed_size == 0) return false;
+    const std::uint64_t reserve = scale_bytes(evidence.failed_free, reserve_fraction);
+    return evidence.failed_free > reserve &&
+           model.peak_for(evidence.failed_size) <= evidence.failed_free - reserve;
+}
+
+// ---- Planning a chunk ------------------------------------------------------------------------
+
+struct ChunkPlan {
+    std::uint64_t limit = 0;  // largest size to run now; 0 = no limit known
+    bool from_model = false;  // the cost model set it (else evidence or the ceiling)
+};
+
+// The largest chunk to run with `free_bytes` free now: what the model says fits in free memory
+// less the encode reserve (`reserve_bytes`, see Options::encode_reserve), raised to what ran with
+// as little memory, lowered under what failed with as much (within the reserve). Without a
+// model, the ceiling learned
+// from OOMs (0 = none) is the limit.
+inline ChunkPlan plan_chunk(const CostModel& model, const Evidence& evidence,
+                            std::uint64_t free_bytes, std::uint64_t reserve_bytes,
+                            std::uint64_t ceiling) noexcept {
+    ChunkPlan plan;
+    if (!model.known()) {
+        plan.limit = ceiling;
+        return plan;
+    }
+    plan.from_model = true;
+    const std::uint64_t usable = free_bytes > reserve_bytes ? free_bytes - reserve_bytes : 0;
+    plan.limit = std::max<std::uint64_t>(1, model.largest_within(usable));
+    // What ran is raised to only as far as the model allows without the reserve: the reserve is
+    // for sizes never measured, but a size the model itself says does not fit (its items vary)
+    // is not made safe by having once run.
+    if (evidence.ran_size != 0 && free_bytes >= evidence.ran_free)
+        plan.limit =
+            std::max(plan.limit, std::min(evidence.ran_size, model.largest_within(free_bytes)));
+    // "As much" within the reserve: readings of a device that did not change wander by a few MiB.
+    if (evidence.failed_size != 0 &&
+        free_bytes <= saturating_add(evidence.failed_free, reserve_bytes))
+        plan.limit = std::min(plan.limit, std::max<std::uint64_t>(1, evidence.failed_size - 1));
+    return plan;
+}
+
+// The size of the retry right after `tried` ran out of memory: the plan with the failure now in
+// the evidence and the samples, and never above what the OOM's own numbers (or halving) allow.
+// Halving stays the backstop even when the model plans only a little less: the retry holds the
+// same items, and when one of them made the chunk fail, only a split leaves it behind.
+inline std::uint64_t retry_size(const ChunkPlan& plan, std::uint64_t tried,
+                                const std::optional<OomReport>& report) noexcept {
+    const std::uint64_t backstop = size_after_oom(tried, report);
+    return plan.limit == 0 ? backstop : std::min(plan.limit, backstop);
+}
+
+// ---- Waiting for memory after an OOM ---------------------------------------------------------
+//
+// The reading that let the failed work start was wrong (stale: drivers report late) or the
+// memory was taken since; an unchanged reading is no evidence that it came back. Unless the OOM's
+// own numbers say the request fitted what was free when it failed: then the failure was
+// transient (fragmentation, a race with a freeing thread), and the same reading is to be trusted.
+inline bool failure_was_transient(const std::optional<OomReport>& report) noexcept {
+    return report && report->free_bytes && report->requested_bytes > 0 &&
+           report->requested_bytes <= *report->free_bytes;
+}
+
 // ---- Recovery after an unload ----------------------------------------------------------------
 //
 // Freed VRAM shows up in the driver's report late. Ollama's rule: poll every 250 ms until 75 % of
@@ -1051,6 +1341,19 @@ inline constexpr unsigned grow_after_successes = 8;
 inline constexpr double recovery_fraction = 0.75;
 inline constexpr std::chrono::milliseconds recovery_timeout{5000};
 inline constexpr unsigned forget_failure_after = 64;
+// Kept free beyond an encode chunk's predicted peak, as a fraction of the memory free when the
+// chunk is planned. Not the load's 10 % margin of the device, which covers what grows beside a new
+// model (CUDA context, cuBLAS workspaces, fragmentation around a large new allocation); a chunk
+// runs beside a model already loaded and warmed up, and what its measured peak does not see grows
+// with the chunk: the allocator rounding every block up (to 512 B, large blocks to 2 MiB
+// segments) and the spread of its peak from run to run. 2 % of what the chunk is planned into
+// covers both with room, and costs about 2 % of the largest batch (a share of the device would
+// cost more, the less is free).
+inline constexpr double encode_reserve = 0.02;
+// Events below this level are neither formatted nor sent to the sink.
+inline constexpr Level log_level = Level::info;
+// Most items allowed alone at once: far above any real device, low enough to be a semaphore count.
+inline constexpr std::size_t max_single_item_concurrency = 1 << 20;
 }  // namespace defaults
 
 struct Options {
@@ -1069,6 +1372,8 @@ struct Options {
         defaults::grow_after_successes;  // successes before growing back
     unsigned forget_failure_after =
         defaults::forget_failure_after;  // successes before retrying a size that failed
+    // Kept free beside an encode chunk's predicted peak, fraction of what is free, [0, 1).
+    double encode_reserve = defaults::encode_reserve;
     double recovery_fraction = defaults::recovery_fraction;  // of the expected freed bytes, (0, 1]
     std::chrono::milliseconds recovery_timeout =
         defaults::recovery_timeout;  // then trust the estimate
@@ -1077,8 +1382,9 @@ struct Options {
     std::string profile_dir;
     bool persist = true;  // false: learn in memory only
     LogSink log = stderr_sink();
-    ClockFn clock = system_clock();  // every wait reads this clock ...
-    SleepFn sleep = system_sleep();  // ... and waits through this sleep
+    Level log_level = defaults::log_level;  // the least level formatted and sent to `log`
+    ClockFn clock = system_clock();         // every wait reads this clock ...
+    SleepFn sleep = system_sleep();         // ... and waits through this sleep
     // Host-wide admission across processes (host.hpp); null = this process only.
     std::shared_ptr<Coordinator> coordinator;
 
@@ -1101,7 +1407,13 @@ struct Options {
         if (poll_interval.count() <= 0) fail("poll_interval", "must be positive");
         if (admission_wait.count() < 0) fail("admission_wait", "must not be negative");
         if (single_item_attempts < 1) fail("single_item_attempts", "must be at least 1");
-        if (single_item_concurrency < 1) fail("single_item_concurrency", "must be at least 1");
+        if (single_item_concurrency < 1 ||
+            single_item_concurrency > defaults::max_single_item_concurrency)
+            fail("single_item_concurrency",
+                 "must be in [1, " + std::to_string(defaults::max_single_item_concurrency) +
+                     "], got " + std::to_string(single_item_concurrency));
+        if (!finite(encode_reserve) || encode_reserve < 0 || encode_reserve >= 1)
+            fail("encode_reserve", "must be in [0, 1), got " + std::to_string(encode_reserve));
         if (grow_after_successes < 1) fail("grow_after_successes", "must be at least 1");
         if (forget_failure_after < 1) fail("forget_failure_after", "must be at least 1");
         if (!finite(recovery_fraction) || recovery_fraction <= 0 || recovery_fraction > 1)
@@ -1142,21 +1454,40 @@ namespace detail {
 // A counter that many threads bump on every call without sharing a cache line: each thread adds
 // to its own stripe, a reader sums them. Two cores bumping one atomic pay a cache-line transfer
 // per call (100+ ns); on the fast path that would cost more than everything else together.
+//
+// Each stripe counts what was added and what was taken away separately, and sum() reads every
+// "taken" before any "added". A unit taken away was added before it was taken, so the sum never
+// reads below the least the true count held while sum() ran: a count that stays >= 1 throughout
+// (one call hands over to the next) never reads 0. It can read above the truth (adds that land
+// during the read), which for "is anyone else in flight?" is the careful side.
 class StripedCounter {
    public:
     void add(std::int64_t n) noexcept {
-        stripes_[stripe()].value.fetch_add(n, std::memory_order_relaxed);
+        Stripe& mine = stripes_[stripe()];
+        if (n >= 0)
+            mine.added.fetch_add(static_cast<std::uint64_t>(n), std::memory_order_seq_cst);
+        else
+            mine.taken.fetch_add(static_cast<std::uint64_t>(-(n + 1)) + 1,
+                                 std::memory_order_seq_cst);
+    }
+    // What was ever added, for a counter that only grows (half the loads of sum()).
+    std::uint64_t added() const noexcept {
+        std::uint64_t added = 0;
+        for (const Stripe& stripe : stripes_) added += stripe.added.load(std::memory_order_seq_cst);
+        return added;
     }
     std::int64_t sum() const noexcept {
-        std::int64_t total = 0;
-        for (const Stripe& stripe : stripes_) total += stripe.value.load(std::memory_order_relaxed);
-        return total;
+        std::uint64_t taken = 0, added = 0;
+        for (const Stripe& stripe : stripes_) taken += stripe.taken.load(std::memory_order_seq_cst);
+        for (const Stripe& stripe : stripes_) added += stripe.added.load(std::memory_order_seq_cst);
+        return static_cast<std::int64_t>(added - taken);
     }
 
    private:
     static constexpr std::size_t stripe_count = 16;
     struct alignas(64) Stripe {
-        std::atomic<std::int64_t> value{0};
+        std::atomic<std::uint64_t> added{0};
+        std::atomic<std::uint64_t> taken{0};
     };
     static std::size_t stripe() noexcept {
         static std::atomic<std::size_t> next{0};
@@ -1376,14 +1707,15 @@ struct hash<vramguard::Key> {
 // ---- end <vramguard/key.hpp> ----
 
 // ---- begin <vramguard/profile.hpp> ----
-// What work costs, learned per Key and kept across runs: peak bytes, peak bytes per item, and the
-// batch ceiling / weight budget that last worked.
+// What work costs, learned per Key and kept across runs: the newest measured peaks of loads and
+// encode chunks (a bounded window, so a wrong reading ages out), and the batch ceiling / weight
+// budget that last worked.
 //
 // Files are shared by every process on the host (pre-forked workers, restarts), so:
 //  - one small text file per key, replaced by write-temp + fsync + rename, so a reader sees the old
 //    file or the new one, never half of either, and never needs a lock;
-//  - read-modify-write runs under flock on "<dir>/.lock", so "the higher peak wins" holds between
-//    processes too, not only between threads;
+//  - read-modify-write runs under flock on "<dir>/.lock", so the samples of every process are
+//    merged (the newest window of all of them), not only those of this process's threads;
 //  - nothing here throws or stops the caller over the disk: an unwritable directory degrades to
 //    memory-only with one warning, and a damaged file is ignored with one warning and rewritten.
 
@@ -1517,6 +1849,7 @@ VRAMGUARD_END_NAMESPACE
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -1533,38 +1866,87 @@ VRAMGUARD_END_NAMESPACE
 
 VRAMGUARD_BEGIN_NAMESPACE
 
-// What is known about one key; 0 means "not known yet".
+// One measured run, as the profile keeps it: what ran (`size`: items or weight units, 0 for a
+// load), what it took at its peak, and when (a wall-clock stamp in ns, which orders samples from
+// every process and tells a sample already merged from a new one).
+struct ProfileSample {
+    std::uint64_t stamp = 0;
+    std::uint64_t size = 0;
+    std::uint64_t peak_bytes = 0;
+
+    friend bool operator==(const ProfileSample& a, const ProfileSample& b) noexcept {
+        return a.stamp == b.stamp && a.size == b.size && a.peak_bytes == b.peak_bytes;
+    }
+    friend bool operator<(const ProfileSample& a, const ProfileSample& b) noexcept {
+        if (a.stamp != b.stamp) return a.stamp < b.stamp;
+        if (a.size != b.size) return a.size < b.size;
+        return a.peak_bytes < b.peak_bytes;
+    }
+};
+
+// Samples kept per key and kind, the newest: a wrong reading (another process's allocation seen
+// as ours) ages out after this many newer ones instead of winning for ever.
+inline constexpr std::size_t profile_window = 32;
+
+// What is known about one key; 0 or empty means "not known yet".
 struct Profile {
-    std::uint64_t peak_bytes = 0;           // highest measured peak of one run (load, encode call)
-    std::uint64_t peak_bytes_per_item = 0;  // highest measured peak per item (encode)
-    std::uint64_t batch_ceiling = 0;        // largest batch (items) that last worked
-    std::uint64_t weight_budget = 0;        // largest batch weight (tokens...) that last worked
+    Profile() = default;
+    Profile(std::uint64_t peak, std::uint64_t per_item, std::uint64_t ceiling, std::uint64_t budget)
+        : peak_bytes(peak),
+          peak_bytes_per_item(per_item),
+          batch_ceiling(ceiling),
+          weight_budget(budget) {}
+
+    std::uint64_t peak_bytes = 0;               // highest peak of the recent loads (or runs)
+    std::uint64_t peak_bytes_per_item = 0;      // highest peak per item of the recent encode chunks
+    std::uint64_t batch_ceiling = 0;            // largest batch (items) that last worked
+    std::uint64_t weight_budget = 0;            // largest batch weight (tokens...) that last worked
+    std::vector<ProfileSample> load_samples;    // oldest first, at most profile_window each
+    std::vector<ProfileSample> item_samples;    // encode chunks sized in items
+    std::vector<ProfileSample> weight_samples;  // encode chunks sized in weight units
 
     friend bool operator==(const Profile& a, const Profile& b) noexcept {
         return a.peak_bytes == b.peak_bytes && a.peak_bytes_per_item == b.peak_bytes_per_item &&
-               a.batch_ceiling == b.batch_ceiling && a.weight_budget == b.weight_budget;
+               a.batch_ceiling == b.batch_ceiling && a.weight_budget == b.weight_budget &&
+               a.load_samples == b.load_samples && a.item_samples == b.item_samples &&
+               a.weight_samples == b.weight_samples;
     }
     friend bool operator!=(const Profile& a, const Profile& b) noexcept { return !(a == b); }
 };
 
 namespace detail {
 
-// File format, version 1 (text, so an operator can read and delete it; every line ends in '\n'):
-//   vramguard-profile 1
+// File format, version 2 (text, so an operator can read and delete it; every line ends in '\n'):
+//   vramguard-profile 2
 //   key <16 hex digits>
 //   label <Key::label(), already escaped to one printable line>
 //   peak_bytes <decimal>
 //   peak_bytes_per_item <decimal>
 //   batch_ceiling <decimal>
 //   weight_budget <decimal>
+//   samples <count>
+//   <load|items|weight> <stamp> <size> <peak bytes>      (count lines, each kind oldest first)
 //   checksum <FNV-1a 64 of every byte above, 16 hex digits>
-inline constexpr std::string_view profile_magic = "vramguard-profile 1";
+// Version 1 is the same without the samples; it is still read (its peaks become the first
+// samples' upper bounds, see Guard), and the next record rewrites it as version 2.
+inline constexpr std::string_view profile_magic = "vramguard-profile 2";
+inline constexpr std::string_view profile_magic_v1 = "vramguard-profile 1";
 // Far above any real file; stops a stray huge file from being read into memory.
 inline constexpr std::size_t max_profile_file_bytes = 1 << 20;
 
+struct SampleKind {
+    std::string_view name;
+    std::vector<ProfileSample> Profile::*samples;
+};
+inline constexpr SampleKind sample_kinds[] = {
+    {"load", &Profile::load_samples},
+    {"items", &Profile::item_samples},
+    {"weight", &Profile::weight_samples},
+};
+
 inline std::string serialize_profile(const Key& key, const Profile& profile) {
     std::string text;
-    text.reserve(160 + key.label().size());
+    text.reserve(200 + key.label().size() + 64 * profile_window);
     text.append(profile_magic).append("\n");
     text.append("key ").append(key.hex()).append("\n");
     text.append("label ").append(key.label()).append("\n");
@@ -1573,8 +1955,47 @@ inline std::string serialize_profile(const Key& key, const Profile& profile) {
     text.append("\n");
     text.append("batch_ceiling ").append(std::to_string(profile.batch_ceiling)).append("\n");
     text.append("weight_budget ").append(std::to_string(profile.weight_budget)).append("\n");
+    std::size_t count = 0;
+    for (const SampleKind& kind : sample_kinds) count += (profile.*kind.samples).size();
+    text.append("samples ").append(std::to_string(count)).append("\n");
+    for (const SampleKind& kind : sample_kinds) {
+        for (const ProfileSample& sample : profile.*kind.samples) {
+            text.append(kind.name).append(" ").append(std::to_string(sample.stamp)).append(" ");
+            text.append(std::to_string(sample.size)).append(" ");
+            text.append(std::to_string(sample.peak_bytes)).append("\n");
+        }
+    }
     append_checksum_line(text);
     return text;
+}
+
+// One "<kind> <stamp> <size> <peak>" line into its kind's list; false for anything this code
+// would not have written: fields not separated by exactly one space, a kind before one already
+// read (they are written load, items, weight), a sample not strictly newer than the one before,
+// more than a window of a kind. `kind_index` is the index of the kind read last (0 to start).
+inline bool parse_sample_line(std::string_view line, Profile& profile, std::size_t& kind_index) {
+    if (std::count(line.begin(), line.end(), ' ') != 3) return false;
+    std::string_view fields[4];
+    for (std::string_view& field : fields) {
+        const std::size_t space = line.find(' ');
+        field = line.substr(0, space);
+        line = space == std::string_view::npos ? std::string_view() : line.substr(space + 1);
+        if (field.empty()) return false;
+    }
+    ProfileSample sample;
+    if (!parse_decimal_u64(fields[1], sample.stamp) || !parse_decimal_u64(fields[2], sample.size) ||
+        !parse_decimal_u64(fields[3], sample.peak_bytes))
+        return false;
+    for (std::size_t k = kind_index; k < std::size(sample_kinds); ++k) {
+        if (fields[0] != sample_kinds[k].name) continue;
+        auto& list = profile.*sample_kinds[k].samples;
+        if (list.size() >= profile_window || (!list.empty() && !(list.back() < sample)))
+            return false;
+        list.push_back(sample);
+        kind_index = k;
+        return true;
+    }
+    return false;
 }
 
 // Parses a profile file written for the key whose hex() is `expected_hex`. Returns nothing, with
@@ -1590,7 +2011,8 @@ inline std::optional<Profile> parse_profile(std::string_view text, std::string_v
 
     std::string_view line;
     if (!lines.next(line)) return fail("file is empty or truncated");
-    if (line != profile_magic) {
+    const bool version1 = line == profile_magic_v1;
+    if (line != profile_magic && !version1) {
         if (line.substr(0, 18) == "vramguard-profile ")
             return fail("unsupported format version (expected \"" + std::string(profile_magic) +
                         "\")");
@@ -1611,6 +2033,16 @@ inline std::optional<Profile> parse_profile(std::string_view text, std::string_v
         std::string_view digits;
         if (!lines.next_field(number.first, digits) || !parse_decimal_u64(digits, *number.second))
             return fail("truncated or malformed " + std::string(number.first) + " line");
+    }
+    std::string_view digits;
+    std::uint64_t count = 0;
+    if (!version1 && (!lines.next_field("samples", digits) || !parse_decimal_u64(digits, count) ||
+                      count > std::size(sample_kinds) * profile_window))
+        return fail("truncated or malformed samples line");
+    std::size_t kind_index = 0;
+    for (std::uint64_t i = 0; i < count; ++i) {
+        if (!lines.next(line) || !parse_sample_line(line, profile, kind_index))
+            return fail("truncated or malformed sample line " + std::to_string(i + 1));
     }
     const std::size_t checked_bytes = lines.position();
     if (!lines.next_field("checksum", checksum))
@@ -1755,6 +2187,26 @@ inline pid_t temp_file_pid(std::string_view name) noexcept {
     return static_cast<pid_t>(pid);
 }
 
+// flock(LOCK_EX) that gives up after `timeout` (errno ETIMEDOUT) instead of waiting for ever on a
+// holder that hangs (a process stopped under a debugger, a hung NFS server): polled, because flock
+// has no timed form. The caller's work goes on without the file.
+inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::chrono::microseconds pause{100};
+    for (;;) {
+        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return true;
+        if (errno != EWOULDBLOCK) return false;
+        if (std::chrono::steady_clock::now() >= deadline) {
+            errno = ETIMEDOUT;
+            return false;
+        }
+        timespec nap{0, static_cast<long>(pause.count()) * 1000};
+        ::nanosleep(&nap, nullptr);
+        // Short pauses: a poller sleeping long loses the lock to ones that keep trying.
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
+    }
+}
+
 // Numbers temporary files uniquely within this process (the pid separates processes).
 inline std::uint64_t next_temp_counter() noexcept {
     static std::atomic<std::uint64_t> counter{0};
@@ -1762,6 +2214,54 @@ inline std::uint64_t next_temp_counter() noexcept {
 }
 
 inline std::string errno_text(int error) { return std::strerror(error); }
+
+// A wall-clock stamp in ns, strictly increasing within the process (two samples recorded in one
+// tick stay two samples when merged).
+inline std::uint64_t next_sample_stamp() noexcept {
+    static std::atomic<std::uint64_t> last{0};
+    timespec now{};
+    ::clock_gettime(CLOCK_REALTIME, &now);
+    std::uint64_t stamp = static_cast<std::uint64_t>(now.tv_sec) * 1000000000u +
+                          static_cast<std::uint64_t>(now.tv_nsec);
+    std::uint64_t seen = last.load(std::memory_order_relaxed);
+    do {
+        stamp = std::max(stamp, seen + 1);
+    } while (!last.compare_exchange_weak(seen, stamp, std::memory_order_relaxed));
+    return stamp;
+}
+
+// `into` becomes the newest profile_window samples of both lists, oldest first, each once.
+inline void merge_samples(std::vector<ProfileSample>& into,
+                          const std::vector<ProfileSample>& from) {
+    into.insert(into.end(), from.begin(), from.end());
+    std::sort(into.begin(), into.end());
+    into.erase(std::unique(into.begin(), into.end()), into.end());
+    if (into.size() > profile_window)
+        into.erase(into.begin(), into.end() - static_cast<std::ptrdiff_t>(profile_window));
+}
+
+// The scalar peaks follow the samples, so they age out with them; a version 1 file's scalars
+// stand until samples replace them.
+inline void derive_peaks(Profile& profile) {
+    if (!profile.load_samples.empty() || !profile.item_samples.empty()) profile.peak_bytes = 0;
+    for (const auto* samples : {&profile.load_samples, &profile.item_samples})
+        for (const ProfileSample& s : *samples)
+            profile.peak_bytes = std::max(profile.peak_bytes, s.peak_bytes);
+    if (!profile.item_samples.empty()) {
+        profile.peak_bytes_per_item = 0;
+        for (const ProfileSample& s : profile.item_samples)
+            if (s.size > 0)
+                profile.peak_bytes_per_item =
+                    std::max(profile.peak_bytes_per_item,
+                             s.peak_bytes / s.size + (s.peak_bytes % s.size != 0));
+    }
+}
+
+inline void merge_profile_samples(Profile& into, const Profile& from) {
+    for (const SampleKind& kind : sample_kinds)
+        merge_samples(into.*kind.samples, from.*kind.samples);
+    derive_peaks(into);
+}
 
 }  // namespace detail
 
@@ -1771,6 +2271,8 @@ class ProfileCache {
    public:
     // A temporary file older than this belongs to no live write, whatever its pid says.
     static constexpr std::time_t stale_temp_file_seconds = 3600;
+    // The longest wait for another process's write to the directory; then this one is skipped.
+    static constexpr std::chrono::milliseconds lock_timeout{5000};
 
     // `directory` "" means default_directory(). `persist` false keeps everything in memory and
     // never touches the disk.
@@ -1825,15 +2327,23 @@ class ProfileCache {
     }
     Profile get(const Key& key) { return find(key).value_or(Profile{}); }
 
-    // A higher peak wins. With `items`, the per-item peak ceil(peak / items) is kept the same way.
+    // Records one measured peak: a load's, or with `items` an encode chunk's of that many items.
+    // The profile keeps the newest profile_window of each; peak_bytes (peak_bytes_per_item) is the
+    // highest among them, so a wrong reading ages out instead of winning for ever.
+    // A zero peak is no measurement (the work ran inside memory already held): nothing is kept.
     void record_peak(const Key& key, std::uint64_t peak_bytes, std::uint64_t items = 0) {
+        if (peak_bytes == 0) return;
+        const ProfileSample sample{detail::next_sample_stamp(), items, peak_bytes};
+        record_samples(key, items == 0 ? &Profile::load_samples : &Profile::item_samples,
+                       {&sample, &sample + 1});
+    }
+    // Records encode chunks' samples (items or weight units) at once: one write for many.
+    void record_samples(const Key& key, std::vector<ProfileSample> Profile::*kind,
+                        const std::vector<ProfileSample>& samples) {
+        if (samples.empty()) return;
         update(key, [&](Entry& entry) {
-            Profile& profile = entry.profile;
-            profile.peak_bytes = std::max(profile.peak_bytes, peak_bytes);
-            if (items > 0) {
-                const std::uint64_t per_item = peak_bytes / items + (peak_bytes % items != 0);
-                profile.peak_bytes_per_item = std::max(profile.peak_bytes_per_item, per_item);
-            }
+            detail::merge_samples(entry.profile.*kind, samples);
+            detail::derive_peaks(entry.profile);
         });
     }
     // The latest wins: it is what just worked, and memory pressure changes both ways.
@@ -1943,13 +2453,19 @@ class ProfileCache {
         return std::nullopt;
     }
 
-    // Read-merge-write under the directory lock: peaks take the maximum of this process's and the
-    // file's; a ceiling or budget recorded here since the last write replaces the file's.
+    // Read-merge-write under the directory lock: the samples of both (the newest window); a
+    // ceiling or budget recorded here since the last write replaces the file's.
     void write_through(const Key& key, std::vector<std::string>& warnings) {
         if (!directory_usable_ || degraded_.load(std::memory_order_relaxed)) return;
         std::lock_guard<std::mutex> io_lock(io_mutex_);
         if (degraded_.load(std::memory_order_relaxed)) return;
         detail::FileDescriptor lock_file = lock_directory();
+        if (!lock_file && errno == ETIMEDOUT) {  // kept in memory; the next record writes it
+            warnings.push_back("profile directory " + directory_ + " stayed locked for " +
+                               std::to_string(lock_timeout.count()) + " ms; " + key.describe() +
+                               " is written with its next record");
+            return;
+        }
         if (!lock_file) {
             degrade("cannot lock " + directory_ + "/.lock (" + detail::errno_text(errno) + ")",
                     warnings);
@@ -1967,6 +2483,7 @@ class ProfileCache {
                 merged.peak_bytes = std::max(merged.peak_bytes, on_disk->peak_bytes);
                 merged.peak_bytes_per_item =
                     std::max(merged.peak_bytes_per_item, on_disk->peak_bytes_per_item);
+                detail::merge_profile_samples(merged, *on_disk);
                 if (!entry.ceiling_dirty) merged.batch_ceiling = on_disk->batch_ceiling;
                 if (!entry.budget_dirty) merged.weight_budget = on_disk->weight_budget;
             }
@@ -1988,6 +2505,7 @@ class ProfileCache {
         entry.profile.peak_bytes = std::max(entry.profile.peak_bytes, merged.peak_bytes);
         entry.profile.peak_bytes_per_item =
             std::max(entry.profile.peak_bytes_per_item, merged.peak_bytes_per_item);
+        detail::merge_profile_samples(entry.profile, merged);
         if (!entry.ceiling_dirty) entry.profile.batch_ceiling = merged.batch_ceiling;
         if (!entry.budget_dirty) entry.profile.weight_budget = merged.weight_budget;
     }
@@ -2048,7 +2566,7 @@ class ProfileCache {
         detail::FileDescriptor fd(detail::retry_eintr(
             [&] { return ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644); }));
         if (!fd) return fd;
-        if (detail::retry_eintr([&] { return ::flock(fd.get(), LOCK_EX); }) != 0) {
+        if (!detail::flock_within(fd.get(), lock_timeout)) {
             const int error = errno;
             fd.reset();
             errno = error;
@@ -2228,10 +2746,13 @@ VRAMGUARD_END_NAMESPACE
 //
 // It behaves like a device driven by PyTorch's caching allocator: a freed block is not given back
 // to the driver but kept *cached* for reuse, so the driver's view (cudaMemGetInfo) counts it as
-// used while this process may still reuse it. A cache of many small blocks cannot serve one big
-// request, and nothing flushes it except release_cached(): a guard that forgets release_cached()
-// after an OOM keeps failing here, as it would on a real GPU. An optional report lag serves
-// readings as they were some time ago, so a guard that trusts a stale reading fails here too.
+// used while this process may still reuse it. Like that allocator, an allocation that finds no
+// cached block to reuse and too little free in the driver first frees the cache and tries once
+// more before it raises the OOM, so fragmentation alone never fails an allocation. A strict mode
+// (set_flush_cache_before_oom(false)) skips that retry: a cache of many small blocks then cannot
+// serve one big request until release_cached(), which makes a guard that forgets release_cached()
+// after an OOM fail visibly. An optional report lag serves readings as they were some time ago, so
+// a guard that trusts a stale reading fails here too.
 
 
 #include <algorithm>
@@ -2287,8 +2808,8 @@ class SimulatedDevice {
 
         // The bytes asked for.
         std::uint64_t bytes() const noexcept { return bytes_; }
-        // The block actually held: larger than bytes() when a bigger cached block was reused. This
-        // is what allocated_bytes() counts.
+        // The block actually held, what allocated_bytes() counts: bytes(), since a bigger cached
+        // block is split for the request as the caching allocator does.
         std::uint64_t block_bytes() const noexcept { return block_.empty() ? 0 : block_.value(); }
         explicit operator bool() const noexcept { return device_ != nullptr; }
 
@@ -2325,10 +2846,10 @@ class SimulatedDevice {
     }
 
     // Takes `bytes` from the device. 0 bytes gives an empty Allocation and changes nothing.
-    // Reuses the best-fitting cached block (the smallest with size >= bytes; it keeps its size);
-    // otherwise takes a new block from what the driver has free. Throws OutOfMemory (allocator
-    // kind) when neither works. It never flushes the cache by itself: that is the caller's
-    // release_cached() job, as with torch.
+    // Reuses the best-fitting cached block (the smallest with size >= bytes; what the request
+    // does not need of it stays cached); otherwise takes a new block from what the driver has
+    // free, freeing the cache first when the driver has too little (not in strict mode). Throws
+    // OutOfMemory (allocator kind) when neither works.
     Allocation allocate(std::uint64_t bytes) {
         if (bytes == 0) return Allocation();
         std::lock_guard<std::mutex> lock(mutex_);
@@ -2339,8 +2860,17 @@ class SimulatedDevice {
         BlockSet::node_type block;
         const auto cached = cache_.lower_bound(bytes);
         if (cached != cache_.end()) {
+            // Split like the caching allocator: the request takes what it needs, the rest stays
+            // cached (the node is made first, where failing changes nothing).
+            BlockSet rest;
+            if (*cached > bytes) rest.insert(*cached - bytes);
             block = cache_.extract(cached);
             cached_ -= block.value();
+            if (!rest.empty()) {
+                block.value() = bytes;
+                cached_ += *rest.begin();
+                cache_.insert(rest.extract(rest.begin()));
+            }
         } else {
             if (bytes > driver_free_locked() && flush_cache_before_oom_ && cached_ > 0) {
                 cache_.clear();
@@ -2353,6 +2883,7 @@ class SimulatedDevice {
         }
         allocated_ += block.value();
         peak_ = std::max(peak_, allocated_ + cached_);
+        peak_allocated_ = std::max(peak_allocated_, allocated_);
         ++allocation_count_;
         ++live_allocations_;
         record_locked();
@@ -2379,9 +2910,8 @@ class SimulatedDevice {
     }
 
     // PyTorch's caching allocator frees its cached blocks and retries before it raises an OOM, so
-    // fragmentation alone never fails an allocation there. Off by default: the strict device makes
-    // a guard that forgets release_cached() fail visibly; demos and benchmarks turn it on to model
-    // PyTorch faithfully.
+    // fragmentation alone never fails an allocation there. On by default; off is the strict
+    // device, on which a guard that forgets release_cached() after an OOM keeps failing.
     void set_flush_cache_before_oom(bool flush) {
         std::lock_guard<std::mutex> lock(mutex_);
         flush_cache_before_oom_ = flush;
@@ -2409,15 +2939,19 @@ class SimulatedDevice {
         return external_;
     }
 
-    // Peak *reserved* bytes (allocated + cached), like torch's max_memory_reserved(): peak
-    // allocated undercounts what the process really took from the device.
+    // Peaks as vramguard::torch::Probe reads them: the larger of the growth in reserved bytes
+    // (allocated + cached, torch's max_memory_reserved(): what work really took from the device)
+    // and the growth in allocated bytes (work that ran inside blocks the cache already held, where
+    // reserved bytes do not move), both since reset_peak(), on the reserved scale.
     void reset_peak() {
         std::lock_guard<std::mutex> lock(mutex_);
         peak_ = allocated_ + cached_;
+        peak_allocated_ = allocated_;
+        cached_at_reset_ = cached_;
     }
     std::uint64_t peak_bytes() const {
         std::lock_guard<std::mutex> lock(mutex_);
-        return peak_;
+        return std::max(peak_, peak_allocated_ + cached_at_reset_);
     }
 
     // Exact current books (never lagged).
@@ -2573,13 +3107,15 @@ class SimulatedDevice {
     std::uint64_t allocated_ = 0;
     std::uint64_t cached_ = 0;
     std::uint64_t external_ = 0;
-    std::uint64_t peak_ = 0;
+    std::uint64_t peak_ = 0;  // reserved
+    std::uint64_t peak_allocated_ = 0;
+    std::uint64_t cached_at_reset_ = 0;
     std::uint64_t release_cached_calls_ = 0;
     std::uint64_t oom_count_ = 0;
     std::uint64_t allocation_count_ = 0;
     std::uint64_t live_allocations_ = 0;
     std::uint64_t injected_failures_ = 0;
-    bool flush_cache_before_oom_ = false;
+    bool flush_cache_before_oom_ = true;
     Duration lag_{Duration::zero()};
     ClockFn clock_;
     std::deque<Snapshot> history_;
@@ -2972,31 +3508,173 @@ class SystemMemoryProbe {
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/system_memory.hpp> ----
 
-// ---- begin <vramguard/guard.hpp> ----
-// Guard<Probe>: the two loops. load() admits, measures and retries a model load; encode() runs a
-// batched computation in chunks that halve on OOM down to single items, and remembers what fit.
-// One guard per device, shared by every thread that uses the device.
+// ---- begin <vramguard/events.hpp> ----
+// What a guard does, as typed events: the loops say what happened (kind, key, sizes, attempt,
+// error), Stats counts the events, and one formatter turns an event into the sentence the log
+// gets, only when the sink wants that level (spdlog's should_log, resilience4j's lazy events).
 
 
-#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
-#include <cstdio>
-#include <functional>
-#include <iterator>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <stdexcept>
+#include <exception>
 #include <string>
-#include <type_traits>
-#include <unordered_map>
-#include <utility>
-#include <vector>
 
 VRAMGUARD_BEGIN_NAMESPACE
 
-// A no-copy view of a contiguous run of the caller's items, handed to an encode's batch function.
+enum class EventKind {
+    oom_caught,      // an allocator OOM was caught and the cache emptied (the next event says why)
+    driver_oom,      // a driver-level OOM: rethrown, not retried
+    chunk_shrunk,    // an encode chunk ran out of memory; the next one is smaller
+    item_retry,      // an item ran out of memory alone; waiting for memory to retry it
+    item_exclusive,  // an item ran out of memory beside other runs of the guard: retried alone
+    item_gave_up,    // an item ran out of memory alone too often: OomExhausted
+    load_retry,      // a load ran out of memory; waiting for memory to retry it
+    load_gave_up,    // a load ran out of memory on its last attempt: OomExhausted
+    admission_wait,  // admission said no; waiting up to admission_wait
+    waited,          // a retry or an admission waited for memory
+    rejected,        // admission refused: InsufficientMemory (its message says why)
+    single_item,     // a chunk of one item went through the device's single-item turn
+    grew,            // the batch limit grew (a probe up after successes, or memory came back)
+};
+
+struct Event {
+    Event(EventKind kind_, const Key& key_, const char* work_) noexcept
+        : kind(kind_), key(key_), work(work_) {}
+
+    EventKind kind;
+    const Key& key;
+    const char* work;          // "load" or "encode"
+    std::uint64_t size = 0;    // the chunk's items
+    std::uint64_t weight = 0;  // the chunk's weight (weighted encode), else 0
+    std::uint64_t next = 0;    // the next chunk's limit (items or weight)
+    std::size_t item = 0;      // an item's index in the call's input
+    unsigned attempt = 0;      // this attempt (1-based)
+    unsigned attempts = 0;     // of how many
+    std::uint64_t bytes = 0;   // memory waited for
+    std::chrono::milliseconds wait{0};
+    const std::exception_ptr* error = nullptr;
+};
+
+inline Level level_of(EventKind kind) noexcept {
+    switch (kind) {
+        case EventKind::oom_caught:
+        case EventKind::waited:
+        case EventKind::rejected:
+        case EventKind::single_item: return Level::debug;
+        case EventKind::admission_wait:
+        case EventKind::grew: return Level::info;
+        default: return Level::warn;
+    }
+}
+
+// The counter an event bumps, if any.
+inline std::atomic<std::uint64_t>* counter_for(detail::AtomicStats& stats,
+                                               EventKind kind) noexcept {
+    switch (kind) {
+        case EventKind::oom_caught:
+        case EventKind::driver_oom: return &stats.ooms;
+        case EventKind::chunk_shrunk: return &stats.halvings;
+        case EventKind::item_retry:
+        case EventKind::item_exclusive:
+        case EventKind::load_retry: return &stats.retries;
+        case EventKind::waited:
+        case EventKind::admission_wait: return &stats.waits;
+        case EventKind::rejected: return &stats.rejections;
+        case EventKind::single_item: return &stats.single_item_calls;
+        case EventKind::grew: return &stats.grow_backs;
+        default: return nullptr;
+    }
+}
+
+namespace detail {
+
+inline std::string error_text(const Event& event) {
+    return event.error ? " (" + describe(*event.error) + ")" : std::string();
+}
+
+inline std::string chunk_text(const Event& event) {
+    std::string text = "a batch of " + std::to_string(event.size) + " items";
+    if (event.weight > 0) text += " (weight " + std::to_string(event.weight) + ")";
+    return text;
+}
+
+}  // namespace detail
+
+// The sentence for an event; empty for events that only count.
+inline std::string format_event(const Event& event) {
+    const std::string subject = std::string(event.work) + " " + event.key.describe() + ": ";
+    const std::string attempt =
+        std::to_string(event.attempt) + " of " + std::to_string(event.attempts);
+    switch (event.kind) {
+        case EventKind::driver_oom:
+            return subject + "driver-level out of memory" + detail::error_text(event) +
+                   "; the CUDA context may be unusable, so it is not retried";
+        case EventKind::chunk_shrunk:
+            return subject + "out of memory on " + detail::chunk_text(event) +
+                   "; released the allocator cache, retrying at " +
+                   (event.weight > 0 ? "weight " : "") + std::to_string(event.next) +
+                   detail::error_text(event);
+        case EventKind::item_retry:
+            return subject + "item " + std::to_string(event.item) +
+                   " ran out of memory alone (attempt " + attempt +
+                   "); released the allocator cache, waiting for memory" +
+                   detail::error_text(event);
+        case EventKind::item_exclusive:
+            return subject + "item " + std::to_string(event.item) +
+                   " ran out of memory while other batches of this guard held memory; released "
+                   "the allocator cache, retrying it alone once they finish" +
+                   detail::error_text(event);
+        case EventKind::item_gave_up:
+            return subject + "item " + std::to_string(event.item) + " ran out of memory alone " +
+                   std::to_string(event.attempt) + " times; giving up on it";
+        case EventKind::load_retry:
+            return subject + "out of memory on attempt " + attempt +
+                   "; released the allocator cache, waiting up to " +
+                   std::to_string(event.wait.count()) + " ms for " + format_bytes(event.bytes) +
+                   " to be free" + detail::error_text(event);
+        case EventKind::load_gave_up:
+            return subject + "out of memory on attempt " + std::to_string(event.attempt) +
+                   ", giving up" + detail::error_text(event);
+        case EventKind::admission_wait:
+            return subject + "waiting up to " + std::to_string(event.wait.count()) + " ms for " +
+                   format_bytes(event.bytes) + " to be free";
+        case EventKind::grew:
+            return subject + "memory allows larger batches: limit " + std::to_string(event.next) +
+                   (event.weight > 0 ? " (weight)" : " items");
+        default: return std::string();
+    }
+}
+
+namespace detail {
+
+// Counts the event and, when the sink wants its level, formats and sends it.
+inline void publish(AtomicStats& stats, const LogSink& sink, Level least, const Event& event) {
+    if (auto* counter = counter_for(stats, event.kind)) AtomicStats::bump(*counter);
+    const Level level = level_of(event.kind);
+    if (!sink || level < least) return;
+    const std::string message = format_event(event);
+    if (!message.empty()) emit(sink, level, message);
+}
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/events.hpp> ----
+
+// ---- begin <vramguard/batch_view.hpp> ----
+// What an encode's batch function is handed: a no-copy view of a contiguous run of the caller's
+// items; and padded(), which marks a weight function whose batches are padded to their heaviest
+// item.
+
+
+#include <cstddef>
+#include <iterator>
+#include <type_traits>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
 template <class It>
 class BatchView {
    public:
@@ -3039,6 +3717,205 @@ Padded<std::decay_t<W>> padded(W&& weight) {
     return {std::forward<W>(weight)};
 }
 
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/batch_view.hpp> ----
+
+// ---- begin <vramguard/key_memory.hpp> ----
+// What a guard has learned about one key, shared by every thread using the key: for encodes, per
+// sizing mode (items, or weight units), the recent measured chunks and the cost model fitted to
+// them, the evidence of what ran and what failed, and (for probes that measure no peaks) the
+// ceiling learned from OOMs; for loads, the recent peaks. Changes happen under one mutex and are
+// published to atomics, which the fast path reads without the lock (a plan may then mix two
+// consecutive states, each field of which was true a moment ago).
+
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+// What the fast path reads to plan a chunk.
+struct PlanInputs {
+    policy::CostModel model;
+    policy::Evidence evidence;
+    std::uint64_t ceiling = 0;          // the OOM-learned ceiling (no model)
+    std::uint64_t largest_success = 0;  // the largest chunk that ran since the last failure
+};
+
+// One sizing mode's learning. Every member but `published` is guarded by KeyMemory::mutex.
+struct SizeLearner {
+    std::vector<policy::CostSample> samples;  // oldest first, at most cost_window
+    std::vector<ProfileSample> unsaved;       // measured here, not yet in the profile
+    policy::CostModel model;
+    policy::Evidence evidence;
+    policy::CeilingState ceiling;
+    std::uint64_t cheapest_unit_bytes = 0;  // the lowest peak per unit in the window
+    std::uint64_t limit = 0;                // the latest limit that cut a chunk
+    std::uint64_t persisted_limit = 0;
+
+    struct Published {
+        std::atomic<std::uint64_t> fixed{0}, slope_bits{0}, costliest_bits{0}, samples{0},
+            upper_bound{0};
+        std::atomic<std::uint64_t> failed_size{0}, failed_free{0}, ran_size{0}, ran_free{0};
+        std::atomic<std::uint64_t> ceiling{0}, largest_success{0}, cheapest{0}, limit{0};
+        std::atomic<unsigned> spoiled{0};   // measurements in a row that another run overlapped
+        std::atomic<unsigned> measured{0};  // measurements taken, counted up to half a window
+        std::atomic<unsigned> chunks{0};    // chunks planned since, for one in measure_every
+    } published;
+
+    // `measured`: the chunk ran and its peak was read (else a lower bound from an OOM, which the
+    // model uses while it lasts but the profile does not keep: it is no size that ran).
+    void add_sample(const policy::CostSample& sample, std::uint64_t stamp, bool measured = true) {
+        if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
+        samples.push_back(sample);
+        if (measured) unsaved.push_back(ProfileSample{stamp, sample.size, sample.peak_bytes});
+        refit();
+    }
+
+    // Samples from a profile (oldest first). Each is also evidence: that size ran with at least
+    // its peak free, so the largest one is not planned below when that much is free again.
+    void seed(const std::vector<ProfileSample>& saved) {
+        for (const ProfileSample& s : saved) {
+            if (s.size == 0 || s.peak_bytes == 0) continue;
+            if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
+            samples.push_back(policy::CostSample{s.size, s.peak_bytes});
+            if (s.size > evidence.ran_size)
+                evidence.ran_size = s.size, evidence.ran_free = s.peak_bytes;
+        }
+        refit();
+    }
+
+    void refit() noexcept {
+        model = policy::fit_cost(samples, limit);
+        cheapest_unit_bytes = 0;
+        for (const policy::CostSample& s : samples) {
+            const std::uint64_t per_unit = s.peak_bytes / s.size + (s.peak_bytes % s.size != 0);
+            if (cheapest_unit_bytes == 0 || per_unit < cheapest_unit_bytes)
+                cheapest_unit_bytes = per_unit;
+        }
+    }
+
+    static std::uint64_t bits_of(double value) noexcept {
+        std::uint64_t bits = 0;
+        std::memcpy(&bits, &value, sizeof bits);
+        return bits;
+    }
+
+    void publish() noexcept {
+        const auto order = std::memory_order_release;
+        published.fixed.store(model.fixed_bytes, order);
+        published.slope_bits.store(bits_of(model.bytes_per_unit), order);
+        published.costliest_bits.store(bits_of(model.costliest_unit), order);
+        published.upper_bound.store(model.slope_is_upper_bound ? 1 : 0, order);
+        published.samples.store(model.samples, order);
+        published.failed_size.store(evidence.failed_size, order);
+        published.failed_free.store(evidence.failed_free, order);
+        published.ran_size.store(evidence.ran_size, order);
+        published.ran_free.store(evidence.ran_free, order);
+        published.ceiling.store(ceiling.ceiling, order);
+        published.largest_success.store(ceiling.largest_success, order);
+        published.cheapest.store(cheapest_unit_bytes, order);
+        published.limit.store(limit, order);
+    }
+
+    PlanInputs read() const noexcept {
+        const auto order = std::memory_order_acquire;
+        PlanInputs in;
+        in.model.samples = static_cast<std::size_t>(published.samples.load(order));
+        in.model.fixed_bytes = published.fixed.load(order);
+        const std::uint64_t slope_bits = published.slope_bits.load(order);
+        std::memcpy(&in.model.bytes_per_unit, &slope_bits, sizeof slope_bits);
+        in.model.slope_is_upper_bound = published.upper_bound.load(order) != 0;
+        const std::uint64_t costliest_bits = published.costliest_bits.load(order);
+        std::memcpy(&in.model.costliest_unit, &costliest_bits, sizeof costliest_bits);
+        in.evidence.failed_size = published.failed_size.load(order);
+        in.evidence.failed_free = published.failed_free.load(order);
+        in.evidence.ran_size = published.ran_size.load(order);
+        in.evidence.ran_free = published.ran_free.load(order);
+        in.ceiling = published.ceiling.load(order);
+        in.largest_success = published.largest_success.load(order);
+        return in;
+    }
+
+    // Whether a chunk of `size` that ran with `free` free would teach anything (else: no lock).
+    static bool success_teaches(const PlanInputs& in, std::uint64_t size, std::uint64_t free,
+                                bool at_limit) noexcept {
+        if (!in.model.known()) return at_limit ? in.ceiling != 0 : size > in.largest_success;
+        return size > in.evidence.ran_size ||
+               (size == in.evidence.ran_size && free < in.evidence.ran_free) ||
+               (in.evidence.failed_size != 0 && (at_limit || size >= in.evidence.failed_size));
+    }
+};
+
+struct KeyMemory {
+    std::mutex mutex;
+    SizeLearner items;
+    SizeLearner weight;
+    std::atomic<std::uint64_t> load_peak{0};  // highest recent peak of a load of this key
+
+    // Starts from the profile: its samples, or (a version 1 file) its highest peak per item as
+    // one sample of one item, an upper bound.
+    void seed(const Profile& profile) {
+        std::lock_guard<std::mutex> lock(mutex);
+        items.seed(profile.item_samples);
+        if (profile.item_samples.empty() && profile.peak_bytes_per_item > 0)
+            items.seed({ProfileSample{0, 1, profile.peak_bytes_per_item}});
+        weight.seed(profile.weight_samples);
+        seed_ceiling(items, profile.batch_ceiling);
+        seed_ceiling(weight, profile.weight_budget);
+        for (SizeLearner* learner : {&items, &weight}) {
+            learner->publish();
+            learner->published.measured.store(
+                static_cast<unsigned>(std::min(learner->samples.size(), policy::cost_window / 2)),
+                std::memory_order_relaxed);
+        }
+        load_peak.store(profile.peak_bytes, std::memory_order_relaxed);
+    }
+
+    // The latest limit learned, for learned_batch_ceiling() and learned_weight_budget().
+    std::uint64_t learned(bool weighted) {
+        std::lock_guard<std::mutex> lock(mutex);
+        const SizeLearner& learner = weighted ? weight : items;
+        if (learner.model.known()) return learner.limit;
+        return policy::learned(learner.ceiling);
+    }
+
+   private:
+    // A ceiling saved by a previous run came from halving: twice it is assumed to have failed, so
+    // growth probes halfway there first instead of doubling straight into the same OOM.
+    static void seed_ceiling(SizeLearner& learner, std::uint64_t saved) {
+        learner.ceiling.ceiling = saved;
+        learner.ceiling.failed_at = saved == 0 ? 0 : policy::saturating_add(saved, saved);
+        learner.limit = learner.persisted_limit = saved;
+    }
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/key_memory.hpp> ----
+
+// ---- begin <vramguard/admission.hpp> ----
+// Admission: whether work may start now (check, and reserve host-wide with a coordinator, in one
+// step), waiting for memory when allowed, refusing with InsufficientMemory otherwise; and the
+// waits for memory after an OOM or an unload. Every wait polls through the injected clock and
+// has a deadline.
+
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
 // What an admission check saw and decided.
 struct Admission {
     bool admitted = false;
@@ -3046,6 +3923,779 @@ struct Admission {
     std::uint64_t margin_bytes = 0;
     MemoryInfo memory;
 };
+
+namespace detail {
+
+inline std::string percent(double fraction) {
+    char text[16];
+    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
+    return text;
+}
+
+// What admit() hands back: the hold (host-wide reservation) to keep while the work runs.
+struct Admitted {
+    std::unique_ptr<Hold> hold;
+    policy::Requirement requirement;
+    MemoryInfo memory;
+    bool went_ahead_unadmitted = false;  // refused, but go_ahead() said the memory is ours
+};
+
+template <class Probe>
+class AdmissionControl {
+   public:
+    AdmissionControl(Probe& probe, const Options& options, AtomicStats& stats)
+        : probe_(probe), options_(options), stats_(stats) {}
+
+    // Check (and reserve host-wide) in one step; wait up to admission_wait; then, unless
+    // `go_ahead()` says the memory missing is this guard's own and comes back, throw
+    // InsufficientMemory with the numbers. `requirement_of(total_bytes)` turns the device size
+    // into the requirement: the first reading serves both, so the fast path reads the probe once.
+    // With a coordinator the reading compared is the coordinator's, taken under its lock.
+    template <class RequirementOf, class GoAhead>
+    Admitted admit(const Key& key, const char* what, RequirementOf&& requirement_of,
+                   GoAhead&& go_ahead) {
+        Admitted admitted;
+        std::uint64_t available = 0;
+        bool first = true;
+        auto try_once = [&] {
+            if (first || !options_.coordinator) admitted.memory = probe_.memory();
+            if (first) admitted.requirement = requirement_of(admitted.memory.total_bytes);
+            first = false;
+            return check(admitted, available);
+        };
+        if (try_once()) return admitted;
+        const std::uint64_t total = admitted.memory.total_bytes;
+        if (!policy::can_ever_fit(admitted.requirement.bytes, total, options_.safety_margin))
+            reject(key, what, admitted.requirement, available, total, true);
+        if (options_.admission_wait.count() > 0 &&
+            wait_to_be_admitted(key, what, admitted, try_once))
+            return admitted;
+        if (go_ahead()) {
+            admitted.went_ahead_unadmitted = true;
+            return admitted;
+        }
+        reject(key, what, admitted.requirement, available, total, false);
+    }
+
+    // One reading, reserving nothing: would work needing `requirement` start now?
+    Admission peek(const policy::Requirement& requirement, const MemoryInfo& memory) const {
+        Admission result;
+        result.memory = memory;
+        result.requirement = requirement;
+        result.margin_bytes = policy::margin_bytes(memory.total_bytes, options_.safety_margin);
+        result.admitted = policy::admits(requirement.bytes, memory, options_.safety_margin);
+        return result;
+    }
+
+    // After an OOM: polls until `required` bytes (plus the margin) are free, or `max_wait`
+    // passes. `distrusted_free`, when given, is the reading that let the failed work start: it
+    // was stale or the memory was taken since, so only a reading that differs from it counts.
+    bool wait_for_memory(std::uint64_t required, std::chrono::milliseconds max_wait,
+                         std::optional<std::uint64_t> distrusted_free) {
+        const TimePoint start = options_.clock();
+        bool reading_moved = !distrusted_free;
+        const bool came_back = poll_until(
+            options_.clock, options_.sleep, options_.poll_interval, deadline_after(start, max_wait),
+            [&] {
+                const MemoryInfo now = probe_.memory();
+                reading_moved = reading_moved || now.free_bytes != *distrusted_free;
+                return reading_moved && policy::admits(required, now, options_.safety_margin);
+            });
+        if (options_.clock() > start) AtomicStats::bump(stats_.waits);
+        if (came_back) remember_recovery(options_.clock() - start);
+        return came_back;
+    }
+
+    // After an unload of `expected_freed` bytes (free was `free_before`): polls until the driver
+    // reports recovery_fraction of them, or `needed_free` is free, at most recovery_timeout; then
+    // trusts the estimate. Returns whether the memory was seen (true) or only trusted (false).
+    bool wait_for_freed_memory(std::uint64_t expected_freed, std::uint64_t free_before,
+                               std::uint64_t needed_free) {
+        const TimePoint deadline = deadline_after(options_.clock(), options_.recovery_timeout);
+        return poll_until(options_.clock, options_.sleep, options_.poll_interval, deadline, [&] {
+            const std::uint64_t free_now = probe_.memory().free_bytes;
+            return (needed_free > 0 && free_now >= needed_free) ||
+                   policy::recovered(free_before, free_now, expected_freed,
+                                     options_.recovery_fraction);
+        });
+    }
+
+   private:
+    bool check(Admitted& admitted, std::uint64_t& available) {
+        const std::uint64_t margin =
+            policy::margin_bytes(admitted.memory.total_bytes, options_.safety_margin);
+        if (options_.coordinator) {
+            auto decision = options_.coordinator->try_reserve(admitted.requirement.bytes, margin,
+                                                              [this] { return probe_.memory(); });
+            admitted.memory = decision.seen;
+            available = decision.available;
+            admitted.hold = std::move(decision.hold);
+            return admitted.hold != nullptr;
+        }
+        available = admitted.memory.free_bytes;
+        return policy::admits(admitted.requirement.bytes, admitted.memory, options_.safety_margin);
+    }
+
+    template <class TryOnce>
+    bool wait_to_be_admitted(const Key& key, const char* what, const Admitted& admitted,
+                             TryOnce& try_once) {
+        Event event(EventKind::admission_wait, key, what);
+        event.wait = options_.admission_wait;
+        event.bytes = admitted.requirement.bytes;
+        publish(stats_, options_.log, options_.log_level, event);
+        const TimePoint start = options_.clock();
+        if (!poll_until(options_.clock, options_.sleep, options_.poll_interval,
+                        deadline_after(start, options_.admission_wait), try_once))
+            return false;
+        remember_recovery(options_.clock() - start);
+        return true;
+    }
+
+    [[noreturn]] void reject(const Key& key, const char* what,
+                             const policy::Requirement& requirement, std::uint64_t available,
+                             std::uint64_t total, bool never_fits) {
+        publish(stats_, options_.log, options_.log_level, Event(EventKind::rejected, key, what));
+        const std::uint64_t margin = policy::margin_bytes(total, options_.safety_margin);
+        std::string message =
+            "vramguard: cannot start " + std::string(what) + " " + key.describe() + ": it needs " +
+            format_bytes(requirement.bytes) + " (" + policy::to_string(requirement.source) +
+            ") plus a safety margin of " + format_bytes(margin) + " (" +
+            percent(options_.safety_margin) + " of " + format_bytes(total) + "), ";
+        if (never_fits) {
+            message +=
+                "more than the whole device: it can never fit here. Declare a smaller size, "
+                "lower safety_margin or use a larger device.";
+        } else {
+            message += "but only " + format_bytes(available) + " is free for this process" +
+                       (options_.coordinator ? " after other processes' reservations" : "") +
+                       ". Free memory (unload idle models), lower the load, or retry later.";
+        }
+        throw InsufficientMemory(requirement.bytes, available, total, key.describe(), retry_after(),
+                                 message, never_fits);
+    }
+
+    std::chrono::milliseconds retry_after() const noexcept {
+        const std::int64_t observed = last_recovery_ms_.load(std::memory_order_relaxed);
+        return observed >= 0 ? std::chrono::milliseconds(std::max<std::int64_t>(observed, 1))
+                             : options_.retry_delay;
+    }
+    void remember_recovery(Duration took) noexcept {
+        last_recovery_ms_.store(std::chrono::duration_cast<std::chrono::milliseconds>(took).count(),
+                                std::memory_order_relaxed);
+    }
+
+    Probe& probe_;
+    const Options& options_;
+    AtomicStats& stats_;
+    std::atomic<std::int64_t> last_recovery_ms_{-1};
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/admission.hpp> ----
+
+// ---- begin <vramguard/encode_run.hpp> ----
+// One encode call: its state (where it is in the input, the results so far, the retry in hand) in
+// one object, and a loop that only orchestrates: plan the chunk (policy::plan_chunk), run it,
+// record what happened (the key's learner), and on OOM ask policy:: for the retry.
+
+
+// ---- begin <vramguard/detail/run_tracker.hpp> ----
+// Who else is running on this guard: every load and every encode chunk registers while its work
+// runs, so that
+//  - a measured peak counts for a key only when no other run overlapped the measurement (a peak
+//    two runs share is neither's);
+//  - an item that ran out of memory alone while other runs held memory can take the guard for
+//    itself (new runs wait, running ones finish) and retry really alone, instead of being given
+//    up on because the guard's own batches were in the way.
+// Registration is two increments of this thread's stripe (no cache line shared on the fast path);
+// only a measurement or the rare exclusive turn reads the sums.
+
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+class RunTracker {
+   public:
+    // `counts_starts`: whether any run may be measured (the probe measures peaks).
+    explicit RunTracker(bool counts_starts) noexcept : counts_starts_(counts_starts) {}
+
+    // One run in progress. `measured`: whether overlap is to be checked for it.
+    class Run {
+       public:
+        Run(RunTracker& tracker, bool measured, bool exclusive = false)
+            : tracker_(tracker), measured_(measured) {
+            // Registered first, then the turn checked: an exclusive turn sets its flag first,
+            // then reads the count, so one of the two always sees the other.
+            for (;;) {
+                tracker.running_.add(1);
+                if (exclusive || !tracker.exclusive_wanted_.load(std::memory_order_seq_cst)) break;
+                tracker.running_.add(-1);
+                tracker.turn_changed_.notify_all();
+                tracker.wait_for_turn();
+            }
+            // Every run counts as a start, measured or not: a run that starts and ends inside a
+            // measurement leaves no other trace, and its peak would be booked as ours. (Not
+            // counted where nothing is ever measured: a probe without peaks.)
+            if (tracker.counts_starts_) tracker.starts_.add(1);
+            if (!measured) return;
+            starts_seen_ = tracker.starts_.added();
+            solo_ = tracker.running_.sum() <= 1;
+        }
+        ~Run() {
+            tracker_.running_.add(-1);
+            if (tracker_.exclusive_wanted_.load(std::memory_order_seq_cst))
+                tracker_.turn_changed_.notify_all();
+        }
+        Run(const Run&) = delete;
+        Run& operator=(const Run&) = delete;
+
+        // True when this run was measured and nothing else was running when it started.
+        bool started_alone() const noexcept { return measured_ && solo_; }
+        // True when this run was measured and nothing else ran at any time since it started.
+        bool alone_so_far() const noexcept {
+            return measured_ && solo_ && tracker_.running_.sum() <= 1 &&
+                   tracker_.starts_.added() == starts_seen_;
+        }
+
+       private:
+        RunTracker& tracker_;
+        bool measured_;
+        bool solo_ = false;
+        std::uint64_t starts_seen_ = 0;
+    };
+
+    // Holding it, no new run of this tracker starts; the constructor returns once the runs that
+    // were running have finished (they always do: they are the caller's own batches and loads).
+    class ExclusiveTurn {
+       public:
+        explicit ExclusiveTurn(RunTracker& tracker) : tracker_(tracker) {
+            std::unique_lock<std::mutex> lock(tracker.mutex_);
+            tracker.turn_changed_.wait(lock, [&] { return !tracker.exclusive_held_; });
+            tracker.exclusive_held_ = true;
+            tracker.exclusive_wanted_.store(true, std::memory_order_seq_cst);
+            while (tracker.running_.sum() > 0)
+                tracker.turn_changed_.wait_for(lock, std::chrono::milliseconds(1));
+        }
+        ~ExclusiveTurn() {
+            {
+                std::lock_guard<std::mutex> lock(tracker_.mutex_);
+                tracker_.exclusive_held_ = false;
+                tracker_.exclusive_wanted_.store(false, std::memory_order_seq_cst);
+            }
+            tracker_.turn_changed_.notify_all();
+        }
+        ExclusiveTurn(const ExclusiveTurn&) = delete;
+        ExclusiveTurn& operator=(const ExclusiveTurn&) = delete;
+
+       private:
+        RunTracker& tracker_;
+    };
+
+    // Whether any run is in progress now (read after one's own run ended).
+    bool others_running() const noexcept { return running_.sum() > 0; }
+
+   private:
+    void wait_for_turn() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        turn_changed_.wait(lock, [&] { return !exclusive_held_; });
+    }
+
+    const bool counts_starts_;
+    StripedCounter running_;
+    StripedCounter starts_;
+    std::atomic<bool> exclusive_wanted_{false};
+    std::mutex mutex_;
+    std::condition_variable turn_changed_;
+    bool exclusive_held_ = false;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/run_tracker.hpp> ----
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <iterator>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+// A weight as the learner counts it: a whole number of units, at least 1 (an item of weight 0
+// still takes memory, and a budget of zero-weight items would never shrink); a fraction rounds
+// up, and anything past 2^64 saturates. NaN and negative weights are the caller's bug, named with
+// the item, before any batch runs.
+template <class W>
+std::uint64_t checked_weight(W weight, std::size_t index) {
+    auto refuse = [index](const std::string& value) {
+        return std::invalid_argument("vramguard::Guard::encode: weight_fn returned " + value +
+                                     " for item " + std::to_string(index) +
+                                     "; a weight must be >= 0");
+    };
+    if constexpr (std::is_floating_point_v<W>) {
+        if (!(weight >= 0)) throw refuse(std::to_string(weight));
+        if (!(weight < 1.8e19)) return std::numeric_limits<std::uint64_t>::max();
+        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::ceil(weight)));
+    } else {
+        if constexpr (std::is_signed_v<W>) {
+            if (weight < 0) throw refuse(std::to_string(weight));
+        }
+        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(weight));
+    }
+}
+
+template <class T>
+struct is_std_vector : std::false_type {};
+template <class T, class A>
+struct is_std_vector<std::vector<T, A>> : std::true_type {};
+
+template <class Guard, class It, class F>
+class EncodeRun {
+    using View = BatchView<It>;
+    using Out = std::invoke_result_t<F&, View>;
+    static_assert(std::is_void_v<Out> || is_std_vector<Out>::value,
+                  "vramguard::Guard::encode: batch_fn must return void or std::vector<R>, one "
+                  "result per item of the view it was given");
+    using Results = std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out>;
+    using Produced = std::conditional_t<std::is_void_v<Out>, char, Out>;
+
+    // One chunk as planned.
+    struct Chunk {
+        std::size_t size = 0;
+        std::uint64_t tried = 0;  // its size as the learner counts it (items or weight)
+        std::uint64_t limit = 0;  // the limit that cut it (0 = none)
+        MemoryInfo seen;          // the reading it was planned with (zero: none taken)
+        bool at_limit = false;    // cut by the limit (not by the end of the input)
+        bool alone = false;       // one item that the limit allows no company
+        bool from_model = false;
+        bool measured = false;
+        PlanInputs inputs;
+    };
+
+   public:
+    EncodeRun(Guard& guard, const Key& key, It first, std::size_t n, F& batch_fn,
+              const std::vector<std::uint64_t>* weights, bool padded)
+        : guard_(guard),
+          key_(key),
+          memory_(guard.key_memory(key)),
+          learner_(weights ? memory_.weight : memory_.items),
+          batch_fn_(batch_fn),
+          weights_(weights),
+          padded_(padded),
+          n_(n),
+          cursor_(first) {}
+
+    EncodeRun(const EncodeRun&) = delete;
+    EncodeRun& operator=(const EncodeRun&) = delete;
+    // What the call learned goes to the profile however the call ends, outside every chunk.
+    ~EncodeRun() {
+        if (learned_) guard_.persist_learned(key_, memory_);
+    }
+
+    Out run() {
+        admit_call();
+        while (pos_ < n_) {
+            const Chunk chunk = plan();
+            run_chunk(chunk);
+        }
+        if constexpr (!std::is_void_v<Out>) return std::move(results_);
+    }
+
+   private:
+    std::uint64_t weight_at(std::size_t i) const { return (*weights_)[i]; }
+
+    // A batch's weight: the sum of its items', or with padding its size x its heaviest.
+    std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
+        std::uint64_t total = 0, heaviest = 0;
+        for (std::size_t i = begin; i < begin + count; ++i) {
+            total = policy::saturating_add(total, weight_at(i));
+            heaviest = std::max(heaviest, weight_at(i));
+        }
+        return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
+    }
+
+    // Refuse (or wait) only when not even the cheapest item seen so far fits: items differ and
+    // an encode adapts its batches, so only "nothing can run" is a reason to say no. Memory held
+    // by this guard's own calls comes back when they finish: a refusal is decided against a
+    // reading that two "alone" checks bracket, and otherwise the call goes ahead and takes turns.
+    void admit_call() {
+        const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
+        if (cheapest == 0 || n_ == 0) return;
+        const std::uint64_t smallest =
+            weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
+        const std::uint64_t one_item =
+            policy::scale_bytes(policy::scale_bytes(cheapest, static_cast<double>(smallest)),
+                                guard_.options_.history_headroom);
+        const MemoryInfo seen = guard_.probe_.memory();
+        if (policy::admits(one_item, seen, guard_.options_.safety_margin) || !guard_.alone())
+            return;
+        hold_ =
+            guard_.admission_
+                .admit(
+                    key_, "encode",
+                    [one_item](std::uint64_t) {
+                        return policy::Requirement{one_item, policy::RequirementSource::measured};
+                    },
+                    [this] { return !guard_.alone(); })
+                .hold;
+    }
+
+    Chunk plan() {
+        Chunk chunk;
+        chunk.inputs = learner_.read();
+        if (chunk.inputs.model.known()) chunk.seen = guard_.probe_.memory();
+        const policy::ChunkPlan plan = plan_for(chunk.inputs, chunk.seen);
+        chunk.from_model = plan.from_model;
+        chunk.limit = plan.limit;
+        if (retry_limit_ != 0) chunk.limit = retry_limit_;  // decided when the OOM was handled
+        retry_limit_ = 0;
+        cut(chunk);
+        // Every chunk is measured until half a window of measurements was taken (a chunk that
+        // ran inside the cache measures 0 and is no sample, but counts here), then one in
+        // measure_every.
+        chunk.measured = Guard::measures_peaks &&
+                         (learner_.published.measured.load(std::memory_order_relaxed) <
+                              policy::cost_window / 2 ||
+                          learner_.published.chunks.fetch_add(1, std::memory_order_relaxed) %
+                                  policy::measure_every ==
+                              0);
+        return chunk;
+    }
+
+    policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
+        const std::uint64_t reserve =
+            policy::scale_bytes(seen.free_bytes, guard_.options_.encode_reserve);
+        return policy::plan_chunk(inputs.model, inputs.evidence, seen.free_bytes, reserve,
+                                  inputs.ceiling);
+    }
+
+    void cut(Chunk& chunk) const {
+        const std::uint64_t limit = chunk.limit;
+        if (weights_) {
+            auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
+            chunk.size = padded_ ? policy::cut_by_padded_weight(pos_, n_, limit, weight_at)
+                                 : policy::cut_by_weight(pos_, n_, limit, weight_at);
+            // Alone when not even two such items fit the limit.
+            chunk.alone =
+                chunk.size == 1 && limit != 0 &&
+                (pos_ + 1 < n_ ? batch_weight(pos_, 2)
+                               : policy::saturating_add(weight_at(pos_), weight_at(pos_))) > limit;
+            chunk.tried = batch_weight(pos_, chunk.size);
+            chunk.at_limit = limit != 0 && (pos_ + chunk.size < n_ || chunk.alone);
+        } else {
+            chunk.size = limit == 0
+                             ? n_ - pos_
+                             : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos_));
+            chunk.alone = limit == 1;
+            chunk.tried = chunk.size;
+            chunk.at_limit = limit != 0 && chunk.size == limit;
+        }
+    }
+
+    void run_chunk(const Chunk& chunk) {
+        It chunk_end = std::next(
+            cursor_, static_cast<typename std::iterator_traits<It>::difference_type>(chunk.size));
+        Produced produced{};
+        std::optional<std::uint64_t> peak;
+        // Only batch_fn's own exceptions meet the OOM classifier: the bookkeeping around it (a
+        // bad_alloc in a log line, a contract error) is never mistaken for a device OOM.
+        std::exception_ptr error;
+        {
+            // Chunks that always overlap would never be measured alone: after a few spoiled
+            // measurements, the next measured chunk of the key takes the guard for itself.
+            std::optional<RunTracker::ExclusiveTurn> measuring_alone;
+            if (chunk.measured && !exclusive_ &&
+                learner_.published.spoiled.load(std::memory_order_relaxed) >=
+                    policy::spoiled_before_exclusive)
+                measuring_alone.emplace(guard_.runs_);
+            typename Guard::Measurement run(guard_, chunk.measured,
+                                            exclusive_.has_value() || measuring_alone.has_value());
+            Semaphore::Permit permit;
+            std::unique_ptr<Hold> host_lock;
+            if (chunk.alone) {
+                guard_.publish(Event(EventKind::single_item, key_, "encode"));
+                permit = Semaphore::Permit(*guard_.single_item_);
+                if (guard_.options_.coordinator)
+                    host_lock = guard_.options_.coordinator->lock_single_item();
+            }
+            try {
+                if constexpr (std::is_void_v<Out>)
+                    std::invoke(batch_fn_, View(cursor_, chunk_end, chunk.size, pos_));
+                else
+                    produced = std::invoke(batch_fn_, View(cursor_, chunk_end, chunk.size, pos_));
+                peak = run.peak();
+            } catch (...) {
+                error = std::current_exception();
+            }
+        }
+        if (chunk.measured) note_measurement(peak.has_value());
+        if (error) return on_failure(chunk, error);
+        check_count(chunk, produced);
+        keep(chunk, std::move(produced));
+        cursor_ = chunk_end;
+        record_success(chunk, peak);
+    }
+
+    // A measurement spoiled by another run of the guard, or one taken (it counts towards the
+    // learning phase whether or not it found a peak).
+    void note_measurement(bool taken) noexcept {
+        auto& published = learner_.published;
+        if (!taken) {
+            published.spoiled.fetch_add(1, std::memory_order_relaxed);
+            return;
+        }
+        if (published.spoiled.load(std::memory_order_relaxed) != 0)
+            published.spoiled.store(0, std::memory_order_relaxed);
+        if (published.measured.load(std::memory_order_relaxed) < policy::cost_window / 2)
+            published.measured.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    void check_count(const Chunk& chunk, const Produced& produced) const {
+        if constexpr (!std::is_void_v<Out>) {
+            if (produced.size() == chunk.size) return;
+            throw std::length_error(
+                "vramguard::Guard::encode " + key_.describe() + ": batch_fn returned " +
+                std::to_string(produced.size()) + " results for " + std::to_string(chunk.size) +
+                " items (items " + std::to_string(pos_) + ".." +
+                std::to_string(pos_ + chunk.size - 1) + "); it must return exactly one per item");
+        }
+    }
+
+    void keep(const Chunk& chunk, Produced&& produced) {
+        if constexpr (!std::is_void_v<Out>) {
+            if (results_.empty() && chunk.size == n_) {
+                results_ = std::move(produced);  // one chunk: its vector is the answer
+            } else {
+                if (results_.empty()) results_.reserve(n_);
+                std::move(produced.begin(), produced.end(), std::back_inserter(results_));
+            }
+        }
+        pos_ += chunk.size;
+        alone_failures_ = 0;
+        exclusive_.reset();
+    }
+
+    void record_success(const Chunk& chunk, std::optional<std::uint64_t> peak) {
+        const bool sample = peak && *peak > 0;
+        const std::uint64_t free = chunk.seen.free_bytes;
+        const bool limit_moved = chunk.at_limit && chunk.limit != learner_.published.limit.load(
+                                                                      std::memory_order_relaxed);
+        if (!sample && !limit_moved &&
+            !SizeLearner::success_teaches(chunk.inputs, chunk.tried, free, chunk.at_limit))
+            return;
+        bool grew = false;
+        learned_ = true;
+        {
+            std::unique_lock<std::mutex> lock(memory_.mutex);
+            if (sample) learner_.add_sample({chunk.tried, *peak}, next_sample_stamp());
+            if (chunk.at_limit) {
+                // Memory came back (or the model learned better): worth saying when it is more
+                // than the jitter of a fit, an eighth.
+                grew = chunk.from_model && learner_.limit != 0 &&
+                       chunk.limit > learner_.limit + learner_.limit / 8;
+                learner_.limit = chunk.limit;
+            }
+            policy::on_chunk_ran(learner_.evidence, chunk.tried, free, chunk.at_limit,
+                                 guard_.options_.forget_failure_after * policy::model_relax_factor,
+                                 policy::model_fits_failure(learner_.model, learner_.evidence,
+                                                            guard_.options_.encode_reserve));
+            grew = on_ceiling_success(chunk, lock) || grew;
+            learner_.publish();
+        }
+        if (grew) {
+            Event event(EventKind::grew, key_, "encode");
+            event.next = learner_.published.limit.load(std::memory_order_relaxed);
+            event.weight = weights_ ? 1 : 0;
+            guard_.publish(event);
+        }
+    }
+
+    // The OOM-learned ceiling, for probes that measure no peaks (caller holds the key's mutex).
+    bool on_ceiling_success(const Chunk& chunk, std::unique_lock<std::mutex>& lock) {
+        policy::CeilingState& state = learner_.ceiling;
+        const policy::GrowthRule rule{guard_.options_.grow_after_successes,
+                                      guard_.options_.forget_failure_after};
+        const bool at_ceiling = chunk.at_limit && !chunk.from_model;
+        std::uint64_t free_now = 0;
+        if (at_ceiling && policy::wants_memory_reading(state, rule)) {
+            lock.unlock();
+            free_now = guard_.probe_.memory().free_bytes;
+            lock.lock();
+        }
+        const bool grew = policy::on_success(state, at_ceiling, chunk.tried, rule, free_now);
+        if (grew && !learner_.model.known()) learner_.limit = policy::learned(state);
+        return grew;
+    }
+
+    void on_failure(const Chunk& chunk, const std::exception_ptr& error) {
+        guard_.take_oom_or_rethrow(error, "encode", key_);
+        // The message's "free" is what was left beside the chunk's own earlier allocations when
+        // it failed (the allocator had already emptied its cache to retry), which is what the
+        // rest of the chunk had to fit in: the part that fits is estimated from it. Without it,
+        // the probe's reading now, with the cache emptied, stands in.
+        const MemoryInfo after = guard_.probe_.memory();
+        std::optional<OomReport> report = oom_report(error);
+        if (report && !report->free_bytes) report->free_bytes = after.free_bytes;
+        if (chunk.size > 1) return shrink_after_oom(chunk, error, report, after);
+        on_item_oom(chunk, error, report, after);
+    }
+
+    void shrink_after_oom(const Chunk& chunk, const std::exception_ptr& error,
+                          const std::optional<OomReport>& report, const MemoryInfo& after) {
+        const std::uint64_t backstop = policy::size_after_oom(chunk.tried, report);
+        learned_ = true;
+        {
+            std::lock_guard<std::mutex> lock(memory_.mutex);
+            const std::uint64_t free = planned_or(chunk, after);
+            policy::on_chunk_failed(learner_.evidence, chunk.tried, free);
+            // A chunk that did not fit cost at least the allocation that failed and, planned
+            // against a reading, more than was free then: a lower bound, kept as a sample.
+            const std::uint64_t at_least = std::max(chunk.seen.total_bytes != 0 ? free + 1 : 0,
+                                                    report ? report->requested_bytes : 0);
+            if (Guard::measures_peaks && at_least > 0 && !policy::failure_was_transient(report))
+                learner_.add_sample({chunk.tried, at_least}, next_sample_stamp(), false);
+            policy::on_oom(learner_.ceiling, chunk.tried, backstop, after.free_bytes);
+            learner_.publish();
+        }
+        // A chunk the model did not plan (nothing was known) retries at what the OOM's numbers
+        // say fits, not at a model made of that one failure: what then runs is measured.
+        retry_limit_ = chunk.from_model ? policy::retry_size(plan_for(learner_.read(), after),
+                                                             chunk.tried, report)
+                                        : backstop;
+        Event event(EventKind::chunk_shrunk, key_, "encode");
+        event.size = chunk.size;
+        event.weight = weights_ ? chunk.tried : 0;
+        event.next = retry_limit_;
+        event.error = &error;
+        guard_.publish(event);
+    }
+
+    // An item that ran out of memory alone. While other runs of this guard held memory the
+    // failure says nothing about the item: it takes the guard for itself (new runs wait, the
+    // running ones finish) and retries really alone, without counting the failure.
+    void on_item_oom(const Chunk& chunk, const std::exception_ptr& error,
+                     const std::optional<OomReport>& report, const MemoryInfo& after) {
+        retry_limit_ = 1;
+        if (!exclusive_ && guard_.runs_.others_running()) {
+            Event event(EventKind::item_exclusive, key_, "encode");
+            event.item = pos_;
+            event.error = &error;
+            guard_.publish(event);
+            exclusive_.emplace(guard_.runs_);
+            return;
+        }
+        ++alone_failures_;
+        const bool hopeless = Guard::asked_for_more_than_the_device(error, after.total_bytes);
+        if (alone_failures_ >= guard_.options_.single_item_attempts || hopeless)
+            give_up(error, hopeless, after.total_bytes);
+        Event event(EventKind::item_retry, key_, "encode");
+        event.item = pos_;
+        event.attempt = alone_failures_;
+        event.attempts = guard_.options_.single_item_attempts;
+        event.error = &error;
+        guard_.publish(event);
+        if (report && report->requested_bytes > 0) {
+            const std::optional<std::uint64_t> distrusted =
+                policy::failure_was_transient(report)
+                    ? std::nullopt
+                    : std::optional<std::uint64_t>(planned_or(chunk, after));
+            guard_.admission_.wait_for_memory(report->requested_bytes, guard_.options_.retry_delay,
+                                              distrusted);
+        } else {
+            guard_.options_.sleep(guard_.options_.poll_interval);
+        }
+    }
+
+    // The free memory the chunk was planned with, or when none was read, the reading after.
+    static std::uint64_t planned_or(const Chunk& chunk, const MemoryInfo& after) noexcept {
+        return chunk.seen.total_bytes != 0 ? chunk.seen.free_bytes : after.free_bytes;
+    }
+
+    [[noreturn]] void give_up(const std::exception_ptr& error, bool hopeless, std::uint64_t total) {
+        Event event(EventKind::item_gave_up, key_, "encode");
+        event.item = pos_;
+        event.attempt = alone_failures_;
+        guard_.publish(event);
+        throw_with_cause(error, [&] {
+            OomExhausted exhausted(
+                "vramguard: encode " + key_.describe() + ": item " + std::to_string(pos_) +
+                    " ran out of memory even alone " +
+                    guard_.given_up_because(hopeless, alone_failures_, total) + " The " +
+                    std::to_string(pos_) +
+                    " results before it are kept in OomExhausted::finished_results(). Last "
+                    "error: " +
+                    describe(error),
+                key_.describe(), pos_, alone_failures_);
+            if constexpr (!std::is_void_v<Out>)
+                exhausted.keep_finished_results(std::move(results_));
+            return exhausted;
+        });
+    }
+
+    Guard& guard_;
+    const Key& key_;
+    KeyMemory& memory_;
+    SizeLearner& learner_;
+    F& batch_fn_;
+    const std::vector<std::uint64_t>* weights_;
+    bool padded_;
+    std::size_t n_;
+    std::size_t pos_ = 0;
+    It cursor_;
+    Results results_{};
+    std::uint64_t retry_limit_ = 0;  // the next chunk's limit right after an OOM (0 = plan it)
+    unsigned alone_failures_ = 0;
+    bool learned_ = false;  // something for the profile: persisted when the call ends
+    std::optional<RunTracker::ExclusiveTurn> exclusive_;
+    std::unique_ptr<Hold> hold_;  // the call's host-wide reservation, when admission made one
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/encode_run.hpp> ----
+
+// ---- begin <vramguard/guard.hpp> ----
+// Guard<Probe>: the facade users see. load() admits, measures and retries a model load (the loop
+// is here); encode() runs a batched computation in chunks planned from what the key costs and what
+// is free, shrinking on OOM down to single items (the loop is EncodeRun, encode_run.hpp). One guard
+// per device, shared by every thread that uses the device.
+
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <iterator>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
 
 namespace detail {
 
@@ -3062,11 +4712,6 @@ template <class P>
 struct has_device_key<P, std::void_t<decltype(std::declval<const P&>().device_key())>>
     : std::true_type {};
 
-template <class T>
-struct is_std_vector : std::false_type {};
-template <class T, class A>
-struct is_std_vector<std::vector<T, A>> : std::true_type {};
-
 template <class Probe>
 std::string device_identity(const Probe& probe) {
     if constexpr (has_device_key<Probe>::value) {
@@ -3076,12 +4721,6 @@ std::string device_identity(const Probe& probe) {
         std::snprintf(text, sizeof text, "probe@%p", static_cast<const void*>(&probe));
         return text;
     }
-}
-
-inline std::string percent(double fraction) {
-    char text[16];
-    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
-    return text;
 }
 
 template <class Range>
@@ -3122,7 +4761,8 @@ class Guard {
           profiles_(options_.profile_dir, options_.persist, options_.log),
           single_item_(shared_device_semaphore(
               detail::device_identity(probe),
-              static_cast<std::ptrdiff_t>(options_.single_item_concurrency))) {}
+              static_cast<std::ptrdiff_t>(options_.single_item_concurrency))),
+          admission_(probe_, options_, stats_) {}
 
     Guard(const Guard&) = delete;
     Guard& operator=(const Guard&) = delete;
@@ -3156,9 +4796,10 @@ class Guard {
     auto encode(const Key& key, const Range& items, F&& batch_fn) {
         return run_encode(key, std::begin(items), std::end(items), batch_fn);
     }
-    // Weighted form: weight_fn(item) -> tokens, pixels, samples. The learned ceiling is a weight
+    // Weighted form: weight_fn(item) -> tokens, pixels, samples. The learned limit is a weight
     // budget: batches are cut where the next item would exceed it. Wrap weight_fn in padded() when
-    // batches are padded to their longest item.
+    // batches are padded to their longest item. A weight below 1 counts as 1; a negative or NaN
+    // weight is std::invalid_argument.
     template <class Range, class F, class W,
               class = std::enable_if_t<detail::is_weight_fn<
                   Range, detail::unpadded_t<std::remove_reference_t<W>>>::value>>
@@ -3166,7 +4807,7 @@ class Guard {
         auto& weight_of = detail::unpadded(weight_fn);
         std::vector<std::uint64_t> weights;
         for (const auto& item : items)
-            weights.push_back(static_cast<std::uint64_t>(weight_of(item)));
+            weights.push_back(detail::checked_weight(weight_of(item), weights.size()));
         return run_encode(key, std::begin(items), std::end(items), batch_fn, &weights,
                           detail::is_padded<std::decay_t<W>>::value);
     }
@@ -3178,23 +4819,23 @@ class Guard {
     Probe& probe() noexcept { return probe_; }
     ProfileCache& profiles() noexcept { return profiles_; }
 
-    // The learned largest batch (items) / batch weight for `key`; 0 when nothing limits it yet.
-    std::uint64_t learned_batch_ceiling(const Key& key) { return key_memory(key).snapshot().first; }
-    std::uint64_t learned_weight_budget(const Key& key) {
-        return key_memory(key).snapshot().second;
+    // The latest limit that cut a batch of `key` (items) / a weighted batch (weight); 0 when
+    // nothing has limited one yet.
+    std::uint64_t learned_batch_ceiling(const Key& key) { return key_memory(key).learned(false); }
+    std::uint64_t learned_weight_budget(const Key& key) { return key_memory(key).learned(true); }
+    // What a chunk of `key` costs, as fitted from its recent measured chunks (not known: no
+    // samples yet, or a probe that measures no peaks).
+    policy::CostModel cost_model(const Key& key, bool weighted = false) {
+        detail::KeyMemory& memory = key_memory(key);
+        std::lock_guard<std::mutex> lock(memory.mutex);
+        return (weighted ? memory.weight : memory.items).model;
     }
 
     // One admission reading, reserving nothing: would a load of `key` start now?
     Admission admission(const Key& key,
                         std::optional<std::uint64_t> declared_bytes = std::nullopt) {
-        Admission result;
-        result.memory = probe_.memory();
-        result.requirement = requirement_for(key, declared_bytes, result.memory.total_bytes);
-        result.margin_bytes =
-            policy::margin_bytes(result.memory.total_bytes, options_.safety_margin);
-        result.admitted =
-            policy::admits(result.requirement.bytes, result.memory, options_.safety_margin);
-        return result;
+        const MemoryInfo memory = probe_.memory();
+        return admission_.peek(requirement_for(key, declared_bytes, memory.total_bytes), memory);
     }
 
     // After an unload of `expected_freed` bytes (free was `free_before`): polls until the driver
@@ -3202,86 +4843,32 @@ class Guard {
     // trusts the estimate. Returns whether the memory was seen (true) or only trusted (false).
     bool wait_for_freed_memory(std::uint64_t expected_freed, std::uint64_t free_before,
                                std::uint64_t needed_free = 0) {
-        const TimePoint deadline = options_.clock() + options_.recovery_timeout;
-        return detail::poll_until(
-            options_.clock, options_.sleep, options_.poll_interval, deadline, [&] {
-                const std::uint64_t free_now = probe_.memory().free_bytes;
-                return (needed_free > 0 && free_now >= needed_free) ||
-                       policy::recovered(free_before, free_now, expected_freed,
-                                         options_.recovery_fraction);
-            });
+        return admission_.wait_for_freed_memory(expected_freed, free_before, needed_free);
     }
 
    private:
-    // Per-key learned state, shared by every thread using the key.
-    struct KeyMemory {
-        std::mutex mutex;
-        policy::CeilingState items;
-        policy::CeilingState weight;
-        std::uint64_t persisted_items = 0;
-        std::uint64_t persisted_weight = 0;
-        std::uint64_t bytes_per_item = 0;       // highest measured cost of one item
-        std::uint64_t cheapest_item_bytes = 0;  // lowest measured cost of one item
+    template <class, class, class>
+    friend class detail::EncodeRun;
 
-        // Copies of the above for the fast path, which reads them without the mutex (two cores
-        // taking one mutex per call pay a cache-line transfer each time). Written under `mutex`
-        // by publish() whenever the originals change.
-        struct Published {
-            std::atomic<std::uint64_t> ceiling{0};
-            std::atomic<std::uint64_t> largest_success{0};
-        };
-        Published items_published, weight_published;
-        std::atomic<std::uint64_t> cheapest_published{0}, costliest_published{0};
-        std::atomic<std::uint64_t> load_peak{0};  // highest measured peak of a load (profile)
+    static constexpr bool measures_peaks = detail::has_peak_tracking<Probe>::value;
 
-        void publish() noexcept {
-            const auto order = std::memory_order_release;
-            items_published.ceiling.store(items.ceiling, order);
-            items_published.largest_success.store(items.largest_success, order);
-            weight_published.ceiling.store(weight.ceiling, order);
-            weight_published.largest_success.store(weight.largest_success, order);
-            cheapest_published.store(cheapest_item_bytes, order);
-            costliest_published.store(bytes_per_item, order);
-        }
-
-        std::pair<std::uint64_t, std::uint64_t> snapshot() {
-            std::lock_guard<std::mutex> lock(mutex);
-            return {policy::learned(items), policy::learned(weight)};
-        }
-    };
-
-    // Measures one run's peak, but only when nothing else on this guard ran at the same time: a
-    // peak shared by two concurrent runs would be recorded against the wrong key.
+    // One load or encode chunk while it runs: registered with the guard's run tracker, and when
+    // `measured` (and the probe measures peaks), its peak is read at the end, counted only when
+    // no other run of this guard overlapped it.
     class Measurement {
        public:
-        explicit Measurement(Guard& guard) : guard_(guard) {
-            if constexpr (detail::has_peak_tracking<Probe>::value) {
-                // One word: runs in flight in the low half, runs started in the high half, so
-                // a start is one atomic step.
-                const std::uint64_t before =
-                    guard.measurements_.fetch_add(started_one + 1, std::memory_order_acq_rel);
-                solo_ = (before & in_flight_mask) == 0;
-                started_ = (before >> 32) + 1;
-                if (solo_) {
-                    guard.probe_.reset_peak();
-                    baseline_ = guard.probe_.peak_bytes();
-                }
+        Measurement(Guard& guard, bool measured, bool exclusive = false)
+            : guard_(guard), run_(guard.runs_, measured && measures_peaks, exclusive) {
+            if constexpr (measures_peaks) {
+                if (!run_.started_alone()) return;
+                guard.probe_.reset_peak();
+                baseline_ = guard.probe_.peak_bytes();
             }
         }
-        ~Measurement() {
-            if constexpr (detail::has_peak_tracking<Probe>::value)
-                guard_.measurements_.fetch_sub(1, std::memory_order_acq_rel);
-        }
-        Measurement(const Measurement&) = delete;
-        Measurement& operator=(const Measurement&) = delete;
-
         // Bytes this run added at its peak, when it ran alone.
         std::optional<std::uint64_t> peak() const {
-            if constexpr (detail::has_peak_tracking<Probe>::value) {
-                // Another run started meanwhile: the device's peak is shared, not this run's.
-                if (!solo_ || (guard_.measurements_.load(std::memory_order_acquire) >> 32) !=
-                                  (started_ & 0xffffffffu))
-                    return std::nullopt;
+            if constexpr (measures_peaks) {
+                if (!run_.alone_so_far()) return std::nullopt;
                 const std::uint64_t peak = guard_.probe_.peak_bytes();
                 return peak > baseline_ ? peak - baseline_ : 0;
             } else {
@@ -3290,32 +4877,27 @@ class Guard {
         }
 
        private:
-        static constexpr std::uint64_t started_one = std::uint64_t{1} << 32;
-        static constexpr std::uint64_t in_flight_mask = started_one - 1;
         Guard& guard_;
-        bool solo_ = false;
-        std::uint64_t started_ = 0;
+        detail::RunTracker::Run run_;
         std::uint64_t baseline_ = 0;
     };
 
-    class InFlight {
+    // One encode call in flight, for "is this guard alone?" (admission's refusal).
+    class CallInFlight {
        public:
-        explicit InFlight(Guard& guard) : guard_(guard) { guard.in_flight_.add(1); }
-        ~InFlight() { guard_.in_flight_.add(-1); }
-        InFlight(const InFlight&) = delete;
-        InFlight& operator=(const InFlight&) = delete;
-        // Read only on the rare path where admission says no.
-        bool alone() const noexcept { return guard_.in_flight_.sum() <= 1; }
+        explicit CallInFlight(Guard& guard) : guard_(guard) { guard.calls_in_flight_.add(1); }
+        ~CallInFlight() { guard_.calls_in_flight_.add(-1); }
+        CallInFlight(const CallInFlight&) = delete;
+        CallInFlight& operator=(const CallInFlight&) = delete;
 
        private:
         Guard& guard_;
     };
+    bool alone() const noexcept { return calls_in_flight_.sum() <= 1; }
 
-    struct Admitted {
-        std::unique_ptr<Hold> hold;
-        policy::Requirement requirement;
-        MemoryInfo memory;
-    };
+    void publish(const Event& event) {
+        detail::publish(stats_, options_.log, options_.log_level, event);
+    }
 
     policy::Requirement requirement_for(const Key& key, std::optional<std::uint64_t> declared,
                                         std::uint64_t total_bytes) {
@@ -3325,123 +4907,21 @@ class Guard {
                                       options_.first_run_fraction);
     }
 
-    void log(Level level, const std::string& message) const {
-        detail::emit(options_.log, level, message);
-    }
-
-    // Admission: check (and reserve host-wide, with a coordinator) in one step; wait up to
-    // admission_wait; throw InsufficientMemory with the numbers otherwise.
-    // `requirement_of(total_bytes)` turns the device size into the requirement: the first
-    // reading serves both, so the fast path reads the probe once. With a coordinator the reading
-    // that is compared is taken by the coordinator under its lock (see Coordinator::try_reserve);
-    // only the first try reads the probe before it too, for the device size.
-    template <class RequirementOf>
-    Admitted admit(const Key& key, const char* what, RequirementOf&& requirement_of) {
-        Admitted admitted;
-        const policy::Requirement& requirement = admitted.requirement;
-        std::uint64_t available = 0;
-        bool first = true;
-        auto try_once = [&] {
-            if (first || !options_.coordinator) admitted.memory = probe_.memory();
-            if (first) {
-                admitted.requirement = requirement_of(admitted.memory.total_bytes);
-                first = false;
-            }
-            const std::uint64_t margin =
-                policy::margin_bytes(admitted.memory.total_bytes, options_.safety_margin);
-            if (options_.coordinator) {
-                auto decision = options_.coordinator->try_reserve(
-                    requirement.bytes, margin, [this] { return probe_.memory(); });
-                admitted.memory = decision.seen;
-                available = decision.available;
-                admitted.hold = std::move(decision.hold);
-                return admitted.hold != nullptr;
-            }
-            available = admitted.memory.free_bytes;
-            return policy::admits(requirement.bytes, admitted.memory, options_.safety_margin);
-        };
-        if (try_once()) return admitted;
-        if (!policy::can_ever_fit(requirement.bytes, admitted.memory.total_bytes,
-                                  options_.safety_margin))
-            reject(key, what, requirement, available, admitted.memory.total_bytes, true);
-        if (options_.admission_wait.count() > 0) {
-            stats_.bump(stats_.waits);
-            const TimePoint start = options_.clock();
-            log(Level::info, std::string(what) + " " + key.describe() + ": waiting up to " +
-                                 std::to_string(options_.admission_wait.count()) + " ms for " +
-                                 format_bytes(requirement.bytes) + " to be free");
-            if (detail::poll_until(options_.clock, options_.sleep, options_.poll_interval,
-                                   start + options_.admission_wait, try_once)) {
-                remember_recovery(options_.clock() - start);
-                return admitted;
-            }
-        }
-        reject(key, what, requirement, available, admitted.memory.total_bytes, false);
-    }
-
-    [[noreturn]] void reject(const Key& key, const char* what,
-                             const policy::Requirement& requirement, std::uint64_t available,
-                             std::uint64_t total, bool never_fits) {
-        stats_.bump(stats_.rejections);
-        const std::uint64_t margin = policy::margin_bytes(total, options_.safety_margin);
-        std::string message =
-            "vramguard: cannot start " + std::string(what) + " " + key.describe() + ": it needs " +
-            format_bytes(requirement.bytes) + " (" + policy::to_string(requirement.source) +
-            ") plus a safety margin of " + format_bytes(margin) + " (" +
-            detail::percent(options_.safety_margin) + " of " + format_bytes(total) + "), ";
-        if (never_fits) {
-            message +=
-                "more than the whole device: it can never fit here. Declare a smaller size, "
-                "lower safety_margin or use a larger device.";
-        } else {
-            message += "but only " + format_bytes(available) + " is free for this process" +
-                       (options_.coordinator ? " after other processes' reservations" : "") +
-                       ". Free memory (unload idle models), lower the load, or retry later.";
-        }
-        throw InsufficientMemory(requirement.bytes, available, total, key.describe(), retry_after(),
-                                 message, never_fits);
-    }
-
-    std::chrono::milliseconds retry_after() const noexcept {
-        const std::int64_t observed = last_recovery_ms_.load(std::memory_order_relaxed);
-        return observed >= 0 ? std::chrono::milliseconds(std::max<std::int64_t>(observed, 1))
-                             : options_.retry_delay;
-    }
-    void remember_recovery(Duration took) noexcept {
-        last_recovery_ms_.store(std::chrono::duration_cast<std::chrono::milliseconds>(took).count(),
-                                std::memory_order_relaxed);
-    }
-
-    // After an OOM: polls until `required` bytes (plus the margin) are free, or `max_wait` passes.
-    // `distrusted_free` is the reading that let the failed work start: it was stale (drivers report
-    // freed and taken memory late) or the memory was taken since, so only a reading that differs
-    // from it is evidence that memory came back.
-    bool wait_for_memory(std::uint64_t required, std::chrono::milliseconds max_wait,
-                         std::uint64_t distrusted_free) {
-        const TimePoint start = options_.clock();
-        bool reading_moved = false;
-        const bool came_back = detail::poll_until(
-            options_.clock, options_.sleep, options_.poll_interval, start + max_wait, [&] {
-                const MemoryInfo now = probe_.memory();
-                reading_moved = reading_moved || now.free_bytes != distrusted_free;
-                return reading_moved && policy::admits(required, now, options_.safety_margin);
-            });
-        if (options_.clock() > start) stats_.bump(stats_.waits);
-        if (came_back) remember_recovery(options_.clock() - start);
-        return came_back;
-    }
-
     template <class F>
     std::invoke_result_t<F&> run_load(const Key& key, std::optional<std::uint64_t> declared,
                                       F& fn) {
         using R = std::invoke_result_t<F&>;
         stats_.calls.add(1);
         for (unsigned attempt = 1;; ++attempt) {
-            Admitted admitted = admit(key, "load", [&](std::uint64_t total_bytes) {
-                return requirement_for(key, declared, total_bytes);
-            });
+            detail::Admitted admitted = admission_.admit(
+                key, "load",
+                [&](std::uint64_t total_bytes) {
+                    return requirement_for(key, declared, total_bytes);
+                },
+                [] { return false; });
+            std::exception_ptr error;
             try {
-                Measurement measurement(*this);
+                Measurement measurement(*this, true);
                 if constexpr (std::is_void_v<R>) {
                     std::invoke(fn);
                     record_load_peak(key, measurement);
@@ -3452,49 +4932,71 @@ class Guard {
                     return std::forward<R>(result);
                 }
             } catch (...) {
-                const std::exception_ptr error = std::current_exception();
-                take_oom_or_rethrow(error, "load", key);
-                admitted.hold.reset();
-                const std::uint64_t required = admitted.requirement.bytes;
-                const bool hopeless =
-                    asked_for_more_than_the_device(error, admitted.memory.total_bytes);
-                if (attempt >= options_.load_attempts || hopeless) {
-                    log(Level::warn, "load " + key.describe() + ": out of memory on attempt " +
-                                         std::to_string(attempt) +
-                                         ", giving up: " + describe(error));
-                    std::throw_with_nested(OomExhausted(
-                        "vramguard: load " + key.describe() + " ran out of memory " +
-                            given_up_because(hopeless, attempt, admitted.memory.total_bytes) +
-                            " It needed about " + format_bytes(required) +
-                            ". Last error: " + describe(error),
-                        key.describe(), std::nullopt, attempt));
-                }
-                log(Level::warn,
-                    "load " + key.describe() + ": out of memory on attempt " +
-                        std::to_string(attempt) + " of " + std::to_string(options_.load_attempts) +
-                        "; released the allocator cache, waiting up to " +
-                        std::to_string(options_.retry_delay.count()) + " ms for " +
-                        format_bytes(required) + " to be free (" + describe(error) + ")");
-                stats_.bump(stats_.retries);
-                wait_for_memory(required, options_.retry_delay, admitted.memory.free_bytes);
+                error = std::current_exception();
             }
+            admitted.hold.reset();
+            after_load_oom(key, error, admitted, attempt);
         }
     }
 
-    // The first answer to anything the caller's work throws (inside a catch block): not an OOM
-    // -> rethrown untouched, never retried; a driver-level OOM -> counted, logged, rethrown (the
-    // CUDA context may be unusable); an allocator OOM -> counted, the cache emptied, and the
-    // caller goes on to retry.
+    // A load threw: not an OOM -> rethrown untouched; out of attempts -> OomExhausted; else the
+    // cache is emptied and memory waited for before the next attempt.
+    void after_load_oom(const Key& key, const std::exception_ptr& error,
+                        const detail::Admitted& admitted, unsigned attempt) {
+        take_oom_or_rethrow(error, "load", key);
+        const std::uint64_t required = admitted.requirement.bytes;
+        const std::uint64_t total = admitted.memory.total_bytes;
+        const bool hopeless = asked_for_more_than_the_device(error, total);
+        const bool last = attempt >= options_.load_attempts || hopeless;
+        Event event(last ? EventKind::load_gave_up : EventKind::load_retry, key, "load");
+        event.attempt = attempt;
+        event.attempts = options_.load_attempts;
+        event.bytes = required;
+        event.wait = options_.retry_delay;
+        event.error = &error;
+        publish(event);
+        if (last)
+            throw_with_cause(error, [&] {
+                return OomExhausted("vramguard: load " + key.describe() + " ran out of memory " +
+                                        given_up_because(hopeless, attempt, total) +
+                                        " It needed about " + format_bytes(required) +
+                                        ". Last error: " + describe(error),
+                                    key.describe(), std::nullopt, attempt);
+            });
+        const auto report = oom_report(error);
+        admission_.wait_for_memory(required, options_.retry_delay,
+                                   policy::failure_was_transient(report)
+                                       ? std::nullopt
+                                       : std::optional<std::uint64_t>(admitted.memory.free_bytes));
+    }
+
+    template <class It, class F>
+    auto run_encode(const Key& key, It first, It last, F& batch_fn,
+                    const std::vector<std::uint64_t>* weights = nullptr, bool padded = false) {
+        static_assert(
+            std::is_base_of_v<std::forward_iterator_tag,
+                              typename std::iterator_traits<It>::iterator_category>,
+            "vramguard::Guard::encode needs forward iterators: a chunk that runs out of memory is "
+            "run again from its first item. Copy single-pass input (std::istream_iterator) into a "
+            "std::vector first");
+        stats_.calls.add(1);
+        const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
+        const CallInFlight in_flight(*this);
+        detail::EncodeRun<Guard, It, F> run(*this, key, first, n, batch_fn, weights, padded);
+        return run.run();
+    }
+
+    // The first answer to anything the caller's work throws: not an OOM -> rethrown untouched,
+    // never retried; a driver-level OOM -> counted, logged, rethrown (the CUDA context may be
+    // unusable); an allocator OOM -> counted, the cache emptied, and the caller goes on to retry.
     void take_oom_or_rethrow(const std::exception_ptr& error, const char* what, const Key& key) {
         const OomKind kind = classify_oom(error);
         if (kind == OomKind::none) std::rethrow_exception(error);
-        stats_.bump(stats_.ooms);
-        if (kind == OomKind::driver) {
-            log(Level::warn, std::string(what) + " " + key.describe() +
-                                 ": driver-level out of memory (" + describe(error) +
-                                 "); the CUDA context may be unusable, so it is not retried");
-            std::rethrow_exception(error);
-        }
+        Event event(kind == OomKind::driver ? EventKind::driver_oom : EventKind::oom_caught, key,
+                    what);
+        event.error = &error;
+        publish(event);
+        if (kind == OomKind::driver) std::rethrow_exception(error);
         probe_.release_cached();
     }
 
@@ -3520,38 +5022,30 @@ class Guard {
         const auto peak = measurement.peak();
         if (!peak || *peak == 0) return;
         profiles_.record_peak(key, *peak);
-        std::atomic<std::uint64_t>& highest = key_memory(key).load_peak;
-        std::uint64_t seen = highest.load(std::memory_order_relaxed);
-        while (*peak > seen && !highest.compare_exchange_weak(seen, *peak)) {
-        }
+        // The profile's highest recent peak: one wrong reading ages out with its window.
+        key_memory(key).load_peak.store(profiles_.get(key).peak_bytes, std::memory_order_release);
     }
 
     // The learned state of `key`, created from its profile on first use. A server encodes with one
     // key over and over, so each thread remembers its last lookup (guard ids are never reused, so
     // the remembered pointer cannot outlive its guard's map).
-    KeyMemory& key_memory(const Key& key) {
+    detail::KeyMemory& key_memory(const Key& key) {
         struct LastLookup {
             std::uint64_t guard_id = 0;
             std::uint64_t key = 0;
-            KeyMemory* memory = nullptr;
+            detail::KeyMemory* memory = nullptr;
         };
         thread_local LastLookup last;
         if (last.guard_id == id_ && last.key == key.value()) return *last.memory;
-        KeyMemory* found = nullptr;
+        detail::KeyMemory* found = nullptr;
         {
             std::lock_guard<std::mutex> lock(keys_mutex_);
             if (auto it = keys_.find(key.value()); it != keys_.end()) found = it->second.get();
         }
         if (!found) {
             const Profile profile = profiles_.get(key);  // may read a file: outside the lock
-            auto created = std::make_unique<KeyMemory>();
-            seed(created->items, profile.batch_ceiling);
-            seed(created->weight, profile.weight_budget);
-            created->persisted_items = profile.batch_ceiling;
-            created->persisted_weight = profile.weight_budget;
-            created->bytes_per_item = profile.peak_bytes_per_item;
-            created->load_peak.store(profile.peak_bytes, std::memory_order_relaxed);
-            created->publish();
+            auto created = std::make_unique<detail::KeyMemory>();
+            created->seed(profile);
             std::lock_guard<std::mutex> lock(keys_mutex_);
             auto& slot = keys_[key.value()];
             if (!slot) slot = std::move(created);  // another thread may have won the race
@@ -3564,276 +5058,34 @@ class Guard {
         static std::atomic<std::uint64_t> next{1};
         return next.fetch_add(1, std::memory_order_relaxed);
     }
-    // A learned ceiling came from halving: the size twice as large is assumed to have failed, so
-    // growth probes halfway there first instead of doubling straight into the same OOM.
-    static void seed(policy::CeilingState& state, std::uint64_t learned) {
-        state.ceiling = learned;
-        state.failed_at = learned == 0 ? 0 : policy::saturating_add(learned, learned);
+
+    // Writes what an encode call learned (new samples, a new limit) to the profile: once per call,
+    // after its last chunk, never while a chunk or a single-item turn is held.
+    void persist_learned(const Key& key, detail::KeyMemory& memory) noexcept {
+        try {
+            std::vector<ProfileSample> items, weight;
+            std::uint64_t items_limit = 0, weight_limit = 0;
+            {
+                std::lock_guard<std::mutex> lock(memory.mutex);
+                items.swap(memory.items.unsaved);
+                weight.swap(memory.weight.unsaved);
+                items_limit = take_changed_limit(memory.items);
+                weight_limit = take_changed_limit(memory.weight);
+            }
+            profiles_.record_samples(key, &Profile::item_samples, items);
+            profiles_.record_samples(key, &Profile::weight_samples, weight);
+            if (items_limit != 0) profiles_.record_batch_ceiling(key, items_limit);
+            if (weight_limit != 0) profiles_.record_weight_budget(key, weight_limit);
+        } catch (...) {
+            // Out of memory for the bookkeeping itself: the profile misses this call's lessons.
+        }
     }
-
-    void persist_learned(const Key& key, KeyMemory& memory) {
-        std::uint64_t items = 0, weight = 0;
-        bool items_changed = false, weight_changed = false;
-        {
-            std::lock_guard<std::mutex> lock(memory.mutex);
-            items = policy::learned(memory.items);
-            weight = policy::learned(memory.weight);
-            items_changed = items != 0 && items != memory.persisted_items;
-            weight_changed = weight != 0 && weight != memory.persisted_weight;
-            if (items_changed) memory.persisted_items = items;
-            if (weight_changed) memory.persisted_weight = weight;
-        }
-        if (items_changed) profiles_.record_batch_ceiling(key, items);
-        if (weight_changed) profiles_.record_weight_budget(key, weight);
-    }
-
-    template <class It, class F>
-    auto run_encode(const Key& key, It first, It last, F& batch_fn,
-                    const std::vector<std::uint64_t>* weights = nullptr,
-                    bool padded_weights = false) {
-        using View = BatchView<It>;
-        using Out = std::invoke_result_t<F&, View>;
-        static_assert(std::is_void_v<Out> || detail::is_std_vector<Out>::value,
-                      "vramguard::Guard::encode: batch_fn must return void or std::vector<R>, one "
-                      "result per item of the view it was given");
-        stats_.calls.add(1);
-        const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
-        std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out>
-            results{};  // unused for void
-        if (n == 0) {
-            if constexpr (std::is_void_v<Out>)
-                return;
-            else
-                return results;
-        }
-
-        KeyMemory& memory = key_memory(key);
-        policy::CeilingState KeyMemory::*state_of =
-            weights ? &KeyMemory::weight : &KeyMemory::items;
-        typename KeyMemory::Published& published =
-            weights ? memory.weight_published : memory.items_published;
-        const policy::GrowthRule rule{options_.grow_after_successes, options_.forget_failure_after};
-        auto weight_at = [weights](std::size_t i) { return (*weights)[i]; };
-
-        // Admission: refuse (or wait) when not even the cheapest item seen so far fits; items
-        // differ, and an encode adapts its batches, so only "nothing can run" is a reason to say
-        // no. Memory held by this guard's own calls in flight comes back when they finish: then
-        // the call goes ahead and takes turns on the single-item path instead of being refused.
-        // Count mode with no learned ceiling starts at the batch the costliest item allows now.
-        const InFlight in_flight(*this);
-        std::uint64_t predicted = 0;
-        const std::uint64_t cheapest = memory.cheapest_published.load(std::memory_order_acquire);
-        const std::uint64_t costliest = memory.costliest_published.load(std::memory_order_acquire);
-        if (cheapest > 0 || (!weights && costliest > 0)) {
-            const MemoryInfo seen = probe_.memory();
-            const std::uint64_t one_item = policy::scale_bytes(cheapest, options_.history_headroom);
-            if (cheapest > 0 && !policy::admits(one_item, seen, options_.safety_margin) &&
-                in_flight.alone())
-                admit(key, "encode", [one_item](std::uint64_t) {
-                    return policy::Requirement{one_item, policy::RequirementSource::measured};
-                });
-            if (!weights)
-                predicted = policy::predicted_batch(
-                    seen, options_.safety_margin,
-                    policy::scale_bytes(costliest, options_.history_headroom));
-        }
-
-        // What this call learned is persisted when it ends, however it ends; a call that learned
-        // nothing costs no lock here.
-        struct PersistOnExit {
-            Guard& guard;
-            const Key& key;
-            KeyMemory& memory;
-            bool learned = false;
-            ~PersistOnExit() {
-                if (learned) guard.persist_learned(key, memory);
-            }
-        } persist_on_exit{*this, key, memory};
-
-        std::size_t pos = 0;
-        It cursor = first;
-        unsigned alone_failures = 0;
-        while (pos < n) {
-            // The next chunk: up to the ceiling (items) or cut at the budget (weights).
-            std::size_t size = 0;
-            std::uint64_t limit = 0;
-            bool alone = false;
-            // Peaks are sampled (per thread): measuring costs three probe calls, and a per-item
-            // cost moves slowly once known.
-            thread_local unsigned chunks_since_measured = 0;
-            const bool measure = memory.cheapest_published.load(std::memory_order_relaxed) == 0 ||
-                                 ++chunks_since_measured % 16 == 0;
-            limit = published.ceiling.load(std::memory_order_acquire);
-            // A batch's weight: the sum of its items', or with padding its size x its heaviest.
-            auto batch_weight = [&](std::size_t begin, std::size_t count) {
-                std::uint64_t total = 0, heaviest = 0;
-                for (std::size_t i = begin; i < begin + count; ++i) {
-                    total = policy::saturating_add(total, weight_at(i));
-                    heaviest = std::max(heaviest, weight_at(i));
-                }
-                return padded_weights ? policy::scale_bytes(heaviest, static_cast<double>(count))
-                                      : total;
-            };
-            if (weights) {
-                size = padded_weights ? policy::cut_by_padded_weight(pos, n, limit, weight_at)
-                                      : policy::cut_by_weight(pos, n, limit, weight_at);
-                // Alone when not even two such items fit the budget.
-                alone =
-                    size == 1 && limit != 0 &&
-                    (pos + 1 < n ? batch_weight(pos, 2)
-                                 : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
-            } else {
-                const std::uint64_t cap = limit != 0 ? limit : predicted;
-                size = cap == 0 ? n - pos
-                                : static_cast<std::size_t>(std::min<std::uint64_t>(cap, n - pos));
-                alone = limit == 1;
-            }
-            const std::uint64_t tried = weights ? batch_weight(pos, size) : size;
-            const bool at_ceiling =
-                limit != 0 && (weights ? pos + size < n || alone : size == limit);
-            It chunk_end = std::next(
-                cursor, static_cast<typename std::iterator_traits<It>::difference_type>(size));
-
-            // batch_fn's output is checked after the try: a contract error must never meet the
-            // OOM classifier (a key named like an OOM message would turn it into one).
-            std::conditional_t<std::is_void_v<Out>, char, Out> produced{};
-            try {
-                Semaphore::Permit permit;
-                std::unique_ptr<Hold> host_lock;
-                if (alone) {
-                    stats_.bump(stats_.single_item_calls);
-                    permit = Semaphore::Permit(*single_item_);
-                    if (options_.coordinator) host_lock = options_.coordinator->lock_single_item();
-                }
-                std::optional<Measurement> measurement;
-                if (measure) measurement.emplace(*this);
-                if constexpr (std::is_void_v<Out>) {
-                    std::invoke(batch_fn, View(cursor, chunk_end, size, pos));
-                } else {
-                    produced = std::invoke(batch_fn, View(cursor, chunk_end, size, pos));
-                }
-                if (auto peak = measurement ? measurement->peak() : std::nullopt;
-                    peak && *peak > 0) {
-                    const std::uint64_t per_item = (*peak + size - 1) / size;
-                    profiles_.record_peak(key, *peak, size);
-                    std::lock_guard<std::mutex> lock(memory.mutex);
-                    memory.bytes_per_item = std::max(memory.bytes_per_item, per_item);
-                    memory.cheapest_item_bytes =
-                        memory.cheapest_item_bytes == 0
-                            ? per_item
-                            : std::min(memory.cheapest_item_bytes, per_item);
-                    memory.publish();
-                }
-            } catch (...) {
-                const std::exception_ptr error = std::current_exception();
-                take_oom_or_rethrow(error, "encode", key);
-                // The message's "free" is the driver's view at the failure; what this process can
-                // use now, with its cache emptied, is the probe's reading.
-                const MemoryInfo after = probe_.memory();
-                const std::uint64_t free_after = after.free_bytes;
-                std::optional<OomReport> report = oom_report(error);
-                if (report)
-                    report->free_bytes = std::max(report->free_bytes.value_or(0), free_after);
-                if (size > 1) {
-                    const std::uint64_t next = policy::size_after_oom(tried, report);
-                    {
-                        std::lock_guard<std::mutex> lock(memory.mutex);
-                        policy::on_oom(memory.*state_of, tried, next, free_after);
-                        memory.publish();
-                        persist_on_exit.learned = true;
-                    }
-                    stats_.bump(stats_.halvings);
-                    log(Level::warn,
-                        "encode " + key.describe() + ": out of memory on a batch of " +
-                            std::to_string(size) + " items" +
-                            (weights ? " (weight " + std::to_string(tried) + ")" : "") +
-                            "; released the allocator cache, retrying at " +
-                            (weights ? "weight budget " : "") + std::to_string(next) + " (" +
-                            describe(error) + ")");
-                    continue;
-                }
-                ++alone_failures;
-                const bool hopeless = asked_for_more_than_the_device(error, after.total_bytes);
-                if (alone_failures >= options_.single_item_attempts || hopeless) {
-                    log(Level::warn, "encode " + key.describe() + ": item " + std::to_string(pos) +
-                                         " ran out of memory alone " +
-                                         std::to_string(alone_failures) +
-                                         " times; giving up on it");
-                    OomExhausted exhausted(
-                        "vramguard: encode " + key.describe() + ": item " + std::to_string(pos) +
-                            " ran out of memory even alone " +
-                            given_up_because(hopeless, alone_failures, after.total_bytes) +
-                            " The " + std::to_string(pos) +
-                            " results before it are kept in OomExhausted::finished_results(). Last "
-                            "error: " +
-                            describe(error),
-                        key.describe(), pos, alone_failures);
-                    if constexpr (!std::is_void_v<Out>)
-                        exhausted.keep_finished_results(std::move(results));
-                    std::throw_with_nested(std::move(exhausted));
-                }
-                log(Level::warn, "encode " + key.describe() + ": item " + std::to_string(pos) +
-                                     " ran out of memory alone (attempt " +
-                                     std::to_string(alone_failures) + " of " +
-                                     std::to_string(options_.single_item_attempts) +
-                                     "); released the allocator cache, waiting for memory (" +
-                                     describe(error) + ")");
-                stats_.bump(stats_.retries);
-                if (report && report->requested_bytes > 0)
-                    wait_for_memory(report->requested_bytes, options_.retry_delay, free_after);
-                else
-                    options_.sleep(options_.poll_interval);
-                continue;
-            }
-
-            if constexpr (!std::is_void_v<Out>) {
-                if (produced.size() != size)
-                    throw std::length_error(
-                        "vramguard::Guard::encode " + key.describe() + ": batch_fn returned " +
-                        std::to_string(produced.size()) + " results for " + std::to_string(size) +
-                        " items (items " + std::to_string(pos) + ".." +
-                        std::to_string(pos + size - 1) + "); it must return exactly one per item");
-                if (results.empty() && size == n) {
-                    results = std::move(produced);  // one chunk: its vector is the answer
-                } else {
-                    if (results.empty()) results.reserve(n);
-                    std::move(produced.begin(), produced.end(), std::back_inserter(results));
-                }
-            }
-            pos += size;
-            cursor = chunk_end;
-            alone_failures = 0;
-            bool grew = false;
-            // A success below the ceiling that is no larger than one seen before teaches nothing:
-            // no lock for it (the common case once a size is learned or none is needed).
-            if (at_ceiling || tried > published.largest_success.load(std::memory_order_acquire)) {
-                std::unique_lock<std::mutex> lock(memory.mutex);
-                policy::CeilingState& state = memory.*state_of;
-                std::uint64_t free_now = 0;
-                if (at_ceiling && policy::wants_memory_reading(state, rule)) {
-                    lock.unlock();
-                    free_now = probe_.memory().free_bytes;
-                    lock.lock();
-                }
-                const std::uint64_t before = state.ceiling;
-                const std::uint64_t learned_before = policy::learned(state);
-                grew = policy::on_success(state, at_ceiling, tried, rule, free_now);
-                memory.publish();
-                if (policy::learned(state) != learned_before) persist_on_exit.learned = true;
-                if (grew) limit = before;
-            }
-            if (grew) {
-                stats_.bump(stats_.grow_backs);
-                log(Level::info, "encode " + key.describe() + ": " +
-                                     std::to_string(options_.grow_after_successes) +
-                                     " batches at " + std::to_string(limit) +
-                                     " succeeded; trying larger batches");
-            }
-        }
-        if constexpr (std::is_void_v<Out>)
-            return;
-        else
-            return results;
+    static std::uint64_t take_changed_limit(detail::SizeLearner& learner) noexcept {
+        const std::uint64_t limit =
+            learner.model.known() ? learner.limit : policy::learned(learner.ceiling);
+        if (limit == 0 || limit == learner.persisted_limit) return 0;
+        learner.persisted_limit = limit;
+        return limit;
     }
 
     Probe& probe_;
@@ -3842,11 +5094,11 @@ class Guard {
     std::shared_ptr<Semaphore> single_item_;
     const std::uint64_t id_ = next_guard_id();
     detail::AtomicStats stats_;
+    detail::AdmissionControl<Probe> admission_;
     std::mutex keys_mutex_;
-    std::unordered_map<std::uint64_t, std::unique_ptr<KeyMemory>> keys_;
-    std::atomic<std::uint64_t> measurements_{0};  // see Measurement
-    detail::StripedCounter in_flight_;
-    std::atomic<std::int64_t> last_recovery_ms_{-1};
+    std::unordered_map<std::uint64_t, std::unique_ptr<detail::KeyMemory>> keys_;
+    detail::RunTracker runs_{measures_peaks};
+    detail::StripedCounter calls_in_flight_;
 };
 
 VRAMGUARD_END_NAMESPACE
@@ -3855,8 +5107,10 @@ VRAMGUARD_END_NAMESPACE
 // ---- begin <vramguard/host.hpp> ----
 // Host-wide coordination (POSIX): pre-forked workers on one GPU must not all see "6 GiB free" and
 // all load 6 GiB. An in-process check cannot see the other processes, so admission goes through a
-// per-device reservation ledger, a small file locked with flock: lock, prune the entries of dead
+// per-device reservation ledger, a small file guarded by an flock: lock, prune the entries of dead
 // processes, compare free memory minus everyone's live reservations, reserve or refuse, unlock.
+// Every change replaces the file whole (temporary file, rename), so a process killed at any
+// instant leaves a ledger that still holds every live reservation.
 // No daemon: the kernel releases a dead process's flock, and its entries are pruned by the next
 // process that looks.
 //
@@ -3930,7 +5184,9 @@ struct HostOptions {
     // /dev/shm, else $XDG_RUNTIME_DIR, else /tmp). Every process of one server must agree on it.
     std::string directory;
     // Unset: files are 0600, this user's processes only. Set: files are created 0660 and owned by
-    // this group, for workers that run as different users of one group.
+    // this group, for workers that run as different users of one group. The ledger is replaced by
+    // rename, which a sticky directory (/dev/shm, /tmp) refuses over another user's file: give
+    // such workers a directory of that group that is not sticky (mode 2770, say).
     std::optional<gid_t> group;
     // Waits on other processes use the system's monotonic clock, not an injected one: the other
     // side of the wait is another process, which a test's ManualClock cannot move.
@@ -4009,8 +5265,11 @@ namespace detail {
 //   reservation <id, 16 hex> <pid> <start_ticks> <bytes> <created_ns> <released_ns>   (0 or more)
 //     (released_ns: 0; nonzero only in files written by earlier builds, see LedgerEntry)
 //   checksum <FNV-1a 64 of every byte above, 16 hex digits>
-// Numbers are canonical decimals. It is rewritten in place under the flock; a writer killed
-// halfway leaves a file whose checksum (or length) is wrong, which the next reader rebuilds.
+// Numbers are canonical decimals. It is never written in place: a writer holding the lock file's
+// flock writes "<ledger>.tmp" and renames it over the ledger, so every reader, and every process
+// after a writer killed at any instant, finds either the old file or the new one, whole (see
+// HostLedger::store). A file damaged all the same (by hand, by a disk) is salvaged, never emptied:
+// see salvage_ledger.
 inline constexpr std::string_view ledger_magic = "vramguard-ledger 1";
 // 4096 entries of at most ~130 bytes: an upper bound, far above any real ledger.
 inline constexpr std::size_t max_ledger_entries = 4096;
@@ -4048,6 +5307,51 @@ inline std::string serialize_ledger(const LedgerState& state) {
     return text;
 }
 
+// One reservation line's value: "<id, 16 hex> <pid> <start_ticks> <bytes> <created_ns>
+// <released_ns>".
+inline std::optional<LedgerEntry> parse_reservation(std::string_view value, std::string* error) {
+    const auto fail = [error](const char* reason) { return parse_failure(error, reason); };
+    LedgerEntry entry;
+    std::uint64_t pid = 0;
+    std::uint64_t* const numbers[] = {&pid, &entry.start_ticks, &entry.bytes, &entry.created_ns,
+                                      &entry.released_ns};
+    std::size_t space = value.find(' ');
+    if (space == std::string_view::npos || !parse_hex16_u64(value.substr(0, space), entry.id))
+        return fail("malformed reservation id");
+    value.remove_prefix(space + 1);
+    for (std::size_t i = 0; i < 5; ++i) {
+        space = value.find(' ');
+        const bool last = i == 4;
+        if (last != (space == std::string_view::npos)) return fail("malformed reservation line");
+        if (!parse_decimal_u64(value.substr(0, last ? value.size() : space), *numbers[i]))
+            return fail("malformed number in a reservation line");
+        if (!last) value.remove_prefix(space + 1);
+    }
+    if (pid == 0 || pid > static_cast<std::uint64_t>(INT_MAX)) return fail("pid out of range");
+    entry.pid = static_cast<pid_t>(pid);
+    return entry;
+}
+
+// The three header lines (magic, device, boot) into `state`; false with the reason in `*error`.
+inline bool parse_ledger_header(LineReader& lines, LedgerState& state, std::string* error) {
+    const auto fail = [error](const char* reason) {
+        parse_failure(error, reason);
+        return false;
+    };
+    std::string_view line, value;
+    if (!lines.next(line)) return fail("file is truncated");
+    if (line != ledger_magic) {
+        if (line.substr(0, 17) == "vramguard-ledger ") return fail("unsupported format version");
+        return fail("not a vramguard ledger (bad first line)");
+    }
+    if (!lines.next_field("device", value) || !parse_hex16_u64(value, state.device))
+        return fail("truncated or malformed device line");
+    if (!lines.next_field("boot", value) || !is_boot_id(value))
+        return fail("truncated or malformed boot line");
+    state.boot = std::string(value);
+    return true;
+}
+
 // Parses a ledger file. Returns nothing, with the reason in `*error` when given, for anything that
 // is not exactly such a file: arbitrary bytes are safe input (this is the fuzzing entry point).
 inline std::optional<LedgerState> parse_ledger(std::string_view text,
@@ -4055,21 +5359,11 @@ inline std::optional<LedgerState> parse_ledger(std::string_view text,
     const auto fail = [error](const char* reason) { return parse_failure(error, reason); };
     if (text.size() > max_ledger_file_bytes) return fail("file is too large");
     LineReader lines(text);
-
-    std::string_view line, value;
-    if (!lines.next(line)) return fail("file is truncated");
-    if (line != ledger_magic) {
-        if (line.substr(0, 17) == "vramguard-ledger ") return fail("unsupported format version");
-        return fail("not a vramguard ledger (bad first line)");
-    }
     LedgerState state;
-    if (!lines.next_field("device", value) || !parse_hex16_u64(value, state.device))
-        return fail("truncated or malformed device line");
-    if (!lines.next_field("boot", value) || !is_boot_id(value))
-        return fail("truncated or malformed boot line");
-    state.boot = std::string(value);
+    if (!parse_ledger_header(lines, state, error)) return std::nullopt;
     for (;;) {
         const std::size_t line_start = lines.position();
+        std::string_view line, value;
         if (!lines.next(line)) return fail("file is truncated (no checksum line)");
         if (field_value(line, "checksum", value)) {
             switch (check_checksum_line(lines, line_start, value)) {
@@ -4083,27 +5377,72 @@ inline std::optional<LedgerState> parse_ledger(std::string_view text,
         }
         if (!field_value(line, "reservation", value)) return fail("unexpected line");
         if (state.entries.size() >= max_ledger_entries) return fail("too many reservations");
-        LedgerEntry entry;
-        std::uint64_t pid = 0;
-        std::uint64_t* const numbers[] = {&pid, &entry.start_ticks, &entry.bytes, &entry.created_ns,
-                                          &entry.released_ns};
-        std::size_t space = value.find(' ');
-        if (space == std::string_view::npos || !parse_hex16_u64(value.substr(0, space), entry.id))
-            return fail("malformed reservation id");
-        value.remove_prefix(space + 1);
-        for (std::size_t i = 0; i < 5; ++i) {
-            space = value.find(' ');
-            const bool last = i == 4;
-            if (last != (space == std::string_view::npos))
-                return fail("malformed reservation line");
-            if (!parse_decimal_u64(value.substr(0, last ? value.size() : space), *numbers[i]))
-                return fail("malformed number in a reservation line");
-            if (!last) value.remove_prefix(space + 1);
-        }
-        if (pid == 0 || pid > static_cast<std::uint64_t>(INT_MAX)) return fail("pid out of range");
-        entry.pid = static_cast<pid_t>(pid);
-        state.entries.push_back(entry);
+        auto entry = parse_reservation(value, error);
+        if (!entry) return std::nullopt;
+        state.entries.push_back(*entry);
     }
+}
+
+// A number of a damaged reservation line, trusted only when a space ends it (a cut line may have
+// lost its last digits: "10737" of "1073741824").
+inline bool salvage_number(std::string_view& rest, std::uint64_t& out) noexcept {
+    const std::size_t space = rest.find(' ');
+    if (space == std::string_view::npos || !parse_decimal_u64(rest.substr(0, space), out))
+        return false;
+    rest.remove_prefix(space + 1);
+    return true;
+}
+
+// What one line of a damaged file still says about a reservation. A whole line ('\n'-ended) that
+// parses is taken as it is. Otherwise an id and a pid that are whole still name a reservation and
+// its owner; its size is unknown and counts as the whole device (UINT64_MAX) until the owner
+// releases it or exits. Nothing when no owner can be named.
+inline std::optional<LedgerEntry> salvage_reservation(std::string_view line, bool whole) {
+    std::string_view rest;
+    if (!field_value(line, "reservation", rest)) return std::nullopt;
+    if (whole)
+        if (auto entry = parse_reservation(rest, nullptr)) return entry;
+    LedgerEntry entry;
+    std::uint64_t pid = 0;
+    if (rest.size() < 17 || rest[16] != ' ' || !parse_hex16_u64(rest.substr(0, 16), entry.id))
+        return std::nullopt;
+    rest.remove_prefix(17);
+    if (!salvage_number(rest, pid) || pid == 0 || pid > static_cast<std::uint64_t>(INT_MAX))
+        return std::nullopt;
+    entry.pid = static_cast<pid_t>(pid);
+    if (!salvage_number(rest, entry.start_ticks)) entry.start_ticks = 0;  // the pid alone decides
+    entry.bytes = UINT64_MAX;
+    return entry;
+}
+
+// What a damaged ledger (a checksum that fails, a file cut short, stray bytes) still says, so that
+// admission stays at least as careful as the truth: every reservation whose owner can be named
+// (see salvage_reservation; one entry per id, the larger size), and the boot it was written in
+// when that line is whole (otherwise `assumed_boot`: its pids are judged by liveness alone).
+// Never more than max_ledger_entries. Arbitrary bytes are safe input.
+inline LedgerState salvage_ledger(std::string_view text, std::string_view assumed_boot) {
+    LedgerState state;
+    state.boot = std::string(assumed_boot);
+    std::size_t start = 0;
+    while (start < text.size() && state.entries.size() < max_ledger_entries) {
+        std::size_t end = text.find('\n', start);
+        const bool whole = end != std::string_view::npos;
+        if (!whole) end = text.size();
+        const std::string_view line = text.substr(start, end - start);
+        start = end + 1;
+        std::string_view value;
+        if (whole && field_value(line, "boot", value) && is_boot_id(value)) {
+            state.boot = std::string(value);
+        } else if (const auto entry = salvage_reservation(line, whole)) {
+            const auto same = std::find_if(state.entries.begin(), state.entries.end(),
+                                           [&](const LedgerEntry& e) { return e.id == entry->id; });
+            if (same == state.entries.end())
+                state.entries.push_back(*entry);
+            else if (same->bytes < entry->bytes)
+                *same = *entry;
+        }
+    }
+    return state;
 }
 
 // ---- processes and clocks ----
@@ -4118,17 +5457,8 @@ inline std::uint64_t monotonic_ns() noexcept {
 
 // Small /proc files (stat, boot_id); false when absent (no /proc, other systems) or unreadable.
 inline bool read_proc_file(const std::string& path, std::string& out) {
-    out.clear();
-    FileDescriptor fd(retry_eintr([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC); }));
-    if (!fd) return false;
-    char buffer[1024];
-    while (out.size() < 8192) {
-        const ssize_t got = retry_eintr([&] { return ::read(fd.get(), buffer, sizeof buffer); });
-        if (got < 0) return false;
-        if (got == 0) break;
-        out.append(buffer, static_cast<std::size_t>(got));
-    }
-    return true;
+    int error = 0;
+    return read_small_file(path, out, error) == ReadResult::ok;
 }
 
 // The kernel's boot id, read once: a ledger left in a persistent directory by an earlier boot
@@ -4207,6 +5537,44 @@ inline std::uint64_t fresh_reservation_id() noexcept {
     x ^= x >> 31;
     return x == 0 ? 1 : x;
 }
+
+// The reservations this process holds, per ledger file: what its own entries in that file must be.
+// A transaction makes the file agree (HostLedger::reconcile): an entry naming this process that it
+// does not hold is a release that did not reach the file (or a stray line of a damaged one) and is
+// dropped; one it holds that the file lacks (lost to damage) is written back. Process-wide, because
+// several HostLedger objects may share one file; a forked child inherits a copy, but its pid
+// differs, so it never claims the parent's entries.
+class HeldReservations {
+   public:
+    static HeldReservations& instance() {
+        static HeldReservations* const held = new HeldReservations();  // outlives every static
+        return *held;
+    }
+    void add(const std::string& ledger, const LedgerEntry& entry) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        held_.emplace_back(ledger, entry);
+    }
+    void remove(const std::string& ledger, std::uint64_t id) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        held_.erase(std::remove_if(held_.begin(), held_.end(),
+                                   [&](const auto& item) {
+                                       return item.second.id == id && item.first == ledger;
+                                   }),
+                    held_.end());
+    }
+    // The live holds of process `pid` in `ledger`.
+    std::vector<LedgerEntry> of(const std::string& ledger, pid_t pid) const {
+        std::vector<LedgerEntry> result;
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (const auto& item : held_)
+            if (item.first == ledger && item.second.pid == pid) result.push_back(item.second);
+        return result;
+    }
+
+   private:
+    mutable std::mutex mutex_;
+    std::vector<std::pair<std::string, LedgerEntry>> held_;
+};
 
 // "[A-Za-z0-9._-]" kept, anything else '_', at most 48 characters: readable in `ls`, safe as a
 // name.
@@ -4291,6 +5659,7 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         directory_ = options_.directory.empty() ? default_directory() : options_.directory;
         while (directory_.size() > 1 && directory_.back() == '/') directory_.pop_back();
         path_ = directory_ + "/" + file_name(identity_);
+        lock_path_ = path_ + ".lock";
     }
     HostLedger(const HostLedger&) = delete;
     HostLedger& operator=(const HostLedger&) = delete;
@@ -4304,25 +5673,32 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         bool read = false;
         bool full = false;
         LedgerEntry mine;
-        const std::optional<std::string> failure = transact([&](LedgerState& state) {
-            decision.seen = read_memory();
-            read = true;
-            const std::uint64_t reserved = state.live_bytes();
-            decision.available =
-                decision.seen.free_bytes > reserved ? decision.seen.free_bytes - reserved : 0;
-            if (!fits(required, margin_bytes, decision.available)) return false;
-            if (state.entries.size() >= detail::max_ledger_entries) {
-                full = true;
-                return false;
-            }
-            mine.id = detail::fresh_reservation_id();
-            mine.pid = ::getpid();
-            mine.start_ticks = detail::process_start_ticks(mine.pid);
-            mine.bytes = required;
-            mine.created_ns = detail::monotonic_ns();
-            state.entries.push_back(mine);
-            return true;
-        });
+        const std::optional<std::string> failure = transact(
+            [&](LedgerState& state) {
+                decision.seen = read_memory();
+                read = true;
+                const std::uint64_t reserved = state.live_bytes();
+                decision.available =
+                    decision.seen.free_bytes > reserved ? decision.seen.free_bytes - reserved : 0;
+                if (!fits(required, margin_bytes, decision.available)) return false;
+                if (state.entries.size() >= detail::max_ledger_entries) {
+                    full = true;
+                    return false;
+                }
+                mine.id = detail::fresh_reservation_id();
+                mine.pid = ::getpid();
+                mine.start_ticks = detail::process_start_ticks(mine.pid);
+                mine.bytes = required;
+                mine.created_ns = detail::monotonic_ns();
+                state.entries.push_back(mine);
+                return true;
+            },
+            [&] {
+                // Held from the moment the file says so, before the lock is released: another
+                // thread of this process reconciling in between would take the entry for a stale
+                // one.
+                if (mine.id != 0) detail::HeldReservations::instance().add(path_, mine);
+            });
         if (failure || full) {
             unusable(failure ? *failure
                              : "it holds " + std::to_string(detail::max_ledger_entries) +
@@ -4343,7 +5719,8 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     // lock files cannot be opened. Waiters queue through a turnstile file first, so a process that
     // runs single items back to back cannot take the lock again before a waiter gets its turn.
     std::unique_ptr<Hold> lock_single_item() override {
-        const auto deadline = std::chrono::steady_clock::now() + options_.single_item_timeout;
+        const auto deadline =
+            detail::deadline_after(std::chrono::steady_clock::now(), options_.single_item_timeout);
         std::string reason;
         detail::FileDescriptor turnstile = open_file(path_ + ".turnstile", reason);
         if (!turnstile) return single_item_failed(reason);
@@ -4375,7 +5752,9 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
 
     // Whether the last operation reached the ledger (false: admission is in-process only).
     bool usable() const noexcept { return !failing_.load(std::memory_order_relaxed); }
+    // The ledger file, and the lock file beside it whose flock orders every change to it.
     const std::string& path() const noexcept { return path_; }
+    const std::string& lock_path() const noexcept { return lock_path_; }
     const std::string& device_identity() const noexcept { return identity_; }
     const HostOptions& options() const noexcept { return options_; }
 
@@ -4419,13 +5798,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
 
     void release(std::uint64_t id) noexcept {
         try {
-            {
-                std::lock_guard<std::mutex> lock(pending_mutex_);
-                pending_releases_.push_back(id);
-            }
-            // transact() applies every pending release; one that fails stays pending for the next
-            // operation (an entry left live would shrink the host's memory until this process
-            // exits).
+            // No longer held, so the next transaction erases the entry (reconcile). When this one
+            // fails, the next one of this process that works does (an entry left live would shrink
+            // the host's memory until this process exits).
+            detail::HeldReservations::instance().remove(path_, id);
             if (const auto failure = transact([](LedgerState&) { return false; }))
                 unusable(*failure);
         } catch (...) {
@@ -4433,10 +5809,31 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         }
     }
 
-    // Opens (creating) one of the ledger's files, read-write, close-on-exec, never through a
-    // symbolic link, and checks that it may be trusted. On failure: an invalid descriptor and the
-    // reason.
+    // Why a file found on disk is not to be trusted; "" when it is: it must be a regular file of
+    // this user (or of HostOptions::group) that not every user may write.
+    std::string distrust(const std::string& path, const struct stat& st) const {
+        if (!S_ISREG(st.st_mode)) return path + " is not a regular file";
+        if (st.st_uid != ::geteuid() && !(options_.group && st.st_gid == *options_.group))
+            return path + " belongs to uid " + std::to_string(st.st_uid) +
+                   " (another user's ledger; to share one, set HostOptions::group in every "
+                   "process)";
+        if ((st.st_mode & S_IWOTH) != 0)
+            return path + " is writable by every user; not trusting it";
+        return {};
+    }
+
+    // Gives a file this process has just created the mode and group HostOptions asks for (the
+    // umask may have taken the group bits).
+    bool set_mode(int fd) const {
+        const mode_t mode = options_.group ? 0660 : 0600;
+        return !(options_.group && ::fchown(fd, static_cast<uid_t>(-1), *options_.group) != 0) &&
+               ::fchmod(fd, mode) == 0;
+    }
+
+    // Opens (creating) one of the lock files, read-write, close-on-exec, never through a symbolic
+    // link, and checks that it may be trusted. On failure: an invalid descriptor and the reason.
     detail::FileDescriptor open_file(const std::string& path, std::string& reason) const {
+        reason.clear();
         const mode_t mode = options_.group ? 0660 : 0600;
         const int flags = O_RDWR | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK;
         int raw = detail::retry_eintr(
@@ -4454,31 +5851,13 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
             reason = "cannot stat " + path + " (" + detail::errno_text(errno) + ")";
             return detail::FileDescriptor();
         }
-        if (!S_ISREG(st.st_mode)) {
-            reason = path + " is not a regular file";
+        if (created && !set_mode(fd.get())) {
+            reason = "cannot set the owner group or mode of " + path + " (" +
+                     detail::errno_text(errno) + ")";
             return detail::FileDescriptor();
         }
-        if (created) {
-            // The umask may have taken the group bits the caller asked for.
-            if ((options_.group &&
-                 ::fchown(fd.get(), static_cast<uid_t>(-1), *options_.group) != 0) ||
-                ::fchmod(fd.get(), mode) != 0) {
-                reason = "cannot set the owner group or mode of " + path + " (" +
-                         detail::errno_text(errno) + ")";
-                return detail::FileDescriptor();
-            }
-            return fd;
-        }
-        if (st.st_uid != ::geteuid() && !(options_.group && st.st_gid == *options_.group)) {
-            reason = path + " belongs to uid " + std::to_string(st.st_uid) +
-                     " (another user's ledger; to share one, set HostOptions::group in every "
-                     "process)";
-            return detail::FileDescriptor();
-        }
-        if ((st.st_mode & S_IWOTH) != 0) {
-            reason = path + " is writable by every user; not trusting it";
-            return detail::FileDescriptor();
-        }
+        if (!created) reason = distrust(path, st);
+        if (!reason.empty()) return detail::FileDescriptor();
         return fd;
     }
 
@@ -4487,127 +5866,183 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return "cannot lock " + path + " (" + detail::errno_text(error) + ")";
     }
 
-    // One locked read-modify-write: open, flock, read and validate (a damaged file is rebuilt
-    // empty, with a warning), apply pending releases, prune dead owners, run `change` (true: it
-    // changed the state), write back what changed, unlock. Returns the reason when the ledger could
-    // not be used. An exception from `change` propagates with nothing written (the flock goes with
-    // the descriptor, and pending releases stay pending).
-    template <class Change>
-    std::optional<std::string> transact(Change&& change) {
+    // The flock that orders every read-modify-write of the ledger, on "<ledger>.lock": a file that
+    // is never replaced (a lock on the ledger itself would protect nothing once a rename replaced
+    // its inode). Held while the descriptor lives; the kernel drops it when its holder dies.
+    detail::FileDescriptor lock_ledger(std::string& reason) const {
+        detail::FileDescriptor fd = open_file(lock_path_, reason);
+        if (!fd) return fd;
+        const auto deadline =
+            detail::deadline_after(std::chrono::steady_clock::now(), options_.lock_timeout);
+        if (const int error = detail::lock_until(fd.get(), deadline); error != 0) {
+            reason = lock_failure(lock_path_, error);
+            return detail::FileDescriptor();
+        }
+        return fd;
+    }
+
+    // One locked read-modify-write: lock, load (salvaging a damaged file, with a warning),
+    // reconcile with what is alive, run `change` (true: it changed the state), store what changed,
+    // run `committed` while still locked (only when all of it worked), unlock. Returns the reason
+    // when the ledger could not be used. An exception from `change` propagates with nothing written
+    // (the flock goes with the descriptor).
+    template <class Change, class Commit>
+    std::optional<std::string> transact(Change&& change, Commit&& committed) {
         std::vector<std::string> warnings;
         std::optional<std::string> failure;
-        std::vector<std::uint64_t> pending;  // cleared from the list only once written
-        {
-            std::lock_guard<std::mutex> lock(pending_mutex_);
-            pending = pending_releases_;
-        }
         {
             std::string reason;
-            detail::FileDescriptor fd = open_file(path_, reason);
-            if (!fd) return reason;
-            const auto deadline = std::chrono::steady_clock::now() + options_.lock_timeout;
-            if (const int error = detail::lock_until(fd.get(), deadline); error != 0)
-                return lock_failure(path_, error);
-            std::string text;
-            if (!read_all(fd.get(), text))
-                return "cannot read " + path_ + " (" + detail::errno_text(errno) + ")";
-
+            const detail::FileDescriptor lock = lock_ledger(reason);
+            if (!lock) return reason;
             LedgerState state;
             bool dirty = false;
-            if (!text.empty()) {
-                std::string why;
-                if (auto parsed = detail::parse_ledger(text, &why)) {
-                    if (parsed->device != device_hash_) {
-                        why = "it belongs to another device identity";
-                    } else {
-                        state = std::move(*parsed);
-                        why.clear();
-                    }
-                }
-                if (!why.empty()) {
-                    warnings.push_back("host ledger " + path_ + " was damaged (" + why +
-                                       "); rebuilt it empty: reservations other processes held in "
-                                       "it are forgotten, and their loads are no longer counted");
-                    dirty = true;
-                }
-            } else {
-                dirty = true;  // a new file gets its header now
-            }
-            state.device = device_hash_;
-            if (state.boot != detail::current_boot_id()) {
-                // Written before a reboot: every pid in it is meaningless now.
-                state.boot = detail::current_boot_id();
-                state.entries.clear();
-                dirty = true;
-            }
-            dirty |= prune(state, pending);
+            if ((failure = load(state, dirty, warnings))) return failure;
+            dirty |= reconcile(state);
             dirty |= change(state);
-            if (dirty) {
-                const std::string bytes = detail::serialize_ledger(state);
-                // In place: under the flock no reader can see it half-written, and a writer killed
-                // halfway leaves a bad checksum or stray bytes, which the next reader rebuilds.
-                if (::lseek(fd.get(), 0, SEEK_SET) != 0 || !detail::write_all(fd.get(), bytes) ||
-                    detail::retry_eintr([&] {
-                        return ::ftruncate(fd.get(), static_cast<off_t>(bytes.size()));
-                    }) != 0)
-                    failure = "cannot write " + path_ + " (" + detail::errno_text(errno) + ")";
-            }
-        }  // closing the descriptor releases the flock
+            if (dirty) failure = store(state);
+            if (!failure) committed();
+        }  // closing the lock file's descriptor releases the flock
         for (const std::string& warning : warnings)
             detail::emit(options_.log, Level::warn, warning);
-        if (!failure && !pending.empty()) {
-            std::lock_guard<std::mutex> lock(pending_mutex_);
-            for (const std::uint64_t id : pending)
-                pending_releases_.erase(
-                    std::remove(pending_releases_.begin(), pending_releases_.end(), id),
-                    pending_releases_.end());
-        }
         if (!failure && failing_.exchange(false, std::memory_order_relaxed))
             detail::emit(options_.log, Level::info,
                          "host ledger " + path_ + " works again; admission is host-wide again");
         return failure;
     }
+    template <class Change>
+    std::optional<std::string> transact(Change&& change) {
+        return transact(std::forward<Change>(change), [] {});
+    }
 
-    // Erases this process's pending releases, dead owners' entries and entries an earlier build
-    // marked released (see LedgerEntry). True when it changed.
-    bool prune(LedgerState& state, const std::vector<std::uint64_t>& pending) {
+    // The ledger's bytes ("" when there is none yet), read under the lock; the reason when it
+    // cannot be trusted or read.
+    std::optional<std::string> read_text(std::string& text) const {
+        text.clear();
+        struct stat st {};
+        if (::lstat(path_.c_str(), &st) != 0) {
+            if (errno == ENOENT) return std::nullopt;
+            return "cannot stat " + path_ + " (" + detail::errno_text(errno) + ")";
+        }
+        if (std::string why = distrust(path_, st); !why.empty()) return why;
+        int error = 0;
+        if (detail::read_small_file(path_, text, error) == detail::ReadResult::failed)
+            return "cannot read " + path_ + " (" + detail::errno_text(error) + ")";
+        return std::nullopt;
+    }
+
+    // The ledger as the file says, into `state`. No file (or an empty one) is a new ledger; a file
+    // written before this boot names no live process; a damaged one is salvaged, never emptied
+    // (see detail::salvage_ledger), with a warning. `dirty`: the file must be rewritten. Returns
+    // the reason when the file cannot be read or trusted.
+    std::optional<std::string> load(LedgerState& state, bool& dirty,
+                                    std::vector<std::string>& warnings) const {
+        std::string text;
+        if (auto failure = read_text(text)) return failure;
+        const std::string& boot = detail::current_boot_id();
+        std::string why;
+        std::optional<LedgerState> parsed;
+        if (!text.empty()) parsed = detail::parse_ledger(text, &why);
+        if (parsed && parsed->device != device_hash_) {
+            why = "it belongs to another device identity";
+            parsed.reset();
+        }
+        dirty = !parsed;
+        if (parsed) {
+            state = std::move(*parsed);
+        } else if (!text.empty()) {
+            state = detail::salvage_ledger(text, boot);
+            warnings.push_back("host ledger " + path_ + " was damaged (" + why +
+                               "); rebuilt it from the " + std::to_string(state.entries.size()) +
+                               " reservations it still names (one whose size is lost counts as "
+                               "the whole device until its owner releases it or exits; those of "
+                               "dead owners are dropped)");
+        }
+        state.device = device_hash_;
+        if (state.boot != boot) {
+            // Written before a reboot: every pid in it is meaningless now.
+            state.boot = boot;
+            state.entries.clear();
+            dirty = true;
+        }
+        return std::nullopt;
+    }
+
+    // Writes the state to "<ledger>.tmp" and renames that over the ledger, so a kill at any
+    // instant leaves the old file or the new one, never a mix (an in-place rewrite killed between
+    // its write and its ftruncate left the new text followed by stray bytes of the old). A
+    // temporary file left by a writer killed before its rename is removed by the next writer (one
+    // name, under the lock: litter never grows). No fsync: a kill loses nothing the kernel has, and
+    // the ledger means nothing after a power loss anyway (its pids belong to the earlier boot).
+    std::optional<std::string> store(const LedgerState& state) const {
+        const std::string temp = path_ + ".tmp";
+        const auto failed = [&temp](const std::string& what) -> std::optional<std::string> {
+            const std::string reason = "cannot " + what + " (" + detail::errno_text(errno) + ")";
+            ::unlink(temp.c_str());
+            return reason;
+        };
+        if (::unlink(temp.c_str()) != 0 && errno != ENOENT) return failed("remove " + temp);
+        detail::FileDescriptor fd(detail::retry_eintr([&] {
+            return ::open(temp.c_str(),
+                          O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW,
+                          options_.group ? 0660 : 0600);
+        }));
+        if (!fd) return failed("create " + temp);
+        if (!set_mode(fd.get())) return failed("set the owner group or mode of " + temp);
+        if (!detail::write_all(fd.get(), detail::serialize_ledger(state)))
+            return failed("write " + temp);
+        if (const int error = fd.reset(); error != 0) {
+            errno = error;
+            return failed("close " + temp);
+        }
+        if (::rename(temp.c_str(), path_.c_str()) != 0)
+            return failed("rename " + temp + " over " + path_);
+        return std::nullopt;
+    }
+
+    // Makes the state agree with what is alive: drops the entries of processes that are gone and
+    // those an earlier build marked released (see LedgerEntry), and makes this process's own
+    // entries exactly the reservations it holds (see detail::HeldReservations): a release that did
+    // not reach the file is applied, a reservation a damaged file lost is written back, a size a
+    // damaged file lost is restored. True when it changed.
+    bool reconcile(LedgerState& state) const {
         const pid_t self = ::getpid();
-        const std::size_t before = state.entries.size();
+        const std::vector<LedgerEntry> held = detail::HeldReservations::instance().of(path_, self);
         // Each owner (pid and start time) looked up once. This process's entries too: one under
         // our pid with another start time is a dead process's whose pid we were given.
         std::vector<std::pair<std::pair<pid_t, std::uint64_t>, bool>> looked_up;
-        const auto is_dead = [&](const LedgerEntry& entry) {
+        const auto alive = [&](const LedgerEntry& entry) {
             const std::pair<pid_t, std::uint64_t> owner{entry.pid, entry.start_ticks};
             for (const auto& known : looked_up)
-                if (known.first == owner) return !known.second;
+                if (known.first == owner) return known.second;
             const bool live = detail::owner_alive(entry.pid, entry.start_ticks);
             looked_up.emplace_back(owner, live);
-            return !live;
+            return live;
         };
-        const auto released = [&](const LedgerEntry& entry) {
-            if (!entry.live()) return true;  // marked by an earlier build
-            return entry.pid == self &&
-                   std::find(pending.begin(), pending.end(), entry.id) != pending.end();
+        const auto holds = [&](std::uint64_t id) {
+            return std::any_of(held.begin(), held.end(),
+                               [id](const LedgerEntry& mine) { return mine.id == id; });
         };
+        const std::size_t before = state.entries.size();
         state.entries.erase(std::remove_if(state.entries.begin(), state.entries.end(),
                                            [&](const LedgerEntry& entry) {
-                                               return released(entry) || is_dead(entry);
+                                               if (!entry.live() || !alive(entry)) return true;
+                                               return entry.pid == self && !holds(entry.id);
                                            }),
                             state.entries.end());
-        return state.entries.size() != before;
-    }
-
-    static bool read_all(int fd, std::string& out) {
-        out.clear();
-        char buffer[4096];
-        while (out.size() <= detail::max_ledger_file_bytes) {
-            const ssize_t got = detail::retry_eintr(
-                [&] { return ::pread(fd, buffer, sizeof buffer, static_cast<off_t>(out.size())); });
-            if (got < 0) return false;
-            if (got == 0) break;
-            out.append(buffer, static_cast<std::size_t>(got));
+        bool changed = state.entries.size() != before;
+        for (const LedgerEntry& mine : held) {
+            const auto found = std::find_if(state.entries.begin(), state.entries.end(),
+                                            [&](const LedgerEntry& e) { return e.id == mine.id; });
+            if (found == state.entries.end()) {
+                state.entries.push_back(mine);
+            } else if (*found != mine) {
+                *found = mine;
+            } else {
+                continue;
+            }
+            changed = true;
         }
-        return true;
+        return changed;
     }
 
     // Host-wide admission is off until an operation works again; said once per such stretch.
@@ -4634,11 +6069,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     const std::uint64_t device_hash_;
     const HostOptions options_;
     std::string directory_;
-    std::string path_;
+    std::string path_;       // the ledger
+    std::string lock_path_;  // "<ledger>.lock"
     std::atomic<bool> failing_{false};
     std::atomic<bool> single_item_failing_{false};
-    std::mutex pending_mutex_;
-    std::vector<std::uint64_t> pending_releases_;
 };
 
 // ---- how many worker processes ----------------------------------------------------------------
@@ -4682,114 +6116,29 @@ inline std::size_t recommended_workers(std::optional<MemoryInfo> gpu, ProfileCac
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/host.hpp> ----
 
-// ---- begin <vramguard/models.hpp> ----
-// Model lifecycle: ModelSlot<T> holds at most one loaded model and lends it out through leases;
-// ModelRegistry keeps many slots on one device under a cap, evicts idle models least-recently-used
-// first when a load does not fit, unloads models left idle, and relieves memory pressure.
+// ---- begin <vramguard/model_slot.hpp> ----
+// One model's lifecycle, independent of the device: ModelSlot<T> holds at most one loaded model
+// and lends it out through leases (Lease<T>); its registry (models.hpp) decides when it may load
+// and when it goes.
 //
 // Rules that hold everywhere in this file:
 // - A model is never unloaded while a lease on it is alive (checked under the slot's lock).
-// - No lock is held while a user's loader runs, while a model is destroyed, or while waiting.
-// - Every wait reads the injected clock and sleeps through the injected sleep; the reaper thread is
-//   the one exception (it waits in real time on a condition variable, so destruction stops it at
-//   once) and it still passes the injected clock's time to tick().
+// - No lock is held while a user's loader runs or while a model is destroyed.
 
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <condition_variable>
-#include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <exception>
 #include <functional>
-#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <string_view>
-#include <thread>
-#include <type_traits>
 #include <utility>
-#include <vector>
 
 VRAMGUARD_BEGIN_NAMESPACE
-
-namespace defaults {
-// Ollama's OLLAMA_MAX_LOADED_MODELS default (per GPU): enough for an embedder, a reranker and a
-// generator side by side; more mostly means more reload churn when memory runs short.
-inline constexpr std::size_t max_loaded_models = 3;
-// Ollama's keep_alive default: long enough to serve a conversation, short enough that a model
-// nobody uses gives its memory back within minutes.
-inline constexpr std::chrono::milliseconds idle_timeout{std::chrono::minutes(5)};
-// Above this fraction of the device in use, the allocator cache is emptied first: that costs only
-// some re-allocation later.
-inline constexpr double pressure_threshold = 0.75;
-// Above this even after emptying the cache, idle models are unloaded: reloading one costs seconds.
-inline constexpr double aggressive_threshold = 0.85;
-// Relief acts at most once per window: the driver reports freed memory late, and acting again on
-// the same stale reading would unload model after model.
-inline constexpr std::chrono::milliseconds pressure_rate_limit{30000};
-// 0: a load that cannot be made room for fails at once with InsufficientMemory (a server answers
-// 503 with retry_after) instead of holding the request.
-inline constexpr std::chrono::milliseconds load_wait{0};
-inline constexpr std::chrono::milliseconds reaper_interval{1000};
-}  // namespace defaults
-
-struct RegistryOptions {
-    std::size_t max_loaded_models = defaults::max_loaded_models;      // models loaded at once, >= 1
-    std::chrono::milliseconds idle_timeout = defaults::idle_timeout;  // unload after; 0 = never
-    // Fractions of the device in use (the probe's reading): above the first the cache is
-    // emptied, (0, 1]; above the second idle models are unloaded, [pressure_threshold, 1].
-    double pressure_threshold = defaults::pressure_threshold;
-    double aggressive_threshold = defaults::aggressive_threshold;
-    std::chrono::milliseconds pressure_rate_limit = defaults::pressure_rate_limit;  // >= 0
-    std::chrono::milliseconds load_wait = defaults::load_wait;  // max wait for room to load, >= 0
-    // true: a library-owned thread calls tick() every reaper_interval; it stops (at once) when the
-    // registry is destroyed. false: the host calls tick() from its own loop.
-    bool reaper = false;
-    std::chrono::milliseconds reaper_interval = defaults::reaper_interval;  // > 0, real time
-    ClockFn clock;  // empty = the guard's Options::clock
-    SleepFn sleep;  // empty = the guard's Options::sleep
-
-    // Throws std::invalid_argument naming the first field that makes no sense.
-    void validate() const {
-        auto fail = [](const char* field, const std::string& why) {
-            throw std::invalid_argument(std::string("vramguard::RegistryOptions::") + field + " " +
-                                        why);
-        };
-        if (max_loaded_models < 1) fail("max_loaded_models", "must be at least 1");
-        if (idle_timeout.count() < 0) fail("idle_timeout", "must not be negative (0 = never)");
-        if (!std::isfinite(pressure_threshold) || pressure_threshold <= 0 || pressure_threshold > 1)
-            fail("pressure_threshold",
-                 "must be in (0, 1], got " + std::to_string(pressure_threshold));
-        if (!std::isfinite(aggressive_threshold) || aggressive_threshold < pressure_threshold ||
-            aggressive_threshold > 1)
-            fail("aggressive_threshold",
-                 "must be in [pressure_threshold, 1], got " + std::to_string(aggressive_threshold));
-        if (pressure_rate_limit.count() < 0) fail("pressure_rate_limit", "must not be negative");
-        if (load_wait.count() < 0) fail("load_wait", "must not be negative");
-        if (reaper_interval.count() <= 0) fail("reaper_interval", "must be positive");
-    }
-};
-
-// What a registry has done, as plain counters.
-struct RegistryStats {
-    std::uint64_t loads = 0;                    // models loaded
-    std::uint64_t load_failures = 0;            // acquire() calls whose load threw (any error)
-    std::uint64_t evictions = 0;                // idle models unloaded to make room for a load
-    std::uint64_t recoveries_seen = 0;          // eviction waits that saw the freed memory reported
-    std::uint64_t recoveries_trusted = 0;       // ... that timed out and trusted the estimate
-    std::uint64_t idle_unloads = 0;             // models unloaded after idle_timeout
-    std::uint64_t requested_unloads = 0;        // request_unload()/unload() that unloaded
-    std::uint64_t pressure_cache_releases = 0;  // release_cached() calls by pressure relief
-    std::uint64_t pressure_unloads = 0;         // idle models unloaded by pressure relief
-    std::uint64_t rejections = 0;               // loads refused with InsufficientMemory here
-    std::uint64_t waits = 0;                    // loads that waited (load_wait) for room
-};
 
 enum class ModelState { unloaded, loading, loaded, unloading };
 
@@ -4824,6 +6173,7 @@ struct UnloadResult {
     double idle_seconds = 0;  // since the last lease ended; 0 while leased or loading
     int leases = 0;           // alive when asked (busy because of them when > 0)
     std::uint64_t bytes = 0;  // what the model was counted as holding, when unloaded
+    bool loading = false;     // busy because its registry is loading a model (peer relief)
 
     bool unloaded() const noexcept { return outcome == UnloadOutcome::unloaded; }
     bool busy() const noexcept { return outcome == UnloadOutcome::busy; }
@@ -4840,29 +6190,10 @@ struct ModelStatus {
     int leases = 0;
 };
 
-struct RegistryStatus {
-    std::vector<ModelStatus> models;  // in the order they were added
-    std::size_t loaded_models = 0;
-    std::size_t max_loaded_models = 0;
-    MemoryInfo memory;  // the probe's reading
-    RegistryStats stats;
-};
-
-// What one pressure-relief pass did.
-struct PressureRelief {
-    bool acted = false;         // usage was above pressure_threshold and the window was open
-    bool rate_limited = false;  // usage was above it, but relief acted less than a window ago
-    std::size_t unloaded = 0;   // idle models unloaded (only above aggressive_threshold)
-    double usage_before = 0;
-    double usage_after = 0;
-};
-
 template <class T>
 class Lease;
 template <class T>
 class ModelSlot;
-template <class Probe>
-class ModelRegistry;
 
 namespace detail {
 
@@ -4880,7 +6211,12 @@ struct LoadedModel {
 // ModelSlot<T> without naming the device.
 class SlotOwner {
    public:
-    virtual LoadedModel load_model(SlotBase& slot) = 0;
+    // Loads the model and publishes it in the slot (SlotAccess::commit_load, with the loader's
+    // lease) before the registry's turn ends, so that the next load counts it against the cap.
+    // Returns the model, leased.
+    virtual void* load_model(SlotBase& slot) = 0;
+    // Whether the calling thread holds the registry's load turn (it runs a load or a loader).
+    virtual bool holds_load_turn() const noexcept = 0;
     virtual void on_requested_unload(SlotBase& slot, const UnloadResult& result) noexcept = 0;
 
    protected:
@@ -4960,6 +6296,14 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
                 ++uses_;
                 return model_.get();
             }
+            // A loader (this thread holds its registry's turn) that needs an absent model: its
+            // load needs that turn too, so waiting for it would wait for ever.
+            if (state_ != ModelState::unloading && owner_ != nullptr && owner_->holds_load_turn())
+                throw std::logic_error(
+                    "vramguard::ModelRegistry: the loader of a model acquired model '" + name_ +
+                    "', which is not loaded (" + to_string(state_) +
+                    "): loads take turns, so it would wait for itself. Acquire it before, not "
+                    "inside, the loader.");
             if (state_ == ModelState::loading || state_ == ModelState::unloading) {
                 const bool waiting_for_load = state_ == ModelState::loading;
                 const std::uint64_t generation = load_generation_;
@@ -4979,9 +6323,8 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
             state_ = ModelState::loading;
             const std::uint64_t generation = ++load_generation_;
             lock.unlock();
-            LoadedModel loaded;
             try {
-                loaded = owner->load_model(*this);
+                return owner->load_model(*this);  // published by commit_load
             } catch (...) {
                 lock.lock();
                 state_ = ModelState::unloaded;
@@ -4990,22 +6333,25 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
                 cv_.notify_all();
                 throw;
             }
-            const TimePoint now = clock_();
-            lock.lock();
-            model_ = std::move(loaded.model);
-            bytes_ = loaded.bytes;
-            last_error_ = nullptr;  // nobody waits for that failure any more
-            last_used_ = now;
-            state_ = ModelState::loaded;
-            ++leases_;
-            ++uses_;
-            cv_.notify_all();
-            return model_.get();
         }
     }
 
    private:
     friend struct SlotAccess;
+
+    // The loaded model, with the loader's lease: the slot counts as loaded from here on.
+    void* commit_load(LoadedModel loaded, TimePoint now) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        model_ = std::move(loaded.model);
+        bytes_ = loaded.bytes;
+        last_error_ = nullptr;  // nobody waits for that failure any more
+        last_used_ = now;
+        state_ = ModelState::loaded;
+        ++leases_;
+        ++uses_;
+        cv_.notify_all();
+        return model_.get();
+    }
 
     void end_lease() noexcept {
         TimePoint now{};
@@ -5138,6 +6484,9 @@ struct SlotAccess {
         return slot.status_at(now);
     }
     static const ErasedLoader& loader(const SlotBase& slot) { return slot.loader_; }
+    static void* commit_load(SlotBase& slot, LoadedModel loaded, TimePoint now) {
+        return slot.commit_load(std::move(loaded), now);
+    }
     static UnloadResult try_unload(SlotBase& slot, TimePoint now, Duration min_idle,
                                    std::optional<std::uint64_t> expected_uses,
                                    bool* still_referenced) {
@@ -5214,6 +6563,759 @@ class ModelSlot : public detail::SlotBase {
     }
 };
 
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/model_slot.hpp> ----
+
+// ---- begin <vramguard/eviction.hpp> ----
+// Making room for a load, as pure decisions over snapshots of a registry's slots: which models may
+// go and in which order (idle ones, least recently used first), whether the load fits now, whether
+// evicting every idle model could make it fit at all, and so the next step. ModelRegistry's
+// make_room reads the device, asks plan() and does what it says.
+
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace eviction {
+
+inline constexpr std::size_t no_slot = std::numeric_limits<std::size_t>::max();
+
+// Indexes of the loaded, unleased slots other than `except`, least recently used first (ties keep
+// the registry's order).
+inline std::vector<std::size_t> idle_lru(const std::vector<detail::SlotSnapshot>& slots,
+                                         std::size_t except = no_slot) {
+    std::vector<std::size_t> idle;
+    for (std::size_t i = 0; i < slots.size(); ++i)
+        if (i != except && slots[i].state == ModelState::loaded && slots[i].leases == 0)
+            idle.push_back(i);
+    std::stable_sort(idle.begin(), idle.end(), [&](std::size_t a, std::size_t b) {
+        return slots[a].last_used < slots[b].last_used;
+    });
+    return idle;
+}
+
+// Slots other than `except` whose model is loaded. A load publishes its model before the
+// registry's turn ends, so a slot still `loading` has not taken its memory yet.
+inline std::size_t loaded_count(const std::vector<detail::SlotSnapshot>& slots,
+                                std::size_t except = no_slot) {
+    std::size_t count = 0;
+    for (std::size_t i = 0; i < slots.size(); ++i)
+        if (i != except && slots[i].state == ModelState::loaded) ++count;
+    return count;
+}
+
+// Free memory once every model in `idle_bytes` went, plus bytes already freed and trusted. A model
+// whose size is unknown (0) might free anything.
+inline std::uint64_t reachable(std::uint64_t free_bytes, std::uint64_t trusted,
+                               const std::vector<std::uint64_t>& idle_bytes) noexcept {
+    std::uint64_t total = policy::saturating_add(free_bytes, trusted);
+    for (const std::uint64_t bytes : idle_bytes)
+        total = bytes == 0 ? std::numeric_limits<std::uint64_t>::max()
+                           : policy::saturating_add(total, bytes);
+    return total;
+}
+
+// What one look at the device and the slots shows, for one load.
+struct Situation {
+    std::uint64_t required = 0;  // the load's requirement
+    MemoryInfo memory;           // the probe's reading
+    double safety_margin = 0;
+    std::uint64_t trusted = 0;  // freed by this load's evictions, not reported yet: trusted
+    std::size_t loaded = 0;     // other models loaded
+    std::size_t max_loaded = 0;
+    std::vector<std::uint64_t> idle_bytes;  // idle models, least recently used first
+};
+
+enum class Step {
+    load,   // go: Guard::load admits it (or refuses a load that could never fit with its numbers)
+    evict,  // unload the first idle model, then look again
+    stuck,  // nothing here helps: wait for a lease to end, ask peers, or refuse
+};
+
+struct Plan {
+    Step step = Step::stuck;
+    bool never_fits = false;  // not even on the empty device: nothing is evicted for nothing
+    bool fits = false;        // the memory admits it (counting trusted bytes)
+    bool at_cap = false;      // max_loaded models are loaded besides it
+    bool evicting_cannot_help = false;  // short of memory even if every idle model went
+};
+
+inline Plan plan(const Situation& s) {
+    Plan p;
+    const std::uint64_t total = s.memory.total_bytes;
+    if (!policy::can_ever_fit(s.required, total, s.safety_margin)) {
+        p.never_fits = true;
+        p.step = Step::load;
+        return p;
+    }
+    p.fits =
+        policy::admits(s.required, s.memory, s.safety_margin) ||
+        (s.trusted > 0 &&
+         policy::admits(s.required, {policy::saturating_add(s.memory.free_bytes, s.trusted), total},
+                        s.safety_margin));
+    p.at_cap = s.loaded >= s.max_loaded;
+    if (p.fits && !p.at_cap) {
+        p.step = Step::load;
+        return p;
+    }
+    if (s.idle_bytes.empty()) return p;
+    // Short of memory only: keep the idle models when all of them would not do.
+    if (!p.at_cap &&
+        !policy::admits(s.required,
+                        {reachable(s.memory.free_bytes, s.trusted, s.idle_bytes), total},
+                        s.safety_margin)) {
+        p.evicting_cannot_help = true;
+        return p;
+    }
+    p.step = Step::evict;
+    return p;
+}
+
+}  // namespace eviction
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/eviction.hpp> ----
+
+// ---- begin <vramguard/pressure.hpp> ----
+// Two-stage pressure relief, as pure decisions: act above pressure_threshold of the device in use,
+// at most once per rate-limit window (the driver reports freed memory late, and acting again on
+// the same stale reading would unload model after model); unload idle models only while use stays
+// above aggressive_threshold. ModelRegistry::relieve_pressure does what they say.
+
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+// What one pressure-relief pass did.
+struct PressureRelief {
+    bool acted = false;         // usage was above pressure_threshold and the window was open
+    bool rate_limited = false;  // usage was above it, but relief acted less than a window ago
+    std::size_t unloaded = 0;   // idle models unloaded (only above aggressive_threshold)
+    double usage_before = 0;
+    double usage_after = 0;
+};
+
+namespace pressure {
+
+enum class Action {
+    none,          // usage at or under the threshold: nothing to relieve
+    rate_limited,  // above it, but relief acted less than a window ago
+    act,           // above it and the window is open: empty the cache, maybe unload
+};
+
+inline Action decide(double usage, double threshold, std::optional<TimePoint> last_acted,
+                     TimePoint now, Duration rate_limit) noexcept {
+    if (!(usage > threshold)) return Action::none;
+    if (last_acted && now - *last_acted < rate_limit) return Action::rate_limited;
+    return Action::act;
+}
+
+// Bytes in use above which idle models are still unloaded.
+inline std::uint64_t unload_target(std::uint64_t total_bytes,
+                                   double aggressive_threshold) noexcept {
+    return policy::scale_bytes(total_bytes, aggressive_threshold);
+}
+
+}  // namespace pressure
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/pressure.hpp> ----
+
+// ---- begin <vramguard/reaper.hpp> ----
+// The registry's housekeeping thread: calls a tick every interval until destroyed. It waits in real
+// time on a condition variable (so destruction stops it at once, however long the interval); what
+// it calls reads the injected clock. A tick that throws is logged and the thread goes on.
+
+
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+
+class Reaper {
+   public:
+    using Warn = std::function<void(const std::string&)>;
+
+    Reaper(Duration interval, std::function<void()> tick, Warn warn)
+        : interval_(interval), tick_(std::move(tick)), warn_(std::move(warn)) {
+        thread_ = std::thread([this] { run(); });
+    }
+    Reaper(const Reaper&) = delete;
+    Reaper& operator=(const Reaper&) = delete;
+
+    // Stops the thread at once (a tick in progress finishes first).
+    ~Reaper() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        thread_.join();
+    }
+
+   private:
+    void run() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        while (!cv_.wait_for(lock, interval_, [this] { return stop_; })) {
+            lock.unlock();
+            tick_once();
+            lock.lock();
+        }
+    }
+
+    void tick_once() noexcept {
+        try {
+            tick_();
+        } catch (const std::exception& e) {
+            warn(std::string("model reaper: tick failed: ") + e.what());
+        } catch (...) {
+            warn("model reaper: tick failed with an unknown exception");
+        }
+    }
+    void warn(const std::string& message) noexcept {
+        try {
+            warn_(message);
+        } catch (...) {
+        }
+    }
+
+    const Duration interval_;
+    const std::function<void()> tick_;
+    const Warn warn_;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    bool stop_ = false;
+    std::thread thread_;  // last: started once everything above exists
+};
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/reaper.hpp> ----
+
+// ---- begin <vramguard/peer.hpp> ----
+// Peers: other services on the same GPU (another vramguard server, Ollama, ComfyUI, llama.cpp's
+// router, vLLM's sleep mode) that a registry asks to free memory when a load still does not fit
+// after its own idle models went. The core knows only this interface; an adapter that speaks a
+// service's protocol (HTTP, with its own timeout) implements it in an optional header.
+//
+// A peer's answer is a claim, never trusted: only the probe's reading admits a load.
+
+
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+enum class PeerAnswer {
+    freed,    // it says it gave memory back (claimed_bytes)
+    busy,     // it holds memory but will not give it now (in use, or idle for less than asked)
+    nothing,  // it holds nothing it could free
+    error,    // no usable answer: down, too slow, garbage, or it threw
+};
+
+inline const char* to_string(PeerAnswer answer) noexcept {
+    switch (answer) {
+        case PeerAnswer::freed: return "freed";
+        case PeerAnswer::busy: return "busy";
+        case PeerAnswer::nothing: return "nothing";
+        case PeerAnswer::error: return "error";
+    }
+    return "?";
+}
+
+struct PeerReply {
+    PeerAnswer answer = PeerAnswer::nothing;
+    std::uint64_t claimed_bytes = 0;     // freed: what it says it gave back (a claim)
+    std::optional<double> idle_seconds;  // busy: how long its model has been idle, when it says
+    std::string detail;                  // for the operator: a model's name, an error message
+
+    static PeerReply freed(std::uint64_t bytes, std::string detail = {}) {
+        return {PeerAnswer::freed, bytes, std::nullopt, std::move(detail)};
+    }
+    static PeerReply busy(std::optional<double> idle_seconds = std::nullopt,
+                          std::string detail = {}) {
+        return {PeerAnswer::busy, 0, idle_seconds, std::move(detail)};
+    }
+    static PeerReply nothing(std::string detail = {}) {
+        return {PeerAnswer::nothing, 0, std::nullopt, std::move(detail)};
+    }
+    static PeerReply error(std::string detail) {
+        return {PeerAnswer::error, 0, std::nullopt, std::move(detail)};
+    }
+};
+
+// "freed 2.00 GiB (claimed)", "busy, idle 3 s", "nothing to free", "error: connection refused".
+inline std::string describe(const PeerReply& reply) {
+    std::string text;
+    switch (reply.answer) {
+        case PeerAnswer::freed:
+            text = "freed " + format_bytes(reply.claimed_bytes) + " (claimed)";
+            break;
+        case PeerAnswer::busy: text = "busy"; break;
+        case PeerAnswer::nothing: text = "nothing to free"; break;
+        case PeerAnswer::error: text = "error"; break;
+    }
+    if (reply.answer == PeerAnswer::busy && reply.idle_seconds && *reply.idle_seconds >= 0) {
+        char idle[48];
+        std::snprintf(idle, sizeof idle, ", idle %.0f s", *reply.idle_seconds);
+        text += idle;
+    }
+    if (!reply.detail.empty())
+        text += (reply.answer == PeerAnswer::error ? ": " : " (") + reply.detail +
+                (reply.answer == PeerAnswer::error ? "" : ")");
+    return text;
+}
+
+// What a peer is asked.
+struct ReliefRequest {
+    std::uint64_t shortfall = 0;  // bytes the load still lacks on the device
+    Duration timeout{};           // answer within this (for a client with a relative timeout) ...
+    TimePoint deadline{};         // ... which is this on the registry's clock
+    std::string requester;        // the model that needs the memory, for the peer's log
+};
+
+// Another service on the same device. relieve() may block, but not past request.deadline: the
+// registry stops waiting for it there (the call goes on on its own thread, its answer unused).
+// An exception counts as an error answer; nothing a peer does escapes the registry's acquire().
+class Peer {
+   public:
+    virtual ~Peer() = default;
+    // How refusals and status() name it: "reranker@:8081".
+    virtual std::string name() const = 0;
+    virtual PeerReply relieve(const ReliefRequest& request) = 0;
+};
+
+// A Peer from a name and a callable.
+inline std::shared_ptr<Peer> make_peer(std::string name,
+                                       std::function<PeerReply(const ReliefRequest&)> relieve) {
+    class FunctionPeer final : public Peer {
+       public:
+        FunctionPeer(std::string n, std::function<PeerReply(const ReliefRequest&)> f)
+            : name_(std::move(n)), relieve_(std::move(f)) {}
+        std::string name() const override { return name_; }
+        PeerReply relieve(const ReliefRequest& request) override { return relieve_(request); }
+
+       private:
+        const std::string name_;
+        const std::function<PeerReply(const ReliefRequest&)> relieve_;
+    };
+    if (name.empty()) throw std::invalid_argument("vramguard::make_peer: name must not be empty");
+    if (!relieve) throw std::invalid_argument("vramguard::make_peer: relieve must be callable");
+    return std::make_shared<FunctionPeer>(std::move(name), std::move(relieve));
+}
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/peer.hpp> ----
+
+// ---- begin <vramguard/relief.hpp> ----
+// Peer relief, the stage after local eviction: when a load still does not fit, ask the configured
+// peers in order, each at most once per cooldown (two servers must not ping-pong each other's
+// models), until their claims cover the shortfall; then the registry waits for the memory with the
+// recovery rule and admits once more. Decisions are pure functions (relief::); PeerRelief asks and
+// remembers the answers for refusals and status(); the registry orchestrates.
+
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+// One peer as status() saw it.
+struct PeerStatus {
+    std::string name;
+    std::uint64_t asked = 0;           // times asked
+    std::string last_answer;           // describe(reply), "" when never asked
+    std::optional<double> asked_ago;   // seconds since last asked
+    double cooldown_left_seconds = 0;  // until it may be asked again
+};
+
+namespace relief {
+
+// Bytes the load lacks beyond what the registry reaches by itself (free, trusted, its idle models).
+inline std::uint64_t shortfall(std::uint64_t needed, std::uint64_t reachable) noexcept {
+    return needed > reachable ? needed - reachable : 0;
+}
+
+// Peers help only with memory: not with the cap, not with a load that can never fit.
+inline bool worth_asking(bool never_fits, bool fits, bool at_cap) noexcept {
+    return !never_fits && !fits && !at_cap;
+}
+
+inline bool cooling_down(std::optional<TimePoint> last_asked, TimePoint now,
+                         Duration cooldown) noexcept {
+    return last_asked && now - *last_asked < cooldown;
+}
+
+// A claim counts toward the shortfall (to stop asking) and the wait's expectation, nothing more.
+inline std::uint64_t claimed(const PeerReply& reply) noexcept {
+    return reply.answer == PeerAnswer::freed ? reply.claimed_bytes : 0;
+}
+
+inline bool covered(std::uint64_t claimed_so_far, std::uint64_t shortfall) noexcept {
+    return claimed_so_far >= shortfall;
+}
+
+// A registry's answer to a peer, from its models' answers: unloaded when any went (bytes summed),
+// else busy when any is loaded (idle seconds the longest, leases summed), else not loaded.
+inline UnloadResult merge_unloads(const std::vector<UnloadResult>& results) {
+    UnloadResult merged;
+    bool any_unloaded = false, any_busy = false;
+    for (const UnloadResult& r : results) any_unloaded = any_unloaded || r.unloaded();
+    for (const UnloadResult& r : results) {
+        if (any_unloaded && !r.unloaded()) continue;
+        any_busy = any_busy || r.busy();
+        merged.bytes = policy::saturating_add(merged.bytes, r.bytes);
+        merged.idle_seconds = std::max(merged.idle_seconds, r.idle_seconds);
+        merged.leases += r.leases;
+        merged.loading = merged.loading || r.loading;
+    }
+    merged.outcome = any_unloaded ? UnloadOutcome::unloaded
+                     : any_busy   ? UnloadOutcome::busy
+                                  : UnloadOutcome::not_loaded;
+    return merged;
+}
+
+// What a peer that is a registry (in-process, or a vramguard server's /request-unload) answers.
+inline PeerReply reply_from(const UnloadResult& result) {
+    switch (result.outcome) {
+        case UnloadOutcome::unloaded: return PeerReply::freed(result.bytes);
+        case UnloadOutcome::busy:
+            if (result.loading) return PeerReply::busy(std::nullopt, "loading a model");
+            return PeerReply::busy(
+                result.idle_seconds > 0 || result.leases == 0
+                    ? std::optional<double>(result.idle_seconds)
+                    : std::nullopt,
+                result.leases > 0 ? std::to_string(result.leases) + " leased" : std::string());
+        case UnloadOutcome::not_loaded: return PeerReply::nothing();
+    }
+    return PeerReply::error("unknown unload outcome");
+}
+
+}  // namespace relief
+
+namespace detail {
+
+// One relief at a time per device, process-wide (two registries on one device share it).
+inline std::shared_ptr<std::mutex> device_relief_mutex(const std::string& device) {
+    static std::mutex mutex;
+    static std::map<std::string, std::weak_ptr<std::mutex>> locks;
+    std::lock_guard<std::mutex> lock(mutex);
+    std::shared_ptr<std::mutex> existing = locks[device].lock();
+    if (!existing) locks[device] = existing = std::make_shared<std::mutex>();
+    return existing;
+}
+
+inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
+    try {
+        return peer.relieve(request);
+    } catch (const std::exception& e) {
+        return PeerReply::error(std::string("threw: ") + e.what());
+    } catch (...) {
+        return PeerReply::error("threw an unknown exception");
+    }
+}
+
+// Runs the call on its own thread and waits for it until request.deadline on the injected clock
+// (real-time waits of `slice` on a condition variable; the injected sleep when the clock did not
+// move meanwhile, as a ManualClock does not): a peer that ignores its deadline costs the load no
+// more than it. Such a call is left to finish on its own; it owns what it uses.
+inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequest& request,
+                                    const ClockFn& clock, const SleepFn& sleep, Duration slice) {
+    struct Pending {
+        std::mutex mutex;
+        std::condition_variable cv;
+        bool done = false;
+        PeerReply reply;
+    };
+    auto pending = std::make_shared<Pending>();
+    try {
+        std::thread([peer, request, pending] {
+            PeerReply reply = call_peer(*peer, request);
+            std::lock_guard<std::mutex> lock(pending->mutex);
+            pending->reply = std::move(reply);
+            pending->done = true;
+            pending->cv.notify_all();
+        }).detach();
+    } catch (const std::exception& e) {
+        return PeerReply::error(std::string("could not start the call: ") + e.what());
+    }
+    for (;;) {
+        const TimePoint before = clock();
+        {
+            std::unique_lock<std::mutex> lock(pending->mutex);
+            if (pending->cv.wait_for(lock, slice, [&] { return pending->done; }))
+                return pending->reply;
+        }
+        const TimePoint now = clock();
+        if (now >= request.deadline)
+            return PeerReply::error(
+                "no answer within " +
+                std::to_string(
+                    std::chrono::duration_cast<std::chrono::milliseconds>(request.timeout)
+                        .count()) +
+                " ms");
+        if (now == before) sleep(std::min<Duration>(slice, request.deadline - now));
+    }
+}
+
+// What one relief asked and heard.
+struct ReliefOutcome {
+    std::uint64_t claimed = 0;         // the claims added up (never trusted)
+    std::size_t asked = 0;             // peers actually asked (not cooling down)
+    std::vector<std::string> answers;  // "name answer", in order, cooling down ones too
+};
+
+// The configured peers, their cooldowns and their last answers. Thread-safe.
+class PeerRelief {
+   public:
+    PeerRelief(const std::vector<std::shared_ptr<Peer>>& peers, Duration timeout, Duration cooldown)
+        : timeout_(timeout), cooldown_(cooldown) {
+        for (const auto& peer : peers) entries_.push_back({peer, peer->name(), {}, {}, 0});
+    }
+
+    bool empty() const noexcept { return entries_.empty(); }
+
+    // Asks the peers in order, skipping those cooling down, until the claims cover `shortfall`.
+    ReliefOutcome ask(std::uint64_t shortfall, const std::string& requester, const ClockFn& clock,
+                      const SleepFn& sleep, Duration slice) {
+        ReliefOutcome outcome;
+        for (Entry& entry : entries_) {
+            if (relief::covered(outcome.claimed, shortfall)) break;
+            const TimePoint now = clock();
+            if (!claim_turn(entry, now, outcome)) continue;
+            const ReliefRequest request{shortfall - outcome.claimed, timeout_,
+                                        deadline_after(now, timeout_), requester};
+            const PeerReply reply = call_with_deadline(entry.peer, request, clock, sleep, slice);
+            const std::string answer = describe(reply);
+            {
+                std::lock_guard<std::mutex> lock(mutex_);
+                entry.last_answer = answer;
+            }
+            outcome.claimed = policy::saturating_add(outcome.claimed, relief::claimed(reply));
+            outcome.answers.push_back(entry.name + " " + answer);
+            ++outcome.asked;
+        }
+        return outcome;
+    }
+
+    std::vector<PeerStatus> status(TimePoint now) const {
+        std::vector<PeerStatus> result;
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (const Entry& entry : entries_) {
+            PeerStatus s{entry.name, entry.asked, entry.last_answer, std::nullopt, 0};
+            if (entry.last_asked) {
+                s.asked_ago = to_seconds(now - *entry.last_asked);
+                if (relief::cooling_down(entry.last_asked, now, cooldown_))
+                    s.cooldown_left_seconds = to_seconds(*entry.last_asked + cooldown_ - now);
+            }
+            result.push_back(std::move(s));
+        }
+        return result;
+    }
+
+   private:
+    struct Entry {
+        std::shared_ptr<Peer> peer;
+        std::string name;
+        std::optional<TimePoint> last_asked;
+        std::string last_answer;
+        std::uint64_t asked;
+    };
+
+    // Starts the peer's cooldown now, or says it is cooling down.
+    bool claim_turn(Entry& entry, TimePoint now, ReliefOutcome& outcome) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (relief::cooling_down(entry.last_asked, now, cooldown_)) {
+            char text[96];
+            std::snprintf(text, sizeof text, " not asked (cooling down, asked %.0f s ago)",
+                          to_seconds(now - *entry.last_asked));
+            outcome.answers.push_back(entry.name + text);
+            return false;
+        }
+        entry.last_asked = now;
+        ++entry.asked;
+        return true;
+    }
+
+    const Duration timeout_;
+    const Duration cooldown_;
+    mutable std::mutex mutex_;  // the entries' state; never held while a peer is asked
+    std::vector<Entry> entries_;
+};
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/relief.hpp> ----
+
+// ---- begin <vramguard/models.hpp> ----
+// Model lifecycle: ModelSlot<T> holds at most one loaded model and lends it out through leases;
+// ModelRegistry keeps many slots on one device under a cap, evicts idle models least-recently-used
+// first when a load does not fit, unloads models left idle, and relieves memory pressure.
+//
+// Rules that hold everywhere in this file:
+// - A model is never unloaded while a lease on it is alive (checked under the slot's lock).
+// - No lock is held while a user's loader runs, while a model is destroyed, or while waiting.
+// - Every wait reads the injected clock and sleeps through the injected sleep; the reaper thread is
+//   the one exception (it waits in real time on a condition variable, so destruction stops it at
+//   once) and it still passes the injected clock's time to tick().
+
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace defaults {
+// Ollama's OLLAMA_MAX_LOADED_MODELS default (per GPU): enough for an embedder, a reranker and a
+// generator side by side; more mostly means more reload churn when memory runs short.
+inline constexpr std::size_t max_loaded_models = 3;
+// Ollama's keep_alive default: long enough to serve a conversation, short enough that a model
+// nobody uses gives its memory back within minutes.
+inline constexpr std::chrono::milliseconds idle_timeout{std::chrono::minutes(5)};
+// Above this fraction of the device in use, the allocator cache is emptied first: that costs only
+// some re-allocation later.
+inline constexpr double pressure_threshold = 0.75;
+// Above this even after emptying the cache, idle models are unloaded: reloading one costs seconds.
+inline constexpr double aggressive_threshold = 0.85;
+// Relief acts at most once per window: the driver reports freed memory late, and acting again on
+// the same stale reading would unload model after model.
+inline constexpr std::chrono::milliseconds pressure_rate_limit{30000};
+// 0: a load that cannot be made room for fails at once with InsufficientMemory (a server answers
+// 503 with retry_after) instead of holding the request.
+inline constexpr std::chrono::milliseconds load_wait{0};
+inline constexpr std::chrono::milliseconds reaper_interval{1000};
+// A peer that has not answered in 2 s is down or stuck: an unload it agrees to answers at once.
+inline constexpr std::chrono::milliseconds peer_timeout{2000};
+// The seeds' /request-unload rate limit: a peer is asked at most once per window, so two servers
+// that need memory in turn cannot ping-pong each other's models.
+inline constexpr std::chrono::milliseconds peer_cooldown{30000};
+}  // namespace defaults
+
+struct RegistryOptions {
+    std::size_t max_loaded_models = defaults::max_loaded_models;      // models loaded at once, >= 1
+    std::chrono::milliseconds idle_timeout = defaults::idle_timeout;  // unload after; 0 = never
+    // Fractions of the device in use (the probe's reading): above the first the cache is
+    // emptied, (0, 1]; above the second idle models are unloaded, [pressure_threshold, 1].
+    double pressure_threshold = defaults::pressure_threshold;
+    double aggressive_threshold = defaults::aggressive_threshold;
+    std::chrono::milliseconds pressure_rate_limit = defaults::pressure_rate_limit;  // >= 0
+    std::chrono::milliseconds load_wait = defaults::load_wait;  // max wait for room to load, >= 0
+    // true: a library-owned thread calls tick() every reaper_interval; it stops (at once) when the
+    // registry is destroyed. false: the host calls tick() from its own loop.
+    bool reaper = false;
+    std::chrono::milliseconds reaper_interval = defaults::reaper_interval;  // > 0, real time
+    // Other services on the device, asked in this order to free memory when a load still does not
+    // fit after the registry's own idle models went (peer.hpp). Empty: no peer relief.
+    std::vector<std::shared_ptr<Peer>> peers;
+    std::chrono::milliseconds peer_timeout = defaults::peer_timeout;    // per ask, > 0
+    std::chrono::milliseconds peer_cooldown = defaults::peer_cooldown;  // per peer, >= 0
+    ClockFn clock;  // empty = the guard's Options::clock
+    SleepFn sleep;  // empty = the guard's Options::sleep
+
+    // Throws std::invalid_argument naming the first field that makes no sense.
+    void validate() const {
+        auto fail = [](const char* field, const std::string& why) {
+            throw std::invalid_argument(std::string("vramguard::RegistryOptions::") + field + " " +
+                                        why);
+        };
+        if (max_loaded_models < 1) fail("max_loaded_models", "must be at least 1");
+        if (idle_timeout.count() < 0) fail("idle_timeout", "must not be negative (0 = never)");
+        if (!std::isfinite(pressure_threshold) || pressure_threshold <= 0 || pressure_threshold > 1)
+            fail("pressure_threshold",
+                 "must be in (0, 1], got " + std::to_string(pressure_threshold));
+        if (!std::isfinite(aggressive_threshold) || aggressive_threshold < pressure_threshold ||
+            aggressive_threshold > 1)
+            fail("aggressive_threshold",
+                 "must be in [pressure_threshold, 1], got " + std::to_string(aggressive_threshold));
+        if (pressure_rate_limit.count() < 0) fail("pressure_rate_limit", "must not be negative");
+        if (load_wait.count() < 0) fail("load_wait", "must not be negative");
+        if (reaper_interval.count() <= 0) fail("reaper_interval", "must be positive");
+        for (const auto& peer : peers)
+            if (!peer) fail("peers", "must not hold a null peer");
+        if (peer_timeout.count() <= 0) fail("peer_timeout", "must be positive");
+        if (peer_cooldown.count() < 0) fail("peer_cooldown", "must not be negative");
+    }
+};
+
+// What a registry has done, as plain counters.
+struct RegistryStats {
+    std::uint64_t loads = 0;                    // models loaded
+    std::uint64_t load_failures = 0;            // acquire() calls whose load threw (any error)
+    std::uint64_t evictions = 0;                // idle models unloaded to make room for a load
+    std::uint64_t recoveries_seen = 0;          // eviction waits that saw the freed memory reported
+    std::uint64_t recoveries_trusted = 0;       // ... that timed out and trusted the estimate
+    std::uint64_t idle_unloads = 0;             // models unloaded after idle_timeout
+    std::uint64_t requested_unloads = 0;        // request_unload()/unload() that unloaded
+    std::uint64_t pressure_cache_releases = 0;  // release_cached() calls by pressure relief
+    std::uint64_t pressure_unloads = 0;         // idle models unloaded by pressure relief
+    std::uint64_t rejections = 0;               // loads refused with InsufficientMemory here
+    std::uint64_t waits = 0;                    // loads that waited (load_wait) for room
+    std::uint64_t peer_requests = 0;            // peers asked to free memory
+    std::uint64_t peer_reliefs = 0;             // loads admitted after peers freed memory
+};
+
+struct RegistryStatus {
+    std::vector<ModelStatus> models;  // in the order they were added
+    std::size_t loaded_models = 0;
+    std::size_t max_loaded_models = 0;
+    MemoryInfo memory;  // the probe's reading
+    RegistryStats stats;
+    std::vector<PeerStatus> peers;  // in the configured order: last answer, cooldown
+};
+
 // Many model slots on one device: a cap on loaded models, least-recently-used eviction of idle
 // models when a load does not fit, idle auto-unload and two-stage pressure relief (tick()), and a
 // status() snapshot. Thread-safe. The guard (and its probe) must outlive the registry; slots and
@@ -5231,8 +7333,13 @@ class ModelRegistry : private detail::SlotOwner {
         : guard_(guard),
           options_((options.validate(), std::move(options))),
           clock_(options_.clock ? options_.clock : guard.options().clock),
-          sleep_(options_.sleep ? options_.sleep : guard.options().sleep) {
-        if (options_.reaper) reaper_ = std::thread([this] { reaper_loop(); });
+          sleep_(options_.sleep ? options_.sleep : guard.options().sleep),
+          peers_(options_.peers, options_.peer_timeout, options_.peer_cooldown),
+          relief_mutex_(detail::device_relief_mutex(detail::device_identity(guard.probe()))) {
+        if (options_.reaper)
+            reaper_ = std::make_unique<detail::Reaper>(
+                options_.reaper_interval, [this] { tick(clock_()); },
+                [this](const std::string& message) { log(Level::warn, message); });
     }
 
     ModelRegistry(const ModelRegistry&) = delete;
@@ -5241,14 +7348,7 @@ class ModelRegistry : private detail::SlotOwner {
     // Stops the reaper (at once), then unloads every idle model; a leased one goes when its last
     // lease ends. No call into the registry may still be running.
     ~ModelRegistry() {
-        if (reaper_.joinable()) {
-            {
-                std::lock_guard<std::mutex> lock(reaper_mutex_);
-                reaper_stop_ = true;
-            }
-            reaper_cv_.notify_all();
-            reaper_.join();
-        }
+        reaper_.reset();
         for (const auto& slot : slots()) detail::SlotAccess::detach(*slot);
         try {
             guard_.probe().release_cached();
@@ -5293,11 +7393,41 @@ class ModelRegistry : private detail::SlotOwner {
     }
 
     // request_unload() of the model registered as `name`; std::out_of_range when there is none.
+    // Busy (loading) while this registry loads a model, like the registry-wide form below.
     UnloadResult request_unload(std::string_view name, Duration min_idle = Duration::zero()) {
+        if (loading()) return busy_loading();
         for (const auto& slot : slots())
             if (slot->name() == name) return slot->request_unload(min_idle);
         throw std::out_of_range("vramguard::ModelRegistry::request_unload: no model named '" +
                                 std::string(name) + "'");
+    }
+
+    // The registry as a peer's answer (relief::reply_from): unloads models idle for at least
+    // `min_idle`, least recently used first, until `wanted_bytes` are freed; says busy (with the
+    // longest idle time and the leases) when none could go, not loaded when none is loaded. While
+    // this registry is loading a model it answers busy (loading): it needs the memory itself, and
+    // two registries that ask each other must not trade models back and forth.
+    UnloadResult request_unload(
+        Duration min_idle, std::uint64_t wanted_bytes = std::numeric_limits<std::uint64_t>::max()) {
+        if (loading()) return busy_loading();
+        const TimePoint now = clock_();
+        const Look seen = look();
+        std::vector<std::size_t> order = eviction::idle_lru(seen.seen);
+        for (std::size_t i = 0; i < seen.slots.size(); ++i)
+            if (std::find(order.begin(), order.end(), i) == order.end()) order.push_back(i);
+        std::vector<UnloadResult> results;
+        std::uint64_t freed = 0;
+        for (const std::size_t i : order) {
+            if (freed >= wanted_bytes) break;
+            bool still_referenced = false;
+            results.push_back(detail::SlotAccess::try_unload(*seen.slots[i], now, min_idle,
+                                                             seen.seen[i].uses, &still_referenced));
+            if (!results.back().unloaded()) continue;
+            freed = policy::saturating_add(freed, results.back().bytes);
+            on_requested_unload(*seen.slots[i], results.back());
+            warn_if_referenced(*seen.slots[i], still_referenced);
+        }
+        return relief::merge_unloads(results);
     }
 
     // Housekeeping: unloads models idle for idle_timeout, then relieves memory pressure. The reaper
@@ -5339,11 +7469,13 @@ class ModelRegistry : private detail::SlotOwner {
         PressureRelief relief;
         const MemoryInfo before = guard_.probe().memory();
         relief.usage_before = relief.usage_after = before.usage();
-        if (relief.usage_before <= options_.pressure_threshold) return relief;
         {
             std::lock_guard<std::mutex> lock(mutex_);
-            if (last_relief_ && now - *last_relief_ < options_.pressure_rate_limit) {
-                relief.rate_limited = true;
+            const pressure::Action action =
+                pressure::decide(relief.usage_before, options_.pressure_threshold, last_relief_,
+                                 now, options_.pressure_rate_limit);
+            if (action != pressure::Action::act) {
+                relief.rate_limited = action == pressure::Action::rate_limited;
                 return relief;
             }
             last_relief_ = now;
@@ -5358,29 +7490,8 @@ class ModelRegistry : private detail::SlotOwner {
                              detail::percent(options_.pressure_threshold) +
                              "); released the allocator cache, now " +
                              detail::percent(after_cache.usage()));
-        if (after_cache.usage() > options_.aggressive_threshold) {
-            std::uint64_t used = after_cache.used_bytes();
-            const std::uint64_t target =
-                policy::scale_bytes(after_cache.total_bytes, options_.aggressive_threshold);
-            for (const Candidate& candidate : evictable(nullptr)) {
-                if (used <= target) break;
-                bool still_referenced = false;
-                const UnloadResult result = detail::SlotAccess::try_unload(
-                    *candidate.slot, now, Duration::zero(), candidate.seen.uses, &still_referenced);
-                if (!result.unloaded()) continue;
-                used = used > result.bytes ? used - result.bytes : 0;
-                ++relief.unloaded;
-                bump(stats_.pressure_unloads);
-                log(Level::warn, "memory pressure: still " + detail::percent(after_cache.usage()) +
-                                     " in use (aggressive_threshold " +
-                                     detail::percent(options_.aggressive_threshold) +
-                                     "); unloaded idle model '" + candidate.slot->name() + "' (" +
-                                     format_bytes(result.bytes) + ", idle " +
-                                     seconds_text(result.idle_seconds) + ")");
-                warn_if_referenced(*candidate.slot, still_referenced);
-            }
-            if (relief.unloaded > 0) guard_.probe().release_cached();
-        }
+        if (after_cache.usage() > options_.aggressive_threshold)
+            relief.unloaded = unload_for_pressure(after_cache, now);
         relief.usage_after = guard_.probe().memory().usage();
         return relief;
     }
@@ -5396,6 +7507,7 @@ class ModelRegistry : private detail::SlotOwner {
         status.max_loaded_models = options_.max_loaded_models;
         status.memory = guard_.probe().memory();
         status.stats = stats();
+        status.peers = peers_.status(now);
         return status;
     }
 
@@ -5413,6 +7525,8 @@ class ModelRegistry : private detail::SlotOwner {
         s.pressure_unloads = stats_.pressure_unloads.load(r);
         s.rejections = stats_.rejections.load(r);
         s.waits = stats_.waits.load(r);
+        s.peer_requests = stats_.peer_requests.load(r);
+        s.peer_reliefs = stats_.peer_reliefs.load(r);
         return s;
     }
     const RegistryOptions& options() const noexcept { return options_; }
@@ -5423,11 +7537,8 @@ class ModelRegistry : private detail::SlotOwner {
     struct AtomicRegistryStats {
         std::atomic<std::uint64_t> loads{0}, load_failures{0}, evictions{0}, recoveries_seen{0},
             recoveries_trusted{0}, idle_unloads{0}, requested_unloads{0},
-            pressure_cache_releases{0}, pressure_unloads{0}, rejections{0}, waits{0};
-    };
-    struct Candidate {
-        std::shared_ptr<detail::SlotBase> slot;
-        detail::SlotSnapshot seen;
+            pressure_cache_releases{0}, pressure_unloads{0}, rejections{0}, waits{0},
+            peer_requests{0}, peer_reliefs{0};
     };
     // What one look at the device decided.
     struct Room {
@@ -5435,9 +7546,21 @@ class ModelRegistry : private detail::SlotOwner {
         std::uint64_t trusted_bytes = 0;  // freed by evictions, not yet reported: trusted
         Admission admission;
         std::size_t loaded = 0;
-        bool at_cap = false;
-        bool evicting_cannot_help = false;
+        eviction::Plan plan;
+        std::uint64_t reachable = 0;  // free once every idle model went (with trusted bytes)
+        std::string peers;            // what the peers were asked and answered, for the refusal
     };
+
+    // Whether a load is in progress on this registry (some thread holds the turn).
+    bool loading() const noexcept {
+        return turn_owner_.load(std::memory_order_acquire) != std::thread::id();
+    }
+    static UnloadResult busy_loading() noexcept {
+        UnloadResult result;
+        result.outcome = UnloadOutcome::busy;
+        result.loading = true;
+        return result;
+    }
 
     static void bump(std::atomic<std::uint64_t>& counter) noexcept {
         counter.fetch_add(1, std::memory_order_relaxed);
@@ -5466,40 +7589,67 @@ class ModelRegistry : private detail::SlotOwner {
         return slots_;
     }
 
-    // Loaded, unleased models other than `except`, least recently used first.
-    std::vector<Candidate> evictable(const detail::SlotBase* except) const {
-        std::vector<Candidate> candidates;
-        for (const auto& slot : slots()) {
-            if (slot.get() == except) continue;
-            const detail::SlotSnapshot seen = detail::SlotAccess::snapshot(*slot);
-            if (seen.state == ModelState::loaded && seen.leases == 0)
-                candidates.push_back({slot, seen});
+    // The slots and what each held when looked at, in the registry's order.
+    struct Look {
+        std::vector<std::shared_ptr<detail::SlotBase>> slots;
+        std::vector<detail::SlotSnapshot> seen;
+        std::size_t index_of(const detail::SlotBase* slot) const {
+            for (std::size_t i = 0; i < slots.size(); ++i)
+                if (slots[i].get() == slot) return i;
+            return eviction::no_slot;
         }
-        std::stable_sort(candidates.begin(), candidates.end(),
-                         [](const Candidate& a, const Candidate& b) {
-                             return a.seen.last_used < b.seen.last_used;
-                         });
-        return candidates;
+    };
+    Look look() const {
+        Look result;
+        result.slots = slots();
+        for (const auto& slot : result.slots)
+            result.seen.push_back(detail::SlotAccess::snapshot(*slot));
+        return result;
     }
 
-    std::size_t loaded_count(const detail::SlotBase* except) const {
-        std::size_t count = 0;
-        for (const auto& slot : slots())
-            if (slot.get() != except &&
-                detail::SlotAccess::snapshot(*slot).state == ModelState::loaded)
-                ++count;
-        return count;
+    // Idle models unloaded least recently used first while use stays above aggressive_threshold
+    // (by the estimate: the driver reports the frees late). Busy models are never touched.
+    std::size_t unload_for_pressure(const MemoryInfo& after_cache, TimePoint now) {
+        std::uint64_t used = after_cache.used_bytes();
+        const std::uint64_t target =
+            pressure::unload_target(after_cache.total_bytes, options_.aggressive_threshold);
+        const Look seen = look();
+        std::size_t unloaded = 0;
+        for (const std::size_t i : eviction::idle_lru(seen.seen)) {
+            if (used <= target) break;
+            detail::SlotBase& slot = *seen.slots[i];
+            bool still_referenced = false;
+            const UnloadResult result = detail::SlotAccess::try_unload(
+                slot, now, Duration::zero(), seen.seen[i].uses, &still_referenced);
+            if (!result.unloaded()) continue;
+            used = used > result.bytes ? used - result.bytes : 0;
+            ++unloaded;
+            bump(stats_.pressure_unloads);
+            log(Level::warn, "memory pressure: still " + detail::percent(after_cache.usage()) +
+                                 " in use (aggressive_threshold " +
+                                 detail::percent(options_.aggressive_threshold) +
+                                 "); unloaded idle model '" + slot.name() + "' (" +
+                                 format_bytes(result.bytes) + ", idle " +
+                                 seconds_text(result.idle_seconds) + ")");
+            warn_if_referenced(slot, still_referenced);
+        }
+        if (unloaded > 0) guard_.probe().release_cached();
+        return unloaded;
     }
 
     // ---- SlotOwner ---------------------------------------------------------------------------
 
-    detail::LoadedModel load_model(detail::SlotBase& slot) override {
+    void* load_model(detail::SlotBase& slot) override {
         try {
             return load_with_room(slot);
         } catch (...) {
             bump(stats_.load_failures);
             throw;
         }
+    }
+
+    bool holds_load_turn() const noexcept override {
+        return turn_owner_.load(std::memory_order_acquire) == std::this_thread::get_id();
     }
 
     void on_requested_unload(detail::SlotBase& slot, const UnloadResult& result) noexcept override {
@@ -5514,28 +7664,13 @@ class ModelRegistry : private detail::SlotOwner {
 
     // ---- loading -----------------------------------------------------------------------------
 
-    detail::LoadedModel load_with_room(detail::SlotBase& slot) {
+    void* load_with_room(detail::SlotBase& slot) {
         const TimePoint start = clock_();
-        const TimePoint deadline = start + options_.load_wait;
+        const TimePoint deadline = detail::deadline_after(start, options_.load_wait);
         bool waited = false;
         for (;;) {
             Room room;
-            {
-                if (turn_owner_.load(std::memory_order_acquire) == std::this_thread::get_id())
-                    throw std::logic_error(
-                        "vramguard::ModelRegistry: the loader of a model acquired model '" +
-                        slot.name() +
-                        "', which is not loaded: loads take turns, so it would wait "
-                        "for itself. Acquire it before, not inside, the loader.");
-                std::lock_guard<std::mutex> turn(turn_mutex_);
-                turn_owner_.store(std::this_thread::get_id(), std::memory_order_release);
-                struct ClearOwner {
-                    std::atomic<std::thread::id>& owner;
-                    ~ClearOwner() { owner.store(std::thread::id(), std::memory_order_release); }
-                } clear_owner{turn_owner_};
-                room = make_room(slot);
-                if (room.ready) return run_loader(slot, room.trusted_bytes);
-            }
+            if (void* model = load_in_turn(slot, room)) return model;
             const TimePoint now = clock_();
             if (now >= deadline) {
                 bump(stats_.rejections);
@@ -5544,102 +7679,144 @@ class ModelRegistry : private detail::SlotOwner {
             if (!waited) {
                 waited = true;
                 bump(stats_.waits);
-                log(Level::info,
-                    "load of model '" + slot.name() + "' waits up to " +
-                        ms_text(options_.load_wait) +
-                        " for a lease to end or memory to "
-                        "free (" +
-                        (room.at_cap ? "max_loaded_models reached" : "not enough free memory") +
-                        ", no idle model to evict)");
+                log(Level::info, "load of model '" + slot.name() + "' waits up to " +
+                                     ms_text(options_.load_wait) +
+                                     " for a lease to end or memory to free (" +
+                                     (room.plan.at_cap ? "max_loaded_models reached"
+                                                       : "not enough free memory") +
+                                     ", no idle model to evict)");
             }
             sleep_(std::min<Duration>(guard_.options().poll_interval, deadline - now));
         }
     }
 
-    // Evicts idle models, least recently used first, until the load is admitted and under the cap.
-    // Ready also when the model could never fit: then Guard::load says so with its own numbers,
-    // and nothing was evicted for nothing.
+    // One turn: make room, ask peers when that is not enough, then load once admitted. Returns the
+    // model (published, leased), or nullptr when there is no room (`room` says why).
+    void* load_in_turn(detail::SlotBase& slot, Room& room) {
+        std::lock_guard<std::mutex> turn(turn_mutex_);
+        turn_owner_.store(std::this_thread::get_id(), std::memory_order_release);
+        struct ClearOwner {
+            std::atomic<std::thread::id>& owner;
+            ~ClearOwner() { owner.store(std::thread::id(), std::memory_order_release); }
+        } clear_owner{turn_owner_};
+        room = make_room(slot);
+        if (!room.ready && relieve_with_peers(slot, room)) {
+            std::string asked = std::move(room.peers);
+            room = make_room(slot);  // admit once more: only the probe's reading counts
+            room.peers = std::move(asked);
+            if (room.ready) bump(stats_.peer_reliefs);
+        }
+        if (!room.ready) return nullptr;
+        detail::LoadedModel loaded = run_loader(slot, room.trusted_bytes);
+        // Published before the turn ends: the next load counts it against the cap.
+        return detail::SlotAccess::commit_load(slot, std::move(loaded), clock_());
+    }
+
+    // Peer relief (relief.hpp), after local eviction: asks the peers for what the registry cannot
+    // reach by itself, then waits for the memory with the recovery rule. Returns whether to look
+    // again. Claims are never trusted: the next look reads the probe. One relief per device at a
+    // time; a second one does not wait for the first, it does without.
+    bool relieve_with_peers(detail::SlotBase& slot, Room& room) {
+        if (peers_.empty() ||
+            !relief::worth_asking(room.plan.never_fits, room.plan.fits, room.plan.at_cap))
+            return false;
+        const std::uint64_t needed =
+            policy::saturating_add(room.admission.requirement.bytes, room.admission.margin_bytes);
+        const std::uint64_t shortfall = relief::shortfall(needed, room.reachable);
+        if (shortfall == 0) return false;
+        std::unique_lock<std::mutex> one_relief(*relief_mutex_, std::try_to_lock);
+        if (!one_relief.owns_lock()) {
+            room.peers = "none (another load on this device is asking them)";
+            return false;
+        }
+        const std::uint64_t free_before = guard_.probe().memory().free_bytes;
+        const detail::ReliefOutcome outcome =
+            peers_.ask(shortfall, slot.name(), clock_, sleep_, guard_.options().poll_interval);
+        stats_.peer_requests.fetch_add(outcome.asked, std::memory_order_relaxed);
+        for (const std::string& answer : outcome.answers)
+            room.peers += (room.peers.empty() ? "" : "; ") + answer;
+        log(Level::info, "load of model '" + slot.name() + "' is " + format_bytes(shortfall) +
+                             " short after local eviction; peers: " + room.peers);
+        if (outcome.claimed == 0) return false;
+        const TimePoint start = clock_();
+        const bool seen = guard_.wait_for_freed_memory(outcome.claimed, free_before, needed);
+        room.peers +=
+            (seen ? "; the memory showed after " : "; the claimed memory did not show within ") +
+            ms_text(clock_() - start);
+        return true;
+    }
+
+    // Evicts idle models, least recently used first, until the load is admitted and under the cap
+    // (eviction::plan decides). Ready also when the model could never fit: then Guard::load says so
+    // with its own numbers, and nothing was evicted for nothing.
     Room make_room(detail::SlotBase& slot) {
         Room room;
-        const double margin = guard_.options().safety_margin;
         for (;;) {
             room.admission = guard_.admission(slot.key(), slot.declared_bytes());
-            const MemoryInfo& memory = room.admission.memory;
-            const std::uint64_t required = room.admission.requirement.bytes;
-            if (!policy::can_ever_fit(required, memory.total_bytes, margin)) {
-                room.ready = true;
-                room.trusted_bytes = 0;
-                return room;
-            }
-            const bool fits =
-                room.admission.admitted ||
-                (room.trusted_bytes > 0 &&
-                 policy::admits(required,
-                                {policy::saturating_add(memory.free_bytes, room.trusted_bytes),
-                                 memory.total_bytes},
-                                margin));
             if (room.admission.admitted) room.trusted_bytes = 0;
-            room.loaded = loaded_count(&slot);
-            room.at_cap = room.loaded >= options_.max_loaded_models;
-            if (fits && !room.at_cap) {
-                room.ready = true;
+            const Look seen = look();
+            const std::size_t self = seen.index_of(&slot);
+            const std::vector<std::size_t> idle = eviction::idle_lru(seen.seen, self);
+            eviction::Situation situation;
+            situation.required = room.admission.requirement.bytes;
+            situation.memory = room.admission.memory;
+            situation.safety_margin = guard_.options().safety_margin;
+            situation.trusted = room.trusted_bytes;
+            situation.loaded = room.loaded = eviction::loaded_count(seen.seen, self);
+            situation.max_loaded = options_.max_loaded_models;
+            for (const std::size_t i : idle) situation.idle_bytes.push_back(seen.seen[i].bytes);
+            room.plan = eviction::plan(situation);
+            room.reachable = eviction::reachable(situation.memory.free_bytes, situation.trusted,
+                                                 situation.idle_bytes);
+            if (room.plan.never_fits) room.trusted_bytes = 0;
+            if (room.plan.step != eviction::Step::evict) {
+                room.ready = room.plan.step == eviction::Step::load;
                 return room;
             }
-            const std::vector<Candidate> candidates = evictable(&slot);
-            if (candidates.empty()) return room;
-            if (!room.at_cap) {
-                // Evicting every idle model would not make room: keep them (a model whose size is
-                // unknown might, so it counts as big enough).
-                std::uint64_t reachable =
-                    policy::saturating_add(memory.free_bytes, room.trusted_bytes);
-                for (const Candidate& candidate : candidates)
-                    reachable = candidate.seen.bytes == 0
-                                    ? std::numeric_limits<std::uint64_t>::max()
-                                    : policy::saturating_add(reachable, candidate.seen.bytes);
-                if (!policy::admits(required, {reachable, memory.total_bytes}, margin)) {
-                    room.evicting_cannot_help = true;
-                    return room;
-                }
-            }
-            evict(slot, candidates.front(), room, fits);
+            evict(slot, *seen.slots[idle.front()], seen.seen[idle.front()].uses, room);
         }
     }
 
-    void evict(detail::SlotBase& for_slot, const Candidate& victim, Room& room, bool memory_fits) {
+    void evict(detail::SlotBase& for_slot, detail::SlotBase& victim, std::uint64_t seen_uses,
+               Room& room) {
         const std::uint64_t free_before = guard_.probe().memory().free_bytes;
         bool still_referenced = false;
         const UnloadResult result = detail::SlotAccess::try_unload(
-            *victim.slot, clock_(), Duration::zero(), victim.seen.uses, &still_referenced);
+            victim, clock_(), Duration::zero(), seen_uses, &still_referenced);
         if (!result.unloaded()) return;  // a lease came first: decide again
         guard_.probe().release_cached();
         bump(stats_.evictions);
         log(Level::info,
-            "evicted idle model '" + victim.slot->name() + "' (" + format_bytes(result.bytes) +
+            "evicted idle model '" + victim.name() + "' (" + format_bytes(result.bytes) +
                 ", idle " + seconds_text(result.idle_seconds) +
                 ", least recently used) to make room for '" + for_slot.name() + "'" +
-                (room.at_cap ? " (max_loaded_models " + std::to_string(options_.max_loaded_models) +
-                                   " reached)"
-                             : ""));
-        warn_if_referenced(*victim.slot, still_referenced);
-        if (memory_fits || result.bytes == 0)
+                (room.plan.at_cap ? " (max_loaded_models " +
+                                        std::to_string(options_.max_loaded_models) + " reached)"
+                                  : ""));
+        warn_if_referenced(victim, still_referenced);
+        if (room.plan.fits || result.bytes == 0)
             return;  // only the cap was in the way: nothing to wait for
-        // The driver reports freed memory late: wait until it shows (or enough is free), else trust
-        // the estimate, as Ollama does.
+        wait_for_eviction(victim, result.bytes, free_before, room);
+    }
+
+    // The driver reports freed memory late: wait until it shows (or enough is free), else trust
+    // the estimate, as Ollama does.
+    void wait_for_eviction(const detail::SlotBase& victim, std::uint64_t freed,
+                           std::uint64_t free_before, Room& room) {
         const std::uint64_t needed =
             policy::saturating_add(room.admission.requirement.bytes, room.admission.margin_bytes);
         const TimePoint start = clock_();
-        if (guard_.wait_for_freed_memory(result.bytes, free_before, needed)) {
+        if (guard_.wait_for_freed_memory(freed, free_before, needed)) {
             bump(stats_.recoveries_seen);
-            log(Level::info, "memory freed by unloading '" + victim.slot->name() +
-                                 "' reported after " + ms_text(clock_() - start));
+            log(Level::info, "memory freed by unloading '" + victim.name() + "' reported after " +
+                                 ms_text(clock_() - start));
         } else {
             bump(stats_.recoveries_trusted);
-            room.trusted_bytes = policy::saturating_add(room.trusted_bytes, result.bytes);
-            log(Level::warn, "the device did not report " +
-                                 detail::percent(guard_.options().recovery_fraction) + " of the " +
-                                 format_bytes(result.bytes) + " freed by unloading '" +
-                                 victim.slot->name() + "' within " + ms_text(clock_() - start) +
-                                 "; trusting the estimate");
+            room.trusted_bytes = policy::saturating_add(room.trusted_bytes, freed);
+            log(Level::warn,
+                "the device did not report " + detail::percent(guard_.options().recovery_fraction) +
+                    " of the " + format_bytes(freed) + " freed by unloading '" + victim.name() +
+                    "' within " + ms_text(clock_() - start) + "; trusting the estimate");
         }
     }
 
@@ -5684,71 +7861,54 @@ class ModelRegistry : private detail::SlotOwner {
                                          Duration waited) {
         const Admission& admission = room.admission;
         const MemoryInfo& memory = admission.memory;
-        std::string message =
-            "vramguard: cannot load model '" + slot.name() + "' (" + slot.key().describe() + "): ";
-        if (room.at_cap && admission.admitted) {
-            message += std::to_string(room.loaded) + " models are loaded (max_loaded_models " +
-                       std::to_string(options_.max_loaded_models) + ") and none of them is idle";
-        } else {
-            message += "it needs " + format_bytes(admission.requirement.bytes) + " (" +
-                       policy::to_string(admission.requirement.source) +
-                       ") plus a safety margin of " + format_bytes(admission.margin_bytes) +
-                       ", but only " + format_bytes(memory.free_bytes) + " of " +
-                       format_bytes(memory.total_bytes) + " is free, and ";
-            message += room.evicting_cannot_help
-                           ? "unloading every idle model would not free enough"
-                       : room.loaded == 0 ? "no other model is loaded to unload"
-                                          : "no loaded model is idle";
-            if (room.at_cap)
-                message += " (max_loaded_models " + std::to_string(options_.max_loaded_models) +
-                           " reached)";
-        }
-        message += ". Holding memory: ";
-        const TimePoint now = clock_();
-        std::uint64_t held = 0;
-        bool any = false;
-        for (const auto& other : slots()) {
-            const ModelStatus status = detail::SlotAccess::status_at(*other, now);
-            if (!status.loaded) continue;
-            held = policy::saturating_add(held, status.bytes);
-            message += std::string(any ? ", " : "") + "'" + status.name + "' " +
-                       format_bytes(status.bytes) + " (" +
-                       (status.leases > 0 ? "busy, " + std::to_string(status.leases) +
-                                                (status.leases == 1 ? " lease" : " leases")
-                                          : "idle " + seconds_text(status.idle_seconds)) +
-                       ")";
-            any = true;
-        }
-        const std::uint64_t used = memory.used_bytes();
-        message += std::string(any ? ", " : "") +
-                   "other use (other processes, work outside the registry) " +
-                   format_bytes(used > held ? used - held : 0) + ". Waited " + ms_text(waited) +
-                   " (load_wait " + ms_text(options_.load_wait) + "); retry " +
-                   (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
+        const std::string message =
+            "vramguard: cannot load model '" + slot.name() + "' (" + slot.key().describe() +
+            "): " + refusal_reason(room) + ". Holding memory: " + holders_text(memory) +
+            (room.peers.empty() ? "" : ". Peers asked: " + room.peers) + ". Waited " +
+            ms_text(waited) + " (load_wait " + ms_text(options_.load_wait) + "); retry " +
+            (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
         // Never a "can never fit": make_room calls such a load ready, and Guard::load rejects it.
         throw InsufficientMemory(admission.requirement.bytes, memory.free_bytes, memory.total_bytes,
                                  slot.key().describe(), guard_.options().retry_delay, message,
                                  false);
     }
 
-    // ---- reaper ------------------------------------------------------------------------------
+    std::string refusal_reason(const Room& room) const {
+        const Admission& admission = room.admission;
+        const std::string cap = std::to_string(options_.max_loaded_models);
+        if (room.plan.at_cap && admission.admitted)
+            return std::to_string(room.loaded) + " models are loaded (max_loaded_models " + cap +
+                   ") and none of them is idle";
+        return "it needs " + format_bytes(admission.requirement.bytes) + " (" +
+               policy::to_string(admission.requirement.source) + ") plus a safety margin of " +
+               format_bytes(admission.margin_bytes) + ", but only " +
+               format_bytes(admission.memory.free_bytes) + " of " +
+               format_bytes(admission.memory.total_bytes) + " is free, and " +
+               (room.plan.evicting_cannot_help ? "unloading every idle model would not free enough"
+                : room.loaded == 0             ? "no other model is loaded to unload"
+                                               : "no loaded model is idle") +
+               (room.plan.at_cap ? " (max_loaded_models " + cap + " reached)" : "");
+    }
 
-    void reaper_loop() {
-        std::unique_lock<std::mutex> lock(reaper_mutex_);
-        while (!reaper_stop_) {
-            if (reaper_cv_.wait_for(lock, options_.reaper_interval,
-                                    [this] { return reaper_stop_; }))
-                break;
-            lock.unlock();
-            try {
-                tick(clock_());
-            } catch (const std::exception& e) {
-                log(Level::warn, std::string("model reaper: tick failed: ") + e.what());
-            } catch (...) {
-                log(Level::warn, "model reaper: tick failed with an unknown exception");
-            }
-            lock.lock();
+    // Every loaded model with its bytes and whether it is busy, then what the registry does not
+    // hold: "'a' 4.00 GiB (busy, 1 lease), other use (...) 512.00 MiB".
+    std::string holders_text(const MemoryInfo& memory) const {
+        std::string text;
+        const TimePoint now = clock_();
+        std::uint64_t held = 0;
+        for (const auto& other : slots()) {
+            const ModelStatus status = detail::SlotAccess::status_at(*other, now);
+            if (!status.loaded) continue;
+            held = policy::saturating_add(held, status.bytes);
+            text += "'" + status.name + "' " + format_bytes(status.bytes) + " (" +
+                    (status.leases > 0 ? "busy, " + std::to_string(status.leases) +
+                                             (status.leases == 1 ? " lease" : " leases")
+                                       : "idle " + seconds_text(status.idle_seconds)) +
+                    "), ";
         }
+        const std::uint64_t used = memory.used_bytes();
+        return text + "other use (other processes, work outside the registry) " +
+               format_bytes(used > held ? used - held : 0);
     }
 
     Guard<Probe>& guard_;
@@ -5761,13 +7921,13 @@ class ModelRegistry : private detail::SlotOwner {
     std::optional<TimePoint> last_relief_;
     AtomicRegistryStats stats_;
 
-    std::mutex turn_mutex_;  // one load (decide, evict, load) at a time
+    detail::PeerRelief peers_;
+    const std::shared_ptr<std::mutex> relief_mutex_;  // one peer relief per device at a time
+
+    std::mutex turn_mutex_;  // one load (decide, evict, ask peers, load) at a time
     std::atomic<std::thread::id> turn_owner_{};
 
-    std::mutex reaper_mutex_;
-    std::condition_variable reaper_cv_;
-    bool reaper_stop_ = false;
-    std::thread reaper_;  // last: started once everything above exists
+    std::unique_ptr<detail::Reaper> reaper_;  // last: started once everything above exists
 };
 
 VRAMGUARD_END_NAMESPACE
