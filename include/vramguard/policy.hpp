@@ -252,9 +252,9 @@ inline std::uint64_t predicted_batch(const MemoryInfo& memory, double safety_mar
 //    move; the fixed part is the upper envelope (the largest residual), so every sample lies on
 //    or under the line;
 //  - the costliest unit: the largest peak / size among the samples at least half as large as the
-//    chunks planned now (or the largest measured). A chunk's cost is not always a line plus noise: in a padded batch, or a count of
-//    items of mixed lengths, one long item multiplies the whole chunk, and only a per-unit bound
-//    taken where the chunks are planned sees that.
+//    chunks planned now (or the largest measured). A chunk's cost is not always a line plus
+//    noise: in a padded batch, or a count of items of mixed lengths, one long item multiplies the
+//    whole chunk, and only a per-unit bound taken where the chunks are planned sees that.
 // A chunk is predicted at the larger of the two, so the plan is as careful as the worst recent
 // chunk near its size, and a wrong reading ages out with the window. With one size seen, nothing
 // separates the fixed part from the slope: the whole cost is charged per unit (an upper bound,
