@@ -74,11 +74,12 @@ class EncodeRun {
     // One chunk as planned.
     struct Chunk {
         std::size_t size = 0;
-        std::uint64_t tried = 0;  // its size as the learner counts it (items or weight)
-        std::uint64_t limit = 0;  // the limit that cut it (0 = none)
-        MemoryInfo seen;          // the reading it was planned with (zero: none taken)
-        bool at_limit = false;    // cut by the limit (not by the end of the input)
-        bool alone = false;       // one item that the limit allows no company
+        std::uint64_t tried = 0;   // its size as the learner counts it (items or weight)
+        std::uint64_t limit = 0;   // the limit that cut it (0 = none)
+        MemoryInfo seen;           // the reading it was planned with (zero: none taken)
+        bool at_limit = false;     // cut by the limit (not by the end of the input)
+        bool alone = false;        // one item that the limit allows no company
+        bool takes_turns = false;  // ... and OOMs taught it: through the single-item semaphore
         bool from_model = false;
         bool measured = false;
         PlanInputs inputs;
@@ -159,9 +160,13 @@ class EncodeRun {
         const policy::ChunkPlan plan = plan_for(chunk.inputs, chunk.seen);
         chunk.from_model = plan.from_model;
         chunk.limit = plan.limit;
+        // Single items take turns (the device's semaphore) once OOMs taught that only one fits;
+        // a plan of one item from the model alone runs beside the guard's other chunks.
+        const bool taught_by_oom = !plan.from_model || plan.bounded_by_failure || retry_limit_ != 0;
         if (retry_limit_ != 0) chunk.limit = retry_limit_;  // decided when the OOM was handled
         retry_limit_ = 0;
         cut(chunk);
+        chunk.takes_turns = chunk.alone && taught_by_oom;
         // Every chunk is measured until half a window of measurements was taken (a chunk that
         // ran inside the cache measures 0 and is no sample, but counts here), then one in
         // measure_every.
@@ -224,7 +229,7 @@ class EncodeRun {
                                             exclusive_.has_value() || measuring_alone.has_value());
             Semaphore::Permit permit;
             std::unique_ptr<Hold> host_lock;
-            if (chunk.alone) {
+            if (chunk.takes_turns) {
                 guard_.publish(Event(EventKind::single_item, key_, "encode"));
                 permit = Semaphore::Permit(*guard_.single_item_);
                 if (guard_.options_.coordinator)

@@ -456,8 +456,9 @@ inline bool model_fits_failure(const CostModel& model, const Evidence& evidence,
 // ---- Planning a chunk ------------------------------------------------------------------------
 
 struct ChunkPlan {
-    std::uint64_t limit = 0;  // largest size to run now; 0 = no limit known
-    bool from_model = false;  // the cost model set it (else evidence or the ceiling)
+    std::uint64_t limit = 0;          // largest size to run now; 0 = no limit known
+    bool from_model = false;          // the cost model set it (else evidence or the ceiling)
+    bool bounded_by_failure = false;  // a size that failed with as much memory lowered it
 };
 
 // The largest chunk to run with `free_bytes` free now: what the model says fits in free memory
@@ -484,8 +485,11 @@ inline ChunkPlan plan_chunk(const CostModel& model, const Evidence& evidence,
             std::max(plan.limit, std::min(evidence.ran_size, model.largest_within(free_bytes)));
     // "As much" within the reserve: readings of a device that did not change wander by a few MiB.
     if (evidence.failed_size != 0 &&
-        free_bytes <= saturating_add(evidence.failed_free, reserve_bytes))
-        plan.limit = std::min(plan.limit, std::max<std::uint64_t>(1, evidence.failed_size - 1));
+        free_bytes <= saturating_add(evidence.failed_free, reserve_bytes)) {
+        const std::uint64_t under = std::max<std::uint64_t>(1, evidence.failed_size - 1);
+        plan.bounded_by_failure = under <= plan.limit;
+        plan.limit = std::min(plan.limit, under);
+    }
     return plan;
 }
 

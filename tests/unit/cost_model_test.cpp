@@ -192,6 +192,10 @@ TEST(PlanChunk, Table) {
         EXPECT_TRUE(plan.from_model) << row.what;
         EXPECT_EQ(plan.limit, row.expected) << row.what;
     }
+    // Whether a failure lowered the plan (then single items take turns): only where it did.
+    EXPECT_TRUE(policy::plan_chunk(linear, failed_at_12, 16_GiB, 0, 0).bounded_by_failure);
+    EXPECT_FALSE(policy::plan_chunk(linear, failed_at_12, 20_GiB, 0, 0).bounded_by_failure);
+    EXPECT_FALSE(policy::plan_chunk(linear, failed_at_12, 8_GiB, 0, 0).bounded_by_failure);
     // What ran is not a floor where the model says it does not fit (its items vary).
     CostModel costly = linear;
     costly.costliest_unit = 2.0 * static_cast<double>(1_GiB);

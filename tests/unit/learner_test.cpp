@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <future>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -203,6 +204,46 @@ TEST_F(Learner, AWrongPeakAgesOutOfTheProfileAfterTheWindow) {
     EXPECT_EQ(profile.item_samples.size(), profile_window);
     EXPECT_EQ(profile.peak_bytes_per_item, 100_MiB);
     EXPECT_LE(profile.peak_bytes, 1_GiB);
+}
+
+// Single items take turns through the device's semaphore only once OOMs taught that one item is
+// all that fits. A plan of one item from the model alone (a costly key, little free) runs beside
+// the guard's other chunks: here another call's chunk holds the device until this call is done,
+// and waiting for a turn it holds would never end.
+TEST_F(Learner, AModelPlanOfOneItemDoesNotWaitForTheSingleItemTurn) {
+    SimulatedDevice device(10_GiB);
+    options.clock = system_clock();
+    options.sleep = system_sleep();
+    Guard<SimulatedDevice> guard(device, options);
+    const Key key = Key::of("one-at-a-time");
+    LinearEncoder warmup{device, 0, 6_GiB, {}};
+    ASSERT_EQ(guard.encode(key, iota_items(1), std::ref(warmup)), iota_items(1));
+    ASSERT_EQ(guard.stats().ooms, 0u);  // learned: 6 GiB an item, so one fits at a time
+
+    std::promise<void> b_done;
+    std::shared_future<void> b_finished = b_done.get_future().share();
+    std::atomic<bool> e_inside{false};
+    std::thread e([&] {
+        guard.encode(key, iota_items(1), [&](const View& batch) {
+            auto held = device.allocate(2_GiB);
+            e_inside = true;
+            b_finished.wait_for(std::chrono::seconds(10));  // held until B is answered
+            return std::vector<int>(batch.begin(), batch.end());
+        });
+    });
+    while (!e_inside) std::this_thread::yield();
+    auto b = std::async(std::launch::async, [&] {
+        return guard.encode(key, iota_items(1), [&](const View& batch) {
+            auto held = device.allocate(2_GiB);
+            return std::vector<int>(batch.begin(), batch.end());
+        });
+    });
+    const bool answered = b.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+    b_done.set_value();
+    e.join();
+    ASSERT_TRUE(answered) << "B waited for a turn held by a chunk that waits for B";
+    EXPECT_EQ(b.get(), iota_items(1));
+    EXPECT_EQ(guard.stats().single_item_calls, 0u);
 }
 
 // A probe that measures no peaks (NullProbe-like): the OOM-learned ceiling with its growth probes
