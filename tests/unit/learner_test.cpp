@@ -61,15 +61,17 @@ class Learner : public ::testing::Test {
     Options options = test_options(clock, log);
 };
 
-TEST_F(Learner, SteadyUniformLinearCostOneOomPerKeyAndTheFewestBatchesThatFit) {
-    SimulatedDevice device(16_GiB);
-    Guard<SimulatedDevice> guard(device, options);
-    const Key key = Key::of("uniform");
-    const auto items = iota_items(100);
-    const std::size_t fewest = fewest_batches(100, 16_GiB, 0, 1_GiB);  // 16 per batch: 7
+// 100 calls of `items` items on a steady 16 GiB device: at most one OOM over all of them, and
+// from the second call on, never more than one batch over the fewest that fit.
+void expect_one_oom_and_the_fewest_batches(Guard<SimulatedDevice>& guard, SimulatedDevice& device,
+                                           const Key& key, int items, std::uint64_t fixed,
+                                           std::uint64_t per_item) {
+    const auto input = iota_items(items);
+    const std::size_t fewest =
+        fewest_batches(static_cast<std::size_t>(items), device.total_bytes(), fixed, per_item);
     for (int call = 0; call < 100; ++call) {
-        LinearEncoder encoder{device, 0, 1_GiB, {}};
-        ASSERT_EQ(guard.encode(key, items, std::ref(encoder)), items);
+        LinearEncoder encoder{device, fixed, per_item, {}};
+        ASSERT_EQ(guard.encode(key, input, std::ref(encoder)), input);
         if (call > 0) {
             EXPECT_LE(encoder.sizes.size(), fewest + 1) << "call " << call;
         }
@@ -78,22 +80,18 @@ TEST_F(Learner, SteadyUniformLinearCostOneOomPerKeyAndTheFewestBatchesThatFit) {
     EXPECT_EQ(guard.stats().ooms, device.oom_count());
 }
 
+TEST_F(Learner, SteadyUniformLinearCostOneOomPerKeyAndTheFewestBatchesThatFit) {
+    SimulatedDevice device(16_GiB);
+    Guard<SimulatedDevice> guard(device, options);
+    expect_one_oom_and_the_fewest_batches(guard, device, Key::of("uniform"), 100, 0, 1_GiB);
+}
+
 TEST_F(Learner, FixedPlusPerItemCostOneOomPerKeyAndTheFewestBatchesThatFit) {
     SimulatedDevice device(16_GiB);
     Guard<SimulatedDevice> guard(device, options);
     const Key key = Key::of("fixed-plus-linear");
-    const auto items = iota_items(200);
-    const std::size_t fewest = fewest_batches(200, 16_GiB, 2_GiB, 200_MiB);  // 71 per batch: 3
-    for (int call = 0; call < 100; ++call) {
-        LinearEncoder encoder{device, 2_GiB, 200_MiB, {}};
-        ASSERT_EQ(guard.encode(key, items, std::ref(encoder)), items);
-        if (call > 0) {
-            EXPECT_LE(encoder.sizes.size(), fewest + 1) << "call " << call;
-        }
-    }
-    EXPECT_LE(guard.stats().ooms, 1u);
-    const policy::CostModel model = guard.cost_model(key);
-    EXPECT_NEAR(model.bytes_per_unit, static_cast<double>(200_MiB), 0.05 * 200_MiB);
+    expect_one_oom_and_the_fewest_batches(guard, device, key, 200, 2_GiB, 200_MiB);
+    EXPECT_NEAR(guard.cost_model(key).bytes_per_unit, static_cast<double>(200_MiB), 0.05 * 200_MiB);
 }
 
 // The third case: 3 GiB + 180 MiB per item on 24 GiB fits 100 items in one batch; once
