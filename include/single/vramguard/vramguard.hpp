@@ -7582,7 +7582,10 @@ class ModelRegistry : private detail::SlotOwner {
         std::snprintf(text, sizeof text, "%.1f s", seconds);
         return text;
     }
-    static std::string ms_text(Duration d) {
+    // Any duration, in ms: options in ms are not converted to the clock's ns on the way (a
+    // milliseconds::max() "for ever" would overflow).
+    template <class Rep, class Period>
+    static std::string ms_text(std::chrono::duration<Rep, Period> d) {
         return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) +
                " ms";
     }
