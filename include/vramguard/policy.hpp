@@ -77,16 +77,17 @@ inline bool can_ever_fit(std::uint64_t required, std::uint64_t total_bytes,
     return admits(required, MemoryInfo{total_bytes, total_bytes}, safety_margin);
 }
 
-// ---- Batch sizing ----------------------------------------------------------------------------
+// ---- Batch sizing without peak measurements: the ceiling learned from OOMs -------------------
 //
-// One rule serves item counts and item weights (tokens, pixels, seconds of audio): a "size" is
-// either. On OOM the size halves (or drops to what the OOM's numbers say fits, never above half);
-// a failed growth probe instead falls back to the size that last worked. After
-// `grow_after_successes` successes at the ceiling it probes back up: halfway to the smallest size
-// known to fail (stopping within 1/32 of it), or double when none is known. The known failure is
-// dropped when the device has clearly more free memory than when it failed (a squeeze ended), and
-// relaxed by a quarter after `forget_failure_after` successes, so a limit that moved is found again
-// at the cost of one probe, not a new search.
+// (With a probe that measures peaks, the cost model below plans every chunk and this ceiling is
+// only its fallback before anything is measured.) One rule serves item counts and item weights
+// (tokens, pixels, seconds of audio): a "size" is either. On OOM the size halves (or drops to what
+// the OOM's numbers say fits, never above half); a failed growth probe instead falls back to the
+// size that last worked. After `grow_after_successes` successes at the ceiling it probes back up:
+// halfway to the smallest size known to fail (stopping within 1/32 of it), or double when none is
+// known. The known failure is dropped when the device has clearly more free memory than when it
+// failed (a squeeze ended), and relaxed by a quarter after `forget_failure_after` successes, so a
+// limit that moved is found again at the cost of one probe, not a new search.
 
 struct GrowthRule {
     unsigned grow_after_successes = 8;
@@ -232,15 +233,6 @@ std::size_t cut_by_padded_weight(std::size_t begin, std::size_t end, std::uint64
         ++count;
     }
     return count;
-}
-
-// A first batch size from a measured per-item cost and what is free now; 0 when unknown.
-inline std::uint64_t predicted_batch(const MemoryInfo& memory, double safety_margin,
-                                     std::uint64_t bytes_per_item) noexcept {
-    if (bytes_per_item == 0) return 0;
-    const std::uint64_t margin = margin_bytes(memory.total_bytes, safety_margin);
-    if (memory.free_bytes <= margin) return 1;
-    return std::max<std::uint64_t>(1, (memory.free_bytes - margin) / bytes_per_item);
 }
 
 // ---- The cost model ------------------------------------------------------------------------

@@ -266,12 +266,6 @@ TEST(Ceiling, ProbesThatKeepFailingBackOffExponentially) {
     EXPECT_EQ(policy::learned(state), 100u);
 }
 
-TEST(PredictedBatch, FromFreeMemoryMinusMarginOverPerItemCost) {
-    EXPECT_EQ(policy::predicted_batch({5_GiB, 10_GiB}, 0.10, 1_GiB), 4u);
-    EXPECT_EQ(policy::predicted_batch({1_GiB, 10_GiB}, 0.10, 1_GiB), 1u);  // never zero
-    EXPECT_EQ(policy::predicted_batch({5_GiB, 10_GiB}, 0.10, 0), 0u);      // unknown cost
-}
-
 TEST(Recovered, SeventyFivePercentOfTheExpectedBytes) {
     EXPECT_TRUE(policy::recovered(1_GiB, 4_GiB, 4_GiB, 0.75));  // +3 of 4 = 75 %
     EXPECT_FALSE(policy::recovered(1_GiB, 4_GiB - 1, 4_GiB, 0.75));
