@@ -4869,8 +4869,11 @@ class Guard {
         // Bytes this run added at its peak, when it ran alone.
         std::optional<std::uint64_t> peak() const {
             if constexpr (measures_peaks) {
-                if (!run_.alone_so_far()) return std::nullopt;
+                // The peak first, then the check: a run that starts after the check could still
+                // allocate before a later reading and be booked as ours.
+                if (!run_.started_alone()) return std::nullopt;
                 const std::uint64_t peak = guard_.probe_.peak_bytes();
+                if (!run_.alone_so_far()) return std::nullopt;
                 return peak > baseline_ ? peak - baseline_ : 0;
             } else {
                 return std::nullopt;
