@@ -141,7 +141,9 @@ TEST_F(PeerReliefTest, TheCooldownStopsTwoRegistriesPingPongingTheirModels) {
             ++served;
         } catch (const InsufficientMemory& e) {
             ++refused;
-            if (refused == 1) EXPECT_TRUE(has(e.what(), "not asked (cooling down")) << e.what();
+            if (refused == 1) {
+                EXPECT_TRUE(has(e.what(), "not asked (cooling down")) << e.what();
+            }
         }
         clock.advance(1s);
     }
