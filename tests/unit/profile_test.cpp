@@ -1133,7 +1133,7 @@ TEST(ProfileCache, ManyThreadsKeepTheNewestWindow) {
         const std::uint64_t rounds = persist ? 40 : 5000;
         std::vector<std::thread> workers;
         for (std::uint64_t t = 0; t < threads; ++t) {
-            workers.emplace_back([&cache, t, rounds, threads] {
+            workers.emplace_back([&cache, t, rounds] {
                 for (std::uint64_t j = 0; j < rounds; ++j) {
                     // Stamps 1..threads * rounds, each once, handed out in no particular order.
                     const std::uint64_t stamp = j * threads + t + 1;
