@@ -402,7 +402,7 @@ class EncodeRun {
             return;
         }
         ++alone_failures_;
-        const bool hopeless = Guard::asked_for_more_than_the_device(error, after.total_bytes);
+        const bool hopeless = Guard::asked_for_more_than_the_device(report, after.total_bytes);
         if (alone_failures_ >= guard_.options_.single_item_attempts || hopeless)
             give_up(error, hopeless, after.total_bytes);
         Event event(EventKind::item_retry, key_, "encode");

@@ -293,7 +293,8 @@ class Guard {
         take_oom_or_rethrow(error, "load", key);
         const std::uint64_t required = admitted.requirement.bytes;
         const std::uint64_t total = admitted.memory.total_bytes;
-        const bool hopeless = asked_for_more_than_the_device(error, total);
+        const std::optional<OomReport> report = oom_report(error);
+        const bool hopeless = asked_for_more_than_the_device(report, total);
         const bool last = attempt >= options_.load_attempts || hopeless;
         Event event(last ? EventKind::load_gave_up : EventKind::load_retry, key, "load");
         event.attempt = attempt;
@@ -310,7 +311,6 @@ class Guard {
                                         ". Last error: " + describe(error),
                                     key.describe(), std::nullopt, attempt);
             });
-        const auto report = oom_report(error);
         admission_.wait_for_memory(required, options_.retry_delay,
                                    policy::failure_was_transient(report)
                                        ? std::nullopt
@@ -348,9 +348,8 @@ class Guard {
     }
 
     // An allocation larger than the whole device never succeeds: retrying it only wastes time.
-    static bool asked_for_more_than_the_device(const std::exception_ptr& error,
-                                               std::uint64_t total) {
-        const auto report = oom_report(error);
+    static bool asked_for_more_than_the_device(const std::optional<OomReport>& report,
+                                               std::uint64_t total) noexcept {
         return report && total > 0 && report->requested_bytes > total;
     }
 
@@ -428,8 +427,7 @@ class Guard {
         }
     }
     static std::uint64_t take_changed_limit(detail::SizeLearner& learner) noexcept {
-        const std::uint64_t limit =
-            learner.model.known() ? learner.limit : policy::learned(learner.ceiling);
+        const std::uint64_t limit = learner.learned_limit();
         if (limit == 0 || limit == learner.persisted_limit) return 0;
         learner.persisted_limit = limit;
         return limit;

@@ -72,6 +72,12 @@ struct SizeLearner {
         refit();
     }
 
+    // The latest limit learned: the model's last plan that cut a chunk, or without a model the
+    // ceiling that ran (caller holds KeyMemory::mutex).
+    std::uint64_t learned_limit() const noexcept {
+        return model.known() ? limit : policy::learned(ceiling);
+    }
+
     void refit() noexcept {
         model = policy::fit_cost(samples, limit);
         cheapest_unit_bytes = 0;
@@ -162,9 +168,7 @@ struct KeyMemory {
     // The latest limit learned, for learned_batch_ceiling() and learned_weight_budget().
     std::uint64_t learned(bool weighted) {
         std::lock_guard<std::mutex> lock(mutex);
-        const SizeLearner& learner = weighted ? weight : items;
-        if (learner.model.known()) return learner.limit;
-        return policy::learned(learner.ceiling);
+        return (weighted ? weight : items).learned_limit();
     }
 
    private:

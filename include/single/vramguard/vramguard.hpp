@@ -3786,6 +3786,12 @@ struct SizeLearner {
         refit();
     }
 
+    // The latest limit learned: the model's last plan that cut a chunk, or without a model the
+    // ceiling that ran (caller holds KeyMemory::mutex).
+    std::uint64_t learned_limit() const noexcept {
+        return model.known() ? limit : policy::learned(ceiling);
+    }
+
     void refit() noexcept {
         model = policy::fit_cost(samples, limit);
         cheapest_unit_bytes = 0;
@@ -3876,9 +3882,7 @@ struct KeyMemory {
     // The latest limit learned, for learned_batch_ceiling() and learned_weight_budget().
     std::uint64_t learned(bool weighted) {
         std::lock_guard<std::mutex> lock(mutex);
-        const SizeLearner& learner = weighted ? weight : items;
-        if (learner.model.known()) return learner.limit;
-        return policy::learned(learner.ceiling);
+        return (weighted ? weight : items).learned_limit();
     }
 
    private:
@@ -4604,7 +4608,7 @@ class EncodeRun {
             return;
         }
         ++alone_failures_;
-        const bool hopeless = Guard::asked_for_more_than_the_device(error, after.total_bytes);
+        const bool hopeless = Guard::asked_for_more_than_the_device(report, after.total_bytes);
         if (alone_failures_ >= guard_.options_.single_item_attempts || hopeless)
             give_up(error, hopeless, after.total_bytes);
         Event event(EventKind::item_retry, key_, "encode");
@@ -4950,7 +4954,8 @@ class Guard {
         take_oom_or_rethrow(error, "load", key);
         const std::uint64_t required = admitted.requirement.bytes;
         const std::uint64_t total = admitted.memory.total_bytes;
-        const bool hopeless = asked_for_more_than_the_device(error, total);
+        const std::optional<OomReport> report = oom_report(error);
+        const bool hopeless = asked_for_more_than_the_device(report, total);
         const bool last = attempt >= options_.load_attempts || hopeless;
         Event event(last ? EventKind::load_gave_up : EventKind::load_retry, key, "load");
         event.attempt = attempt;
@@ -4967,7 +4972,6 @@ class Guard {
                                         ". Last error: " + describe(error),
                                     key.describe(), std::nullopt, attempt);
             });
-        const auto report = oom_report(error);
         admission_.wait_for_memory(required, options_.retry_delay,
                                    policy::failure_was_transient(report)
                                        ? std::nullopt
@@ -5005,9 +5009,8 @@ class Guard {
     }
 
     // An allocation larger than the whole device never succeeds: retrying it only wastes time.
-    static bool asked_for_more_than_the_device(const std::exception_ptr& error,
-                                               std::uint64_t total) {
-        const auto report = oom_report(error);
+    static bool asked_for_more_than_the_device(const std::optional<OomReport>& report,
+                                               std::uint64_t total) noexcept {
         return report && total > 0 && report->requested_bytes > total;
     }
 
@@ -5085,8 +5088,7 @@ class Guard {
         }
     }
     static std::uint64_t take_changed_limit(detail::SizeLearner& learner) noexcept {
-        const std::uint64_t limit =
-            learner.model.known() ? learner.limit : policy::learned(learner.ceiling);
+        const std::uint64_t limit = learner.learned_limit();
         if (limit == 0 || limit == learner.persisted_limit) return 0;
         learner.persisted_limit = limit;
         return limit;
