@@ -3264,14 +3264,19 @@ struct CgroupPath {
     std::vector<std::string> directories;
 };
 
-inline CgroupPath find_memory_cgroup(const std::string& root) {
-    std::string mountinfo, membership;
-    if (!read_file(root + "/proc/self/mountinfo", mountinfo) ||
-        !read_file(root + "/proc/self/cgroup", membership))
-        return {};
+// Where a hierarchy is mounted: the subtree of it shown ("root") and the mount point.
+struct CgroupMount {
+    std::string root, point;
+};
 
-    // /proc/self/cgroup: "0::/path" (v2) and "N:controller,...:/path" (v1).
-    std::optional<std::string> v1_path, v2_path;
+// The memory cgroup's path in each hierarchy, from /proc/self/cgroup: "0::/path" (v2) and
+// "N:controller,...:/path" (v1).
+struct CgroupMembership {
+    std::optional<std::string> v1, v2;
+};
+
+inline CgroupMembership parse_cgroup_membership(std::string_view membership) {
+    CgroupMembership paths;
     for (std::string_view line : split(membership, '\n')) {
         const std::size_t first = line.find(':');
         const std::size_t second =
@@ -3279,64 +3284,79 @@ inline CgroupPath find_memory_cgroup(const std::string& root) {
         if (second == std::string_view::npos) continue;
         const std::string_view controllers = line.substr(first + 1, second - first - 1);
         const std::string path(line.substr(second + 1));
-        if (line.substr(0, first) == "0" && controllers.empty()) v2_path = path;
+        if (line.substr(0, first) == "0" && controllers.empty()) paths.v2 = path;
         for (std::string_view controller : split(controllers, ','))
-            if (controller == "memory") v1_path = path;
+            if (controller == "memory") paths.v1 = path;
     }
+    return paths;
+}
 
-    // mountinfo: "id parent maj:min root mount_point options [tags...] - fstype source super".
-    struct Mount {
-        std::string root, point;
-    };
-    std::optional<Mount> v1_mount, v2_mount;
+// The first v1 hierarchy with the memory controller and the first unified one, from mountinfo:
+// "id parent maj:min root mount_point options [tags...] - fstype source super".
+struct CgroupMounts {
+    std::optional<CgroupMount> v1, v2;
+};
+
+inline CgroupMounts parse_cgroup_mounts(std::string_view mountinfo) {
+    CgroupMounts mounts;
     for (std::string_view line : split(mountinfo, '\n')) {
         const std::size_t dash = line.find(" - ");
         if (dash == std::string_view::npos) continue;
         const std::vector<std::string_view> left = split(line.substr(0, dash), ' ');
         const std::vector<std::string_view> right = split(line.substr(dash + 3), ' ');
         if (left.size() < 5 || right.size() < 3) continue;
-        Mount mount{unescape_mount_path(left[3]), unescape_mount_path(left[4])};
-        if (right[0] == "cgroup2" && !v2_mount) v2_mount = std::move(mount);
-        if (right[0] == "cgroup" && !v1_mount) {
+        CgroupMount mount{unescape_mount_path(left[3]), unescape_mount_path(left[4])};
+        if (right[0] == "cgroup2" && !mounts.v2) mounts.v2 = std::move(mount);
+        if (right[0] == "cgroup" && !mounts.v1) {
             for (std::string_view option : split(right[2], ','))
-                if (option == "memory") v1_mount = std::move(mount);
+                if (option == "memory") mounts.v1 = std::move(mount);
         }
     }
+    return mounts;
+}
 
-    // The memory controller lives in v1 when a v1 hierarchy has it (the "hybrid" layout also
-    // mounts an empty unified hierarchy); otherwise in the unified one.
-    CgroupPath result;
-    std::optional<Mount> mount;
-    std::string path;
-    if (v1_mount && v1_path) {
-        result.version = 1;
-        mount = v1_mount;
-        path = *v1_path;
-    } else if (v2_mount && v2_path) {
-        result.version = 2;
-        mount = v2_mount;
-        path = *v2_path;
-    } else {
-        return {};
-    }
-    // The process's path is relative to the hierarchy's root; the mount may show only a subtree
-    // of it (a container's own cgroup mounted at /sys/fs/cgroup). A path outside the mounted
-    // subtree (a cgroup namespace shows "/..") leaves the mount point itself.
+// The directories from the process's cgroup (`path`, relative to the hierarchy's root) up to the
+// mount point. The mount may show only a subtree of the hierarchy (a container's own cgroup
+// mounted at /sys/fs/cgroup); a path outside the mounted subtree (a cgroup namespace shows "/..")
+// leaves the mount point itself.
+inline std::vector<std::string> cgroup_directories(const std::string& root,
+                                                   const CgroupMount& mount,
+                                                   const std::string& path) {
     std::string relative;
-    if (mount->root == "/") {
+    if (mount.root == "/") {
         relative = path;
-    } else if (path.compare(0, mount->root.size(), mount->root) == 0 &&
-               (path.size() == mount->root.size() || path[mount->root.size()] == '/')) {
-        relative = path.substr(mount->root.size());
+    } else if (path.compare(0, mount.root.size(), mount.root) == 0 &&
+               (path.size() == mount.root.size() || path[mount.root.size()] == '/')) {
+        relative = path.substr(mount.root.size());
     }
     if (relative.find("/..") != std::string::npos) relative.clear();
     while (!relative.empty() && relative.back() == '/') relative.pop_back();
-    std::string base = root + mount->point;
+    std::string base = root + mount.point;
     while (!base.empty() && base.back() == '/') base.pop_back();
+    std::vector<std::string> directories;
     for (;;) {
-        result.directories.push_back(base + relative);
-        if (relative.empty()) break;
+        directories.push_back(base + relative);
+        if (relative.empty()) return directories;
         relative.erase(relative.rfind('/'));
+    }
+}
+
+inline CgroupPath find_memory_cgroup(const std::string& root) {
+    std::string mountinfo, membership;
+    if (!read_file(root + "/proc/self/mountinfo", mountinfo) ||
+        !read_file(root + "/proc/self/cgroup", membership))
+        return {};
+    const CgroupMembership paths = parse_cgroup_membership(membership);
+    const CgroupMounts mounts = parse_cgroup_mounts(mountinfo);
+    // The memory controller lives in v1 when a v1 hierarchy has it (the "hybrid" layout also
+    // mounts an empty unified hierarchy); otherwise in the unified one.
+    CgroupPath result;
+    if (mounts.v1 && paths.v1) {
+        result.version = 1;
+        result.directories = cgroup_directories(root, *mounts.v1, *paths.v1);
+    } else if (mounts.v2 && paths.v2) {
+        result.version = 2;
+        result.directories = cgroup_directories(root, *mounts.v2, *paths.v2);
     }
     return result;
 }
