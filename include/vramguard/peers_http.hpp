@@ -39,7 +39,10 @@
 #include <vramguard/peer.hpp>
 #include <vramguard/version.hpp>
 
+#include <arpa/inet.h>
 #include <httplib.h>
+#include <netdb.h>
+#include <sys/socket.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -48,11 +51,15 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <condition_variable>
 #include <exception>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -96,6 +103,12 @@ struct HttpPeerOptions {
     std::string url;           // required: http://host:port[/prefix] (https where httplib has TLS)
     std::string name;          // "" -> "<kind>@host:port"
     std::string bearer_token;  // "" -> no Authorization header
+    // How a host name becomes a numeric address: "" or a throw when it does not resolve. Empty:
+    // the system's resolver (getaddrinfo). Either way it runs on its own thread and the call waits
+    // for it no longer than the request's time left: a resolver stuck on an unreachable DNS server
+    // costs the request its timeout, not the resolver's own (seconds per attempt). Not called for
+    // numeric hosts (127.0.0.1, [::1]).
+    std::function<std::string(const std::string& host)> resolve;
     std::chrono::milliseconds connect_timeout = defaults::connect_timeout;  // > 0, capped by the
                                                                             // request's time left
     std::chrono::milliseconds idle_min = defaults::idle_min;  // Ask::idle: unused at least this
@@ -197,6 +210,92 @@ inline std::uint64_t add_bytes(std::uint64_t a, std::uint64_t b) noexcept {
     return a > UINT64_MAX - b ? UINT64_MAX : a + b;
 }
 
+// ---- Resolving a host name within a deadline --------------------------------------------------
+
+// "127.0.0.1", "::1" and "[::1]" need no resolver.
+inline bool is_numeric_host(const std::string& host) {
+    std::string bare = host;
+    if (bare.size() > 2 && bare.front() == '[' && bare.back() == ']')
+        bare = bare.substr(1, bare.size() - 2);
+    unsigned char address[sizeof(in6_addr)];
+    return ::inet_pton(AF_INET, bare.c_str(), address) == 1 ||
+           ::inet_pton(AF_INET6, bare.c_str(), address) == 1;
+}
+
+// The system's resolver: an IPv4 address when the name has one (the services asked listen on
+// 127.0.0.1 by default, and "localhost" may list ::1 first), else an IPv6 one; "" for none.
+inline std::string resolve_with_getaddrinfo(const std::string& host) {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* found = nullptr;
+    if (::getaddrinfo(host.c_str(), nullptr, &hints, &found) != 0 || !found) return {};
+    const addrinfo* chosen = nullptr;
+    for (const addrinfo* entry = found; entry; entry = entry->ai_next) {
+        if (entry->ai_family == AF_INET) {
+            chosen = entry;
+            break;
+        }
+        if (entry->ai_family == AF_INET6 && !chosen) chosen = entry;
+    }
+    char text[INET6_ADDRSTRLEN] = {};
+    bool ok = false;
+    if (chosen && chosen->ai_family == AF_INET)
+        ok = ::inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(chosen->ai_addr)->sin_addr,
+                         text, sizeof text) != nullptr;
+    else if (chosen)
+        ok = ::inet_ntop(AF_INET6,
+                         &reinterpret_cast<const sockaddr_in6*>(chosen->ai_addr)->sin6_addr, text,
+                         sizeof text) != nullptr;
+    ::freeaddrinfo(found);
+    return ok ? std::string(text) : std::string();
+}
+
+// Runs `resolve(host)` on a thread of its own and waits at most `within`: a resolver that is still
+// running then is left to finish alone (it owns what it touches). The address, or why not.
+struct Resolved {
+    std::string address;
+    std::string error;
+};
+
+inline Resolved resolve_within(const std::function<std::string(const std::string&)>& resolve,
+                               const std::string& host, std::chrono::microseconds within) {
+    struct Shared {
+        std::mutex mutex;
+        std::condition_variable done;
+        bool finished = false;
+        Resolved result;
+    };
+    auto shared = std::make_shared<Shared>();
+    try {
+        std::thread([shared, resolve, host] {
+            Resolved result;
+            try {
+                result.address = resolve ? resolve(host) : resolve_with_getaddrinfo(host);
+                if (result.address.empty()) result.error = "\"" + host + "\" does not resolve";
+            } catch (const std::exception& error) {
+                result.error = "resolving \"" + host + "\" failed: " + shorten(error.what());
+            } catch (...) {
+                result.error = "resolving \"" + host + "\" failed";
+            }
+            std::lock_guard<std::mutex> lock(shared->mutex);
+            shared->result = std::move(result);
+            shared->finished = true;
+            shared->done.notify_all();
+        }).detach();
+    } catch (const std::system_error& error) {
+        return {{}, "cannot start a thread to resolve \"" + host + "\": " + error.what()};
+    }
+    std::unique_lock<std::mutex> lock(shared->mutex);
+    if (!shared->done.wait_for(lock, within, [&] { return shared->finished; }))
+        return {{},
+                "resolving \"" + host + "\" took over " +
+                    std::to_string(
+                        std::chrono::duration_cast<std::chrono::milliseconds>(within).count()) +
+                    " ms"};
+    return shared->result;
+}
+
 // What one HTTP call got: a status and a body, or why not.
 struct HttpAnswer {
     int status = 0;
@@ -229,24 +328,10 @@ class HttpCalls {
     HttpAnswer call(const char* method, const std::string& path, const nlohmann::json* body) {
         HttpAnswer answer;
         const auto started = std::chrono::steady_clock::now();
-        const auto left =
-            std::chrono::duration_cast<std::chrono::microseconds>(deadline_ - started);
-        if (left.count() <= 0) {
-            answer.error = "no time left for " + std::string(method) + " " + path + " (timeout " +
-                           std::to_string(to_ms(budget_)) + " ms)";
-            return answer;
-        }
+        const auto left = time_left_from(started);
         httplib::Client client(url_.origin());
-        if (!client.is_valid()) {
-            answer.error = "cannot make a client for " + url_.origin();
-            return answer;
-        }
-        client.set_connection_timeout(std::min<std::chrono::microseconds>(
-            left, std::chrono::duration_cast<std::chrono::microseconds>(options_.connect_timeout)));
-        client.set_read_timeout(left);
-        client.set_write_timeout(left);
-        client.set_keep_alive(false);
-        if (!options_.bearer_token.empty()) client.set_bearer_token_auth(options_.bearer_token);
+        answer.error = prepare(client, method, path);
+        if (!answer.error.empty()) return answer;
         const std::string target = url_.prefix + path;
         httplib::Result result =
             body ? client.Post(target, body->is_null() ? std::string() : body->dump(),
@@ -266,6 +351,40 @@ class HttpCalls {
             answer.error = std::string(method) + " " + path + ": HTTP " +
                            std::to_string(answer.status) + error_message(answer.body);
         return answer;
+    }
+
+    std::chrono::microseconds time_left_from(std::chrono::steady_clock::time_point now) const {
+        return std::chrono::duration_cast<std::chrono::microseconds>(deadline_ - now);
+    }
+
+    // Resolves the host within the time left (httplib's own lookup has no timeout) and bounds the
+    // client's connect, write and read by what is left after: "", or why the call cannot be made.
+    std::string prepare(httplib::Client& client, const char* method,
+                        const std::string& path) const {
+        if (time_left_from(std::chrono::steady_clock::now()).count() <= 0)
+            return no_time_left(method, path);
+        if (!client.is_valid()) return "cannot make a client for " + url_.origin();
+        if (!is_numeric_host(url_.host)) {
+            const Resolved resolved = resolve_within(
+                options_.resolve, url_.host, time_left_from(std::chrono::steady_clock::now()));
+            if (!resolved.error.empty())
+                return std::string(method) + " " + path + ": " + resolved.error;
+            client.set_hostname_addr_map({{url_.host, resolved.address}});
+        }
+        const auto left = time_left_from(std::chrono::steady_clock::now());
+        if (left.count() <= 0) return no_time_left(method, path);
+        client.set_connection_timeout(std::min<std::chrono::microseconds>(
+            left, std::chrono::duration_cast<std::chrono::microseconds>(options_.connect_timeout)));
+        client.set_read_timeout(left);
+        client.set_write_timeout(left);
+        client.set_keep_alive(false);
+        if (!options_.bearer_token.empty()) client.set_bearer_token_auth(options_.bearer_token);
+        return {};
+    }
+
+    std::string no_time_left(const char* method, const std::string& path) const {
+        return "no time left for " + std::string(method) + " " + path + " (timeout " +
+               std::to_string(to_ms(budget_)) + " ms)";
     }
 
     static std::string failure_text(httplib::Error error, bool out_of_time) {

@@ -12,7 +12,10 @@
 #include "guard_fixture.hpp"
 
 #include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -347,6 +350,74 @@ TEST_F(PeersHttpTest, TheBearerTokenIsSentWhenConfigured) {
     ASSERT_EQ(seen.size(), 2u);
     EXPECT_EQ(seen[0].authorization, "");
     EXPECT_EQ(seen[1].authorization, "Bearer s3cret");
+}
+
+// ---- host names: resolved within the request's time ------------------------------------------
+
+TEST_F(PeersHttpTest, AHostNameIsResolvedAndTheCallReachesTheService) {
+    FakeVramguard server(device);
+    server.hold(2_GiB, 100);
+    server.start();
+    // The system's resolver: "localhost" is in every /etc/hosts, as 127.0.0.1 (and maybe ::1
+    // first).
+    const PeerReply by_system =
+        peers::make_http_peer("vramguard", at("http://localhost:" + std::to_string(server.port())))
+            ->ask(asking(1_GiB), Ask::unload);
+    EXPECT_EQ(by_system.answer, PeerAnswer::freed) << describe(by_system);
+    // A resolver of one's own (service discovery): the name it is given is the URL's.
+    server.hold(2_GiB, 100);
+    HttpPeerOptions options = at("http://gpu-peer.test:" + std::to_string(server.port()));
+    std::vector<std::string> asked;
+    options.resolve = [&asked](const std::string& host) {
+        asked.push_back(host);
+        return std::string("127.0.0.1");
+    };
+    const PeerReply by_hook =
+        peers::make_http_peer("vramguard", options)->ask(asking(1_GiB), Ask::unload);
+    EXPECT_EQ(by_hook.answer, PeerAnswer::freed) << describe(by_hook);
+    EXPECT_EQ(asked, std::vector<std::string>{"gpu-peer.test"});
+}
+
+TEST_F(PeersHttpTest, AResolverThatHangsCostsTheRequestItsTimeoutNotTheResolvers) {
+    // A DNS server that does not answer holds getaddrinfo for its own timeout (5 s per attempt by
+    // default): here a resolver that waits until the test lets it go.
+    struct Gate {
+        std::mutex mutex;
+        std::condition_variable opened;
+        bool open = false;
+    };
+    auto gate = std::make_shared<Gate>();
+    HttpPeerOptions options = at("http://stuck-dns.test:9");
+    options.resolve = [gate](const std::string&) {
+        std::unique_lock<std::mutex> lock(gate->mutex);
+        gate->opened.wait(lock, [&] { return gate->open; });
+        return std::string("127.0.0.1");
+    };
+    const auto start = std::chrono::steady_clock::now();
+    const PeerReply reply =
+        peers::make_http_peer("ollama", options)->ask(asking(1_GiB, 300ms), Ask::unload);
+    const double took = seconds_since(start);
+    {
+        std::lock_guard<std::mutex> lock(gate->mutex);
+        gate->open = true;
+    }
+    gate->opened.notify_all();
+    EXPECT_GE(took, 0.25);
+    EXPECT_LT(took, 0.3 + 0.7) << "the timeout plus slack for a loaded machine";
+    EXPECT_EQ(reply.answer, PeerAnswer::error);
+    EXPECT_TRUE(has(reply.detail, "resolving \"stuck-dns.test\" took over")) << reply.detail;
+}
+
+TEST_F(PeersHttpTest, ANameThatDoesNotResolveIsAnErrorThatSaysSo) {
+    HttpPeerOptions options = at("http://nowhere.test:9");
+    options.resolve = [](const std::string&) { return std::string(); };
+    EXPECT_EQ(describe(peers::make_http_peer("ollama", options)->ask(asking(1_GiB), Ask::unload)),
+              "error: GET /api/ps: \"nowhere.test\" does not resolve");
+    options.resolve = [](const std::string&) -> std::string {
+        throw std::runtime_error("no route to the DNS server");
+    };
+    EXPECT_EQ(describe(peers::make_http_peer("ollama", options)->ask(asking(1_GiB), Ask::unload)),
+              "error: GET /api/ps: resolving \"nowhere.test\" failed: no route to the DNS server");
 }
 
 // ---- configuration and parsing -----------------------------------------------------------------
