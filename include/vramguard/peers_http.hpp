@@ -35,6 +35,7 @@
 #pragma once
 
 #include <vramguard/clock.hpp>
+#include <vramguard/detail/detached_call.hpp>
 #include <vramguard/memory.hpp>
 #include <vramguard/peer.hpp>
 #include <vramguard/version.hpp>
@@ -51,15 +52,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <condition_variable>
 #include <exception>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -251,49 +249,43 @@ inline std::string resolve_with_getaddrinfo(const std::string& host) {
     return ok ? std::string(text) : std::string();
 }
 
-// Runs `resolve(host)` on a thread of its own and waits at most `within`: a resolver that is still
-// running then is left to finish alone (it owns what it touches). The address, or why not.
+// Runs `resolve(host)` on a thread of its own and waits for it at most `within`: a resolver that
+// is still running then is left to finish alone. The address, or why not.
 struct Resolved {
     std::string address;
     std::string error;
 };
 
+inline Resolved resolve_now(const std::function<std::string(const std::string&)>& resolve,
+                            const std::string& host) noexcept {
+    Resolved result;
+    try {
+        result.address = resolve ? resolve(host) : resolve_with_getaddrinfo(host);
+        if (result.address.empty()) result.error = "\"" + host + "\" does not resolve";
+    } catch (const std::exception& error) {
+        result.error = "resolving \"" + host + "\" failed: " + shorten(error.what());
+    } catch (...) {
+        result.error = "resolving \"" + host + "\" failed";
+    }
+    return result;
+}
+
 inline Resolved resolve_within(const std::function<std::string(const std::string&)>& resolve,
                                const std::string& host, std::chrono::microseconds within) {
-    struct Shared {
-        std::mutex mutex;
-        std::condition_variable done;
-        bool finished = false;
-        Resolved result;
-    };
-    auto shared = std::make_shared<Shared>();
+    std::optional<Resolved> resolved;
     try {
-        std::thread([shared, resolve, host] {
-            Resolved result;
-            try {
-                result.address = resolve ? resolve(host) : resolve_with_getaddrinfo(host);
-                if (result.address.empty()) result.error = "\"" + host + "\" does not resolve";
-            } catch (const std::exception& error) {
-                result.error = "resolving \"" + host + "\" failed: " + shorten(error.what());
-            } catch (...) {
-                result.error = "resolving \"" + host + "\" failed";
-            }
-            std::lock_guard<std::mutex> lock(shared->mutex);
-            shared->result = std::move(result);
-            shared->finished = true;
-            shared->done.notify_all();
-        }).detach();
-    } catch (const std::system_error& error) {
+        const vramguard::detail::DetachedCall<Resolved> call(
+            [resolve, host] { return resolve_now(resolve, host); });
+        resolved = call.wait_for(within);
+    } catch (const std::exception& error) {
         return {{}, "cannot start a thread to resolve \"" + host + "\": " + error.what()};
     }
-    std::unique_lock<std::mutex> lock(shared->mutex);
-    if (!shared->done.wait_for(lock, within, [&] { return shared->finished; }))
-        return {{},
-                "resolving \"" + host + "\" took over " +
-                    std::to_string(
-                        std::chrono::duration_cast<std::chrono::milliseconds>(within).count()) +
-                    " ms"};
-    return shared->result;
+    if (resolved) return std::move(*resolved);
+    return {
+        {},
+        "resolving \"" + host + "\" took over " +
+            std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(within).count()) +
+            " ms"};
 }
 
 // What one HTTP call got: a status and a body, or why not.

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <vramguard/clock.hpp>
+#include <vramguard/detail/detached_call.hpp>
 #include <vramguard/memory.hpp>
 #include <vramguard/model_slot.hpp>
 #include <vramguard/peer.hpp>
@@ -15,7 +16,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -24,7 +24,6 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -131,31 +130,15 @@ inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
 // more than it. Such a call is left to finish on its own; it owns what it uses.
 inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequest& request,
                                     const ClockFn& clock, const SleepFn& sleep, Duration slice) {
-    struct Pending {
-        std::mutex mutex;
-        std::condition_variable cv;
-        bool done = false;
-        PeerReply reply;
-    };
-    auto pending = std::make_shared<Pending>();
+    std::optional<DetachedCall<PeerReply>> call;
     try {
-        std::thread([peer, request, pending] {
-            PeerReply reply = call_peer(*peer, request);
-            std::lock_guard<std::mutex> lock(pending->mutex);
-            pending->reply = std::move(reply);
-            pending->done = true;
-            pending->cv.notify_all();
-        }).detach();
+        call.emplace([peer, request] { return call_peer(*peer, request); });
     } catch (const std::exception& e) {
         return PeerReply::error(std::string("could not start the call: ") + e.what());
     }
     for (;;) {
         const TimePoint before = clock();
-        {
-            std::unique_lock<std::mutex> lock(pending->mutex);
-            if (pending->cv.wait_for(lock, slice, [&] { return pending->done; }))
-                return pending->reply;
-        }
+        if (std::optional<PeerReply> reply = call->wait_for(slice)) return std::move(*reply);
         const TimePoint now = clock();
         if (now >= request.deadline)
             return PeerReply::error(

@@ -6963,9 +6963,65 @@ VRAMGUARD_END_NAMESPACE
 // remembers the answers for refusals and status(); the registry orchestrates.
 
 
-#include <algorithm>
+// ---- begin <vramguard/detail/detached_call.hpp> ----
+// A call that may hang (a peer's relieve(), a DNS lookup) run on a thread of its own, detached:
+// the caller waits for it as long as its own deadline allows and then leaves it to finish alone.
+// The thread owns what it uses (the call's captures and the shared result), so a call that ends
+// after its caller gave up touches nothing the caller still holds.
+
+
 #include <chrono>
 #include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+template <class Result>
+class DetachedCall {
+   public:
+    // Starts `call` (no arguments, returns Result, must not throw) on its own thread. Throws
+    // std::system_error when no thread can be started.
+    template <class Call>
+    explicit DetachedCall(Call call) : state_(std::make_shared<State>()) {
+        std::thread([state = state_, call = std::move(call)]() mutable {
+            Result result = call();
+            std::lock_guard<std::mutex> lock(state->mutex);
+            state->result = std::move(result);
+            state->done = true;
+            state->finished.notify_all();
+        }).detach();
+    }
+
+    // The result when the call has finished within `wait` (real time), else nothing.
+    template <class Rep, class Period>
+    std::optional<Result> wait_for(std::chrono::duration<Rep, Period> wait) const {
+        std::unique_lock<std::mutex> lock(state_->mutex);
+        if (!state_->finished.wait_for(lock, wait, [this] { return state_->done; }))
+            return std::nullopt;
+        return state_->result;
+    }
+
+   private:
+    struct State {
+        std::mutex mutex;
+        std::condition_variable finished;
+        bool done = false;
+        Result result{};
+    };
+    std::shared_ptr<State> state_;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/detached_call.hpp> ----
+
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -6974,7 +7030,6 @@ VRAMGUARD_END_NAMESPACE
 #include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -7081,31 +7136,15 @@ inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
 // more than it. Such a call is left to finish on its own; it owns what it uses.
 inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequest& request,
                                     const ClockFn& clock, const SleepFn& sleep, Duration slice) {
-    struct Pending {
-        std::mutex mutex;
-        std::condition_variable cv;
-        bool done = false;
-        PeerReply reply;
-    };
-    auto pending = std::make_shared<Pending>();
+    std::optional<DetachedCall<PeerReply>> call;
     try {
-        std::thread([peer, request, pending] {
-            PeerReply reply = call_peer(*peer, request);
-            std::lock_guard<std::mutex> lock(pending->mutex);
-            pending->reply = std::move(reply);
-            pending->done = true;
-            pending->cv.notify_all();
-        }).detach();
+        call.emplace([peer, request] { return call_peer(*peer, request); });
     } catch (const std::exception& e) {
         return PeerReply::error(std::string("could not start the call: ") + e.what());
     }
     for (;;) {
         const TimePoint before = clock();
-        {
-            std::unique_lock<std::mutex> lock(pending->mutex);
-            if (pending->cv.wait_for(lock, slice, [&] { return pending->done; }))
-                return pending->reply;
-        }
+        if (std::optional<PeerReply> reply = call->wait_for(slice)) return std::move(*reply);
         const TimePoint now = clock();
         if (now >= request.deadline)
             return PeerReply::error(
