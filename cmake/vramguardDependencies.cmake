@@ -168,11 +168,34 @@ function(vramguard_find_spdlog)
     endif()
 endfunction()
 
-# cpp-httplib and nlohmann/json, for vramguard::peers (include/vramguard/peers_http.hpp). The same
-# search as examples/torch_server/dependencies.cmake, which finds the same target afterwards:
-# cpp-httplib's CMake package where it was installed from source, else Debian's pkg-config file
+# cpp-httplib: its CMake package where it was installed from source, else Debian's pkg-config file
 # (libcpp-httplib-dev 0.11 is a compiled library, -lcpp-httplib, and its .pc carries the
 # CPPHTTPLIB_OPENSSL/ZLIB/BROTLI_SUPPORT defines the headers must be compiled with). Sets
+# <out_var> to the target (httplib::httplib or PkgConfig::VRAMGUARD_HTTPLIB), or to "". The
+# pkg-config target is GLOBAL and a second call finds the first one's target: vramguard::peers,
+# examples/ and tests/ (examples/torch_server/dependencies.cmake) link the same one.
+function(vramguard_find_httplib out_var)
+    if(NOT TARGET httplib::httplib AND NOT TARGET PkgConfig::VRAMGUARD_HTTPLIB)
+        find_package(httplib CONFIG QUIET)
+    endif()
+    if(TARGET httplib::httplib)
+        set(${out_var} httplib::httplib PARENT_SCOPE)
+        return()
+    endif()
+    if(NOT TARGET PkgConfig::VRAMGUARD_HTTPLIB)
+        find_package(PkgConfig QUIET)
+        if(PKG_CONFIG_FOUND)
+            pkg_check_modules(VRAMGUARD_HTTPLIB QUIET IMPORTED_TARGET GLOBAL cpp-httplib)
+        endif()
+    endif()
+    if(TARGET PkgConfig::VRAMGUARD_HTTPLIB)
+        set(${out_var} PkgConfig::VRAMGUARD_HTTPLIB PARENT_SCOPE)
+    else()
+        set(${out_var} "" PARENT_SCOPE)
+    endif()
+endfunction()
+
+# cpp-httplib and nlohmann/json, for vramguard::peers (include/vramguard/peers_http.hpp). Sets
 # VRAMGUARD_HAS_HTTP_PEERS and VRAMGUARD_HTTP_PEERS_LIBS (the httplib target and
 # nlohmann_json::nlohmann_json), and VRAMGUARD_HTTP_PEERS_HTTPLIB (which httplib target: the
 # package config file finds the same one for a consumer).
@@ -183,24 +206,7 @@ function(vramguard_find_http_peers)
     if(NOT VRAMGUARD_USE_HTTP_PEERS_IF_AVAILABLE AND NOT VRAMGUARD_REQUIRE_HTTP_PEERS)
         return()
     endif()
-    set(httplib_target "")
-    if(NOT TARGET httplib::httplib AND NOT TARGET PkgConfig::VRAMGUARD_HTTPLIB)
-        find_package(httplib CONFIG QUIET)
-    endif()
-    if(TARGET httplib::httplib)
-        set(httplib_target httplib::httplib)
-    else()
-        if(NOT TARGET PkgConfig::VRAMGUARD_HTTPLIB)
-            find_package(PkgConfig QUIET)
-            if(PKG_CONFIG_FOUND)
-                # GLOBAL: examples/ and tests/ (and torch_server's own search) see the same target.
-                pkg_check_modules(VRAMGUARD_HTTPLIB QUIET IMPORTED_TARGET GLOBAL cpp-httplib)
-            endif()
-        endif()
-        if(TARGET PkgConfig::VRAMGUARD_HTTPLIB)
-            set(httplib_target PkgConfig::VRAMGUARD_HTTPLIB)
-        endif()
-    endif()
+    vramguard_find_httplib(httplib_target)
     if(NOT TARGET nlohmann_json::nlohmann_json)
         find_package(nlohmann_json 3 CONFIG QUIET)
     endif()

@@ -11,22 +11,8 @@
 # without it the server builds and /metrics answers 404 saying why. vramguard::peers (the HTTP
 # peer adapters, for --peer) is linked where the top level defined it.
 function(vramguard_torch_server_dependencies out_var)
-    # cpp-httplib: its CMake package where installed from source; Debian's libcpp-httplib-dev
-    # ships only a pkg-config file (and a compiled libcpp-httplib.so, whose -D flags the headers
-    # must be compiled with: pkg-config carries them).
-    set(httplib_target "")
-    find_package(httplib CONFIG QUIET)
-    if(TARGET httplib::httplib)
-        set(httplib_target httplib::httplib)
-    else()
-        find_package(PkgConfig QUIET)
-        if(PKG_CONFIG_FOUND)
-            pkg_check_modules(VRAMGUARD_HTTPLIB QUIET IMPORTED_TARGET cpp-httplib)
-            if(TARGET PkgConfig::VRAMGUARD_HTTPLIB)
-                set(httplib_target PkgConfig::VRAMGUARD_HTTPLIB)
-            endif()
-        endif()
-    endif()
+    # cpp-httplib, found as vramguard::peers finds it (cmake/vramguardDependencies.cmake).
+    vramguard_find_httplib(httplib_target)
     find_package(nlohmann_json 3 CONFIG QUIET)
     set(metrics_target "")
     find_package(prometheus-cpp CONFIG QUIET)

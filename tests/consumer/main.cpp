@@ -14,6 +14,12 @@
 #if defined(VRAMGUARD_CONSUMER_EXPECT_TORCH) && !defined(VRAMGUARD_WITH_TORCH)
 #error "vramguard::torch did not define VRAMGUARD_WITH_TORCH"
 #endif
+#if defined(VRAMGUARD_CONSUMER_EXPECT_PEERS)
+#if !defined(VRAMGUARD_WITH_HTTP_PEERS)
+#error "vramguard::peers did not define VRAMGUARD_WITH_HTTP_PEERS"
+#endif
+#include <vramguard/peers_http.hpp>
+#endif
 
 int main() {
     const std::string text = vramguard::format_bytes(6ull << 30);
@@ -23,5 +29,13 @@ int main() {
         std::fprintf(stderr, "expected \"6.00 GiB\", got \"%s\"\n", text.c_str());
         return 1;
     }
+#if defined(VRAMGUARD_CONSUMER_EXPECT_PEERS)
+    // Compiled with cpp-httplib's flags and linked with its library, as the component promises.
+    const auto peer = vramguard::peers::parse_http_peer("ollama=http://127.0.0.1:11434");
+    if (peer->name() != "ollama@127.0.0.1:11434") {
+        std::fprintf(stderr, "unexpected peer name \"%s\"\n", peer->name().c_str());
+        return 1;
+    }
+#endif
     return 0;
 }
