@@ -174,7 +174,8 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
     // Takes a lease, loading the model first when absent. When several threads acquire an absent
     // model at once, one runs the load and the others wait for it; if that load throws, every
     // waiter of that load gets the same exception (a load that just failed would most likely fail
-    // again, and N sequential failures would cost N loader calls and N rejections).
+    // again, and N sequential failures would cost N loader calls and N rejections), even when it
+    // wakes only after other loads and unloads have come and gone.
     void* acquire_lease() {
         std::unique_lock<std::mutex> lock(mutex_);
         for (;;) {
@@ -191,47 +192,59 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
                     "', which is not loaded (" + to_string(state_) +
                     "): loads take turns, so it would wait for itself. Acquire it before, not "
                     "inside, the loader.");
-            if (state_ == ModelState::loading || state_ == ModelState::unloading) {
-                const bool waiting_for_load = state_ == ModelState::loading;
-                const std::uint64_t generation = load_generation_;
-                cv_.wait(lock, [&] {
-                    return state_ == ModelState::loaded || state_ == ModelState::unloaded;
-                });
-                if (waiting_for_load && state_ == ModelState::unloaded &&
-                    failed_generation_ == generation)
-                    std::rethrow_exception(last_error_);
+            if (state_ == ModelState::loading) {
+                const std::shared_ptr<LoadAttempt> attempt = load_attempt_;
+                cv_.wait(lock, [&] { return attempt->done; });
+                if (attempt->error) std::rethrow_exception(attempt->error);
+                continue;
+            }
+            if (state_ == ModelState::unloading) {
+                cv_.wait(lock, [&] { return state_ != ModelState::unloading; });
                 continue;
             }
             // Unloaded: this thread loads.
             if (owner_ == nullptr)
                 throw std::logic_error("vramguard::ModelSlot::acquire: model '" + name_ +
                                        "' belongs to a ModelRegistry that no longer exists");
-            SlotOwner* owner = owner_;
-            state_ = ModelState::loading;
-            const std::uint64_t generation = ++load_generation_;
-            lock.unlock();
-            try {
-                return owner->load_model(*this);  // published by commit_load
-            } catch (...) {
-                lock.lock();
-                state_ = ModelState::unloaded;
-                failed_generation_ = generation;
-                last_error_ = std::current_exception();
-                cv_.notify_all();
-                throw;
-            }
+            return load_here(lock);
         }
     }
 
    private:
     friend struct SlotAccess;
 
+    // One load and whoever waits for it: its outcome stays with it, not with the slot, which may
+    // have seen other loads and unloads by the time a waiter wakes.
+    struct LoadAttempt {
+        bool done = false;
+        std::exception_ptr error;  // what the load threw (null: it committed)
+    };
+
+    // Runs the load with the slot marked loading (`lock` held on entry, released during the load).
+    void* load_here(std::unique_lock<std::mutex>& lock) {
+        auto attempt = std::make_shared<LoadAttempt>();
+        SlotOwner* owner = owner_;
+        state_ = ModelState::loading;
+        load_attempt_ = attempt;
+        lock.unlock();
+        try {
+            return owner->load_model(*this);  // published by commit_load
+        } catch (...) {
+            lock.lock();
+            state_ = ModelState::unloaded;
+            attempt->error = std::current_exception();
+            attempt->done = true;
+            cv_.notify_all();
+            throw;
+        }
+    }
+
     // The loaded model, with the loader's lease: the slot counts as loaded from here on.
     void* commit_load(LoadedModel loaded, TimePoint now) {
         std::lock_guard<std::mutex> lock(mutex_);
         model_ = std::move(loaded.model);
         bytes_ = loaded.bytes;
-        last_error_ = nullptr;  // nobody waits for that failure any more
+        if (load_attempt_) load_attempt_->done = true;
         last_used_ = now;
         state_ = ModelState::loaded;
         ++leases_;
@@ -358,9 +371,7 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
     std::uint64_t bytes_ = 0;
     TimePoint last_used_{};
     std::shared_ptr<void> model_;
-    std::uint64_t load_generation_ = 0;
-    std::uint64_t failed_generation_ = 0;
-    std::exception_ptr last_error_;
+    std::shared_ptr<LoadAttempt> load_attempt_;  // the load in progress, or the last one
 };
 
 // The registry's and the lease's way in to what a slot keeps private from its users.
