@@ -249,13 +249,13 @@ inline std::string resolve_with_getaddrinfo(const std::string& host) {
     return ok ? std::string(text) : std::string();
 }
 
-// Runs `resolve(host)` on a thread of its own and waits for it at most `within`: a resolver that
-// is still running then is left to finish alone. The address, or why not.
+// A host's numeric address, or why there is none.
 struct Resolved {
     std::string address;
     std::string error;
 };
 
+// `resolve(host)`, or the system's resolver when it is empty, on this thread; never throws.
 inline Resolved resolve_now(const std::function<std::string(const std::string&)>& resolve,
                             const std::string& host) noexcept {
     Resolved result;
@@ -270,6 +270,8 @@ inline Resolved resolve_now(const std::function<std::string(const std::string&)>
     return result;
 }
 
+// resolve_now() on a thread of its own, waited for at most `within`: a resolver still running then
+// is left to finish alone (its thread owns copies of `resolve` and `host`).
 inline Resolved resolve_within(const std::function<std::string(const std::string&)>& resolve,
                                const std::string& host, std::chrono::microseconds within) {
     std::optional<Resolved> resolved;
