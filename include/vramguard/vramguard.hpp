@@ -30,5 +30,6 @@
 #include <vramguard/pressure.hpp>
 #include <vramguard/reaper.hpp>
 #include <vramguard/peer.hpp>
+#include <vramguard/protocol.hpp>
 #include <vramguard/relief.hpp>
 #include <vramguard/models.hpp>
