@@ -29,7 +29,6 @@ enum class EventKind {
     load_retry,      // a load ran out of memory; waiting for memory to retry it
     load_gave_up,    // a load ran out of memory on its last attempt: OomExhausted
     admission_wait,  // admission said no; waiting up to admission_wait
-    waited,          // a retry or an admission waited for memory
     rejected,        // admission refused: InsufficientMemory (its message says why)
     single_item,     // a chunk of one item went through the device's single-item turn
     grew,            // the batch limit grew (a probe up after successes, or memory came back)
@@ -56,7 +55,6 @@ struct Event {
 inline Level level_of(EventKind kind) noexcept {
     switch (kind) {
         case EventKind::oom_caught:
-        case EventKind::waited:
         case EventKind::rejected:
         case EventKind::single_item: return Level::debug;
         case EventKind::admission_wait:
@@ -75,7 +73,6 @@ inline std::atomic<std::uint64_t>* counter_for(detail::AtomicStats& stats,
         case EventKind::item_retry:
         case EventKind::item_exclusive:
         case EventKind::load_retry: return &stats.retries;
-        case EventKind::waited:
         case EventKind::admission_wait: return &stats.waits;
         case EventKind::rejected: return &stats.rejections;
         case EventKind::single_item: return &stats.single_item_calls;

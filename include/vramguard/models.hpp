@@ -23,7 +23,7 @@
 #include <vramguard/peer.hpp>
 #include <vramguard/policy.hpp>
 #include <vramguard/pressure.hpp>
-#include <vramguard/reaper.hpp>
+#include <vramguard/detail/reaper.hpp>
 #include <vramguard/relief.hpp>
 #include <vramguard/version.hpp>
 

@@ -506,6 +506,163 @@ inline bool failure_was_transient(const std::optional<OomReport>& report) noexce
            report->requested_bytes <= *report->free_bytes;
 }
 
+// The reading to distrust while waiting after an OOM: the one the failed work was planned or
+// admitted with, unless the failure was transient (then the same reading is to be trusted).
+inline std::optional<std::uint64_t> reading_to_distrust(const std::optional<OomReport>& report,
+                                                        std::uint64_t reading) noexcept {
+    if (failure_was_transient(report)) return std::nullopt;
+    return reading;
+}
+
+// An allocation larger than the whole device never succeeds: retrying it only wastes time.
+inline bool asks_more_than_the_device(const std::optional<OomReport>& report,
+                                      std::uint64_t total_bytes) noexcept {
+    return report && total_bytes > 0 && report->requested_bytes > total_bytes;
+}
+
+// ---- What a load run does after an OOM -------------------------------------------------------
+
+// The last attempt: out of attempts, or an allocation that can never succeed.
+inline bool load_gives_up(unsigned attempt, unsigned attempts, bool hopeless) noexcept {
+    return attempt >= attempts || hopeless;
+}
+
+// ---- What an encode run does next ------------------------------------------------------------
+//
+// The encode loop (detail/encode_run.hpp) only orchestrates: each chunk, each OOM and each
+// success is decided here, from plain facts it gathers.
+
+// The reserve an encode chunk leaves free: a fraction of what is free now (Options::
+// encode_reserve). Readings of a device that did not change wander by about as much, so the same
+// bytes are also the tolerance of "as much free memory" in plan_chunk.
+inline std::uint64_t encode_reserve_bytes(std::uint64_t free_bytes,
+                                          double reserve_fraction) noexcept {
+    return scale_bytes(free_bytes, reserve_fraction);
+}
+
+// Half a window of measurements teaches a key's model; after that one chunk in measure_every
+// keeps it fresh.
+inline bool in_learning_phase(unsigned measurements_taken) noexcept {
+    return measurements_taken < cost_window / 2;
+}
+
+struct ChunkFacts {
+    ChunkPlan plan;                 // plan_chunk's answer for the reading now
+    std::uint64_t retry_limit = 0;  // the size decided when the previous chunk ran out of memory
+    bool measures_peaks = false;    // the probe can measure a chunk
+    bool learning = false;          // in_learning_phase(measurements taken of the key)
+    unsigned chunk_number = 0;      // chunks planned since the learning phase ended
+    unsigned spoiled = 0;           // measurements of the key in a row that other runs overlapped
+    bool exclusive_held = false;    // this call holds the guard for an item retried alone
+};
+
+struct ChunkDecision {
+    std::uint64_t limit = 0;           // the limit that cuts the chunk (0 = none)
+    bool taught_by_oom = false;        // the limit comes from failures, not from the model alone
+    bool measure = false;              // read the chunk's peak (counted when it ran alone)
+    bool measure_exclusively = false;  // ... taking the guard for itself so that it runs alone
+};
+
+inline ChunkDecision decide_chunk(const ChunkFacts& facts) noexcept {
+    ChunkDecision decision;
+    decision.limit = facts.retry_limit != 0 ? facts.retry_limit : facts.plan.limit;
+    decision.taught_by_oom =
+        !facts.plan.from_model || facts.plan.bounded_by_failure || facts.retry_limit != 0;
+    decision.measure =
+        facts.measures_peaks && (facts.learning || facts.chunk_number % measure_every == 0);
+    // Chunks that always overlap others would never be measured alone: after a few spoiled
+    // measurements, the next measured chunk takes the guard for itself.
+    decision.measure_exclusively =
+        decision.measure && !facts.exclusive_held && facts.spoiled >= spoiled_before_exclusive;
+    return decision;
+}
+
+// Single items take turns (the device's single-item semaphore) only once OOMs taught that no two
+// fit: a plan of one item from the model alone runs beside the guard's other chunks.
+inline bool takes_turns(bool chunk_is_one_alone, const ChunkDecision& decision) noexcept {
+    return chunk_is_one_alone && decision.taught_by_oom;
+}
+
+// A chunk that ran out of memory cost at least the allocation that failed and, when it was
+// planned against a reading, more than was free then: a lower bound the model may use (0: none).
+// A transient failure says nothing about the cost.
+inline std::uint64_t oom_lower_bound(const std::optional<OomReport>& report,
+                                     bool planned_with_reading,
+                                     std::uint64_t planned_free) noexcept {
+    if (failure_was_transient(report)) return 0;
+    return std::max(planned_with_reading ? saturating_add(planned_free, 1) : 0,
+                    report ? report->requested_bytes : 0);
+}
+
+// When an item that ran out of memory alone is retried really alone: while other runs of the
+// guard held memory, the failure says nothing about the item, so it takes the guard for itself
+// (new runs wait, running ones finish) and is retried without counting the failure. Once.
+inline bool retry_exclusively(bool exclusive_held, bool others_running) noexcept {
+    return !exclusive_held && others_running;
+}
+
+enum class ItemOomStep {
+    retry_exclusively,  // take the guard for itself, retry at once, the failure not counted
+    give_up,            // OomExhausted naming the item
+    wait_for_memory,    // wait (bounded) for the failed request's bytes, then retry
+    pause,              // no numbers to wait for: one poll interval, then retry
+};
+
+struct ItemOomFacts {
+    bool exclusive_held = false;        // this call already holds the guard for the item
+    bool others_running = false;        // other runs of the guard hold memory now
+    unsigned item_failures = 0;         // counted failures of the item by itself, this one included
+    unsigned attempts = 0;              // Options::single_item_attempts
+    bool hopeless = false;              // asks_more_than_the_device
+    std::uint64_t requested_bytes = 0;  // what the failed allocation asked for (0: unknown)
+};
+
+inline ItemOomStep after_item_oom(const ItemOomFacts& facts) noexcept {
+    if (retry_exclusively(facts.exclusive_held, facts.others_running))
+        return ItemOomStep::retry_exclusively;
+    if (facts.item_failures >= facts.attempts || facts.hopeless) return ItemOomStep::give_up;
+    return facts.requested_bytes > 0 ? ItemOomStep::wait_for_memory : ItemOomStep::pause;
+}
+
+// What the fast path reads of a key to plan a chunk and to judge a success.
+struct PlanInputs {
+    CostModel model;
+    Evidence evidence;
+    std::uint64_t ceiling = 0;          // the OOM-learned ceiling (no model)
+    std::uint64_t largest_success = 0;  // the largest chunk that ran since the last failure
+};
+
+// A chunk that ran: its size as the learner counts it, the free memory it was planned with, and
+// whether the limit cut it.
+struct ChunkRan {
+    std::uint64_t size = 0;
+    std::uint64_t free_bytes = 0;
+    bool at_limit = false;
+    std::uint64_t limit = 0;     // the limit that cut it
+    bool measured_peak = false;  // its peak was measured (a sample)
+};
+
+// Whether a success teaches the key anything (else it is not recorded and takes no lock): a
+// sample, a limit that moved, a size larger (or as large with less memory) than any that ran, a
+// success at or above a known failure; without a model, a success at the OOM-learned ceiling or
+// above the largest success.
+inline bool success_teaches(const PlanInputs& known, std::uint64_t known_limit,
+                            const ChunkRan& ran) noexcept {
+    if (ran.measured_peak || (ran.at_limit && ran.limit != known_limit)) return true;
+    if (!known.model.known())
+        return ran.at_limit ? known.ceiling != 0 : ran.size > known.largest_success;
+    const Evidence& evidence = known.evidence;
+    return ran.size > evidence.ran_size ||
+           (ran.size == evidence.ran_size && ran.free_bytes < evidence.ran_free) ||
+           (evidence.failed_size != 0 && (ran.at_limit || ran.size >= evidence.failed_size));
+}
+
+// Growth worth an event: a model-planned limit more than an eighth above the last (less is the
+// jitter of a fit).
+inline bool limit_grew(bool from_model, std::uint64_t previous, std::uint64_t now) noexcept {
+    return from_model && previous != 0 && now > saturating_add(previous, previous / 8);
+}
+
 // ---- Recovery after an unload ----------------------------------------------------------------
 //
 // Freed VRAM shows up in the driver's report late. Ollama's rule: poll every 250 ms until 75 % of

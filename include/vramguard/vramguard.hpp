@@ -20,15 +20,12 @@
 #include <vramguard/system_memory.hpp>
 #include <vramguard/events.hpp>
 #include <vramguard/batch_view.hpp>
-#include <vramguard/key_memory.hpp>
 #include <vramguard/admission.hpp>
-#include <vramguard/encode_run.hpp>
 #include <vramguard/guard.hpp>
 #include <vramguard/host.hpp>
 #include <vramguard/model_slot.hpp>
 #include <vramguard/eviction.hpp>
 #include <vramguard/pressure.hpp>
-#include <vramguard/reaper.hpp>
 #include <vramguard/peer.hpp>
 #include <vramguard/protocol.hpp>
 #include <vramguard/relief.hpp>

@@ -1236,6 +1236,163 @@ inline bool failure_was_transient(const std::optional<OomReport>& report) noexce
            report->requested_bytes <= *report->free_bytes;
 }
 
+// The reading to distrust while waiting after an OOM: the one the failed work was planned or
+// admitted with, unless the failure was transient (then the same reading is to be trusted).
+inline std::optional<std::uint64_t> reading_to_distrust(const std::optional<OomReport>& report,
+                                                        std::uint64_t reading) noexcept {
+    if (failure_was_transient(report)) return std::nullopt;
+    return reading;
+}
+
+// An allocation larger than the whole device never succeeds: retrying it only wastes time.
+inline bool asks_more_than_the_device(const std::optional<OomReport>& report,
+                                      std::uint64_t total_bytes) noexcept {
+    return report && total_bytes > 0 && report->requested_bytes > total_bytes;
+}
+
+// ---- What a load run does after an OOM -------------------------------------------------------
+
+// The last attempt: out of attempts, or an allocation that can never succeed.
+inline bool load_gives_up(unsigned attempt, unsigned attempts, bool hopeless) noexcept {
+    return attempt >= attempts || hopeless;
+}
+
+// ---- What an encode run does next ------------------------------------------------------------
+//
+// The encode loop (detail/encode_run.hpp) only orchestrates: each chunk, each OOM and each
+// success is decided here, from plain facts it gathers.
+
+// The reserve an encode chunk leaves free: a fraction of what is free now (Options::
+// encode_reserve). Readings of a device that did not change wander by about as much, so the same
+// bytes are also the tolerance of "as much free memory" in plan_chunk.
+inline std::uint64_t encode_reserve_bytes(std::uint64_t free_bytes,
+                                          double reserve_fraction) noexcept {
+    return scale_bytes(free_bytes, reserve_fraction);
+}
+
+// Half a window of measurements teaches a key's model; after that one chunk in measure_every
+// keeps it fresh.
+inline bool in_learning_phase(unsigned measurements_taken) noexcept {
+    return measurements_taken < cost_window / 2;
+}
+
+struct ChunkFacts {
+    ChunkPlan plan;                 // plan_chunk's answer for the reading now
+    std::uint64_t retry_limit = 0;  // the size decided when the previous chunk ran out of memory
+    bool measures_peaks = false;    // the probe can measure a chunk
+    bool learning = false;          // in_learning_phase(measurements taken of the key)
+    unsigned chunk_number = 0;      // chunks planned since the learning phase ended
+    unsigned spoiled = 0;           // measurements of the key in a row that other runs overlapped
+    bool exclusive_held = false;    // this call holds the guard for an item retried alone
+};
+
+struct ChunkDecision {
+    std::uint64_t limit = 0;           // the limit that cuts the chunk (0 = none)
+    bool taught_by_oom = false;        // the limit comes from failures, not from the model alone
+    bool measure = false;              // read the chunk's peak (counted when it ran alone)
+    bool measure_exclusively = false;  // ... taking the guard for itself so that it runs alone
+};
+
+inline ChunkDecision decide_chunk(const ChunkFacts& facts) noexcept {
+    ChunkDecision decision;
+    decision.limit = facts.retry_limit != 0 ? facts.retry_limit : facts.plan.limit;
+    decision.taught_by_oom =
+        !facts.plan.from_model || facts.plan.bounded_by_failure || facts.retry_limit != 0;
+    decision.measure =
+        facts.measures_peaks && (facts.learning || facts.chunk_number % measure_every == 0);
+    // Chunks that always overlap others would never be measured alone: after a few spoiled
+    // measurements, the next measured chunk takes the guard for itself.
+    decision.measure_exclusively =
+        decision.measure && !facts.exclusive_held && facts.spoiled >= spoiled_before_exclusive;
+    return decision;
+}
+
+// Single items take turns (the device's single-item semaphore) only once OOMs taught that no two
+// fit: a plan of one item from the model alone runs beside the guard's other chunks.
+inline bool takes_turns(bool chunk_is_one_alone, const ChunkDecision& decision) noexcept {
+    return chunk_is_one_alone && decision.taught_by_oom;
+}
+
+// A chunk that ran out of memory cost at least the allocation that failed and, when it was
+// planned against a reading, more than was free then: a lower bound the model may use (0: none).
+// A transient failure says nothing about the cost.
+inline std::uint64_t oom_lower_bound(const std::optional<OomReport>& report,
+                                     bool planned_with_reading,
+                                     std::uint64_t planned_free) noexcept {
+    if (failure_was_transient(report)) return 0;
+    return std::max(planned_with_reading ? saturating_add(planned_free, 1) : 0,
+                    report ? report->requested_bytes : 0);
+}
+
+// When an item that ran out of memory alone is retried really alone: while other runs of the
+// guard held memory, the failure says nothing about the item, so it takes the guard for itself
+// (new runs wait, running ones finish) and is retried without counting the failure. Once.
+inline bool retry_exclusively(bool exclusive_held, bool others_running) noexcept {
+    return !exclusive_held && others_running;
+}
+
+enum class ItemOomStep {
+    retry_exclusively,  // take the guard for itself, retry at once, the failure not counted
+    give_up,            // OomExhausted naming the item
+    wait_for_memory,    // wait (bounded) for the failed request's bytes, then retry
+    pause,              // no numbers to wait for: one poll interval, then retry
+};
+
+struct ItemOomFacts {
+    bool exclusive_held = false;        // this call already holds the guard for the item
+    bool others_running = false;        // other runs of the guard hold memory now
+    unsigned item_failures = 0;         // counted failures of the item by itself, this one included
+    unsigned attempts = 0;              // Options::single_item_attempts
+    bool hopeless = false;              // asks_more_than_the_device
+    std::uint64_t requested_bytes = 0;  // what the failed allocation asked for (0: unknown)
+};
+
+inline ItemOomStep after_item_oom(const ItemOomFacts& facts) noexcept {
+    if (retry_exclusively(facts.exclusive_held, facts.others_running))
+        return ItemOomStep::retry_exclusively;
+    if (facts.item_failures >= facts.attempts || facts.hopeless) return ItemOomStep::give_up;
+    return facts.requested_bytes > 0 ? ItemOomStep::wait_for_memory : ItemOomStep::pause;
+}
+
+// What the fast path reads of a key to plan a chunk and to judge a success.
+struct PlanInputs {
+    CostModel model;
+    Evidence evidence;
+    std::uint64_t ceiling = 0;          // the OOM-learned ceiling (no model)
+    std::uint64_t largest_success = 0;  // the largest chunk that ran since the last failure
+};
+
+// A chunk that ran: its size as the learner counts it, the free memory it was planned with, and
+// whether the limit cut it.
+struct ChunkRan {
+    std::uint64_t size = 0;
+    std::uint64_t free_bytes = 0;
+    bool at_limit = false;
+    std::uint64_t limit = 0;     // the limit that cut it
+    bool measured_peak = false;  // its peak was measured (a sample)
+};
+
+// Whether a success teaches the key anything (else it is not recorded and takes no lock): a
+// sample, a limit that moved, a size larger (or as large with less memory) than any that ran, a
+// success at or above a known failure; without a model, a success at the OOM-learned ceiling or
+// above the largest success.
+inline bool success_teaches(const PlanInputs& known, std::uint64_t known_limit,
+                            const ChunkRan& ran) noexcept {
+    if (ran.measured_peak || (ran.at_limit && ran.limit != known_limit)) return true;
+    if (!known.model.known())
+        return ran.at_limit ? known.ceiling != 0 : ran.size > known.largest_success;
+    const Evidence& evidence = known.evidence;
+    return ran.size > evidence.ran_size ||
+           (ran.size == evidence.ran_size && ran.free_bytes < evidence.ran_free) ||
+           (evidence.failed_size != 0 && (ran.at_limit || ran.size >= evidence.failed_size));
+}
+
+// Growth worth an event: a model-planned limit more than an eighth above the last (less is the
+// jitter of a fit).
+inline bool limit_grew(bool from_model, std::uint64_t previous, std::uint64_t now) noexcept {
+    return from_model && previous != 0 && now > saturating_add(previous, previous / 8);
+}
+
 // ---- Recovery after an unload ----------------------------------------------------------------
 //
 // Freed VRAM shows up in the driver's report late. Ollama's rule: poll every 250 ms until 75 % of
@@ -3548,7 +3705,6 @@ enum class EventKind {
     load_retry,      // a load ran out of memory; waiting for memory to retry it
     load_gave_up,    // a load ran out of memory on its last attempt: OomExhausted
     admission_wait,  // admission said no; waiting up to admission_wait
-    waited,          // a retry or an admission waited for memory
     rejected,        // admission refused: InsufficientMemory (its message says why)
     single_item,     // a chunk of one item went through the device's single-item turn
     grew,            // the batch limit grew (a probe up after successes, or memory came back)
@@ -3575,7 +3731,6 @@ struct Event {
 inline Level level_of(EventKind kind) noexcept {
     switch (kind) {
         case EventKind::oom_caught:
-        case EventKind::waited:
         case EventKind::rejected:
         case EventKind::single_item: return Level::debug;
         case EventKind::admission_wait:
@@ -3594,7 +3749,6 @@ inline std::atomic<std::uint64_t>* counter_for(detail::AtomicStats& stats,
         case EventKind::item_retry:
         case EventKind::item_exclusive:
         case EventKind::load_retry: return &stats.retries;
-        case EventKind::waited:
         case EventKind::admission_wait: return &stats.waits;
         case EventKind::rejected: return &stats.rejections;
         case EventKind::single_item: return &stats.single_item_calls;
@@ -3736,193 +3890,54 @@ Padded<std::decay_t<W>> padded(W&& weight) {
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/batch_view.hpp> ----
 
-// ---- begin <vramguard/key_memory.hpp> ----
-// What a guard has learned about one key, shared by every thread using the key: for encodes, per
-// sizing mode (items, or weight units), the recent measured chunks and the cost model fitted to
-// them, the evidence of what ran and what failed, and (for probes that measure no peaks) the
-// ceiling learned from OOMs; for loads, the recent peaks. Changes happen under one mutex and are
-// published to atomics, which the fast path reads without the lock (a plan may then mix two
-// consecutive states, each field of which was true a moment ago).
+// ---- begin <vramguard/admission.hpp> ----
+// What one admission check saw and decided (Guard::admission(), the registry's load decisions).
+// The check itself, its waits and its refusal live in detail/admission_control.hpp.
 
 
-#include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <mutex>
-#include <vector>
 
 VRAMGUARD_BEGIN_NAMESPACE
-namespace detail {
 
-// What the fast path reads to plan a chunk.
-struct PlanInputs {
-    policy::CostModel model;
-    policy::Evidence evidence;
-    std::uint64_t ceiling = 0;          // the OOM-learned ceiling (no model)
-    std::uint64_t largest_success = 0;  // the largest chunk that ran since the last failure
+struct Admission {
+    bool admitted = false;
+    policy::Requirement requirement;
+    std::uint64_t margin_bytes = 0;
+    MemoryInfo memory;
 };
 
-// One sizing mode's learning. Every member but `published` is guarded by KeyMemory::mutex.
-struct SizeLearner {
-    std::vector<policy::CostSample> samples;  // oldest first, at most cost_window
-    std::vector<ProfileSample> unsaved;       // measured here, not yet in the profile
-    policy::CostModel model;
-    policy::Evidence evidence;
-    policy::CeilingState ceiling;
-    std::uint64_t cheapest_unit_bytes = 0;  // the lowest peak per unit in the window
-    std::uint64_t limit = 0;                // the latest limit that cut a chunk
-    std::uint64_t persisted_limit = 0;
-
-    struct Published {
-        std::atomic<std::uint64_t> fixed{0}, slope_bits{0}, costliest_bits{0}, samples{0},
-            upper_bound{0};
-        std::atomic<std::uint64_t> failed_size{0}, failed_free{0}, ran_size{0}, ran_free{0};
-        std::atomic<std::uint64_t> ceiling{0}, largest_success{0}, cheapest{0}, limit{0};
-        std::atomic<unsigned> spoiled{0};   // measurements in a row that another run overlapped
-        std::atomic<unsigned> measured{0};  // measurements taken, counted up to half a window
-        std::atomic<unsigned> chunks{0};    // chunks planned since, for one in measure_every
-    } published;
-
-    // `measured`: the chunk ran and its peak was read (else a lower bound from an OOM, which the
-    // model uses while it lasts but the profile does not keep: it is no size that ran).
-    void add_sample(const policy::CostSample& sample, std::uint64_t stamp, bool measured = true) {
-        if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
-        samples.push_back(sample);
-        if (measured) unsaved.push_back(ProfileSample{stamp, sample.size, sample.peak_bytes});
-        refit();
-    }
-
-    // Samples from a profile (oldest first). Each is also evidence: that size ran with at least
-    // its peak free, so the largest one is not planned below when that much is free again.
-    void seed(const std::vector<ProfileSample>& saved) {
-        for (const ProfileSample& s : saved) {
-            if (s.size == 0 || s.peak_bytes == 0) continue;
-            if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
-            samples.push_back(policy::CostSample{s.size, s.peak_bytes});
-            if (s.size > evidence.ran_size)
-                evidence.ran_size = s.size, evidence.ran_free = s.peak_bytes;
-        }
-        refit();
-    }
-
-    // The latest limit learned: the model's last plan that cut a chunk, or without a model the
-    // ceiling that ran (caller holds KeyMemory::mutex).
-    std::uint64_t learned_limit() const noexcept {
-        return model.known() ? limit : policy::learned(ceiling);
-    }
-
-    void refit() noexcept {
-        model = policy::fit_cost(samples, limit);
-        cheapest_unit_bytes = 0;
-        for (const policy::CostSample& s : samples) {
-            const std::uint64_t per_unit = s.peak_bytes / s.size + (s.peak_bytes % s.size != 0);
-            if (cheapest_unit_bytes == 0 || per_unit < cheapest_unit_bytes)
-                cheapest_unit_bytes = per_unit;
-        }
-    }
-
-    static std::uint64_t bits_of(double value) noexcept {
-        std::uint64_t bits = 0;
-        std::memcpy(&bits, &value, sizeof bits);
-        return bits;
-    }
-
-    void publish() noexcept {
-        const auto order = std::memory_order_release;
-        published.fixed.store(model.fixed_bytes, order);
-        published.slope_bits.store(bits_of(model.bytes_per_unit), order);
-        published.costliest_bits.store(bits_of(model.costliest_unit), order);
-        published.upper_bound.store(model.slope_is_upper_bound ? 1 : 0, order);
-        published.samples.store(model.samples, order);
-        published.failed_size.store(evidence.failed_size, order);
-        published.failed_free.store(evidence.failed_free, order);
-        published.ran_size.store(evidence.ran_size, order);
-        published.ran_free.store(evidence.ran_free, order);
-        published.ceiling.store(ceiling.ceiling, order);
-        published.largest_success.store(ceiling.largest_success, order);
-        published.cheapest.store(cheapest_unit_bytes, order);
-        published.limit.store(limit, order);
-    }
-
-    PlanInputs read() const noexcept {
-        const auto order = std::memory_order_acquire;
-        PlanInputs in;
-        in.model.samples = static_cast<std::size_t>(published.samples.load(order));
-        in.model.fixed_bytes = published.fixed.load(order);
-        const std::uint64_t slope_bits = published.slope_bits.load(order);
-        std::memcpy(&in.model.bytes_per_unit, &slope_bits, sizeof slope_bits);
-        in.model.slope_is_upper_bound = published.upper_bound.load(order) != 0;
-        const std::uint64_t costliest_bits = published.costliest_bits.load(order);
-        std::memcpy(&in.model.costliest_unit, &costliest_bits, sizeof costliest_bits);
-        in.evidence.failed_size = published.failed_size.load(order);
-        in.evidence.failed_free = published.failed_free.load(order);
-        in.evidence.ran_size = published.ran_size.load(order);
-        in.evidence.ran_free = published.ran_free.load(order);
-        in.ceiling = published.ceiling.load(order);
-        in.largest_success = published.largest_success.load(order);
-        return in;
-    }
-
-    // Whether a chunk of `size` that ran with `free` free would teach anything (else: no lock).
-    static bool success_teaches(const PlanInputs& in, std::uint64_t size, std::uint64_t free,
-                                bool at_limit) noexcept {
-        if (!in.model.known()) return at_limit ? in.ceiling != 0 : size > in.largest_success;
-        return size > in.evidence.ran_size ||
-               (size == in.evidence.ran_size && free < in.evidence.ran_free) ||
-               (in.evidence.failed_size != 0 && (at_limit || size >= in.evidence.failed_size));
-    }
-};
-
-struct KeyMemory {
-    std::mutex mutex;
-    SizeLearner items;
-    SizeLearner weight;
-    std::atomic<std::uint64_t> load_peak{0};  // highest recent peak of a load of this key
-
-    // Starts from the profile: its samples, or (a version 1 file) its highest peak per item as
-    // one sample of one item, an upper bound.
-    void seed(const Profile& profile) {
-        std::lock_guard<std::mutex> lock(mutex);
-        items.seed(profile.item_samples);
-        if (profile.item_samples.empty() && profile.peak_bytes_per_item > 0)
-            items.seed({ProfileSample{0, 1, profile.peak_bytes_per_item}});
-        weight.seed(profile.weight_samples);
-        seed_ceiling(items, profile.batch_ceiling);
-        seed_ceiling(weight, profile.weight_budget);
-        for (SizeLearner* learner : {&items, &weight}) {
-            learner->publish();
-            learner->published.measured.store(
-                static_cast<unsigned>(std::min(learner->samples.size(), policy::cost_window / 2)),
-                std::memory_order_relaxed);
-        }
-        load_peak.store(profile.peak_bytes, std::memory_order_relaxed);
-    }
-
-    // The latest limit learned, for learned_batch_ceiling() and learned_weight_budget().
-    std::uint64_t learned(bool weighted) {
-        std::lock_guard<std::mutex> lock(mutex);
-        return (weighted ? weight : items).learned_limit();
-    }
-
-   private:
-    // A ceiling saved by a previous run came from halving: twice it is assumed to have failed, so
-    // growth probes halfway there first instead of doubling straight into the same OOM.
-    static void seed_ceiling(SizeLearner& learner, std::uint64_t saved) {
-        learner.ceiling.ceiling = saved;
-        learner.ceiling.failed_at = saved == 0 ? 0 : policy::saturating_add(saved, saved);
-        learner.limit = learner.persisted_limit = saved;
-    }
-};
-
-}  // namespace detail
 VRAMGUARD_END_NAMESPACE
-// ---- end <vramguard/key_memory.hpp> ----
+// ---- end <vramguard/admission.hpp> ----
 
-// ---- begin <vramguard/admission.hpp> ----
-// Admission: whether work may start now (check, and reserve host-wide with a coordinator, in one
-// step), waiting for memory when allowed, refusing with InsufficientMemory otherwise; and the
-// waits for memory after an OOM or an unload. Every wait polls through the injected clock and
+// ---- begin <vramguard/guard.hpp> ----
+// Guard<Probe>: the facade users see. load() admits, measures and retries a model load; encode()
+// runs a batched computation in chunks planned from what the key costs and what is free, shrinking
+// on OOM down to single items. The per-device services live in one core (detail/guard_core.hpp);
+// each call is a run over it (detail/load_run.hpp, detail/encode_run.hpp) whose decisions are pure
+// functions in policy.hpp. One guard per device, shared by every thread that uses the device.
+
+
+// ---- begin <vramguard/detail/encode_run.hpp> ----
+// One encode call: its state (where it is in the input, the results so far, the retry in hand) in
+// one object, and a loop that only orchestrates: it gathers facts, asks policy:: what to do
+// (policy::decide_chunk, after_item_oom, success_teaches, ...), runs the chunk with the guard's
+// per-device services (GuardCore, received by reference) and records what happened in the key's
+// learner.
+
+
+// ---- begin <vramguard/detail/guard_core.hpp> ----
+// GuardCore<Probe>: the per-device services every load and encode run of a guard uses, in one
+// object the runs receive by reference: the probe and options, admission, the run tracker (who
+// else is running), the device's single-item turn, event publishing into the stats and the log,
+// and the key table (what was learned per key) with its persistence. Guard is the facade over it;
+// LoadRun (load_run.hpp) and EncodeRun (encode_run.hpp) orchestrate with it, and every decision
+// they take is a pure function in policy.hpp.
+
+
+// ---- begin <vramguard/detail/admission_control.hpp> ----
+// Admission control: whether work may start now (check, and reserve host-wide with a coordinator,
+// in one step), waiting for memory when allowed, refusing with InsufficientMemory otherwise; and
+// the waits for memory after an OOM or an unload. Every wait polls through the injected clock and
 // has a deadline.
 
 
@@ -3935,14 +3950,6 @@ VRAMGUARD_END_NAMESPACE
 #include <string>
 
 VRAMGUARD_BEGIN_NAMESPACE
-
-// What an admission check saw and decided.
-struct Admission {
-    bool admitted = false;
-    policy::Requirement requirement;
-    std::uint64_t margin_bytes = 0;
-    MemoryInfo memory;
-};
 
 namespace detail {
 
@@ -3957,7 +3964,6 @@ struct Admitted {
     std::unique_ptr<Hold> hold;
     policy::Requirement requirement;
     MemoryInfo memory;
-    bool went_ahead_unadmitted = false;  // refused, but go_ahead() said the memory is ours
 };
 
 template <class Probe>
@@ -3990,10 +3996,7 @@ class AdmissionControl {
         if (options_.admission_wait.count() > 0 &&
             wait_to_be_admitted(key, what, admitted, try_once))
             return admitted;
-        if (go_ahead()) {
-            admitted.went_ahead_unadmitted = true;
-            return admitted;
-        }
+        if (go_ahead()) return admitted;  // refused, but the memory missing is the guard's own
         reject(key, what, admitted.requirement, available, total, false);
     }
 
@@ -4112,13 +4115,184 @@ class AdmissionControl {
 
 }  // namespace detail
 VRAMGUARD_END_NAMESPACE
-// ---- end <vramguard/admission.hpp> ----
+// ---- end <vramguard/detail/admission_control.hpp> ----
 
-// ---- begin <vramguard/encode_run.hpp> ----
-// One encode call: its state (where it is in the input, the results so far, the retry in hand) in
-// one object, and a loop that only orchestrates: plan the chunk (policy::plan_chunk), run it,
-// record what happened (the key's learner), and on OOM ask policy:: for the retry.
+// ---- begin <vramguard/detail/key_memory.hpp> ----
+// What a guard has learned about one key, shared by every thread using the key: for encodes, per
+// sizing mode (items, or weight units), the recent measured chunks and the cost model fitted to
+// them, the evidence of what ran and what failed, and (for probes that measure no peaks) the
+// ceiling learned from OOMs; for loads, the recent peaks. Changes happen under one mutex and are
+// published to atomics, which the fast path reads without the lock (a plan may then mix two
+// consecutive states, each field of which was true a moment ago).
 
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+using policy::PlanInputs;
+
+// One sizing mode's learning. Every member but `published` is guarded by KeyMemory::mutex.
+struct SizeLearner {
+    std::vector<policy::CostSample> samples;  // oldest first, at most cost_window
+    std::vector<ProfileSample> unsaved;       // measured here, not yet in the profile
+    policy::CostModel model;
+    policy::Evidence evidence;
+    policy::CeilingState ceiling;
+    std::uint64_t cheapest_unit_bytes = 0;  // the lowest peak per unit in the window
+    std::uint64_t limit = 0;                // the latest limit that cut a chunk
+    std::uint64_t persisted_limit = 0;
+
+    struct Published {
+        std::atomic<std::uint64_t> fixed{0}, slope_bits{0}, costliest_bits{0}, samples{0},
+            upper_bound{0};
+        std::atomic<std::uint64_t> failed_size{0}, failed_free{0}, ran_size{0}, ran_free{0};
+        std::atomic<std::uint64_t> ceiling{0}, largest_success{0}, cheapest{0}, limit{0};
+        std::atomic<unsigned> spoiled{0};   // measurements in a row that another run overlapped
+        std::atomic<unsigned> measured{0};  // measurements taken, counted up to half a window
+        std::atomic<unsigned> chunks{0};    // chunks planned since, for one in measure_every
+    } published;
+
+    // `measured`: the chunk ran and its peak was read (else a lower bound from an OOM, which the
+    // model uses while it lasts but the profile does not keep: it is no size that ran).
+    void add_sample(const policy::CostSample& sample, std::uint64_t stamp, bool measured = true) {
+        if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
+        samples.push_back(sample);
+        if (measured) unsaved.push_back(ProfileSample{stamp, sample.size, sample.peak_bytes});
+        refit();
+    }
+
+    // Samples from a profile (oldest first). Each is also evidence: that size ran with at least
+    // its peak free, so the largest one is not planned below when that much is free again.
+    void seed(const std::vector<ProfileSample>& saved) {
+        for (const ProfileSample& s : saved) {
+            if (s.size == 0 || s.peak_bytes == 0) continue;
+            if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
+            samples.push_back(policy::CostSample{s.size, s.peak_bytes});
+            if (s.size > evidence.ran_size)
+                evidence.ran_size = s.size, evidence.ran_free = s.peak_bytes;
+        }
+        refit();
+    }
+
+    // The latest limit learned: the model's last plan that cut a chunk, or without a model the
+    // ceiling that ran (caller holds KeyMemory::mutex).
+    std::uint64_t learned_limit() const noexcept {
+        return model.known() ? limit : policy::learned(ceiling);
+    }
+
+    void refit() noexcept {
+        model = policy::fit_cost(samples, limit);
+        cheapest_unit_bytes = 0;
+        for (const policy::CostSample& s : samples) {
+            const std::uint64_t per_unit = s.peak_bytes / s.size + (s.peak_bytes % s.size != 0);
+            if (cheapest_unit_bytes == 0 || per_unit < cheapest_unit_bytes)
+                cheapest_unit_bytes = per_unit;
+        }
+    }
+
+    static std::uint64_t bits_of(double value) noexcept {
+        std::uint64_t bits = 0;
+        std::memcpy(&bits, &value, sizeof bits);
+        return bits;
+    }
+
+    void publish() noexcept {
+        const auto order = std::memory_order_release;
+        published.fixed.store(model.fixed_bytes, order);
+        published.slope_bits.store(bits_of(model.bytes_per_unit), order);
+        published.costliest_bits.store(bits_of(model.costliest_unit), order);
+        published.upper_bound.store(model.slope_is_upper_bound ? 1 : 0, order);
+        published.samples.store(model.samples, order);
+        published.failed_size.store(evidence.failed_size, order);
+        published.failed_free.store(evidence.failed_free, order);
+        published.ran_size.store(evidence.ran_size, order);
+        published.ran_free.store(evidence.ran_free, order);
+        published.ceiling.store(ceiling.ceiling, order);
+        published.largest_success.store(ceiling.largest_success, order);
+        published.cheapest.store(cheapest_unit_bytes, order);
+        published.limit.store(limit, order);
+    }
+
+    PlanInputs read() const noexcept {
+        const auto order = std::memory_order_acquire;
+        PlanInputs in;
+        in.model.samples = static_cast<std::size_t>(published.samples.load(order));
+        in.model.fixed_bytes = published.fixed.load(order);
+        const std::uint64_t slope_bits = published.slope_bits.load(order);
+        std::memcpy(&in.model.bytes_per_unit, &slope_bits, sizeof slope_bits);
+        in.model.slope_is_upper_bound = published.upper_bound.load(order) != 0;
+        const std::uint64_t costliest_bits = published.costliest_bits.load(order);
+        std::memcpy(&in.model.costliest_unit, &costliest_bits, sizeof costliest_bits);
+        in.evidence.failed_size = published.failed_size.load(order);
+        in.evidence.failed_free = published.failed_free.load(order);
+        in.evidence.ran_size = published.ran_size.load(order);
+        in.evidence.ran_free = published.ran_free.load(order);
+        in.ceiling = published.ceiling.load(order);
+        in.largest_success = published.largest_success.load(order);
+        return in;
+    }
+
+    // The learned limit when it changed since it was last persisted (else 0), marked persisted
+    // (caller holds KeyMemory::mutex).
+    std::uint64_t take_changed_limit() noexcept {
+        const std::uint64_t now = learned_limit();
+        if (now == 0 || now == persisted_limit) return 0;
+        persisted_limit = now;
+        return now;
+    }
+};
+
+struct KeyMemory {
+    std::mutex mutex;
+    SizeLearner items;
+    SizeLearner weight;
+    std::atomic<std::uint64_t> load_peak{0};  // highest recent peak of a load of this key
+
+    // Starts from the profile: its samples, or (a version 1 file) its highest peak per item as
+    // one sample of one item, an upper bound.
+    void seed(const Profile& profile) {
+        std::lock_guard<std::mutex> lock(mutex);
+        items.seed(profile.item_samples);
+        if (profile.item_samples.empty() && profile.peak_bytes_per_item > 0)
+            items.seed({ProfileSample{0, 1, profile.peak_bytes_per_item}});
+        weight.seed(profile.weight_samples);
+        seed_ceiling(items, profile.batch_ceiling);
+        seed_ceiling(weight, profile.weight_budget);
+        for (SizeLearner* learner : {&items, &weight}) {
+            learner->publish();
+            learner->published.measured.store(
+                static_cast<unsigned>(std::min(learner->samples.size(), policy::cost_window / 2)),
+                std::memory_order_relaxed);
+        }
+        load_peak.store(profile.peak_bytes, std::memory_order_relaxed);
+    }
+
+    // The latest limit learned, for learned_batch_ceiling() and learned_weight_budget().
+    std::uint64_t learned(bool weighted) {
+        std::lock_guard<std::mutex> lock(mutex);
+        return (weighted ? weight : items).learned_limit();
+    }
+
+   private:
+    // A ceiling saved by a previous run came from halving: twice it is assumed to have failed, so
+    // growth probes halfway there first instead of doubling straight into the same OOM.
+    static void seed_ceiling(SizeLearner& learner, std::uint64_t saved) {
+        learner.ceiling.ceiling = saved;
+        learner.ceiling.failed_at = saved == 0 ? 0 : policy::saturating_add(saved, saved);
+        learner.limit = learner.persisted_limit = saved;
+    }
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/key_memory.hpp> ----
 
 // ---- begin <vramguard/detail/run_tracker.hpp> ----
 // Who else is running on this guard: every load and every encode chunk registers while its work
@@ -4177,9 +4351,9 @@ class RunTracker {
         Run& operator=(const Run&) = delete;
 
         // True when this run was measured and nothing else was running when it started.
-        bool started_alone() const noexcept { return measured_ && solo_; }
+        bool started_solo() const noexcept { return measured_ && solo_; }
         // True when this run was measured and nothing else ran at any time since it started.
-        bool alone_so_far() const noexcept {
+        bool solo_so_far() const noexcept {
             return measured_ && solo_ && tracker_.running_.sum() <= 1 &&
                    tracker_.starts_.added() == starts_seen_;
         }
@@ -4240,6 +4414,241 @@ class RunTracker {
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/detail/run_tracker.hpp> ----
 
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+template <class P, class = void>
+struct has_peak_tracking : std::false_type {};
+template <class P>
+struct has_peak_tracking<P, std::void_t<decltype(std::declval<P&>().reset_peak()),
+                                        decltype(std::declval<P&>().peak_bytes())>>
+    : std::true_type {};
+
+template <class P, class = void>
+struct has_device_key : std::false_type {};
+template <class P>
+struct has_device_key<P, std::void_t<decltype(std::declval<const P&>().device_key())>>
+    : std::true_type {};
+
+// What identifies the device for the shared single-item semaphore: the probe's device_key(), or
+// the probe object itself.
+template <class Probe>
+std::string device_identity(const Probe& probe) {
+    if constexpr (has_device_key<Probe>::value) {
+        return std::string(probe.device_key());
+    } else {
+        char text[40];
+        std::snprintf(text, sizeof text, "probe@%p", static_cast<const void*>(&probe));
+        return text;
+    }
+}
+
+template <class Probe>
+class GuardCore {
+   public:
+    static constexpr bool measures_peaks = has_peak_tracking<Probe>::value;
+
+    GuardCore(Probe& probe, Options options)
+        : probe_(probe),
+          options_((options.validate(), std::move(options))),
+          profiles_(options_.profile_dir, options_.persist, options_.log),
+          single_item_(shared_device_semaphore(
+              device_identity(probe),
+              static_cast<std::ptrdiff_t>(options_.single_item_concurrency))),
+          admission_(probe_, options_, stats_) {}
+
+    GuardCore(const GuardCore&) = delete;
+    GuardCore& operator=(const GuardCore&) = delete;
+
+    Probe& probe() noexcept { return probe_; }
+    const Options& options() const noexcept { return options_; }
+    ProfileCache& profiles() noexcept { return profiles_; }
+    AdmissionControl<Probe>& admission() noexcept { return admission_; }
+    RunTracker& runs() noexcept { return runs_; }
+    Semaphore& single_item() noexcept { return *single_item_; }
+    AtomicStats& stats() noexcept { return stats_; }
+    const AtomicStats& stats() const noexcept { return stats_; }
+
+    // Counts the event and, past Options::log_level, formats and logs it.
+    void publish(const Event& event) {
+        detail::publish(stats_, options_.log, options_.log_level, event);
+    }
+
+    // One load or encode chunk while it runs: registered with the run tracker, and when
+    // `measured` (and the probe measures peaks), its peak is read at the end, counted only when
+    // no other run of this guard overlapped it.
+    class Measurement {
+       public:
+        Measurement(GuardCore& core, bool measured, bool exclusive = false)
+            : core_(core), run_(core.runs_, measured && measures_peaks, exclusive) {
+            if constexpr (measures_peaks) {
+                if (!run_.started_solo()) return;
+                core.probe_.reset_peak();
+                baseline_ = core.probe_.peak_bytes();
+            }
+        }
+        // Bytes this run added at its peak, when it ran alone.
+        std::optional<std::uint64_t> peak() const {
+            if constexpr (measures_peaks) {
+                // The peak first, then the check: a run that starts after the check could still
+                // allocate before a later reading and be booked as ours.
+                if (!run_.started_solo()) return std::nullopt;
+                const std::uint64_t peak = core_.probe_.peak_bytes();
+                if (!run_.solo_so_far()) return std::nullopt;
+                return peak > baseline_ ? peak - baseline_ : 0;
+            } else {
+                return std::nullopt;
+            }
+        }
+
+       private:
+        GuardCore& core_;
+        RunTracker::Run run_;
+        std::uint64_t baseline_ = 0;
+    };
+
+    // One encode call in flight, for "is this guard's only call in flight?" (an encode's
+    // refusal: memory held by the guard's other calls comes back when they finish).
+    class CallInFlight {
+       public:
+        explicit CallInFlight(GuardCore& core) : core_(core) { core.calls_in_flight_.add(1); }
+        ~CallInFlight() { core_.calls_in_flight_.add(-1); }
+        CallInFlight(const CallInFlight&) = delete;
+        CallInFlight& operator=(const CallInFlight&) = delete;
+
+       private:
+        GuardCore& core_;
+    };
+    bool only_call_in_flight() const noexcept { return calls_in_flight_.sum() <= 1; }
+
+    policy::Requirement requirement_for(const Key& key, std::optional<std::uint64_t> declared,
+                                        std::uint64_t total_bytes) {
+        const std::uint64_t measured =
+            declared ? 0 : key_memory(key).load_peak.load(std::memory_order_acquire);
+        return policy::required_bytes(declared, measured, total_bytes, options_.history_headroom,
+                                      options_.first_run_fraction);
+    }
+
+    // The first answer to anything the caller's work throws: not an OOM -> rethrown untouched,
+    // never retried; a driver-level OOM -> counted, logged, rethrown (the CUDA context may be
+    // unusable); an allocator OOM -> counted, the cache emptied, and the caller goes on to retry.
+    void take_oom_or_rethrow(const std::exception_ptr& error, const char* what, const Key& key) {
+        const OomKind kind = classify_oom(error);
+        if (kind == OomKind::none) std::rethrow_exception(error);
+        Event event(kind == OomKind::driver ? EventKind::driver_oom : EventKind::oom_caught, key,
+                    what);
+        event.error = &error;
+        publish(event);
+        if (kind == OomKind::driver) std::rethrow_exception(error);
+        probe_.release_cached();
+    }
+
+    // Why a load or an item was given up on, for OomExhausted's message: retried and waited for
+    // in vain, or not retried at all because it asked for more than the device has.
+    std::string given_up_because(bool hopeless, unsigned attempts, std::uint64_t total) const {
+        if (hopeless)
+            return "asking for more than the whole device (" + format_bytes(total) +
+                   "), so it was not retried.";
+        return std::to_string(attempts) +
+               " times; the allocator cache was released and memory waited for (up to " +
+               std::to_string(options_.retry_delay.count()) + " ms) before each retry.";
+    }
+
+    // The learned state of `key`, created from its profile on first use. A server encodes with one
+    // key over and over, so each thread remembers its last lookup (core ids are never reused, so
+    // the remembered pointer cannot outlive its core's map).
+    KeyMemory& key_memory(const Key& key) {
+        struct LastLookup {
+            std::uint64_t core_id = 0;
+            std::uint64_t key = 0;
+            KeyMemory* memory = nullptr;
+        };
+        thread_local LastLookup last;
+        if (last.core_id == id_ && last.key == key.value()) return *last.memory;
+        KeyMemory* found = nullptr;
+        {
+            std::lock_guard<std::mutex> lock(keys_mutex_);
+            if (auto it = keys_.find(key.value()); it != keys_.end()) found = it->second.get();
+        }
+        if (!found) {
+            const Profile profile = profiles_.get(key);  // may read a file: outside the lock
+            auto created = std::make_unique<KeyMemory>();
+            created->seed(profile);
+            std::lock_guard<std::mutex> lock(keys_mutex_);
+            auto& slot = keys_[key.value()];
+            if (!slot) slot = std::move(created);  // another thread may have won the race
+            found = slot.get();
+        }
+        last = {id_, key.value(), found};
+        return *found;
+    }
+
+    // A load's measured peak, into the profile and the key's requirement.
+    void record_load_peak(const Key& key, std::optional<std::uint64_t> peak) {
+        if (!peak || *peak == 0) return;
+        profiles_.record_peak(key, *peak);
+        // The profile's highest recent peak: one wrong reading ages out with its window.
+        key_memory(key).load_peak.store(profiles_.get(key).peak_bytes, std::memory_order_release);
+    }
+
+    // Writes what an encode call learned (new samples, a new limit) to the profile: once per call,
+    // after its last chunk, never while a chunk or a single-item turn is held.
+    void persist_learned(const Key& key, KeyMemory& memory) noexcept {
+        try {
+            std::vector<ProfileSample> items, weight;
+            std::uint64_t items_limit = 0, weight_limit = 0;
+            {
+                std::lock_guard<std::mutex> lock(memory.mutex);
+                items.swap(memory.items.unsaved);
+                weight.swap(memory.weight.unsaved);
+                items_limit = memory.items.take_changed_limit();
+                weight_limit = memory.weight.take_changed_limit();
+            }
+            profiles_.record_samples(key, &Profile::item_samples, items);
+            profiles_.record_samples(key, &Profile::weight_samples, weight);
+            if (items_limit != 0) profiles_.record_batch_ceiling(key, items_limit);
+            if (weight_limit != 0) profiles_.record_weight_budget(key, weight_limit);
+        } catch (...) {
+            // Out of memory for the bookkeeping itself: the profile misses this call's lessons.
+        }
+    }
+
+   private:
+    static std::uint64_t next_core_id() noexcept {
+        static std::atomic<std::uint64_t> next{1};
+        return next.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    Probe& probe_;
+    const Options options_;
+    ProfileCache profiles_;
+    std::shared_ptr<Semaphore> single_item_;
+    const std::uint64_t id_ = next_core_id();
+    AtomicStats stats_;
+    AdmissionControl<Probe> admission_;
+    std::mutex keys_mutex_;
+    std::unordered_map<std::uint64_t, std::unique_ptr<KeyMemory>> keys_;
+    RunTracker runs_{measures_peaks};
+    StripedCounter calls_in_flight_;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/guard_core.hpp> ----
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -4282,472 +4691,6 @@ std::uint64_t checked_weight(W weight, std::size_t index) {
     }
 }
 
-template <class T>
-struct is_std_vector : std::false_type {};
-template <class T, class A>
-struct is_std_vector<std::vector<T, A>> : std::true_type {};
-
-template <class Guard, class It, class F>
-class EncodeRun {
-    using View = BatchView<It>;
-    using Out = std::invoke_result_t<F&, View>;
-    static_assert(std::is_void_v<Out> || is_std_vector<Out>::value,
-                  "vramguard::Guard::encode: batch_fn must return void or std::vector<R>, one "
-                  "result per item of the view it was given");
-    using Results = std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out>;
-    using Produced = std::conditional_t<std::is_void_v<Out>, char, Out>;
-
-    // One chunk as planned.
-    struct Chunk {
-        std::size_t size = 0;
-        std::uint64_t tried = 0;   // its size as the learner counts it (items or weight)
-        std::uint64_t limit = 0;   // the limit that cut it (0 = none)
-        MemoryInfo seen;           // the reading it was planned with (zero: none taken)
-        bool at_limit = false;     // cut by the limit (not by the end of the input)
-        bool alone = false;        // one item that the limit allows no company
-        bool takes_turns = false;  // ... and OOMs taught it: through the single-item semaphore
-        bool from_model = false;
-        bool measured = false;
-        PlanInputs inputs;
-    };
-
-   public:
-    EncodeRun(Guard& guard, const Key& key, It first, std::size_t n, F& batch_fn,
-              const std::vector<std::uint64_t>* weights, bool padded)
-        : guard_(guard),
-          key_(key),
-          memory_(guard.key_memory(key)),
-          learner_(weights ? memory_.weight : memory_.items),
-          batch_fn_(batch_fn),
-          weights_(weights),
-          padded_(padded),
-          n_(n),
-          cursor_(first) {}
-
-    EncodeRun(const EncodeRun&) = delete;
-    EncodeRun& operator=(const EncodeRun&) = delete;
-    // What the call learned goes to the profile however the call ends, outside every chunk.
-    ~EncodeRun() {
-        if (learned_) guard_.persist_learned(key_, memory_);
-    }
-
-    Out run() {
-        admit_call();
-        while (pos_ < n_) {
-            const Chunk chunk = plan();
-            run_chunk(chunk);
-        }
-        if constexpr (!std::is_void_v<Out>) return std::move(results_);
-    }
-
-   private:
-    std::uint64_t weight_at(std::size_t i) const { return (*weights_)[i]; }
-
-    // A batch's weight: the sum of its items', or with padding its size x its heaviest.
-    std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
-        std::uint64_t total = 0, heaviest = 0;
-        for (std::size_t i = begin; i < begin + count; ++i) {
-            total = policy::saturating_add(total, weight_at(i));
-            heaviest = std::max(heaviest, weight_at(i));
-        }
-        return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
-    }
-
-    // Refuse (or wait) only when not even the cheapest item seen so far fits: items differ and
-    // an encode adapts its batches, so only "nothing can run" is a reason to say no. Memory held
-    // by this guard's own calls comes back when they finish: a refusal is decided against a
-    // reading that two "alone" checks bracket, and otherwise the call goes ahead and takes turns.
-    void admit_call() {
-        const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
-        if (cheapest == 0 || n_ == 0) return;
-        const std::uint64_t smallest =
-            weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
-        const std::uint64_t one_item =
-            policy::scale_bytes(policy::scale_bytes(cheapest, static_cast<double>(smallest)),
-                                guard_.options_.history_headroom);
-        const MemoryInfo seen = guard_.probe_.memory();
-        if (policy::admits(one_item, seen, guard_.options_.safety_margin) || !guard_.alone())
-            return;
-        hold_ =
-            guard_.admission_
-                .admit(
-                    key_, "encode",
-                    [one_item](std::uint64_t) {
-                        return policy::Requirement{one_item, policy::RequirementSource::measured};
-                    },
-                    [this] { return !guard_.alone(); })
-                .hold;
-    }
-
-    Chunk plan() {
-        Chunk chunk;
-        chunk.inputs = learner_.read();
-        if (chunk.inputs.model.known()) chunk.seen = guard_.probe_.memory();
-        const policy::ChunkPlan plan = plan_for(chunk.inputs, chunk.seen);
-        chunk.from_model = plan.from_model;
-        chunk.limit = plan.limit;
-        // Single items take turns (the device's semaphore) once OOMs taught that only one fits;
-        // a plan of one item from the model alone runs beside the guard's other chunks.
-        const bool taught_by_oom = !plan.from_model || plan.bounded_by_failure || retry_limit_ != 0;
-        if (retry_limit_ != 0) chunk.limit = retry_limit_;  // decided when the OOM was handled
-        retry_limit_ = 0;
-        cut(chunk);
-        chunk.takes_turns = chunk.alone && taught_by_oom;
-        // Every chunk is measured until half a window of measurements was taken (a chunk that
-        // ran inside the cache measures 0 and is no sample, but counts here), then one in
-        // measure_every.
-        chunk.measured = Guard::measures_peaks &&
-                         (learner_.published.measured.load(std::memory_order_relaxed) <
-                              policy::cost_window / 2 ||
-                          learner_.published.chunks.fetch_add(1, std::memory_order_relaxed) %
-                                  policy::measure_every ==
-                              0);
-        return chunk;
-    }
-
-    policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
-        const std::uint64_t reserve =
-            policy::scale_bytes(seen.free_bytes, guard_.options_.encode_reserve);
-        return policy::plan_chunk(inputs.model, inputs.evidence, seen.free_bytes, reserve,
-                                  inputs.ceiling);
-    }
-
-    void cut(Chunk& chunk) const {
-        const std::uint64_t limit = chunk.limit;
-        if (weights_) {
-            auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
-            chunk.size = padded_ ? policy::cut_by_padded_weight(pos_, n_, limit, weight_at)
-                                 : policy::cut_by_weight(pos_, n_, limit, weight_at);
-            // Alone when not even two such items fit the limit.
-            chunk.alone =
-                chunk.size == 1 && limit != 0 &&
-                (pos_ + 1 < n_ ? batch_weight(pos_, 2)
-                               : policy::saturating_add(weight_at(pos_), weight_at(pos_))) > limit;
-            chunk.tried = batch_weight(pos_, chunk.size);
-            chunk.at_limit = limit != 0 && (pos_ + chunk.size < n_ || chunk.alone);
-        } else {
-            chunk.size = limit == 0
-                             ? n_ - pos_
-                             : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos_));
-            chunk.alone = limit == 1;
-            chunk.tried = chunk.size;
-            chunk.at_limit = limit != 0 && chunk.size == limit;
-        }
-    }
-
-    void run_chunk(const Chunk& chunk) {
-        It chunk_end = std::next(
-            cursor_, static_cast<typename std::iterator_traits<It>::difference_type>(chunk.size));
-        Produced produced{};
-        std::optional<std::uint64_t> peak;
-        // Only batch_fn's own exceptions meet the OOM classifier: the bookkeeping around it (a
-        // bad_alloc in a log line, a contract error) is never mistaken for a device OOM.
-        std::exception_ptr error;
-        {
-            // Chunks that always overlap would never be measured alone: after a few spoiled
-            // measurements, the next measured chunk of the key takes the guard for itself.
-            std::optional<RunTracker::ExclusiveTurn> measuring_alone;
-            if (chunk.measured && !exclusive_ &&
-                learner_.published.spoiled.load(std::memory_order_relaxed) >=
-                    policy::spoiled_before_exclusive)
-                measuring_alone.emplace(guard_.runs_);
-            typename Guard::Measurement run(guard_, chunk.measured,
-                                            exclusive_.has_value() || measuring_alone.has_value());
-            Semaphore::Permit permit;
-            std::unique_ptr<Hold> host_lock;
-            if (chunk.takes_turns) {
-                guard_.publish(Event(EventKind::single_item, key_, "encode"));
-                permit = Semaphore::Permit(*guard_.single_item_);
-                if (guard_.options_.coordinator)
-                    host_lock = guard_.options_.coordinator->lock_single_item();
-            }
-            try {
-                if constexpr (std::is_void_v<Out>)
-                    std::invoke(batch_fn_, View(cursor_, chunk_end, chunk.size, pos_));
-                else
-                    produced = std::invoke(batch_fn_, View(cursor_, chunk_end, chunk.size, pos_));
-                peak = run.peak();
-            } catch (...) {
-                error = std::current_exception();
-            }
-        }
-        if (chunk.measured) note_measurement(peak.has_value());
-        if (error) return on_failure(chunk, error);
-        check_count(chunk, produced);
-        keep(chunk, std::move(produced));
-        cursor_ = chunk_end;
-        record_success(chunk, peak);
-    }
-
-    // A measurement spoiled by another run of the guard, or one taken (it counts towards the
-    // learning phase whether or not it found a peak).
-    void note_measurement(bool taken) noexcept {
-        auto& published = learner_.published;
-        if (!taken) {
-            published.spoiled.fetch_add(1, std::memory_order_relaxed);
-            return;
-        }
-        if (published.spoiled.load(std::memory_order_relaxed) != 0)
-            published.spoiled.store(0, std::memory_order_relaxed);
-        if (published.measured.load(std::memory_order_relaxed) < policy::cost_window / 2)
-            published.measured.fetch_add(1, std::memory_order_relaxed);
-    }
-
-    void check_count(const Chunk& chunk, const Produced& produced) const {
-        if constexpr (!std::is_void_v<Out>) {
-            if (produced.size() == chunk.size) return;
-            throw std::length_error(
-                "vramguard::Guard::encode " + key_.describe() + ": batch_fn returned " +
-                std::to_string(produced.size()) + " results for " + std::to_string(chunk.size) +
-                " items (items " + std::to_string(pos_) + ".." +
-                std::to_string(pos_ + chunk.size - 1) + "); it must return exactly one per item");
-        }
-    }
-
-    void keep(const Chunk& chunk, Produced&& produced) {
-        if constexpr (!std::is_void_v<Out>) {
-            if (results_.empty() && chunk.size == n_) {
-                results_ = std::move(produced);  // one chunk: its vector is the answer
-            } else {
-                if (results_.empty()) results_.reserve(n_);
-                std::move(produced.begin(), produced.end(), std::back_inserter(results_));
-            }
-        }
-        pos_ += chunk.size;
-        alone_failures_ = 0;
-        exclusive_.reset();
-    }
-
-    void record_success(const Chunk& chunk, std::optional<std::uint64_t> peak) {
-        const bool sample = peak && *peak > 0;
-        const std::uint64_t free = chunk.seen.free_bytes;
-        const bool limit_moved = chunk.at_limit && chunk.limit != learner_.published.limit.load(
-                                                                      std::memory_order_relaxed);
-        if (!sample && !limit_moved &&
-            !SizeLearner::success_teaches(chunk.inputs, chunk.tried, free, chunk.at_limit))
-            return;
-        bool grew = false;
-        learned_ = true;
-        {
-            std::unique_lock<std::mutex> lock(memory_.mutex);
-            if (sample) learner_.add_sample({chunk.tried, *peak}, next_sample_stamp());
-            if (chunk.at_limit) {
-                // Memory came back (or the model learned better): worth saying when it is more
-                // than the jitter of a fit, an eighth.
-                grew = chunk.from_model && learner_.limit != 0 &&
-                       chunk.limit > learner_.limit + learner_.limit / 8;
-                learner_.limit = chunk.limit;
-            }
-            policy::on_chunk_ran(learner_.evidence, chunk.tried, free, chunk.at_limit,
-                                 guard_.options_.forget_failure_after * policy::model_relax_factor,
-                                 policy::model_fits_failure(learner_.model, learner_.evidence,
-                                                            guard_.options_.encode_reserve));
-            grew = on_ceiling_success(chunk, lock) || grew;
-            learner_.publish();
-        }
-        if (grew) {
-            Event event(EventKind::grew, key_, "encode");
-            event.next = learner_.published.limit.load(std::memory_order_relaxed);
-            event.weight = weights_ ? 1 : 0;
-            guard_.publish(event);
-        }
-    }
-
-    // The OOM-learned ceiling, for probes that measure no peaks (caller holds the key's mutex).
-    bool on_ceiling_success(const Chunk& chunk, std::unique_lock<std::mutex>& lock) {
-        policy::CeilingState& state = learner_.ceiling;
-        const policy::GrowthRule rule{guard_.options_.grow_after_successes,
-                                      guard_.options_.forget_failure_after};
-        const bool at_ceiling = chunk.at_limit && !chunk.from_model;
-        std::uint64_t free_now = 0;
-        if (at_ceiling && policy::wants_memory_reading(state, rule)) {
-            lock.unlock();
-            free_now = guard_.probe_.memory().free_bytes;
-            lock.lock();
-        }
-        const bool grew = policy::on_success(state, at_ceiling, chunk.tried, rule, free_now);
-        if (grew && !learner_.model.known()) learner_.limit = policy::learned(state);
-        return grew;
-    }
-
-    void on_failure(const Chunk& chunk, const std::exception_ptr& error) {
-        guard_.take_oom_or_rethrow(error, "encode", key_);
-        // The message's "free" is what was left beside the chunk's own earlier allocations when
-        // it failed (the allocator had already emptied its cache to retry), which is what the
-        // rest of the chunk had to fit in: the part that fits is estimated from it. Without it,
-        // the probe's reading now, with the cache emptied, stands in.
-        const MemoryInfo after = guard_.probe_.memory();
-        std::optional<OomReport> report = oom_report(error);
-        if (report && !report->free_bytes) report->free_bytes = after.free_bytes;
-        if (chunk.size > 1) return shrink_after_oom(chunk, error, report, after);
-        on_item_oom(chunk, error, report, after);
-    }
-
-    void shrink_after_oom(const Chunk& chunk, const std::exception_ptr& error,
-                          const std::optional<OomReport>& report, const MemoryInfo& after) {
-        const std::uint64_t backstop = policy::size_after_oom(chunk.tried, report);
-        learned_ = true;
-        {
-            std::lock_guard<std::mutex> lock(memory_.mutex);
-            const std::uint64_t free = planned_or(chunk, after);
-            policy::on_chunk_failed(learner_.evidence, chunk.tried, free);
-            // A chunk that did not fit cost at least the allocation that failed and, planned
-            // against a reading, more than was free then: a lower bound, kept as a sample.
-            const std::uint64_t at_least = std::max(chunk.seen.total_bytes != 0 ? free + 1 : 0,
-                                                    report ? report->requested_bytes : 0);
-            if (Guard::measures_peaks && at_least > 0 && !policy::failure_was_transient(report))
-                learner_.add_sample({chunk.tried, at_least}, next_sample_stamp(), false);
-            policy::on_oom(learner_.ceiling, chunk.tried, backstop, after.free_bytes);
-            learner_.publish();
-        }
-        // A chunk the model did not plan (nothing was known) retries at what the OOM's numbers
-        // say fits, not at a model made of that one failure: what then runs is measured.
-        retry_limit_ = chunk.from_model ? policy::retry_size(plan_for(learner_.read(), after),
-                                                             chunk.tried, report)
-                                        : backstop;
-        Event event(EventKind::chunk_shrunk, key_, "encode");
-        event.size = chunk.size;
-        event.weight = weights_ ? chunk.tried : 0;
-        event.next = retry_limit_;
-        event.error = &error;
-        guard_.publish(event);
-    }
-
-    // An item that ran out of memory alone. While other runs of this guard held memory the
-    // failure says nothing about the item: it takes the guard for itself (new runs wait, the
-    // running ones finish) and retries really alone, without counting the failure.
-    void on_item_oom(const Chunk& chunk, const std::exception_ptr& error,
-                     const std::optional<OomReport>& report, const MemoryInfo& after) {
-        retry_limit_ = 1;
-        if (!exclusive_ && guard_.runs_.others_running()) {
-            Event event(EventKind::item_exclusive, key_, "encode");
-            event.item = pos_;
-            event.error = &error;
-            guard_.publish(event);
-            exclusive_.emplace(guard_.runs_);
-            return;
-        }
-        ++alone_failures_;
-        const bool hopeless = Guard::asked_for_more_than_the_device(report, after.total_bytes);
-        if (alone_failures_ >= guard_.options_.single_item_attempts || hopeless)
-            give_up(error, hopeless, after.total_bytes);
-        Event event(EventKind::item_retry, key_, "encode");
-        event.item = pos_;
-        event.attempt = alone_failures_;
-        event.attempts = guard_.options_.single_item_attempts;
-        event.error = &error;
-        guard_.publish(event);
-        if (report && report->requested_bytes > 0) {
-            const std::optional<std::uint64_t> distrusted =
-                policy::failure_was_transient(report)
-                    ? std::nullopt
-                    : std::optional<std::uint64_t>(planned_or(chunk, after));
-            guard_.admission_.wait_for_memory(report->requested_bytes, guard_.options_.retry_delay,
-                                              distrusted);
-        } else {
-            guard_.options_.sleep(guard_.options_.poll_interval);
-        }
-    }
-
-    // The free memory the chunk was planned with, or when none was read, the reading after.
-    static std::uint64_t planned_or(const Chunk& chunk, const MemoryInfo& after) noexcept {
-        return chunk.seen.total_bytes != 0 ? chunk.seen.free_bytes : after.free_bytes;
-    }
-
-    [[noreturn]] void give_up(const std::exception_ptr& error, bool hopeless, std::uint64_t total) {
-        Event event(EventKind::item_gave_up, key_, "encode");
-        event.item = pos_;
-        event.attempt = alone_failures_;
-        guard_.publish(event);
-        throw_with_cause(error, [&] {
-            OomExhausted exhausted(
-                "vramguard: encode " + key_.describe() + ": item " + std::to_string(pos_) +
-                    " ran out of memory even alone " +
-                    guard_.given_up_because(hopeless, alone_failures_, total) + " The " +
-                    std::to_string(pos_) +
-                    " results before it are kept in OomExhausted::finished_results(). Last "
-                    "error: " +
-                    describe(error),
-                key_.describe(), pos_, alone_failures_);
-            if constexpr (!std::is_void_v<Out>)
-                exhausted.keep_finished_results(std::move(results_));
-            return exhausted;
-        });
-    }
-
-    Guard& guard_;
-    const Key& key_;
-    KeyMemory& memory_;
-    SizeLearner& learner_;
-    F& batch_fn_;
-    const std::vector<std::uint64_t>* weights_;
-    bool padded_;
-    std::size_t n_;
-    std::size_t pos_ = 0;
-    It cursor_;
-    Results results_{};
-    std::uint64_t retry_limit_ = 0;  // the next chunk's limit right after an OOM (0 = plan it)
-    unsigned alone_failures_ = 0;
-    bool learned_ = false;  // something for the profile: persisted when the call ends
-    std::optional<RunTracker::ExclusiveTurn> exclusive_;
-    std::unique_ptr<Hold> hold_;  // the call's host-wide reservation, when admission made one
-};
-
-}  // namespace detail
-VRAMGUARD_END_NAMESPACE
-// ---- end <vramguard/encode_run.hpp> ----
-
-// ---- begin <vramguard/guard.hpp> ----
-// Guard<Probe>: the facade users see. load() admits, measures and retries a model load (the loop
-// is here); encode() runs a batched computation in chunks planned from what the key costs and what
-// is free, shrinking on OOM down to single items (the loop is EncodeRun, encode_run.hpp). One guard
-// per device, shared by every thread that uses the device.
-
-
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstdio>
-#include <functional>
-#include <iterator>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-#include <unordered_map>
-#include <utility>
-#include <vector>
-
-VRAMGUARD_BEGIN_NAMESPACE
-
-namespace detail {
-
-template <class P, class = void>
-struct has_peak_tracking : std::false_type {};
-template <class P>
-struct has_peak_tracking<P, std::void_t<decltype(std::declval<P&>().reset_peak()),
-                                        decltype(std::declval<P&>().peak_bytes())>>
-    : std::true_type {};
-
-template <class P, class = void>
-struct has_device_key : std::false_type {};
-template <class P>
-struct has_device_key<P, std::void_t<decltype(std::declval<const P&>().device_key())>>
-    : std::true_type {};
-
-template <class Probe>
-std::string device_identity(const Probe& probe) {
-    if constexpr (has_device_key<Probe>::value) {
-        return std::string(probe.device_key());
-    } else {
-        char text[40];
-        std::snprintf(text, sizeof text, "probe@%p", static_cast<const void*>(&probe));
-        return text;
-    }
-}
-
 template <class Range>
 using range_iterator_t = decltype(std::begin(std::declval<const Range&>()));
 
@@ -4775,19 +4718,526 @@ decltype(auto) unpadded(W& weight) {
 template <class W>
 using unpadded_t = std::remove_reference_t<decltype(unpadded(std::declval<W&>()))>;
 
+template <class T>
+struct is_std_vector : std::false_type {};
+template <class T, class A>
+struct is_std_vector<std::vector<T, A>> : std::true_type {};
+
+template <class Probe, class It, class F>
+class EncodeRun {
+    using Core = GuardCore<Probe>;
+    using View = BatchView<It>;
+    using Out = std::invoke_result_t<F&, View>;
+    static_assert(std::is_void_v<Out> || is_std_vector<Out>::value,
+                  "vramguard::Guard::encode: batch_fn must return void or std::vector<R>, one "
+                  "result per item of the view it was given");
+    using Results = std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out>;
+    using Produced = std::conditional_t<std::is_void_v<Out>, char, Out>;
+
+    // One chunk as planned.
+    struct Chunk {
+        std::size_t size = 0;
+        std::uint64_t tried = 0;   // its size as the learner counts it (items or weight)
+        std::uint64_t limit = 0;   // the limit that cut it (0 = none)
+        MemoryInfo seen;           // the reading it was planned with (zero: none taken)
+        bool at_limit = false;     // cut by the limit (not by the end of the input)
+        bool lone_item = false;    // one item that the limit allows no company
+        bool takes_turns = false;  // ... and OOMs taught it: through the single-item semaphore
+        bool from_model = false;
+        policy::ChunkDecision decision;
+        PlanInputs inputs;
+    };
+
+   public:
+    EncodeRun(Core& core, const Key& key, It first, std::size_t n, F& batch_fn,
+              const std::vector<std::uint64_t>* weights, bool padded)
+        : core_(core),
+          key_(key),
+          memory_(core.key_memory(key)),
+          learner_(weights ? memory_.weight : memory_.items),
+          batch_fn_(batch_fn),
+          weights_(weights),
+          padded_(padded),
+          n_(n),
+          cursor_(first) {}
+
+    EncodeRun(const EncodeRun&) = delete;
+    EncodeRun& operator=(const EncodeRun&) = delete;
+    // What the call learned goes to the profile however the call ends, outside every chunk.
+    ~EncodeRun() {
+        if (learned_) core_.persist_learned(key_, memory_);
+    }
+
+    Out run() {
+        admit_call();
+        while (pos_ < n_) {
+            const Chunk chunk = plan();
+            run_chunk(chunk);
+        }
+        if constexpr (!std::is_void_v<Out>) return std::move(results_);
+    }
+
+   private:
+    std::uint64_t weight_at(std::size_t i) const { return (*weights_)[i]; }
+
+    // A batch's weight: the sum of its items', or with padding its size x its heaviest.
+    std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
+        std::uint64_t total = 0, heaviest = 0;
+        for (std::size_t i = begin; i < begin + count; ++i) {
+            total = policy::saturating_add(total, weight_at(i));
+            heaviest = std::max(heaviest, weight_at(i));
+        }
+        return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
+    }
+
+    // Refuse (or wait) only when not even the cheapest item seen so far fits: items differ and
+    // an encode adapts its batches, so only "nothing can run" is a reason to say no. Memory held
+    // by this guard's own calls comes back when they finish: a refusal is decided against a
+    // reading that two "only call in flight" checks bracket, and otherwise the call goes ahead and
+    // takes turns.
+    void admit_call() {
+        const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
+        if (cheapest == 0 || n_ == 0) return;
+        const std::uint64_t smallest =
+            weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
+        const std::uint64_t one_item =
+            policy::scale_bytes(policy::scale_bytes(cheapest, static_cast<double>(smallest)),
+                                options().history_headroom);
+        const MemoryInfo seen = core_.probe().memory();
+        if (policy::admits(one_item, seen, options().safety_margin) || !core_.only_call_in_flight())
+            return;
+        hold_ =
+            core_.admission()
+                .admit(
+                    key_, "encode",
+                    [one_item](std::uint64_t) {
+                        return policy::Requirement{one_item, policy::RequirementSource::measured};
+                    },
+                    [this] { return !core_.only_call_in_flight(); })
+                .hold;
+    }
+
+    Chunk plan() {
+        Chunk chunk;
+        chunk.inputs = learner_.read();
+        if (chunk.inputs.model.known()) chunk.seen = core_.probe().memory();
+        policy::ChunkFacts facts;
+        facts.plan = plan_for(chunk.inputs, chunk.seen);
+        facts.retry_limit = retry_limit_;
+        facts.measures_peaks = Core::measures_peaks;
+        auto& published = learner_.published;
+        facts.learning =
+            policy::in_learning_phase(published.measured.load(std::memory_order_relaxed));
+        if (facts.measures_peaks && !facts.learning)
+            facts.chunk_number = published.chunks.fetch_add(1, std::memory_order_relaxed);
+        facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
+        facts.exclusive_held = exclusive_.has_value();
+        chunk.decision = policy::decide_chunk(facts);
+        chunk.from_model = facts.plan.from_model;
+        chunk.limit = chunk.decision.limit;
+        retry_limit_ = 0;
+        cut(chunk);
+        chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
+        return chunk;
+    }
+
+    policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
+        const std::uint64_t reserve =
+            policy::encode_reserve_bytes(seen.free_bytes, options().encode_reserve);
+        return policy::plan_chunk(inputs.model, inputs.evidence, seen.free_bytes, reserve,
+                                  inputs.ceiling);
+    }
+
+    void cut(Chunk& chunk) const {
+        const std::uint64_t limit = chunk.limit;
+        if (weights_) {
+            auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
+            chunk.size = padded_ ? policy::cut_by_padded_weight(pos_, n_, limit, weight_at)
+                                 : policy::cut_by_weight(pos_, n_, limit, weight_at);
+            // Alone when not even two such items fit the limit.
+            chunk.lone_item =
+                chunk.size == 1 && limit != 0 &&
+                (pos_ + 1 < n_ ? batch_weight(pos_, 2)
+                               : policy::saturating_add(weight_at(pos_), weight_at(pos_))) > limit;
+            chunk.tried = batch_weight(pos_, chunk.size);
+            chunk.at_limit = limit != 0 && (pos_ + chunk.size < n_ || chunk.lone_item);
+        } else {
+            chunk.size = limit == 0
+                             ? n_ - pos_
+                             : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos_));
+            chunk.lone_item = limit == 1;
+            chunk.tried = chunk.size;
+            chunk.at_limit = limit != 0 && chunk.size == limit;
+        }
+    }
+
+    void run_chunk(const Chunk& chunk) {
+        It chunk_end = std::next(
+            cursor_, static_cast<typename std::iterator_traits<It>::difference_type>(chunk.size));
+        Produced produced{};
+        std::optional<std::uint64_t> peak;
+        // Only batch_fn's own exceptions meet the OOM classifier: the bookkeeping around it (a
+        // bad_alloc in a log line, a contract error) is never mistaken for a device OOM.
+        std::exception_ptr error;
+        {
+            std::optional<RunTracker::ExclusiveTurn> measuring_exclusively;
+            if (chunk.decision.measure_exclusively) measuring_exclusively.emplace(core_.runs());
+            typename Core::Measurement run(core_, chunk.decision.measure,
+                                           exclusive_.has_value() || measuring_exclusively);
+            Semaphore::Permit permit;
+            std::unique_ptr<Hold> host_lock;
+            if (chunk.takes_turns) {
+                core_.publish(Event(EventKind::single_item, key_, "encode"));
+                permit = Semaphore::Permit(core_.single_item());
+                if (options().coordinator) host_lock = options().coordinator->lock_single_item();
+            }
+            try {
+                if constexpr (std::is_void_v<Out>)
+                    std::invoke(batch_fn_, View(cursor_, chunk_end, chunk.size, pos_));
+                else
+                    produced = std::invoke(batch_fn_, View(cursor_, chunk_end, chunk.size, pos_));
+                peak = run.peak();
+            } catch (...) {
+                error = std::current_exception();
+            }
+        }
+        if (chunk.decision.measure) note_measurement(peak.has_value());
+        if (error) return on_failure(chunk, error);
+        check_count(chunk, produced);
+        keep(chunk, std::move(produced));
+        cursor_ = chunk_end;
+        record_success(chunk, peak);
+    }
+
+    // A measurement spoiled by another run of the guard, or one taken (it counts towards the
+    // learning phase whether or not it found a peak).
+    void note_measurement(bool taken) noexcept {
+        auto& published = learner_.published;
+        if (!taken) {
+            published.spoiled.fetch_add(1, std::memory_order_relaxed);
+            return;
+        }
+        if (published.spoiled.load(std::memory_order_relaxed) != 0)
+            published.spoiled.store(0, std::memory_order_relaxed);
+        if (policy::in_learning_phase(published.measured.load(std::memory_order_relaxed)))
+            published.measured.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    void check_count(const Chunk& chunk, const Produced& produced) const {
+        if constexpr (!std::is_void_v<Out>) {
+            if (produced.size() == chunk.size) return;
+            throw std::length_error(
+                "vramguard::Guard::encode " + key_.describe() + ": batch_fn returned " +
+                std::to_string(produced.size()) + " results for " + std::to_string(chunk.size) +
+                " items (items " + std::to_string(pos_) + ".." +
+                std::to_string(pos_ + chunk.size - 1) + "); it must return exactly one per item");
+        }
+    }
+
+    void keep(const Chunk& chunk, Produced&& produced) {
+        if constexpr (!std::is_void_v<Out>) {
+            if (results_.empty() && chunk.size == n_) {
+                results_ = std::move(produced);  // one chunk: its vector is the answer
+            } else {
+                if (results_.empty()) results_.reserve(n_);
+                std::move(produced.begin(), produced.end(), std::back_inserter(results_));
+            }
+        }
+        pos_ += chunk.size;
+        item_failures_ = 0;
+        exclusive_.reset();
+    }
+
+    void record_success(const Chunk& chunk, std::optional<std::uint64_t> peak) {
+        policy::ChunkRan ran;
+        ran.size = chunk.tried;
+        ran.free_bytes = chunk.seen.free_bytes;
+        ran.at_limit = chunk.at_limit;
+        ran.limit = chunk.limit;
+        ran.measured_peak = peak && *peak > 0;
+        if (!policy::success_teaches(chunk.inputs,
+                                     learner_.published.limit.load(std::memory_order_relaxed), ran))
+            return;
+        bool grew = false;
+        learned_ = true;
+        {
+            std::unique_lock<std::mutex> lock(memory_.mutex);
+            if (ran.measured_peak) learner_.add_sample({chunk.tried, *peak}, next_sample_stamp());
+            if (chunk.at_limit) {
+                grew = policy::limit_grew(chunk.from_model, learner_.limit, chunk.limit);
+                learner_.limit = chunk.limit;
+            }
+            policy::on_chunk_ran(learner_.evidence, chunk.tried, ran.free_bytes, chunk.at_limit,
+                                 options().forget_failure_after * policy::model_relax_factor,
+                                 policy::model_fits_failure(learner_.model, learner_.evidence,
+                                                            options().encode_reserve));
+            grew = on_ceiling_success(chunk, lock) || grew;
+            learner_.publish();
+        }
+        if (grew) {
+            Event event(EventKind::grew, key_, "encode");
+            event.next = learner_.published.limit.load(std::memory_order_relaxed);
+            event.weight = weights_ ? 1 : 0;
+            core_.publish(event);
+        }
+    }
+
+    // The OOM-learned ceiling, for probes that measure no peaks (caller holds the key's mutex).
+    bool on_ceiling_success(const Chunk& chunk, std::unique_lock<std::mutex>& lock) {
+        policy::CeilingState& state = learner_.ceiling;
+        const policy::GrowthRule rule{options().grow_after_successes,
+                                      options().forget_failure_after};
+        const bool at_ceiling = chunk.at_limit && !chunk.from_model;
+        std::uint64_t free_now = 0;
+        if (at_ceiling && policy::wants_memory_reading(state, rule)) {
+            lock.unlock();
+            free_now = core_.probe().memory().free_bytes;
+            lock.lock();
+        }
+        const bool grew = policy::on_success(state, at_ceiling, chunk.tried, rule, free_now);
+        if (grew && !learner_.model.known()) learner_.limit = policy::learned(state);
+        return grew;
+    }
+
+    void on_failure(const Chunk& chunk, const std::exception_ptr& error) {
+        core_.take_oom_or_rethrow(error, "encode", key_);
+        // The message's "free" is what was left beside the chunk's own earlier allocations when
+        // it failed (the allocator had already emptied its cache to retry), which is what the
+        // rest of the chunk had to fit in: the part that fits is estimated from it. Without it,
+        // the probe's reading now, with the cache emptied, stands in.
+        const MemoryInfo after = core_.probe().memory();
+        std::optional<OomReport> report = oom_report(error);
+        if (report && !report->free_bytes) report->free_bytes = after.free_bytes;
+        if (chunk.size > 1) return shrink_after_oom(chunk, error, report, after);
+        on_item_oom(chunk, error, report, after);
+    }
+
+    void shrink_after_oom(const Chunk& chunk, const std::exception_ptr& error,
+                          const std::optional<OomReport>& report, const MemoryInfo& after) {
+        const std::uint64_t backstop = policy::size_after_oom(chunk.tried, report);
+        learned_ = true;
+        {
+            std::lock_guard<std::mutex> lock(memory_.mutex);
+            const std::uint64_t free = planned_or(chunk, after);
+            policy::on_chunk_failed(learner_.evidence, chunk.tried, free);
+            const std::uint64_t at_least =
+                policy::oom_lower_bound(report, chunk.seen.total_bytes != 0, free);
+            if (Core::measures_peaks && at_least > 0)
+                learner_.add_sample({chunk.tried, at_least}, next_sample_stamp(), false);
+            policy::on_oom(learner_.ceiling, chunk.tried, backstop, after.free_bytes);
+            learner_.publish();
+        }
+        // A chunk the model did not plan (nothing was known) retries at what the OOM's numbers
+        // say fits, not at a model made of that one failure: what then runs is measured.
+        retry_limit_ = chunk.from_model ? policy::retry_size(plan_for(learner_.read(), after),
+                                                             chunk.tried, report)
+                                        : backstop;
+        Event event(EventKind::chunk_shrunk, key_, "encode");
+        event.size = chunk.size;
+        event.weight = weights_ ? chunk.tried : 0;
+        event.next = retry_limit_;
+        event.error = &error;
+        core_.publish(event);
+    }
+
+    // An item that ran out of memory alone: retried really alone, given up on, or retried after
+    // waiting for memory, as policy::after_item_oom says.
+    void on_item_oom(const Chunk& chunk, const std::exception_ptr& error,
+                     const std::optional<OomReport>& report, const MemoryInfo& after) {
+        retry_limit_ = 1;
+        policy::ItemOomFacts facts;
+        facts.exclusive_held = exclusive_.has_value();
+        facts.others_running = core_.runs().others_running();
+        facts.item_failures = item_failures_ + 1;
+        facts.attempts = options().single_item_attempts;
+        facts.hopeless = policy::asks_more_than_the_device(report, after.total_bytes);
+        facts.requested_bytes = report ? report->requested_bytes : 0;
+        const policy::ItemOomStep step = policy::after_item_oom(facts);
+        if (step == policy::ItemOomStep::retry_exclusively) {
+            Event event(EventKind::item_exclusive, key_, "encode");
+            event.item = pos_;
+            event.error = &error;
+            core_.publish(event);
+            exclusive_.emplace(core_.runs());
+            return;
+        }
+        item_failures_ = facts.item_failures;
+        if (step == policy::ItemOomStep::give_up) give_up(error, facts.hopeless, after.total_bytes);
+        Event event(EventKind::item_retry, key_, "encode");
+        event.item = pos_;
+        event.attempt = item_failures_;
+        event.attempts = options().single_item_attempts;
+        event.error = &error;
+        core_.publish(event);
+        if (step == policy::ItemOomStep::wait_for_memory)
+            core_.admission().wait_for_memory(
+                facts.requested_bytes, options().retry_delay,
+                policy::reading_to_distrust(report, planned_or(chunk, after)));
+        else
+            options().sleep(options().poll_interval);
+    }
+
+    // The free memory the chunk was planned with, or when none was read, the reading after.
+    static std::uint64_t planned_or(const Chunk& chunk, const MemoryInfo& after) noexcept {
+        return chunk.seen.total_bytes != 0 ? chunk.seen.free_bytes : after.free_bytes;
+    }
+
+    [[noreturn]] void give_up(const std::exception_ptr& error, bool hopeless, std::uint64_t total) {
+        Event event(EventKind::item_gave_up, key_, "encode");
+        event.item = pos_;
+        event.attempt = item_failures_;
+        core_.publish(event);
+        throw_with_cause(error, [&] {
+            OomExhausted exhausted(
+                "vramguard: encode " + key_.describe() + ": item " + std::to_string(pos_) +
+                    " ran out of memory even alone " +
+                    core_.given_up_because(hopeless, item_failures_, total) + " The " +
+                    std::to_string(pos_) +
+                    " results before it are kept in OomExhausted::finished_results(). Last "
+                    "error: " +
+                    describe(error),
+                key_.describe(), pos_, item_failures_);
+            if constexpr (!std::is_void_v<Out>)
+                exhausted.keep_finished_results(std::move(results_));
+            return exhausted;
+        });
+    }
+
+    const Options& options() const noexcept { return core_.options(); }
+
+    Core& core_;
+    const Key& key_;
+    KeyMemory& memory_;
+    SizeLearner& learner_;
+    F& batch_fn_;
+    const std::vector<std::uint64_t>* weights_;
+    bool padded_;
+    std::size_t n_;
+    std::size_t pos_ = 0;
+    It cursor_;
+    Results results_{};
+    std::uint64_t retry_limit_ = 0;  // the next chunk's limit right after an OOM (0 = plan it)
+    unsigned item_failures_ = 0;
+    bool learned_ = false;  // something for the profile: persisted when the call ends
+    std::optional<RunTracker::ExclusiveTurn> exclusive_;
+    std::unique_ptr<Hold> hold_;  // the call's host-wide reservation, when admission made one
+};
+
 }  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/encode_run.hpp> ----
+
+// ---- begin <vramguard/detail/load_run.hpp> ----
+// One load call: admit, run the caller's load measured, record its peak; on OOM empty the cache,
+// wait for memory and retry, or give up with OomExhausted, as policy:: says. It orchestrates with
+// the guard's per-device services (GuardCore, received by reference).
+
+
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+template <class Probe>
+class LoadRun {
+    using Core = GuardCore<Probe>;
+
+   public:
+    LoadRun(Core& core, const Key& key, std::optional<std::uint64_t> declared)
+        : core_(core), key_(key), declared_(declared) {}
+
+    template <class F>
+    std::invoke_result_t<F&> run(F& fn) {
+        using R = std::invoke_result_t<F&>;
+        core_.stats().calls.add(1);
+        for (unsigned attempt = 1;; ++attempt) {
+            Admitted admitted = core_.admission().admit(
+                key_, "load",
+                [&](std::uint64_t total_bytes) {
+                    return core_.requirement_for(key_, declared_, total_bytes);
+                },
+                [] { return false; });
+            std::exception_ptr error;
+            try {
+                typename Core::Measurement measurement(core_, true);
+                if constexpr (std::is_void_v<R>) {
+                    std::invoke(fn);
+                    core_.record_load_peak(key_, measurement.peak());
+                    return;
+                } else {
+                    R result = std::invoke(fn);
+                    core_.record_load_peak(key_, measurement.peak());
+                    return std::forward<R>(result);
+                }
+            } catch (...) {
+                error = std::current_exception();
+            }
+            admitted.hold.reset();
+            after_oom(error, admitted, attempt);
+        }
+    }
+
+   private:
+    // The load threw: not an OOM -> rethrown untouched; the last attempt -> OomExhausted; else the
+    // cache is emptied and memory waited for before the next attempt.
+    void after_oom(const std::exception_ptr& error, const Admitted& admitted, unsigned attempt) {
+        core_.take_oom_or_rethrow(error, "load", key_);
+        const Options& options = core_.options();
+        const std::uint64_t required = admitted.requirement.bytes;
+        const std::uint64_t total = admitted.memory.total_bytes;
+        const std::optional<OomReport> report = oom_report(error);
+        const bool hopeless = policy::asks_more_than_the_device(report, total);
+        const bool last = policy::load_gives_up(attempt, options.load_attempts, hopeless);
+        Event event(last ? EventKind::load_gave_up : EventKind::load_retry, key_, "load");
+        event.attempt = attempt;
+        event.attempts = options.load_attempts;
+        event.bytes = required;
+        event.wait = options.retry_delay;
+        event.error = &error;
+        core_.publish(event);
+        if (last)
+            throw_with_cause(error, [&] {
+                return OomExhausted("vramguard: load " + key_.describe() + " ran out of memory " +
+                                        core_.given_up_because(hopeless, attempt, total) +
+                                        " It needed about " + format_bytes(required) +
+                                        ". Last error: " + describe(error),
+                                    key_.describe(), std::nullopt, attempt);
+            });
+        core_.admission().wait_for_memory(
+            required, options.retry_delay,
+            policy::reading_to_distrust(report, admitted.memory.free_bytes));
+    }
+
+    Core& core_;
+    const Key& key_;
+    std::optional<std::uint64_t> declared_;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/load_run.hpp> ----
+
+#include <cstdint>
+#include <iterator>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
 
 template <class Probe>
 class Guard {
    public:
-    explicit Guard(Probe& probe, Options options = {})
-        : probe_(probe),
-          options_((options.validate(), std::move(options))),
-          profiles_(options_.profile_dir, options_.persist, options_.log),
-          single_item_(shared_device_semaphore(
-              detail::device_identity(probe),
-              static_cast<std::ptrdiff_t>(options_.single_item_concurrency))),
-          admission_(probe_, options_, stats_) {}
+    explicit Guard(Probe& probe, Options options = {}) : core_(probe, std::move(options)) {}
 
     Guard(const Guard&) = delete;
     Guard& operator=(const Guard&) = delete;
@@ -4798,7 +5248,7 @@ class Guard {
     // history_headroom, or first_run_fraction of the device when never measured.
     template <class F>
     std::invoke_result_t<F&> load(const Key& key, F&& fn) {
-        return run_load(key, std::nullopt, fn);
+        return detail::LoadRun<Probe>(core_, key, std::nullopt).run(fn);
     }
     // The same with the caller's own estimate, which beats any measurement.
     template <class F>
@@ -4806,7 +5256,7 @@ class Guard {
         if (declared_bytes == 0)
             throw std::invalid_argument("vramguard::Guard::load: declared_bytes must be > 0 for " +
                                         key.describe());
-        return run_load(key, declared_bytes, fn);
+        return detail::LoadRun<Probe>(core_, key, declared_bytes).run(fn);
     }
 
     // ---- encode ------------------------------------------------------------------------------
@@ -4839,19 +5289,23 @@ class Guard {
 
     // ---- what it knows -----------------------------------------------------------------------
 
-    Stats stats() const noexcept { return stats_.snapshot(); }
-    const Options& options() const noexcept { return options_; }
-    Probe& probe() noexcept { return probe_; }
-    ProfileCache& profiles() noexcept { return profiles_; }
+    Stats stats() const noexcept { return core_.stats().snapshot(); }
+    const Options& options() const noexcept { return core_.options(); }
+    Probe& probe() noexcept { return core_.probe(); }
+    ProfileCache& profiles() noexcept { return core_.profiles(); }
 
     // The latest limit that cut a batch of `key` (items) / a weighted batch (weight); 0 when
     // nothing has limited one yet.
-    std::uint64_t learned_batch_ceiling(const Key& key) { return key_memory(key).learned(false); }
-    std::uint64_t learned_weight_budget(const Key& key) { return key_memory(key).learned(true); }
+    std::uint64_t learned_batch_ceiling(const Key& key) {
+        return core_.key_memory(key).learned(false);
+    }
+    std::uint64_t learned_weight_budget(const Key& key) {
+        return core_.key_memory(key).learned(true);
+    }
     // What a chunk of `key` costs, as fitted from its recent measured chunks (not known: no
     // samples yet, or a probe that measures no peaks).
     policy::CostModel cost_model(const Key& key, bool weighted = false) {
-        detail::KeyMemory& memory = key_memory(key);
+        detail::KeyMemory& memory = core_.key_memory(key);
         std::lock_guard<std::mutex> lock(memory.mutex);
         return (weighted ? memory.weight : memory.items).model;
     }
@@ -4859,8 +5313,9 @@ class Guard {
     // One admission reading, reserving nothing: would a load of `key` start now?
     Admission admission(const Key& key,
                         std::optional<std::uint64_t> declared_bytes = std::nullopt) {
-        const MemoryInfo memory = probe_.memory();
-        return admission_.peek(requirement_for(key, declared_bytes, memory.total_bytes), memory);
+        const MemoryInfo memory = core_.probe().memory();
+        return core_.admission().peek(
+            core_.requirement_for(key, declared_bytes, memory.total_bytes), memory);
     }
 
     // After an unload of `expected_freed` bytes (free was `free_before`): polls until the driver
@@ -4868,136 +5323,10 @@ class Guard {
     // trusts the estimate. Returns whether the memory was seen (true) or only trusted (false).
     bool wait_for_freed_memory(std::uint64_t expected_freed, std::uint64_t free_before,
                                std::uint64_t needed_free = 0) {
-        return admission_.wait_for_freed_memory(expected_freed, free_before, needed_free);
+        return core_.admission().wait_for_freed_memory(expected_freed, free_before, needed_free);
     }
 
    private:
-    template <class, class, class>
-    friend class detail::EncodeRun;
-
-    static constexpr bool measures_peaks = detail::has_peak_tracking<Probe>::value;
-
-    // One load or encode chunk while it runs: registered with the guard's run tracker, and when
-    // `measured` (and the probe measures peaks), its peak is read at the end, counted only when
-    // no other run of this guard overlapped it.
-    class Measurement {
-       public:
-        Measurement(Guard& guard, bool measured, bool exclusive = false)
-            : guard_(guard), run_(guard.runs_, measured && measures_peaks, exclusive) {
-            if constexpr (measures_peaks) {
-                if (!run_.started_alone()) return;
-                guard.probe_.reset_peak();
-                baseline_ = guard.probe_.peak_bytes();
-            }
-        }
-        // Bytes this run added at its peak, when it ran alone.
-        std::optional<std::uint64_t> peak() const {
-            if constexpr (measures_peaks) {
-                // The peak first, then the check: a run that starts after the check could still
-                // allocate before a later reading and be booked as ours.
-                if (!run_.started_alone()) return std::nullopt;
-                const std::uint64_t peak = guard_.probe_.peak_bytes();
-                if (!run_.alone_so_far()) return std::nullopt;
-                return peak > baseline_ ? peak - baseline_ : 0;
-            } else {
-                return std::nullopt;
-            }
-        }
-
-       private:
-        Guard& guard_;
-        detail::RunTracker::Run run_;
-        std::uint64_t baseline_ = 0;
-    };
-
-    // One encode call in flight, for "is this guard alone?" (admission's refusal).
-    class CallInFlight {
-       public:
-        explicit CallInFlight(Guard& guard) : guard_(guard) { guard.calls_in_flight_.add(1); }
-        ~CallInFlight() { guard_.calls_in_flight_.add(-1); }
-        CallInFlight(const CallInFlight&) = delete;
-        CallInFlight& operator=(const CallInFlight&) = delete;
-
-       private:
-        Guard& guard_;
-    };
-    bool alone() const noexcept { return calls_in_flight_.sum() <= 1; }
-
-    void publish(const Event& event) {
-        detail::publish(stats_, options_.log, options_.log_level, event);
-    }
-
-    policy::Requirement requirement_for(const Key& key, std::optional<std::uint64_t> declared,
-                                        std::uint64_t total_bytes) {
-        const std::uint64_t measured =
-            declared ? 0 : key_memory(key).load_peak.load(std::memory_order_acquire);
-        return policy::required_bytes(declared, measured, total_bytes, options_.history_headroom,
-                                      options_.first_run_fraction);
-    }
-
-    template <class F>
-    std::invoke_result_t<F&> run_load(const Key& key, std::optional<std::uint64_t> declared,
-                                      F& fn) {
-        using R = std::invoke_result_t<F&>;
-        stats_.calls.add(1);
-        for (unsigned attempt = 1;; ++attempt) {
-            detail::Admitted admitted = admission_.admit(
-                key, "load",
-                [&](std::uint64_t total_bytes) {
-                    return requirement_for(key, declared, total_bytes);
-                },
-                [] { return false; });
-            std::exception_ptr error;
-            try {
-                Measurement measurement(*this, true);
-                if constexpr (std::is_void_v<R>) {
-                    std::invoke(fn);
-                    record_load_peak(key, measurement);
-                    return;
-                } else {
-                    R result = std::invoke(fn);
-                    record_load_peak(key, measurement);
-                    return std::forward<R>(result);
-                }
-            } catch (...) {
-                error = std::current_exception();
-            }
-            admitted.hold.reset();
-            after_load_oom(key, error, admitted, attempt);
-        }
-    }
-
-    // A load threw: not an OOM -> rethrown untouched; out of attempts -> OomExhausted; else the
-    // cache is emptied and memory waited for before the next attempt.
-    void after_load_oom(const Key& key, const std::exception_ptr& error,
-                        const detail::Admitted& admitted, unsigned attempt) {
-        take_oom_or_rethrow(error, "load", key);
-        const std::uint64_t required = admitted.requirement.bytes;
-        const std::uint64_t total = admitted.memory.total_bytes;
-        const std::optional<OomReport> report = oom_report(error);
-        const bool hopeless = asked_for_more_than_the_device(report, total);
-        const bool last = attempt >= options_.load_attempts || hopeless;
-        Event event(last ? EventKind::load_gave_up : EventKind::load_retry, key, "load");
-        event.attempt = attempt;
-        event.attempts = options_.load_attempts;
-        event.bytes = required;
-        event.wait = options_.retry_delay;
-        event.error = &error;
-        publish(event);
-        if (last)
-            throw_with_cause(error, [&] {
-                return OomExhausted("vramguard: load " + key.describe() + " ran out of memory " +
-                                        given_up_because(hopeless, attempt, total) +
-                                        " It needed about " + format_bytes(required) +
-                                        ". Last error: " + describe(error),
-                                    key.describe(), std::nullopt, attempt);
-            });
-        admission_.wait_for_memory(required, options_.retry_delay,
-                                   policy::failure_was_transient(report)
-                                       ? std::nullopt
-                                       : std::optional<std::uint64_t>(admitted.memory.free_bytes));
-    }
-
     template <class It, class F>
     auto run_encode(const Key& key, It first, It last, F& batch_fn,
                     const std::vector<std::uint64_t>* weights = nullptr, bool padded = false) {
@@ -5007,124 +5336,14 @@ class Guard {
             "vramguard::Guard::encode needs forward iterators: a chunk that runs out of memory is "
             "run again from its first item. Copy single-pass input (std::istream_iterator) into a "
             "std::vector first");
-        stats_.calls.add(1);
+        core_.stats().calls.add(1);
         const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
-        const CallInFlight in_flight(*this);
-        detail::EncodeRun<Guard, It, F> run(*this, key, first, n, batch_fn, weights, padded);
+        const typename detail::GuardCore<Probe>::CallInFlight in_flight(core_);
+        detail::EncodeRun<Probe, It, F> run(core_, key, first, n, batch_fn, weights, padded);
         return run.run();
     }
 
-    // The first answer to anything the caller's work throws: not an OOM -> rethrown untouched,
-    // never retried; a driver-level OOM -> counted, logged, rethrown (the CUDA context may be
-    // unusable); an allocator OOM -> counted, the cache emptied, and the caller goes on to retry.
-    void take_oom_or_rethrow(const std::exception_ptr& error, const char* what, const Key& key) {
-        const OomKind kind = classify_oom(error);
-        if (kind == OomKind::none) std::rethrow_exception(error);
-        Event event(kind == OomKind::driver ? EventKind::driver_oom : EventKind::oom_caught, key,
-                    what);
-        event.error = &error;
-        publish(event);
-        if (kind == OomKind::driver) std::rethrow_exception(error);
-        probe_.release_cached();
-    }
-
-    // An allocation larger than the whole device never succeeds: retrying it only wastes time.
-    static bool asked_for_more_than_the_device(const std::optional<OomReport>& report,
-                                               std::uint64_t total) noexcept {
-        return report && total > 0 && report->requested_bytes > total;
-    }
-
-    // Why a load or an item was given up on, for OomExhausted's message: retried and waited for
-    // in vain, or not retried at all because it asked for more than the device has.
-    std::string given_up_because(bool hopeless, unsigned attempts, std::uint64_t total) const {
-        if (hopeless)
-            return "asking for more than the whole device (" + format_bytes(total) +
-                   "), so it was not retried.";
-        return std::to_string(attempts) +
-               " times; the allocator cache was released and memory waited for (up to " +
-               std::to_string(options_.retry_delay.count()) + " ms) before each retry.";
-    }
-
-    void record_load_peak(const Key& key, const Measurement& measurement) {
-        const auto peak = measurement.peak();
-        if (!peak || *peak == 0) return;
-        profiles_.record_peak(key, *peak);
-        // The profile's highest recent peak: one wrong reading ages out with its window.
-        key_memory(key).load_peak.store(profiles_.get(key).peak_bytes, std::memory_order_release);
-    }
-
-    // The learned state of `key`, created from its profile on first use. A server encodes with one
-    // key over and over, so each thread remembers its last lookup (guard ids are never reused, so
-    // the remembered pointer cannot outlive its guard's map).
-    detail::KeyMemory& key_memory(const Key& key) {
-        struct LastLookup {
-            std::uint64_t guard_id = 0;
-            std::uint64_t key = 0;
-            detail::KeyMemory* memory = nullptr;
-        };
-        thread_local LastLookup last;
-        if (last.guard_id == id_ && last.key == key.value()) return *last.memory;
-        detail::KeyMemory* found = nullptr;
-        {
-            std::lock_guard<std::mutex> lock(keys_mutex_);
-            if (auto it = keys_.find(key.value()); it != keys_.end()) found = it->second.get();
-        }
-        if (!found) {
-            const Profile profile = profiles_.get(key);  // may read a file: outside the lock
-            auto created = std::make_unique<detail::KeyMemory>();
-            created->seed(profile);
-            std::lock_guard<std::mutex> lock(keys_mutex_);
-            auto& slot = keys_[key.value()];
-            if (!slot) slot = std::move(created);  // another thread may have won the race
-            found = slot.get();
-        }
-        last = {id_, key.value(), found};
-        return *found;
-    }
-    static std::uint64_t next_guard_id() noexcept {
-        static std::atomic<std::uint64_t> next{1};
-        return next.fetch_add(1, std::memory_order_relaxed);
-    }
-
-    // Writes what an encode call learned (new samples, a new limit) to the profile: once per call,
-    // after its last chunk, never while a chunk or a single-item turn is held.
-    void persist_learned(const Key& key, detail::KeyMemory& memory) noexcept {
-        try {
-            std::vector<ProfileSample> items, weight;
-            std::uint64_t items_limit = 0, weight_limit = 0;
-            {
-                std::lock_guard<std::mutex> lock(memory.mutex);
-                items.swap(memory.items.unsaved);
-                weight.swap(memory.weight.unsaved);
-                items_limit = take_changed_limit(memory.items);
-                weight_limit = take_changed_limit(memory.weight);
-            }
-            profiles_.record_samples(key, &Profile::item_samples, items);
-            profiles_.record_samples(key, &Profile::weight_samples, weight);
-            if (items_limit != 0) profiles_.record_batch_ceiling(key, items_limit);
-            if (weight_limit != 0) profiles_.record_weight_budget(key, weight_limit);
-        } catch (...) {
-            // Out of memory for the bookkeeping itself: the profile misses this call's lessons.
-        }
-    }
-    static std::uint64_t take_changed_limit(detail::SizeLearner& learner) noexcept {
-        const std::uint64_t limit = learner.learned_limit();
-        if (limit == 0 || limit == learner.persisted_limit) return 0;
-        learner.persisted_limit = limit;
-        return limit;
-    }
-
-    Probe& probe_;
-    const Options options_;
-    ProfileCache profiles_;
-    std::shared_ptr<Semaphore> single_item_;
-    const std::uint64_t id_ = next_guard_id();
-    detail::AtomicStats stats_;
-    detail::AdmissionControl<Probe> admission_;
-    std::mutex keys_mutex_;
-    std::unordered_map<std::uint64_t, std::unique_ptr<detail::KeyMemory>> keys_;
-    detail::RunTracker runs_{measures_peaks};
-    detail::StripedCounter calls_in_flight_;
+    detail::GuardCore<Probe> core_;
 };
 
 VRAMGUARD_END_NAMESPACE
@@ -6766,85 +6985,6 @@ inline std::uint64_t unload_target(std::uint64_t total_bytes,
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/pressure.hpp> ----
 
-// ---- begin <vramguard/reaper.hpp> ----
-// The registry's housekeeping thread: calls a tick every interval until destroyed. It waits in real
-// time on a condition variable (so destruction stops it at once, however long the interval); what
-// it calls reads the injected clock. A tick that throws is logged and the thread goes on.
-
-
-#include <condition_variable>
-#include <exception>
-#include <functional>
-#include <mutex>
-#include <string>
-#include <thread>
-#include <utility>
-
-VRAMGUARD_BEGIN_NAMESPACE
-
-namespace detail {
-
-class Reaper {
-   public:
-    using Warn = std::function<void(const std::string&)>;
-
-    Reaper(Duration interval, std::function<void()> tick, Warn warn)
-        : interval_(interval), tick_(std::move(tick)), warn_(std::move(warn)) {
-        thread_ = std::thread([this] { run(); });
-    }
-    Reaper(const Reaper&) = delete;
-    Reaper& operator=(const Reaper&) = delete;
-
-    // Stops the thread at once (a tick in progress finishes first).
-    ~Reaper() {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            stop_ = true;
-        }
-        cv_.notify_all();
-        thread_.join();
-    }
-
-   private:
-    void run() {
-        std::unique_lock<std::mutex> lock(mutex_);
-        while (!cv_.wait_for(lock, interval_, [this] { return stop_; })) {
-            lock.unlock();
-            tick_once();
-            lock.lock();
-        }
-    }
-
-    void tick_once() noexcept {
-        try {
-            tick_();
-        } catch (const std::exception& e) {
-            warn(std::string("model reaper: tick failed: ") + e.what());
-        } catch (...) {
-            warn("model reaper: tick failed with an unknown exception");
-        }
-    }
-    void warn(const std::string& message) noexcept {
-        try {
-            warn_(message);
-        } catch (...) {
-        }
-    }
-
-    const Duration interval_;
-    const std::function<void()> tick_;
-    const Warn warn_;
-    std::mutex mutex_;
-    std::condition_variable cv_;
-    bool stop_ = false;
-    std::thread thread_;  // last: started once everything above exists
-};
-
-}  // namespace detail
-
-VRAMGUARD_END_NAMESPACE
-// ---- end <vramguard/reaper.hpp> ----
-
 // ---- begin <vramguard/peer.hpp> ----
 // Peers: other services on the same GPU (another vramguard server, Ollama, ComfyUI, llama.cpp's
 // router, vLLM's sleep mode) that a registry asks to free memory when a load still does not fit
@@ -7405,6 +7545,85 @@ VRAMGUARD_END_NAMESPACE
 //   the one exception (it waits in real time on a condition variable, so destruction stops it at
 //   once) and it still passes the injected clock's time to tick().
 
+
+// ---- begin <vramguard/detail/reaper.hpp> ----
+// The registry's housekeeping thread: calls a tick every interval until destroyed. It waits in real
+// time on a condition variable (so destruction stops it at once, however long the interval); what
+// it calls reads the injected clock. A tick that throws is logged and the thread goes on.
+
+
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+
+class Reaper {
+   public:
+    using Warn = std::function<void(const std::string&)>;
+
+    Reaper(Duration interval, std::function<void()> tick, Warn warn)
+        : interval_(interval), tick_(std::move(tick)), warn_(std::move(warn)) {
+        thread_ = std::thread([this] { run(); });
+    }
+    Reaper(const Reaper&) = delete;
+    Reaper& operator=(const Reaper&) = delete;
+
+    // Stops the thread at once (a tick in progress finishes first).
+    ~Reaper() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        thread_.join();
+    }
+
+   private:
+    void run() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        while (!cv_.wait_for(lock, interval_, [this] { return stop_; })) {
+            lock.unlock();
+            tick_once();
+            lock.lock();
+        }
+    }
+
+    void tick_once() noexcept {
+        try {
+            tick_();
+        } catch (const std::exception& e) {
+            warn(std::string("model reaper: tick failed: ") + e.what());
+        } catch (...) {
+            warn("model reaper: tick failed with an unknown exception");
+        }
+    }
+    void warn(const std::string& message) noexcept {
+        try {
+            warn_(message);
+        } catch (...) {
+        }
+    }
+
+    const Duration interval_;
+    const std::function<void()> tick_;
+    const Warn warn_;
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    bool stop_ = false;
+    std::thread thread_;  // last: started once everything above exists
+};
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/reaper.hpp> ----
 
 #include <algorithm>
 #include <atomic>

@@ -58,9 +58,9 @@ class RunTracker {
         Run& operator=(const Run&) = delete;
 
         // True when this run was measured and nothing else was running when it started.
-        bool started_alone() const noexcept { return measured_ && solo_; }
+        bool started_solo() const noexcept { return measured_ && solo_; }
         // True when this run was measured and nothing else ran at any time since it started.
-        bool alone_so_far() const noexcept {
+        bool solo_so_far() const noexcept {
             return measured_ && solo_ && tracker_.running_.sum() <= 1 &&
                    tracker_.starts_.added() == starts_seen_;
         }

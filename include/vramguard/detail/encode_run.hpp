@@ -1,15 +1,18 @@
 // SPDX-License-Identifier: MIT
 // One encode call: its state (where it is in the input, the results so far, the retry in hand) in
-// one object, and a loop that only orchestrates: plan the chunk (policy::plan_chunk), run it,
-// record what happened (the key's learner), and on OOM ask policy:: for the retry.
+// one object, and a loop that only orchestrates: it gathers facts, asks policy:: what to do
+// (policy::decide_chunk, after_item_oom, success_teaches, ...), runs the chunk with the guard's
+// per-device services (GuardCore, received by reference) and records what happened in the key's
+// learner.
 #pragma once
 
 #include <vramguard/batch_view.hpp>
+#include <vramguard/detail/guard_core.hpp>
+#include <vramguard/detail/key_memory.hpp>
 #include <vramguard/detail/run_tracker.hpp>
 #include <vramguard/errors.hpp>
 #include <vramguard/events.hpp>
 #include <vramguard/key.hpp>
-#include <vramguard/key_memory.hpp>
 #include <vramguard/policy.hpp>
 #include <vramguard/semaphore.hpp>
 #include <vramguard/version.hpp>
@@ -56,13 +59,41 @@ std::uint64_t checked_weight(W weight, std::size_t index) {
     }
 }
 
+template <class Range>
+using range_iterator_t = decltype(std::begin(std::declval<const Range&>()));
+
+template <class Range, class W, class = void>
+struct is_weight_fn : std::false_type {};
+template <class Range, class W>
+struct is_weight_fn<
+    Range, W, std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
+    : std::is_convertible<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>()))),
+                          std::uint64_t> {};
+
+template <class W>
+struct is_padded : std::false_type {};
+template <class W>
+struct is_padded<Padded<W>> : std::true_type {};
+
+template <class W>
+decltype(auto) unpadded(W& weight) {
+    if constexpr (is_padded<std::remove_cv_t<W>>::value) {
+        return (weight.weight);
+    } else {
+        return (weight);
+    }
+}
+template <class W>
+using unpadded_t = std::remove_reference_t<decltype(unpadded(std::declval<W&>()))>;
+
 template <class T>
 struct is_std_vector : std::false_type {};
 template <class T, class A>
 struct is_std_vector<std::vector<T, A>> : std::true_type {};
 
-template <class Guard, class It, class F>
+template <class Probe, class It, class F>
 class EncodeRun {
+    using Core = GuardCore<Probe>;
     using View = BatchView<It>;
     using Out = std::invoke_result_t<F&, View>;
     static_assert(std::is_void_v<Out> || is_std_vector<Out>::value,
@@ -78,19 +109,19 @@ class EncodeRun {
         std::uint64_t limit = 0;   // the limit that cut it (0 = none)
         MemoryInfo seen;           // the reading it was planned with (zero: none taken)
         bool at_limit = false;     // cut by the limit (not by the end of the input)
-        bool alone = false;        // one item that the limit allows no company
+        bool lone_item = false;    // one item that the limit allows no company
         bool takes_turns = false;  // ... and OOMs taught it: through the single-item semaphore
         bool from_model = false;
-        bool measured = false;
+        policy::ChunkDecision decision;
         PlanInputs inputs;
     };
 
    public:
-    EncodeRun(Guard& guard, const Key& key, It first, std::size_t n, F& batch_fn,
+    EncodeRun(Core& core, const Key& key, It first, std::size_t n, F& batch_fn,
               const std::vector<std::uint64_t>* weights, bool padded)
-        : guard_(guard),
+        : core_(core),
           key_(key),
-          memory_(guard.key_memory(key)),
+          memory_(core.key_memory(key)),
           learner_(weights ? memory_.weight : memory_.items),
           batch_fn_(batch_fn),
           weights_(weights),
@@ -102,7 +133,7 @@ class EncodeRun {
     EncodeRun& operator=(const EncodeRun&) = delete;
     // What the call learned goes to the profile however the call ends, outside every chunk.
     ~EncodeRun() {
-        if (learned_) guard_.persist_learned(key_, memory_);
+        if (learned_) core_.persist_learned(key_, memory_);
     }
 
     Out run() {
@@ -130,7 +161,8 @@ class EncodeRun {
     // Refuse (or wait) only when not even the cheapest item seen so far fits: items differ and
     // an encode adapts its batches, so only "nothing can run" is a reason to say no. Memory held
     // by this guard's own calls comes back when they finish: a refusal is decided against a
-    // reading that two "alone" checks bracket, and otherwise the call goes ahead and takes turns.
+    // reading that two "only call in flight" checks bracket, and otherwise the call goes ahead and
+    // takes turns.
     void admit_call() {
         const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
         if (cheapest == 0 || n_ == 0) return;
@@ -138,50 +170,48 @@ class EncodeRun {
             weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
         const std::uint64_t one_item =
             policy::scale_bytes(policy::scale_bytes(cheapest, static_cast<double>(smallest)),
-                                guard_.options_.history_headroom);
-        const MemoryInfo seen = guard_.probe_.memory();
-        if (policy::admits(one_item, seen, guard_.options_.safety_margin) || !guard_.alone())
+                                options().history_headroom);
+        const MemoryInfo seen = core_.probe().memory();
+        if (policy::admits(one_item, seen, options().safety_margin) || !core_.only_call_in_flight())
             return;
         hold_ =
-            guard_.admission_
+            core_.admission()
                 .admit(
                     key_, "encode",
                     [one_item](std::uint64_t) {
                         return policy::Requirement{one_item, policy::RequirementSource::measured};
                     },
-                    [this] { return !guard_.alone(); })
+                    [this] { return !core_.only_call_in_flight(); })
                 .hold;
     }
 
     Chunk plan() {
         Chunk chunk;
         chunk.inputs = learner_.read();
-        if (chunk.inputs.model.known()) chunk.seen = guard_.probe_.memory();
-        const policy::ChunkPlan plan = plan_for(chunk.inputs, chunk.seen);
-        chunk.from_model = plan.from_model;
-        chunk.limit = plan.limit;
-        // Single items take turns (the device's semaphore) once OOMs taught that only one fits;
-        // a plan of one item from the model alone runs beside the guard's other chunks.
-        const bool taught_by_oom = !plan.from_model || plan.bounded_by_failure || retry_limit_ != 0;
-        if (retry_limit_ != 0) chunk.limit = retry_limit_;  // decided when the OOM was handled
+        if (chunk.inputs.model.known()) chunk.seen = core_.probe().memory();
+        policy::ChunkFacts facts;
+        facts.plan = plan_for(chunk.inputs, chunk.seen);
+        facts.retry_limit = retry_limit_;
+        facts.measures_peaks = Core::measures_peaks;
+        auto& published = learner_.published;
+        facts.learning =
+            policy::in_learning_phase(published.measured.load(std::memory_order_relaxed));
+        if (facts.measures_peaks && !facts.learning)
+            facts.chunk_number = published.chunks.fetch_add(1, std::memory_order_relaxed);
+        facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
+        facts.exclusive_held = exclusive_.has_value();
+        chunk.decision = policy::decide_chunk(facts);
+        chunk.from_model = facts.plan.from_model;
+        chunk.limit = chunk.decision.limit;
         retry_limit_ = 0;
         cut(chunk);
-        chunk.takes_turns = chunk.alone && taught_by_oom;
-        // Every chunk is measured until half a window of measurements was taken (a chunk that
-        // ran inside the cache measures 0 and is no sample, but counts here), then one in
-        // measure_every.
-        chunk.measured = Guard::measures_peaks &&
-                         (learner_.published.measured.load(std::memory_order_relaxed) <
-                              policy::cost_window / 2 ||
-                          learner_.published.chunks.fetch_add(1, std::memory_order_relaxed) %
-                                  policy::measure_every ==
-                              0);
+        chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
         return chunk;
     }
 
     policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
         const std::uint64_t reserve =
-            policy::scale_bytes(seen.free_bytes, guard_.options_.encode_reserve);
+            policy::encode_reserve_bytes(seen.free_bytes, options().encode_reserve);
         return policy::plan_chunk(inputs.model, inputs.evidence, seen.free_bytes, reserve,
                                   inputs.ceiling);
     }
@@ -193,17 +223,17 @@ class EncodeRun {
             chunk.size = padded_ ? policy::cut_by_padded_weight(pos_, n_, limit, weight_at)
                                  : policy::cut_by_weight(pos_, n_, limit, weight_at);
             // Alone when not even two such items fit the limit.
-            chunk.alone =
+            chunk.lone_item =
                 chunk.size == 1 && limit != 0 &&
                 (pos_ + 1 < n_ ? batch_weight(pos_, 2)
                                : policy::saturating_add(weight_at(pos_), weight_at(pos_))) > limit;
             chunk.tried = batch_weight(pos_, chunk.size);
-            chunk.at_limit = limit != 0 && (pos_ + chunk.size < n_ || chunk.alone);
+            chunk.at_limit = limit != 0 && (pos_ + chunk.size < n_ || chunk.lone_item);
         } else {
             chunk.size = limit == 0
                              ? n_ - pos_
                              : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos_));
-            chunk.alone = limit == 1;
+            chunk.lone_item = limit == 1;
             chunk.tried = chunk.size;
             chunk.at_limit = limit != 0 && chunk.size == limit;
         }
@@ -218,22 +248,16 @@ class EncodeRun {
         // bad_alloc in a log line, a contract error) is never mistaken for a device OOM.
         std::exception_ptr error;
         {
-            // Chunks that always overlap would never be measured alone: after a few spoiled
-            // measurements, the next measured chunk of the key takes the guard for itself.
-            std::optional<RunTracker::ExclusiveTurn> measuring_alone;
-            if (chunk.measured && !exclusive_ &&
-                learner_.published.spoiled.load(std::memory_order_relaxed) >=
-                    policy::spoiled_before_exclusive)
-                measuring_alone.emplace(guard_.runs_);
-            typename Guard::Measurement run(guard_, chunk.measured,
-                                            exclusive_.has_value() || measuring_alone.has_value());
+            std::optional<RunTracker::ExclusiveTurn> measuring_exclusively;
+            if (chunk.decision.measure_exclusively) measuring_exclusively.emplace(core_.runs());
+            typename Core::Measurement run(core_, chunk.decision.measure,
+                                           exclusive_.has_value() || measuring_exclusively);
             Semaphore::Permit permit;
             std::unique_ptr<Hold> host_lock;
             if (chunk.takes_turns) {
-                guard_.publish(Event(EventKind::single_item, key_, "encode"));
-                permit = Semaphore::Permit(*guard_.single_item_);
-                if (guard_.options_.coordinator)
-                    host_lock = guard_.options_.coordinator->lock_single_item();
+                core_.publish(Event(EventKind::single_item, key_, "encode"));
+                permit = Semaphore::Permit(core_.single_item());
+                if (options().coordinator) host_lock = options().coordinator->lock_single_item();
             }
             try {
                 if constexpr (std::is_void_v<Out>)
@@ -245,7 +269,7 @@ class EncodeRun {
                 error = std::current_exception();
             }
         }
-        if (chunk.measured) note_measurement(peak.has_value());
+        if (chunk.decision.measure) note_measurement(peak.has_value());
         if (error) return on_failure(chunk, error);
         check_count(chunk, produced);
         keep(chunk, std::move(produced));
@@ -263,7 +287,7 @@ class EncodeRun {
         }
         if (published.spoiled.load(std::memory_order_relaxed) != 0)
             published.spoiled.store(0, std::memory_order_relaxed);
-        if (published.measured.load(std::memory_order_relaxed) < policy::cost_window / 2)
+        if (policy::in_learning_phase(published.measured.load(std::memory_order_relaxed)))
             published.measured.fetch_add(1, std::memory_order_relaxed);
     }
 
@@ -288,34 +312,33 @@ class EncodeRun {
             }
         }
         pos_ += chunk.size;
-        alone_failures_ = 0;
+        item_failures_ = 0;
         exclusive_.reset();
     }
 
     void record_success(const Chunk& chunk, std::optional<std::uint64_t> peak) {
-        const bool sample = peak && *peak > 0;
-        const std::uint64_t free = chunk.seen.free_bytes;
-        const bool limit_moved = chunk.at_limit && chunk.limit != learner_.published.limit.load(
-                                                                      std::memory_order_relaxed);
-        if (!sample && !limit_moved &&
-            !SizeLearner::success_teaches(chunk.inputs, chunk.tried, free, chunk.at_limit))
+        policy::ChunkRan ran;
+        ran.size = chunk.tried;
+        ran.free_bytes = chunk.seen.free_bytes;
+        ran.at_limit = chunk.at_limit;
+        ran.limit = chunk.limit;
+        ran.measured_peak = peak && *peak > 0;
+        if (!policy::success_teaches(chunk.inputs,
+                                     learner_.published.limit.load(std::memory_order_relaxed), ran))
             return;
         bool grew = false;
         learned_ = true;
         {
             std::unique_lock<std::mutex> lock(memory_.mutex);
-            if (sample) learner_.add_sample({chunk.tried, *peak}, next_sample_stamp());
+            if (ran.measured_peak) learner_.add_sample({chunk.tried, *peak}, next_sample_stamp());
             if (chunk.at_limit) {
-                // Memory came back (or the model learned better): worth saying when it is more
-                // than the jitter of a fit, an eighth.
-                grew = chunk.from_model && learner_.limit != 0 &&
-                       chunk.limit > learner_.limit + learner_.limit / 8;
+                grew = policy::limit_grew(chunk.from_model, learner_.limit, chunk.limit);
                 learner_.limit = chunk.limit;
             }
-            policy::on_chunk_ran(learner_.evidence, chunk.tried, free, chunk.at_limit,
-                                 guard_.options_.forget_failure_after * policy::model_relax_factor,
+            policy::on_chunk_ran(learner_.evidence, chunk.tried, ran.free_bytes, chunk.at_limit,
+                                 options().forget_failure_after * policy::model_relax_factor,
                                  policy::model_fits_failure(learner_.model, learner_.evidence,
-                                                            guard_.options_.encode_reserve));
+                                                            options().encode_reserve));
             grew = on_ceiling_success(chunk, lock) || grew;
             learner_.publish();
         }
@@ -323,20 +346,20 @@ class EncodeRun {
             Event event(EventKind::grew, key_, "encode");
             event.next = learner_.published.limit.load(std::memory_order_relaxed);
             event.weight = weights_ ? 1 : 0;
-            guard_.publish(event);
+            core_.publish(event);
         }
     }
 
     // The OOM-learned ceiling, for probes that measure no peaks (caller holds the key's mutex).
     bool on_ceiling_success(const Chunk& chunk, std::unique_lock<std::mutex>& lock) {
         policy::CeilingState& state = learner_.ceiling;
-        const policy::GrowthRule rule{guard_.options_.grow_after_successes,
-                                      guard_.options_.forget_failure_after};
+        const policy::GrowthRule rule{options().grow_after_successes,
+                                      options().forget_failure_after};
         const bool at_ceiling = chunk.at_limit && !chunk.from_model;
         std::uint64_t free_now = 0;
         if (at_ceiling && policy::wants_memory_reading(state, rule)) {
             lock.unlock();
-            free_now = guard_.probe_.memory().free_bytes;
+            free_now = core_.probe().memory().free_bytes;
             lock.lock();
         }
         const bool grew = policy::on_success(state, at_ceiling, chunk.tried, rule, free_now);
@@ -345,12 +368,12 @@ class EncodeRun {
     }
 
     void on_failure(const Chunk& chunk, const std::exception_ptr& error) {
-        guard_.take_oom_or_rethrow(error, "encode", key_);
+        core_.take_oom_or_rethrow(error, "encode", key_);
         // The message's "free" is what was left beside the chunk's own earlier allocations when
         // it failed (the allocator had already emptied its cache to retry), which is what the
         // rest of the chunk had to fit in: the part that fits is estimated from it. Without it,
         // the probe's reading now, with the cache emptied, stands in.
-        const MemoryInfo after = guard_.probe_.memory();
+        const MemoryInfo after = core_.probe().memory();
         std::optional<OomReport> report = oom_report(error);
         if (report && !report->free_bytes) report->free_bytes = after.free_bytes;
         if (chunk.size > 1) return shrink_after_oom(chunk, error, report, after);
@@ -365,11 +388,9 @@ class EncodeRun {
             std::lock_guard<std::mutex> lock(memory_.mutex);
             const std::uint64_t free = planned_or(chunk, after);
             policy::on_chunk_failed(learner_.evidence, chunk.tried, free);
-            // A chunk that did not fit cost at least the allocation that failed and, planned
-            // against a reading, more than was free then: a lower bound, kept as a sample.
-            const std::uint64_t at_least = std::max(chunk.seen.total_bytes != 0 ? free + 1 : 0,
-                                                    report ? report->requested_bytes : 0);
-            if (Guard::measures_peaks && at_least > 0 && !policy::failure_was_transient(report))
+            const std::uint64_t at_least =
+                policy::oom_lower_bound(report, chunk.seen.total_bytes != 0, free);
+            if (Core::measures_peaks && at_least > 0)
                 learner_.add_sample({chunk.tried, at_least}, next_sample_stamp(), false);
             policy::on_oom(learner_.ceiling, chunk.tried, backstop, after.free_bytes);
             learner_.publish();
@@ -384,43 +405,44 @@ class EncodeRun {
         event.weight = weights_ ? chunk.tried : 0;
         event.next = retry_limit_;
         event.error = &error;
-        guard_.publish(event);
+        core_.publish(event);
     }
 
-    // An item that ran out of memory alone. While other runs of this guard held memory the
-    // failure says nothing about the item: it takes the guard for itself (new runs wait, the
-    // running ones finish) and retries really alone, without counting the failure.
+    // An item that ran out of memory alone: retried really alone, given up on, or retried after
+    // waiting for memory, as policy::after_item_oom says.
     void on_item_oom(const Chunk& chunk, const std::exception_ptr& error,
                      const std::optional<OomReport>& report, const MemoryInfo& after) {
         retry_limit_ = 1;
-        if (!exclusive_ && guard_.runs_.others_running()) {
+        policy::ItemOomFacts facts;
+        facts.exclusive_held = exclusive_.has_value();
+        facts.others_running = core_.runs().others_running();
+        facts.item_failures = item_failures_ + 1;
+        facts.attempts = options().single_item_attempts;
+        facts.hopeless = policy::asks_more_than_the_device(report, after.total_bytes);
+        facts.requested_bytes = report ? report->requested_bytes : 0;
+        const policy::ItemOomStep step = policy::after_item_oom(facts);
+        if (step == policy::ItemOomStep::retry_exclusively) {
             Event event(EventKind::item_exclusive, key_, "encode");
             event.item = pos_;
             event.error = &error;
-            guard_.publish(event);
-            exclusive_.emplace(guard_.runs_);
+            core_.publish(event);
+            exclusive_.emplace(core_.runs());
             return;
         }
-        ++alone_failures_;
-        const bool hopeless = Guard::asked_for_more_than_the_device(report, after.total_bytes);
-        if (alone_failures_ >= guard_.options_.single_item_attempts || hopeless)
-            give_up(error, hopeless, after.total_bytes);
+        item_failures_ = facts.item_failures;
+        if (step == policy::ItemOomStep::give_up) give_up(error, facts.hopeless, after.total_bytes);
         Event event(EventKind::item_retry, key_, "encode");
         event.item = pos_;
-        event.attempt = alone_failures_;
-        event.attempts = guard_.options_.single_item_attempts;
+        event.attempt = item_failures_;
+        event.attempts = options().single_item_attempts;
         event.error = &error;
-        guard_.publish(event);
-        if (report && report->requested_bytes > 0) {
-            const std::optional<std::uint64_t> distrusted =
-                policy::failure_was_transient(report)
-                    ? std::nullopt
-                    : std::optional<std::uint64_t>(planned_or(chunk, after));
-            guard_.admission_.wait_for_memory(report->requested_bytes, guard_.options_.retry_delay,
-                                              distrusted);
-        } else {
-            guard_.options_.sleep(guard_.options_.poll_interval);
-        }
+        core_.publish(event);
+        if (step == policy::ItemOomStep::wait_for_memory)
+            core_.admission().wait_for_memory(
+                facts.requested_bytes, options().retry_delay,
+                policy::reading_to_distrust(report, planned_or(chunk, after)));
+        else
+            options().sleep(options().poll_interval);
     }
 
     // The free memory the chunk was planned with, or when none was read, the reading after.
@@ -431,25 +453,27 @@ class EncodeRun {
     [[noreturn]] void give_up(const std::exception_ptr& error, bool hopeless, std::uint64_t total) {
         Event event(EventKind::item_gave_up, key_, "encode");
         event.item = pos_;
-        event.attempt = alone_failures_;
-        guard_.publish(event);
+        event.attempt = item_failures_;
+        core_.publish(event);
         throw_with_cause(error, [&] {
             OomExhausted exhausted(
                 "vramguard: encode " + key_.describe() + ": item " + std::to_string(pos_) +
                     " ran out of memory even alone " +
-                    guard_.given_up_because(hopeless, alone_failures_, total) + " The " +
+                    core_.given_up_because(hopeless, item_failures_, total) + " The " +
                     std::to_string(pos_) +
                     " results before it are kept in OomExhausted::finished_results(). Last "
                     "error: " +
                     describe(error),
-                key_.describe(), pos_, alone_failures_);
+                key_.describe(), pos_, item_failures_);
             if constexpr (!std::is_void_v<Out>)
                 exhausted.keep_finished_results(std::move(results_));
             return exhausted;
         });
     }
 
-    Guard& guard_;
+    const Options& options() const noexcept { return core_.options(); }
+
+    Core& core_;
     const Key& key_;
     KeyMemory& memory_;
     SizeLearner& learner_;
@@ -461,7 +485,7 @@ class EncodeRun {
     It cursor_;
     Results results_{};
     std::uint64_t retry_limit_ = 0;  // the next chunk's limit right after an OOM (0 = plan it)
-    unsigned alone_failures_ = 0;
+    unsigned item_failures_ = 0;
     bool learned_ = false;  // something for the profile: persisted when the call ends
     std::optional<RunTracker::ExclusiveTurn> exclusive_;
     std::unique_ptr<Hold> hold_;  // the call's host-wide reservation, when admission made one

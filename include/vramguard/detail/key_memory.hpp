@@ -21,13 +21,7 @@
 VRAMGUARD_BEGIN_NAMESPACE
 namespace detail {
 
-// What the fast path reads to plan a chunk.
-struct PlanInputs {
-    policy::CostModel model;
-    policy::Evidence evidence;
-    std::uint64_t ceiling = 0;          // the OOM-learned ceiling (no model)
-    std::uint64_t largest_success = 0;  // the largest chunk that ran since the last failure
-};
+using policy::PlanInputs;
 
 // One sizing mode's learning. Every member but `published` is guarded by KeyMemory::mutex.
 struct SizeLearner {
@@ -130,13 +124,13 @@ struct SizeLearner {
         return in;
     }
 
-    // Whether a chunk of `size` that ran with `free` free would teach anything (else: no lock).
-    static bool success_teaches(const PlanInputs& in, std::uint64_t size, std::uint64_t free,
-                                bool at_limit) noexcept {
-        if (!in.model.known()) return at_limit ? in.ceiling != 0 : size > in.largest_success;
-        return size > in.evidence.ran_size ||
-               (size == in.evidence.ran_size && free < in.evidence.ran_free) ||
-               (in.evidence.failed_size != 0 && (at_limit || size >= in.evidence.failed_size));
+    // The learned limit when it changed since it was last persisted (else 0), marked persisted
+    // (caller holds KeyMemory::mutex).
+    std::uint64_t take_changed_limit() noexcept {
+        const std::uint64_t now = learned_limit();
+        if (now == 0 || now == persisted_limit) return 0;
+        persisted_limit = now;
+        return now;
     }
 };
 

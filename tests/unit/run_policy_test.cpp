@@ -1,0 +1,269 @@
+// SPDX-License-Identifier: MIT
+// The decisions of the load and encode runs (policy.hpp, "What a load run does after an OOM" and
+// "What an encode run does next"), table by table: the runs only gather facts and act on these.
+#include <vramguard/policy.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+using namespace vramguard;
+using namespace vramguard::literals;
+
+namespace {
+
+constexpr std::uint64_t kMax = std::numeric_limits<std::uint64_t>::max();
+
+OomReport report(std::uint64_t requested, std::optional<std::uint64_t> free = std::nullopt) {
+    OomReport r;
+    r.requested_bytes = requested;
+    r.free_bytes = free;
+    return r;
+}
+
+TEST(RunPolicyReadingToDistrust, TheReadingUnlessTheFailureWasTransient) {
+    struct Row {
+        std::optional<OomReport> report;
+        std::optional<std::uint64_t> expected;
+    };
+    const std::vector<Row> rows = {
+        {std::nullopt, 5_GiB},                 // no numbers: the reading was wrong
+        {report(1_GiB), 5_GiB},                // no free in the message
+        {report(1_GiB, 512_MiB), 5_GiB},       // asked more than was free: real shortage
+        {report(1_GiB, 1_GiB), std::nullopt},  // asked exactly what was free: transient
+        {report(1_GiB, 2_GiB), std::nullopt},  // fitted what was free: transient
+        {report(0, 2_GiB), 5_GiB},             // no request size: not known to be transient
+    };
+    for (const Row& row : rows)
+        EXPECT_EQ(policy::reading_to_distrust(row.report, 5_GiB), row.expected)
+            << (row.report ? row.report->requested_bytes : 0);
+}
+
+TEST(RunPolicyAsksMoreThanTheDevice, OnlyAReportedRequestAboveTheTotal) {
+    EXPECT_FALSE(policy::asks_more_than_the_device(std::nullopt, 16_GiB));
+    EXPECT_FALSE(policy::asks_more_than_the_device(report(16_GiB), 16_GiB));
+    EXPECT_TRUE(policy::asks_more_than_the_device(report(16_GiB + 1), 16_GiB));
+    EXPECT_FALSE(policy::asks_more_than_the_device(report(kMax), 0));  // no total known
+}
+
+TEST(RunPolicyLoadGivesUp, OnTheLastAttemptOrWhenHopeless) {
+    EXPECT_FALSE(policy::load_gives_up(1, 2, false));
+    EXPECT_TRUE(policy::load_gives_up(2, 2, false));
+    EXPECT_TRUE(policy::load_gives_up(3, 2, false));
+    EXPECT_TRUE(policy::load_gives_up(1, 2, true));
+}
+
+TEST(RunPolicyEncodeReserve, AFractionOfWhatIsFreeNotOfTheDevice) {
+    EXPECT_EQ(policy::encode_reserve_bytes(10_GiB, 0.02), policy::scale_bytes(10_GiB, 0.02));
+    EXPECT_EQ(policy::encode_reserve_bytes(0, 0.02), 0u);
+    EXPECT_EQ(policy::encode_reserve_bytes(1_GiB, 0.0), 0u);
+}
+
+TEST(RunPolicyLearningPhase, HalfAWindowOfMeasurements) {
+    EXPECT_TRUE(policy::in_learning_phase(0));
+    EXPECT_TRUE(policy::in_learning_phase(policy::cost_window / 2 - 1));
+    EXPECT_FALSE(policy::in_learning_phase(policy::cost_window / 2));
+}
+
+TEST(RunPolicyDecideChunk, LimitTurnsAndMeasurement) {
+    struct Row {
+        const char* what;
+        policy::ChunkFacts facts;
+        std::uint64_t limit;
+        bool taught_by_oom, measure, exclusively;
+    };
+    policy::ChunkPlan model_plan;
+    model_plan.limit = 40;
+    model_plan.from_model = true;
+    policy::ChunkPlan bounded = model_plan;
+    bounded.bounded_by_failure = true;
+    policy::ChunkPlan ceiling_plan;  // no model: the OOM-learned ceiling
+    ceiling_plan.limit = 16;
+    auto facts = [](policy::ChunkPlan plan, std::uint64_t retry, bool peaks, bool learning,
+                    unsigned number, unsigned spoiled, bool exclusive) {
+        policy::ChunkFacts f;
+        f.plan = plan;
+        f.retry_limit = retry;
+        f.measures_peaks = peaks;
+        f.learning = learning;
+        f.chunk_number = number;
+        f.spoiled = spoiled;
+        f.exclusive_held = exclusive;
+        return f;
+    };
+    const std::vector<Row> rows = {
+        {"model plan, learning", facts(model_plan, 0, true, true, 0, 0, false), 40, false, true,
+         false},
+        {"after an OOM the retry size wins", facts(model_plan, 7, true, true, 0, 0, false), 7, true,
+         true, false},
+        {"a failure bounded the plan", facts(bounded, 0, true, true, 0, 0, false), 40, true, true,
+         false},
+        {"the ceiling is taught by OOMs", facts(ceiling_plan, 0, false, true, 0, 0, false), 16,
+         true, false, false},
+        {"no peaks: never measured", facts(model_plan, 0, false, true, 0, 0, false), 40, false,
+         false, false},
+        {"past learning: one in measure_every",
+         facts(model_plan, 0, true, false, policy::measure_every, 0, false), 40, false, true,
+         false},
+        {"past learning: the others not", facts(model_plan, 0, true, false, 1, 0, false), 40, false,
+         false, false},
+        {"spoiled twice: measured exclusively",
+         facts(model_plan, 0, true, true, 0, policy::spoiled_before_exclusive, false), 40, false,
+         true, true},
+        {"spoiled once: not yet",
+         facts(model_plan, 0, true, true, 0, policy::spoiled_before_exclusive - 1, false), 40,
+         false, true, false},
+        {"already exclusive for an item",
+         facts(model_plan, 0, true, true, 0, policy::spoiled_before_exclusive, true), 40, false,
+         true, false},
+        {"not measured: never exclusive",
+         facts(model_plan, 0, true, false, 3, policy::spoiled_before_exclusive, false), 40, false,
+         false, false},
+    };
+    for (const Row& row : rows) {
+        const policy::ChunkDecision got = policy::decide_chunk(row.facts);
+        EXPECT_EQ(got.limit, row.limit) << row.what;
+        EXPECT_EQ(got.taught_by_oom, row.taught_by_oom) << row.what;
+        EXPECT_EQ(got.measure, row.measure) << row.what;
+        EXPECT_EQ(got.measure_exclusively, row.exclusively) << row.what;
+    }
+}
+
+TEST(RunPolicyTakesTurns, OnlyALoneItemWhoseLimitOomsTaught) {
+    policy::ChunkDecision taught;
+    taught.taught_by_oom = true;
+    const policy::ChunkDecision model_only;
+    EXPECT_TRUE(policy::takes_turns(true, taught));
+    EXPECT_FALSE(policy::takes_turns(false, taught));
+    EXPECT_FALSE(policy::takes_turns(true, model_only));
+}
+
+TEST(RunPolicyOomLowerBound, TheLargerOfTheFailedRequestAndTheReadingUnlessTransient) {
+    struct Row {
+        std::optional<OomReport> report;
+        bool planned_with_reading;
+        std::uint64_t planned_free;
+        std::uint64_t expected;
+    };
+    const std::vector<Row> rows = {
+        {std::nullopt, false, 0, 0},             // nothing known
+        {std::nullopt, true, 3_GiB, 3_GiB + 1},  // more than was free
+        {report(4_GiB), true, 3_GiB, 4_GiB},     // the request is larger
+        {report(1_GiB), false, 3_GiB, 1_GiB},    // no reading: the request
+        {report(1_GiB, 2_GiB), true, 3_GiB, 0},  // transient: no lesson
+        {report(2_GiB, 2_GiB), true, 3_GiB, 0},  // requested == free: transient
+        {std::nullopt, true, kMax, kMax},        // saturates
+    };
+    for (const Row& row : rows)
+        EXPECT_EQ(policy::oom_lower_bound(row.report, row.planned_with_reading, row.planned_free),
+                  row.expected)
+            << row.planned_free;
+}
+
+TEST(RunPolicyRetryExclusively, OnceAndOnlyWhileOthersRun) {
+    EXPECT_TRUE(policy::retry_exclusively(false, true));
+    EXPECT_FALSE(policy::retry_exclusively(false, false));
+    EXPECT_FALSE(policy::retry_exclusively(true, true));
+    EXPECT_FALSE(policy::retry_exclusively(true, false));
+}
+
+TEST(RunPolicyAfterItemOom, ExclusiveThenGiveUpThenWaitOrPause) {
+    using Step = policy::ItemOomStep;
+    struct Row {
+        const char* what;
+        bool exclusive_held, others_running;
+        unsigned failures, attempts;
+        bool hopeless;
+        std::uint64_t requested;
+        Step expected;
+    };
+    const std::vector<Row> rows = {
+        {"others held memory: retry exclusively", false, true, 1, 3, false, 1_GiB,
+         Step::retry_exclusively},
+        {"others held memory, even on the last count", false, true, 3, 3, true, 1_GiB,
+         Step::retry_exclusively},
+        {"alone, first failure: wait for its bytes", false, false, 1, 3, false, 1_GiB,
+         Step::wait_for_memory},
+        {"exclusive already, others running: counted", true, true, 1, 3, false, 1_GiB,
+         Step::wait_for_memory},
+        {"no numbers: pause one poll", false, false, 2, 3, false, 0, Step::pause},
+        {"the last attempt", false, false, 3, 3, false, 1_GiB, Step::give_up},
+        {"more than the device: at once", false, false, 1, 3, true, 1_GiB, Step::give_up},
+    };
+    for (const Row& row : rows) {
+        policy::ItemOomFacts facts;
+        facts.exclusive_held = row.exclusive_held;
+        facts.others_running = row.others_running;
+        facts.item_failures = row.failures;
+        facts.attempts = row.attempts;
+        facts.hopeless = row.hopeless;
+        facts.requested_bytes = row.requested;
+        EXPECT_EQ(policy::after_item_oom(facts), row.expected) << row.what;
+    }
+}
+
+TEST(RunPolicySuccessTeaches, WhatASuccessfulChunkTeachesTheKey) {
+    policy::PlanInputs no_model;
+    no_model.ceiling = 0;
+    no_model.largest_success = 10;
+    policy::PlanInputs with_ceiling = no_model;
+    with_ceiling.ceiling = 16;
+    policy::PlanInputs model;
+    model.model.samples = 4;
+    model.model.bytes_per_unit = 1_MiB;
+    model.evidence.ran_size = 20;
+    model.evidence.ran_free = 4_GiB;
+    policy::PlanInputs model_failed = model;
+    model_failed.evidence.failed_size = 30;
+    model_failed.evidence.failed_free = 4_GiB;
+    auto ran = [](std::uint64_t size, std::uint64_t free, bool at_limit, std::uint64_t limit,
+                  bool peak) {
+        policy::ChunkRan r;
+        r.size = size;
+        r.free_bytes = free;
+        r.at_limit = at_limit;
+        r.limit = limit;
+        r.measured_peak = peak;
+        return r;
+    };
+    struct Row {
+        const char* what;
+        policy::PlanInputs known;
+        std::uint64_t known_limit;
+        policy::ChunkRan ran;
+        bool teaches;
+    };
+    const std::vector<Row> rows = {
+        {"a measured peak is a sample", model, 0, ran(5, 4_GiB, false, 0, true), true},
+        {"a limit that moved", model, 20, ran(10, 4_GiB, true, 25, false), true},
+        {"the same limit again teaches nothing", model, 20, ran(10, 5_GiB, true, 20, false), false},
+        {"larger than any that ran", model, 0, ran(21, 5_GiB, false, 0, false), true},
+        {"as large with less memory", model, 0, ran(20, 3_GiB, false, 0, false), true},
+        {"as large with more memory: nothing", model, 0, ran(20, 5_GiB, false, 0, false), false},
+        {"smaller: nothing", model, 0, ran(19, 1_GiB, false, 0, false), false},
+        {"at the limit under a failure", model_failed, 0, ran(10, 5_GiB, true, 0, false), true},
+        {"at the failed size", model_failed, 0, ran(30, 5_GiB, false, 0, false), true},
+        {"under a failure, not at the limit", model_failed, 0, ran(10, 5_GiB, false, 0, false),
+         false},
+        {"no model, at the ceiling", with_ceiling, 16, ran(16, 0, true, 16, false), true},
+        {"no model, no ceiling, at a limit", no_model, 16, ran(16, 0, true, 16, false), false},
+        {"no model, above the largest success", no_model, 0, ran(11, 0, false, 0, false), true},
+        {"no model, not above it", no_model, 0, ran(10, 0, false, 0, false), false},
+    };
+    for (const Row& row : rows)
+        EXPECT_EQ(policy::success_teaches(row.known, row.known_limit, row.ran), row.teaches)
+            << row.what;
+}
+
+TEST(RunPolicyLimitGrew, AModelLimitMoreThanAnEighthUp) {
+    EXPECT_TRUE(policy::limit_grew(true, 80, 91));
+    EXPECT_FALSE(policy::limit_grew(true, 80, 90));    // exactly an eighth: jitter
+    EXPECT_FALSE(policy::limit_grew(false, 80, 200));  // the ceiling's growth has its own event
+    EXPECT_FALSE(policy::limit_grew(true, 0, 200));    // nothing before
+    EXPECT_FALSE(policy::limit_grew(true, kMax, kMax));
+}
+
+}  // namespace
