@@ -166,11 +166,12 @@ class ModelRegistry : private detail::SlotOwner {
           options_((options.validate(), std::move(options))),
           clock_(options_.clock ? options_.clock : guard.options().clock),
           sleep_(options_.sleep ? options_.sleep : guard.options().sleep),
-          peers_(options_.peers, options_.peer_timeout, options_.peer_cooldown),
+          peers_(options_.peers, detail::saturating_duration(options_.peer_timeout),
+                 detail::saturating_duration(options_.peer_cooldown)),
           relief_mutex_(detail::device_relief_mutex(detail::device_identity(guard.probe()))) {
         if (options_.reaper)
             reaper_ = std::make_unique<detail::Reaper>(
-                options_.reaper_interval, [this] { tick(clock_()); },
+                detail::saturating_duration(options_.reaper_interval), [this] { tick(clock_()); },
                 [this](const std::string& message) { log(Level::warn, message); });
     }
 
@@ -279,7 +280,8 @@ class ModelRegistry : private detail::SlotOwner {
             if (seen.state != ModelState::loaded || seen.leases > 0) continue;
             bool still_referenced = false;
             const UnloadResult result = detail::SlotAccess::try_unload(
-                *slot, now, options_.idle_timeout, std::nullopt, &still_referenced);
+                *slot, now, detail::saturating_duration(options_.idle_timeout), std::nullopt,
+                &still_referenced);
             if (!result.unloaded()) continue;
             ++count;
             bump(stats_.idle_unloads);
@@ -305,7 +307,7 @@ class ModelRegistry : private detail::SlotOwner {
             std::lock_guard<std::mutex> lock(mutex_);
             const pressure::Action action =
                 pressure::decide(relief.usage_before, options_.pressure_threshold, last_relief_,
-                                 now, options_.pressure_rate_limit);
+                                 now, detail::saturating_duration(options_.pressure_rate_limit));
             if (action != pressure::Action::act) {
                 relief.rate_limited = action == pressure::Action::rate_limited;
                 return relief;

@@ -349,7 +349,8 @@ CostModel fit_cost(const Samples& samples, std::uint64_t planned_size = 0) noexc
     for (std::size_t i = 0; i < count; ++i) largest = std::max(largest, kept[i].size);
     if (planned_size != 0) largest = std::min(largest, planned_size);
     for (std::size_t i = 0; i < count; ++i) {
-        if (kept[i].size * 2 >= largest)
+        // Saturating: a size past 2^63 (weights saturate at 2^64 - 1) must not wrap to "small".
+        if (saturating_add(kept[i].size, kept[i].size) >= largest)
             model.costliest_unit = std::max(model.costliest_unit, detail::per_unit(kept[i]));
     }
     const double slope = detail::theil_sen_slope(kept, count);

@@ -199,7 +199,7 @@ class PeerRelief {
             if (entry.last_asked) {
                 s.asked_ago = to_seconds(now - *entry.last_asked);
                 if (relief::cooling_down(entry.last_asked, now, cooldown_))
-                    s.cooldown_left_seconds = to_seconds(*entry.last_asked + cooldown_ - now);
+                    s.cooldown_left_seconds = to_seconds(cooldown_ - (now - *entry.last_asked));
             }
             result.push_back(std::move(s));
         }
