@@ -127,30 +127,38 @@ class EncodeRun {
         return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
     }
 
-    // Refuse (or wait) only when not even the cheapest item seen so far fits: items differ and
-    // an encode adapts its batches, so only "nothing can run" is a reason to say no. Memory held
-    // by this guard's own calls comes back when they finish: a refusal is decided against a
-    // reading that two "alone" checks bracket, and otherwise the call goes ahead and takes turns.
+    // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
+    // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
+    // planning). An item no heavier than one that ran is never "can never fit": its estimate is
+    // capped at what the empty device admits, or one heavy item would refuse every later call of
+    // the key for ever, persisted (repro_cheapest_brick). Memory held by this guard's own calls
+    // comes back when they finish: a refusal is decided against a reading that two "alone" checks
+    // bracket, and otherwise the call goes ahead and takes turns.
     void admit_call() {
         const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
         if (cheapest == 0 || n_ == 0) return;
         const std::uint64_t smallest =
             weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
-        const std::uint64_t one_item =
-            policy::scale_bytes(policy::scale_bytes(cheapest, static_cast<double>(smallest)),
-                                guard_.options_.history_headroom);
+        const bool ran_before =
+            smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
+        const std::uint64_t estimate = policy::scale_bytes(cheapest, static_cast<double>(smallest));
+        const double margin = guard_.options_.safety_margin;
+        auto one_item = [estimate, ran_before, margin](std::uint64_t total) {
+            const std::uint64_t kept = policy::margin_bytes(total, margin);
+            const std::uint64_t admissible = total > kept ? total - kept : 0;
+            return ran_before ? std::min(estimate, admissible) : estimate;
+        };
         const MemoryInfo seen = guard_.probe_.memory();
-        if (policy::admits(one_item, seen, guard_.options_.safety_margin) || !guard_.alone())
-            return;
-        hold_ =
-            guard_.admission_
-                .admit(
-                    key_, "encode",
-                    [one_item](std::uint64_t) {
-                        return policy::Requirement{one_item, policy::RequirementSource::measured};
-                    },
-                    [this] { return !guard_.alone(); })
-                .hold;
+        if (policy::admits(one_item(seen.total_bytes), seen, margin) || !guard_.alone()) return;
+        hold_ = guard_.admission_
+                    .admit(
+                        key_, "encode",
+                        [one_item](std::uint64_t total) {
+                            return policy::Requirement{one_item(total),
+                                                       policy::RequirementSource::measured};
+                        },
+                        [this] { return !guard_.alone(); })
+                    .hold;
     }
 
     Chunk plan() {
@@ -169,8 +177,9 @@ class EncodeRun {
         chunk.takes_turns = chunk.alone && taught_by_oom;
         // Every chunk is measured until half a window of measurements was taken (a chunk that
         // ran inside the cache measures 0 and is no sample, but counts here), then one in
-        // measure_every.
-        chunk.measured = Guard::measures_peaks &&
+        // measure_every. A call made inside another run of the guard on this thread (a loader's
+        // warm-up) is part of that run: nothing of it is measured, nor counted as spoiled.
+        chunk.measured = Guard::measures_peaks && !guard_.runs_.running_here() &&
                          (learner_.published.measured.load(std::memory_order_relaxed) <
                               policy::cost_window / 2 ||
                           learner_.published.chunks.fetch_add(1, std::memory_order_relaxed) %
@@ -389,11 +398,12 @@ class EncodeRun {
 
     // An item that ran out of memory alone. While other runs of this guard held memory the
     // failure says nothing about the item: it takes the guard for itself (new runs wait, the
-    // running ones finish) and retries really alone, without counting the failure.
+    // running ones finish) and retries really alone, without counting the failure. Not from
+    // inside another run of the guard on this thread: the turn would wait for that run.
     void on_item_oom(const Chunk& chunk, const std::exception_ptr& error,
                      const std::optional<OomReport>& report, const MemoryInfo& after) {
         retry_limit_ = 1;
-        if (!exclusive_ && guard_.runs_.others_running()) {
+        if (!exclusive_ && !guard_.runs_.running_here() && guard_.runs_.others_running()) {
             Event event(EventKind::item_exclusive, key_, "encode");
             event.item = pos_;
             event.error = &error;
