@@ -158,6 +158,11 @@ struct RegistryStatus {
 // while deciding, evicting and loading, never while waiting for a lease to end. A loader must not
 // acquire() another unloaded model of the same registry (that load would wait for its own turn:
 // std::logic_error), nor its own slot.
+//
+// A peer's relieve() runs on a thread of its own and is abandoned at its deadline. The destructor
+// waits (real time, at most peer_timeout) for such calls still running, so a Peer may use what
+// lives as long as the registry (the registry itself, the guard, the device); one still running
+// after that is logged and left, and must own (by shared_ptr) anything it touches later.
 template <class Probe>
 class ModelRegistry : private detail::SlotOwner {
    public:
@@ -182,6 +187,15 @@ class ModelRegistry : private detail::SlotOwner {
     // lease ends. No call into the registry may still be running.
     ~ModelRegistry() {
         reaper_.reset();
+        try {
+            if (!wait_for_peer_calls(options_.peer_timeout))
+                log(Level::warn,
+                    "model registry: " + std::to_string(peers_.calls_running()) +
+                        " peer call(s) still running after the registry waited " +
+                        ms_text(options_.peer_timeout) +
+                        " for them on destruction; a peer must not use the registry past that");
+        } catch (...) {
+        }
         for (const auto& slot : slots()) detail::SlotAccess::detach(*slot);
         try {
             guard_.probe().release_cached();
@@ -331,6 +345,12 @@ class ModelRegistry : private detail::SlotOwner {
     }
 
     // A snapshot for a status endpoint: every model (loaded or not), the device, the counters.
+    // Waits (real time, at most `timeout`) for the peer calls still running on their own
+    // threads, those abandoned at their deadline too. True when none runs any more.
+    bool wait_for_peer_calls(std::chrono::milliseconds timeout) {
+        return peers_.wait_for_calls(detail::saturating_duration(timeout));
+    }
+
     RegistryStatus status() const {
         RegistryStatus status;
         const TimePoint now = clock_();
