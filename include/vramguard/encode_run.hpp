@@ -129,11 +129,11 @@ class EncodeRun {
 
     // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
     // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
-    // planning). An item no heavier than one that ran is never "can never fit": its estimate is
-    // capped at what the empty device admits, or one heavy item would refuse every later call of
-    // the key for ever, persisted (repro_cheapest_brick). Memory held by this guard's own calls
-    // comes back when they finish: a refusal is decided against a reading that two "alone" checks
-    // bracket, and otherwise the call goes ahead and takes turns.
+    // planning). An item no heavier than one that ran, estimated within the device, is never "can
+    // never fit": its estimate is capped at what the empty device admits, or one heavy item would
+    // refuse every later call of the key for ever, persisted (repro_cheapest_brick). Memory held
+    // by this guard's own calls comes back when they finish: a refusal is decided against a
+    // reading that two "alone" checks bracket, and otherwise the call goes ahead and takes turns.
     void admit_call() {
         const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
         if (cheapest == 0 || n_ == 0) return;
@@ -146,7 +146,7 @@ class EncodeRun {
         auto one_item = [estimate, ran_before, margin](std::uint64_t total) {
             const std::uint64_t kept = policy::margin_bytes(total, margin);
             const std::uint64_t admissible = total > kept ? total - kept : 0;
-            return ran_before ? std::min(estimate, admissible) : estimate;
+            return ran_before && estimate <= total ? std::min(estimate, admissible) : estimate;
         };
         const MemoryInfo seen = guard_.probe_.memory();
         if (policy::admits(one_item(seen.total_bytes), seen, margin) || !guard_.alone()) return;

@@ -246,12 +246,22 @@ class Guard {
         detail::publish(stats_, options_.log, options_.log_level, event);
     }
 
+    // A measured peak that fits the device ran on it: x history_headroom it is capped at what the
+    // empty device admits, so one load that used most of the device does not make the key "never
+    // fit" for ever (the peak is persisted), as for encode (repro_cheapest_brick).
     policy::Requirement requirement_for(const Key& key, std::optional<std::uint64_t> declared,
                                         std::uint64_t total_bytes) {
         const std::uint64_t measured =
             declared ? 0 : key_memory(key).load_peak.load(std::memory_order_acquire);
-        return policy::required_bytes(declared, measured, total_bytes, options_.history_headroom,
-                                      options_.first_run_fraction);
+        policy::Requirement requirement =
+            policy::required_bytes(declared, measured, total_bytes, options_.history_headroom,
+                                   options_.first_run_fraction);
+        if (requirement.source == policy::RequirementSource::measured && measured <= total_bytes) {
+            const std::uint64_t kept = policy::margin_bytes(total_bytes, options_.safety_margin);
+            requirement.bytes =
+                std::min(requirement.bytes, total_bytes > kept ? total_bytes - kept : 0);
+        }
+        return requirement;
     }
 
     template <class F>

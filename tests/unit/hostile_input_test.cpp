@@ -133,6 +133,31 @@ TEST(HostileInput, AWeightedItemHeavierThanAnythingThatRanCanStillNeverFit) {
     EXPECT_EQ(guard.encode(key, same, MiBItems{device}, weight), same);
 }
 
+// The same for a load: a 15 GiB model loaded on a 16 GiB device; its peak x 1.2 headroom + 10 %
+// margin "could never fit", so the model could never be loaded again (the peak is persisted). A
+// peak measured above the whole device (another, larger device's profile) still never fits.
+TEST(HostileInput, OneLoadThatUsedMostOfTheDeviceDoesNotMakeItsKeyNeverFit) {
+    SimulatedDevice device(16_GiB);
+    ManualClock clock;
+    CapturedLog log;
+    Guard<SimulatedDevice> guard(device, test_options(clock, log));
+    const Key key = Key::of("big-model", {});
+    for (int load = 0; load < 2; ++load) {
+        std::optional<SimulatedDevice::Allocation> weights;
+        EXPECT_NO_THROW(guard.load(key, [&] { weights = device.allocate(15_GiB); }))
+            << "load " << load;
+        EXPECT_TRUE(weights);
+    }
+    const Key larger = Key::of("from-a-larger-device", {});
+    guard.profiles().record_peak(larger, 20_GiB);
+    try {
+        guard.load(larger, [] {});
+        ADD_FAILURE() << "a load measured at 20 GiB was started on a 16 GiB device";
+    } catch (const InsufficientMemory& error) {
+        EXPECT_TRUE(error.can_never_fit()) << error.what();
+    }
+}
+
 // ---- a loader that warms up through guard.encode (repro_warmup_hang) ----------------------------
 
 struct WarmUpScene {
