@@ -570,7 +570,8 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
 
     // Admits `required` bytes plus `margin_bytes` kept free against the free memory `read_memory`
     // reports, read under the lock, minus every live reservation on the host, and reserves them,
-    // in one locked step. When the ledger cannot be used, against the reading alone.
+    // in one locked step. When the ledger cannot be used, against the reading alone; a full one
+    // refuses (Decision::refused_because), since it could not record the reservation.
     Decision try_reserve(std::uint64_t required, std::uint64_t margin_bytes,
                          const std::function<MemoryInfo()>& read_memory) override {
         Decision decision;
@@ -949,7 +950,6 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return changed;
     }
 
-    // Host-wide admission is off until an operation works again; said once per such stretch.
     // A full ledger is readable: admitting without an entry would hide the reservation from the
     // next process (over-admission), so nothing is admitted until a reservation ends; `available`
     // still counts the live ones.
@@ -963,6 +963,7 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return std::move(decision);
     }
 
+    // Host-wide admission is off until an operation works again; said once per such stretch.
     void unusable(const std::string& reason) {
         if (failing_.exchange(true, std::memory_order_relaxed)) return;
         detail::emit(options_.log, Level::warn,
