@@ -116,6 +116,19 @@ TimePoint deadline_after(TimePoint now, std::chrono::duration<Rep, Period> wait)
     return now + std::chrono::duration_cast<Duration>(wait);
 }
 
+// A duration in the clock's unit, saturating: milliseconds::max() ("for ever") becomes
+// Duration::max(), not (overflowed) -1 ms; a negative one saturates at Duration::min().
+template <class Rep, class Period>
+constexpr Duration saturating_duration(std::chrono::duration<Rep, Period> d) noexcept {
+    using Seconds = std::chrono::duration<double>;
+    const double seconds = std::chrono::duration_cast<Seconds>(d).count();
+    if (seconds >= std::chrono::duration_cast<Seconds>(Duration::max()).count())
+        return Duration::max();
+    if (seconds <= std::chrono::duration_cast<Seconds>(Duration::min()).count())
+        return Duration::min();
+    return std::chrono::duration_cast<Duration>(d);
+}
+
 // Polls `ready` every `interval` until it holds or `deadline` passes; never sleeps past the
 // deadline. Returns whether `ready` held.
 template <class Ready>

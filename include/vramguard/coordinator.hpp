@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 
 VRAMGUARD_BEGIN_NAMESPACE
 
@@ -27,6 +28,7 @@ class Coordinator {
         std::unique_ptr<Hold> hold;   // set when admitted
         std::uint64_t available = 0;  // what this process may take after others' reservations
         MemoryInfo seen;              // the reading the decision was made against
+        std::string refused_because;  // refused although `available` fits (a full ledger), or ""
     };
 
     // Admits `required` bytes (plus `margin_bytes` kept free) against this process's probe reading

@@ -570,7 +570,8 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
 
     // Admits `required` bytes plus `margin_bytes` kept free against the free memory `read_memory`
     // reports, read under the lock, minus every live reservation on the host, and reserves them,
-    // in one locked step. When the ledger cannot be used, against the reading alone.
+    // in one locked step. When the ledger cannot be used, against the reading alone; a full one
+    // refuses (Decision::refused_because), since it could not record the reservation.
     Decision try_reserve(std::uint64_t required, std::uint64_t margin_bytes,
                          const std::function<MemoryInfo()>& read_memory) override {
         Decision decision;
@@ -603,10 +604,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
                 // one.
                 if (mine.id != 0) detail::HeldReservations::instance().add(path_, mine);
             });
-        if (failure || full) {
-            unusable(failure ? *failure
-                             : "it holds " + std::to_string(detail::max_ledger_entries) +
-                                   " live reservations (leaked holds?)");
+        if (full) return refuse_full(decision);
+        full_.store(false, std::memory_order_relaxed);
+        if (failure) {
+            unusable(*failure);
             if (!read) decision.seen = read_memory();
             decision.available = decision.seen.free_bytes;
             if (fits(required, margin_bytes, decision.available))
@@ -949,6 +950,19 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return changed;
     }
 
+    // A full ledger is readable: admitting without an entry would hide the reservation from the
+    // next process (over-admission), so nothing is admitted until a reservation ends; `available`
+    // still counts the live ones.
+    Decision refuse_full(Decision& decision) {
+        decision.refused_because =
+            "the host ledger " + path_ + " is full (" + std::to_string(detail::max_ledger_entries) +
+            " live reservations: leaked holds?), so no reservation can be recorded";
+        if (!full_.exchange(true, std::memory_order_relaxed))
+            detail::emit(options_.log, Level::warn,
+                         decision.refused_because + "; admission is refused until one ends");
+        return std::move(decision);
+    }
+
     // Host-wide admission is off until an operation works again; said once per such stretch.
     void unusable(const std::string& reason) {
         if (failing_.exchange(true, std::memory_order_relaxed)) return;
@@ -976,6 +990,7 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     std::string path_;       // the ledger
     std::string lock_path_;  // "<ledger>.lock"
     std::atomic<bool> failing_{false};
+    std::atomic<bool> full_{false};  // said once per spell of a full ledger
     std::atomic<bool> single_item_failing_{false};
 };
 

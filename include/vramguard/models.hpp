@@ -158,6 +158,11 @@ struct RegistryStatus {
 // while deciding, evicting and loading, never while waiting for a lease to end. A loader must not
 // acquire() another unloaded model of the same registry (that load would wait for its own turn:
 // std::logic_error), nor its own slot.
+//
+// A peer's relieve() runs on a thread of its own and is abandoned at its deadline. The destructor
+// waits (real time, at most peer_timeout) for such calls still running, so a Peer may use what
+// lives as long as the registry (the registry itself, the guard, the device); one still running
+// after that is logged and left, and must own (by shared_ptr) anything it touches later.
 template <class Probe>
 class ModelRegistry : private detail::SlotOwner {
    public:
@@ -166,11 +171,12 @@ class ModelRegistry : private detail::SlotOwner {
           options_((options.validate(), std::move(options))),
           clock_(options_.clock ? options_.clock : guard.options().clock),
           sleep_(options_.sleep ? options_.sleep : guard.options().sleep),
-          peers_(options_.peers, options_.peer_timeout, options_.peer_cooldown),
+          peers_(options_.peers, detail::saturating_duration(options_.peer_timeout),
+                 detail::saturating_duration(options_.peer_cooldown)),
           relief_mutex_(detail::device_relief_mutex(detail::device_identity(guard.probe()))) {
         if (options_.reaper)
             reaper_ = std::make_unique<detail::Reaper>(
-                options_.reaper_interval, [this] { tick(clock_()); },
+                detail::saturating_duration(options_.reaper_interval), [this] { tick(clock_()); },
                 [this](const std::string& message) { log(Level::warn, message); });
     }
 
@@ -181,6 +187,15 @@ class ModelRegistry : private detail::SlotOwner {
     // lease ends. No call into the registry may still be running.
     ~ModelRegistry() {
         reaper_.reset();
+        try {
+            if (!wait_for_peer_calls(options_.peer_timeout))
+                log(Level::warn,
+                    "model registry: " + std::to_string(peers_.calls_running()) +
+                        " peer call(s) still running after the registry waited " +
+                        ms_text(options_.peer_timeout) +
+                        " for them on destruction; a peer must not use the registry past that");
+        } catch (...) {
+        }
         for (const auto& slot : slots()) detail::SlotAccess::detach(*slot);
         try {
             guard_.probe().release_cached();
@@ -279,7 +294,8 @@ class ModelRegistry : private detail::SlotOwner {
             if (seen.state != ModelState::loaded || seen.leases > 0) continue;
             bool still_referenced = false;
             const UnloadResult result = detail::SlotAccess::try_unload(
-                *slot, now, options_.idle_timeout, std::nullopt, &still_referenced);
+                *slot, now, detail::saturating_duration(options_.idle_timeout), std::nullopt,
+                &still_referenced);
             if (!result.unloaded()) continue;
             ++count;
             bump(stats_.idle_unloads);
@@ -305,7 +321,7 @@ class ModelRegistry : private detail::SlotOwner {
             std::lock_guard<std::mutex> lock(mutex_);
             const pressure::Action action =
                 pressure::decide(relief.usage_before, options_.pressure_threshold, last_relief_,
-                                 now, options_.pressure_rate_limit);
+                                 now, detail::saturating_duration(options_.pressure_rate_limit));
             if (action != pressure::Action::act) {
                 relief.rate_limited = action == pressure::Action::rate_limited;
                 return relief;
@@ -329,6 +345,12 @@ class ModelRegistry : private detail::SlotOwner {
     }
 
     // A snapshot for a status endpoint: every model (loaded or not), the device, the counters.
+    // Waits (real time, at most `timeout`) for the peer calls still running on their own
+    // threads, those abandoned at their deadline too. True when none runs any more.
+    bool wait_for_peer_calls(std::chrono::milliseconds timeout) {
+        return peers_.wait_for_calls(detail::saturating_duration(timeout));
+    }
+
     RegistryStatus status() const {
         RegistryStatus status;
         const TimePoint now = clock_();

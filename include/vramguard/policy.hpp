@@ -71,6 +71,17 @@ inline bool admits(std::uint64_t required, const MemoryInfo& memory,
            memory.free_bytes - required >= margin_bytes(memory.total_bytes, safety_margin);
 }
 
+// A cost measured on this device ran on it: an estimate derived from it (x history_headroom, x an
+// item count) is capped at what the empty device admits, so one run that used most of the device
+// never makes its key "never fit" for ever, persisted (repro_cheapest_brick). An estimate of
+// something that did not run here stays as it is.
+inline std::uint64_t capped_by_device(std::uint64_t estimate, bool ran_on_device,
+                                      std::uint64_t total_bytes, double safety_margin) noexcept {
+    if (!ran_on_device) return estimate;
+    const std::uint64_t kept = margin_bytes(total_bytes, safety_margin);
+    return std::min(estimate, total_bytes > kept ? total_bytes - kept : 0);
+}
+
 // Work that would not fit on an empty device is refused at once instead of waited for.
 inline bool can_ever_fit(std::uint64_t required, std::uint64_t total_bytes,
                          double safety_margin) noexcept {
@@ -349,7 +360,8 @@ CostModel fit_cost(const Samples& samples, std::uint64_t planned_size = 0) noexc
     for (std::size_t i = 0; i < count; ++i) largest = std::max(largest, kept[i].size);
     if (planned_size != 0) largest = std::min(largest, planned_size);
     for (std::size_t i = 0; i < count; ++i) {
-        if (kept[i].size * 2 >= largest)
+        // Saturating: a size past 2^63 (weights saturate at 2^64 - 1) must not wrap to "small".
+        if (saturating_add(kept[i].size, kept[i].size) >= largest)
             model.costliest_unit = std::max(model.costliest_unit, detail::per_unit(kept[i]));
     }
     const double slope = detail::theil_sen_slope(kept, count);
@@ -547,13 +559,14 @@ inline bool in_learning_phase(unsigned measurements_taken) noexcept {
 }
 
 struct ChunkFacts {
-    ChunkPlan plan;                 // plan_chunk's answer for the reading now
-    std::uint64_t retry_limit = 0;  // the size decided when the previous chunk ran out of memory
-    bool measures_peaks = false;    // the probe can measure a chunk
-    bool learning = false;          // in_learning_phase(measurements taken of the key)
-    unsigned chunk_number = 0;      // chunks planned since the learning phase ended
-    unsigned spoiled = 0;           // measurements of the key in a row that other runs overlapped
-    bool exclusive_held = false;    // this call holds the guard for an item retried alone
+    ChunkPlan plan;                   // plan_chunk's answer for the reading now
+    std::uint64_t retry_limit = 0;    // the size decided when the previous chunk ran out of memory
+    bool measures_peaks = false;      // the probe can measure a chunk
+    bool inside_another_run = false;  // called inside another run of the guard on this thread
+    bool learning = false;            // in_learning_phase(measurements taken of the key)
+    unsigned chunk_number = 0;        // chunks planned since the learning phase ended
+    unsigned spoiled = 0;             // measurements of the key in a row that other runs overlapped
+    bool exclusive_held = false;      // this call holds the guard for an item retried alone
 };
 
 struct ChunkDecision {
@@ -568,8 +581,10 @@ inline ChunkDecision decide_chunk(const ChunkFacts& facts) noexcept {
     decision.limit = facts.retry_limit != 0 ? facts.retry_limit : facts.plan.limit;
     decision.taught_by_oom =
         !facts.plan.from_model || facts.plan.bounded_by_failure || facts.retry_limit != 0;
-    decision.measure =
-        facts.measures_peaks && (facts.learning || facts.chunk_number % measure_every == 0);
+    // A call made inside another run of the guard on this thread (a loader's warm-up through
+    // encode) is part of that run: nothing of it is measured, nor counted as spoiled.
+    decision.measure = !facts.inside_another_run && facts.measures_peaks &&
+                       (facts.learning || facts.chunk_number % measure_every == 0);
     // Chunks that always overlap others would never be measured alone: after a few spoiled
     // measurements, the next measured chunk takes the guard for itself.
     decision.measure_exclusively =
@@ -596,9 +611,11 @@ inline std::uint64_t oom_lower_bound(const std::optional<OomReport>& report,
 
 // When an item that ran out of memory alone is retried really alone: while other runs of the
 // guard held memory, the failure says nothing about the item, so it takes the guard for itself
-// (new runs wait, running ones finish) and is retried without counting the failure. Once.
-inline bool retry_exclusively(bool exclusive_held, bool others_running) noexcept {
-    return !exclusive_held && others_running;
+// (new runs wait, running ones finish) and is retried without counting the failure. Once; and not
+// from inside another run of the guard on this thread, whose turn would wait for that run.
+inline bool retry_exclusively(bool exclusive_held, bool inside_another_run,
+                              bool others_running) noexcept {
+    return !exclusive_held && !inside_another_run && others_running;
 }
 
 enum class ItemOomStep {
@@ -610,6 +627,7 @@ enum class ItemOomStep {
 
 struct ItemOomFacts {
     bool exclusive_held = false;        // this call already holds the guard for the item
+    bool inside_another_run = false;    // called inside another run of the guard on this thread
     bool others_running = false;        // other runs of the guard hold memory now
     unsigned item_failures = 0;         // counted failures of the item by itself, this one included
     unsigned attempts = 0;              // Options::single_item_attempts
@@ -618,7 +636,7 @@ struct ItemOomFacts {
 };
 
 inline ItemOomStep after_item_oom(const ItemOomFacts& facts) noexcept {
-    if (retry_exclusively(facts.exclusive_held, facts.others_running))
+    if (retry_exclusively(facts.exclusive_held, facts.inside_another_run, facts.others_running))
         return ItemOomStep::retry_exclusively;
     if (facts.item_failures >= facts.attempts || facts.hopeless) return ItemOomStep::give_up;
     return facts.requested_bytes > 0 ? ItemOomStep::wait_for_memory : ItemOomStep::pause;

@@ -127,12 +127,18 @@ inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
 // Runs the call on its own thread and waits for it until request.deadline on the injected clock
 // (real-time waits of `slice` on a condition variable; the injected sleep when the clock did not
 // move meanwhile, as a ManualClock does not): a peer that ignores its deadline costs the load no
-// more than it. Such a call is left to finish on its own; it owns what it uses.
+// more than it. Such a call is left to finish on its own; it owns what it uses, and `running`
+// (moved into it) counts it until it has returned and let go of the peer.
 inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequest& request,
-                                    const ClockFn& clock, const SleepFn& sleep, Duration slice) {
+                                    const ClockFn& clock, const SleepFn& sleep, Duration slice,
+                                    CallCount::Token running) {
     std::optional<DetachedCall<PeerReply>> call;
     try {
-        call.emplace([peer, request] { return call_peer(*peer, request); });
+        call.emplace([peer, request, running = std::move(running)]() mutable {
+            PeerReply reply = call_peer(*peer, request);
+            peer.reset();  // before `running` ends: the peer's destructor is the peer's code too
+            return reply;
+        });
     } catch (const std::exception& e) {
         return PeerReply::error(std::string("could not start the call: ") + e.what());
     }
@@ -168,6 +174,11 @@ class PeerRelief {
 
     bool empty() const noexcept { return entries_.empty(); }
 
+    // Waits (real time, at most `timeout`) for the peer calls still running on their threads,
+    // those abandoned at their deadline included; true when none runs any more.
+    bool wait_for_calls(Duration timeout) { return calls_->wait_idle(timeout); }
+    std::size_t calls_running() const { return calls_->running(); }
+
     // Asks the peers in order, skipping those cooling down, until the claims cover `shortfall`.
     ReliefOutcome ask(std::uint64_t shortfall, const std::string& requester, const ClockFn& clock,
                       const SleepFn& sleep, Duration slice) {
@@ -178,7 +189,8 @@ class PeerRelief {
             if (!claim_turn(entry, now, outcome)) continue;
             const ReliefRequest request{shortfall - outcome.claimed, timeout_,
                                         deadline_after(now, timeout_), requester};
-            const PeerReply reply = call_with_deadline(entry.peer, request, clock, sleep, slice);
+            const PeerReply reply = call_with_deadline(entry.peer, request, clock, sleep, slice,
+                                                       CallCount::Token(calls_));
             const std::string answer = describe(reply);
             {
                 std::lock_guard<std::mutex> lock(mutex_);
@@ -199,7 +211,7 @@ class PeerRelief {
             if (entry.last_asked) {
                 s.asked_ago = to_seconds(now - *entry.last_asked);
                 if (relief::cooling_down(entry.last_asked, now, cooldown_))
-                    s.cooldown_left_seconds = to_seconds(*entry.last_asked + cooldown_ - now);
+                    s.cooldown_left_seconds = to_seconds(cooldown_ - (now - *entry.last_asked));
             }
             result.push_back(std::move(s));
         }
@@ -232,6 +244,7 @@ class PeerRelief {
 
     const Duration timeout_;
     const Duration cooldown_;
+    const std::shared_ptr<CallCount> calls_ = std::make_shared<CallCount>();
     mutable std::mutex mutex_;  // the entries' state; never held while a peer is asked
     std::vector<Entry> entries_;
 };

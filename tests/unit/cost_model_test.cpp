@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -85,6 +86,40 @@ TEST(FitCost, OnlyTheNewestWindowIsRead) {
     samples.insert(samples.begin(), CostSample{10, 1000000});  // the oldest: out of the window
     EXPECT_NEAR(fit(samples).bytes_per_unit, 100, 1e-9);
     EXPECT_EQ(fit(samples).samples, policy::cost_window);
+}
+
+// "Near the planned size" is size x 2 >= largest, computed saturating: weights saturate at 2^64
+// - 1, and a size past 2^63 doubled wrapped to a small number, so the very sample that set the
+// largest size was not near it and the costliest unit read 0.
+TEST(FitCost, SizesPastTwoToThe63AreNearThePlannedSizeNotWrapped) {
+    constexpr std::uint64_t max = std::numeric_limits<std::uint64_t>::max();
+    constexpr std::uint64_t half = std::uint64_t(1) << 63;
+    struct Row {
+        const char* what;
+        std::vector<CostSample> samples;
+        std::uint64_t planned;
+        double costliest;
+    };
+    const double per_unit_at_half = static_cast<double>(max) / static_cast<double>(half);
+    const std::vector<Row> rows = {
+        {"2^62", {{half / 2, max}}, 0, 2 * per_unit_at_half},
+        {"2^63", {{half, max}}, 0, per_unit_at_half},
+        {"2^63 + 1",
+         {{half + 1, max}},
+         0,
+         static_cast<double>(max) / static_cast<double>(half + 1)},
+        {"2^64 - 1", {{max, max}}, 0, 1},
+        {"2^63 and 1.5 x 2^63, both near",
+         {{half, max}, {half + half / 2, max}},
+         0,
+         per_unit_at_half},
+        {"planned 2^63: the 2^62 sample is near it too", {{half / 2, half}, {half, max}}, half, 2},
+        {"small sizes unchanged: 3 is not near 8", {{3, 3000}, {8, 4000}}, 0, 500},
+    };
+    for (const Row& row : rows) {
+        const CostModel model = policy::fit_cost(row.samples, row.planned);
+        EXPECT_DOUBLE_EQ(model.costliest_unit, row.costliest) << row.what;
+    }
 }
 
 TEST(CostModel, PredictsTheLargerOfTheLineAndTheCostliestUnitAndInvertsIt) {
@@ -234,6 +269,23 @@ TEST(DeadlineAfter, SaturatesInsteadOfWrappingIntoThePast) {
     EXPECT_EQ(
         detail::deadline_after(TimePoint::max() - std::chrono::seconds(1), std::chrono::hours(1)),
         TimePoint::max());
+}
+
+// RegistryOptions durations are milliseconds; the clock counts nanoseconds. milliseconds::max()
+// ("for ever") converted plainly overflowed to -1 ms (repro_peer_ms_max).
+TEST(SaturatingDuration, Table) {
+    using std::chrono::milliseconds;
+    EXPECT_EQ(detail::saturating_duration(milliseconds::max()), Duration::max());
+    EXPECT_EQ(detail::saturating_duration(milliseconds::min()), Duration::min());
+    EXPECT_EQ(detail::saturating_duration(std::chrono::hours::max()), Duration::max());
+    EXPECT_EQ(detail::saturating_duration(milliseconds(250)), Duration(milliseconds(250)));
+    EXPECT_EQ(detail::saturating_duration(milliseconds(-5)), Duration(milliseconds(-5)));
+    EXPECT_EQ(detail::saturating_duration(milliseconds(0)), Duration::zero());
+    EXPECT_EQ(detail::saturating_duration(Duration::max()), Duration::max());
+    // The largest whole milliseconds that fit, and the first that does not.
+    const auto fits = std::chrono::duration_cast<milliseconds>(Duration::max());
+    EXPECT_EQ(detail::saturating_duration(fits), Duration(fits));
+    EXPECT_EQ(detail::saturating_duration(fits + milliseconds(1)), Duration::max());
 }
 
 TEST(CheckedWeight, Table) {

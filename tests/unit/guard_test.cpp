@@ -175,7 +175,7 @@ TEST_F(GuardTest, LoadThatFitsTheDeviceOnlyWithItsMarginCanNeverFitEither) {
 
 TEST_F(GuardTest, EncodeAdmissionSaysWhetherTheCheapestItemCouldEverFit) {
     Guard<SimulatedDevice> guard(device, options);
-    // One measured item of 1 GiB: 1.2 GiB with headroom, refused while only 1 GiB is free.
+    // One measured item of 1 GiB: refused while only 1 GiB is free (a 1 GiB margin is kept).
     ItemByItemEncoder small{device, 1_GiB, {}};
     guard.encode(key, iota_items(1), std::ref(small));
     device.set_external_usage(9_GiB);
@@ -188,20 +188,17 @@ TEST_F(GuardTest, EncodeAdmissionSaysWhetherTheCheapestItemCouldEverFit) {
     }
     device.set_external_usage(0);
 
-    // One measured item of 8 GiB: 9.6 GiB with headroom plus a 1 GiB margin, more than the device.
+    // One measured item of 8 GiB ran; x 1.2 headroom plus a 1 GiB margin it is more than the
+    // device, which once refused it again as "can never fit", for ever (repro_cheapest_brick):
+    // the check is a lower bound now, and an item that ran here is "not now" at worst.
     const Key big = Key::of("encoder", {{"dim", "65536"}});
     ItemByItemEncoder huge{device, 8_GiB, {}};
     guard.encode(big, iota_items(1), std::ref(huge));
-    try {
-        guard.encode(big, iota_items(1), std::ref(huge));
-        FAIL() << "one item needs more than the whole device";
-    } catch (const InsufficientMemory& e) {
-        EXPECT_NE(std::string(e.what()).find("can never fit"), std::string::npos) << e.what();
-        EXPECT_TRUE(e.can_never_fit()) << e.what();
-        EXPECT_EQ(e.available(), 10_GiB);
-    }
-    EXPECT_EQ(huge.sizes.size(), 1u) << "refused before the batch function ran";
-    EXPECT_EQ(guard.stats().rejections, 2u);
+    EXPECT_NO_THROW(guard.encode(big, iota_items(1), std::ref(huge)));
+    EXPECT_EQ(huge.sizes.size(), 2u) << "the item that ran runs again";
+    EXPECT_EQ(guard.stats().rejections, 1u);
+    // (An item estimated above the whole device is still refused at once as can_never_fit:
+    // HostileInput.AWeightedItemHeavierThanAnythingThatRanCanStillNeverFit.)
 }
 
 TEST_F(GuardTest, AdmissionWaitsForMemoryAndIsAdmittedWithinOnePollOfItComingBack) {

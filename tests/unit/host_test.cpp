@@ -676,6 +676,55 @@ TEST_F(HostLedgerTest, AGuardRefusesALoadAnotherProcessHasReserved) {
     EXPECT_EQ(ledger->snapshot()->live_count(), 0u);
 }
 
+// A full ledger (max_ledger_entries live reservations, here all the parent's: alive) can record
+// no more: admitting anyway, unrecorded, hid the reservation from the next worker, and two 4 GiB
+// loads went beside a live 10 GiB one on 16 GiB (repro_ledger_full). It refuses, with the
+// reason, counting the live reservations, and admits (recorded) again once one ends.
+TEST_F(HostLedgerTest, AFullLedgerRefusesInsteadOfAdmittingUnrecorded) {
+    auto ledger = open_ledger();
+    const pid_t parent = ::getppid();
+    const std::uint64_t started = detail::process_start_ticks(parent);
+    ASSERT_NE(started, 0u) << "needs /proc";
+    std::vector<LedgerEntry> entries;
+    for (std::size_t i = 0; i < detail::max_ledger_entries; ++i)
+        entries.push_back({0x1000 + i, parent, started, i == 0 ? 10_GiB : 1, 1, 0});
+    write_file(ledger->path(), detail::serialize_ledger(ledger_of(entries)));
+
+    const std::uint64_t margin = 1_GiB;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+        const auto decision = ledger->try_reserve(4_GiB, margin, reading({16_GiB, 16_GiB}));
+        EXPECT_EQ(decision.hold, nullptr) << "attempt " << attempt;
+        EXPECT_EQ(decision.available, 16_GiB - 10_GiB - (detail::max_ledger_entries - 1));
+        EXPECT_NE(decision.refused_because.find("is full"), std::string::npos)
+            << decision.refused_because;
+    }
+    EXPECT_EQ(ledger->snapshot()->live_count(), detail::max_ledger_entries);
+    EXPECT_EQ(log.count(Level::warn), 1u) << "one warning per spell of a full ledger";
+
+    // Through a guard: a typed refusal that says why.
+    SimulatedDevice device(16_GiB);
+    ManualClock clock;
+    Options options = vramguard_test::test_options(clock, log);
+    options.coordinator = ledger;
+    Guard<SimulatedDevice> guard(device, options);
+    bool loaded = false;
+    try {
+        guard.load(Key::of("model", {}), 4_GiB, [&] { loaded = true; });
+        ADD_FAILURE() << "a full ledger admitted a load it could not record";
+    } catch (const InsufficientMemory& error) {
+        EXPECT_FALSE(error.can_never_fit());
+        EXPECT_NE(std::string(error.what()).find("host ledger"), std::string::npos) << error.what();
+    }
+    EXPECT_FALSE(loaded);
+
+    entries.pop_back();  // one reservation ended
+    write_file(ledger->path(), detail::serialize_ledger(ledger_of(entries)));
+    const auto decision = ledger->try_reserve(4_GiB, margin, reading({16_GiB, 16_GiB}));
+    ASSERT_NE(decision.hold, nullptr);
+    EXPECT_TRUE(decision.refused_because.empty());
+    EXPECT_EQ(ledger->snapshot()->live_count(), detail::max_ledger_entries) << "recorded";
+}
+
 // Pre-forked workers, each with its own Guard, loading 4 GiB models onto one 16 GiB device in
 // shared memory: three fit beside the 10 % margin. Without the ledger all six start and some OOM.
 struct PreforkOutcome {

@@ -83,7 +83,7 @@ TEST(RunPolicyDecideChunk, LimitTurnsAndMeasurement) {
     policy::ChunkPlan ceiling_plan;  // no model: the OOM-learned ceiling
     ceiling_plan.limit = 16;
     auto facts = [](policy::ChunkPlan plan, std::uint64_t retry, bool peaks, bool learning,
-                    unsigned number, unsigned spoiled, bool exclusive) {
+                    unsigned number, unsigned spoiled, bool exclusive, bool nested = false) {
         policy::ChunkFacts f;
         f.plan = plan;
         f.retry_limit = retry;
@@ -92,6 +92,7 @@ TEST(RunPolicyDecideChunk, LimitTurnsAndMeasurement) {
         f.chunk_number = number;
         f.spoiled = spoiled;
         f.exclusive_held = exclusive;
+        f.inside_another_run = nested;
         return f;
     };
     const std::vector<Row> rows = {
@@ -119,6 +120,9 @@ TEST(RunPolicyDecideChunk, LimitTurnsAndMeasurement) {
         {"already exclusive for an item",
          facts(model_plan, 0, true, true, 0, policy::spoiled_before_exclusive, true), 40, false,
          true, false},
+        {"inside another run of the guard: not measured",
+         facts(model_plan, 0, true, true, 0, policy::spoiled_before_exclusive, false, true), 40,
+         false, false, false},
         {"not measured: never exclusive",
          facts(model_plan, 0, true, false, 3, policy::spoiled_before_exclusive, false), 40, false,
          false, false},
@@ -164,10 +168,20 @@ TEST(RunPolicyOomLowerBound, TheLargerOfTheFailedRequestAndTheReadingUnlessTrans
 }
 
 TEST(RunPolicyRetryExclusively, OnceAndOnlyWhileOthersRun) {
-    EXPECT_TRUE(policy::retry_exclusively(false, true));
-    EXPECT_FALSE(policy::retry_exclusively(false, false));
-    EXPECT_FALSE(policy::retry_exclusively(true, true));
-    EXPECT_FALSE(policy::retry_exclusively(true, false));
+    struct Row {
+        bool exclusive_held, inside_another_run, others_running, expected;
+    };
+    const std::vector<Row> rows = {
+        {false, false, true, true},    // others held memory: the failure says nothing
+        {false, false, false, false},  // really alone: the failure counts
+        {true, false, true, false},    // once per item
+        {false, true, true, false},    // inside the caller's own run: would wait for itself
+    };
+    for (const Row& row : rows)
+        EXPECT_EQ(policy::retry_exclusively(row.exclusive_held, row.inside_another_run,
+                                            row.others_running),
+                  row.expected)
+            << row.exclusive_held << row.inside_another_run << row.others_running;
 }
 
 TEST(RunPolicyAfterItemOom, ExclusiveThenGiveUpThenWaitOrPause) {
@@ -256,6 +270,15 @@ TEST(RunPolicySuccessTeaches, WhatASuccessfulChunkTeachesTheKey) {
     for (const Row& row : rows)
         EXPECT_EQ(policy::success_teaches(row.known, row.known_limit, row.ran), row.teaches)
             << row.what;
+}
+
+TEST(RunPolicyCappedByDevice, AnEstimateOfWhatRanHereNeverExceedsTheEmptyDevice) {
+    // 16 GiB, a 10 % margin: the empty device admits 16 GiB - 1.6 GiB.
+    const std::uint64_t admissible = 16_GiB - policy::margin_bytes(16_GiB, 0.1);
+    EXPECT_EQ(policy::capped_by_device(20_GiB, true, 16_GiB, 0.1), admissible);
+    EXPECT_EQ(policy::capped_by_device(1_GiB, true, 16_GiB, 0.1), 1_GiB);
+    EXPECT_EQ(policy::capped_by_device(20_GiB, false, 16_GiB, 0.1), 20_GiB);  // never ran here
+    EXPECT_EQ(policy::capped_by_device(kMax, true, 0, 0.1), 0u);
 }
 
 TEST(RunPolicyLimitGrew, AModelLimitMoreThanAnEighthUp) {

@@ -40,6 +40,7 @@ struct Admitted {
     std::unique_ptr<Hold> hold;
     policy::Requirement requirement;
     MemoryInfo memory;
+    std::string refused_because;  // the coordinator's reason beyond the numbers, or ""
 };
 
 template <class Probe>
@@ -73,7 +74,7 @@ class AdmissionControl {
             wait_to_be_admitted(key, what, admitted, try_once))
             return admitted;
         if (go_ahead()) return admitted;  // refused, but the memory missing is the guard's own
-        reject(key, what, admitted.requirement, available, total, false);
+        reject(key, what, admitted.requirement, available, total, false, admitted.refused_because);
     }
 
     // One reading, reserving nothing: would work needing `requirement` start now?
@@ -129,6 +130,7 @@ class AdmissionControl {
             admitted.memory = decision.seen;
             available = decision.available;
             admitted.hold = std::move(decision.hold);
+            admitted.refused_because = std::move(decision.refused_because);
             return admitted.hold != nullptr;
         }
         available = admitted.memory.free_bytes;
@@ -152,7 +154,8 @@ class AdmissionControl {
 
     [[noreturn]] void reject(const Key& key, const char* what,
                              const policy::Requirement& requirement, std::uint64_t available,
-                             std::uint64_t total, bool never_fits) {
+                             std::uint64_t total, bool never_fits,
+                             const std::string& because = {}) {
         publish(stats_, options_.log, options_.log_level, Event(EventKind::rejected, key, what));
         const std::uint64_t margin = policy::margin_bytes(total, options_.safety_margin);
         std::string message =
@@ -164,6 +167,9 @@ class AdmissionControl {
             message +=
                 "more than the whole device: it can never fit here. Declare a smaller size, "
                 "lower safety_margin or use a larger device.";
+        } else if (!because.empty()) {
+            message += "and " + format_bytes(available) + " is free for this process, but " +
+                       because + ". Release leaked holds or retry later.";
         } else {
             message += "but only " + format_bytes(available) + " is free for this process" +
                        (options_.coordinator ? " after other processes' reservations" : "") +

@@ -5,10 +5,13 @@
 // after its caller gave up touches nothing the caller still holds.
 #pragma once
 
+#include <vramguard/clock.hpp>
 #include <vramguard/version.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstddef>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -17,6 +20,55 @@
 
 VRAMGUARD_BEGIN_NAMESPACE
 namespace detail {
+
+// The calls of one owner still running on their threads, so that the owner can wait for them
+// before it goes (a call that uses the owner must not outlive it). Thread-safe.
+class CallCount {
+   public:
+    // One call running, from its creation to its destruction; move it into the call's capture.
+    class Token {
+       public:
+        explicit Token(std::shared_ptr<CallCount> count) : count_(std::move(count)) {
+            std::lock_guard<std::mutex> lock(count_->mutex_);
+            ++count_->running_;
+        }
+        Token(Token&&) noexcept = default;
+        Token& operator=(Token&&) = delete;
+        Token(const Token&) = delete;
+        Token& operator=(const Token&) = delete;
+        ~Token() {
+            if (!count_) return;
+            std::lock_guard<std::mutex> lock(count_->mutex_);
+            if (--count_->running_ == 0) count_->finished_.notify_all();
+        }
+
+       private:
+        std::shared_ptr<CallCount> count_;
+    };
+
+    // Waits in real time until no call runs, at most `timeout`; true when none runs.
+    bool wait_idle(Duration timeout) {
+        const TimePoint deadline = deadline_after(SteadyClock::now(), timeout);
+        std::unique_lock<std::mutex> lock(mutex_);
+        while (running_ > 0) {
+            const TimePoint now = SteadyClock::now();
+            if (now >= deadline) return false;
+            // In slices: wait_for adds its argument to now, and "for ever" would overflow.
+            finished_.wait_for(lock, std::min<Duration>(deadline - now, std::chrono::hours(1)));
+        }
+        return true;
+    }
+
+    std::size_t running() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return running_;
+    }
+
+   private:
+    mutable std::mutex mutex_;
+    std::condition_variable finished_;
+    std::size_t running_ = 0;
+};
 
 template <class Result>
 class DetachedCall {

@@ -158,8 +158,11 @@ class EncodeRun {
         return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
     }
 
-    // Refuse (or wait) only when not even the cheapest item seen so far fits: items differ and
-    // an encode adapts its batches, so only "nothing can run" is a reason to say no. Memory held
+    // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
+    // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
+    // planning). An item no heavier than one that ran, estimated within the device, is never "can
+    // never fit": its estimate is capped at what the empty device admits, or one heavy item would
+    // refuse every later call of the key for ever, persisted (repro_cheapest_brick). Memory held
     // by this guard's own calls comes back when they finish: a refusal is decided against a
     // reading that two "only call in flight" checks bracket, and otherwise the call goes ahead and
     // takes turns.
@@ -168,21 +171,27 @@ class EncodeRun {
         if (cheapest == 0 || n_ == 0) return;
         const std::uint64_t smallest =
             weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
-        const std::uint64_t one_item =
-            policy::scale_bytes(policy::scale_bytes(cheapest, static_cast<double>(smallest)),
-                                options().history_headroom);
+        const bool ran_before =
+            smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
+        const std::uint64_t estimate = policy::scale_bytes(cheapest, static_cast<double>(smallest));
+        const double margin = options().safety_margin;
+        auto one_item = [estimate, ran_before, margin](std::uint64_t total) {
+            return policy::capped_by_device(estimate, ran_before && estimate <= total, total,
+                                            margin);
+        };
         const MemoryInfo seen = core_.probe().memory();
-        if (policy::admits(one_item, seen, options().safety_margin) || !core_.only_call_in_flight())
+        if (policy::admits(one_item(seen.total_bytes), seen, margin) ||
+            !core_.only_call_in_flight())
             return;
-        hold_ =
-            core_.admission()
-                .admit(
-                    key_, "encode",
-                    [one_item](std::uint64_t) {
-                        return policy::Requirement{one_item, policy::RequirementSource::measured};
-                    },
-                    [this] { return !core_.only_call_in_flight(); })
-                .hold;
+        hold_ = core_.admission()
+                    .admit(
+                        key_, "encode",
+                        [one_item](std::uint64_t total) {
+                            return policy::Requirement{one_item(total),
+                                                       policy::RequirementSource::measured};
+                        },
+                        [this] { return !core_.only_call_in_flight(); })
+                    .hold;
     }
 
     Chunk plan() {
@@ -193,10 +202,11 @@ class EncodeRun {
         facts.plan = plan_for(chunk.inputs, chunk.seen);
         facts.retry_limit = retry_limit_;
         facts.measures_peaks = Core::measures_peaks;
+        facts.inside_another_run = core_.runs().running_here();
         auto& published = learner_.published;
         facts.learning =
             policy::in_learning_phase(published.measured.load(std::memory_order_relaxed));
-        if (facts.measures_peaks && !facts.learning)
+        if (facts.measures_peaks && !facts.inside_another_run && !facts.learning)
             facts.chunk_number = published.chunks.fetch_add(1, std::memory_order_relaxed);
         facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
         facts.exclusive_held = exclusive_.has_value();
@@ -415,6 +425,7 @@ class EncodeRun {
         retry_limit_ = 1;
         policy::ItemOomFacts facts;
         facts.exclusive_held = exclusive_.has_value();
+        facts.inside_another_run = core_.runs().running_here();
         facts.others_running = core_.runs().others_running();
         facts.item_failures = item_failures_ + 1;
         facts.attempts = options().single_item_attempts;

@@ -141,12 +141,19 @@ class GuardCore {
     };
     bool only_call_in_flight() const noexcept { return calls_in_flight_.sum() <= 1; }
 
+    // A load's requirement (policy::required_bytes); a measured peak that fits the device ran on
+    // it, so x history_headroom it is capped at what the empty device admits.
     policy::Requirement requirement_for(const Key& key, std::optional<std::uint64_t> declared,
                                         std::uint64_t total_bytes) {
         const std::uint64_t measured =
             declared ? 0 : key_memory(key).load_peak.load(std::memory_order_acquire);
-        return policy::required_bytes(declared, measured, total_bytes, options_.history_headroom,
-                                      options_.first_run_fraction);
+        policy::Requirement requirement =
+            policy::required_bytes(declared, measured, total_bytes, options_.history_headroom,
+                                   options_.first_run_fraction);
+        if (requirement.source == policy::RequirementSource::measured)
+            requirement.bytes = policy::capped_by_device(requirement.bytes, measured <= total_bytes,
+                                                         total_bytes, options_.safety_margin);
+        return requirement;
     }
 
     // The first answer to anything the caller's work throws: not an OOM -> rethrown untouched,

@@ -7,6 +7,8 @@
 #include <vramguard/clock.hpp>
 #include <vramguard/version.hpp>
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -24,7 +26,9 @@ class Reaper {
     using Warn = std::function<void(const std::string&)>;
 
     Reaper(Duration interval, std::function<void()> tick, Warn warn)
-        : interval_(interval), tick_(std::move(tick)), warn_(std::move(warn)) {
+        : interval_(std::min<Duration>(interval, max_interval)),
+          tick_(std::move(tick)),
+          warn_(std::move(warn)) {
         thread_ = std::thread([this] { run(); });
     }
     Reaper(const Reaper&) = delete;
@@ -66,6 +70,9 @@ class Reaper {
         }
     }
 
+    // condition_variable::wait_for adds the interval to now: Duration::max() ("never") would
+    // overflow into the past and spin. A year is "never" for a housekeeping tick.
+    static constexpr Duration max_interval = std::chrono::hours(24 * 365);
     const Duration interval_;
     const std::function<void()> tick_;
     const Warn warn_;

@@ -28,10 +28,17 @@ class RunTracker {
     explicit RunTracker(bool counts_starts) noexcept : counts_starts_(counts_starts) {}
 
     // One run in progress. `measured`: whether overlap is to be checked for it.
+    //
+    // A run started inside another run of this tracker on the same thread (a loader that warms
+    // up through encode, a batch_fn that encodes) is part of that run: its memory is the outer
+    // run's, so it is neither registered, measured nor a start, and it never waits for an
+    // exclusive turn, which would wait for the outer run, i.e. for itself (repro_warmup_hang).
     class Run {
        public:
         Run(RunTracker& tracker, bool measured, bool exclusive = false)
-            : tracker_(tracker), measured_(measured) {
+            : tracker_(tracker), nested_(tracker.running_here()) {
+            if (nested_) return;
+            measured_ = measured;
             // Registered first, then the turn checked: an exclusive turn sets its flag first,
             // then reads the count, so one of the two always sees the other.
             for (;;) {
@@ -41,6 +48,8 @@ class RunTracker {
                 tracker.turn_changed_.notify_all();
                 tracker.wait_for_turn();
             }
+            outer_ = innermost();
+            innermost() = this;
             // Every run counts as a start, measured or not: a run that starts and ends inside a
             // measurement leaves no other trace, and its peak would be booked as ours. (Not
             // counted where nothing is ever measured: a probe without peaks.)
@@ -50,6 +59,8 @@ class RunTracker {
             solo_ = tracker.running_.sum() <= 1;
         }
         ~Run() {
+            if (nested_) return;
+            innermost() = outer_;
             tracker_.running_.add(-1);
             if (tracker_.exclusive_wanted_.load(std::memory_order_seq_cst))
                 tracker_.turn_changed_.notify_all();
@@ -66,22 +77,28 @@ class RunTracker {
         }
 
        private:
+        friend class RunTracker;
         RunTracker& tracker_;
-        bool measured_;
+        const bool nested_;
+        bool measured_ = false;
         bool solo_ = false;
         std::uint64_t starts_seen_ = 0;
+        Run* outer_ = nullptr;  // this thread's registered run started before this one
     };
 
     // Holding it, no new run of this tracker starts; the constructor returns once the runs that
     // were running have finished (they always do: they are the caller's own batches and loads).
+    // Not to be taken by a thread inside a run of this tracker (running_here()): a turn wanted
+    // elsewhere would wait for that run while it waits for the turn.
     class ExclusiveTurn {
        public:
         explicit ExclusiveTurn(RunTracker& tracker) : tracker_(tracker) {
+            const std::int64_t own = tracker.running_here() ? 1 : 0;
             std::unique_lock<std::mutex> lock(tracker.mutex_);
             tracker.turn_changed_.wait(lock, [&] { return !tracker.exclusive_held_; });
             tracker.exclusive_held_ = true;
             tracker.exclusive_wanted_.store(true, std::memory_order_seq_cst);
-            while (tracker.running_.sum() > 0)
+            while (tracker.running_.sum() > own)
                 tracker.turn_changed_.wait_for(lock, std::chrono::milliseconds(1));
         }
         ~ExclusiveTurn() {
@@ -99,10 +116,24 @@ class RunTracker {
         RunTracker& tracker_;
     };
 
-    // Whether any run is in progress now (read after one's own run ended).
-    bool others_running() const noexcept { return running_.sum() > 0; }
+    // Whether any run other than the calling thread's own (when inside one) is in progress now
+    // (read after one's own chunk ended).
+    bool others_running() const noexcept { return running_.sum() > (running_here() ? 1 : 0); }
+
+    // Whether the calling thread is inside a run of this tracker.
+    bool running_here() const noexcept {
+        for (const Run* run = innermost(); run != nullptr; run = run->outer_)
+            if (&run->tracker_ == this) return true;
+        return false;
+    }
 
    private:
+    // The calling thread's registered runs, innermost first (runs are scoped, so they nest).
+    static Run*& innermost() noexcept {
+        thread_local Run* run = nullptr;
+        return run;
+    }
+
     void wait_for_turn() {
         std::unique_lock<std::mutex> lock(mutex_);
         turn_changed_.wait(lock, [&] { return !exclusive_held_; });
