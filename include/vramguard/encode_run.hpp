@@ -5,16 +5,19 @@
 #pragma once
 
 #include <vramguard/batch_view.hpp>
+#include <vramguard/clock.hpp>
 #include <vramguard/detail/run_tracker.hpp>
 #include <vramguard/errors.hpp>
 #include <vramguard/events.hpp>
 #include <vramguard/key.hpp>
 #include <vramguard/key_memory.hpp>
+#include <vramguard/options.hpp>
 #include <vramguard/policy.hpp>
 #include <vramguard/semaphore.hpp>
 #include <vramguard/version.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <exception>
@@ -87,12 +90,13 @@ class EncodeRun {
 
    public:
     EncodeRun(Guard& guard, const Key& key, It first, std::size_t n, F& batch_fn,
-              const std::vector<std::uint64_t>* weights, bool padded)
+              const EncodeOptions& call, const std::vector<std::uint64_t>* weights, bool padded)
         : guard_(guard),
           key_(key),
           memory_(guard.key_memory(key)),
           learner_(weights ? memory_.weight : memory_.items),
           batch_fn_(batch_fn),
+          call_(call),
           weights_(weights),
           padded_(padded),
           n_(n),
@@ -149,7 +153,7 @@ class EncodeRun {
                     [one_item](std::uint64_t) {
                         return policy::Requirement{one_item, policy::RequirementSource::measured};
                     },
-                    [this] { return !guard_.alone(); })
+                    [this] { return !guard_.alone(); }, call_.deadline)
                 .hold;
     }
 
@@ -164,8 +168,13 @@ class EncodeRun {
         // a plan of one item from the model alone runs beside the guard's other chunks.
         const bool taught_by_oom = !plan.from_model || plan.bounded_by_failure || retry_limit_ != 0;
         if (retry_limit_ != 0) chunk.limit = retry_limit_;  // decided when the OOM was handled
+        // The caller's hint stands in for what a key that learned nothing would run: the whole
+        // batch. It cuts the chunk but is not a learned limit (not at_limit: nothing stores it).
+        const bool hinted = chunk.limit == 0 && call_.first_chunk_limit != 0;
+        if (hinted) chunk.limit = call_.first_chunk_limit;
         retry_limit_ = 0;
         cut(chunk);
+        if (hinted) chunk.at_limit = chunk.alone = false;
         chunk.takes_turns = chunk.alone && taught_by_oom;
         // Every chunk is measured until half a window of measurements was taken (a chunk that
         // ran inside the cache measures 0 and is no sample, but counts here), then one in
@@ -403,7 +412,8 @@ class EncodeRun {
         }
         ++alone_failures_;
         const bool hopeless = Guard::asked_for_more_than_the_device(report, after.total_bytes);
-        if (alone_failures_ >= guard_.options_.single_item_attempts || hopeless)
+        const std::chrono::milliseconds wait = wait_allowed();
+        if (alone_failures_ >= guard_.options_.single_item_attempts || hopeless || past_deadline())
             give_up(error, hopeless, after.total_bytes);
         Event event(EventKind::item_retry, key_, "encode");
         event.item = pos_;
@@ -416,11 +426,23 @@ class EncodeRun {
                 policy::failure_was_transient(report)
                     ? std::nullopt
                     : std::optional<std::uint64_t>(planned_or(chunk, after));
-            guard_.admission_.wait_for_memory(report->requested_bytes, guard_.options_.retry_delay,
-                                              distrusted);
+            guard_.admission_.wait_for_memory(report->requested_bytes, wait, distrusted);
         } else {
-            guard_.options_.sleep(guard_.options_.poll_interval);
+            guard_.options_.sleep(std::min<Duration>(guard_.options_.poll_interval, wait));
         }
+    }
+
+    // The longest wait before an item's retry: item_retry_delay, cut at the call's deadline.
+    std::chrono::milliseconds wait_allowed() const {
+        const std::chrono::milliseconds bound = guard_.options_.item_retry_delay;
+        if (!call_.deadline) return bound;
+        const TimePoint now = guard_.options_.clock();
+        if (*call_.deadline <= now) return std::chrono::milliseconds::zero();
+        return std::min(
+            bound, std::chrono::duration_cast<std::chrono::milliseconds>(*call_.deadline - now));
+    }
+    bool past_deadline() const {
+        return call_.deadline && guard_.options_.clock() >= *call_.deadline;
     }
 
     // The free memory the chunk was planned with, or when none was read, the reading after.
@@ -437,7 +459,9 @@ class EncodeRun {
             OomExhausted exhausted(
                 "vramguard: encode " + key_.describe() + ": item " + std::to_string(pos_) +
                     " ran out of memory even alone " +
-                    guard_.given_up_because(hopeless, alone_failures_, total) + " The " +
+                    guard_.given_up_because(hopeless, alone_failures_, total,
+                                            guard_.options_.item_retry_delay) +
+                    (past_deadline() ? " The call's deadline has passed." : "") + " The " +
                     std::to_string(pos_) +
                     " results before it are kept in OomExhausted::finished_results(). Last "
                     "error: " +
@@ -454,6 +478,7 @@ class EncodeRun {
     KeyMemory& memory_;
     SizeLearner& learner_;
     F& batch_fn_;
+    const EncodeOptions& call_;
     const std::vector<std::uint64_t>* weights_;
     bool padded_;
     std::size_t n_;

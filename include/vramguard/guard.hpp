@@ -131,14 +131,15 @@ class Guard {
     // ---- encode ------------------------------------------------------------------------------
 
     // batch_fn(BatchView) returns one result per item (std::vector<R>) or nothing. Returns the
-    // results in input order (std::vector<R>), or nothing.
+    // results in input order (std::vector<R>), or nothing. Every form takes an EncodeOptions last
+    // (a first-chunk hint, a deadline for the call's waits).
     template <class It, class F, class = typename std::iterator_traits<It>::iterator_category>
-    auto encode(const Key& key, It first, It last, F&& batch_fn) {
-        return run_encode(key, first, last, batch_fn);
+    auto encode(const Key& key, It first, It last, F&& batch_fn, const EncodeOptions& call = {}) {
+        return run_encode(key, first, last, batch_fn, call);
     }
     template <class Range, class F, class = detail::range_iterator_t<Range>>
-    auto encode(const Key& key, const Range& items, F&& batch_fn) {
-        return run_encode(key, std::begin(items), std::end(items), batch_fn);
+    auto encode(const Key& key, const Range& items, F&& batch_fn, const EncodeOptions& call = {}) {
+        return run_encode(key, std::begin(items), std::end(items), batch_fn, call);
     }
     // Weighted form: weight_fn(item) -> tokens, pixels, samples. The learned limit is a weight
     // budget: batches are cut where the next item would exceed it. Wrap weight_fn in padded() when
@@ -147,12 +148,13 @@ class Guard {
     template <class Range, class F, class W,
               class = std::enable_if_t<detail::is_weight_fn<
                   Range, detail::unpadded_t<std::remove_reference_t<W>>>::value>>
-    auto encode(const Key& key, const Range& items, F&& batch_fn, W&& weight_fn) {
+    auto encode(const Key& key, const Range& items, F&& batch_fn, W&& weight_fn,
+                const EncodeOptions& call = {}) {
         auto& weight_of = detail::unpadded(weight_fn);
         std::vector<std::uint64_t> weights;
         for (const auto& item : items)
             weights.push_back(detail::checked_weight(weight_of(item), weights.size()));
-        return run_encode(key, std::begin(items), std::end(items), batch_fn, &weights,
+        return run_encode(key, std::begin(items), std::end(items), batch_fn, call, &weights,
                           detail::is_padded<std::decay_t<W>>::value);
     }
 
@@ -305,11 +307,12 @@ class Guard {
         publish(event);
         if (last)
             throw_with_cause(error, [&] {
-                return OomExhausted("vramguard: load " + key.describe() + " ran out of memory " +
-                                        given_up_because(hopeless, attempt, total) +
-                                        " It needed about " + format_bytes(required) +
-                                        ". Last error: " + describe(error),
-                                    key.describe(), std::nullopt, attempt);
+                return OomExhausted(
+                    "vramguard: load " + key.describe() + " ran out of memory " +
+                        given_up_because(hopeless, attempt, total, options_.retry_delay) +
+                        " It needed about " + format_bytes(required) +
+                        ". Last error: " + describe(error),
+                    key.describe(), std::nullopt, attempt);
             });
         admission_.wait_for_memory(required, options_.retry_delay,
                                    policy::failure_was_transient(report)
@@ -318,7 +321,7 @@ class Guard {
     }
 
     template <class It, class F>
-    auto run_encode(const Key& key, It first, It last, F& batch_fn,
+    auto run_encode(const Key& key, It first, It last, F& batch_fn, const EncodeOptions& call,
                     const std::vector<std::uint64_t>* weights = nullptr, bool padded = false) {
         static_assert(
             std::is_base_of_v<std::forward_iterator_tag,
@@ -329,7 +332,7 @@ class Guard {
         stats_.calls.add(1);
         const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
         const CallInFlight in_flight(*this);
-        detail::EncodeRun<Guard, It, F> run(*this, key, first, n, batch_fn, weights, padded);
+        detail::EncodeRun<Guard, It, F> run(*this, key, first, n, batch_fn, call, weights, padded);
         return run.run();
     }
 
@@ -354,14 +357,16 @@ class Guard {
     }
 
     // Why a load or an item was given up on, for OomExhausted's message: retried and waited for
-    // in vain, or not retried at all because it asked for more than the device has.
-    std::string given_up_because(bool hopeless, unsigned attempts, std::uint64_t total) const {
+    // in vain (up to `delay` each time), or not retried at all because it asked for more than
+    // the device has.
+    static std::string given_up_because(bool hopeless, unsigned attempts, std::uint64_t total,
+                                        std::chrono::milliseconds delay) {
         if (hopeless)
             return "asking for more than the whole device (" + format_bytes(total) +
                    "), so it was not retried.";
         return std::to_string(attempts) +
                " times; the allocator cache was released and memory waited for (up to " +
-               std::to_string(options_.retry_delay.count()) + " ms) before each retry.";
+               std::to_string(delay.count()) + " ms) before each retry.";
     }
 
     void record_load_peak(const Key& key, const Measurement& measurement) {
