@@ -208,6 +208,22 @@ TEST_F(CallWaits, AFirstChunkHintIsNeverStoredAsLearned) {
     EXPECT_EQ(guard.profiles().get(key).batch_ceiling, 0u);
 }
 
+// What the README shows, run: a hint and a deadline on one call.
+TEST_F(CallWaits, TheReadmesEncodeOptionsSnippetRuns) {
+    Guard<SimulatedDevice> guard(device, options);
+    Encoder encoder{device, 128_MiB, -1, 0, {}};
+    auto run_batch = std::ref(encoder);
+    const Items texts = numbered(40);
+    // [README: encode options]
+    vramguard::EncodeOptions call;
+    call.first_chunk_limit = 32;  // a key that learned nothing starts at 32, not the whole batch
+    call.deadline = guard.options().clock() + std::chrono::seconds(2);  // the request's budget
+    auto embeddings = guard.encode(key, texts, run_batch, call);
+    // [README: encode options]
+    EXPECT_EQ(embeddings, texts);
+    EXPECT_EQ(encoder.sizes.front(), 32u);
+}
+
 // ---- UnloadResult::bytes ---------------------------------------------------------------------
 
 struct Weights {
