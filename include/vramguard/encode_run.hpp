@@ -412,9 +412,9 @@ class EncodeRun {
         }
         ++alone_failures_;
         const bool hopeless = Guard::asked_for_more_than_the_device(report, after.total_bytes);
-        const std::chrono::milliseconds wait = wait_allowed();
         if (alone_failures_ >= guard_.options_.single_item_attempts || hopeless || past_deadline())
             give_up(error, hopeless, after.total_bytes);
+        const std::chrono::milliseconds wait = wait_allowed();
         Event event(EventKind::item_retry, key_, "encode");
         event.item = pos_;
         event.attempt = alone_failures_;
