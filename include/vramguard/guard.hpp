@@ -58,14 +58,15 @@ class Guard {
     // ---- encode ------------------------------------------------------------------------------
 
     // batch_fn(BatchView) returns one result per item (std::vector<R>) or nothing. Returns the
-    // results in input order (std::vector<R>), or nothing.
+    // results in input order (std::vector<R>), or nothing. Every form takes an EncodeOptions last
+    // (a first-chunk hint, a deadline for the call's waits).
     template <class It, class F, class = typename std::iterator_traits<It>::iterator_category>
-    auto encode(const Key& key, It first, It last, F&& batch_fn) {
-        return run_encode(key, first, last, batch_fn);
+    auto encode(const Key& key, It first, It last, F&& batch_fn, const EncodeOptions& call = {}) {
+        return run_encode(key, first, last, batch_fn, call);
     }
     template <class Range, class F, class = detail::range_iterator_t<Range>>
-    auto encode(const Key& key, const Range& items, F&& batch_fn) {
-        return run_encode(key, std::begin(items), std::end(items), batch_fn);
+    auto encode(const Key& key, const Range& items, F&& batch_fn, const EncodeOptions& call = {}) {
+        return run_encode(key, std::begin(items), std::end(items), batch_fn, call);
     }
     // Weighted form: weight_fn(item) -> tokens, pixels, samples. The learned limit is a weight
     // budget: batches are cut where the next item would exceed it. Wrap weight_fn in padded() when
@@ -74,12 +75,13 @@ class Guard {
     template <class Range, class F, class W,
               class = std::enable_if_t<detail::is_weight_fn<
                   Range, detail::unpadded_t<std::remove_reference_t<W>>>::value>>
-    auto encode(const Key& key, const Range& items, F&& batch_fn, W&& weight_fn) {
+    auto encode(const Key& key, const Range& items, F&& batch_fn, W&& weight_fn,
+                const EncodeOptions& call = {}) {
         auto& weight_of = detail::unpadded(weight_fn);
         std::vector<std::uint64_t> weights;
         for (const auto& item : items)
             weights.push_back(detail::checked_weight(weight_of(item), weights.size()));
-        return run_encode(key, std::begin(items), std::end(items), batch_fn, &weights,
+        return run_encode(key, std::begin(items), std::end(items), batch_fn, call, &weights,
                           detail::is_padded<std::decay_t<W>>::value);
     }
 
@@ -124,7 +126,7 @@ class Guard {
 
    private:
     template <class It, class F>
-    auto run_encode(const Key& key, It first, It last, F& batch_fn,
+    auto run_encode(const Key& key, It first, It last, F& batch_fn, const EncodeOptions& call,
                     const std::vector<std::uint64_t>* weights = nullptr, bool padded = false) {
         static_assert(
             std::is_base_of_v<std::forward_iterator_tag,
@@ -135,7 +137,7 @@ class Guard {
         core_.stats().calls.add(1);
         const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
         const typename detail::GuardCore<Probe>::CallInFlight in_flight(core_);
-        detail::EncodeRun<Probe, It, F> run(core_, key, first, n, batch_fn, weights, padded);
+        detail::EncodeRun<Probe, It, F> run(core_, key, first, n, batch_fn, call, weights, padded);
         return run.run();
     }
 

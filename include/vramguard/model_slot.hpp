@@ -59,7 +59,7 @@ struct UnloadResult {
     UnloadOutcome outcome = UnloadOutcome::not_loaded;
     double idle_seconds = 0;  // since the last lease ended; 0 while leased or loading
     int leases = 0;           // alive when asked (busy because of them when > 0)
-    std::uint64_t bytes = 0;  // what the model was counted as holding, when unloaded
+    std::uint64_t bytes = 0;  // counted as held (measured, else declared) when unloaded
     bool loading = false;     // busy because its registry is loading a model (peer relief)
 
     bool unloaded() const noexcept { return outcome == UnloadOutcome::unloaded; }
@@ -72,7 +72,7 @@ struct ModelStatus {
     std::string key;  // Key::hex(): 16 hex digits
     ModelState state = ModelState::unloaded;
     bool loaded = false;      // state == loaded
-    std::uint64_t bytes = 0;  // counted as held (declared, else measured); 0 when not loaded
+    std::uint64_t bytes = 0;  // counted as held (measured, else declared); 0 when not loaded
     double idle_seconds = 0;  // since the last lease ended; 0 while leased or not loaded
     int leases = 0;
 };
@@ -141,7 +141,7 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
         std::lock_guard<std::mutex> lock(mutex_);
         return leases_;
     }
-    // Bytes the loaded model is counted as holding (declared, else measured); 0 when not loaded.
+    // Bytes the loaded model is counted as holding (measured, else declared); 0 when not loaded.
     std::uint64_t bytes() const {
         std::lock_guard<std::mutex> lock(mutex_);
         return state_ == ModelState::loaded ? bytes_ : 0;

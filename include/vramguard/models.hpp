@@ -207,7 +207,8 @@ class ModelRegistry : private detail::SlotOwner {
     // anything convertible to std::shared_ptr<T> (a std::unique_ptr<T> too); it should hand over
     // ownership, since a copy kept elsewhere keeps the memory after an unload. `declared_bytes` is
     // what the model needs to load (else the guard's measured peak, else first_run_fraction of the
-    // device) and, when given, what it is counted as holding once loaded (else the measured peak).
+    // device) and what it is counted as holding once loaded when no peak of it was measured (a
+    // measured peak wins: it is what an unload frees).
     template <class T, class Loader>
     std::shared_ptr<ModelSlot<T>> add(std::string name, Key key, Loader&& loader,
                                       std::optional<std::uint64_t> declared_bytes = std::nullopt) {
@@ -697,13 +698,13 @@ class ModelRegistry : private detail::SlotOwner {
         if (!loaded.model)
             throw std::runtime_error("vramguard::ModelRegistry: the loader of model '" +
                                      slot.name() + "' returned no model (a null pointer)");
-        // What the model holds: declared, else the guard's measured peak, else what free memory
-        // dropped by (the last is blurred by anything else running, so it comes last).
-        if (declared) {
-            loaded.bytes = *declared;
-        } else if (const std::uint64_t peak = guard_.profiles().get(slot.key()).peak_bytes;
-                   peak > 0) {
+        // What the model holds: the guard's measured peak (a declaration is an estimate made
+        // before loading; what was measured is what an unload frees), else declared, else what
+        // free memory dropped by (blurred by anything else running, so it comes last).
+        if (const std::uint64_t peak = guard_.profiles().get(slot.key()).peak_bytes; peak > 0) {
             loaded.bytes = peak;
+        } else if (declared) {
+            loaded.bytes = *declared;
         } else {
             const std::uint64_t free_after = guard_.probe().memory().free_bytes;
             loaded.bytes = free_before > free_after ? free_before - free_after : 0;

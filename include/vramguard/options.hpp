@@ -10,7 +10,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -28,6 +30,11 @@ inline constexpr double history_headroom = 1.2;
 inline constexpr unsigned load_attempts = 3;
 // The longest wait for memory to come back between load attempts (polled, not slept blindly).
 inline constexpr std::chrono::milliseconds retry_delay{30000};
+// The longest wait for memory before an encode item that ran out of memory alone is retried. An
+// encode runs on a request thread, and what the item waits for is another chunk on the device
+// finishing (well under a second): 2 s covers a few, and an item's waits (single_item_attempts - 1
+// of them) stay at 4 s, inside any client's timeout. retry_delay's 30 s is sized for a model load.
+inline constexpr std::chrono::milliseconds item_retry_delay{2000};
 // How often a wait looks at the probe again; also Ollama's VRAM-recovery poll.
 inline constexpr std::chrono::milliseconds poll_interval{250};
 // 0: admission that says no fails at once with InsufficientMemory (a server answers 503).
@@ -60,7 +67,9 @@ struct Options {
     double first_run_fraction = defaults::first_run_fraction;  // unknown load's requirement, (0, 1]
     double history_headroom = defaults::history_headroom;      // factor over a measured peak, >= 1
     unsigned load_attempts = defaults::load_attempts;          // tries of one load, >= 1
-    std::chrono::milliseconds retry_delay = defaults::retry_delay;        // max wait between tries
+    std::chrono::milliseconds retry_delay = defaults::retry_delay;  // max wait between tries
+    // Max wait for memory before an encode item that ran out of memory alone is retried.
+    std::chrono::milliseconds item_retry_delay = defaults::item_retry_delay;
     std::chrono::milliseconds poll_interval = defaults::poll_interval;    // > 0
     std::chrono::milliseconds admission_wait = defaults::admission_wait;  // max wait to be admitted
     unsigned single_item_attempts =
@@ -103,6 +112,7 @@ struct Options {
                  "must be in [1, 100], got " + std::to_string(history_headroom));
         if (load_attempts < 1) fail("load_attempts", "must be at least 1");
         if (retry_delay.count() < 0) fail("retry_delay", "must not be negative");
+        if (item_retry_delay.count() < 0) fail("item_retry_delay", "must not be negative");
         if (poll_interval.count() <= 0) fail("poll_interval", "must be positive");
         if (admission_wait.count() < 0) fail("admission_wait", "must not be negative");
         if (single_item_attempts < 1) fail("single_item_attempts", "must be at least 1");
@@ -121,6 +131,27 @@ struct Options {
         if (recovery_timeout.count() < 0) fail("recovery_timeout", "must not be negative");
         if (!clock) fail("clock", "must be set (use vramguard::system_clock())");
         if (!sleep) fail("sleep", "must be set (use vramguard::system_sleep())");
+    }
+};
+
+// What one encode call may be told beyond its guard's Options (Guard::encode's last argument).
+struct EncodeOptions {
+    // While the key has learned nothing (no cost model, no limit), chunks are cut at this many
+    // items (weighted encode: this much weight) instead of running the whole batch at once; 0 =
+    // no hint. What the key learns replaces it, and it is never stored as learned.
+    std::uint64_t first_chunk_limit = 0;
+    // No wait inside the call (admission, the waits before an item's retries) goes past this
+    // time on the guard's clock (Options::clock). An item that runs out of memory alone once it
+    // has passed is given up on at once (OomExhausted); admission refuses (InsufficientMemory).
+    std::optional<TimePoint> deadline;
+
+    EncodeOptions& with_first_chunk_limit(std::uint64_t limit) {
+        first_chunk_limit = limit;
+        return *this;
+    }
+    EncodeOptions& with_deadline(TimePoint when) {
+        deadline = when;
+        return *this;
     }
 };
 

@@ -567,6 +567,7 @@ struct ChunkFacts {
     unsigned chunk_number = 0;        // chunks planned since the learning phase ended
     unsigned spoiled = 0;             // measurements of the key in a row that other runs overlapped
     bool exclusive_held = false;      // this call holds the guard for an item retried alone
+    std::uint64_t first_chunk_hint = 0;  // EncodeOptions::first_chunk_limit (0: none)
 };
 
 struct ChunkDecision {
@@ -574,11 +575,15 @@ struct ChunkDecision {
     bool taught_by_oom = false;        // the limit comes from failures, not from the model alone
     bool measure = false;              // read the chunk's peak (counted when it ran alone)
     bool measure_exclusively = false;  // ... taking the guard for itself so that it runs alone
+    bool hinted = false;  // the caller's first-chunk hint cuts it: nothing learned, nothing stored
 };
 
 inline ChunkDecision decide_chunk(const ChunkFacts& facts) noexcept {
     ChunkDecision decision;
     decision.limit = facts.retry_limit != 0 ? facts.retry_limit : facts.plan.limit;
+    // The caller's hint stands in for what a key that learned nothing would run: the whole batch.
+    decision.hinted = decision.limit == 0 && facts.first_chunk_hint != 0;
+    if (decision.hinted) decision.limit = facts.first_chunk_hint;
     decision.taught_by_oom =
         !facts.plan.from_model || facts.plan.bounded_by_failure || facts.retry_limit != 0;
     // A call made inside another run of the guard on this thread (a loader's warm-up through
@@ -632,13 +637,15 @@ struct ItemOomFacts {
     unsigned item_failures = 0;         // counted failures of the item by itself, this one included
     unsigned attempts = 0;              // Options::single_item_attempts
     bool hopeless = false;              // asks_more_than_the_device
+    bool past_deadline = false;         // the call's EncodeOptions::deadline has passed
     std::uint64_t requested_bytes = 0;  // what the failed allocation asked for (0: unknown)
 };
 
 inline ItemOomStep after_item_oom(const ItemOomFacts& facts) noexcept {
     if (retry_exclusively(facts.exclusive_held, facts.inside_another_run, facts.others_running))
         return ItemOomStep::retry_exclusively;
-    if (facts.item_failures >= facts.attempts || facts.hopeless) return ItemOomStep::give_up;
+    if (facts.item_failures >= facts.attempts || facts.hopeless || facts.past_deadline)
+        return ItemOomStep::give_up;
     return facts.requested_bytes > 0 ? ItemOomStep::wait_for_memory : ItemOomStep::pause;
 }
 

@@ -472,7 +472,7 @@ TEST_F(GuardTest, AnItemThatOomsAloneIsNamedAndFinishedResultsAreKept) {
         EXPECT_THROW(e.rethrow_nested(), OutOfMemory);
         EXPECT_NE(std::string(e.what()).find("item 7"), std::string::npos) << e.what();
     }
-    EXPECT_EQ(clock.slept(), 2 * options.retry_delay);  // waited for memory between its attempts
+    EXPECT_EQ(clock.slept(), 2 * options.item_retry_delay);  // waited between its attempts
     // The guard stays usable.
     const auto small = iota_items(5);
     EXPECT_EQ(guard.encode(key, small, encoder), times_ten(small));

@@ -17,6 +17,7 @@
 #include <vramguard/stats.hpp>
 #include <vramguard/version.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -53,10 +54,11 @@ class AdmissionControl {
     // `go_ahead()` says the memory missing is this guard's own and comes back, throw
     // InsufficientMemory with the numbers. `requirement_of(total_bytes)` turns the device size
     // into the requirement: the first reading serves both, so the fast path reads the probe once.
-    // With a coordinator the reading compared is the coordinator's, taken under its lock.
+    // With a coordinator the reading compared is the coordinator's, taken under its lock. The wait
+    // ends at `deadline` too (an encode call's own, EncodeOptions::deadline).
     template <class RequirementOf, class GoAhead>
     Admitted admit(const Key& key, const char* what, RequirementOf&& requirement_of,
-                   GoAhead&& go_ahead) {
+                   GoAhead&& go_ahead, std::optional<TimePoint> deadline = std::nullopt) {
         Admitted admitted;
         std::uint64_t available = 0;
         bool first = true;
@@ -71,7 +73,7 @@ class AdmissionControl {
         if (!policy::can_ever_fit(admitted.requirement.bytes, total, options_.safety_margin))
             reject(key, what, admitted.requirement, available, total, true);
         if (options_.admission_wait.count() > 0 &&
-            wait_to_be_admitted(key, what, admitted, try_once))
+            wait_to_be_admitted(key, what, admitted, try_once, deadline))
             return admitted;
         if (go_ahead()) return admitted;  // refused, but the memory missing is the guard's own
         reject(key, what, admitted.requirement, available, total, false, admitted.refused_because);
@@ -89,18 +91,27 @@ class AdmissionControl {
 
     // After an OOM: polls until `required` bytes (plus the margin) are free, or `max_wait`
     // passes. `distrusted_free`, when given, is the reading that let the failed work start: it
-    // was stale or the memory was taken since, so only a reading that differs from it counts.
+    // was stale or the memory was taken since, so only a reading that differs from it counts,
+    // for at most recovery_timeout (how late a driver reports): a reading that stayed the same
+    // that long and admits `required` is not stale. Nothing the probe sees is short (an idle
+    // device, an OOM from a limit the probe does not read), and waiting on would change nothing.
+    // Returns whether the memory was seen coming back.
     bool wait_for_memory(std::uint64_t required, std::chrono::milliseconds max_wait,
                          std::optional<std::uint64_t> distrusted_free) {
         const TimePoint start = options_.clock();
+        const TimePoint settled = deadline_after(start, options_.recovery_timeout);
         bool reading_moved = !distrusted_free;
-        const bool came_back = poll_until(
-            options_.clock, options_.sleep, options_.poll_interval, deadline_after(start, max_wait),
-            [&] {
-                const MemoryInfo now = probe_.memory();
-                reading_moved = reading_moved || now.free_bytes != *distrusted_free;
-                return reading_moved && policy::admits(required, now, options_.safety_margin);
-            });
+        bool nothing_short = false;
+        const bool ended =
+            poll_until(options_.clock, options_.sleep, options_.poll_interval,
+                       deadline_after(start, max_wait), [&] {
+                           const MemoryInfo now = probe_.memory();
+                           reading_moved = reading_moved || now.free_bytes != *distrusted_free;
+                           const bool fits = policy::admits(required, now, options_.safety_margin);
+                           nothing_short = !reading_moved && fits && options_.clock() >= settled;
+                           return (reading_moved && fits) || nothing_short;
+                       });
+        const bool came_back = ended && !nothing_short;
         if (options_.clock() > start) AtomicStats::bump(stats_.waits);
         if (came_back) remember_recovery(options_.clock() - start);
         return came_back;
@@ -139,14 +150,20 @@ class AdmissionControl {
 
     template <class TryOnce>
     bool wait_to_be_admitted(const Key& key, const char* what, const Admitted& admitted,
-                             TryOnce& try_once) {
+                             TryOnce& try_once, std::optional<TimePoint> call_deadline) {
+        const TimePoint start = options_.clock();
+        TimePoint deadline = deadline_after(start, options_.admission_wait);
+        if (call_deadline) deadline = std::min(deadline, *call_deadline);
+        if (deadline <= start) return false;
         Event event(EventKind::admission_wait, key, what);
-        event.wait = options_.admission_wait;
+        event.wait =
+            call_deadline
+                ? std::min(options_.admission_wait,
+                           std::chrono::ceil<std::chrono::milliseconds>(*call_deadline - start))
+                : options_.admission_wait;
         event.bytes = admitted.requirement.bytes;
         publish(stats_, options_.log, options_.log_level, event);
-        const TimePoint start = options_.clock();
-        if (!poll_until(options_.clock, options_.sleep, options_.poll_interval,
-                        deadline_after(start, options_.admission_wait), try_once))
+        if (!poll_until(options_.clock, options_.sleep, options_.poll_interval, deadline, try_once))
             return false;
         remember_recovery(options_.clock() - start);
         return true;

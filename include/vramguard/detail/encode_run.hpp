@@ -13,11 +13,13 @@
 #include <vramguard/errors.hpp>
 #include <vramguard/events.hpp>
 #include <vramguard/key.hpp>
+#include <vramguard/options.hpp>
 #include <vramguard/policy.hpp>
 #include <vramguard/semaphore.hpp>
 #include <vramguard/version.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <exception>
@@ -118,12 +120,13 @@ class EncodeRun {
 
    public:
     EncodeRun(Core& core, const Key& key, It first, std::size_t n, F& batch_fn,
-              const std::vector<std::uint64_t>* weights, bool padded)
+              const EncodeOptions& call, const std::vector<std::uint64_t>* weights, bool padded)
         : core_(core),
           key_(key),
           memory_(core.key_memory(key)),
           learner_(weights ? memory_.weight : memory_.items),
           batch_fn_(batch_fn),
+          call_(call),
           weights_(weights),
           padded_(padded),
           n_(n),
@@ -190,7 +193,7 @@ class EncodeRun {
                             return policy::Requirement{one_item(total),
                                                        policy::RequirementSource::measured};
                         },
-                        [this] { return !core_.only_call_in_flight(); })
+                        [this] { return !core_.only_call_in_flight(); }, call_.deadline)
                     .hold;
     }
 
@@ -210,11 +213,14 @@ class EncodeRun {
             facts.chunk_number = published.chunks.fetch_add(1, std::memory_order_relaxed);
         facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
         facts.exclusive_held = exclusive_.has_value();
+        facts.first_chunk_hint = call_.first_chunk_limit;
         chunk.decision = policy::decide_chunk(facts);
         chunk.from_model = facts.plan.from_model;
         chunk.limit = chunk.decision.limit;
         retry_limit_ = 0;
         cut(chunk);
+        // A hint is no learned limit: not at_limit (nothing stores it), and it makes no lone item.
+        if (chunk.decision.hinted) chunk.at_limit = chunk.lone_item = false;
         chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
         return chunk;
     }
@@ -431,6 +437,7 @@ class EncodeRun {
         facts.attempts = options().single_item_attempts;
         facts.hopeless = policy::asks_more_than_the_device(report, after.total_bytes);
         facts.requested_bytes = report ? report->requested_bytes : 0;
+        facts.past_deadline = past_deadline();
         const policy::ItemOomStep step = policy::after_item_oom(facts);
         if (step == policy::ItemOomStep::retry_exclusively) {
             Event event(EventKind::item_exclusive, key_, "encode");
@@ -448,13 +455,25 @@ class EncodeRun {
         event.attempts = options().single_item_attempts;
         event.error = &error;
         core_.publish(event);
+        const std::chrono::milliseconds wait = wait_allowed();
         if (step == policy::ItemOomStep::wait_for_memory)
             core_.admission().wait_for_memory(
-                facts.requested_bytes, options().retry_delay,
+                facts.requested_bytes, wait,
                 policy::reading_to_distrust(report, planned_or(chunk, after)));
         else
-            options().sleep(options().poll_interval);
+            options().sleep(std::min<Duration>(options().poll_interval, wait));
     }
+
+    // The longest wait before an item's retry: item_retry_delay, cut at the call's deadline.
+    std::chrono::milliseconds wait_allowed() const {
+        const std::chrono::milliseconds bound = options().item_retry_delay;
+        if (!call_.deadline) return bound;
+        const TimePoint now = options().clock();
+        if (*call_.deadline <= now) return std::chrono::milliseconds::zero();
+        return std::min(
+            bound, std::chrono::duration_cast<std::chrono::milliseconds>(*call_.deadline - now));
+    }
+    bool past_deadline() const { return call_.deadline && options().clock() >= *call_.deadline; }
 
     // The free memory the chunk was planned with, or when none was read, the reading after.
     static std::uint64_t planned_or(const Chunk& chunk, const MemoryInfo& after) noexcept {
@@ -470,7 +489,9 @@ class EncodeRun {
             OomExhausted exhausted(
                 "vramguard: encode " + key_.describe() + ": item " + std::to_string(pos_) +
                     " ran out of memory even alone " +
-                    core_.given_up_because(hopeless, item_failures_, total) + " The " +
+                    core_.given_up_because(hopeless, item_failures_, total,
+                                           options().item_retry_delay) +
+                    (past_deadline() ? " The call's deadline has passed." : "") + " The " +
                     std::to_string(pos_) +
                     " results before it are kept in OomExhausted::finished_results(). Last "
                     "error: " +
@@ -489,6 +510,7 @@ class EncodeRun {
     KeyMemory& memory_;
     SizeLearner& learner_;
     F& batch_fn_;
+    const EncodeOptions& call_;
     const std::vector<std::uint64_t>* weights_;
     bool padded_;
     std::size_t n_;

@@ -22,6 +22,7 @@
 #include <vramguard/version.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -171,14 +172,16 @@ class GuardCore {
     }
 
     // Why a load or an item was given up on, for OomExhausted's message: retried and waited for
-    // in vain, or not retried at all because it asked for more than the device has.
-    std::string given_up_because(bool hopeless, unsigned attempts, std::uint64_t total) const {
+    // in vain (up to `delay` each time), or not retried at all because it asked for more than
+    // the device has.
+    static std::string given_up_because(bool hopeless, unsigned attempts, std::uint64_t total,
+                                        std::chrono::milliseconds delay) {
         if (hopeless)
             return "asking for more than the whole device (" + format_bytes(total) +
                    "), so it was not retried.";
         return std::to_string(attempts) +
                " times; the allocator cache was released and memory waited for (up to " +
-               std::to_string(options_.retry_delay.count()) + " ms) before each retry.";
+               std::to_string(delay.count()) + " ms) before each retry.";
     }
 
     // The learned state of `key`, created from its profile on first use. A server encodes with one

@@ -82,11 +82,12 @@ class LoadRun {
         core_.publish(event);
         if (last)
             throw_with_cause(error, [&] {
-                return OomExhausted("vramguard: load " + key_.describe() + " ran out of memory " +
-                                        core_.given_up_because(hopeless, attempt, total) +
-                                        " It needed about " + format_bytes(required) +
-                                        ". Last error: " + describe(error),
-                                    key_.describe(), std::nullopt, attempt);
+                return OomExhausted(
+                    "vramguard: load " + key_.describe() + " ran out of memory " +
+                        core_.given_up_because(hopeless, attempt, total, options.retry_delay) +
+                        " It needed about " + format_bytes(required) +
+                        ". Last error: " + describe(error),
+                    key_.describe(), std::nullopt, attempt);
             });
         core_.admission().wait_for_memory(
             required, options.retry_delay,
