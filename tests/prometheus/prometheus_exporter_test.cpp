@@ -24,6 +24,7 @@
 #include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace vramguard;
@@ -237,4 +238,34 @@ TEST_F(PrometheusExporterTest, NamesFollowPrometheusRulesAndPromtoolWherePresent
 #else
     GTEST_SKIP() << "promtool not found at configure time: the naming rules were checked here only";
 #endif
+}
+
+TEST_F(PrometheusExporterTest, ScrapesWhileThreadsWorkEndWithTheFinalTotals) {
+    PrometheusExporter exporter(metrics);
+    exporter.add_guard(guard_a, labels);
+    exporter.add_registry(*a, labels);
+    auto model = add(*a, "model", 1_GiB);
+    const std::vector<int> items(16, 1);
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 3; ++t)
+        threads.emplace_back([&, t] {
+            for (int i = 0; i < 50; ++i) {
+                if (t == 0) {
+                    model->acquire().release();
+                } else {
+                    guard_a.encode(Key::of("encoder"), items, [](const auto& batch) {
+                        return std::vector<int>(batch.size());
+                    });
+                }
+            }
+        });
+    threads.emplace_back([&] {
+        for (int i = 0; i < 50; ++i) scrape_text(exporter);
+    });
+    for (std::thread& thread : threads) thread.join();
+    const Scrape scrape = parse(scrape_text(exporter));
+    EXPECT_EQ(scrape.values.at(series("vramguard_guard_calls_total")),
+              static_cast<double>(guard_a.stats().calls));
+    EXPECT_EQ(guard_a.stats().calls, 101u) << "one load and 100 encodes";
+    EXPECT_EQ(scrape.values.at(series("vramguard_registry_loads_total")), 1.0);
 }
