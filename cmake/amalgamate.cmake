@@ -9,7 +9,8 @@
 # that header's text the first time it is seen and dropped afterwards. The backends (cuda.hpp,
 # torch.hpp) follow, each behind the macro its CMake target defines. The output is deterministic
 # (no dates, no absolute paths). With EXPECTED, the script also compares OUTPUT to EXPECTED and
-# fails on any difference: that is the single_header_up_to_date test.
+# fails on any difference, and checks the committed forwarding headers beside EXPECTED
+# (vramguard/cuda.hpp, vramguard/torch.hpp): that is the single_header_up_to_date test.
 cmake_minimum_required(VERSION 3.16)
 
 if(NOT SOURCE_DIR OR NOT OUTPUT)
@@ -116,14 +117,18 @@ emit("// run `cmake --build build --target vramguard_amalgamate` (the test singl
 emit("// fails while this copy differs from the split headers).")
 emit("//")
 emit("// The CUDA and LibTorch backends are included at the end, each only where its macro is defined")
-emit("// before this header: VRAMGUARD_WITH_CUDA (needs <cuda_runtime_api.h> and -lcudart) and")
-emit("// VRAMGUARD_WITH_TORCH (needs LibTorch). The CMake targets vramguard::cuda and vramguard::torch")
-emit("// define them.")
-emit("#pragma once")
+emit("// when this header is included: VRAMGUARD_WITH_CUDA (needs <cuda_runtime_api.h> and -lcudart)")
+emit("// and VRAMGUARD_WITH_TORCH (needs LibTorch). The forwarding headers beside this file,")
+emit("// vramguard/cuda.hpp and vramguard/torch.hpp, define them and include this file; the CMake")
+emit("// targets vramguard::cuda and vramguard::torch define them too. No #pragma once: each part has")
+emit("// its own guard, so a backend included after the core (in any order) is still compiled in.")
 emit("#ifndef VRAMGUARD_SINGLE_HEADER_HPP")
 emit("#define VRAMGUARD_SINGLE_HEADER_HPP")
 
 inline_header("vramguard/vramguard.hpp")
+
+emit("")
+emit("#endif  // VRAMGUARD_SINGLE_HEADER_HPP")
 
 get_property(core_seen GLOBAL PROPERTY vramguard_amalgamated_seen)
 foreach(backend cuda torch)
@@ -136,13 +141,11 @@ foreach(backend cuda torch)
     set_property(GLOBAL PROPERTY vramguard_amalgamated_seen "${core_seen}")
     set_property(GLOBAL PROPERTY vramguard_amalgamated_guard_new ON)
     emit("")
-    emit("#if defined(VRAMGUARD_WITH_${macro})")
+    emit("#if defined(VRAMGUARD_WITH_${macro}) && !defined(VRAMGUARD_SINGLE_HEADER_${macro}_HPP)")
+    emit("#define VRAMGUARD_SINGLE_HEADER_${macro}_HPP")
     inline_header("vramguard/${backend}.hpp")
-    emit("#endif  // defined(VRAMGUARD_WITH_${macro})")
+    emit("#endif  // defined(VRAMGUARD_WITH_${macro}) && !defined(VRAMGUARD_SINGLE_HEADER_${macro}_HPP)")
 endforeach()
-
-emit("")
-emit("#endif  // VRAMGUARD_SINGLE_HEADER_HPP")
 
 get_property(result GLOBAL PROPERTY vramguard_amalgamated_text)
 
@@ -158,6 +161,26 @@ if(DEFINED EXPECTED AND NOT EXPECTED STREQUAL "")
                             "include/vramguard/ (freshly generated copy: ${OUTPUT}). Run\n"
                             "  cmake --build build --target vramguard_amalgamate\nand commit the result.")
     endif()
+    # The committed forwarding headers beside it (vramguard/cuda.hpp, vramguard/torch.hpp): one per
+    # backend, turning that backend on and including the single header.
+    get_filename_component(single_dir "${EXPECTED}" DIRECTORY)
+    foreach(backend cuda torch)
+        if(NOT EXISTS "${include_root}/vramguard/${backend}.hpp")
+            continue()
+        endif()
+        string(TOUPPER "${backend}" macro)
+        set(forwarding "${single_dir}/${backend}.hpp")
+        if(NOT EXISTS "${forwarding}")
+            message(FATAL_ERROR "amalgamate: ${forwarding} is missing (the single header's "
+                                "forwarding header for the ${backend} backend)")
+        endif()
+        file(READ "${forwarding}" forwarding_text)
+        if(NOT forwarding_text MATCHES "#define VRAMGUARD_WITH_${macro}\n"
+           OR NOT forwarding_text MATCHES "#include \"vramguard\.hpp\"")
+            message(FATAL_ERROR "amalgamate: ${forwarding} must define VRAMGUARD_WITH_${macro} and "
+                                "include \"vramguard.hpp\"")
+        endif()
+    endforeach()
     message(STATUS "amalgamate: ${EXPECTED} is up to date")
 else()
     # Rewrite only on change, so that builds depending on the file are not redone for nothing

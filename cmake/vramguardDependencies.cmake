@@ -225,3 +225,27 @@ function(vramguard_find_http_peers)
         message(STATUS "vramguard: cpp-httplib or nlohmann_json not found; vramguard::peers is not provided")
     endif()
 endfunction()
+
+# prometheus-cpp's core library (Debian: prometheus-cpp-dev), for vramguard::prometheus
+# (include/vramguard/prometheus.hpp). Sets VRAMGUARD_HAS_PROMETHEUS.
+function(vramguard_find_prometheus)
+    set(VRAMGUARD_HAS_PROMETHEUS OFF PARENT_SCOPE)
+    if(NOT VRAMGUARD_USE_PROMETHEUS_IF_AVAILABLE AND NOT VRAMGUARD_REQUIRE_PROMETHEUS)
+        return()
+    endif()
+    if(NOT TARGET prometheus-cpp::core)
+        find_package(prometheus-cpp CONFIG QUIET)
+    endif()
+    if(TARGET prometheus-cpp::core)
+        _vramguard_promote_imported_targets(prometheus-cpp::core prometheus-cpp::pull
+                                            prometheus-cpp::push)
+        set(VRAMGUARD_HAS_PROMETHEUS ON PARENT_SCOPE)
+        message(STATUS "vramguard: prometheus-cpp found: vramguard::prometheus is provided")
+    elseif(VRAMGUARD_REQUIRE_PROMETHEUS)
+        message(FATAL_ERROR "vramguard: VRAMGUARD_REQUIRE_PROMETHEUS is ON but prometheus-cpp was "
+                            "not found (Debian: apt-get install prometheus-cpp-dev); set "
+                            "prometheus-cpp_DIR or CMAKE_PREFIX_PATH")
+    else()
+        message(STATUS "vramguard: prometheus-cpp not found; vramguard::prometheus is not provided")
+    endif()
+endfunction()

@@ -24,11 +24,15 @@ endif()
 if(TARGET vramguard_peers)
     list(APPEND _vramguard_exports peers)
 endif()
+if(TARGET vramguard_prometheus)
+    list(APPEND _vramguard_exports prometheus)
+endif()
 
 # What the config file needs to know at configure time of a consumer.
 set(VRAMGUARD_CONFIG_EXPORTS_CUDA OFF)
 set(VRAMGUARD_CONFIG_EXPORTS_TORCH OFF)
 set(VRAMGUARD_CONFIG_EXPORTS_PEERS OFF)
+set(VRAMGUARD_CONFIG_EXPORTS_PROMETHEUS OFF)
 # Which cpp-httplib target vramguard::peers links (httplib::httplib or the pkg-config one): the
 # config file finds that one again for a consumer.
 set(VRAMGUARD_CONFIG_PEERS_HTTPLIB "${VRAMGUARD_HTTP_PEERS_HTTPLIB}")
@@ -40,6 +44,9 @@ if(TARGET vramguard_torch)
 endif()
 if(TARGET vramguard_peers)
     set(VRAMGUARD_CONFIG_EXPORTS_PEERS ON)
+endif()
+if(TARGET vramguard_prometheus)
+    set(VRAMGUARD_CONFIG_EXPORTS_PROMETHEUS ON)
 endif()
 
 # --- build tree ---------------------------------------------------------------------------------
@@ -55,6 +62,10 @@ endif()
 if(TARGET vramguard_peers)
     export(TARGETS vramguard_peers NAMESPACE vramguard::
            FILE "${PROJECT_BINARY_DIR}/vramguardPeersTargets.cmake")
+endif()
+if(TARGET vramguard_prometheus)
+    export(TARGETS vramguard_prometheus NAMESPACE vramguard::
+           FILE "${PROJECT_BINARY_DIR}/vramguardPrometheusTargets.cmake")
 endif()
 configure_package_config_file(
     "${CMAKE_CURRENT_LIST_DIR}/vramguardConfig.cmake.in"
@@ -94,6 +105,11 @@ if(VRAMGUARD_INSTALL)
         install(TARGETS vramguard_peers EXPORT vramguardPeersTargets)
         install(EXPORT vramguardPeersTargets NAMESPACE vramguard::
                 FILE vramguardPeersTargets.cmake DESTINATION "${VRAMGUARD_INSTALL_CMAKEDIR}")
+    endif()
+    if(TARGET vramguard_prometheus)
+        install(TARGETS vramguard_prometheus EXPORT vramguardPrometheusTargets)
+        install(EXPORT vramguardPrometheusTargets NAMESPACE vramguard::
+                FILE vramguardPrometheusTargets.cmake DESTINATION "${VRAMGUARD_INSTALL_CMAKEDIR}")
     endif()
 
     configure_package_config_file(

@@ -6,8 +6,8 @@
 # vramguard_torch_server_dependencies(<out_var>): sets <out_var> to the libraries to link (an
 # httplib target and nlohmann_json::nlohmann_json), or to "" when either is missing. The imported
 # targets are created in the calling directory. prometheus-cpp (Debian: prometheus-cpp-dev) is
-# optional: where its core library is found, the list also holds vramguard_torch_server_metrics,
-# which links prometheus-cpp::core and defines TORCH_SERVER_HAS_PROMETHEUS=1 (GET /metrics);
+# optional: where vramguard::prometheus exists, the list also holds vramguard_torch_server_metrics,
+# which links it and defines TORCH_SERVER_HAS_PROMETHEUS=1 (GET /metrics);
 # without it the server builds and /metrics answers 404 saying why. vramguard::peers (the HTTP
 # peer adapters, for --peer) is linked where the top level defined it.
 function(vramguard_torch_server_dependencies out_var)
@@ -15,12 +15,12 @@ function(vramguard_torch_server_dependencies out_var)
     vramguard_find_httplib(httplib_target)
     find_package(nlohmann_json 3 CONFIG QUIET)
     set(metrics_target "")
-    find_package(prometheus-cpp CONFIG QUIET)
-    if(TARGET prometheus-cpp::core)
+    # /metrics uses vramguard's own exporter (vramguard::prometheus, where prometheus-cpp was found).
+    if(TARGET vramguard::prometheus)
         if(NOT TARGET vramguard_torch_server_metrics)
             add_library(vramguard_torch_server_metrics INTERFACE IMPORTED)
             set_target_properties(vramguard_torch_server_metrics PROPERTIES
-                INTERFACE_LINK_LIBRARIES prometheus-cpp::core
+                INTERFACE_LINK_LIBRARIES vramguard::prometheus
                 INTERFACE_COMPILE_DEFINITIONS TORCH_SERVER_HAS_PROMETHEUS=1)
         endif()
         set(metrics_target vramguard_torch_server_metrics)

@@ -106,32 +106,17 @@ inline json to_json(const vramguard::MemoryInfo& memory) {
             {"total", vramguard::format_bytes(memory.total_bytes)}};
 }
 
-inline json to_json(const vramguard::Stats& s) {
-    return {{"calls", s.calls},
-            {"ooms", s.ooms},
-            {"retries", s.retries},
-            {"halvings", s.halvings},
-            {"single_item_calls", s.single_item_calls},
-            {"rejections", s.rejections},
-            {"waits", s.waits},
-            {"grow_backs", s.grow_backs}};
+// Every counter of vramguard::Stats or RegistryStats, as vramguard::for_each_counter lists them
+// (the same list /metrics shows).
+template <class Counters>
+inline json counters_json(const Counters& counters) {
+    json out = json::object();
+    vramguard::for_each_counter(counters, [&out](const char* name, const char*,
+                                                 std::uint64_t value) { out[name] = value; });
+    return out;
 }
-
-inline json to_json(const vramguard::RegistryStats& s) {
-    return {{"loads", s.loads},
-            {"load_failures", s.load_failures},
-            {"evictions", s.evictions},
-            {"idle_unloads", s.idle_unloads},
-            {"requested_unloads", s.requested_unloads},
-            {"pressure_cache_releases", s.pressure_cache_releases},
-            {"pressure_unloads", s.pressure_unloads},
-            {"rejections", s.rejections},
-            {"waits", s.waits},
-            {"recoveries_seen", s.recoveries_seen},
-            {"recoveries_trusted", s.recoveries_trusted},
-            {"peer_requests", s.peer_requests},
-            {"peer_reliefs", s.peer_reliefs}};
-}
+inline json to_json(const vramguard::Stats& s) { return counters_json(s); }
+inline json to_json(const vramguard::RegistryStats& s) { return counters_json(s); }
 
 // The whole body, read here rather than by cpp-httplib: it caps a body sent as
 // application/x-www-form-urlencoded (curl -d's and Python urllib's default) at 8 KB before any
@@ -583,22 +568,15 @@ class Server {
     void handle_metrics(httplib::Response& res) {
 #if TORCH_SERVER_HAS_PROMETHEUS
         try {
-            MetricsSnapshot snapshot;
-            snapshot.registry = registry_.status();
-            snapshot.guard = guard_.stats();
-            snapshot.device = config_.device_name;
-            snapshot.encode_key = encode_key_.hex();
-            snapshot.learned_weight_budget = guard_.learned_weight_budget(encode_key_);
-            snapshot.learned_batch_ceiling = guard_.learned_batch_ceiling(encode_key_);
-            snapshot.requests = {{"ok", encoded_ok_.load()},
-                                 {"rejected_503", rejected_.load()},
-                                 {"bad_request_400", bad_requests_.load() - unload_bad_.load()},
-                                 {"oom_413", exhausted_.load()},
-                                 {"never_fits_507", never_fits_.load()},
-                                 {"failed_500", failed_.load()}};
-            snapshot.unload_answers = unload_answers();
+            const Counts requests{{"ok", encoded_ok_.load()},
+                                  {"rejected_503", rejected_.load()},
+                                  {"bad_request_400", bad_requests_.load() - unload_bad_.load()},
+                                  {"oom_413", exhausted_.load()},
+                                  {"never_fits_507", never_fits_.load()},
+                                  {"failed_500", failed_.load()}};
             res.status = 200;
-            res.set_content(render_metrics(snapshot), "text/plain; version=0.0.4; charset=utf-8");
+            res.set_content(metrics_.render(requests, unload_answers()),
+                            "text/plain; version=0.0.4; charset=utf-8");
         } catch (const std::exception& e) {
             detail::reply_error(res, 500, e.what());
         }
@@ -636,6 +614,9 @@ class Server {
     // POST /request-unload answers: unloaded, busy, not_loaded, refused (401/403), bad (400).
     std::atomic<std::uint64_t> unload_unloaded_{0}, unload_busy_{0}, unload_not_loaded_{0},
         unload_refused_{0}, unload_bad_{0};
+#if TORCH_SERVER_HAS_PROMETHEUS
+    Metrics metrics_{guard_, registry_, encode_key_, config_.device_name};  // destroyed first
+#endif
 };
 
 }  // namespace torch_server

@@ -317,6 +317,7 @@ namespace detail {
 struct ClassifierRegistry {
     std::mutex mutex;
     std::vector<OomClassifier> classifiers;
+    std::vector<const char* (*)(const std::exception_ptr&)> text_readers;
 };
 inline ClassifierRegistry& classifier_registry() {
     static ClassifierRegistry registry;
@@ -332,6 +333,21 @@ inline bool register_oom_classifier(OomClassifier classifier) {
     if (std::find(registry.classifiers.begin(), registry.classifiers.end(), classifier) ==
         registry.classifiers.end())
         registry.classifiers.push_back(classifier);
+    return true;
+}
+
+// A text reader gives an exception's message without what its library appends to what() (c10's
+// backtrace: dozens of "frame #N" lines that log aggregators split into as many events); nullptr
+// means "not mine". torch.hpp registers LibTorch's (c10::Error::what_without_backtrace()).
+using ErrorTextReader = const char* (*)(const std::exception_ptr&);
+
+// Adds a text reader (idempotent); returns true, for use in an inline variable's initialiser.
+inline bool register_error_text_reader(ErrorTextReader reader) {
+    auto& registry = detail::classifier_registry();
+    std::lock_guard<std::mutex> lock(registry.mutex);
+    if (std::find(registry.text_readers.begin(), registry.text_readers.end(), reader) ==
+        registry.text_readers.end())
+        registry.text_readers.push_back(reader);
     return true;
 }
 
@@ -391,9 +407,18 @@ inline std::optional<OomReport> oom_report(const std::exception_ptr& error) {
     }
 }
 
-// One line for a log: the message without c10's appended C++ backtrace ("Exception raised
-// from ..."), at most 400 characters.
-inline std::string describe(const std::exception_ptr& error) {
+// The message of an error without a backtrace its library appended: a registered reader's text
+// (LibTorch: what_without_backtrace()), else what() cut before c10's "Exception raised from".
+inline std::string error_text(const std::exception_ptr& error) {
+    if (!error) return "no exception";
+    std::vector<ErrorTextReader> readers;
+    {
+        auto& registry = detail::classifier_registry();
+        std::lock_guard<std::mutex> lock(registry.mutex);
+        readers = registry.text_readers;
+    }
+    for (ErrorTextReader reader : readers)
+        if (const char* text = reader(error)) return text;
     std::string text;
     try {
         std::rethrow_exception(error);
@@ -404,9 +429,31 @@ inline std::string describe(const std::exception_ptr& error) {
     }
     const std::size_t backtrace = text.find("\nException raised from ");
     if (backtrace != std::string::npos) text.resize(backtrace);
-    constexpr std::size_t limit = 400;
-    if (text.size() > limit) text = text.substr(0, limit) + "...";
     return text;
+}
+
+// One line for a log or for vramguard's own error messages: error_text() with every line break
+// folded into a space (a log aggregator splits lines into events), at most 400 characters. The
+// whole exception stays reachable: vramguard's errors nest it (std::rethrow_if_nested).
+inline std::string describe(const std::exception_ptr& error) {
+    std::string text = error_text(error);
+    std::string line;
+    line.reserve(text.size());
+    bool folding = false;  // inside a line break and the blanks around it
+    for (const char c : text) {
+        const bool blank = c == ' ' || c == '\t';
+        if (c == '\n' || c == '\r') {
+            while (!line.empty() && (line.back() == ' ' || line.back() == '\t')) line.pop_back();
+            folding = true;
+        } else if (!(folding && blank)) {
+            if (folding && !line.empty()) line.push_back(' ');
+            folding = false;
+            line.push_back(c);
+        }
+    }
+    constexpr std::size_t limit = 400;
+    if (line.size() > limit) line = line.substr(0, limit) + "...";
+    return line;
 }
 
 VRAMGUARD_END_NAMESPACE

@@ -25,6 +25,7 @@
 #include <vramguard/pressure.hpp>
 #include <vramguard/detail/reaper.hpp>
 #include <vramguard/relief.hpp>
+#include <vramguard/stats.hpp>
 #include <vramguard/version.hpp>
 
 #include <algorithm>
@@ -138,6 +139,31 @@ struct RegistryStats {
     std::uint64_t peer_requests = 0;            // peers asked to free memory
     std::uint64_t peer_reliefs = 0;             // loads admitted after peers freed memory
 };
+
+// Calls visit(name, help, value) once per counter, as for_each_counter(const Stats&) does.
+template <class Visitor>
+constexpr void for_each_counter(const RegistryStats& s, Visitor&& visit) {
+    visit("loads", "models loaded", s.loads);
+    visit("load_failures", "model loads that threw (any error)", s.load_failures);
+    visit("evictions", "idle models unloaded to make room for a load", s.evictions);
+    visit("recoveries_seen", "eviction waits that saw the freed memory reported",
+          s.recoveries_seen);
+    visit("recoveries_trusted", "eviction waits that timed out and trusted the estimate",
+          s.recoveries_trusted);
+    visit("idle_unloads", "models unloaded after idle_timeout", s.idle_unloads);
+    visit("requested_unloads", "request_unload() or unload() calls that unloaded a model",
+          s.requested_unloads);
+    visit("pressure_cache_releases", "allocator cache releases by pressure relief",
+          s.pressure_cache_releases);
+    visit("pressure_unloads", "idle models unloaded by pressure relief", s.pressure_unloads);
+    visit("rejections", "model loads refused with InsufficientMemory", s.rejections);
+    visit("waits", "model loads that waited (load_wait) for room", s.waits);
+    visit("peer_requests", "peers asked to free memory", s.peer_requests);
+    visit("peer_reliefs", "model loads admitted after peers freed memory", s.peer_reliefs);
+}
+static_assert(sizeof(RegistryStats) ==
+                  detail::counter_count<RegistryStats>() * sizeof(std::uint64_t),
+              "for_each_counter(RegistryStats) must visit every field of RegistryStats");
 
 struct RegistryStatus {
     std::vector<ModelStatus> models;  // in the order they were added

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <vramguard/clock.hpp>
+#include <vramguard/errors.hpp>
 #include <vramguard/detail/detached_call.hpp>
 #include <vramguard/memory.hpp>
 #include <vramguard/model_slot.hpp>
@@ -117,10 +118,8 @@ inline std::shared_ptr<std::mutex> device_relief_mutex(const std::string& device
 inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
     try {
         return peer.relieve(request);
-    } catch (const std::exception& e) {
-        return PeerReply::error(std::string("threw: ") + e.what());
     } catch (...) {
-        return PeerReply::error("threw an unknown exception");
+        return PeerReply::error("threw: " + describe(std::current_exception()));
     }
 }
 
@@ -139,8 +138,8 @@ inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequ
             peer.reset();  // before `running` ends: the peer's destructor is the peer's code too
             return reply;
         });
-    } catch (const std::exception& e) {
-        return PeerReply::error(std::string("could not start the call: ") + e.what());
+    } catch (...) {
+        return PeerReply::error("could not start the call: " + describe(std::current_exception()));
     }
     for (;;) {
         const TimePoint before = clock();

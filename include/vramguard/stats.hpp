@@ -10,16 +10,51 @@
 
 VRAMGUARD_BEGIN_NAMESPACE
 
+// Every field counts since the guard was made and only grows. for_each_counter() below lists them
+// with a one-line help: /status pages and the Prometheus exporter (prometheus.hpp) read them there.
 struct Stats {
-    std::uint64_t calls = 0;              // load and encode calls
+    std::uint64_t calls = 0;              // load() and encode() calls
     std::uint64_t ooms = 0;               // OOMs caught (each is also logged at WARN)
     std::uint64_t retries = 0;            // load attempts after an OOM, single items retried
     std::uint64_t halvings = 0;           // encode chunks shrunk after an OOM
     std::uint64_t single_item_calls = 0;  // batches of one run through the device semaphore
     std::uint64_t rejections = 0;         // admissions refused (InsufficientMemory thrown)
     std::uint64_t waits = 0;              // admissions or retries that waited for memory
-    std::uint64_t grow_backs = 0;         // learned ceilings probed back up after successes
+    std::uint64_t grow_backs = 0;         // times a key's learned batch limit was raised again
 };
+
+// Calls visit(name, help, value) once per counter of `stats`, in declaration order. The one list
+// of the counters: a new counter is a field above and a line here (the static_assert below fails
+// when a field is missing). Names are snake_case, fit for JSON keys and Prometheus names.
+template <class Visitor>
+constexpr void for_each_counter(const Stats& stats, Visitor&& visit) {
+    visit("calls", "Guard::load and Guard::encode calls", stats.calls);
+    visit("ooms", "out-of-memory errors the guard caught and handled", stats.ooms);
+    visit("retries", "load attempts after an out-of-memory error, and single items retried",
+          stats.retries);
+    visit("halvings", "encode chunks shrunk after an out-of-memory error", stats.halvings);
+    visit("single_item_calls", "batches of one item run through the device's single-item turn",
+          stats.single_item_calls);
+    visit("rejections", "admissions refused with InsufficientMemory", stats.rejections);
+    visit("waits", "admissions or retries that waited for memory", stats.waits);
+    visit("grow_backs",
+          "times a key's learned batch limit was raised again (successes at the ceiling, or "
+          "memory came back)",
+          stats.grow_backs);
+}
+
+namespace detail {
+// How many counters a for_each_counter overload visits, for the completeness checks.
+template <class Counters>
+constexpr std::size_t counter_count() {
+    std::size_t count = 0;
+    for_each_counter(Counters{}, [&count](const char*, const char*, std::uint64_t) { ++count; });
+    return count;
+}
+}  // namespace detail
+
+static_assert(sizeof(Stats) == detail::counter_count<Stats>() * sizeof(std::uint64_t),
+              "for_each_counter(Stats) must visit every field of Stats");
 
 namespace detail {
 

@@ -292,8 +292,21 @@ inline OomKind classify(const std::exception_ptr& error) {
     }
 }
 
-// Including this header is all it takes for is_oom() to know LibTorch's errors.
+// A c10::Error's message without the backtrace its what() carries (describe() and every log line
+// use it); the exception itself, backtrace included, stays nested in vramguard's errors.
+inline const char* text_without_backtrace(const std::exception_ptr& error) noexcept {
+    try {
+        std::rethrow_exception(error);
+    } catch (const ::c10::Error& e) {
+        return e.what_without_backtrace();
+    } catch (...) {
+        return nullptr;
+    }
+}
+
+// Including this header is all it takes for is_oom() and describe() to know LibTorch's errors.
 inline const bool torch_oom_classifier_registered = register_oom_classifier(&classify);
+inline const bool torch_error_text_registered = register_error_text_reader(&text_without_backtrace);
 
 }  // namespace torch
 VRAMGUARD_END_NAMESPACE

@@ -21,6 +21,15 @@
 #include <vramguard/peers_http.hpp>
 #endif
 
+#if defined(VRAMGUARD_CONSUMER_EXPECT_PROMETHEUS)
+#if !defined(VRAMGUARD_WITH_PROMETHEUS)
+#error "vramguard::prometheus did not define VRAMGUARD_WITH_PROMETHEUS"
+#endif
+#include <vramguard/prometheus.hpp>
+
+#include <prometheus/registry.h>
+#endif
+
 int main() {
     const std::string text = vramguard::format_bytes(6ull << 30);
     std::printf("vramguard %d.%d.%d: %s\n", VRAMGUARD_VERSION_MAJOR, VRAMGUARD_VERSION_MINOR,
@@ -34,6 +43,21 @@ int main() {
     const auto peer = vramguard::peers::parse_http_peer("ollama=http://127.0.0.1:11434");
     if (peer->name() != "ollama@127.0.0.1:11434") {
         std::fprintf(stderr, "unexpected peer name \"%s\"\n", peer->name().c_str());
+        return 1;
+    }
+#endif
+#if defined(VRAMGUARD_CONSUMER_EXPECT_PROMETHEUS)
+    // Linked with prometheus-cpp's core, as the component promises.
+    vramguard::SimulatedDevice device(1ull << 30);
+    vramguard::Options options;
+    options.persist = false;
+    vramguard::Guard<vramguard::SimulatedDevice> guard(device, options);
+    prometheus::Registry registry;
+    vramguard::PrometheusExporter exporter(registry);
+    exporter.add_guard(guard);
+    exporter.update();
+    if (registry.Collect().empty()) {
+        std::fprintf(stderr, "the exporter registered nothing\n");
         return 1;
     }
 #endif

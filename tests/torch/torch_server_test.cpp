@@ -791,21 +791,22 @@ TEST(TorchServer, MetricsAreScrapedAndParsedBack) {
     };
     const json status = get(*client, "/status").body;
 
+    const std::map<std::string, std::string> cpu{{"device", "cpu"}};  // on every vramguard series
     EXPECT_EQ(types["vramguard_guard_calls_total"], "counter");
-    EXPECT_EQ(value("vramguard_guard_calls_total"), status["guard"]["calls"].get<double>());
-    EXPECT_GE(value("vramguard_guard_halvings_total"), 1.0);
-    EXPECT_EQ(value("vramguard_guard_ooms_total"), status["guard"]["ooms"].get<double>());
-    EXPECT_EQ(value("vramguard_registry_loads_total"), 1.0);
-    EXPECT_EQ(value("vramguard_registry_requested_unloads_total"), 0.0);
+    EXPECT_EQ(value("vramguard_guard_calls_total", cpu), status["guard"]["calls"].get<double>());
+    EXPECT_GE(value("vramguard_guard_halvings_total", cpu), 1.0);
+    EXPECT_EQ(value("vramguard_guard_ooms_total", cpu), status["guard"]["ooms"].get<double>());
+    EXPECT_EQ(value("vramguard_registry_loads_total", cpu), 1.0);
+    EXPECT_EQ(value("vramguard_registry_requested_unloads_total", cpu), 0.0);
     EXPECT_EQ(types["vramguard_device_free_bytes"], "gauge");
     EXPECT_GT(value("vramguard_device_total_bytes", {{"device", "cpu"}}), 0.0);
     EXPECT_LE(value("vramguard_device_free_bytes", {{"device", "cpu"}}),
               value("vramguard_device_total_bytes", {{"device", "cpu"}}));
     const std::string key = status["encode"]["key"].get<std::string>();
-    EXPECT_EQ(value("vramguard_learned_weight_budget", {{"key", key}}),
+    EXPECT_EQ(value("vramguard_learned_weight_budget", {{"device", "cpu"}, {"key", key}}),
               status["encode"]["learned_weight_budget"].get<double>());
-    EXPECT_GT(value("vramguard_learned_weight_budget", {{"key", key}}), 0.0);
-    EXPECT_EQ(value("vramguard_model_loaded", {{"model", "encoder"}}), 1.0);
+    EXPECT_GT(value("vramguard_learned_weight_budget", {{"device", "cpu"}, {"key", key}}), 0.0);
+    EXPECT_EQ(value("vramguard_model_loaded", {{"device", "cpu"}, {"model", "encoder"}}), 1.0);
     EXPECT_EQ(value("torch_server_requests_total", {{"outcome", "ok"}}), 1.0);
     EXPECT_EQ(value("torch_server_requests_total", {{"outcome", "bad_request_400"}}), 1.0);
     EXPECT_EQ(value("torch_server_unload_requests_total", {{"answer", "busy"}}), 1.0);

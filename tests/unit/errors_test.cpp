@@ -201,6 +201,37 @@ TEST(Describe, OneLineWithoutC10sBacktraceAndBounded) {
     EXPECT_EQ(describe(thrown(3)), "unknown exception");
 }
 
+TEST(Describe, FoldsEveryLineBreakSoALogLineStaysOneLine) {
+    // c10's enforce failures append "frame #N" lines without an "Exception raised from" header.
+    EXPECT_EQ(describe(thrown(std::runtime_error(
+                  "DefaultCPUAllocator: not enough memory\n  while loading\r\n\tframe #0: x\n"))),
+              "DefaultCPUAllocator: not enough memory while loading frame #0: x");
+    EXPECT_EQ(describe(std::exception_ptr()), "no exception");
+}
+
+TEST(Describe, UsesARegisteredTextReaderBeforeWhat) {
+    struct WithBacktrace : std::runtime_error {
+        WithBacktrace() : std::runtime_error("out of memory\nframe #0: f\nframe #1: g") {}
+        const char* without_backtrace() const noexcept { return "out of memory"; }
+    };
+    const std::exception_ptr error = thrown(WithBacktrace());
+    EXPECT_EQ(describe(error), "out of memory frame #0: f frame #1: g") << "before registering";
+    const ErrorTextReader reader = [](const std::exception_ptr& e) -> const char* {
+        try {
+            std::rethrow_exception(e);
+        } catch (const WithBacktrace& mine) {
+            return mine.without_backtrace();
+        } catch (...) {
+            return nullptr;
+        }
+    };
+    EXPECT_TRUE(register_error_text_reader(reader));
+    EXPECT_TRUE(register_error_text_reader(reader)) << "idempotent";
+    EXPECT_EQ(error_text(error), "out of memory");
+    EXPECT_EQ(describe(error), "out of memory");
+    EXPECT_EQ(describe(thrown(std::runtime_error("other"))), "other") << "not its type: what()";
+}
+
 TEST(InsufficientMemory, CarriesItsNumbers) {
     const InsufficientMemory e(6_GiB, 4_GiB, 80_GiB, "llm{size=7b} #0011223344556677",
                                std::chrono::milliseconds(1500), "needs more");

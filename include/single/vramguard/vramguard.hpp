@@ -303,6 +303,19 @@ TimePoint deadline_after(TimePoint now, std::chrono::duration<Rep, Period> wait)
     return now + std::chrono::duration_cast<Duration>(wait);
 }
 
+// A duration in the clock's unit, saturating: milliseconds::max() ("for ever") becomes
+// Duration::max(), not (overflowed) -1 ms; a negative one saturates at Duration::min().
+template <class Rep, class Period>
+constexpr Duration saturating_duration(std::chrono::duration<Rep, Period> d) noexcept {
+    using Seconds = std::chrono::duration<double>;
+    const double seconds = std::chrono::duration_cast<Seconds>(d).count();
+    if (seconds >= std::chrono::duration_cast<Seconds>(Duration::max()).count())
+        return Duration::max();
+    if (seconds <= std::chrono::duration_cast<Seconds>(Duration::min()).count())
+        return Duration::min();
+    return std::chrono::duration_cast<Duration>(d);
+}
+
 // Polls `ready` every `interval` until it holds or `deadline` passes; never sleeps past the
 // deadline. Returns whether `ready` held.
 template <class Ready>
@@ -801,6 +814,17 @@ inline bool admits(std::uint64_t required, const MemoryInfo& memory,
            memory.free_bytes - required >= margin_bytes(memory.total_bytes, safety_margin);
 }
 
+// A cost measured on this device ran on it: an estimate derived from it (x history_headroom, x an
+// item count) is capped at what the empty device admits, so one run that used most of the device
+// never makes its key "never fit" for ever, persisted (repro_cheapest_brick). An estimate of
+// something that did not run here stays as it is.
+inline std::uint64_t capped_by_device(std::uint64_t estimate, bool ran_on_device,
+                                      std::uint64_t total_bytes, double safety_margin) noexcept {
+    if (!ran_on_device) return estimate;
+    const std::uint64_t kept = margin_bytes(total_bytes, safety_margin);
+    return std::min(estimate, total_bytes > kept ? total_bytes - kept : 0);
+}
+
 // Work that would not fit on an empty device is refused at once instead of waited for.
 inline bool can_ever_fit(std::uint64_t required, std::uint64_t total_bytes,
                          double safety_margin) noexcept {
@@ -1079,7 +1103,8 @@ CostModel fit_cost(const Samples& samples, std::uint64_t planned_size = 0) noexc
     for (std::size_t i = 0; i < count; ++i) largest = std::max(largest, kept[i].size);
     if (planned_size != 0) largest = std::min(largest, planned_size);
     for (std::size_t i = 0; i < count; ++i) {
-        if (kept[i].size * 2 >= largest)
+        // Saturating: a size past 2^63 (weights saturate at 2^64 - 1) must not wrap to "small".
+        if (saturating_add(kept[i].size, kept[i].size) >= largest)
             model.costliest_unit = std::max(model.costliest_unit, detail::per_unit(kept[i]));
     }
     const double slope = detail::theil_sen_slope(kept, count);
@@ -1277,13 +1302,15 @@ inline bool in_learning_phase(unsigned measurements_taken) noexcept {
 }
 
 struct ChunkFacts {
-    ChunkPlan plan;                 // plan_chunk's answer for the reading now
-    std::uint64_t retry_limit = 0;  // the size decided when the previous chunk ran out of memory
-    bool measures_peaks = false;    // the probe can measure a chunk
-    bool learning = false;          // in_learning_phase(measurements taken of the key)
-    unsigned chunk_number = 0;      // chunks planned since the learning phase ended
-    unsigned spoiled = 0;           // measurements of the key in a row that other runs overlapped
-    bool exclusive_held = false;    // this call holds the guard for an item retried alone
+    ChunkPlan plan;                   // plan_chunk's answer for the reading now
+    std::uint64_t retry_limit = 0;    // the size decided when the previous chunk ran out of memory
+    bool measures_peaks = false;      // the probe can measure a chunk
+    bool inside_another_run = false;  // called inside another run of the guard on this thread
+    bool learning = false;            // in_learning_phase(measurements taken of the key)
+    unsigned chunk_number = 0;        // chunks planned since the learning phase ended
+    unsigned spoiled = 0;             // measurements of the key in a row that other runs overlapped
+    bool exclusive_held = false;      // this call holds the guard for an item retried alone
+    std::uint64_t first_chunk_hint = 0;  // EncodeOptions::first_chunk_limit (0: none)
 };
 
 struct ChunkDecision {
@@ -1291,15 +1318,21 @@ struct ChunkDecision {
     bool taught_by_oom = false;        // the limit comes from failures, not from the model alone
     bool measure = false;              // read the chunk's peak (counted when it ran alone)
     bool measure_exclusively = false;  // ... taking the guard for itself so that it runs alone
+    bool hinted = false;  // the caller's first-chunk hint cuts it: nothing learned, nothing stored
 };
 
 inline ChunkDecision decide_chunk(const ChunkFacts& facts) noexcept {
     ChunkDecision decision;
     decision.limit = facts.retry_limit != 0 ? facts.retry_limit : facts.plan.limit;
+    // The caller's hint stands in for what a key that learned nothing would run: the whole batch.
+    decision.hinted = decision.limit == 0 && facts.first_chunk_hint != 0;
+    if (decision.hinted) decision.limit = facts.first_chunk_hint;
     decision.taught_by_oom =
         !facts.plan.from_model || facts.plan.bounded_by_failure || facts.retry_limit != 0;
-    decision.measure =
-        facts.measures_peaks && (facts.learning || facts.chunk_number % measure_every == 0);
+    // A call made inside another run of the guard on this thread (a loader's warm-up through
+    // encode) is part of that run: nothing of it is measured, nor counted as spoiled.
+    decision.measure = !facts.inside_another_run && facts.measures_peaks &&
+                       (facts.learning || facts.chunk_number % measure_every == 0);
     // Chunks that always overlap others would never be measured alone: after a few spoiled
     // measurements, the next measured chunk takes the guard for itself.
     decision.measure_exclusively =
@@ -1326,9 +1359,11 @@ inline std::uint64_t oom_lower_bound(const std::optional<OomReport>& report,
 
 // When an item that ran out of memory alone is retried really alone: while other runs of the
 // guard held memory, the failure says nothing about the item, so it takes the guard for itself
-// (new runs wait, running ones finish) and is retried without counting the failure. Once.
-inline bool retry_exclusively(bool exclusive_held, bool others_running) noexcept {
-    return !exclusive_held && others_running;
+// (new runs wait, running ones finish) and is retried without counting the failure. Once; and not
+// from inside another run of the guard on this thread, whose turn would wait for that run.
+inline bool retry_exclusively(bool exclusive_held, bool inside_another_run,
+                              bool others_running) noexcept {
+    return !exclusive_held && !inside_another_run && others_running;
 }
 
 enum class ItemOomStep {
@@ -1340,17 +1375,20 @@ enum class ItemOomStep {
 
 struct ItemOomFacts {
     bool exclusive_held = false;        // this call already holds the guard for the item
+    bool inside_another_run = false;    // called inside another run of the guard on this thread
     bool others_running = false;        // other runs of the guard hold memory now
     unsigned item_failures = 0;         // counted failures of the item by itself, this one included
     unsigned attempts = 0;              // Options::single_item_attempts
     bool hopeless = false;              // asks_more_than_the_device
+    bool past_deadline = false;         // the call's EncodeOptions::deadline has passed
     std::uint64_t requested_bytes = 0;  // what the failed allocation asked for (0: unknown)
 };
 
 inline ItemOomStep after_item_oom(const ItemOomFacts& facts) noexcept {
-    if (retry_exclusively(facts.exclusive_held, facts.others_running))
+    if (retry_exclusively(facts.exclusive_held, facts.inside_another_run, facts.others_running))
         return ItemOomStep::retry_exclusively;
-    if (facts.item_failures >= facts.attempts || facts.hopeless) return ItemOomStep::give_up;
+    if (facts.item_failures >= facts.attempts || facts.hopeless || facts.past_deadline)
+        return ItemOomStep::give_up;
     return facts.requested_bytes > 0 ? ItemOomStep::wait_for_memory : ItemOomStep::pause;
 }
 
@@ -1421,6 +1459,7 @@ VRAMGUARD_END_NAMESPACE
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 
 VRAMGUARD_BEGIN_NAMESPACE
 
@@ -1438,6 +1477,7 @@ class Coordinator {
         std::unique_ptr<Hold> hold;   // set when admitted
         std::uint64_t available = 0;  // what this process may take after others' reservations
         MemoryInfo seen;              // the reading the decision was made against
+        std::string refused_because;  // refused although `available` fits (a full ledger), or ""
     };
 
     // Admits `required` bytes (plus `margin_bytes` kept free) against this process's probe reading
@@ -1464,7 +1504,9 @@ VRAMGUARD_END_NAMESPACE
 #include <chrono>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -1482,6 +1524,11 @@ inline constexpr double history_headroom = 1.2;
 inline constexpr unsigned load_attempts = 3;
 // The longest wait for memory to come back between load attempts (polled, not slept blindly).
 inline constexpr std::chrono::milliseconds retry_delay{30000};
+// The longest wait for memory before an encode item that ran out of memory alone is retried. An
+// encode runs on a request thread, and what the item waits for is another chunk on the device
+// finishing (well under a second): 2 s covers a few, and an item's waits (single_item_attempts - 1
+// of them) stay at 4 s, inside any client's timeout. retry_delay's 30 s is sized for a model load.
+inline constexpr std::chrono::milliseconds item_retry_delay{2000};
 // How often a wait looks at the probe again; also Ollama's VRAM-recovery poll.
 inline constexpr std::chrono::milliseconds poll_interval{250};
 // 0: admission that says no fails at once with InsufficientMemory (a server answers 503).
@@ -1514,7 +1561,9 @@ struct Options {
     double first_run_fraction = defaults::first_run_fraction;  // unknown load's requirement, (0, 1]
     double history_headroom = defaults::history_headroom;      // factor over a measured peak, >= 1
     unsigned load_attempts = defaults::load_attempts;          // tries of one load, >= 1
-    std::chrono::milliseconds retry_delay = defaults::retry_delay;        // max wait between tries
+    std::chrono::milliseconds retry_delay = defaults::retry_delay;  // max wait between tries
+    // Max wait for memory before an encode item that ran out of memory alone is retried.
+    std::chrono::milliseconds item_retry_delay = defaults::item_retry_delay;
     std::chrono::milliseconds poll_interval = defaults::poll_interval;    // > 0
     std::chrono::milliseconds admission_wait = defaults::admission_wait;  // max wait to be admitted
     unsigned single_item_attempts =
@@ -1557,6 +1606,7 @@ struct Options {
                  "must be in [1, 100], got " + std::to_string(history_headroom));
         if (load_attempts < 1) fail("load_attempts", "must be at least 1");
         if (retry_delay.count() < 0) fail("retry_delay", "must not be negative");
+        if (item_retry_delay.count() < 0) fail("item_retry_delay", "must not be negative");
         if (poll_interval.count() <= 0) fail("poll_interval", "must be positive");
         if (admission_wait.count() < 0) fail("admission_wait", "must not be negative");
         if (single_item_attempts < 1) fail("single_item_attempts", "must be at least 1");
@@ -1575,6 +1625,27 @@ struct Options {
         if (recovery_timeout.count() < 0) fail("recovery_timeout", "must not be negative");
         if (!clock) fail("clock", "must be set (use vramguard::system_clock())");
         if (!sleep) fail("sleep", "must be set (use vramguard::system_sleep())");
+    }
+};
+
+// What one encode call may be told beyond its guard's Options (Guard::encode's last argument).
+struct EncodeOptions {
+    // While the key has learned nothing (no cost model, no limit), chunks are cut at this many
+    // items (weighted encode: this much weight) instead of running the whole batch at once; 0 =
+    // no hint. What the key learns replaces it, and it is never stored as learned.
+    std::uint64_t first_chunk_limit = 0;
+    // No wait inside the call (admission, the waits before an item's retries) goes past this
+    // time on the guard's clock (Options::clock). An item that runs out of memory alone once it
+    // has passed is given up on at once (OomExhausted); admission refuses (InsufficientMemory).
+    std::optional<TimePoint> deadline;
+
+    EncodeOptions& with_first_chunk_limit(std::uint64_t limit) {
+        first_chunk_limit = limit;
+        return *this;
+    }
+    EncodeOptions& with_deadline(TimePoint when) {
+        deadline = when;
+        return *this;
     }
 };
 
@@ -3941,6 +4012,7 @@ VRAMGUARD_END_NAMESPACE
 // has a deadline.
 
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -3964,6 +4036,7 @@ struct Admitted {
     std::unique_ptr<Hold> hold;
     policy::Requirement requirement;
     MemoryInfo memory;
+    std::string refused_because;  // the coordinator's reason beyond the numbers, or ""
 };
 
 template <class Probe>
@@ -3976,10 +4049,11 @@ class AdmissionControl {
     // `go_ahead()` says the memory missing is this guard's own and comes back, throw
     // InsufficientMemory with the numbers. `requirement_of(total_bytes)` turns the device size
     // into the requirement: the first reading serves both, so the fast path reads the probe once.
-    // With a coordinator the reading compared is the coordinator's, taken under its lock.
+    // With a coordinator the reading compared is the coordinator's, taken under its lock. The wait
+    // ends at `deadline` too (an encode call's own, EncodeOptions::deadline).
     template <class RequirementOf, class GoAhead>
     Admitted admit(const Key& key, const char* what, RequirementOf&& requirement_of,
-                   GoAhead&& go_ahead) {
+                   GoAhead&& go_ahead, std::optional<TimePoint> deadline = std::nullopt) {
         Admitted admitted;
         std::uint64_t available = 0;
         bool first = true;
@@ -3994,10 +4068,10 @@ class AdmissionControl {
         if (!policy::can_ever_fit(admitted.requirement.bytes, total, options_.safety_margin))
             reject(key, what, admitted.requirement, available, total, true);
         if (options_.admission_wait.count() > 0 &&
-            wait_to_be_admitted(key, what, admitted, try_once))
+            wait_to_be_admitted(key, what, admitted, try_once, deadline))
             return admitted;
         if (go_ahead()) return admitted;  // refused, but the memory missing is the guard's own
-        reject(key, what, admitted.requirement, available, total, false);
+        reject(key, what, admitted.requirement, available, total, false, admitted.refused_because);
     }
 
     // One reading, reserving nothing: would work needing `requirement` start now?
@@ -4012,18 +4086,27 @@ class AdmissionControl {
 
     // After an OOM: polls until `required` bytes (plus the margin) are free, or `max_wait`
     // passes. `distrusted_free`, when given, is the reading that let the failed work start: it
-    // was stale or the memory was taken since, so only a reading that differs from it counts.
+    // was stale or the memory was taken since, so only a reading that differs from it counts,
+    // for at most recovery_timeout (how late a driver reports): a reading that stayed the same
+    // that long and admits `required` is not stale. Nothing the probe sees is short (an idle
+    // device, an OOM from a limit the probe does not read), and waiting on would change nothing.
+    // Returns whether the memory was seen coming back.
     bool wait_for_memory(std::uint64_t required, std::chrono::milliseconds max_wait,
                          std::optional<std::uint64_t> distrusted_free) {
         const TimePoint start = options_.clock();
+        const TimePoint settled = deadline_after(start, options_.recovery_timeout);
         bool reading_moved = !distrusted_free;
-        const bool came_back = poll_until(
-            options_.clock, options_.sleep, options_.poll_interval, deadline_after(start, max_wait),
-            [&] {
-                const MemoryInfo now = probe_.memory();
-                reading_moved = reading_moved || now.free_bytes != *distrusted_free;
-                return reading_moved && policy::admits(required, now, options_.safety_margin);
-            });
+        bool nothing_short = false;
+        const bool ended =
+            poll_until(options_.clock, options_.sleep, options_.poll_interval,
+                       deadline_after(start, max_wait), [&] {
+                           const MemoryInfo now = probe_.memory();
+                           reading_moved = reading_moved || now.free_bytes != *distrusted_free;
+                           const bool fits = policy::admits(required, now, options_.safety_margin);
+                           nothing_short = !reading_moved && fits && options_.clock() >= settled;
+                           return (reading_moved && fits) || nothing_short;
+                       });
+        const bool came_back = ended && !nothing_short;
         if (options_.clock() > start) AtomicStats::bump(stats_.waits);
         if (came_back) remember_recovery(options_.clock() - start);
         return came_back;
@@ -4053,6 +4136,7 @@ class AdmissionControl {
             admitted.memory = decision.seen;
             available = decision.available;
             admitted.hold = std::move(decision.hold);
+            admitted.refused_because = std::move(decision.refused_because);
             return admitted.hold != nullptr;
         }
         available = admitted.memory.free_bytes;
@@ -4061,14 +4145,20 @@ class AdmissionControl {
 
     template <class TryOnce>
     bool wait_to_be_admitted(const Key& key, const char* what, const Admitted& admitted,
-                             TryOnce& try_once) {
+                             TryOnce& try_once, std::optional<TimePoint> call_deadline) {
+        const TimePoint start = options_.clock();
+        TimePoint deadline = deadline_after(start, options_.admission_wait);
+        if (call_deadline) deadline = std::min(deadline, *call_deadline);
+        if (deadline <= start) return false;
         Event event(EventKind::admission_wait, key, what);
-        event.wait = options_.admission_wait;
+        event.wait =
+            call_deadline
+                ? std::min(options_.admission_wait,
+                           std::chrono::ceil<std::chrono::milliseconds>(*call_deadline - start))
+                : options_.admission_wait;
         event.bytes = admitted.requirement.bytes;
         publish(stats_, options_.log, options_.log_level, event);
-        const TimePoint start = options_.clock();
-        if (!poll_until(options_.clock, options_.sleep, options_.poll_interval,
-                        deadline_after(start, options_.admission_wait), try_once))
+        if (!poll_until(options_.clock, options_.sleep, options_.poll_interval, deadline, try_once))
             return false;
         remember_recovery(options_.clock() - start);
         return true;
@@ -4076,7 +4166,8 @@ class AdmissionControl {
 
     [[noreturn]] void reject(const Key& key, const char* what,
                              const policy::Requirement& requirement, std::uint64_t available,
-                             std::uint64_t total, bool never_fits) {
+                             std::uint64_t total, bool never_fits,
+                             const std::string& because = {}) {
         publish(stats_, options_.log, options_.log_level, Event(EventKind::rejected, key, what));
         const std::uint64_t margin = policy::margin_bytes(total, options_.safety_margin);
         std::string message =
@@ -4088,6 +4179,9 @@ class AdmissionControl {
             message +=
                 "more than the whole device: it can never fit here. Declare a smaller size, "
                 "lower safety_margin or use a larger device.";
+        } else if (!because.empty()) {
+            message += "and " + format_bytes(available) + " is free for this process, but " +
+                       because + ". Release leaked holds or retry later.";
         } else {
             message += "but only " + format_bytes(available) + " is free for this process" +
                        (options_.coordinator ? " after other processes' reservations" : "") +
@@ -4321,10 +4415,17 @@ class RunTracker {
     explicit RunTracker(bool counts_starts) noexcept : counts_starts_(counts_starts) {}
 
     // One run in progress. `measured`: whether overlap is to be checked for it.
+    //
+    // A run started inside another run of this tracker on the same thread (a loader that warms
+    // up through encode, a batch_fn that encodes) is part of that run: its memory is the outer
+    // run's, so it is neither registered, measured nor a start, and it never waits for an
+    // exclusive turn, which would wait for the outer run, i.e. for itself (repro_warmup_hang).
     class Run {
        public:
         Run(RunTracker& tracker, bool measured, bool exclusive = false)
-            : tracker_(tracker), measured_(measured) {
+            : tracker_(tracker), nested_(tracker.running_here()) {
+            if (nested_) return;
+            measured_ = measured;
             // Registered first, then the turn checked: an exclusive turn sets its flag first,
             // then reads the count, so one of the two always sees the other.
             for (;;) {
@@ -4334,6 +4435,8 @@ class RunTracker {
                 tracker.turn_changed_.notify_all();
                 tracker.wait_for_turn();
             }
+            outer_ = innermost();
+            innermost() = this;
             // Every run counts as a start, measured or not: a run that starts and ends inside a
             // measurement leaves no other trace, and its peak would be booked as ours. (Not
             // counted where nothing is ever measured: a probe without peaks.)
@@ -4343,6 +4446,8 @@ class RunTracker {
             solo_ = tracker.running_.sum() <= 1;
         }
         ~Run() {
+            if (nested_) return;
+            innermost() = outer_;
             tracker_.running_.add(-1);
             if (tracker_.exclusive_wanted_.load(std::memory_order_seq_cst))
                 tracker_.turn_changed_.notify_all();
@@ -4359,22 +4464,28 @@ class RunTracker {
         }
 
        private:
+        friend class RunTracker;
         RunTracker& tracker_;
-        bool measured_;
+        const bool nested_;
+        bool measured_ = false;
         bool solo_ = false;
         std::uint64_t starts_seen_ = 0;
+        Run* outer_ = nullptr;  // this thread's registered run started before this one
     };
 
     // Holding it, no new run of this tracker starts; the constructor returns once the runs that
     // were running have finished (they always do: they are the caller's own batches and loads).
+    // Not to be taken by a thread inside a run of this tracker (running_here()): a turn wanted
+    // elsewhere would wait for that run while it waits for the turn.
     class ExclusiveTurn {
        public:
         explicit ExclusiveTurn(RunTracker& tracker) : tracker_(tracker) {
+            const std::int64_t own = tracker.running_here() ? 1 : 0;
             std::unique_lock<std::mutex> lock(tracker.mutex_);
             tracker.turn_changed_.wait(lock, [&] { return !tracker.exclusive_held_; });
             tracker.exclusive_held_ = true;
             tracker.exclusive_wanted_.store(true, std::memory_order_seq_cst);
-            while (tracker.running_.sum() > 0)
+            while (tracker.running_.sum() > own)
                 tracker.turn_changed_.wait_for(lock, std::chrono::milliseconds(1));
         }
         ~ExclusiveTurn() {
@@ -4392,10 +4503,24 @@ class RunTracker {
         RunTracker& tracker_;
     };
 
-    // Whether any run is in progress now (read after one's own run ended).
-    bool others_running() const noexcept { return running_.sum() > 0; }
+    // Whether any run other than the calling thread's own (when inside one) is in progress now
+    // (read after one's own chunk ended).
+    bool others_running() const noexcept { return running_.sum() > (running_here() ? 1 : 0); }
+
+    // Whether the calling thread is inside a run of this tracker.
+    bool running_here() const noexcept {
+        for (const Run* run = innermost(); run != nullptr; run = run->outer_)
+            if (&run->tracker_ == this) return true;
+        return false;
+    }
 
    private:
+    // The calling thread's registered runs, innermost first (runs are scoped, so they nest).
+    static Run*& innermost() noexcept {
+        thread_local Run* run = nullptr;
+        return run;
+    }
+
     void wait_for_turn() {
         std::unique_lock<std::mutex> lock(mutex_);
         turn_changed_.wait(lock, [&] { return !exclusive_held_; });
@@ -4415,6 +4540,7 @@ VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/detail/run_tracker.hpp> ----
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -4534,12 +4660,19 @@ class GuardCore {
     };
     bool only_call_in_flight() const noexcept { return calls_in_flight_.sum() <= 1; }
 
+    // A load's requirement (policy::required_bytes); a measured peak that fits the device ran on
+    // it, so x history_headroom it is capped at what the empty device admits.
     policy::Requirement requirement_for(const Key& key, std::optional<std::uint64_t> declared,
                                         std::uint64_t total_bytes) {
         const std::uint64_t measured =
             declared ? 0 : key_memory(key).load_peak.load(std::memory_order_acquire);
-        return policy::required_bytes(declared, measured, total_bytes, options_.history_headroom,
-                                      options_.first_run_fraction);
+        policy::Requirement requirement =
+            policy::required_bytes(declared, measured, total_bytes, options_.history_headroom,
+                                   options_.first_run_fraction);
+        if (requirement.source == policy::RequirementSource::measured)
+            requirement.bytes = policy::capped_by_device(requirement.bytes, measured <= total_bytes,
+                                                         total_bytes, options_.safety_margin);
+        return requirement;
     }
 
     // The first answer to anything the caller's work throws: not an OOM -> rethrown untouched,
@@ -4557,14 +4690,16 @@ class GuardCore {
     }
 
     // Why a load or an item was given up on, for OomExhausted's message: retried and waited for
-    // in vain, or not retried at all because it asked for more than the device has.
-    std::string given_up_because(bool hopeless, unsigned attempts, std::uint64_t total) const {
+    // in vain (up to `delay` each time), or not retried at all because it asked for more than
+    // the device has.
+    static std::string given_up_because(bool hopeless, unsigned attempts, std::uint64_t total,
+                                        std::chrono::milliseconds delay) {
         if (hopeless)
             return "asking for more than the whole device (" + format_bytes(total) +
                    "), so it was not retried.";
         return std::to_string(attempts) +
                " times; the allocator cache was released and memory waited for (up to " +
-               std::to_string(options_.retry_delay.count()) + " ms) before each retry.";
+               std::to_string(delay.count()) + " ms) before each retry.";
     }
 
     // The learned state of `key`, created from its profile on first use. A server encodes with one
@@ -4650,6 +4785,7 @@ VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/detail/guard_core.hpp> ----
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <exception>
@@ -4750,12 +4886,13 @@ class EncodeRun {
 
    public:
     EncodeRun(Core& core, const Key& key, It first, std::size_t n, F& batch_fn,
-              const std::vector<std::uint64_t>* weights, bool padded)
+              const EncodeOptions& call, const std::vector<std::uint64_t>* weights, bool padded)
         : core_(core),
           key_(key),
           memory_(core.key_memory(key)),
           learner_(weights ? memory_.weight : memory_.items),
           batch_fn_(batch_fn),
+          call_(call),
           weights_(weights),
           padded_(padded),
           n_(n),
@@ -4790,8 +4927,11 @@ class EncodeRun {
         return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
     }
 
-    // Refuse (or wait) only when not even the cheapest item seen so far fits: items differ and
-    // an encode adapts its batches, so only "nothing can run" is a reason to say no. Memory held
+    // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
+    // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
+    // planning). An item no heavier than one that ran, estimated within the device, is never "can
+    // never fit": its estimate is capped at what the empty device admits, or one heavy item would
+    // refuse every later call of the key for ever, persisted (repro_cheapest_brick). Memory held
     // by this guard's own calls comes back when they finish: a refusal is decided against a
     // reading that two "only call in flight" checks bracket, and otherwise the call goes ahead and
     // takes turns.
@@ -4800,21 +4940,27 @@ class EncodeRun {
         if (cheapest == 0 || n_ == 0) return;
         const std::uint64_t smallest =
             weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
-        const std::uint64_t one_item =
-            policy::scale_bytes(policy::scale_bytes(cheapest, static_cast<double>(smallest)),
-                                options().history_headroom);
+        const bool ran_before =
+            smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
+        const std::uint64_t estimate = policy::scale_bytes(cheapest, static_cast<double>(smallest));
+        const double margin = options().safety_margin;
+        auto one_item = [estimate, ran_before, margin](std::uint64_t total) {
+            return policy::capped_by_device(estimate, ran_before && estimate <= total, total,
+                                            margin);
+        };
         const MemoryInfo seen = core_.probe().memory();
-        if (policy::admits(one_item, seen, options().safety_margin) || !core_.only_call_in_flight())
+        if (policy::admits(one_item(seen.total_bytes), seen, margin) ||
+            !core_.only_call_in_flight())
             return;
-        hold_ =
-            core_.admission()
-                .admit(
-                    key_, "encode",
-                    [one_item](std::uint64_t) {
-                        return policy::Requirement{one_item, policy::RequirementSource::measured};
-                    },
-                    [this] { return !core_.only_call_in_flight(); })
-                .hold;
+        hold_ = core_.admission()
+                    .admit(
+                        key_, "encode",
+                        [one_item](std::uint64_t total) {
+                            return policy::Requirement{one_item(total),
+                                                       policy::RequirementSource::measured};
+                        },
+                        [this] { return !core_.only_call_in_flight(); }, call_.deadline)
+                    .hold;
     }
 
     Chunk plan() {
@@ -4825,18 +4971,22 @@ class EncodeRun {
         facts.plan = plan_for(chunk.inputs, chunk.seen);
         facts.retry_limit = retry_limit_;
         facts.measures_peaks = Core::measures_peaks;
+        facts.inside_another_run = core_.runs().running_here();
         auto& published = learner_.published;
         facts.learning =
             policy::in_learning_phase(published.measured.load(std::memory_order_relaxed));
-        if (facts.measures_peaks && !facts.learning)
+        if (facts.measures_peaks && !facts.inside_another_run && !facts.learning)
             facts.chunk_number = published.chunks.fetch_add(1, std::memory_order_relaxed);
         facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
         facts.exclusive_held = exclusive_.has_value();
+        facts.first_chunk_hint = call_.first_chunk_limit;
         chunk.decision = policy::decide_chunk(facts);
         chunk.from_model = facts.plan.from_model;
         chunk.limit = chunk.decision.limit;
         retry_limit_ = 0;
         cut(chunk);
+        // A hint is no learned limit: not at_limit (nothing stores it), and it makes no lone item.
+        if (chunk.decision.hinted) chunk.at_limit = chunk.lone_item = false;
         chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
         return chunk;
     }
@@ -5047,11 +5197,13 @@ class EncodeRun {
         retry_limit_ = 1;
         policy::ItemOomFacts facts;
         facts.exclusive_held = exclusive_.has_value();
+        facts.inside_another_run = core_.runs().running_here();
         facts.others_running = core_.runs().others_running();
         facts.item_failures = item_failures_ + 1;
         facts.attempts = options().single_item_attempts;
         facts.hopeless = policy::asks_more_than_the_device(report, after.total_bytes);
         facts.requested_bytes = report ? report->requested_bytes : 0;
+        facts.past_deadline = past_deadline();
         const policy::ItemOomStep step = policy::after_item_oom(facts);
         if (step == policy::ItemOomStep::retry_exclusively) {
             Event event(EventKind::item_exclusive, key_, "encode");
@@ -5069,13 +5221,25 @@ class EncodeRun {
         event.attempts = options().single_item_attempts;
         event.error = &error;
         core_.publish(event);
+        const std::chrono::milliseconds wait = wait_allowed();
         if (step == policy::ItemOomStep::wait_for_memory)
             core_.admission().wait_for_memory(
-                facts.requested_bytes, options().retry_delay,
+                facts.requested_bytes, wait,
                 policy::reading_to_distrust(report, planned_or(chunk, after)));
         else
-            options().sleep(options().poll_interval);
+            options().sleep(std::min<Duration>(options().poll_interval, wait));
     }
+
+    // The longest wait before an item's retry: item_retry_delay, cut at the call's deadline.
+    std::chrono::milliseconds wait_allowed() const {
+        const std::chrono::milliseconds bound = options().item_retry_delay;
+        if (!call_.deadline) return bound;
+        const TimePoint now = options().clock();
+        if (*call_.deadline <= now) return std::chrono::milliseconds::zero();
+        return std::min(
+            bound, std::chrono::duration_cast<std::chrono::milliseconds>(*call_.deadline - now));
+    }
+    bool past_deadline() const { return call_.deadline && options().clock() >= *call_.deadline; }
 
     // The free memory the chunk was planned with, or when none was read, the reading after.
     static std::uint64_t planned_or(const Chunk& chunk, const MemoryInfo& after) noexcept {
@@ -5091,7 +5255,9 @@ class EncodeRun {
             OomExhausted exhausted(
                 "vramguard: encode " + key_.describe() + ": item " + std::to_string(pos_) +
                     " ran out of memory even alone " +
-                    core_.given_up_because(hopeless, item_failures_, total) + " The " +
+                    core_.given_up_because(hopeless, item_failures_, total,
+                                           options().item_retry_delay) +
+                    (past_deadline() ? " The call's deadline has passed." : "") + " The " +
                     std::to_string(pos_) +
                     " results before it are kept in OomExhausted::finished_results(). Last "
                     "error: " +
@@ -5110,6 +5276,7 @@ class EncodeRun {
     KeyMemory& memory_;
     SizeLearner& learner_;
     F& batch_fn_;
+    const EncodeOptions& call_;
     const std::vector<std::uint64_t>* weights_;
     bool padded_;
     std::size_t n_;
@@ -5203,11 +5370,12 @@ class LoadRun {
         core_.publish(event);
         if (last)
             throw_with_cause(error, [&] {
-                return OomExhausted("vramguard: load " + key_.describe() + " ran out of memory " +
-                                        core_.given_up_because(hopeless, attempt, total) +
-                                        " It needed about " + format_bytes(required) +
-                                        ". Last error: " + describe(error),
-                                    key_.describe(), std::nullopt, attempt);
+                return OomExhausted(
+                    "vramguard: load " + key_.describe() + " ran out of memory " +
+                        core_.given_up_because(hopeless, attempt, total, options.retry_delay) +
+                        " It needed about " + format_bytes(required) +
+                        ". Last error: " + describe(error),
+                    key_.describe(), std::nullopt, attempt);
             });
         core_.admission().wait_for_memory(
             required, options.retry_delay,
@@ -5262,14 +5430,15 @@ class Guard {
     // ---- encode ------------------------------------------------------------------------------
 
     // batch_fn(BatchView) returns one result per item (std::vector<R>) or nothing. Returns the
-    // results in input order (std::vector<R>), or nothing.
+    // results in input order (std::vector<R>), or nothing. Every form takes an EncodeOptions last
+    // (a first-chunk hint, a deadline for the call's waits).
     template <class It, class F, class = typename std::iterator_traits<It>::iterator_category>
-    auto encode(const Key& key, It first, It last, F&& batch_fn) {
-        return run_encode(key, first, last, batch_fn);
+    auto encode(const Key& key, It first, It last, F&& batch_fn, const EncodeOptions& call = {}) {
+        return run_encode(key, first, last, batch_fn, call);
     }
     template <class Range, class F, class = detail::range_iterator_t<Range>>
-    auto encode(const Key& key, const Range& items, F&& batch_fn) {
-        return run_encode(key, std::begin(items), std::end(items), batch_fn);
+    auto encode(const Key& key, const Range& items, F&& batch_fn, const EncodeOptions& call = {}) {
+        return run_encode(key, std::begin(items), std::end(items), batch_fn, call);
     }
     // Weighted form: weight_fn(item) -> tokens, pixels, samples. The learned limit is a weight
     // budget: batches are cut where the next item would exceed it. Wrap weight_fn in padded() when
@@ -5278,12 +5447,13 @@ class Guard {
     template <class Range, class F, class W,
               class = std::enable_if_t<detail::is_weight_fn<
                   Range, detail::unpadded_t<std::remove_reference_t<W>>>::value>>
-    auto encode(const Key& key, const Range& items, F&& batch_fn, W&& weight_fn) {
+    auto encode(const Key& key, const Range& items, F&& batch_fn, W&& weight_fn,
+                const EncodeOptions& call = {}) {
         auto& weight_of = detail::unpadded(weight_fn);
         std::vector<std::uint64_t> weights;
         for (const auto& item : items)
             weights.push_back(detail::checked_weight(weight_of(item), weights.size()));
-        return run_encode(key, std::begin(items), std::end(items), batch_fn, &weights,
+        return run_encode(key, std::begin(items), std::end(items), batch_fn, call, &weights,
                           detail::is_padded<std::decay_t<W>>::value);
     }
 
@@ -5328,7 +5498,7 @@ class Guard {
 
    private:
     template <class It, class F>
-    auto run_encode(const Key& key, It first, It last, F& batch_fn,
+    auto run_encode(const Key& key, It first, It last, F& batch_fn, const EncodeOptions& call,
                     const std::vector<std::uint64_t>* weights = nullptr, bool padded = false) {
         static_assert(
             std::is_base_of_v<std::forward_iterator_tag,
@@ -5339,7 +5509,7 @@ class Guard {
         core_.stats().calls.add(1);
         const std::size_t n = static_cast<std::size_t>(std::distance(first, last));
         const typename detail::GuardCore<Probe>::CallInFlight in_flight(core_);
-        detail::EncodeRun<Probe, It, F> run(core_, key, first, n, batch_fn, weights, padded);
+        detail::EncodeRun<Probe, It, F> run(core_, key, first, n, batch_fn, call, weights, padded);
         return run.run();
     }
 
@@ -5911,7 +6081,8 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
 
     // Admits `required` bytes plus `margin_bytes` kept free against the free memory `read_memory`
     // reports, read under the lock, minus every live reservation on the host, and reserves them,
-    // in one locked step. When the ledger cannot be used, against the reading alone.
+    // in one locked step. When the ledger cannot be used, against the reading alone; a full one
+    // refuses (Decision::refused_because), since it could not record the reservation.
     Decision try_reserve(std::uint64_t required, std::uint64_t margin_bytes,
                          const std::function<MemoryInfo()>& read_memory) override {
         Decision decision;
@@ -5944,10 +6115,10 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
                 // one.
                 if (mine.id != 0) detail::HeldReservations::instance().add(path_, mine);
             });
-        if (failure || full) {
-            unusable(failure ? *failure
-                             : "it holds " + std::to_string(detail::max_ledger_entries) +
-                                   " live reservations (leaked holds?)");
+        if (full) return refuse_full(decision);
+        full_.store(false, std::memory_order_relaxed);
+        if (failure) {
+            unusable(*failure);
             if (!read) decision.seen = read_memory();
             decision.available = decision.seen.free_bytes;
             if (fits(required, margin_bytes, decision.available))
@@ -6290,6 +6461,19 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return changed;
     }
 
+    // A full ledger is readable: admitting without an entry would hide the reservation from the
+    // next process (over-admission), so nothing is admitted until a reservation ends; `available`
+    // still counts the live ones.
+    Decision refuse_full(Decision& decision) {
+        decision.refused_because =
+            "the host ledger " + path_ + " is full (" + std::to_string(detail::max_ledger_entries) +
+            " live reservations: leaked holds?), so no reservation can be recorded";
+        if (!full_.exchange(true, std::memory_order_relaxed))
+            detail::emit(options_.log, Level::warn,
+                         decision.refused_because + "; admission is refused until one ends");
+        return std::move(decision);
+    }
+
     // Host-wide admission is off until an operation works again; said once per such stretch.
     void unusable(const std::string& reason) {
         if (failing_.exchange(true, std::memory_order_relaxed)) return;
@@ -6317,6 +6501,7 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     std::string path_;       // the ledger
     std::string lock_path_;  // "<ledger>.lock"
     std::atomic<bool> failing_{false};
+    std::atomic<bool> full_{false};  // said once per spell of a full ledger
     std::atomic<bool> single_item_failing_{false};
 };
 
@@ -6417,7 +6602,7 @@ struct UnloadResult {
     UnloadOutcome outcome = UnloadOutcome::not_loaded;
     double idle_seconds = 0;  // since the last lease ended; 0 while leased or loading
     int leases = 0;           // alive when asked (busy because of them when > 0)
-    std::uint64_t bytes = 0;  // what the model was counted as holding, when unloaded
+    std::uint64_t bytes = 0;  // counted as held (measured, else declared) when unloaded
     bool loading = false;     // busy because its registry is loading a model (peer relief)
 
     bool unloaded() const noexcept { return outcome == UnloadOutcome::unloaded; }
@@ -6430,7 +6615,7 @@ struct ModelStatus {
     std::string key;  // Key::hex(): 16 hex digits
     ModelState state = ModelState::unloaded;
     bool loaded = false;      // state == loaded
-    std::uint64_t bytes = 0;  // counted as held (declared, else measured); 0 when not loaded
+    std::uint64_t bytes = 0;  // counted as held (measured, else declared); 0 when not loaded
     double idle_seconds = 0;  // since the last lease ended; 0 while leased or not loaded
     int leases = 0;
 };
@@ -6499,7 +6684,7 @@ class SlotBase : public std::enable_shared_from_this<SlotBase> {
         std::lock_guard<std::mutex> lock(mutex_);
         return leases_;
     }
-    // Bytes the loaded model is counted as holding (declared, else measured); 0 when not loaded.
+    // Bytes the loaded model is counted as holding (measured, else declared); 0 when not loaded.
     std::uint64_t bytes() const {
         std::lock_guard<std::mutex> lock(mutex_);
         return state_ == ModelState::loaded ? bytes_ : 0;
@@ -7256,8 +7441,10 @@ VRAMGUARD_END_NAMESPACE
 // after its caller gave up touches nothing the caller still holds.
 
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstddef>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -7266,6 +7453,55 @@ VRAMGUARD_END_NAMESPACE
 
 VRAMGUARD_BEGIN_NAMESPACE
 namespace detail {
+
+// The calls of one owner still running on their threads, so that the owner can wait for them
+// before it goes (a call that uses the owner must not outlive it). Thread-safe.
+class CallCount {
+   public:
+    // One call running, from its creation to its destruction; move it into the call's capture.
+    class Token {
+       public:
+        explicit Token(std::shared_ptr<CallCount> count) : count_(std::move(count)) {
+            std::lock_guard<std::mutex> lock(count_->mutex_);
+            ++count_->running_;
+        }
+        Token(Token&&) noexcept = default;
+        Token& operator=(Token&&) = delete;
+        Token(const Token&) = delete;
+        Token& operator=(const Token&) = delete;
+        ~Token() {
+            if (!count_) return;
+            std::lock_guard<std::mutex> lock(count_->mutex_);
+            if (--count_->running_ == 0) count_->finished_.notify_all();
+        }
+
+       private:
+        std::shared_ptr<CallCount> count_;
+    };
+
+    // Waits in real time until no call runs, at most `timeout`; true when none runs.
+    bool wait_idle(Duration timeout) {
+        const TimePoint deadline = deadline_after(SteadyClock::now(), timeout);
+        std::unique_lock<std::mutex> lock(mutex_);
+        while (running_ > 0) {
+            const TimePoint now = SteadyClock::now();
+            if (now >= deadline) return false;
+            // In slices: wait_for adds its argument to now, and "for ever" would overflow.
+            finished_.wait_for(lock, std::min<Duration>(deadline - now, std::chrono::hours(1)));
+        }
+        return true;
+    }
+
+    std::size_t running() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return running_;
+    }
+
+   private:
+    mutable std::mutex mutex_;
+    std::condition_variable finished_;
+    std::size_t running_ = 0;
+};
 
 template <class Result>
 class DetachedCall {
@@ -7419,12 +7655,18 @@ inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
 // Runs the call on its own thread and waits for it until request.deadline on the injected clock
 // (real-time waits of `slice` on a condition variable; the injected sleep when the clock did not
 // move meanwhile, as a ManualClock does not): a peer that ignores its deadline costs the load no
-// more than it. Such a call is left to finish on its own; it owns what it uses.
+// more than it. Such a call is left to finish on its own; it owns what it uses, and `running`
+// (moved into it) counts it until it has returned and let go of the peer.
 inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequest& request,
-                                    const ClockFn& clock, const SleepFn& sleep, Duration slice) {
+                                    const ClockFn& clock, const SleepFn& sleep, Duration slice,
+                                    CallCount::Token running) {
     std::optional<DetachedCall<PeerReply>> call;
     try {
-        call.emplace([peer, request] { return call_peer(*peer, request); });
+        call.emplace([peer, request, running = std::move(running)]() mutable {
+            PeerReply reply = call_peer(*peer, request);
+            peer.reset();  // before `running` ends: the peer's destructor is the peer's code too
+            return reply;
+        });
     } catch (const std::exception& e) {
         return PeerReply::error(std::string("could not start the call: ") + e.what());
     }
@@ -7460,6 +7702,11 @@ class PeerRelief {
 
     bool empty() const noexcept { return entries_.empty(); }
 
+    // Waits (real time, at most `timeout`) for the peer calls still running on their threads,
+    // those abandoned at their deadline included; true when none runs any more.
+    bool wait_for_calls(Duration timeout) { return calls_->wait_idle(timeout); }
+    std::size_t calls_running() const { return calls_->running(); }
+
     // Asks the peers in order, skipping those cooling down, until the claims cover `shortfall`.
     ReliefOutcome ask(std::uint64_t shortfall, const std::string& requester, const ClockFn& clock,
                       const SleepFn& sleep, Duration slice) {
@@ -7470,7 +7717,8 @@ class PeerRelief {
             if (!claim_turn(entry, now, outcome)) continue;
             const ReliefRequest request{shortfall - outcome.claimed, timeout_,
                                         deadline_after(now, timeout_), requester};
-            const PeerReply reply = call_with_deadline(entry.peer, request, clock, sleep, slice);
+            const PeerReply reply = call_with_deadline(entry.peer, request, clock, sleep, slice,
+                                                       CallCount::Token(calls_));
             const std::string answer = describe(reply);
             {
                 std::lock_guard<std::mutex> lock(mutex_);
@@ -7491,7 +7739,7 @@ class PeerRelief {
             if (entry.last_asked) {
                 s.asked_ago = to_seconds(now - *entry.last_asked);
                 if (relief::cooling_down(entry.last_asked, now, cooldown_))
-                    s.cooldown_left_seconds = to_seconds(*entry.last_asked + cooldown_ - now);
+                    s.cooldown_left_seconds = to_seconds(cooldown_ - (now - *entry.last_asked));
             }
             result.push_back(std::move(s));
         }
@@ -7524,6 +7772,7 @@ class PeerRelief {
 
     const Duration timeout_;
     const Duration cooldown_;
+    const std::shared_ptr<CallCount> calls_ = std::make_shared<CallCount>();
     mutable std::mutex mutex_;  // the entries' state; never held while a peer is asked
     std::vector<Entry> entries_;
 };
@@ -7552,6 +7801,8 @@ VRAMGUARD_END_NAMESPACE
 // it calls reads the injected clock. A tick that throws is logged and the thread goes on.
 
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -7569,7 +7820,9 @@ class Reaper {
     using Warn = std::function<void(const std::string&)>;
 
     Reaper(Duration interval, std::function<void()> tick, Warn warn)
-        : interval_(interval), tick_(std::move(tick)), warn_(std::move(warn)) {
+        : interval_(std::min<Duration>(interval, max_interval)),
+          tick_(std::move(tick)),
+          warn_(std::move(warn)) {
         thread_ = std::thread([this] { run(); });
     }
     Reaper(const Reaper&) = delete;
@@ -7611,6 +7864,9 @@ class Reaper {
         }
     }
 
+    // condition_variable::wait_for adds the interval to now: Duration::max() ("never") would
+    // overflow into the past and spin. A year is "never" for a housekeeping tick.
+    static constexpr Duration max_interval = std::chrono::hours(24 * 365);
     const Duration interval_;
     const std::function<void()> tick_;
     const Warn warn_;
@@ -7756,6 +8012,11 @@ struct RegistryStatus {
 // while deciding, evicting and loading, never while waiting for a lease to end. A loader must not
 // acquire() another unloaded model of the same registry (that load would wait for its own turn:
 // std::logic_error), nor its own slot.
+//
+// A peer's relieve() runs on a thread of its own and is abandoned at its deadline. The destructor
+// waits (real time, at most peer_timeout) for such calls still running, so a Peer may use what
+// lives as long as the registry (the registry itself, the guard, the device); one still running
+// after that is logged and left, and must own (by shared_ptr) anything it touches later.
 template <class Probe>
 class ModelRegistry : private detail::SlotOwner {
    public:
@@ -7764,11 +8025,12 @@ class ModelRegistry : private detail::SlotOwner {
           options_((options.validate(), std::move(options))),
           clock_(options_.clock ? options_.clock : guard.options().clock),
           sleep_(options_.sleep ? options_.sleep : guard.options().sleep),
-          peers_(options_.peers, options_.peer_timeout, options_.peer_cooldown),
+          peers_(options_.peers, detail::saturating_duration(options_.peer_timeout),
+                 detail::saturating_duration(options_.peer_cooldown)),
           relief_mutex_(detail::device_relief_mutex(detail::device_identity(guard.probe()))) {
         if (options_.reaper)
             reaper_ = std::make_unique<detail::Reaper>(
-                options_.reaper_interval, [this] { tick(clock_()); },
+                detail::saturating_duration(options_.reaper_interval), [this] { tick(clock_()); },
                 [this](const std::string& message) { log(Level::warn, message); });
     }
 
@@ -7779,6 +8041,15 @@ class ModelRegistry : private detail::SlotOwner {
     // lease ends. No call into the registry may still be running.
     ~ModelRegistry() {
         reaper_.reset();
+        try {
+            if (!wait_for_peer_calls(options_.peer_timeout))
+                log(Level::warn,
+                    "model registry: " + std::to_string(peers_.calls_running()) +
+                        " peer call(s) still running after the registry waited " +
+                        ms_text(options_.peer_timeout) +
+                        " for them on destruction; a peer must not use the registry past that");
+        } catch (...) {
+        }
         for (const auto& slot : slots()) detail::SlotAccess::detach(*slot);
         try {
             guard_.probe().release_cached();
@@ -7790,7 +8061,8 @@ class ModelRegistry : private detail::SlotOwner {
     // anything convertible to std::shared_ptr<T> (a std::unique_ptr<T> too); it should hand over
     // ownership, since a copy kept elsewhere keeps the memory after an unload. `declared_bytes` is
     // what the model needs to load (else the guard's measured peak, else first_run_fraction of the
-    // device) and, when given, what it is counted as holding once loaded (else the measured peak).
+    // device) and what it is counted as holding once loaded when no peak of it was measured (a
+    // measured peak wins: it is what an unload frees).
     template <class T, class Loader>
     std::shared_ptr<ModelSlot<T>> add(std::string name, Key key, Loader&& loader,
                                       std::optional<std::uint64_t> declared_bytes = std::nullopt) {
@@ -7877,7 +8149,8 @@ class ModelRegistry : private detail::SlotOwner {
             if (seen.state != ModelState::loaded || seen.leases > 0) continue;
             bool still_referenced = false;
             const UnloadResult result = detail::SlotAccess::try_unload(
-                *slot, now, options_.idle_timeout, std::nullopt, &still_referenced);
+                *slot, now, detail::saturating_duration(options_.idle_timeout), std::nullopt,
+                &still_referenced);
             if (!result.unloaded()) continue;
             ++count;
             bump(stats_.idle_unloads);
@@ -7903,7 +8176,7 @@ class ModelRegistry : private detail::SlotOwner {
             std::lock_guard<std::mutex> lock(mutex_);
             const pressure::Action action =
                 pressure::decide(relief.usage_before, options_.pressure_threshold, last_relief_,
-                                 now, options_.pressure_rate_limit);
+                                 now, detail::saturating_duration(options_.pressure_rate_limit));
             if (action != pressure::Action::act) {
                 relief.rate_limited = action == pressure::Action::rate_limited;
                 return relief;
@@ -7927,6 +8200,12 @@ class ModelRegistry : private detail::SlotOwner {
     }
 
     // A snapshot for a status endpoint: every model (loaded or not), the device, the counters.
+    // Waits (real time, at most `timeout`) for the peer calls still running on their own
+    // threads, those abandoned at their deadline too. True when none runs any more.
+    bool wait_for_peer_calls(std::chrono::milliseconds timeout) {
+        return peers_.wait_for_calls(detail::saturating_duration(timeout));
+    }
+
     RegistryStatus status() const {
         RegistryStatus status;
         const TimePoint now = clock_();
@@ -8273,13 +8552,13 @@ class ModelRegistry : private detail::SlotOwner {
         if (!loaded.model)
             throw std::runtime_error("vramguard::ModelRegistry: the loader of model '" +
                                      slot.name() + "' returned no model (a null pointer)");
-        // What the model holds: declared, else the guard's measured peak, else what free memory
-        // dropped by (the last is blurred by anything else running, so it comes last).
-        if (declared) {
-            loaded.bytes = *declared;
-        } else if (const std::uint64_t peak = guard_.profiles().get(slot.key()).peak_bytes;
-                   peak > 0) {
+        // What the model holds: the guard's measured peak (a declaration is an estimate made
+        // before loading; what was measured is what an unload frees), else declared, else what
+        // free memory dropped by (blurred by anything else running, so it comes last).
+        if (const std::uint64_t peak = guard_.profiles().get(slot.key()).peak_bytes; peak > 0) {
             loaded.bytes = peak;
+        } else if (declared) {
+            loaded.bytes = *declared;
         } else {
             const std::uint64_t free_after = guard_.probe().memory().free_bytes;
             loaded.bytes = free_before > free_after ? free_before - free_after : 0;

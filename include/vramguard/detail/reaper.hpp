@@ -5,6 +5,7 @@
 #pragma once
 
 #include <vramguard/clock.hpp>
+#include <vramguard/errors.hpp>
 #include <vramguard/version.hpp>
 
 #include <algorithm>
@@ -57,10 +58,8 @@ class Reaper {
     void tick_once() noexcept {
         try {
             tick_();
-        } catch (const std::exception& e) {
-            warn(std::string("model reaper: tick failed: ") + e.what());
         } catch (...) {
-            warn("model reaper: tick failed with an unknown exception");
+            warn("model reaper: tick failed: " + describe(std::current_exception()));
         }
     }
     void warn(const std::string& message) noexcept {

@@ -1,0 +1,41 @@
+# SPDX-License-Identifier: MIT
+# README's "Metrics" section explains every counter: each name that for_each_counter() visits
+# (include/vramguard/stats.hpp for Stats, models.hpp for RegistryStats) must appear in that
+# section as `name`. A new counter without its line in the README fails here.
+#
+#   cmake -DSOURCE_DIR=<repo root> -P tests/prometheus/readme_counters.cmake
+cmake_minimum_required(VERSION 3.16)
+
+file(READ "${SOURCE_DIR}/README.md" readme)
+string(FIND "${readme}" "\n## Metrics\n" begin)
+if(begin EQUAL -1)
+    message(FATAL_ERROR "README.md has no '## Metrics' section")
+endif()
+math(EXPR begin "${begin} + 1")
+string(SUBSTRING "${readme}" ${begin} -1 section)
+string(FIND "${section}" "\n## " end)
+string(SUBSTRING "${section}" 0 ${end} section)
+
+set(missing "")
+set(count 0)
+foreach(header stats.hpp models.hpp)
+    file(READ "${SOURCE_DIR}/include/vramguard/${header}" text)
+    string(REGEX MATCHALL "visit\\(\"[a-z0-9_]+\"" visits "${text}")
+    foreach(visit IN LISTS visits)
+        string(REGEX REPLACE "visit\\(\"([a-z0-9_]+)\"" "\\1" name "${visit}")
+        math(EXPR count "${count} + 1")
+        string(FIND "${section}" "`${name}`" at)
+        if(at EQUAL -1)
+            list(APPEND missing "${name} (${header})")
+        endif()
+    endforeach()
+endforeach()
+if(count LESS 20)
+    message(FATAL_ERROR "found only ${count} counters in stats.hpp and models.hpp: the pattern "
+                        "visit(\"name\", ...) no longer matches for_each_counter()")
+endif()
+if(missing)
+    string(REPLACE ";" ", " missing "${missing}")
+    message(FATAL_ERROR "README.md's Metrics section does not explain: ${missing}")
+endif()
+message(STATUS "README.md's Metrics section explains all ${count} counters")
