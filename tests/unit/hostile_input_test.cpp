@@ -227,7 +227,7 @@ TEST(HostileInput, ANestedRunNeverWaitsForATurnThatWaitsForItsOuterRun) {
             std::this_thread::sleep_for(100ms);
             {
                 detail::RunTracker::Run inner(s.tracker, true);
-                EXPECT_FALSE(inner.started_alone()) << "a nested run measures nothing";
+                EXPECT_FALSE(inner.started_solo()) << "a nested run measures nothing";
                 s.inner_ran = true;
             }
             EXPECT_FALSE(s.tracker.others_running()) << "only this thread's own outer run";
