@@ -228,7 +228,8 @@ TEST_F(Decisions, AnItemThatOomsBesideAnotherRunRetriesAloneOnceItFinishes) {
     }
     board.mark("item call ended");
     holder.join();
-    EXPECT_FALSE(failed) << "given up although the memory was the guard's own";
+    EXPECT_FALSE(failed) << "given up although the memory was the guard's own: "
+                         << (failed ? describe(failed) : "");
     EXPECT_EQ(result, numbered(1));
     EXPECT_TRUE(board.marked("item waits for its turn"));
     EXPECT_EQ(guard.stats().ooms, 1u);
