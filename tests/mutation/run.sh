@@ -5,6 +5,8 @@
 # there exactly once), the test binaries that should catch it are rebuilt in BUILD_DIR and run,
 # and the mutation is reported "killed" (a test failed) or "survived". The file is restored from a
 # copy afterwards (also on Ctrl-C), never through git, so uncommitted work is safe.
+# The mutants live in the source tree while they run: build nothing else from it meanwhile (another
+# build directory would compile a mutant).
 #
 #   tests/mutation/run.sh [BUILD_DIR] [MUTATION_NUMBER...]
 #
