@@ -243,6 +243,7 @@ class FakeComfyUi : public FakeService {
         return held_;
     }
     void set_running(int prompts) { running_ = prompts; }
+    void set_pending(int prompts) { pending_ = prompts; }
     json last_free() const {
         std::lock_guard<std::mutex> lock(mutex_);
         return last_free_;
@@ -251,10 +252,12 @@ class FakeComfyUi : public FakeService {
    protected:
     void install(httplib::Server& server) override {
         server.Get("/queue", [this](const httplib::Request&, httplib::Response& res) {
-            json running = json::array();
+            json running = json::array(), pending = json::array();
             for (int i = 0; i < running_; ++i)
                 running.push_back({i, "prompt-" + std::to_string(i), json::object()});
-            reply(res, {{"queue_running", running}, {"queue_pending", json::array()}});
+            for (int i = 0; i < pending_; ++i)
+                pending.push_back({running_ + i, "queued-" + std::to_string(i), json::object()});
+            reply(res, {{"queue_running", running}, {"queue_pending", pending}});
         });
         server.Get("/system_stats", [this](const httplib::Request&, httplib::Response& res) {
             std::lock_guard<std::mutex> lock(mutex_);
@@ -288,6 +291,7 @@ class FakeComfyUi : public FakeService {
     vramguard::SimulatedDevice::Allocation models_;
     std::uint64_t held_ = 0;
     std::atomic<int> running_{0};
+    std::atomic<int> pending_{0};
     json last_free_;
 };
 

@@ -224,6 +224,18 @@ TEST_F(PeersHttpTest, ABusyComfyUiQueueIsNotAskedToFree) {
     EXPECT_EQ(guard.stats().ooms, 0u);
 }
 
+// Prompts waiting in the queue need their models as soon as the running one ends: busy too.
+TEST_F(PeersHttpTest, AComfyUiWithOnlyPendingPromptsIsBusyAndNotAskedToFree) {
+    FakeComfyUi comfy(device);
+    comfy.hold(6_GiB);
+    comfy.set_pending(2);
+    comfy.start();
+    auto peer = peers::make_http_peer("comfyui", at(comfy.url()));
+    EXPECT_EQ(describe(peer->ask(asking(1_GiB), Ask::unload)), "busy (0 running, 2 pending)");
+    EXPECT_EQ(comfy.count("POST", "/free"), 0u);
+    EXPECT_EQ(comfy.held(), 6_GiB);
+}
+
 // ---- Ollama: a pinned model stays ---------------------------------------------------------------
 
 TEST_F(PeersHttpTest, AnOllamaModelPinnedForeverIsSkipped) {

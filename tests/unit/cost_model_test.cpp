@@ -81,6 +81,28 @@ TEST(FitCost, Table) {
     }
 }
 
+// The costliest unit is looked for near the sizes planned last: at least half of `planned_size`
+// (when given, and below the largest measured), where small chunks that cost more per unit still
+// count; without it, at least half the largest measured.
+TEST(FitCost, TheCostliestUnitIsLookedForNearThePlannedSize) {
+    const std::vector<CostSample> samples = {{4, 800}, {40, 4000}};  // 200 and 100 per unit
+    struct Row {
+        const char* what;
+        std::uint64_t planned_size;
+        double costliest;
+    };
+    const std::vector<Row> rows = {
+        {"no plan: near the largest measured (40), the small chunk is too far", 0, 100},
+        {"planned 8: the 4-item chunk is within half of it", 8, 200},
+        {"planned 9: 4 is below half of it", 9, 100},
+        {"planned above the largest measured: near the largest", 400, 100},
+    };
+    for (const Row& row : rows) {
+        EXPECT_NEAR(policy::fit_cost(samples, row.planned_size).costliest_unit, row.costliest, 1e-9)
+            << row.what;
+    }
+}
+
 TEST(FitCost, OnlyTheNewestWindowIsRead) {
     std::vector<CostSample> samples(policy::cost_window, CostSample{10, 1000});
     samples.insert(samples.begin(), CostSample{10, 1000000});  // the oldest: out of the window
@@ -258,6 +280,10 @@ TEST(FailureWasTransient, TheOomsOwnNumbersSayItFitted) {
     EXPECT_FALSE(policy::failure_was_transient(OomReport{2_GiB, 1_GiB, std::nullopt}));
     EXPECT_TRUE(policy::failure_was_transient(OomReport{256_MiB, 10_GiB, std::nullopt}));
     EXPECT_FALSE(policy::failure_was_transient(OomReport{256_MiB, std::nullopt, std::nullopt}));
+    // Exactly as much free as requested: it fitted, so the failure was transient.
+    EXPECT_TRUE(policy::failure_was_transient(OomReport{1_GiB, 1_GiB, std::nullopt}));
+    EXPECT_FALSE(policy::failure_was_transient(OomReport{1_GiB + 1, 1_GiB, std::nullopt}));
+    EXPECT_FALSE(policy::failure_was_transient(OomReport{0, 1_GiB, std::nullopt}));  // no request
 }
 
 TEST(DeadlineAfter, SaturatesInsteadOfWrappingIntoThePast) {

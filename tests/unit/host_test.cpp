@@ -292,10 +292,10 @@ TEST_F(HostLedgerTest, AReservationOfAKilledWorkerIsPrunedEvenBeforeItIsReaped) 
     while (!is_zombie(child) && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
     ASSERT_TRUE(is_zombie(child)) << "the killed child should be a zombie until reaped";
 
-    const auto start = Clock::now();
+    // Admitted from the ledger itself (no lock wait ran out: that would warn, see below).
     auto admitted = ledger->try_reserve(8_GiB, 1_GiB, reading(seen));
     EXPECT_TRUE(admitted.hold);
-    EXPECT_LT(Clock::now() - start, 1s);
+    EXPECT_TRUE(ledger->usable());
     EXPECT_EQ(wait_child(child), -1);
     admitted.hold.reset();
     EXPECT_EQ(ledger->snapshot()->live_count(), 0u);
@@ -329,10 +329,10 @@ TEST_F(HostLedgerTest, TheSingleItemLockOfAKilledWorkerIsFreedByTheKernel) {
 
     ::kill(child, SIGKILL);
     EXPECT_EQ(wait_child(child), -1);
-    start = Clock::now();
+    // Taken, not timed out (a timeout returns null): the kernel freed the dead holder's lock.
     auto lock = ledger->lock_single_item();
     EXPECT_NE(lock, nullptr);
-    EXPECT_LT(Clock::now() - start, 1s);
+    EXPECT_EQ(warnings(), 1u) << "only the bounded wait above warned";
 }
 
 TEST_F(HostLedgerTest, TheSingleItemLockExcludesOtherProcessesAndIsHandedOver) {
@@ -358,14 +358,17 @@ TEST_F(HostLedgerTest, TheSingleItemLockExcludesOtherProcessesAndIsHandedOver) {
 }
 
 TEST_F(HostLedgerTest, AWorkerRunningSingleItemsBackToBackCannotStarveAWaiter) {
+    // A starved waiter would time out (null) while the other worker goes on taking the lock: the
+    // worker runs until told to stop (or far past the waiter's timeout), so only a handover
+    // before the timeout gives the waiter its lock. No bound on how fast: a loaded machine is slow.
     HostOptions options = host_options();
-    options.single_item_timeout = 2s;
+    options.single_item_timeout = 10s;
     auto ledger = HostLedger::open("sim-gpu-0", options);
     Pipe started;
     Shared<std::atomic<int>> stop;
     const pid_t child = spawn_child([&] {
         bool told = false;
-        const auto deadline = Clock::now() + 10s;
+        const auto deadline = Clock::now() + 60s;
         while (!stop->load() && Clock::now() < deadline) {
             auto lock = ledger->lock_single_item();
             if (!lock) return 1;
@@ -376,10 +379,9 @@ TEST_F(HostLedgerTest, AWorkerRunningSingleItemsBackToBackCannotStarveAWaiter) {
         return 0;
     });
     ASSERT_TRUE(started.receive());
-    const auto start = Clock::now();
     auto lock = ledger->lock_single_item();
-    EXPECT_NE(lock, nullptr);
-    EXPECT_LT(Clock::now() - start, 1s);
+    EXPECT_NE(lock, nullptr) << "starved until the timeout";
+    EXPECT_EQ(warnings(), 0u);
     lock.reset();
     stop->store(1);
     EXPECT_EQ(wait_child(child), 0);
@@ -739,6 +741,7 @@ PreforkOutcome run_prefork(bool host_mode, const std::string& directory) {
     SharedBudget budget(16_GiB);
     Shared<std::atomic<int>> outcomes(3);  // loaded, refused, failed
     Shared<std::atomic<int>> done;
+    Shared<std::atomic<int>> decided;  // workers admitted (inside their load) or refused
     HostOptions host;
     host.directory = directory;
     host.log = nullptr;
@@ -760,17 +763,26 @@ PreforkOutcome run_prefork(bool host_mode, const std::string& directory) {
             ready.send();
             if (!go.wait_closed()) return 3;
             std::vector<SharedBudget::Allocation> model;
+            bool counted = false;
             try {
                 guard.load(Key::of("toy-model", {}), 4_GiB, [&] {
-                    std::this_thread::sleep_for(100ms);  // reading the weights from disk
+                    // Reading the weights from disk takes a while: every worker has been admitted
+                    // or refused before the first byte lands (a fixed sleep here raced with slow
+                    // workers on a loaded machine, which then saw the memory taken).
+                    decided->fetch_add(1);
+                    counted = true;
+                    const auto deadline = Clock::now() + 30s;  // a safety net only
+                    while (decided->load() < workers && Clock::now() < deadline)
+                        std::this_thread::sleep_for(1ms);
                     model.push_back(budget.allocate(2_GiB));
-                    std::this_thread::sleep_for(20ms);
                     model.push_back(budget.allocate(2_GiB));
                 });
                 outcomes[0].fetch_add(1);
             } catch (const InsufficientMemory&) {
+                decided->fetch_add(1);
                 outcomes[1].fetch_add(1);
             } catch (const std::exception&) {
+                if (!counted) decided->fetch_add(1);
                 model.clear();
                 outcomes[2].fetch_add(1);
             }

@@ -492,9 +492,8 @@ TEST_F(KillPointTest, SingleItemLockAndTurnstile) {
              const std::string path = world.ledger->path();
              EXPECT_TRUE(lock_is_free(path + ".single")) << "the dead hold the single-item lock";
              EXPECT_TRUE(lock_is_free(path + ".turnstile")) << "the dead hold the turnstile";
-             const auto started = Clock::now();
+             // Taken, not timed out: a timeout returns null and warns.
              EXPECT_TRUE(world.ledger->lock_single_item());
-             EXPECT_LT(Clock::now() - started, std::chrono::milliseconds(400));
              EXPECT_TRUE(world.warnings.empty()) << world.warnings.front();
          },
          [&] { world.reset(); }},

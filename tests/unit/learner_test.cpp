@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include "board.hpp"
 #include "guard_fixture.hpp"
 #include "temp_dir.hpp"
 
@@ -134,40 +135,81 @@ TEST_F(Learner, ASqueezeShrinksTheNextChunkBeforeItRunsAndMemoryComingBackGrowsI
     EXPECT_GE(guard.stats().grow_backs, 1u);
 }
 
-// Measure only what is yours: two threads on two keys of one guard, chunks overlapping all the
-// time. A peak shared by both would be booked against one of them (4 GiB against a key whose
-// chunks take 100 MiB); only chunks that ran alone count, so both learned costs stay true.
+// Measure only what is yours: two threads on two keys of one guard, their chunks overlapping in
+// the two ways that could book one key's memory against the other (each step waits for the one
+// before: no timing). A peak shared by both would be booked against one of them (4 GiB against a
+// key whose chunks take 100 MiB); only chunks that ran alone count, so both learned costs stay
+// true.
+//  - "started beside": the large chunk runs; the small one starts; then the large one takes its
+//    memory and ends, and the small one ends last (nothing else ran after it started, but something
+//    was running when it did);
+//  - "started inside": the small chunk runs alone; the large one starts, takes its memory and ends;
+//    the small one ends last (nothing else is running at its end, but something started since).
+// Between them each key runs alone once, so no key is spoiled twice in a row (which would make its
+// next measured chunk wait for the other's: a turn this interleaving must not take).
 TEST_F(Learner, TwoThreadsTwoKeysEachLearnTheirOwnPerItemCost) {
     SimulatedDevice device(64_GiB);
     options.clock = system_clock();  // real threads: real time, no waits happen here
     options.sleep = system_sleep();
     Guard<SimulatedDevice> guard(device, options);
     const Key small = Key::of("small"), large = Key::of("large");
-    std::atomic<int> wrong{0}, ready{0};
-    auto worker = [&](const Key& key, std::uint64_t per_item) {
-        const auto items = iota_items(10);
-        ++ready;
-        while (ready.load() < 2) std::this_thread::yield();  // both start together
-        for (int call = 0; call < 1000; ++call) {
-            LinearEncoder encoder{device, 0, per_item, {}};
-            auto held_a_moment = [&](const View& batch) {
-                auto result = encoder(batch);
-                std::this_thread::yield();  // overlap with the other thread's chunks
-                return result;
-            };
-            if (guard.encode(key, items, held_a_moment) != items) ++wrong;
-        }
+    const auto items = iota_items(10);
+    auto chunk = [&](std::uint64_t per_item, const View& batch) {
+        auto held = device.allocate(per_item * batch.size());
+        return std::vector<int>(batch.begin(), batch.end());
     };
-    std::thread a(worker, std::cref(small), 10_MiB);   // 100 MiB per batch
-    std::thread b(worker, std::cref(large), 410_MiB);  // about 4 GiB per batch
-    a.join();
-    b.join();
-    EXPECT_EQ(wrong.load(), 0);
+    auto small_chunk = [&](const View& batch) { return chunk(10_MiB, batch); };   // 100 MiB
+    auto large_chunk = [&](const View& batch) { return chunk(410_MiB, batch); };  // ~4 GiB
+    for (int round = 0; round < 4; ++round) {
+        vramguard_test::Board board;
+        const bool started_beside = round % 2 == 0;
+        std::future<std::vector<int>> first, second;
+        if (started_beside) {
+            first = std::async(std::launch::async, [&] {
+                return guard.encode(large, items, [&](const View& batch) {
+                    board.mark("large inside");
+                    board.wait_for("small inside");
+                    return large_chunk(batch);
+                });
+            });
+            ASSERT_TRUE(board.wait_for("large inside"));
+            second = std::async(std::launch::async, [&] {
+                return guard.encode(small, items, [&](const View& batch) {
+                    auto held = device.allocate(10_MiB * batch.size());
+                    board.mark("small inside");
+                    board.wait_for("large returned");
+                    return std::vector<int>(batch.begin(), batch.end());
+                });
+            });
+            EXPECT_EQ(first.get(), items);
+            board.mark("large returned");
+        } else {
+            first = std::async(std::launch::async, [&] {
+                return guard.encode(small, items, [&](const View& batch) {
+                    auto held = device.allocate(10_MiB * batch.size());
+                    board.mark("small inside");
+                    board.wait_for("large returned");
+                    return std::vector<int>(batch.begin(), batch.end());
+                });
+            });
+            ASSERT_TRUE(board.wait_for("small inside"));
+            second = std::async(std::launch::async,
+                                [&] { return guard.encode(large, items, large_chunk); });
+            EXPECT_EQ(second.get(), items);
+            board.mark("large returned");
+            second = std::move(first);
+        }
+        EXPECT_EQ(second.get(), items) << "round " << round;
+        EXPECT_EQ(guard.encode(small, items, small_chunk), items);  // alone: measured
+        EXPECT_EQ(guard.encode(large, items, large_chunk), items);
+    }
     EXPECT_EQ(guard.stats().ooms, 0u);
     const policy::CostModel small_model = guard.cost_model(small);
     const policy::CostModel large_model = guard.cost_model(large);
     ASSERT_TRUE(small_model.known());
     ASSERT_TRUE(large_model.known());
+    EXPECT_EQ(small_model.samples, 4u) << "only the chunks that ran alone";
+    EXPECT_EQ(large_model.samples, 4u);
     EXPECT_NEAR(small_model.bytes_per_unit, static_cast<double>(10_MiB), 0.05 * 10_MiB);
     EXPECT_NEAR(small_model.costliest_unit, static_cast<double>(10_MiB), 0.05 * 10_MiB);
     EXPECT_NEAR(large_model.bytes_per_unit, static_cast<double>(410_MiB), 0.05 * 410_MiB);

@@ -13,8 +13,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -219,6 +221,57 @@ TEST_F(PeerReliefTest, AHungPeerCostsItsTimeoutAndTheNextPeerStillHelps) {
     while (!*returned && std::chrono::steady_clock::now() < give_up)
         std::this_thread::sleep_for(1ms);
     EXPECT_TRUE(*returned);
+}
+
+// Two registries on one device (two servers' worth in one process): while one of them is asking
+// its peers, a load of the other does not ask its own at the same time (both would free memory for
+// one shortfall); it is refused and says why.
+TEST_F(PeerReliefTest, OneReliefPerDeviceAcrossRegistries) {
+    std::mutex mutex;
+    std::condition_variable changed;
+    bool inside = false, released = false;
+    std::atomic<int> asked_by_b{0};
+    RegistryOptions options_a;
+    options_a.peer_timeout = std::chrono::hours(1);  // never the reason the first relief ends
+    make({make_peer("slow",
+                    [&](const ReliefRequest&) {
+                        std::unique_lock<std::mutex> lock(mutex);
+                        inside = true;
+                        changed.notify_all();
+                        changed.wait_for(lock, 60s, [&] { return released; });  // safety net
+                        return PeerReply::nothing();
+                    })},
+         options_a);
+    RegistryOptions options_b;
+    options_b.peers = {make_peer("counter", [&](const ReliefRequest&) {
+        ++asked_by_b;
+        return PeerReply::nothing();
+    })};
+    b = std::make_unique<ModelRegistry<SimulatedDevice>>(guard_b, options_b);
+    device.set_external_usage(8_GiB);  // 2 GiB free; each load needs 4 GiB + the 1 GiB margin
+    auto first = add(*a, "first", 4_GiB), second = add(*b, "second", 4_GiB);
+    std::string first_refusal;
+    std::thread asking([&] { first_refusal = refusal(*first); });
+    {
+        std::unique_lock<std::mutex> lock(mutex);
+        ASSERT_TRUE(changed.wait_for(lock, 60s, [&] { return inside; }))
+            << "the first load never asked its peer";
+    }
+    const std::string what = refusal(*second);
+    {
+        std::lock_guard<std::mutex> lock(mutex);
+        released = true;
+    }
+    changed.notify_all();
+    asking.join();
+    EXPECT_TRUE(has(what, "Peers asked: none (another load on this device is asking them)"))
+        << what;
+    EXPECT_EQ(asked_by_b.load(), 0) << "two reliefs at once on one device";
+    EXPECT_EQ(b->stats().peer_requests, 0u);
+    EXPECT_TRUE(has(first_refusal, "Peers asked: slow nothing to free")) << first_refusal;
+    // Once the first relief is over, the device's turn is free again.
+    refusal(*second);
+    EXPECT_EQ(asked_by_b.load(), 1);
 }
 
 TEST_F(PeerReliefTest, ALoadThatCanNeverFitNeverAsksPeers) {
