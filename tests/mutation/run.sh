@@ -31,24 +31,24 @@ mutation 1 include/vramguard/policy.hpp \
 mutation 2 include/vramguard/policy.hpp \
   'report->requested_bytes <= *report->free_bytes;' 'report->requested_bytes < *report->free_bytes;' \
   cost_model_test "failure_was_transient: requested == free"
-mutation 3 include/vramguard/encode_run.hpp \
-  'policy::cost_window / 2 ||' 'policy::cost_window / 8 ||' \
+mutation 3 include/vramguard/policy.hpp \
+  'return measurements_taken < cost_window / 2;' 'return measurements_taken < cost_window / 8;' \
   decisions_test "the measure-every-chunk phase"
-mutation 4 include/vramguard/encode_run.hpp \
-  'policy::spoiled_before_exclusive)' 'policy::spoiled_before_exclusive \&\& false)' \
+mutation 4 include/vramguard/policy.hpp \
+  'facts.spoiled >= spoiled_before_exclusive;' 'facts.spoiled >= spoiled_before_exclusive \&\& false;' \
   decisions_test "the exclusive measurement turn"
-mutation 5 include/vramguard/encode_run.hpp \
-  '                policy::failure_was_transient(report)\n' '                !policy::failure_was_transient(report)\n' \
+mutation 5 include/vramguard/policy.hpp \
+  'if (failure_was_transient(report)) return std::nullopt;' 'if (!failure_was_transient(report)) return std::nullopt;' \
   decisions_test "the transient item-OOM retry"
-mutation 6 include/vramguard/encode_run.hpp \
-  'at_least > 0 \&\& !policy::failure_was_transient(report))' 'at_least > 0)' \
+mutation 6 include/vramguard/policy.hpp \
+  'if (failure_was_transient(report)) return 0;' 'if (false) return 0;' \
   decisions_test "no lower bound from a transient OOM"
-mutation 7 include/vramguard/encode_run.hpp \
-  'policy::scale_bytes(seen.free_bytes, guard_.options_.encode_reserve)' \
-  'policy::scale_bytes(seen.total_bytes, guard_.options_.encode_reserve)' \
+mutation 7 include/vramguard/detail/encode_run.hpp \
+  'policy::encode_reserve_bytes(seen.free_bytes, options().encode_reserve)' \
+  'policy::encode_reserve_bytes(seen.total_bytes, options().encode_reserve)' \
   decisions_test "the reserve: a share of what is free"
-mutation 8 include/vramguard/encode_run.hpp \
-  'if (!exclusive_ \&\& guard_.runs_.others_running()) {' 'if (false) {' \
+mutation 8 include/vramguard/policy.hpp \
+  'return !exclusive_held \&\& !inside_another_run \&\& others_running;' 'return false;' \
   decisions_test "an item OOM beside others: retry alone"
 mutation 9 include/vramguard/detail/run_tracker.hpp \
   'tracker_.starts_.added() == starts_seen_;' 'true;' \

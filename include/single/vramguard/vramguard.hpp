@@ -5,10 +5,11 @@
 // fails while this copy differs from the split headers).
 //
 // The CUDA and LibTorch backends are included at the end, each only where its macro is defined
-// before this header: VRAMGUARD_WITH_CUDA (needs <cuda_runtime_api.h> and -lcudart) and
-// VRAMGUARD_WITH_TORCH (needs LibTorch). The CMake targets vramguard::cuda and vramguard::torch
-// define them.
-#pragma once
+// when this header is included: VRAMGUARD_WITH_CUDA (needs <cuda_runtime_api.h> and -lcudart)
+// and VRAMGUARD_WITH_TORCH (needs LibTorch). The forwarding headers beside this file,
+// vramguard/cuda.hpp and vramguard/torch.hpp, define them and include this file; the CMake
+// targets vramguard::cuda and vramguard::torch define them too. No #pragma once: each part has
+// its own guard, so a backend included after the core (in any order) is still compiled in.
 #ifndef VRAMGUARD_SINGLE_HEADER_HPP
 #define VRAMGUARD_SINGLE_HEADER_HPP
 
@@ -650,6 +651,7 @@ namespace detail {
 struct ClassifierRegistry {
     std::mutex mutex;
     std::vector<OomClassifier> classifiers;
+    std::vector<const char* (*)(const std::exception_ptr&)> text_readers;
 };
 inline ClassifierRegistry& classifier_registry() {
     static ClassifierRegistry registry;
@@ -665,6 +667,21 @@ inline bool register_oom_classifier(OomClassifier classifier) {
     if (std::find(registry.classifiers.begin(), registry.classifiers.end(), classifier) ==
         registry.classifiers.end())
         registry.classifiers.push_back(classifier);
+    return true;
+}
+
+// A text reader gives an exception's message without what its library appends to what() (c10's
+// backtrace: dozens of "frame #N" lines that log aggregators split into as many events); nullptr
+// means "not mine". torch.hpp registers LibTorch's (c10::Error::what_without_backtrace()).
+using ErrorTextReader = const char* (*)(const std::exception_ptr&);
+
+// Adds a text reader (idempotent); returns true, for use in an inline variable's initialiser.
+inline bool register_error_text_reader(ErrorTextReader reader) {
+    auto& registry = detail::classifier_registry();
+    std::lock_guard<std::mutex> lock(registry.mutex);
+    if (std::find(registry.text_readers.begin(), registry.text_readers.end(), reader) ==
+        registry.text_readers.end())
+        registry.text_readers.push_back(reader);
     return true;
 }
 
@@ -724,9 +741,18 @@ inline std::optional<OomReport> oom_report(const std::exception_ptr& error) {
     }
 }
 
-// One line for a log: the message without c10's appended C++ backtrace ("Exception raised
-// from ..."), at most 400 characters.
-inline std::string describe(const std::exception_ptr& error) {
+// The message of an error without a backtrace its library appended: a registered reader's text
+// (LibTorch: what_without_backtrace()), else what() cut before c10's "Exception raised from".
+inline std::string error_text(const std::exception_ptr& error) {
+    if (!error) return "no exception";
+    std::vector<ErrorTextReader> readers;
+    {
+        auto& registry = detail::classifier_registry();
+        std::lock_guard<std::mutex> lock(registry.mutex);
+        readers = registry.text_readers;
+    }
+    for (ErrorTextReader reader : readers)
+        if (const char* text = reader(error)) return text;
     std::string text;
     try {
         std::rethrow_exception(error);
@@ -737,9 +763,31 @@ inline std::string describe(const std::exception_ptr& error) {
     }
     const std::size_t backtrace = text.find("\nException raised from ");
     if (backtrace != std::string::npos) text.resize(backtrace);
-    constexpr std::size_t limit = 400;
-    if (text.size() > limit) text = text.substr(0, limit) + "...";
     return text;
+}
+
+// One line for a log or for vramguard's own error messages: error_text() with every line break
+// folded into a space (a log aggregator splits lines into events), at most 400 characters. The
+// whole exception stays reachable: vramguard's errors nest it (std::rethrow_if_nested).
+inline std::string describe(const std::exception_ptr& error) {
+    std::string text = error_text(error);
+    std::string line;
+    line.reserve(text.size());
+    bool folding = false;  // inside a line break and the blanks around it
+    for (const char c : text) {
+        const bool blank = c == ' ' || c == '\t';
+        if (c == '\n' || c == '\r') {
+            while (!line.empty() && (line.back() == ' ' || line.back() == '\t')) line.pop_back();
+            folding = true;
+        } else if (!(folding && blank)) {
+            if (folding && !line.empty()) line.push_back(' ');
+            folding = false;
+            line.push_back(c);
+        }
+    }
+    constexpr std::size_t limit = 400;
+    if (line.size() > limit) line = line.substr(0, limit) + "...";
+    return line;
 }
 
 VRAMGUARD_END_NAMESPACE
@@ -1662,16 +1710,51 @@ VRAMGUARD_END_NAMESPACE
 
 VRAMGUARD_BEGIN_NAMESPACE
 
+// Every field counts since the guard was made and only grows. for_each_counter() below lists them
+// with a one-line help: /status pages and the Prometheus exporter (prometheus.hpp) read them there.
 struct Stats {
-    std::uint64_t calls = 0;              // load and encode calls
+    std::uint64_t calls = 0;              // load() and encode() calls
     std::uint64_t ooms = 0;               // OOMs caught (each is also logged at WARN)
     std::uint64_t retries = 0;            // load attempts after an OOM, single items retried
     std::uint64_t halvings = 0;           // encode chunks shrunk after an OOM
     std::uint64_t single_item_calls = 0;  // batches of one run through the device semaphore
     std::uint64_t rejections = 0;         // admissions refused (InsufficientMemory thrown)
     std::uint64_t waits = 0;              // admissions or retries that waited for memory
-    std::uint64_t grow_backs = 0;         // learned ceilings probed back up after successes
+    std::uint64_t grow_backs = 0;         // times a key's learned batch limit was raised again
 };
+
+// Calls visit(name, help, value) once per counter of `stats`, in declaration order. The one list
+// of the counters: a new counter is a field above and a line here (the static_assert below fails
+// when a field is missing). Names are snake_case, fit for JSON keys and Prometheus names.
+template <class Visitor>
+constexpr void for_each_counter(const Stats& stats, Visitor&& visit) {
+    visit("calls", "Guard::load and Guard::encode calls", stats.calls);
+    visit("ooms", "out-of-memory errors the guard caught and handled", stats.ooms);
+    visit("retries", "load attempts after an out-of-memory error, and single items retried",
+          stats.retries);
+    visit("halvings", "encode chunks shrunk after an out-of-memory error", stats.halvings);
+    visit("single_item_calls", "batches of one item run through the device's single-item turn",
+          stats.single_item_calls);
+    visit("rejections", "admissions refused with InsufficientMemory", stats.rejections);
+    visit("waits", "admissions or retries that waited for memory", stats.waits);
+    visit("grow_backs",
+          "times a key's learned batch limit was raised again (successes at the ceiling, or "
+          "memory came back)",
+          stats.grow_backs);
+}
+
+namespace detail {
+// How many counters a for_each_counter overload visits, for the completeness checks.
+template <class Counters>
+constexpr std::size_t counter_count() {
+    std::size_t count = 0;
+    for_each_counter(Counters{}, [&count](const char*, const char*, std::uint64_t) { ++count; });
+    return count;
+}
+}  // namespace detail
+
+static_assert(sizeof(Stats) == detail::counter_count<Stats>() * sizeof(std::uint64_t),
+              "for_each_counter(Stats) must visit every field of Stats");
 
 namespace detail {
 
@@ -7645,10 +7728,8 @@ inline std::shared_ptr<std::mutex> device_relief_mutex(const std::string& device
 inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
     try {
         return peer.relieve(request);
-    } catch (const std::exception& e) {
-        return PeerReply::error(std::string("threw: ") + e.what());
     } catch (...) {
-        return PeerReply::error("threw an unknown exception");
+        return PeerReply::error("threw: " + describe(std::current_exception()));
     }
 }
 
@@ -7667,8 +7748,8 @@ inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequ
             peer.reset();  // before `running` ends: the peer's destructor is the peer's code too
             return reply;
         });
-    } catch (const std::exception& e) {
-        return PeerReply::error(std::string("could not start the call: ") + e.what());
+    } catch (...) {
+        return PeerReply::error("could not start the call: " + describe(std::current_exception()));
     }
     for (;;) {
         const TimePoint before = clock();
@@ -7851,10 +7932,8 @@ class Reaper {
     void tick_once() noexcept {
         try {
             tick_();
-        } catch (const std::exception& e) {
-            warn(std::string("model reaper: tick failed: ") + e.what());
         } catch (...) {
-            warn("model reaper: tick failed with an unknown exception");
+            warn("model reaper: tick failed: " + describe(std::current_exception()));
         }
     }
     void warn(const std::string& message) noexcept {
@@ -7992,6 +8071,31 @@ struct RegistryStats {
     std::uint64_t peer_requests = 0;            // peers asked to free memory
     std::uint64_t peer_reliefs = 0;             // loads admitted after peers freed memory
 };
+
+// Calls visit(name, help, value) once per counter, as for_each_counter(const Stats&) does.
+template <class Visitor>
+constexpr void for_each_counter(const RegistryStats& s, Visitor&& visit) {
+    visit("loads", "models loaded", s.loads);
+    visit("load_failures", "model loads that threw (any error)", s.load_failures);
+    visit("evictions", "idle models unloaded to make room for a load", s.evictions);
+    visit("recoveries_seen", "eviction waits that saw the freed memory reported",
+          s.recoveries_seen);
+    visit("recoveries_trusted", "eviction waits that timed out and trusted the estimate",
+          s.recoveries_trusted);
+    visit("idle_unloads", "models unloaded after idle_timeout", s.idle_unloads);
+    visit("requested_unloads", "request_unload() or unload() calls that unloaded a model",
+          s.requested_unloads);
+    visit("pressure_cache_releases", "allocator cache releases by pressure relief",
+          s.pressure_cache_releases);
+    visit("pressure_unloads", "idle models unloaded by pressure relief", s.pressure_unloads);
+    visit("rejections", "model loads refused with InsufficientMemory", s.rejections);
+    visit("waits", "model loads that waited (load_wait) for room", s.waits);
+    visit("peer_requests", "peers asked to free memory", s.peer_requests);
+    visit("peer_reliefs", "model loads admitted after peers freed memory", s.peer_reliefs);
+}
+static_assert(sizeof(RegistryStats) ==
+                  detail::counter_count<RegistryStats>() * sizeof(std::uint64_t),
+              "for_each_counter(RegistryStats) must visit every field of RegistryStats");
 
 struct RegistryStatus {
     std::vector<ModelStatus> models;  // in the order they were added
@@ -8646,7 +8750,10 @@ VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/models.hpp> ----
 // ---- end <vramguard/vramguard.hpp> ----
 
-#if defined(VRAMGUARD_WITH_CUDA)
+#endif  // VRAMGUARD_SINGLE_HEADER_HPP
+
+#if defined(VRAMGUARD_WITH_CUDA) && !defined(VRAMGUARD_SINGLE_HEADER_CUDA_HPP)
+#define VRAMGUARD_SINGLE_HEADER_CUDA_HPP
 
 // ---- begin <vramguard/cuda.hpp> ----
 #ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_HPP
@@ -8982,9 +9089,10 @@ inline const bool cuda_oom_classifier_registered = register_oom_classifier(&clas
 VRAMGUARD_END_NAMESPACE
 #endif  // VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_HPP
 // ---- end <vramguard/cuda.hpp> ----
-#endif  // defined(VRAMGUARD_WITH_CUDA)
+#endif  // defined(VRAMGUARD_WITH_CUDA) && !defined(VRAMGUARD_SINGLE_HEADER_CUDA_HPP)
 
-#if defined(VRAMGUARD_WITH_TORCH)
+#if defined(VRAMGUARD_WITH_TORCH) && !defined(VRAMGUARD_SINGLE_HEADER_TORCH_HPP)
+#define VRAMGUARD_SINGLE_HEADER_TORCH_HPP
 
 // ---- begin <vramguard/torch.hpp> ----
 #ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_TORCH_HPP
@@ -9611,13 +9719,24 @@ inline OomKind classify(const std::exception_ptr& error) {
     }
 }
 
-// Including this header is all it takes for is_oom() to know LibTorch's errors.
+// A c10::Error's message without the backtrace its what() carries (describe() and every log line
+// use it); the exception itself, backtrace included, stays nested in vramguard's errors.
+inline const char* text_without_backtrace(const std::exception_ptr& error) noexcept {
+    try {
+        std::rethrow_exception(error);
+    } catch (const ::c10::Error& e) {
+        return e.what_without_backtrace();
+    } catch (...) {
+        return nullptr;
+    }
+}
+
+// Including this header is all it takes for is_oom() and describe() to know LibTorch's errors.
 inline const bool torch_oom_classifier_registered = register_oom_classifier(&classify);
+inline const bool torch_error_text_registered = register_error_text_reader(&text_without_backtrace);
 
 }  // namespace torch
 VRAMGUARD_END_NAMESPACE
 #endif  // VRAMGUARD_AMALGAMATED_VRAMGUARD_TORCH_HPP
 // ---- end <vramguard/torch.hpp> ----
-#endif  // defined(VRAMGUARD_WITH_TORCH)
-
-#endif  // VRAMGUARD_SINGLE_HEADER_HPP
+#endif  // defined(VRAMGUARD_WITH_TORCH) && !defined(VRAMGUARD_SINGLE_HEADER_TORCH_HPP)
