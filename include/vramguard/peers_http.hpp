@@ -39,6 +39,7 @@
 #pragma once
 
 #include <vramguard/clock.hpp>
+#include <vramguard/detail/call_watchdog.hpp>
 #include <vramguard/detail/detached_call.hpp>
 #include <vramguard/detail/peer_answers.hpp>
 #include <vramguard/memory.hpp>
@@ -295,54 +296,6 @@ struct HttpAnswer {
     bool ok() const noexcept { return error.empty(); }
 };
 
-// Ends a client's call at its deadline, from a thread of its own that the call joins: httplib's
-// timeouts bound each read, not the call, so a peer dripping a byte at a time (headers included)
-// would otherwise hold the call, and the thread of a caller that gave up, for as long as it likes.
-// Client::stop() shuts the socket from another thread; before the socket exists it finds nothing
-// to shut, so it is repeated every few milliseconds until the call returns.
-class CallWatchdog {
-   public:
-    CallWatchdog(httplib::Client& client, std::chrono::steady_clock::time_point deadline)
-        : client_(client), deadline_(deadline), thread_([this] { run(); }) {}
-    CallWatchdog(const CallWatchdog&) = delete;
-    CallWatchdog& operator=(const CallWatchdog&) = delete;
-    ~CallWatchdog() {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            done_ = true;
-        }
-        woken_.notify_all();
-        thread_.join();
-    }
-
-    // Whether the deadline came before the call returned.
-    bool fired() const {
-        std::lock_guard<std::mutex> lock(mutex_);
-        return fired_;
-    }
-
-   private:
-    void run() {
-        std::unique_lock<std::mutex> lock(mutex_);
-        if (woken_.wait_until(lock, deadline_, [this] { return done_; })) return;
-        fired_ = true;
-        while (!done_) {
-            lock.unlock();
-            client_.stop();
-            lock.lock();
-            woken_.wait_for(lock, std::chrono::milliseconds(5), [this] { return done_; });
-        }
-    }
-
-    httplib::Client& client_;
-    const std::chrono::steady_clock::time_point deadline_;
-    mutable std::mutex mutex_;
-    std::condition_variable woken_;
-    bool done_ = false;
-    bool fired_ = false;
-    std::thread thread_;  // last: starts once the rest exists
-};
-
 // Why a body was refused before all of it was read.
 enum class Refused { no, too_large, bad_length };
 
@@ -375,43 +328,69 @@ class HttpCalls {
         httplib::Client client(url_.origin());
         answer.error = prepare(client, method, path);
         if (!answer.error.empty()) return answer;
+        httplib::Request request = make_request(method, path, body);
         Refused refused = Refused::no;
-        httplib::Request request = make_request(method, path, body, answer.body, refused);
-        bool late = false;
-        httplib::Result result = [&] {
-            const CallWatchdog watchdog(client, deadline_);
+        CallWatchdog::Cut cut = CallWatchdog::Cut::no;
+        const httplib::Result result = [&] {
+            CallWatchdog watchdog(client, deadline_);
+            client.set_socket_options([&watchdog](socket_t fd) { watchdog.watch(fd); });
+            request.response_handler = [&](const httplib::Response& response) {
+                watchdog.headers_read();
+                refused = length_refused(response);
+                return refused == Refused::no;
+            };
+            request.content_receiver = [&](const char* data, std::size_t size, std::uint64_t,
+                                           std::uint64_t) {
+                if (size > protocol::max_peer_answer_bytes - answer.body.size()) {
+                    refused = Refused::too_large;
+                    return false;
+                }
+                answer.body.append(data, size);
+                return true;
+            };
             httplib::Result sent = client.send(request);
-            late = watchdog.fired();
+            client.set_socket_options(nullptr);  // it named the watchdog, which goes now
+            cut = watchdog.cut();
             return sent;
         }();
-        // select() may wake a little before the deadline: a read that ran out of it is late too.
-        late = late || std::chrono::steady_clock::now() >= deadline_ - (deadline_ - started) / 10;
-        const std::string took =
-            " after " + std::to_string(to_ms(std::chrono::steady_clock::now() - started)) + " ms";
-        const std::string what = std::string(method) + " " + path + ": ";
-        if (refused != Refused::no) {
-            answer.body.clear();
-            answer.error =
-                what + (refused == Refused::too_large
-                            ? "answer larger than " +
-                                  std::to_string(protocol::max_peer_answer_bytes) + " bytes"
-                            : std::string("answer with a bad Content-Length"));
-        } else if (!result) {
-            answer.error = what + failure_text(result.error(), late) + took;
-        } else {
-            answer.status = result->status;
-            if (answer.status < 200 || answer.status > 299)
-                answer.error =
-                    what + "HTTP " + std::to_string(answer.status) + error_message(answer.body);
-        }
+        finish(answer, method, path, result, refused, cut, started);
         return answer;
     }
 
-    // The request, its body kept in `into` up to the cap: a declared Content-Length over the cap
-    // is refused before a byte of the body is read, an endless body once it passes the cap.
+    // The answer's error, if any, from what the call got and why it may have been cut.
+    void finish(HttpAnswer& answer, const char* method, const std::string& path,
+                const httplib::Result& result, Refused refused, CallWatchdog::Cut cut,
+                std::chrono::steady_clock::time_point started) const {
+        const std::string what = std::string(method) + " " + path + ": ";
+        if (cut == CallWatchdog::Cut::too_large) refused = Refused::too_large;
+        if (refused != Refused::no || cut == CallWatchdog::Cut::headers_too_large) {
+            answer.body.clear();
+            answer.error =
+                what + (refused == Refused::bad_length ? std::string("bad Content-Length")
+                        : refused == Refused::too_large
+                            ? "answer larger than " +
+                                  std::to_string(protocol::max_peer_answer_bytes) + " bytes"
+                            : "headers larger than " + std::to_string(protocol::max_header_bytes) +
+                                  " bytes");
+            return;
+        }
+        const auto now = std::chrono::steady_clock::now();
+        if (!result) {
+            // select() may wake a little before the deadline: a read that ran out of it is late.
+            const bool late =
+                cut == CallWatchdog::Cut::deadline || now >= deadline_ - (deadline_ - started) / 10;
+            answer.error = what + failure_text(result.error(), late) + " after " +
+                           std::to_string(to_ms(now - started)) + " ms";
+            return;
+        }
+        answer.status = result->status;
+        if (answer.status < 200 || answer.status > 299)
+            answer.error =
+                what + "HTTP " + std::to_string(answer.status) + error_message(answer.body);
+    }
+
     httplib::Request make_request(const char* method, const std::string& path,
-                                  const nlohmann::json* body, std::string& into,
-                                  Refused& refused) const {
+                                  const nlohmann::json* body) const {
         httplib::Request request;
         request.method = method;
         request.path = url_.prefix + path;
@@ -419,27 +398,18 @@ class HttpCalls {
             request.body = body->is_null() ? std::string() : body->dump();
             if (!request.body.empty()) request.set_header("Content-Type", "application/json");
         }
-        request.response_handler = [&refused](const httplib::Response& response) {
-            if (!response.has_header("Content-Length")) return true;
-            const std::string length = response.get_header_value("Content-Length");
-            refused = Refused::bad_length;
-            if (length.empty() || length.size() > 19 ||
-                length.find_first_not_of("0123456789") != std::string::npos)
-                return false;
-            refused = std::stoull(length) > protocol::max_peer_answer_bytes ? Refused::too_large
-                                                                            : Refused::no;
-            return refused == Refused::no;
-        };
-        request.content_receiver = [&into, &refused](const char* data, std::size_t size,
-                                                     std::uint64_t, std::uint64_t) {
-            if (size > protocol::max_peer_answer_bytes - into.size()) {
-                refused = Refused::too_large;
-                return false;
-            }
-            into.append(data, size);
-            return true;
-        };
         return request;
+    }
+
+    // A declared Content-Length over the cap is refused before a byte of the body is read.
+    static Refused length_refused(const httplib::Response& response) {
+        if (!response.has_header("Content-Length")) return Refused::no;
+        const std::string length = response.get_header_value("Content-Length");
+        if (length.empty() || length.size() > 19 ||
+            length.find_first_not_of("0123456789") != std::string::npos)
+            return Refused::bad_length;
+        return std::stoull(length) > protocol::max_peer_answer_bytes ? Refused::too_large
+                                                                     : Refused::no;
     }
 
     std::chrono::microseconds time_left_from(std::chrono::steady_clock::time_point now) const {
@@ -710,7 +680,8 @@ class OllamaPeer final : public HttpPeer {
 
 // ComfyUI. GET /queue first: a prompt running or pending means it needs its models now (busy, not
 // asked); an answer without both queue lists is an error, never taken for an idle queue. Then GET
-// /system_stats for what its PyTorch allocator holds (torch_vram_total, the claim) and POST /free
+// /system_stats for what its PyTorch allocator holds (torch_vram_total, the claim; an answer
+// without it is an error) and POST /free
 // with both fields explicit: {"unload_models": true, "free_memory": F}, F = true for Ask::unload
 // (the node cache goes too), false for Ask::idle (models only).
 class ComfyUiPeer final : public HttpPeer {
@@ -718,7 +689,7 @@ class ComfyUiPeer final : public HttpPeer {
     explicit ComfyUiPeer(HttpPeerOptions options) : HttpPeer("comfyui", std::move(options)) {}
 
    protected:
-    PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
+    PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& /*request*/,
                             Ask how) override {
         std::string error;
         const std::optional<nlohmann::json> json = json_of(calls.get("/queue"), "/queue", error);
@@ -727,14 +698,16 @@ class ComfyUiPeer final : public HttpPeer {
         if (queue.running + queue.pending > 0)
             return PeerReply::busy(std::nullopt, std::to_string(queue.running) + " running, " +
                                                      std::to_string(queue.pending) + " pending");
-        const Holding held = holding_over_http(calls);
-        if (held.bytes && *held.bytes == 0)
-            return PeerReply::nothing("its allocator holds nothing");
+        // What it holds is the claim: an answer that does not say is an error, not a guess.
+        const std::optional<nlohmann::json> stats =
+            json_of(calls.get("/system_stats"), "/system_stats", error);
+        if (!stats) return PeerReply::error(error);
+        const std::uint64_t held = detail::comfyui_torch_bytes(*stats);
+        if (held == 0) return PeerReply::nothing("its allocator holds nothing");
         const detail::HttpAnswer freed =
             calls.post("/free", {{"unload_models", true}, {"free_memory", how == Ask::unload}});
         if (!freed.ok()) return PeerReply::error(freed.error);
-        return PeerReply::freed(held.bytes ? *held.bytes : unknown_claim(request),
-                                how == Ask::unload ? "models and node cache" : "models");
+        return PeerReply::freed(held, how == Ask::unload ? "models and node cache" : "models");
     }
 
     Holding holding_over_http(detail::HttpCalls& calls) override {
