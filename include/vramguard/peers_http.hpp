@@ -332,7 +332,7 @@ class HttpCalls {
         Refused refused = Refused::no;
         CallWatchdog::Cut cut = CallWatchdog::Cut::no;
         const httplib::Result result = [&] {
-            CallWatchdog watchdog(client, deadline_);
+            CallWatchdog watchdog(deadline_);
             client.set_socket_options([&watchdog](socket_t fd) { watchdog.watch(fd); });
             request.response_handler = [&](const httplib::Response& response) {
                 watchdog.headers_read();
@@ -536,8 +536,11 @@ class HttpPeer : public Peer {
     }
 
    private:
+    // The request's timeout, or the default when it has none; at most an hour, so that the
+    // deadline (now + budget) never overflows, whatever a caller passes (milliseconds::max()).
     static Duration budget(Duration timeout) {
-        return timeout > Duration::zero() ? timeout : Duration(defaults::request_timeout);
+        if (timeout <= Duration::zero()) return Duration(defaults::request_timeout);
+        return std::min<Duration>(timeout, std::chrono::hours(1));
     }
 
     std::string kind_;

@@ -224,6 +224,17 @@ TEST(HostilePeers, AnEndlessHeaderIsCutAtTheHeaderCapAndKeepsMemory) {
     EXPECT_EQ(threads_settled_to(before), before);
 }
 
+TEST(HostilePeers, AnAbsurdTimeoutIsCappedNotOverflowed) {
+    HostilePeer peer([](HostileConnection& c) {
+        c.send(HostilePeer::answer(R"({"status": "ok", "unloaded": true})"));
+    });
+    HttpPeerOptions options;
+    options.url = peer.url();
+    const ReliefRequest request{1_GiB, Duration::max(), TimePoint::max(), "test"};
+    const PeerReply reply = peers::make_http_peer("vramguard", options)->relieve(request);
+    EXPECT_EQ(reply.answer, PeerAnswer::freed) << describe(reply);
+}
+
 TEST(HostilePeers, ABadContentLengthIsRefusedBeforeTheBody) {
     for (const char* length : {"-5", "18446744073709551616", "12abc"}) {
         HostilePeer peer([&](HostileConnection& c) {

@@ -5,18 +5,18 @@
 // caller that gave up, for as long as it liked; and it keeps every header line it is sent, so an
 // endless header would grow the process by hundreds of MB a second. The watchdog reads how much
 // the call has read from its socket (Linux: TCP_INFO's bytes received minus what still waits in
-// the receive queue) and, at the deadline or past the allowance, shuts the socket with
-// Client::stop(), which is safe from another thread. Before the socket exists stop() finds
-// nothing to shut, so it is repeated every few milliseconds until the call returns.
+// the receive queue) and, at the deadline or past the allowance, shuts the socket down
+// (shutdown(2) on its own duplicate of the descriptor: safe from another thread, and the call's
+// blocked poll or read returns at once). A socket still connecting, or not yet made, cannot be
+// shut yet, so this is repeated every few milliseconds until the call returns.
 //
-// Needs cpp-httplib; part of vramguard::peers only.
+// Part of vramguard::peers only (its socket hook is cpp-httplib's Client::set_socket_options).
 #pragma once
 
 #include <vramguard/protocol.hpp>
 #include <vramguard/version.hpp>
 
 #include <fcntl.h>
-#include <httplib.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/ioctl.h>
@@ -71,8 +71,8 @@ class CallWatchdog {
         protocol::max_header_bytes +
         2 * static_cast<std::uint64_t>(protocol::max_peer_answer_bytes);
 
-    CallWatchdog(httplib::Client& client, std::chrono::steady_clock::time_point deadline)
-        : client_(client), deadline_(deadline), thread_([this] { run(); }) {}
+    explicit CallWatchdog(std::chrono::steady_clock::time_point deadline)
+        : deadline_(deadline), thread_([this] { run(); }) {}
     CallWatchdog(const CallWatchdog&) = delete;
     CallWatchdog& operator=(const CallWatchdog&) = delete;
     ~CallWatchdog() {
@@ -119,9 +119,7 @@ class CallWatchdog {
             }
         }
         while (!done_) {
-            lock.unlock();
-            client_.stop();
-            lock.lock();
+            if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);
             woken_.wait_for(lock, std::chrono::milliseconds(5), [this] { return done_; });
         }
     }
@@ -132,7 +130,6 @@ class CallWatchdog {
         return read && *read > (headers_read_ ? body_allowance : header_allowance);
     }
 
-    httplib::Client& client_;
     const std::chrono::steady_clock::time_point deadline_;
     mutable std::mutex mutex_;
     std::condition_variable woken_;
