@@ -9,9 +9,13 @@
 //   llama.cpp (router mode)        GET /models, POST /models/unload {"model": M}
 //   vLLM (sleep mode, opt-in)      GET /is_sleeping, GET /metrics, POST /sleep?level=N
 //
-// Every call is bounded by the request's timeout (connect and read); a bearer token is sent when
-// one is configured. Nothing here throws out of relieve() or ask(): a service that is down, too
-// slow, or answers garbage (not JSON, wrong types) is a PeerReply::error with a short reason.
+// Every call ends by the request's deadline (one total deadline for the request's calls: name
+// lookup, connect, headers and body, however slowly a peer drips them) and keeps at most
+// protocol::max_peer_answer_bytes of an answer; no thread is left reading after it returns. A
+// bearer token is sent when one is configured; redirects are not followed. Nothing here throws out
+// of relieve() or ask(): a service that is down, too slow, or answers garbage (not JSON, too big,
+// too deep, wrong types, numbers out of range) is a PeerReply::error with a short, printable
+// reason. The answers' parsers are in detail/peer_answers.hpp (fuzzed on their own).
 // What a service says it freed is a claim; only the probe's reading admits a load (peer.hpp).
 //
 // What was checked in each service's source (read, not copied):
@@ -35,9 +39,12 @@
 #pragma once
 
 #include <vramguard/clock.hpp>
+#include <vramguard/detail/call_watchdog.hpp>
 #include <vramguard/detail/detached_call.hpp>
+#include <vramguard/detail/peer_answers.hpp>
 #include <vramguard/memory.hpp>
 #include <vramguard/peer.hpp>
+#include <vramguard/protocol.hpp>
 #include <vramguard/version.hpp>
 
 #include <arpa/inet.h>
@@ -49,15 +56,18 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -73,9 +83,6 @@ inline constexpr std::chrono::milliseconds connect_timeout{500};
 inline constexpr std::chrono::milliseconds request_timeout{2000};
 // Ask::idle: a model unused for a minute is not serving a conversation turn.
 inline constexpr std::chrono::seconds idle_min{60};
-// Ask::unload of another vramguard server: the seeds' protocol gives up only a model unused for
-// 30 s, so two servers taking turns never unload a model the other used a second ago.
-inline constexpr std::chrono::seconds vramguard_unload_min_idle{30};
 // Ollama's default keep_alive (api/types.go): what expires_at counts from.
 inline constexpr std::chrono::minutes ollama_keep_alive{5};
 // An Ollama model that expires more than this from now was pinned (keep_alive -1 or hours) by
@@ -111,7 +118,7 @@ struct HttpPeerOptions {
                                                                             // request's time left
     std::chrono::milliseconds idle_min = defaults::idle_min;  // Ask::idle: unused at least this
     // Ask::unload (relieve()) of a vramguard server: unused at least this (the protocol's 30 s)
-    std::chrono::milliseconds vramguard_unload_min_idle = defaults::vramguard_unload_min_idle;
+    std::chrono::milliseconds vramguard_unload_min_idle = protocol::default_min_idle;
     // What to claim when a service unloaded something but does not say how much (llama.cpp, vLLM,
     // an old vramguard server): 0 = the bytes asked for, so the registry looks again and its probe
     // decides. A claim is never trusted either way.
@@ -199,15 +206,6 @@ inline long long to_ms(Duration d) {
     return static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
 }
 
-inline std::string shorten(std::string text, std::size_t limit = 120) {
-    if (text.size() > limit) text = text.substr(0, limit) + "...";
-    return text;
-}
-
-inline std::uint64_t add_bytes(std::uint64_t a, std::uint64_t b) noexcept {
-    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
-}
-
 // ---- Resolving a host name within a deadline --------------------------------------------------
 
 // "127.0.0.1", "::1" and "[::1]" need no resolver.
@@ -263,7 +261,7 @@ inline Resolved resolve_now(const std::function<std::string(const std::string&)>
         result.address = resolve ? resolve(host) : resolve_with_getaddrinfo(host);
         if (result.address.empty()) result.error = "\"" + host + "\" does not resolve";
     } catch (const std::exception& error) {
-        result.error = "resolving \"" + host + "\" failed: " + shorten(error.what());
+        result.error = "resolving \"" + host + "\" failed: " + excerpt(error.what());
     } catch (...) {
         result.error = "resolving \"" + host + "\" failed";
     }
@@ -298,15 +296,20 @@ struct HttpAnswer {
     bool ok() const noexcept { return error.empty(); }
 };
 
+// Why a body was refused before all of it was read.
+enum class Refused { no, too_large, bad_length };
+
 // The calls of one relieve(), all within one budget on the steady clock (a registry's injected
-// clock may be a ManualClock that never moves: the network runs on real time).
+// clock may be a ManualClock that never moves: the network runs on real time). Each call ends by
+// the budget's deadline, however the peer drips, and keeps at most max_peer_answer_bytes of body.
 class HttpCalls {
    public:
     HttpCalls(const Url& url, const HttpPeerOptions& options, Duration budget)
         : url_(url),
           options_(options),
           budget_(budget),
-          deadline_(std::chrono::steady_clock::now() + budget) {}
+          deadline_(std::chrono::steady_clock::now() +
+                    std::chrono::duration_cast<std::chrono::steady_clock::duration>(budget)) {}
 
     HttpAnswer get(const std::string& path) { return call("GET", path, nullptr); }
     HttpAnswer post(const std::string& path, const nlohmann::json& body) {
@@ -322,29 +325,91 @@ class HttpCalls {
     HttpAnswer call(const char* method, const std::string& path, const nlohmann::json* body) {
         HttpAnswer answer;
         const auto started = std::chrono::steady_clock::now();
-        const auto left = time_left_from(started);
         httplib::Client client(url_.origin());
         answer.error = prepare(client, method, path);
         if (!answer.error.empty()) return answer;
-        const std::string target = url_.prefix + path;
-        httplib::Result result =
-            body ? client.Post(target, body->is_null() ? std::string() : body->dump(),
-                               "application/json")
-                 : client.Get(target);
+        httplib::Request request = make_request(method, path, body);
+        Refused refused = Refused::no;
+        CallWatchdog::Cut cut = CallWatchdog::Cut::no;
+        const httplib::Result result = [&] {
+            CallWatchdog watchdog(deadline_);
+            client.set_socket_options([&watchdog](socket_t fd) { watchdog.watch(fd); });
+            request.response_handler = [&](const httplib::Response& response) {
+                watchdog.headers_read();
+                refused = length_refused(response);
+                return refused == Refused::no;
+            };
+            request.content_receiver = [&](const char* data, std::size_t size, std::uint64_t,
+                                           std::uint64_t) {
+                if (size > protocol::max_peer_answer_bytes - answer.body.size()) {
+                    refused = Refused::too_large;
+                    return false;
+                }
+                answer.body.append(data, size);
+                return true;
+            };
+            httplib::Result sent = client.send(request);
+            client.set_socket_options(nullptr);  // it named the watchdog, which goes now
+            cut = watchdog.cut();
+            return sent;
+        }();
+        finish(answer, method, path, result, refused, cut, started);
+        return answer;
+    }
+
+    // The answer's error, if any, from what the call got and why it may have been cut.
+    void finish(HttpAnswer& answer, const char* method, const std::string& path,
+                const httplib::Result& result, Refused refused, CallWatchdog::Cut cut,
+                std::chrono::steady_clock::time_point started) const {
+        const std::string what = std::string(method) + " " + path + ": ";
+        if (cut == CallWatchdog::Cut::too_large) refused = Refused::too_large;
+        if (refused != Refused::no || cut == CallWatchdog::Cut::headers_too_large) {
+            answer.body.clear();
+            answer.error =
+                what + (refused == Refused::bad_length ? std::string("bad Content-Length")
+                        : refused == Refused::too_large
+                            ? "answer larger than " +
+                                  std::to_string(protocol::max_peer_answer_bytes) + " bytes"
+                            : "headers larger than " + std::to_string(protocol::max_header_bytes) +
+                                  " bytes");
+            return;
+        }
+        const auto now = std::chrono::steady_clock::now();
         if (!result) {
-            // A read that ran out of the time left is a timeout (select() may wake a little early).
-            const auto took = std::chrono::steady_clock::now() - started;
-            answer.error = std::string(method) + " " + path + ": " +
-                           failure_text(result.error(), took >= left * 9 / 10) + " after " +
-                           std::to_string(to_ms(took)) + " ms";
-            return answer;
+            // select() may wake a little before the deadline: a read that ran out of it is late.
+            const bool late =
+                cut == CallWatchdog::Cut::deadline || now >= deadline_ - (deadline_ - started) / 10;
+            answer.error = what + failure_text(result.error(), late) + " after " +
+                           std::to_string(to_ms(now - started)) + " ms";
+            return;
         }
         answer.status = result->status;
-        answer.body = result->body;
         if (answer.status < 200 || answer.status > 299)
-            answer.error = std::string(method) + " " + path + ": HTTP " +
-                           std::to_string(answer.status) + error_message(answer.body);
-        return answer;
+            answer.error =
+                what + "HTTP " + std::to_string(answer.status) + error_message(answer.body);
+    }
+
+    httplib::Request make_request(const char* method, const std::string& path,
+                                  const nlohmann::json* body) const {
+        httplib::Request request;
+        request.method = method;
+        request.path = url_.prefix + path;
+        if (body) {
+            request.body = body->is_null() ? std::string() : body->dump();
+            if (!request.body.empty()) request.set_header("Content-Type", "application/json");
+        }
+        return request;
+    }
+
+    // A declared Content-Length over the cap is refused before a byte of the body is read.
+    static Refused length_refused(const httplib::Response& response) {
+        if (!response.has_header("Content-Length")) return Refused::no;
+        const std::string length = response.get_header_value("Content-Length");
+        if (length.empty() || length.size() > 19 ||
+            length.find_first_not_of("0123456789") != std::string::npos)
+            return Refused::bad_length;
+        return std::stoull(length) > protocol::max_peer_answer_bytes ? Refused::too_large
+                                                                     : Refused::no;
     }
 
     std::chrono::microseconds time_left_from(std::chrono::steady_clock::time_point now) const {
@@ -372,6 +437,7 @@ class HttpCalls {
         client.set_read_timeout(left);
         client.set_write_timeout(left);
         client.set_keep_alive(false);
+        client.set_follow_location(false);  // a redirect is an error answer, never followed
         if (!options_.bearer_token.empty()) client.set_bearer_token_auth(options_.bearer_token);
         return {};
     }
@@ -382,11 +448,11 @@ class HttpCalls {
     }
 
     static std::string failure_text(httplib::Error error, bool out_of_time) {
+        if (out_of_time) return "no answer in time";
         switch (error) {
             case httplib::Error::Connection: return "cannot connect";
             case httplib::Error::ConnectionTimeout: return "connect timed out";
-            case httplib::Error::Read:
-                return out_of_time ? "no answer in time" : "connection closed without an answer";
+            case httplib::Error::Read: return "connection closed without an answer";
             case httplib::Error::Write: return "could not send the request";
             case httplib::Error::SSLConnection:
             case httplib::Error::SSLServerVerification: return "TLS failed";
@@ -394,139 +460,11 @@ class HttpCalls {
         }
     }
 
-    // ": <message>" from {"error": "..."} or {"error": {"message": "..."}} (llama.cpp), else "".
-    static std::string error_message(const std::string& body) {
-        const nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
-        if (!json.is_object() || !json.contains("error")) return "";
-        const nlohmann::json& error = json["error"];
-        if (error.is_string()) return ": " + shorten(error.get<std::string>());
-        if (error.is_object() && error.contains("message") && error["message"].is_string())
-            return ": " + shorten(error["message"].get<std::string>());
-        return "";
-    }
-
     const Url& url_;
     const HttpPeerOptions& options_;
     const Duration budget_;
     const std::chrono::steady_clock::time_point deadline_;
 };
-
-// Parses a JSON answer; `what` names it in the error ("GET /api/ps").
-inline std::optional<nlohmann::json> parse_json(const std::string& body) {
-    nlohmann::json json = nlohmann::json::parse(body, nullptr, false);
-    if (json.is_discarded()) return std::nullopt;
-    return json;
-}
-
-// Optional typed fields: absent is fine, a wrong type is garbage.
-struct FieldError : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
-
-inline const nlohmann::json* field(const nlohmann::json& object, const char* name) {
-    if (!object.is_object()) return nullptr;
-    const auto it = object.find(name);
-    return it == object.end() || it->is_null() ? nullptr : &*it;
-}
-inline std::optional<bool> bool_field(const nlohmann::json& object, const char* name) {
-    const nlohmann::json* value = field(object, name);
-    if (!value) return std::nullopt;
-    if (!value->is_boolean()) throw FieldError(std::string("\"") + name + "\" is not a boolean");
-    return value->get<bool>();
-}
-inline std::optional<double> number_field(const nlohmann::json& object, const char* name) {
-    const nlohmann::json* value = field(object, name);
-    if (!value) return std::nullopt;
-    if (!value->is_number()) throw FieldError(std::string("\"") + name + "\" is not a number");
-    const double number = value->get<double>();
-    if (!std::isfinite(number)) throw FieldError(std::string("\"") + name + "\" is not finite");
-    return number;
-}
-inline std::optional<std::string> string_field(const nlohmann::json& object, const char* name) {
-    const nlohmann::json* value = field(object, name);
-    if (!value) return std::nullopt;
-    if (!value->is_string()) throw FieldError(std::string("\"") + name + "\" is not a string");
-    return value->get<std::string>();
-}
-inline const nlohmann::json* array_field(const nlohmann::json& object, const char* name) {
-    const nlohmann::json* value = field(object, name);
-    if (value && !value->is_array())
-        throw FieldError(std::string("\"") + name + "\" is not a list");
-    return value;
-}
-// Bytes: a non-negative number (JSON integers up to 2^64 - 1, or a float).
-inline std::optional<std::uint64_t> bytes_field(const nlohmann::json& object, const char* name) {
-    const nlohmann::json* value = field(object, name);
-    if (!value) return std::nullopt;
-    if (value->is_number_unsigned()) return value->get<std::uint64_t>();
-    const std::optional<double> number = number_field(object, name);
-    if (*number < 0) throw FieldError(std::string("\"") + name + "\" is negative");
-    return *number >= 1.8e19 ? UINT64_MAX : static_cast<std::uint64_t>(*number);
-}
-
-// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's civil-days algorithm).
-inline long long days_from_civil(long long y, unsigned m, unsigned d) noexcept {
-    y -= m <= 2;
-    const long long era = (y >= 0 ? y : y - 399) / 400;
-    const unsigned yoe = static_cast<unsigned>(y - era * 400);
-    const unsigned doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
-    const unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    return era * 146097 + static_cast<long long>(doe) - 719468;
-}
-
-// Seconds since the Unix epoch of an RFC 3339 time ("2024-06-04T14:38:31.83753-07:00", "...Z"),
-// as Go's time.Time marshals it; none when it does not parse. A double: Ollama's pinned models
-// expire in the 2300s, past what a nanosecond system_clock can hold.
-inline std::optional<double> parse_rfc3339(const std::string& text) {
-    int year = 0, month = 0, day = 0, hour = 0, minute = 0, second = 0, used = 0;
-    if (std::sscanf(text.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d%n", &year, &month, &day, &hour, &minute,
-                    &second, &used) != 6 ||
-        used != 19)
-        return std::nullopt;
-    if (month < 1 || month > 12 || day < 1 || day > 31 || hour > 23 || minute > 59 || second > 60)
-        return std::nullopt;
-    std::size_t at = 19;
-    double fraction = 0;
-    if (at < text.size() && text[at] == '.') {
-        double scale = 0.1;
-        ++at;
-        const std::size_t digits_start = at;
-        while (at < text.size() && text[at] >= '0' && text[at] <= '9') {
-            fraction += (text[at] - '0') * scale;
-            scale /= 10;
-            ++at;
-        }
-        if (at == digits_start) return std::nullopt;
-    }
-    long long offset = 0;
-    if (at < text.size() && (text[at] == 'Z' || text[at] == 'z')) {
-        ++at;
-    } else if (at < text.size() && (text[at] == '+' || text[at] == '-')) {
-        int oh = 0, om = 0, n = 0;
-        if (std::sscanf(text.c_str() + at + 1, "%2d:%2d%n", &oh, &om, &n) != 2 || n != 5)
-            return std::nullopt;
-        offset = (oh * 3600LL + om * 60LL) * (text[at] == '-' ? -1 : 1);
-        at += 6;
-    } else {
-        return std::nullopt;
-    }
-    if (at != text.size()) return std::nullopt;
-    const long long days =
-        days_from_civil(year, static_cast<unsigned>(month), static_cast<unsigned>(day));
-    return static_cast<double>(days * 86400LL + hour * 3600LL + minute * 60LL + second - offset) +
-           fraction;
-}
-
-inline double unix_now() {
-    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
-        .count();
-}
-
-inline std::string join(const std::vector<std::string>& items) {
-    std::string text;
-    for (const std::string& item : items) text += (text.empty() ? "" : ", ") + item;
-    return text;
-}
 
 }  // namespace detail
 
@@ -591,16 +529,18 @@ class HttpPeer : public Peer {
             error = answer.error;
             return std::nullopt;
         }
-        std::optional<nlohmann::json> json = detail::parse_json(answer.body);
-        if (!json)
-            error = "garbage answer to " + what + ": not JSON (\"" +
-                    detail::shorten(answer.body, 40) + "\")";
+        std::string why;
+        std::optional<nlohmann::json> json = detail::parse_json(answer.body, &why);
+        if (!json) error = "garbage answer to " + what + ": " + why;
         return json;
     }
 
    private:
+    // The request's timeout, or the default when it has none; at most an hour, so that the
+    // deadline (now + budget) never overflows, whatever a caller passes (milliseconds::max()).
     static Duration budget(Duration timeout) {
-        return timeout > Duration::zero() ? timeout : Duration(defaults::request_timeout);
+        if (timeout <= Duration::zero()) return Duration(defaults::request_timeout);
+        return std::min<Duration>(timeout, std::chrono::hours(1));
     }
 
     std::string kind_;
@@ -613,8 +553,8 @@ class HttpPeer : public Peer {
 //   POST /request-unload {"min_idle_seconds": N} (also ?min_idle_seconds=N, for servers that read
 //   the query) -> {"status": "ok"|"busy", "unloaded": bool, "message": str, "idle_seconds": s}
 //   or, from earlier servers, {"result": "unloaded"|"busy"|"not_loaded", "idle_seconds": s,
-//   "leases": n, "freed_bytes": b}. Missing fields are tolerated; wrong types are garbage.
-//   GET /status -> model.bytes while model.loaded.
+//   "leases": n, "freed_bytes": b}. Missing fields are tolerated; wrong types and numbers out of
+//   range are garbage. GET /status -> model.bytes while model.loaded.
 class VramguardPeer final : public HttpPeer {
    public:
     explicit VramguardPeer(HttpPeerOptions options) : HttpPeer("vramguard", std::move(options)) {}
@@ -631,50 +571,23 @@ class VramguardPeer final : public HttpPeer {
         const detail::HttpAnswer answer =
             calls.post(std::string("/request-unload") + query, {{"min_idle_seconds", min_idle}});
         // A busy server may say so with an error status and the same body.
-        std::optional<nlohmann::json> json = detail::parse_json(answer.body);
+        const std::optional<nlohmann::json> json = detail::parse_json(answer.body);
         if (!answer.ok() && !(json && json->is_object() && json->contains("status")))
             return PeerReply::error(answer.error);
-        if (!json) return PeerReply::error("garbage answer to /request-unload: not JSON");
-        return reply_from(*json, request);
+        if (!json) {
+            std::string error;
+            json_of(answer, "/request-unload", error);
+            return PeerReply::error(error);
+        }
+        return detail::vramguard_unload_reply(*json, unknown_claim(request));
     }
 
     Holding holding_over_http(detail::HttpCalls& calls) override {
         std::string error;
         const std::optional<nlohmann::json> json = json_of(calls.get("/status"), "/status", error);
         if (!json) return {std::nullopt, error};
-        const nlohmann::json* model = detail::field(*json, "model");
-        if (!model || !model->is_object()) return {std::nullopt, "/status names no model"};
-        const bool loaded = detail::bool_field(*model, "loaded").value_or(false);
-        const std::uint64_t bytes = loaded ? detail::bytes_field(*model, "bytes").value_or(0) : 0;
-        return {bytes, loaded ? "model loaded" : "no model loaded"};
-    }
-
-   private:
-    PeerReply reply_from(const nlohmann::json& json, const ReliefRequest& request) const {
-        if (!json.is_object()) return PeerReply::error("garbage answer: not a JSON object");
-        const std::optional<std::string> status = detail::string_field(json, "status");
-        const std::optional<std::string> result = detail::string_field(json, "result");
-        const std::optional<bool> unloaded = detail::bool_field(json, "unloaded");
-        const std::optional<double> idle = detail::number_field(json, "idle_seconds");
-        const std::string message = detail::string_field(json, "message").value_or("");
-        std::optional<std::uint64_t> bytes = detail::bytes_field(json, "freed_bytes");
-        if (!bytes) bytes = detail::bytes_field(json, "bytes");
-        if (unloaded.value_or(false) || result == std::optional<std::string>("unloaded"))
-            return PeerReply::freed(bytes && *bytes > 0 ? *bytes : unknown_claim(request), message);
-        if (status == std::optional<std::string>("busy") ||
-            result == std::optional<std::string>("busy")) {
-            std::string detail = message;
-            if (detail.empty()) {
-                const std::optional<double> leases = detail::number_field(json, "leases");
-                if (leases && *leases > 0)
-                    detail = std::to_string(static_cast<long long>(*leases)) + " leased";
-            }
-            return PeerReply::busy(idle, detail);
-        }
-        if (status == std::optional<std::string>("ok") ||
-            result == std::optional<std::string>("not_loaded"))
-            return PeerReply::nothing(message);
-        return PeerReply::error("unexpected answer: " + detail::shorten(json.dump(), 80));
+        const detail::VramguardModel model = detail::vramguard_status_model(*json);
+        return {model.bytes, model.loaded ? "model loaded" : "no model loaded"};
     }
 };
 
@@ -689,11 +602,7 @@ class OllamaPeer final : public HttpPeer {
     explicit OllamaPeer(HttpPeerOptions options) : HttpPeer("ollama", std::move(options)) {}
 
    protected:
-    struct Loaded {
-        std::string name;
-        std::uint64_t vram = 0;
-        double expires_in = 0;  // seconds from now
-    };
+    using Loaded = detail::OllamaModel;
 
     PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
                             Ask how) override {
@@ -709,26 +618,27 @@ class OllamaPeer final : public HttpPeer {
         std::sort(models.begin(), models.end(),
                   [](const Loaded& a, const Loaded& b) { return a.expires_in < b.expires_in; });
         for (const Loaded& model : models) {
+            const std::string name = detail::excerpt(model.name, 60);
             if (model.vram == 0) continue;
             if (model.expires_in > pinned) {
-                kept.push_back(model.name + " pinned");
+                kept.push_back(name + " pinned");
                 continue;
             }
             if (how == Ask::idle && model.expires_in > idle_within) {
-                kept.push_back(model.name + " in use");
+                kept.push_back(name + " in use");
                 continue;
             }
             if (claimed >= request.shortfall && request.shortfall > 0) break;
             if (!calls.time_left()) {
-                failed.push_back(model.name + ": out of time");
+                failed.push_back(name + ": out of time");
                 break;
             }
             std::string why;
             if (unload(calls, model.name, why)) {
                 claimed = detail::add_bytes(claimed, model.vram);
-                unloaded.push_back(model.name);
+                unloaded.push_back(name);
             } else {
-                failed.push_back(model.name + ": " + why);
+                failed.push_back(name + ": " + why);
             }
         }
         if (!unloaded.empty())
@@ -754,78 +664,53 @@ class OllamaPeer final : public HttpPeer {
         return std::chrono::duration<double>(d).count();
     }
 
-    bool list(detail::HttpCalls& calls, std::vector<Loaded>& models, std::string& error) const {
+    static bool list(detail::HttpCalls& calls, std::vector<Loaded>& models, std::string& error) {
         const std::optional<nlohmann::json> json = json_of(calls.get("/api/ps"), "/api/ps", error);
         if (!json) return false;
-        const nlohmann::json* list = detail::array_field(*json, "models");
-        if (!json->is_object() || !list) {
-            error = "garbage answer to /api/ps: no \"models\" list";
-            return false;
-        }
-        const double now = detail::unix_now();
-        for (const nlohmann::json& entry : *list) {
-            if (!entry.is_object()) throw detail::FieldError("a model in /api/ps is not an object");
-            Loaded model;
-            model.name = detail::string_field(entry, "name")
-                             .value_or(detail::string_field(entry, "model").value_or(""));
-            if (model.name.empty()) throw detail::FieldError("a model in /api/ps has no name");
-            model.vram = detail::bytes_field(entry, "size_vram").value_or(0);
-            const std::optional<std::string> expires = detail::string_field(entry, "expires_at");
-            const std::optional<double> at =
-                expires ? detail::parse_rfc3339(*expires) : std::nullopt;
-            if (expires && !at)
-                throw detail::FieldError("\"expires_at\" of " + model.name + " is not a time");
-            // No expiry said: treat it as pinned, so it is never unloaded on a guess.
-            model.expires_in = at ? *at - now : 1e18;
-            models.push_back(std::move(model));
-        }
+        models = detail::ollama_models(*json, detail::unix_now());
         return true;
     }
 
     static bool unload(detail::HttpCalls& calls, const std::string& model, std::string& why) {
         const detail::HttpAnswer answer =
             calls.post("/api/generate", {{"model", model}, {"keep_alive", 0}, {"stream", false}});
-        std::optional<nlohmann::json> json = json_of(answer, "/api/generate", why);
+        const std::optional<nlohmann::json> json = json_of(answer, "/api/generate", why);
         if (!json) return false;
-        const std::optional<std::string> reason = detail::string_field(*json, "done_reason");
-        if (reason && *reason != "unload") {
-            why = "answered done_reason \"" + detail::shorten(*reason, 20) + "\", not \"unload\"";
-            return false;
-        }
-        return true;
+        why = detail::ollama_unload_refusal(*json);
+        return why.empty();
     }
 };
 
 // ComfyUI. GET /queue first: a prompt running or pending means it needs its models now (busy, not
-// asked). Then GET /system_stats for what its PyTorch allocator holds (torch_vram_total, the
-// claim) and POST /free with both fields explicit: {"unload_models": true, "free_memory": F},
-// F = true for Ask::unload (the node cache goes too), false for Ask::idle (models only).
+// asked); an answer without both queue lists is an error, never taken for an idle queue. Then GET
+// /system_stats for what its PyTorch allocator holds (torch_vram_total, the claim; an answer
+// without it is an error) and POST /free
+// with both fields explicit: {"unload_models": true, "free_memory": F}, F = true for Ask::unload
+// (the node cache goes too), false for Ask::idle (models only).
 class ComfyUiPeer final : public HttpPeer {
    public:
     explicit ComfyUiPeer(HttpPeerOptions options) : HttpPeer("comfyui", std::move(options)) {}
 
    protected:
-    PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& request,
+    PeerReply ask_over_http(detail::HttpCalls& calls, const ReliefRequest& /*request*/,
                             Ask how) override {
         std::string error;
-        const std::optional<nlohmann::json> queue = json_of(calls.get("/queue"), "/queue", error);
-        if (!queue) return PeerReply::error(error);
-        if (!queue->is_object()) return PeerReply::error("garbage answer to /queue: not an object");
-        const nlohmann::json* running = detail::array_field(*queue, "queue_running");
-        const nlohmann::json* pending = detail::array_field(*queue, "queue_pending");
-        const std::size_t busy_running = running ? running->size() : 0;
-        const std::size_t busy_pending = pending ? pending->size() : 0;
-        if (busy_running + busy_pending > 0)
-            return PeerReply::busy(std::nullopt, std::to_string(busy_running) + " running, " +
-                                                     std::to_string(busy_pending) + " pending");
-        const Holding held = holding_over_http(calls);
-        if (held.bytes && *held.bytes == 0)
-            return PeerReply::nothing("its allocator holds nothing");
+        const std::optional<nlohmann::json> json = json_of(calls.get("/queue"), "/queue", error);
+        if (!json) return PeerReply::error(error);
+        const detail::ComfyUiQueue queue = detail::comfyui_queue(*json);
+        if (queue.running + queue.pending > 0)
+            return PeerReply::busy(std::nullopt, std::to_string(queue.running) + " running, " +
+                                                     std::to_string(queue.pending) + " pending");
+        // What it holds is the claim: an answer that does not say is an error, not a guess.
+        const std::optional<nlohmann::json> stats =
+            json_of(calls.get("/system_stats"), "/system_stats", error);
+        if (!stats) return PeerReply::error(error);
+        const std::uint64_t held = detail::comfyui_torch_bytes(*stats);
+        if (held == 0) return PeerReply::nothing("its allocator holds nothing");
         const detail::HttpAnswer freed =
             calls.post("/free", {{"unload_models", true}, {"free_memory", how == Ask::unload}});
         if (!freed.ok()) return PeerReply::error(freed.error);
-        return PeerReply::freed(held.bytes ? *held.bytes : unknown_claim(request),
-                                how == Ask::unload ? "models and node cache" : "models");
+        return PeerReply::freed(held, how == Ask::unload ? "models and node cache" : "models");
     }
 
     Holding holding_over_http(detail::HttpCalls& calls) override {
@@ -833,13 +718,11 @@ class ComfyUiPeer final : public HttpPeer {
         const std::optional<nlohmann::json> stats =
             json_of(calls.get("/system_stats"), "/system_stats", error);
         if (!stats) return {std::nullopt, error};
-        const nlohmann::json* devices = detail::array_field(*stats, "devices");
-        if (!devices || devices->empty() || !(*devices)[0].is_object())
-            return {std::nullopt, "/system_stats lists no device"};
-        const std::optional<std::uint64_t> torch =
-            detail::bytes_field((*devices)[0], "torch_vram_total");
-        if (!torch) return {std::nullopt, "/system_stats has no torch_vram_total"};
-        return {torch, "held by its PyTorch allocator"};
+        try {
+            return {detail::comfyui_torch_bytes(*stats), "held by its PyTorch allocator"};
+        } catch (const detail::FieldError& e) {
+            return {std::nullopt, e.what()};
+        }
     }
 };
 
@@ -865,22 +748,23 @@ class LlamaCppRouterPeer final : public HttpPeer {
         }
         std::vector<std::string> unloaded, failed;
         for (const std::string& model : models) {
+            const std::string name = detail::excerpt(model, 60);
             if (!calls.time_left()) {
-                failed.push_back(model + ": out of time");
+                failed.push_back(name + ": out of time");
                 break;
             }
             const detail::HttpAnswer answer = calls.post("/models/unload", {{"model", model}});
             if (answer.ok()) {
                 const std::optional<nlohmann::json> json = detail::parse_json(answer.body);
-                if (!json || detail::bool_field(*json, "success") != std::optional<bool>(true))
-                    failed.push_back(model + ": garbage answer");
+                if (!json || !detail::llamacpp_unloaded(*json))
+                    failed.push_back(name + ": garbage answer");
                 else
-                    unloaded.push_back(model);
+                    unloaded.push_back(name);
             } else if (answer.status == 400 &&
                        answer.error.find("not running") != std::string::npos) {
                 continue;  // not loaded: nothing to free
             } else {
-                failed.push_back(model + ": " + answer.error);
+                failed.push_back(name + ": " + answer.error);
             }
         }
         if (!unloaded.empty()) {
@@ -906,19 +790,7 @@ class LlamaCppRouterPeer final : public HttpPeer {
                        std::string& error) {
         const std::optional<nlohmann::json> json = json_of(calls.get("/models"), "/models", error);
         if (!json) return false;
-        const nlohmann::json* data = detail::array_field(*json, "data");
-        if (!data) {
-            error = "garbage answer to /models: no \"data\" list (is it in router mode?)";
-            return false;
-        }
-        for (const nlohmann::json& entry : *data) {
-            const std::optional<std::string> id = detail::string_field(entry, "id");
-            const nlohmann::json* status = detail::field(entry, "status");
-            std::optional<std::string> value;
-            if (status && status->is_object()) value = detail::string_field(*status, "value");
-            if (status && status->is_string()) value = status->get<std::string>();
-            if (id && value == std::optional<std::string>("loaded")) models.push_back(*id);
-        }
+        models = detail::llamacpp_loaded(*json);
         return true;
     }
 };
@@ -939,17 +811,16 @@ class VllmSleepPeer final : public HttpPeer {
         const std::optional<nlohmann::json> sleeping =
             json_of(calls.get("/is_sleeping"), "/is_sleeping", error);
         if (!sleeping) return PeerReply::error(error);
-        if (detail::bool_field(*sleeping, "is_sleeping").value_or(false))
-            return PeerReply::nothing("already asleep");
+        if (detail::vllm_is_sleeping(*sleeping)) return PeerReply::nothing("already asleep");
         if (options().vllm_check_running) {
             const detail::HttpAnswer metrics = calls.get("/metrics");
             if (!metrics.ok()) return PeerReply::error(metrics.error);
-            const std::optional<double> running = requests_running(metrics.body);
+            const std::optional<double> running = detail::vllm_requests_running(metrics.body);
             if (!running) return PeerReply::error("/metrics has no vllm:num_requests_running");
-            if (*running > 0)
+            if (*running > 0)  // range-checked: at most 2^32
                 return PeerReply::busy(
                     std::nullopt,
-                    std::to_string(static_cast<long long>(*running)) + " request(s) running");
+                    std::to_string(static_cast<std::uint64_t>(*running)) + " request(s) running");
         }
         const detail::HttpAnswer slept =
             calls.post("/sleep?level=" + std::to_string(options().vllm_sleep_level));
@@ -963,34 +834,9 @@ class VllmSleepPeer final : public HttpPeer {
         const std::optional<nlohmann::json> sleeping =
             json_of(calls.get("/is_sleeping"), "/is_sleeping", error);
         if (!sleeping) return {std::nullopt, error};
-        const bool asleep = detail::bool_field(*sleeping, "is_sleeping").value_or(false);
+        const bool asleep = detail::vllm_is_sleeping(*sleeping);
         return {asleep ? std::optional<std::uint64_t>(0) : std::nullopt,
                 asleep ? "asleep" : "awake (size unknown)"};
-    }
-
-   private:
-    // The sum of the vllm:num_requests_running samples of a Prometheus text exposition.
-    static std::optional<double> requests_running(const std::string& text) {
-        static const std::string metric = "vllm:num_requests_running";
-        std::optional<double> sum;
-        std::size_t at = 0;
-        while (at < text.size()) {
-            std::size_t end = text.find('\n', at);
-            if (end == std::string::npos) end = text.size();
-            const std::string line = text.substr(at, end - at);
-            at = end + 1;
-            if (line.compare(0, metric.size(), metric) != 0) continue;
-            if (line.size() > metric.size() && line[metric.size()] != '{' &&
-                line[metric.size()] != ' ')
-                continue;
-            const std::size_t space = line.rfind(' ');
-            if (space == std::string::npos) continue;
-            char* parsed_end = nullptr;
-            const double value = std::strtod(line.c_str() + space + 1, &parsed_end);
-            if (parsed_end == line.c_str() + space + 1 || !std::isfinite(value)) continue;
-            sum = sum.value_or(0) + value;
-        }
-        return sum;
     }
 };
 

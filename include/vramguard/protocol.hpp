@@ -35,6 +35,11 @@ inline constexpr std::size_t max_json_depth = 64;
 // one (Ollama's /api/ps with dozens of models, vLLM's /metrics) is a few hundred KiB.
 inline constexpr std::size_t max_peer_answer_bytes = 4u << 20;
 
+// An HTTP message's start line and headers, together, larger than this are refused: honest ones
+// are a few hundred bytes, and a parser that keeps every header line would otherwise grow without
+// bound on an endless header.
+inline constexpr std::size_t max_header_bytes = 64u << 10;
+
 // Whether the JSON text nests arrays and objects at most max_depth deep. Brackets inside strings
 // do not count (escapes are honoured); anything else is left to the parser.
 inline bool json_depth_within(std::string_view text, std::size_t max_depth) noexcept {
