@@ -102,7 +102,8 @@ class Guard {
     explicit Guard(Probe& probe, Options options = {})
         : probe_(probe),
           options_((options.validate(), std::move(options))),
-          profiles_(options_.profile_dir, options_.persist, options_.log),
+          profiles_(options_.profile_dir, options_.persist, options_.log,
+                    ProfileCacheSettings{options_.persist_interval, options_.profile_max_age}),
           single_item_(shared_device_semaphore(
               detail::device_identity(probe),
               static_cast<std::ptrdiff_t>(options_.single_item_concurrency))),
@@ -158,10 +159,20 @@ class Guard {
 
     // ---- what it knows -----------------------------------------------------------------------
 
-    Stats stats() const noexcept { return stats_.snapshot(); }
+    Stats stats() const noexcept {
+        Stats stats = stats_.snapshot();
+        stats.profile_writes = profiles_.writes();
+        stats.profile_write_failures = profiles_.write_failures();
+        return stats;
+    }
     const Options& options() const noexcept { return options_; }
     Probe& probe() noexcept { return probe_; }
     ProfileCache& profiles() noexcept { return profiles_; }
+
+    // Writes what the guard learned and has not yet written to the profile files, now, on the
+    // calling thread (the background writer does it at most once per persist_interval, and the
+    // destructor at the end). Never throws: a failing disk is logged and counted.
+    void flush() noexcept { profiles_.flush(); }
 
     // The latest limit that cut a batch of `key` (items) / a weighted batch (weight); 0 when
     // nothing has limited one yet.
@@ -405,8 +416,9 @@ class Guard {
         return next.fetch_add(1, std::memory_order_relaxed);
     }
 
-    // Writes what an encode call learned (new samples, a new limit) to the profile: once per call,
-    // after its last chunk, never while a chunk or a single-item turn is held.
+    // Hands what an encode call learned (new samples, a new limit) to the profile cache, once per
+    // call, after its last chunk, never while a chunk or a single-item turn is held. Memory only:
+    // the cache's writer thread writes the files (persist_interval), never this call.
     void persist_learned(const Key& key, detail::KeyMemory& memory) noexcept {
         try {
             std::vector<ProfileSample> items, weight;

@@ -11,14 +11,16 @@
 VRAMGUARD_BEGIN_NAMESPACE
 
 struct Stats {
-    std::uint64_t calls = 0;              // load and encode calls
-    std::uint64_t ooms = 0;               // OOMs caught (each is also logged at WARN)
-    std::uint64_t retries = 0;            // load attempts after an OOM, single items retried
-    std::uint64_t halvings = 0;           // encode chunks shrunk after an OOM
-    std::uint64_t single_item_calls = 0;  // batches of one run through the device semaphore
-    std::uint64_t rejections = 0;         // admissions refused (InsufficientMemory thrown)
-    std::uint64_t waits = 0;              // admissions or retries that waited for memory
-    std::uint64_t grow_backs = 0;         // learned ceilings probed back up after successes
+    std::uint64_t calls = 0;                   // load and encode calls
+    std::uint64_t ooms = 0;                    // OOMs caught (each is also logged at WARN)
+    std::uint64_t retries = 0;                 // load attempts after an OOM, single items retried
+    std::uint64_t halvings = 0;                // encode chunks shrunk after an OOM
+    std::uint64_t single_item_calls = 0;       // batches of one run through the device semaphore
+    std::uint64_t rejections = 0;              // admissions refused (InsufficientMemory thrown)
+    std::uint64_t waits = 0;                   // admissions or retries that waited for memory
+    std::uint64_t grow_backs = 0;              // learned ceilings probed back up after successes
+    std::uint64_t profile_writes = 0;          // profile files written (by the background writer)
+    std::uint64_t profile_write_failures = 0;  // profile writes that failed or were put off
 };
 
 namespace detail {
