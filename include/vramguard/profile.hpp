@@ -524,7 +524,10 @@ class ProfileCache {
             if (entry.profile != before) {
                 entry.known = true;
                 changed = true;
-                if (writer_ && writing() && !entry.dirty) newly_dirty = mark_dirty(key, entry);
+                if (writer_ && writing() && !entry.dirty) {
+                    mark_dirty(key, entry);
+                    newly_dirty = true;
+                }
             }
         }
         if (newly_dirty) writer_->mark();
@@ -536,10 +539,9 @@ class ProfileCache {
         return directory_usable_ && !degraded_.load(std::memory_order_relaxed);
     }
     // Caller holds mutex_.
-    bool mark_dirty(const Key& key, Entry& entry) {
+    void mark_dirty(const Key& key, Entry& entry) {
         entry.dirty = true;
         dirty_.push_back(key);
-        return true;
     }
 
     // One write pass: every dirty key, merged with its file. Runs on the writer thread, in
@@ -572,7 +574,8 @@ class ProfileCache {
         std::lock_guard<std::mutex> lock(mutex_);
         auto found = entries_.find(key);
         if (found == entries_.end() || found->second.dirty) return false;
-        return mark_dirty(key, found->second);
+        mark_dirty(key, found->second);
+        return true;
     }
 
     // The entry for `key`, read from disk on the first miss. Caller holds mutex_.

@@ -563,6 +563,10 @@ struct ProfileWorld {
     std::function<void(ProfileCache&)> before;  // what another process wrote first (or nothing)
     std::function<void(ProfileCache&)> records;
     bool write_behind = false;  // the child's records are written by the writer thread
+    // With write_behind: the records up to where the writer may have written once already (the
+    // file may then hold this state, a write earlier than the last: not a torn one).
+    std::function<void(ProfileCache&)> first_records;
+    std::string middle_profile;
     std::string before_profile, after_profile;  // summary()
 
     void setup(const std::string& dir) {
@@ -581,6 +585,15 @@ struct ProfileWorld {
         }
         after_profile = summary(next_process_reads(scratch.path(), ignored));
         ASSERT_NE(before_profile, after_profile);
+        if (first_records) {
+            TempDir middle("vramguard-kill-middle-");
+            {
+                ProfileCache reference(middle.path(), true, [](Level, std::string_view) {});
+                if (before) before(reference);
+                first_records(reference);
+            }
+            middle_profile = summary(next_process_reads(middle.path(), ignored));
+        }
     }
     void action(const std::string& dir) const {
         ProfileCacheSettings settings;
@@ -597,8 +610,9 @@ struct ProfileWorld {
         if (finished)
             EXPECT_EQ(now, after_profile);
         else
-            EXPECT_TRUE(now == before_profile || now == after_profile)
-                << "neither the profile before the write nor after it";
+            EXPECT_TRUE(now == before_profile || now == after_profile ||
+                        (first_records && now == middle_profile))
+                << "neither the profile before the write nor after it: " << now;
         // The next writer is not blocked, and its record lands.
         {
             ProfileCache next(dir, true, [](Level, std::string_view) {});
@@ -635,15 +649,17 @@ TEST_F(KillPointTest, ProfileMergeWithAnotherProcesssRecord) {
         {"open", "flock", "write", "write (torn)", "fsync", "close", "rename"});
 }
 
-// The writer thread (issue 22): the same records, written behind by a guard's writer thread or by
-// the destructor's final flush, whichever comes first; a kill anywhere in either leaves the file
-// before or after, never torn, and no lock held.
+// The writer thread (issue 22): two records, written behind by the writer thread or by the
+// destructor's final flush (once, or twice when the writer ran between them); a kill anywhere in
+// either leaves the file before, after, or as the first write left it, never torn, and no lock
+// held.
 TEST_F(KillPointTest, ProfileWriteBehind) {
     ProfileWorld world;
     world.write_behind = true;
     world.before = [](ProfileCache& cache) { cache.record_peak(profile_key(), 3_GiB, 16); };
-    world.records = [](ProfileCache& cache) {
-        cache.record_peak(profile_key(), 7_GiB, 32);
+    world.first_records = [](ProfileCache& cache) { cache.record_peak(profile_key(), 7_GiB, 32); };
+    world.records = [&world](ProfileCache& cache) {
+        world.first_records(cache);
         cache.record_batch_ceiling(profile_key(), 32);
     };
     run({"profile write-behind", [&](const std::string& dir) { world.setup(dir); },
