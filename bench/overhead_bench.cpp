@@ -21,7 +21,10 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <ctime>
+#include <filesystem>
+#include <string>
 #include <vector>
 
 namespace {
@@ -157,6 +160,81 @@ void BM_GuardEncode(benchmark::State& state) {
         });
 }
 
+// ---- persistence (issue 22): calls that learn, with persist off and on
+// ---------------------------- The batch allocates on the simulated device, so every measured chunk
+// is a sample and the call records it: with persist on, the key is marked for the background writer
+// (default persist_interval), never written on the caller's thread. ns_per_call is the caller's
+// thread CPU time; Google Benchmark's Time column is wall time (on 2 cores it includes the writer's
+// turns).
+
+// A fresh profile directory, removed when the fixture goes (after the guard's final flush).
+struct ScratchDir {
+    std::string path;
+    ScratchDir() {
+        std::string pattern =
+            std::filesystem::temp_directory_path().string() + "/vramguard-bench-XXXXXX";
+        if (::mkdtemp(pattern.data()) != nullptr) path = pattern;
+    }
+    ~ScratchDir() {
+        std::error_code ignored;
+        if (!path.empty()) std::filesystem::remove_all(path, ignored);
+    }
+};
+
+template <bool Persist>
+struct LearningFixture {
+    ScratchDir dir;  // first: removed last
+    SimulatedDevice probe{80ull << 30};
+    Guard<SimulatedDevice> guard{probe, [this] {
+                                     Options options = quiet_options();
+                                     options.persist = Persist;
+                                     options.profile_dir = dir.path;
+                                     return options;
+                                 }()};
+    Key key = Key::of("overhead-learning");
+    std::vector<int> items = std::vector<int>(16, 1);
+    std::uint64_t next_key = 0;
+};
+
+template <class F>
+int learning_call(F& f, const Key& key) {
+    int sum = 0;
+    f.guard.encode(key, f.items, [&](const auto& view) {
+        auto activations = f.probe.allocate((std::uint64_t{1} << 20) * view.size());
+        for (int v : view) sum += v;
+    });
+    return sum;
+}
+
+// One key over and over (after 50 warm-up calls): the steady state of a server.
+template <class F>
+void BM_EncodeLearning(benchmark::State& state) {
+    F& f = fixture<F>();
+    for (int i = 0; i < 50; ++i) learning_call(f, f.key);
+    const double start = thread_cpu_ns();
+    for (auto _ : state) benchmark::DoNotOptimize(learning_call(f, f.key));
+    state.counters["ns_per_call"] =
+        (thread_cpu_ns() - start) / static_cast<double>(state.iterations());
+    state.counters["profile_writes"] = static_cast<double>(f.guard.stats().profile_writes);
+}
+
+// Every call a key never seen (its file read, found missing, the key created and, with persist
+// on, marked for the writer): the first call of each new key.
+template <class F>
+void BM_EncodeNewKey(benchmark::State& state) {
+    F& f = fixture<F>();
+    double elapsed = 0;
+    for (auto _ : state) {
+        state.PauseTiming();
+        const Key key = Key::of("overhead-new-key", {{"n", std::to_string(f.next_key++)}});
+        const double start = thread_cpu_ns();
+        state.ResumeTiming();
+        benchmark::DoNotOptimize(learning_call(f, key));
+        elapsed += thread_cpu_ns() - start;
+    }
+    state.counters["ns_per_call"] = elapsed / static_cast<double>(state.iterations());
+}
+
 BENCHMARK(BM_Bare);
 BENCHMARK(BM_Bare)->Threads(2);
 BENCHMARK_TEMPLATE(BM_BarePlusProbe, SimFixture);
@@ -171,6 +249,10 @@ BENCHMARK_TEMPLATE(BM_GuardEncode, SimFixture);
 BENCHMARK_TEMPLATE(BM_GuardEncode, SimFixture)->Threads(2);
 BENCHMARK_TEMPLATE(BM_GuardEncode, NullFixture);
 BENCHMARK_TEMPLATE(BM_GuardEncode, NullFixture)->Threads(2);
+BENCHMARK_TEMPLATE(BM_EncodeLearning, LearningFixture<false>);
+BENCHMARK_TEMPLATE(BM_EncodeLearning, LearningFixture<true>);
+BENCHMARK_TEMPLATE(BM_EncodeNewKey, LearningFixture<false>)->Iterations(5000);
+BENCHMARK_TEMPLATE(BM_EncodeNewKey, LearningFixture<true>)->Iterations(5000);
 
 }  // namespace
 

@@ -87,10 +87,20 @@ class Guard {
 
     // ---- what it knows -----------------------------------------------------------------------
 
-    Stats stats() const noexcept { return core_.stats().snapshot(); }
+    Stats stats() const noexcept {
+        Stats stats = core_.stats().snapshot();
+        stats.profile_writes = core_.profiles().writes();
+        stats.profile_write_failures = core_.profiles().write_failures();
+        return stats;
+    }
     const Options& options() const noexcept { return core_.options(); }
     Probe& probe() noexcept { return core_.probe(); }
     ProfileCache& profiles() noexcept { return core_.profiles(); }
+
+    // Writes what the guard learned and has not yet written to the profile files, now, on the
+    // calling thread (the background writer does it at most once per persist_interval, and the
+    // destructor at the end). Never throws: a failing disk is logged and counted.
+    void flush() noexcept { core_.profiles().flush(); }
 
     // The latest limit that cut a batch of `key` (items) / a weighted batch (weight); 0 when
     // nothing has limited one yet.

@@ -56,6 +56,16 @@ inline constexpr unsigned forget_failure_after = 64;
 // covers both with room, and costs about 2 % of the largest batch (a share of the device would
 // cost more, the less is free).
 inline constexpr double encode_reserve = 0.02;
+// How often a guard writes what it learned to the profile files, at most (a writer thread,
+// off the request path). 1 s: a crash loses at most a second of learning, which the next run
+// relearns in a few calls; sibling workers see each other's learning within a second; and one
+// write (two fsyncs) per learning key per second is nothing a disk notices, where writing on
+// every call that learned something cost 100+ us of the caller's time and queued request threads
+// behind one key's file.
+inline constexpr std::chrono::milliseconds persist_interval{1000};
+// Profile files no process wrote or read for this long are removed when a guard opens the
+// directory: a model unused for a month is likely retired, and relearning one costs a few calls.
+inline constexpr std::chrono::seconds profile_max_age{30 * 24 * 3600};
 // Events below this level are neither formatted nor sent to the sink.
 inline constexpr Level log_level = Level::info;
 // Most items allowed alone at once: far above any real device, low enough to be a semaphore count.
@@ -89,6 +99,11 @@ struct Options {
     // ~/.cache/vramguard.
     std::string profile_dir;
     bool persist = true;  // false: learn in memory only
+    // Learning is written by a background writer, each key at most once per this interval (and
+    // on Guard::flush() and destruction); 0 writes as soon as the writer can. >= 0.
+    std::chrono::milliseconds persist_interval = defaults::persist_interval;
+    // Profile files unused (neither written nor read) for longer are removed; 0 keeps them.
+    std::chrono::seconds profile_max_age = defaults::profile_max_age;
     LogSink log = stderr_sink();
     Level log_level = defaults::log_level;  // the least level formatted and sent to `log`
     ClockFn clock = system_clock();         // every wait reads this clock ...
@@ -129,6 +144,8 @@ struct Options {
             fail("recovery_fraction",
                  "must be in (0, 1], got " + std::to_string(recovery_fraction));
         if (recovery_timeout.count() < 0) fail("recovery_timeout", "must not be negative");
+        if (persist_interval.count() < 0) fail("persist_interval", "must not be negative");
+        if (profile_max_age.count() < 0) fail("profile_max_age", "must not be negative");
         if (!clock) fail("clock", "must be set (use vramguard::system_clock())");
         if (!sleep) fail("sleep", "must be set (use vramguard::system_sleep())");
     }

@@ -562,6 +562,7 @@ TEST_F(BadInput, AnUnwritableProfileDirectoryDegradesOnTheFirstWrite) {
     Guard<SimulatedDevice> guard(device, o);
     guard.load(key, [&] { auto weights = device.allocate(1_GiB); });
     guard.load(key, [&] { auto weights = device.allocate(2_GiB); });
+    guard.flush();  // written behind: now
     EXPECT_FALSE(guard.profiles().persistent());
     EXPECT_EQ(guard.profiles().get(key).peak_bytes, 2_GiB);
     EXPECT_EQ(dir_log.count(Level::warn), 1u);
@@ -585,6 +586,7 @@ TEST_F(BadInput, DamagedOrForeignProfileFilesAreIgnoredAndOverwritten) {
         Guard<SimulatedDevice> guard(device, o);
         EXPECT_EQ(guard.profiles().get(key).peak_bytes, 0u);  // not a word of it is believed
         guard.load(key, [&] { auto weights = device.allocate(1_GiB); });
+        guard.flush();  // written behind: now
         std::string text;
         int error = 0;
         ASSERT_EQ(detail::read_small_file(path, text, error), detail::ReadResult::ok);

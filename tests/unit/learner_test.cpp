@@ -239,6 +239,7 @@ TEST_F(Learner, AWrongPeakAgesOutOfTheProfileAfterTheWindow) {
         ASSERT_EQ(guard.encode(key, items, std::ref(encoder)), items);
     }
     EXPECT_NEAR(guard.cost_model(key).costliest_unit, static_cast<double>(100_MiB), 1_MiB);
+    guard.flush();  // written behind: now
     ProfileCache reread(dir.path(), true, nullptr);
     const Profile profile = reread.get(key);
     EXPECT_EQ(profile.item_samples.size(), profile_window);

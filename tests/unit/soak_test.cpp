@@ -313,6 +313,7 @@ TEST(Soak, ManyThreadsRandomOomsFailuresAndExternalUsageLoseNothing) {
     EXPECT_GT(stats.halvings, 0u);
     EXPECT_GT(tally.injected.load(), 0u);
     // The learned state made it to disk in a form a new process can read.
+    guard.flush();  // written behind: now
     ProfileCache fresh(profiles.path(), true, [](Level, std::string_view) {});
     EXPECT_TRUE(fresh.persistent());
     EXPECT_GT(fresh.get(Key::of("soak-encode", {{"k", "0"}})).batch_ceiling +

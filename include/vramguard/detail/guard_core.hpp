@@ -72,7 +72,8 @@ class GuardCore {
     GuardCore(Probe& probe, Options options)
         : probe_(probe),
           options_((options.validate(), std::move(options))),
-          profiles_(options_.profile_dir, options_.persist, options_.log),
+          profiles_(options_.profile_dir, options_.persist, options_.log,
+                    ProfileCacheSettings{options_.persist_interval, options_.profile_max_age}),
           single_item_(shared_device_semaphore(
               device_identity(probe),
               static_cast<std::ptrdiff_t>(options_.single_item_concurrency))),
@@ -84,6 +85,7 @@ class GuardCore {
     Probe& probe() noexcept { return probe_; }
     const Options& options() const noexcept { return options_; }
     ProfileCache& profiles() noexcept { return profiles_; }
+    const ProfileCache& profiles() const noexcept { return profiles_; }
     AdmissionControl<Probe>& admission() noexcept { return admission_; }
     RunTracker& runs() noexcept { return runs_; }
     Semaphore& single_item() noexcept { return *single_item_; }
@@ -221,8 +223,9 @@ class GuardCore {
         key_memory(key).load_peak.store(profiles_.get(key).peak_bytes, std::memory_order_release);
     }
 
-    // Writes what an encode call learned (new samples, a new limit) to the profile: once per call,
-    // after its last chunk, never while a chunk or a single-item turn is held.
+    // Hands what an encode call learned (new samples, a new limit) to the profile cache, once per
+    // call, after its last chunk, never while a chunk or a single-item turn is held. Memory only:
+    // the cache's writer thread writes the files (persist_interval), never this call.
     void persist_learned(const Key& key, KeyMemory& memory) noexcept {
         try {
             std::vector<ProfileSample> items, weight;

@@ -1,0 +1,214 @@
+// SPDX-License-Identifier: MIT
+// POSIX plumbing shared by every file vramguard writes: each call retried on EINTR, each
+// descriptor close-on-exec, and replace_file(), the one way a file is replaced (temporary file,
+// fsync, rename, directory fsync), so a reader (or a process killed at any instant) sees the old
+// file or the new one, never half of either.
+#pragma once
+
+#include <vramguard/version.hpp>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <ctime>
+#include <string>
+#include <string_view>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+template <class Call>
+auto retry_eintr(Call&& call) {
+    for (;;) {
+        const auto result = call();
+        if (result != -1 || errno != EINTR) return result;
+    }
+}
+
+class FileDescriptor {
+   public:
+    explicit FileDescriptor(int fd = -1) noexcept : fd_(fd) {}
+    FileDescriptor(FileDescriptor&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+    FileDescriptor(const FileDescriptor&) = delete;
+    FileDescriptor& operator=(const FileDescriptor&) = delete;
+    ~FileDescriptor() { reset(); }
+    int get() const noexcept { return fd_; }
+    explicit operator bool() const noexcept { return fd_ >= 0; }
+    // Closes now; returns close()'s errno, 0 on success. (close is never retried: on Linux the
+    // descriptor is gone even when it reports EINTR.)
+    int reset() noexcept {
+        int error = 0;
+        if (fd_ >= 0 && ::close(fd_) != 0) error = errno;
+        fd_ = -1;
+        return error;
+    }
+
+   private:
+    int fd_;
+};
+
+inline bool write_all(int fd, std::string_view bytes) noexcept {
+    while (!bytes.empty()) {
+        const ssize_t written =
+            retry_eintr([&] { return ::write(fd, bytes.data(), bytes.size()); });
+        if (written <= 0) {
+            if (written == 0) errno = EIO;
+            return false;
+        }
+        bytes.remove_prefix(static_cast<std::size_t>(written));
+    }
+    return true;
+}
+
+enum class ReadResult { ok, missing, failed };
+
+// Far above any file vramguard writes; stops a stray huge file from being read into memory.
+inline constexpr std::size_t max_small_file_bytes = 1 << 20;
+
+// Reads a whole regular file (up to max_bytes + 1 bytes, enough to tell "too large").
+inline ReadResult read_small_file(const std::string& path, std::string& out, int& error,
+                                  std::size_t max_bytes = max_small_file_bytes) {
+    out.clear();
+    // O_NONBLOCK: a FIFO planted where a profile belongs must not hang the caller.
+    FileDescriptor fd(retry_eintr(
+        [&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK); }));
+    if (!fd) {
+        error = errno;
+        return (error == ENOENT || error == ENOTDIR) ? ReadResult::missing : ReadResult::failed;
+    }
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) {
+        error = errno;
+        return ReadResult::failed;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        error = EINVAL;
+        return ReadResult::failed;
+    }
+    char buffer[4096];
+    while (out.size() <= max_bytes) {
+        const ssize_t got = retry_eintr([&] { return ::read(fd.get(), buffer, sizeof buffer); });
+        if (got < 0) {
+            error = errno;
+            return ReadResult::failed;
+        }
+        if (got == 0) break;
+        out.append(buffer, static_cast<std::size_t>(got));
+    }
+    return ReadResult::ok;
+}
+
+// mkdir -p with mode 0755 (before the umask). Returns 0 or the errno that stopped it.
+inline int make_directories(const std::string& path) {
+    if (path.empty()) return ENOENT;
+    std::size_t end = 0;
+    while (end != std::string::npos) {
+        end = path.find('/', end + 1);
+        const std::string prefix = path.substr(0, end);
+        if (prefix.empty() || prefix == "/") continue;
+        if (::mkdir(prefix.c_str(), 0755) != 0) {
+            const int error = errno;
+            struct stat st {};
+            // An existing directory is fine even where mkdir reports EACCES or EROFS first.
+            if (::stat(prefix.c_str(), &st) != 0) return error == EEXIST ? errno : error;
+            if (!S_ISDIR(st.st_mode)) return ENOTDIR;
+        }
+    }
+    return 0;
+}
+
+// flock(LOCK_EX) that gives up after `timeout` (errno ETIMEDOUT) instead of waiting for ever on a
+// holder that hangs (a process stopped under a debugger, a hung NFS server): polled, because flock
+// has no timed form. The caller's work goes on without the file.
+inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::chrono::microseconds pause{100};
+    for (;;) {
+        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return true;
+        if (errno != EWOULDBLOCK) return false;
+        if (std::chrono::steady_clock::now() >= deadline) {
+            errno = ETIMEDOUT;
+            return false;
+        }
+        timespec nap{0, static_cast<long>(pause.count()) * 1000};
+        ::nanosleep(&nap, nullptr);
+        // Short pauses: a poller sleeping long loses the lock to ones that keep trying.
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
+    }
+}
+
+// Numbers temporary files uniquely within this process (the pid separates processes).
+inline std::uint64_t next_temp_counter() noexcept {
+    static std::atomic<std::uint64_t> counter{0};
+    return counter.fetch_add(1, std::memory_order_relaxed);
+}
+
+inline std::string errno_text(int error) { return std::strerror(error); }
+
+// Best effort: makes a rename durable on filesystems that need the directory synced too.
+inline void sync_directory(const std::string& path) noexcept {
+    FileDescriptor fd(
+        retry_eintr([&] { return ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); }));
+    if (fd) retry_eintr([&] { return ::fsync(fd.get()); });
+}
+
+// How replace_file() ended: error 0 when the target durably holds the new bytes; else the errno,
+// the step that failed ("create", "write", "fsync", "close", "rename") and the temporary file.
+struct ReplaceOutcome {
+    int error = 0;
+    const char* step = "";
+    std::string temp;
+};
+
+// Replaces `target` (in `directory`) with `bytes`: a temporary file "<temp_stem>.<pid>.<n>.tmp" in
+// the same directory (rename is atomic only within one filesystem), fsync, rename over the target,
+// fsync of the directory. A failed attempt removes its temporary file. Another process may remove
+// our temporary file if it misjudges our pid as dead (pid namespaces): one more attempt covers
+// that, and EEXIST covers a recycled pid's leftovers.
+inline ReplaceOutcome replace_file(const std::string& directory, const std::string& temp_stem,
+                                   const std::string& target, std::string_view bytes,
+                                   mode_t mode = 0644) {
+    ReplaceOutcome outcome;
+    for (int attempt = 0; attempt < 4; ++attempt) {
+        outcome.temp = temp_stem + "." + std::to_string(::getpid()) + "." +
+                       std::to_string(next_temp_counter()) + ".tmp";
+        FileDescriptor fd(retry_eintr([&] {
+            return ::open(outcome.temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY,
+                          mode);
+        }));
+        outcome.step = "create";
+        outcome.error = fd ? 0 : errno;
+        if (outcome.error == EEXIST) continue;
+        if (outcome.error != 0) return outcome;
+        if (!write_all(fd.get(), bytes)) {
+            outcome.error = errno, outcome.step = "write";
+        } else if (retry_eintr([&] { return ::fsync(fd.get()); }) != 0) {
+            outcome.error = errno, outcome.step = "fsync";
+        } else if ((outcome.error = fd.reset()) != 0) {
+            outcome.step = "close";
+        } else if (::rename(outcome.temp.c_str(), target.c_str()) != 0) {
+            outcome.error = errno, outcome.step = "rename";
+        }
+        if (outcome.error == 0) {
+            sync_directory(directory);
+            return outcome;
+        }
+        fd.reset();
+        ::unlink(outcome.temp.c_str());
+        if (outcome.error != ENOENT || std::string_view(outcome.step) != "rename") return outcome;
+    }
+    return outcome;
+}
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
