@@ -1598,6 +1598,16 @@ inline constexpr unsigned forget_failure_after = 64;
 // covers both with room, and costs about 2 % of the largest batch (a share of the device would
 // cost more, the less is free).
 inline constexpr double encode_reserve = 0.02;
+// How often a guard writes what it learned to the profile files, at most (a writer thread,
+// off the request path). 1 s: a crash loses at most a second of learning, which the next run
+// relearns in a few calls; sibling workers see each other's learning within a second; and one
+// write (two fsyncs) per learning key per second is nothing a disk notices, where writing on
+// every call that learned something cost 100+ us of the caller's time and queued request threads
+// behind one key's file.
+inline constexpr std::chrono::milliseconds persist_interval{1000};
+// Profile files no process wrote or read for this long are removed when a guard opens the
+// directory: a model unused for a month is likely retired, and relearning one costs a few calls.
+inline constexpr std::chrono::seconds profile_max_age{30 * 24 * 3600};
 // Events below this level are neither formatted nor sent to the sink.
 inline constexpr Level log_level = Level::info;
 // Most items allowed alone at once: far above any real device, low enough to be a semaphore count.
@@ -1631,6 +1641,11 @@ struct Options {
     // ~/.cache/vramguard.
     std::string profile_dir;
     bool persist = true;  // false: learn in memory only
+    // Learning is written by a background writer, each key at most once per this interval (and
+    // on Guard::flush() and destruction); 0 writes as soon as the writer can. >= 0.
+    std::chrono::milliseconds persist_interval = defaults::persist_interval;
+    // Profile files unused (neither written nor read) for longer are removed; 0 keeps them.
+    std::chrono::seconds profile_max_age = defaults::profile_max_age;
     LogSink log = stderr_sink();
     Level log_level = defaults::log_level;  // the least level formatted and sent to `log`
     ClockFn clock = system_clock();         // every wait reads this clock ...
@@ -1671,6 +1686,8 @@ struct Options {
             fail("recovery_fraction",
                  "must be in (0, 1], got " + std::to_string(recovery_fraction));
         if (recovery_timeout.count() < 0) fail("recovery_timeout", "must not be negative");
+        if (persist_interval.count() < 0) fail("persist_interval", "must not be negative");
+        if (profile_max_age.count() < 0) fail("profile_max_age", "must not be negative");
         if (!clock) fail("clock", "must be set (use vramguard::system_clock())");
         if (!sleep) fail("sleep", "must be set (use vramguard::system_sleep())");
     }
@@ -1713,14 +1730,16 @@ VRAMGUARD_BEGIN_NAMESPACE
 // Every field counts since the guard was made and only grows. for_each_counter() below lists them
 // with a one-line help: /status pages and the Prometheus exporter (prometheus.hpp) read them there.
 struct Stats {
-    std::uint64_t calls = 0;              // load() and encode() calls
-    std::uint64_t ooms = 0;               // OOMs caught (each is also logged at WARN)
-    std::uint64_t retries = 0;            // load attempts after an OOM, single items retried
-    std::uint64_t halvings = 0;           // encode chunks shrunk after an OOM
-    std::uint64_t single_item_calls = 0;  // batches of one run through the device semaphore
-    std::uint64_t rejections = 0;         // admissions refused (InsufficientMemory thrown)
-    std::uint64_t waits = 0;              // admissions or retries that waited for memory
-    std::uint64_t grow_backs = 0;         // times a key's learned batch limit was raised again
+    std::uint64_t calls = 0;                   // load() and encode() calls
+    std::uint64_t ooms = 0;                    // OOMs caught (each is also logged at WARN)
+    std::uint64_t retries = 0;                 // load attempts after an OOM, single items retried
+    std::uint64_t halvings = 0;                // encode chunks shrunk after an OOM
+    std::uint64_t single_item_calls = 0;       // batches of one run through the device semaphore
+    std::uint64_t rejections = 0;              // admissions refused (InsufficientMemory thrown)
+    std::uint64_t waits = 0;                   // admissions or retries that waited for memory
+    std::uint64_t grow_backs = 0;              // times a key's learned batch limit was raised again
+    std::uint64_t profile_writes = 0;          // profile files written (by the background writer)
+    std::uint64_t profile_write_failures = 0;  // profile writes that failed or were put off
 };
 
 // Calls visit(name, help, value) once per counter of `stats`, in declaration order. The one list
@@ -1741,6 +1760,9 @@ constexpr void for_each_counter(const Stats& stats, Visitor&& visit) {
           "times a key's learned batch limit was raised again (successes at the ceiling, or "
           "memory came back)",
           stats.grow_backs);
+    visit("profile_writes", "profile files written by the background writer", stats.profile_writes);
+    visit("profile_write_failures", "profile writes that failed or were put off",
+          stats.profile_write_failures);
 }
 
 namespace detail {
@@ -2024,7 +2046,229 @@ struct hash<vramguard::Key> {
 //  - read-modify-write runs under flock on "<dir>/.lock", so the samples of every process are
 //    merged (the newest window of all of them), not only those of this process's threads;
 //  - nothing here throws or stops the caller over the disk: an unwritable directory degrades to
-//    memory-only with one warning, and a damaged file is ignored with one warning and rewritten.
+//    memory-only with one warning, and a damaged file is ignored with one warning and rewritten;
+//  - a guard's cache writes behind (ProfileCacheSettings::write_behind): a record marks its key
+//    dirty and a writer thread writes it, so no caller waits for an fsync.
+
+
+// ---- begin <vramguard/detail/posix.hpp> ----
+// POSIX plumbing shared by every file vramguard writes: each call retried on EINTR, each
+// descriptor close-on-exec, and replace_file(), the one way a file is replaced (temporary file,
+// fsync, rename, directory fsync), so a reader (or a process killed at any instant) sees the old
+// file or the new one, never half of either.
+
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <ctime>
+#include <string>
+#include <string_view>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+template <class Call>
+auto retry_eintr(Call&& call) {
+    for (;;) {
+        const auto result = call();
+        if (result != -1 || errno != EINTR) return result;
+    }
+}
+
+class FileDescriptor {
+   public:
+    explicit FileDescriptor(int fd = -1) noexcept : fd_(fd) {}
+    FileDescriptor(FileDescriptor&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
+    FileDescriptor(const FileDescriptor&) = delete;
+    FileDescriptor& operator=(const FileDescriptor&) = delete;
+    ~FileDescriptor() { reset(); }
+    int get() const noexcept { return fd_; }
+    explicit operator bool() const noexcept { return fd_ >= 0; }
+    // Closes now; returns close()'s errno, 0 on success. (close is never retried: on Linux the
+    // descriptor is gone even when it reports EINTR.)
+    int reset() noexcept {
+        int error = 0;
+        if (fd_ >= 0 && ::close(fd_) != 0) error = errno;
+        fd_ = -1;
+        return error;
+    }
+
+   private:
+    int fd_;
+};
+
+inline bool write_all(int fd, std::string_view bytes) noexcept {
+    while (!bytes.empty()) {
+        const ssize_t written =
+            retry_eintr([&] { return ::write(fd, bytes.data(), bytes.size()); });
+        if (written <= 0) {
+            if (written == 0) errno = EIO;
+            return false;
+        }
+        bytes.remove_prefix(static_cast<std::size_t>(written));
+    }
+    return true;
+}
+
+enum class ReadResult { ok, missing, failed };
+
+// Far above any file vramguard writes; stops a stray huge file from being read into memory.
+inline constexpr std::size_t max_small_file_bytes = 1 << 20;
+
+// Reads a whole regular file (up to max_bytes + 1 bytes, enough to tell "too large").
+inline ReadResult read_small_file(const std::string& path, std::string& out, int& error,
+                                  std::size_t max_bytes = max_small_file_bytes) {
+    out.clear();
+    // O_NONBLOCK: a FIFO planted where a profile belongs must not hang the caller.
+    FileDescriptor fd(retry_eintr(
+        [&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK); }));
+    if (!fd) {
+        error = errno;
+        return (error == ENOENT || error == ENOTDIR) ? ReadResult::missing : ReadResult::failed;
+    }
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) {
+        error = errno;
+        return ReadResult::failed;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        error = EINVAL;
+        return ReadResult::failed;
+    }
+    char buffer[4096];
+    while (out.size() <= max_bytes) {
+        const ssize_t got = retry_eintr([&] { return ::read(fd.get(), buffer, sizeof buffer); });
+        if (got < 0) {
+            error = errno;
+            return ReadResult::failed;
+        }
+        if (got == 0) break;
+        out.append(buffer, static_cast<std::size_t>(got));
+    }
+    return ReadResult::ok;
+}
+
+// mkdir -p with mode 0755 (before the umask). Returns 0 or the errno that stopped it.
+inline int make_directories(const std::string& path) {
+    if (path.empty()) return ENOENT;
+    std::size_t end = 0;
+    while (end != std::string::npos) {
+        end = path.find('/', end + 1);
+        const std::string prefix = path.substr(0, end);
+        if (prefix.empty() || prefix == "/") continue;
+        if (::mkdir(prefix.c_str(), 0755) != 0) {
+            const int error = errno;
+            struct stat st {};
+            // An existing directory is fine even where mkdir reports EACCES or EROFS first.
+            if (::stat(prefix.c_str(), &st) != 0) return error == EEXIST ? errno : error;
+            if (!S_ISDIR(st.st_mode)) return ENOTDIR;
+        }
+    }
+    return 0;
+}
+
+// flock(LOCK_EX) that gives up after `timeout` (errno ETIMEDOUT) instead of waiting for ever on a
+// holder that hangs (a process stopped under a debugger, a hung NFS server): polled, because flock
+// has no timed form. The caller's work goes on without the file.
+inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    std::chrono::microseconds pause{100};
+    for (;;) {
+        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return true;
+        if (errno != EWOULDBLOCK) return false;
+        if (std::chrono::steady_clock::now() >= deadline) {
+            errno = ETIMEDOUT;
+            return false;
+        }
+        timespec nap{0, static_cast<long>(pause.count()) * 1000};
+        ::nanosleep(&nap, nullptr);
+        // Short pauses: a poller sleeping long loses the lock to ones that keep trying.
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
+    }
+}
+
+// Numbers temporary files uniquely within this process (the pid separates processes).
+inline std::uint64_t next_temp_counter() noexcept {
+    static std::atomic<std::uint64_t> counter{0};
+    return counter.fetch_add(1, std::memory_order_relaxed);
+}
+
+inline std::string errno_text(int error) { return std::strerror(error); }
+
+// Best effort: makes a rename durable on filesystems that need the directory synced too.
+inline void sync_directory(const std::string& path) noexcept {
+    FileDescriptor fd(
+        retry_eintr([&] { return ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); }));
+    if (fd) retry_eintr([&] { return ::fsync(fd.get()); });
+}
+
+// How replace_file() ended: error 0 when the target durably holds the new bytes; else the errno,
+// the step that failed ("create", "write", "fsync", "close", "rename") and the temporary file.
+struct ReplaceOutcome {
+    int error = 0;
+    const char* step = "";
+    std::string temp;
+};
+
+// Replaces `target` (in `directory`) with `bytes`: a temporary file "<temp_stem>.<pid>.<n>.tmp" in
+// the same directory (rename is atomic only within one filesystem), fsync, rename over the target,
+// fsync of the directory. A failed attempt removes its temporary file. Another process may remove
+// our temporary file if it misjudges our pid as dead (pid namespaces): one more attempt covers
+// that, and EEXIST covers a recycled pid's leftovers.
+inline ReplaceOutcome replace_file(const std::string& directory, const std::string& temp_stem,
+                                   const std::string& target, std::string_view bytes,
+                                   mode_t mode = 0644) {
+    ReplaceOutcome outcome;
+    for (int attempt = 0; attempt < 4; ++attempt) {
+        outcome.temp = temp_stem + "." + std::to_string(::getpid()) + "." +
+                       std::to_string(next_temp_counter()) + ".tmp";
+        FileDescriptor fd(retry_eintr([&] {
+            return ::open(outcome.temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY,
+                          mode);
+        }));
+        outcome.step = "create";
+        outcome.error = fd ? 0 : errno;
+        if (outcome.error == EEXIST) continue;
+        if (outcome.error != 0) return outcome;
+        if (!write_all(fd.get(), bytes)) {
+            outcome.error = errno, outcome.step = "write";
+        } else if (retry_eintr([&] { return ::fsync(fd.get()); }) != 0) {
+            outcome.error = errno, outcome.step = "fsync";
+        } else if ((outcome.error = fd.reset()) != 0) {
+            outcome.step = "close";
+        } else if (::rename(outcome.temp.c_str(), target.c_str()) != 0) {
+            outcome.error = errno, outcome.step = "rename";
+        }
+        if (outcome.error == 0) {
+            sync_directory(directory);
+            return outcome;
+        }
+        fd.reset();
+        ::unlink(outcome.temp.c_str());
+        if (outcome.error != ENOENT || std::string_view(outcome.step) != "rename") return outcome;
+    }
+    return outcome;
+}
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/posix.hpp> ----
+
+// ---- begin <vramguard/detail/profile_dir.hpp> ----
+// Housekeeping of a profile directory, done when a cache opens it: temporary files left by
+// writers that were killed, and profiles no process has written or read for a long time (a model
+// long retired, a key whose parameters changed): without both, the directory only grows.
 
 
 // ---- begin <vramguard/detail/text_record.hpp> ----
@@ -2148,6 +2392,234 @@ VRAMGUARD_END_NAMESPACE
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <ctime>
+#include <string>
+#include <string_view>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+// The pid inside a temporary file name ".<hex>.<pid>.<counter>.tmp"; 0 when the name is not one.
+inline pid_t temp_file_pid(std::string_view name) noexcept {
+    constexpr std::string_view suffix = ".tmp";
+    if (name.size() < 1 + suffix.size() || name[0] != '.' ||
+        name.substr(name.size() - suffix.size()) != suffix)
+        return 0;
+    name = name.substr(1, name.size() - 1 - suffix.size());  // "<hex>.<pid>.<counter>"
+    const std::size_t counter_dot = name.rfind('.');
+    if (counter_dot == std::string_view::npos || counter_dot == 0) return 0;
+    std::uint64_t counter = 0, pid = 0;
+    if (!parse_decimal_u64(name.substr(counter_dot + 1), counter)) return 0;
+    name = name.substr(0, counter_dot);  // "<hex>.<pid>"
+    const std::size_t pid_dot = name.rfind('.');
+    if (pid_dot == std::string_view::npos) return 0;
+    if (!parse_decimal_u64(name.substr(pid_dot + 1), pid) || pid == 0 ||
+        pid > static_cast<std::uint64_t>(INT_MAX))
+        return 0;
+    return static_cast<pid_t>(pid);
+}
+
+// Writers killed between creating and renaming their temporary file leave it behind; without
+// this, a crash-looping worker would fill the directory. A temporary file is stale when its pid is
+// gone, or (pid namespaces, recycled pids) when it is older than `stale_seconds`.
+inline void remove_stale_temp_files(const std::string& directory, std::time_t stale_seconds) {
+    DIR* dir = ::opendir(directory.c_str());
+    if (dir == nullptr) return;
+    const std::time_t now = std::time(nullptr);
+    while (const dirent* item = ::readdir(dir)) {
+        const pid_t pid = temp_file_pid(item->d_name);
+        if (pid == 0) continue;
+        bool stale = ::kill(pid, 0) != 0 && errno == ESRCH;
+        struct stat st {};
+        if (!stale && ::fstatat(::dirfd(dir), item->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0)
+            stale = now - st.st_mtime > stale_seconds;
+        if (stale) ::unlinkat(::dirfd(dir), item->d_name, 0);
+    }
+    ::closedir(dir);
+}
+
+// Whether `name` is a profile file's name, "<16 hex digits>.profile": nothing else is ever
+// removed as an old profile.
+inline bool is_profile_file_name(std::string_view name) noexcept {
+    constexpr std::string_view suffix = ".profile";
+    return name.size() == 16 + suffix.size() && name.substr(16) == suffix &&
+           is_hex16(name.substr(0, 16));
+}
+
+// Removes the profile files (regular files only) last modified more than `max_age` before `now`.
+// A cache refreshes a file's time when it reads it (touch_file), so "modified" means "written or
+// read by some process". Caller holds the directory lock, so no write lands between the age check
+// and the unlink. Returns how many went.
+inline std::size_t remove_old_profiles(const std::string& directory, std::chrono::seconds max_age,
+                                       std::time_t now) {
+    if (max_age.count() <= 0) return 0;
+    DIR* dir = ::opendir(directory.c_str());
+    if (dir == nullptr) return 0;
+    std::size_t removed = 0;
+    while (const dirent* item = ::readdir(dir)) {
+        if (!is_profile_file_name(item->d_name)) continue;
+        struct stat st {};
+        if (::fstatat(::dirfd(dir), item->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+            !S_ISREG(st.st_mode) || now - st.st_mtime <= max_age.count())
+            continue;
+        if (::unlinkat(::dirfd(dir), item->d_name, 0) == 0) ++removed;
+    }
+    ::closedir(dir);
+    if (removed > 0) sync_directory(directory);
+    return removed;
+}
+
+// Marks a file as used now (its modification time), best effort: a read-only file stays as is.
+inline void touch_file(const std::string& path) noexcept {
+    ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0);
+}
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/profile_dir.hpp> ----
+
+// ---- begin <vramguard/detail/write_behind.hpp> ----
+// A writer thread that runs its owner's write pass when told there is something to write, at most
+// once per interval: what many calls mark in between is written once (coalesced), off the
+// callers' threads, so a slow or failing disk costs them nothing. The owner writes what is left
+// itself on shutdown (stop() first, then its own final pass), so nothing is lost on a clean exit.
+//
+// The thread starts on the first mark() (a guard made before fork() and used only in the
+// children starts one in each child), and stop() joins it, so it never outlives its owner.
+
+
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+class WriteBehind {
+   public:
+    using Clock = std::chrono::steady_clock;
+
+    // `pass` writes everything marked so far; it must not throw.
+    WriteBehind(std::chrono::milliseconds interval, std::function<void()> pass)
+        : interval_(interval), pass_(std::move(pass)) {}
+    WriteBehind(const WriteBehind&) = delete;
+    WriteBehind& operator=(const WriteBehind&) = delete;
+    ~WriteBehind() { stop(); }
+
+    // Something waits to be written: the thread runs a pass at once if the last one is an
+    // interval old, else when it is. Cheap: a lock and a notify, once per pending pass.
+    void mark() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (stopping_) return;
+        const bool was_pending = pending_;
+        pending_ = true;
+        if (!started_here()) {
+            start();
+            return;
+        }
+        if (!was_pending) wake_.notify_one();
+    }
+
+    // Ends the thread after the pass in progress (if any); what is still marked is the owner's to
+    // write. Idempotent.
+    void stop() noexcept {
+        std::unique_ptr<std::thread> thread;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stopping_ = true;
+            if (!started_here()) {
+                // A thread started by the parent before fork() does not exist in this child:
+                // joining or detaching its copied handle is undefined, so the handle is leaked.
+                (void)thread_.release();
+                return;
+            }
+            thread = std::move(thread_);
+        }
+        wake_.notify_all();
+        if (thread && thread->joinable()) thread->join();
+    }
+
+    // Passes run so far (for tests and the bench).
+    std::uint64_t passes() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return passes_;
+    }
+    // The writer thread's id (a default id before it started).
+    std::thread::id thread_id() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return thread_ ? thread_->get_id() : std::thread::id();
+    }
+
+   private:
+    // Caller holds mutex_.
+    bool started_here() const noexcept { return thread_ && owner_ == ::getpid(); }
+
+    // Caller holds mutex_. A thread that cannot be started leaves the marks to the owner's
+    // flush (std::system_error swallowed: the callers' encodes must not fail over it).
+    void start() noexcept {
+        (void)thread_.release();  // see stop(): a parent's handle in a forked child
+        try {
+            thread_ = std::make_unique<std::thread>([this] { run(); });
+            owner_ = ::getpid();
+        } catch (...) {
+            thread_.reset();
+        }
+    }
+
+    void run() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        for (;;) {
+            wake_.wait(lock, [&] { return pending_ || stopping_; });
+            // Coalescing: a pass at most once per interval; marks in between wait for it.
+            if (last_pass_)
+                wake_.wait_until(lock, *last_pass_ + interval_, [&] { return stopping_; });
+            if (stopping_) return;
+            pending_ = false;
+            last_pass_ = Clock::now();
+            lock.unlock();
+            pass_();
+            lock.lock();
+            ++passes_;
+        }
+    }
+
+    const std::chrono::milliseconds interval_;
+    const std::function<void()> pass_;
+    mutable std::mutex mutex_;
+    std::condition_variable wake_;
+    bool pending_ = false;
+    bool stopping_ = false;
+    std::optional<Clock::time_point> last_pass_;
+    std::uint64_t passes_ = 0;
+    std::unique_ptr<std::thread> thread_;
+    pid_t owner_ = 0;  // the process that started thread_
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/write_behind.hpp> ----
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -2162,6 +2634,7 @@ VRAMGUARD_END_NAMESPACE
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -2239,7 +2712,7 @@ namespace detail {
 inline constexpr std::string_view profile_magic = "vramguard-profile 2";
 inline constexpr std::string_view profile_magic_v1 = "vramguard-profile 1";
 // Far above any real file; stops a stray huge file from being read into memory.
-inline constexpr std::size_t max_profile_file_bytes = 1 << 20;
+inline constexpr std::size_t max_profile_file_bytes = max_small_file_bytes;
 
 struct SampleKind {
     std::string_view name;
@@ -2369,167 +2842,19 @@ inline std::optional<Profile> parse_profile(std::string_view text, const Key& ex
     return parse_profile(text, expected.hex(), error);
 }
 
-// ---- POSIX plumbing: every call retried on EINTR, every descriptor close-on-exec ----
-
-template <class Call>
-auto retry_eintr(Call&& call) {
-    for (;;) {
-        const auto result = call();
-        if (result != -1 || errno != EINTR) return result;
-    }
+// The wall clock in ns: what sample stamps are, so samples of every process order by it.
+inline std::uint64_t wall_clock_ns() noexcept {
+    timespec now{};
+    ::clock_gettime(CLOCK_REALTIME, &now);
+    return static_cast<std::uint64_t>(now.tv_sec) * 1000000000u +
+           static_cast<std::uint64_t>(now.tv_nsec);
 }
-
-class FileDescriptor {
-   public:
-    explicit FileDescriptor(int fd = -1) noexcept : fd_(fd) {}
-    FileDescriptor(FileDescriptor&& other) noexcept : fd_(other.fd_) { other.fd_ = -1; }
-    FileDescriptor(const FileDescriptor&) = delete;
-    FileDescriptor& operator=(const FileDescriptor&) = delete;
-    ~FileDescriptor() { reset(); }
-    int get() const noexcept { return fd_; }
-    explicit operator bool() const noexcept { return fd_ >= 0; }
-    // Closes now; returns close()'s errno, 0 on success. (close is never retried: on Linux the
-    // descriptor is gone even when it reports EINTR.)
-    int reset() noexcept {
-        int error = 0;
-        if (fd_ >= 0 && ::close(fd_) != 0) error = errno;
-        fd_ = -1;
-        return error;
-    }
-
-   private:
-    int fd_;
-};
-
-inline bool write_all(int fd, std::string_view bytes) noexcept {
-    while (!bytes.empty()) {
-        const ssize_t written =
-            retry_eintr([&] { return ::write(fd, bytes.data(), bytes.size()); });
-        if (written <= 0) {
-            if (written == 0) errno = EIO;
-            return false;
-        }
-        bytes.remove_prefix(static_cast<std::size_t>(written));
-    }
-    return true;
-}
-
-enum class ReadResult { ok, missing, failed };
-
-// Reads a whole regular file (up to max_profile_file_bytes + 1 bytes, enough to tell "too large").
-inline ReadResult read_small_file(const std::string& path, std::string& out, int& error) {
-    out.clear();
-    // O_NONBLOCK: a FIFO planted where a profile belongs must not hang the caller.
-    FileDescriptor fd(retry_eintr(
-        [&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK); }));
-    if (!fd) {
-        error = errno;
-        return (error == ENOENT || error == ENOTDIR) ? ReadResult::missing : ReadResult::failed;
-    }
-    struct stat st {};
-    if (::fstat(fd.get(), &st) != 0) {
-        error = errno;
-        return ReadResult::failed;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        error = EINVAL;
-        return ReadResult::failed;
-    }
-    char buffer[4096];
-    while (out.size() <= max_profile_file_bytes) {
-        const ssize_t got = retry_eintr([&] { return ::read(fd.get(), buffer, sizeof buffer); });
-        if (got < 0) {
-            error = errno;
-            return ReadResult::failed;
-        }
-        if (got == 0) break;
-        out.append(buffer, static_cast<std::size_t>(got));
-    }
-    return ReadResult::ok;
-}
-
-// mkdir -p with mode 0755 (before the umask). Returns 0 or the errno that stopped it.
-inline int make_directories(const std::string& path) {
-    if (path.empty()) return ENOENT;
-    std::size_t end = 0;
-    while (end != std::string::npos) {
-        end = path.find('/', end + 1);
-        const std::string prefix = path.substr(0, end);
-        if (prefix.empty() || prefix == "/") continue;
-        if (::mkdir(prefix.c_str(), 0755) != 0) {
-            const int error = errno;
-            struct stat st {};
-            // An existing directory is fine even where mkdir reports EACCES or EROFS first.
-            if (::stat(prefix.c_str(), &st) != 0) return error == EEXIST ? errno : error;
-            if (!S_ISDIR(st.st_mode)) return ENOTDIR;
-        }
-    }
-    return 0;
-}
-
-// Best effort: makes a rename durable on filesystems that need the directory synced too.
-inline void sync_directory(const std::string& path) noexcept {
-    FileDescriptor fd(
-        retry_eintr([&] { return ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); }));
-    if (fd) retry_eintr([&] { return ::fsync(fd.get()); });
-}
-
-// The pid inside a temporary file name ".<hex>.<pid>.<counter>.tmp"; 0 when the name is not one.
-inline pid_t temp_file_pid(std::string_view name) noexcept {
-    constexpr std::string_view suffix = ".tmp";
-    if (name.size() < 1 + suffix.size() || name[0] != '.' ||
-        name.substr(name.size() - suffix.size()) != suffix)
-        return 0;
-    name = name.substr(1, name.size() - 1 - suffix.size());  // "<hex>.<pid>.<counter>"
-    const std::size_t counter_dot = name.rfind('.');
-    if (counter_dot == std::string_view::npos || counter_dot == 0) return 0;
-    std::uint64_t counter = 0, pid = 0;
-    if (!parse_decimal_u64(name.substr(counter_dot + 1), counter)) return 0;
-    name = name.substr(0, counter_dot);  // "<hex>.<pid>"
-    const std::size_t pid_dot = name.rfind('.');
-    if (pid_dot == std::string_view::npos) return 0;
-    if (!parse_decimal_u64(name.substr(pid_dot + 1), pid) || pid == 0 ||
-        pid > static_cast<std::uint64_t>(INT_MAX))
-        return 0;
-    return static_cast<pid_t>(pid);
-}
-
-// flock(LOCK_EX) that gives up after `timeout` (errno ETIMEDOUT) instead of waiting for ever on a
-// holder that hangs (a process stopped under a debugger, a hung NFS server): polled, because flock
-// has no timed form. The caller's work goes on without the file.
-inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    std::chrono::microseconds pause{100};
-    for (;;) {
-        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return true;
-        if (errno != EWOULDBLOCK) return false;
-        if (std::chrono::steady_clock::now() >= deadline) {
-            errno = ETIMEDOUT;
-            return false;
-        }
-        timespec nap{0, static_cast<long>(pause.count()) * 1000};
-        ::nanosleep(&nap, nullptr);
-        // Short pauses: a poller sleeping long loses the lock to ones that keep trying.
-        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
-    }
-}
-
-// Numbers temporary files uniquely within this process (the pid separates processes).
-inline std::uint64_t next_temp_counter() noexcept {
-    static std::atomic<std::uint64_t> counter{0};
-    return counter.fetch_add(1, std::memory_order_relaxed);
-}
-
-inline std::string errno_text(int error) { return std::strerror(error); }
 
 // A wall-clock stamp in ns, strictly increasing within the process (two samples recorded in one
 // tick stay two samples when merged).
 inline std::uint64_t next_sample_stamp() noexcept {
     static std::atomic<std::uint64_t> last{0};
-    timespec now{};
-    ::clock_gettime(CLOCK_REALTIME, &now);
-    std::uint64_t stamp = static_cast<std::uint64_t>(now.tv_sec) * 1000000000u +
-                          static_cast<std::uint64_t>(now.tv_nsec);
+    std::uint64_t stamp = wall_clock_ns();
     std::uint64_t seen = last.load(std::memory_order_relaxed);
     do {
         stamp = std::max(stamp, seen + 1);
@@ -2570,10 +2895,50 @@ inline void merge_profile_samples(Profile& into, const Profile& from) {
     derive_peaks(into);
 }
 
+// A sample stamped after `now` was written by a process whose wall clock ran ahead (before an NTP
+// step back, a VM restore) or by a buggy writer. The window keeps the newest by stamp, so such a
+// sample would push out every sample recorded after it until the clock caught up: for ever, if the
+// clock was far ahead. Its stamp says nothing true about when it was taken, so, read from a file,
+// it is taken as the oldest (stamp 0): the first to go when newer samples come, and while the
+// window has room it still counts. Every read clamps it to the same stamp, so the copies that
+// different reads (and processes) merge stay one sample. Returns whether anything was clamped.
+inline bool clamp_future_stamps(Profile& profile, std::uint64_t now) {
+    bool clamped = false;
+    for (const SampleKind& kind : sample_kinds) {
+        std::vector<ProfileSample>& samples = profile.*kind.samples;
+        bool here = false;
+        for (ProfileSample& sample : samples) {
+            if (sample.stamp <= now) continue;
+            sample.stamp = 0;
+            here = true;
+        }
+        if (!here) continue;
+        std::sort(samples.begin(), samples.end());
+        samples.erase(std::unique(samples.begin(), samples.end()), samples.end());
+        clamped = true;
+    }
+    if (clamped) derive_peaks(profile);
+    return clamped;
+}
+
 }  // namespace detail
 
+// How a ProfileCache writes, beyond where (Guard fills it from Options).
+struct ProfileCacheSettings {
+    // Unset: each record is written before it returns (a cache made on its own, as tools and
+    // tests use one). Set: a record only marks its key dirty, and a writer thread writes the dirty
+    // keys, at most once per this interval, coalescing whatever they learned in between; flush()
+    // and the destructor write what is left. A Guard always writes behind
+    // (Options::persist_interval).
+    std::optional<std::chrono::milliseconds> write_behind;
+    // Profile files no process wrote or read for longer are removed when the cache opens the
+    // directory; 0 keeps them for ever. (Reading a file refreshes its time.)
+    std::chrono::seconds max_age{0};
+};
+
 // Profiles per key, in memory and (unless disabled or degraded) on disk. Thread-safe; one per
-// guard, and any number per process or per directory.
+// guard, and any number per process or per directory. The memory is authoritative: the file is
+// read once per key, and written from it (merged with what the file holds by then).
 class ProfileCache {
    public:
     // A temporary file older than this belongs to no live write, whatever its pid says.
@@ -2584,8 +2949,8 @@ class ProfileCache {
     // `directory` "" means default_directory(). `persist` false keeps everything in memory and
     // never touches the disk.
     explicit ProfileCache(std::string directory = "", bool persist = true,
-                          LogSink log = stderr_sink())
-        : persist_(persist), log_(std::move(log)) {
+                          LogSink log = stderr_sink(), ProfileCacheSettings settings = {})
+        : persist_(persist), log_(std::move(log)), max_age_(settings.max_age) {
         if (persist_ && directory.empty()) directory = default_directory();
         while (directory.size() > 1 && directory.back() == '/') directory.pop_back();
         directory_ = std::move(directory);
@@ -2596,17 +2961,27 @@ class ProfileCache {
                          "unset); learned profiles are kept in memory only");
             return;
         }
+        std::vector<std::string> warnings;
         if (const int error = detail::make_directories(directory_); error != 0) {
-            std::vector<std::string> warnings;
             degrade("cannot create it (" + detail::errno_text(error) + ")", warnings);
-            flush(warnings);
+            log_warnings(warnings);
             return;
         }
         directory_usable_ = true;
-        remove_stale_temp_files();
+        detail::remove_stale_temp_files(directory_, stale_temp_file_seconds);
+        remove_old_profiles();
+        if (settings.write_behind)
+            writer_ = std::make_unique<detail::WriteBehind>(*settings.write_behind,
+                                                            [this] { write_dirty(); });
     }
     ProfileCache(const ProfileCache&) = delete;
     ProfileCache& operator=(const ProfileCache&) = delete;
+    // Writes what is still dirty: nothing learned is lost on a clean shutdown.
+    ~ProfileCache() {
+        if (!writer_) return;
+        writer_->stop();
+        write_dirty();
+    }
 
     // $VRAMGUARD_PROFILE_DIR, else $XDG_CACHE_HOME/vramguard, else $HOME/.cache/vramguard, else ""
     // (memory only). Empty variables count as unset, and a relative XDG_CACHE_HOME is ignored, as
@@ -2629,7 +3004,7 @@ class ProfileCache {
             const Entry& entry = entry_for(key, warnings);
             if (entry.known) result = entry.profile;
         }
-        flush(warnings);
+        log_warnings(warnings);
         return result;
     }
     Profile get(const Key& key) { return find(key).value_or(Profile{}); }
@@ -2669,6 +3044,10 @@ class ProfileCache {
         });
     }
 
+    // Writes every key recorded since its last write now, on the calling thread (after a write
+    // the writer thread has in progress). Never throws; a disk that fails is logged and counted.
+    void flush() noexcept { write_dirty(); }
+
     // Drops the key from memory and deletes its file.
     void forget(const Key& key) {
         {
@@ -2682,8 +3061,20 @@ class ProfileCache {
     }
 
     // Drops the in-memory copy, so the next find() reads the file again (to see other processes'
-    // records). Records this process has not yet written are lost with it.
+    // records); what this cache learned of the key and has not written yet is written first.
     void reload(const Key& key) {
+        bool dirty = false;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            auto found = entries_.find(key);
+            dirty = found != entries_.end() && found->second.dirty;
+        }
+        if (dirty) {
+            std::vector<std::string> warnings;
+            std::lock_guard<std::mutex> pass(pass_mutex_);
+            write_through(key, warnings);
+            log_warnings(warnings);
+        }
         std::lock_guard<std::mutex> lock(mutex_);
         entries_.erase(key);
     }
@@ -2695,21 +3086,31 @@ class ProfileCache {
     const std::string& directory() const noexcept { return directory_; }
     // Where the key's profile lives: "<directory>/<hex>.profile".
     std::string path_for(const Key& key) const { return directory_ + "/" + key.hex() + ".profile"; }
+    // Profile files written, and writes that failed or were skipped (each also logged).
+    std::uint64_t writes() const noexcept { return writes_.load(std::memory_order_relaxed); }
+    std::uint64_t write_failures() const noexcept {
+        return write_failures_.load(std::memory_order_relaxed);
+    }
+    // Whether records are written by a writer thread (ProfileCacheSettings::write_behind).
+    bool writes_behind() const noexcept { return writer_ != nullptr; }
 
    private:
     struct Entry {
         Profile profile;
         bool known = false;          // a profile exists (read from disk or recorded)
+        bool dirty = false;          // changed since the last write (write-behind), in dirty_
         bool ceiling_dirty = false;  // recorded since the last write: ours beats the file's
         bool budget_dirty = false;
     };
+    enum class WriteResult { done, retry };
 
-    // Applies `change` and, when it changed anything, writes the result through. Unchanged records
-    // cost one lock and one lookup: they are on every guarded call's path.
+    // Applies `change`; when it changed anything, writes the result through, or (write-behind)
+    // marks the key for the writer. Unchanged records cost one lock and one lookup: they are on
+    // every guarded call's path.
     template <class Change>
     void update(const Key& key, Change&& change) {
         std::vector<std::string> warnings;
-        bool changed = false;
+        bool changed = false, newly_dirty = false;
         {
             std::lock_guard<std::mutex> lock(mutex_);
             Entry& entry = entry_for(key, warnings);
@@ -2718,10 +3119,58 @@ class ProfileCache {
             if (entry.profile != before) {
                 entry.known = true;
                 changed = true;
+                if (writer_ && writing() && !entry.dirty) {
+                    mark_dirty(key, entry);
+                    newly_dirty = true;
+                }
             }
         }
-        if (changed) write_through(key, warnings);
-        flush(warnings);
+        if (newly_dirty) writer_->mark();
+        if (changed && !writer_) write_through(key, warnings);
+        log_warnings(warnings);
+    }
+
+    bool writing() const noexcept {
+        return directory_usable_ && !degraded_.load(std::memory_order_relaxed);
+    }
+    // Caller holds mutex_.
+    void mark_dirty(const Key& key, Entry& entry) {
+        entry.dirty = true;
+        dirty_.push_back(key);
+    }
+
+    // One write pass: every dirty key, merged with its file. Runs on the writer thread, in
+    // flush() and at destruction; one pass at a time, so flush() returns only after a pass in
+    // progress is done.
+    void write_dirty() noexcept {
+        std::vector<std::string> warnings;
+        try {
+            std::lock_guard<std::mutex> pass(pass_mutex_);
+            std::vector<Key> keys;
+            {
+                std::lock_guard<std::mutex> lock(mutex_);
+                keys.swap(dirty_);
+                for (const Key& key : keys)
+                    if (auto found = entries_.find(key); found != entries_.end())
+                        found->second.dirty = false;
+            }
+            bool retry = false;
+            for (const Key& key : keys)
+                if (write_through(key, warnings) == WriteResult::retry) retry |= remark(key);
+            if (retry && writer_) writer_->mark();
+        } catch (...) {
+            // Out of memory for the bookkeeping: the keys stay in memory, written with a later
+            // pass.
+        }
+        log_warnings(warnings);
+    }
+    // A write skipped (the directory stayed locked): the key goes back on the list.
+    bool remark(const Key& key) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto found = entries_.find(key);
+        if (found == entries_.end() || found->second.dirty) return false;
+        mark_dirty(key, found->second);
+        return true;
     }
 
     // The entry for `key`, read from disk on the first miss. Caller holds mutex_.
@@ -2732,11 +3181,13 @@ class ProfileCache {
         if (auto profile = read_profile(key, warnings)) {
             entry.profile = *profile;
             entry.known = true;
+            if (max_age_.count() > 0) detail::touch_file(path_for(key));  // in use: not old
         }
         return entries_.emplace(key, entry).first->second;
     }
 
     // The key's file, or nothing (missing, unreadable or damaged; the last two warn once per key).
+    // Samples stamped in the future are taken as recorded now (clamp_future_stamps).
     // Caller holds mutex_ or io_mutex_ (the warned set has its own lock).
     std::optional<Profile> read_profile(const Key& key, std::vector<std::string>& warnings) {
         if (!directory_usable_) return std::nullopt;
@@ -2749,6 +3200,7 @@ class ProfileCache {
         if (read == detail::ReadResult::failed) {
             reason = "cannot read it (" + detail::errno_text(error) + ")";
         } else if (auto profile = detail::parse_profile(text, key.hex(), &reason)) {
+            detail::clamp_future_stamps(*profile, detail::wall_clock_ns());
             return profile;
         }
         {
@@ -2761,46 +3213,54 @@ class ProfileCache {
     }
 
     // Read-merge-write under the directory lock: the samples of both (the newest window); a
-    // ceiling or budget recorded here since the last write replaces the file's.
-    void write_through(const Key& key, std::vector<std::string>& warnings) {
-        if (!directory_usable_ || degraded_.load(std::memory_order_relaxed)) return;
+    // ceiling or budget recorded here since the last write replaces the file's. `retry` when the
+    // directory stayed locked (the key is written with a later pass or record).
+    WriteResult write_through(const Key& key, std::vector<std::string>& warnings) {
+        if (!writing()) return WriteResult::done;
         std::lock_guard<std::mutex> io_lock(io_mutex_);
-        if (degraded_.load(std::memory_order_relaxed)) return;
+        if (degraded_.load(std::memory_order_relaxed)) return WriteResult::done;
         detail::FileDescriptor lock_file = lock_directory();
-        if (!lock_file && errno == ETIMEDOUT) {  // kept in memory; the next record writes it
+        if (!lock_file && errno == ETIMEDOUT) {
+            write_failures_.fetch_add(1, std::memory_order_relaxed);
             warnings.push_back("profile directory " + directory_ + " stayed locked for " +
                                std::to_string(lock_timeout.count()) + " ms; " + key.describe() +
-                               " is written with its next record");
-            return;
+                               " is written later");
+            return WriteResult::retry;
         }
         if (!lock_file) {
+            write_failures_.fetch_add(1, std::memory_order_relaxed);
             degrade("cannot lock " + directory_ + "/.lock (" + detail::errno_text(errno) + ")",
                     warnings);
-            return;
+            return WriteResult::done;
         }
         const std::optional<Profile> on_disk = read_profile(key, warnings);
-        Profile merged;
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            auto found = entries_.find(key);
-            if (found == entries_.end() || !found->second.known) return;  // forgotten meanwhile
-            Entry& entry = found->second;
-            merged = entry.profile;
-            if (on_disk) {
-                merged.peak_bytes = std::max(merged.peak_bytes, on_disk->peak_bytes);
-                merged.peak_bytes_per_item =
-                    std::max(merged.peak_bytes_per_item, on_disk->peak_bytes_per_item);
-                detail::merge_profile_samples(merged, *on_disk);
-                if (!entry.ceiling_dirty) merged.batch_ceiling = on_disk->batch_ceiling;
-                if (!entry.budget_dirty) merged.weight_budget = on_disk->weight_budget;
-            }
-            entry.ceiling_dirty = entry.budget_dirty = false;
+        std::optional<Profile> merged = merge_with(key, on_disk);
+        if (!merged) return WriteResult::done;  // forgotten meanwhile
+        if (on_disk && *on_disk == *merged) {
+            adopt(key, *merged);  // the file already says it (another process was first)
+            return WriteResult::done;
         }
-        if (on_disk && *on_disk == merged) {
-            adopt(key, merged);  // the file already says it (another process was first)
-            return;
+        if (write_file(key, *merged, warnings)) adopt(key, *merged);
+        return WriteResult::done;
+    }
+
+    // What memory holds for the key merged with the file's; nothing when the key was forgotten.
+    std::optional<Profile> merge_with(const Key& key, const std::optional<Profile>& on_disk) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto found = entries_.find(key);
+        if (found == entries_.end() || !found->second.known) return std::nullopt;
+        Entry& entry = found->second;
+        Profile merged = entry.profile;
+        if (on_disk) {
+            merged.peak_bytes = std::max(merged.peak_bytes, on_disk->peak_bytes);
+            merged.peak_bytes_per_item =
+                std::max(merged.peak_bytes_per_item, on_disk->peak_bytes_per_item);
+            detail::merge_profile_samples(merged, *on_disk);
+            if (!entry.ceiling_dirty) merged.batch_ceiling = on_disk->batch_ceiling;
+            if (!entry.budget_dirty) merged.weight_budget = on_disk->weight_budget;
         }
-        if (write_file(key, merged, warnings)) adopt(key, merged);
+        entry.ceiling_dirty = entry.budget_dirty = false;
+        return merged;
     }
 
     // Takes what the file now holds into memory, without undoing records made meanwhile.
@@ -2817,52 +3277,20 @@ class ProfileCache {
         if (!entry.budget_dirty) entry.profile.weight_budget = merged.weight_budget;
     }
 
-    // Temporary file in the same directory (rename is atomic only within one filesystem), fsync,
-    // rename over the target, fsync the directory. Caller holds io_mutex_ and the directory lock.
+    // replace_file (temp, fsync, rename, directory fsync). Caller holds io_mutex_ and the
+    // directory lock.
     bool write_file(const Key& key, const Profile& profile, std::vector<std::string>& warnings) {
-        const std::string text = detail::serialize_profile(key, profile);
-        const std::string target = path_for(key);
-        // Another process may remove our temporary file if it misjudges our pid as dead (pid
-        // namespaces); one more attempt covers that, and EEXIST covers a recycled pid's leftovers.
-        for (int attempt = 0; attempt < 4; ++attempt) {
-            const std::string temp = directory_ + "/." + key.hex() + "." +
-                                     std::to_string(::getpid()) + "." +
-                                     std::to_string(detail::next_temp_counter()) + ".tmp";
-            detail::FileDescriptor fd(detail::retry_eintr([&] {
-                return ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY,
-                              0644);
-            }));
-            if (!fd) {
-                if (errno == EEXIST) continue;
-                degrade("cannot create " + temp + " (" + detail::errno_text(errno) + ")", warnings);
-                return false;
-            }
-            int error = 0;
-            const char* step = "write";
-            if (!detail::write_all(fd.get(), text)) {
-                error = errno;
-            } else if (detail::retry_eintr([&] { return ::fsync(fd.get()); }) != 0) {
-                error = errno;
-                step = "fsync";
-            } else if ((error = fd.reset()) != 0) {
-                step = "close";
-            } else if (::rename(temp.c_str(), target.c_str()) != 0) {
-                error = errno;
-                step = "rename";
-                if (error == ENOENT) continue;
-            }
-            if (error != 0) {
-                fd.reset();
-                ::unlink(temp.c_str());
-                degrade(std::string("cannot ") + step + " " + temp + " (" +
-                            detail::errno_text(error) + ")",
-                        warnings);
-                return false;
-            }
-            detail::sync_directory(directory_);
+        const detail::ReplaceOutcome outcome =
+            detail::replace_file(directory_, directory_ + "/." + key.hex(), path_for(key),
+                                 detail::serialize_profile(key, profile));
+        if (outcome.error == 0) {
+            writes_.fetch_add(1, std::memory_order_relaxed);
             return true;
         }
-        degrade("cannot create a temporary file for " + target, warnings);
+        write_failures_.fetch_add(1, std::memory_order_relaxed);
+        degrade(std::string("cannot ") + outcome.step + " " + outcome.temp + " (" +
+                    detail::errno_text(outcome.error) + ")",
+                warnings);
         return false;
     }
 
@@ -2881,22 +3309,17 @@ class ProfileCache {
         return fd;
     }
 
-    // Writers killed between creating and renaming their temporary file leave it behind; without
-    // this, a crash-looping worker would fill the directory.
-    void remove_stale_temp_files() {
-        DIR* dir = ::opendir(directory_.c_str());
-        if (dir == nullptr) return;
-        const std::time_t now = std::time(nullptr);
-        while (const dirent* item = ::readdir(dir)) {
-            const pid_t pid = detail::temp_file_pid(item->d_name);
-            if (pid == 0) continue;
-            bool stale = ::kill(pid, 0) != 0 && errno == ESRCH;
-            struct stat st {};
-            if (!stale && ::fstatat(::dirfd(dir), item->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0)
-                stale = now - st.st_mtime > stale_temp_file_seconds;
-            if (stale) ::unlinkat(::dirfd(dir), item->d_name, 0);
-        }
-        ::closedir(dir);
+    // Profiles nobody used for max_age go (under the lock: no write lands in between). Said once.
+    void remove_old_profiles() {
+        if (max_age_.count() <= 0) return;
+        detail::FileDescriptor lock_file = lock_directory();
+        if (!lock_file) return;  // another day
+        const std::size_t removed =
+            detail::remove_old_profiles(directory_, max_age_, std::time(nullptr));
+        if (removed > 0)
+            detail::emit(log_, Level::info,
+                         "removed " + std::to_string(removed) + " profile(s) unused for over " +
+                             std::to_string(max_age_.count()) + " s from " + directory_);
     }
 
     // Memory-only from now on, said once.
@@ -2907,7 +3330,7 @@ class ProfileCache {
     }
 
     // Log outside every lock: a sink may call back into this cache.
-    void flush(const std::vector<std::string>& warnings) const {
+    void log_warnings(const std::vector<std::string>& warnings) const {
         for (const std::string& warning : warnings) detail::emit(log_, Level::warn, warning);
     }
 
@@ -2915,13 +3338,18 @@ class ProfileCache {
     std::string directory_;
     bool directory_usable_ = false;  // set once in the constructor
     LogSink log_;
+    const std::chrono::seconds max_age_;
     std::atomic<bool> degraded_{false};
+    std::atomic<std::uint64_t> writes_{0}, write_failures_{0};
 
-    std::mutex mutex_;     // entries_
-    std::mutex io_mutex_;  // one read-merge-write at a time here; the flock orders other caches
+    std::mutex mutex_;       // entries_, dirty_
+    std::mutex io_mutex_;    // one read-merge-write at a time here; the flock orders other caches
+    std::mutex pass_mutex_;  // one write pass at a time (flush() waits for the writer's)
     std::unordered_map<Key, Entry> entries_;
+    std::vector<Key> dirty_;  // keys whose entry is dirty, each once
     std::mutex warned_mutex_;
     std::unordered_set<std::uint64_t> warned_files_;
+    std::unique_ptr<detail::WriteBehind> writer_;  // last: stopped before the rest goes
 };
 
 VRAMGUARD_END_NAMESPACE
@@ -4673,7 +5101,8 @@ class GuardCore {
     GuardCore(Probe& probe, Options options)
         : probe_(probe),
           options_((options.validate(), std::move(options))),
-          profiles_(options_.profile_dir, options_.persist, options_.log),
+          profiles_(options_.profile_dir, options_.persist, options_.log,
+                    ProfileCacheSettings{options_.persist_interval, options_.profile_max_age}),
           single_item_(shared_device_semaphore(
               device_identity(probe),
               static_cast<std::ptrdiff_t>(options_.single_item_concurrency))),
@@ -4685,6 +5114,7 @@ class GuardCore {
     Probe& probe() noexcept { return probe_; }
     const Options& options() const noexcept { return options_; }
     ProfileCache& profiles() noexcept { return profiles_; }
+    const ProfileCache& profiles() const noexcept { return profiles_; }
     AdmissionControl<Probe>& admission() noexcept { return admission_; }
     RunTracker& runs() noexcept { return runs_; }
     Semaphore& single_item() noexcept { return *single_item_; }
@@ -4822,8 +5252,9 @@ class GuardCore {
         key_memory(key).load_peak.store(profiles_.get(key).peak_bytes, std::memory_order_release);
     }
 
-    // Writes what an encode call learned (new samples, a new limit) to the profile: once per call,
-    // after its last chunk, never while a chunk or a single-item turn is held.
+    // Hands what an encode call learned (new samples, a new limit) to the profile cache, once per
+    // call, after its last chunk, never while a chunk or a single-item turn is held. Memory only:
+    // the cache's writer thread writes the files (persist_interval), never this call.
     void persist_learned(const Key& key, KeyMemory& memory) noexcept {
         try {
             std::vector<ProfileSample> items, weight;
@@ -5542,10 +5973,20 @@ class Guard {
 
     // ---- what it knows -----------------------------------------------------------------------
 
-    Stats stats() const noexcept { return core_.stats().snapshot(); }
+    Stats stats() const noexcept {
+        Stats stats = core_.stats().snapshot();
+        stats.profile_writes = core_.profiles().writes();
+        stats.profile_write_failures = core_.profiles().write_failures();
+        return stats;
+    }
     const Options& options() const noexcept { return core_.options(); }
     Probe& probe() noexcept { return core_.probe(); }
     ProfileCache& profiles() noexcept { return core_.profiles(); }
+
+    // Writes what the guard learned and has not yet written to the profile files, now, on the
+    // calling thread (the background writer does it at most once per persist_interval, and the
+    // destructor at the end). Never throws: a failing disk is logged and counted.
+    void flush() noexcept { core_.profiles().flush(); }
 
     // The latest limit that cut a batch of `key` (items) / a weighted batch (weight); 0 when
     // nothing has limited one yet.
@@ -7408,6 +7849,11 @@ inline constexpr std::size_t max_json_depth = 64;
 // An answer from a peer larger than this is cut off and counted as an error: the biggest honest
 // one (Ollama's /api/ps with dozens of models, vLLM's /metrics) is a few hundred KiB.
 inline constexpr std::size_t max_peer_answer_bytes = 4u << 20;
+
+// An HTTP message's start line and headers, together, larger than this are refused: honest ones
+// are a few hundred bytes, and a parser that keeps every header line would otherwise grow without
+// bound on an endless header.
+inline constexpr std::size_t max_header_bytes = 64u << 10;
 
 // Whether the JSON text nests arrays and objects at most max_depth deep. Brackets inside strings
 // do not count (escapes are honoured); anything else is left to the parser.
