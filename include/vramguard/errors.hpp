@@ -120,7 +120,6 @@ class OomExhausted : public std::runtime_error, public std::nested_exception {
         results_ = std::make_shared<std::vector<R>>(std::move(results));
         results_type_ = typeid(std::vector<R>);
     }
-    bool has_finished_results() const noexcept { return results_ != nullptr; }
     // The results of every item before item_index(), in input order. Throws std::bad_cast when R
     // is not the batch function's result type.
     template <class R>

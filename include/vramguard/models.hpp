@@ -23,6 +23,7 @@
 #include <vramguard/peer.hpp>
 #include <vramguard/policy.hpp>
 #include <vramguard/pressure.hpp>
+#include <vramguard/registry_events.hpp>
 #include <vramguard/detail/reaper.hpp>
 #include <vramguard/relief.hpp>
 #include <vramguard/stats.hpp>
@@ -123,48 +124,6 @@ struct RegistryOptions {
     }
 };
 
-// What a registry has done, as plain counters.
-struct RegistryStats {
-    std::uint64_t loads = 0;                    // models loaded
-    std::uint64_t load_failures = 0;            // acquire() calls whose load threw (any error)
-    std::uint64_t evictions = 0;                // idle models unloaded to make room for a load
-    std::uint64_t recoveries_seen = 0;          // eviction waits that saw the freed memory reported
-    std::uint64_t recoveries_trusted = 0;       // ... that timed out and trusted the estimate
-    std::uint64_t idle_unloads = 0;             // models unloaded after idle_timeout
-    std::uint64_t requested_unloads = 0;        // request_unload()/unload() that unloaded
-    std::uint64_t pressure_cache_releases = 0;  // release_cached() calls by pressure relief
-    std::uint64_t pressure_unloads = 0;         // idle models unloaded by pressure relief
-    std::uint64_t rejections = 0;               // loads refused with InsufficientMemory here
-    std::uint64_t waits = 0;                    // loads that waited (load_wait) for room
-    std::uint64_t peer_requests = 0;            // peers asked to free memory
-    std::uint64_t peer_reliefs = 0;             // loads admitted after peers freed memory
-};
-
-// Calls visit(name, help, value) once per counter, as for_each_counter(const Stats&) does.
-template <class Visitor>
-constexpr void for_each_counter(const RegistryStats& s, Visitor&& visit) {
-    visit("loads", "models loaded", s.loads);
-    visit("load_failures", "model loads that threw (any error)", s.load_failures);
-    visit("evictions", "idle models unloaded to make room for a load", s.evictions);
-    visit("recoveries_seen", "eviction waits that saw the freed memory reported",
-          s.recoveries_seen);
-    visit("recoveries_trusted", "eviction waits that timed out and trusted the estimate",
-          s.recoveries_trusted);
-    visit("idle_unloads", "models unloaded after idle_timeout", s.idle_unloads);
-    visit("requested_unloads", "request_unload() or unload() calls that unloaded a model",
-          s.requested_unloads);
-    visit("pressure_cache_releases", "allocator cache releases by pressure relief",
-          s.pressure_cache_releases);
-    visit("pressure_unloads", "idle models unloaded by pressure relief", s.pressure_unloads);
-    visit("rejections", "model loads refused with InsufficientMemory", s.rejections);
-    visit("waits", "model loads that waited (load_wait) for room", s.waits);
-    visit("peer_requests", "peers asked to free memory", s.peer_requests);
-    visit("peer_reliefs", "model loads admitted after peers freed memory", s.peer_reliefs);
-}
-static_assert(sizeof(RegistryStats) ==
-                  detail::counter_count<RegistryStats>() * sizeof(std::uint64_t),
-              "for_each_counter(RegistryStats) must visit every field of RegistryStats");
-
 struct RegistryStatus {
     std::vector<ModelStatus> models;  // in the order they were added
     std::size_t loaded_models = 0;
@@ -203,7 +162,11 @@ class ModelRegistry : private detail::SlotOwner {
         if (options_.reaper)
             reaper_ = std::make_unique<detail::Reaper>(
                 detail::saturating_duration(options_.reaper_interval), [this] { tick(clock_()); },
-                [this](const std::string& message) { log(Level::warn, message); });
+                [this](const std::string& message) {
+                    RegistryEvent event(RegistryEventKind::housekeeping_failed);
+                    event.text = message;
+                    publish(event);
+                });
     }
 
     ModelRegistry(const ModelRegistry&) = delete;
@@ -214,12 +177,12 @@ class ModelRegistry : private detail::SlotOwner {
     ~ModelRegistry() {
         reaper_.reset();
         try {
-            if (!wait_for_peer_calls(options_.peer_timeout))
-                log(Level::warn,
-                    "model registry: " + std::to_string(peers_.calls_running()) +
-                        " peer call(s) still running after the registry waited " +
-                        ms_text(options_.peer_timeout) +
-                        " for them on destruction; a peer must not use the registry past that");
+            if (!wait_for_peer_calls(options_.peer_timeout)) {
+                RegistryEvent event(RegistryEventKind::peer_calls_left);
+                event.count = peers_.calls_running();
+                event.limit = options_.peer_timeout;
+                publish(event);
+            }
         } catch (...) {
         }
         for (const auto& slot : slots()) detail::SlotAccess::detach(*slot);
@@ -325,11 +288,7 @@ class ModelRegistry : private detail::SlotOwner {
                 &still_referenced);
             if (!result.unloaded()) continue;
             ++count;
-            bump(stats_.idle_unloads);
-            log(Level::info, "unloaded model '" + slot->name() + "' (" +
-                                 format_bytes(result.bytes) + ") after " +
-                                 seconds_text(result.idle_seconds) + " idle (idle_timeout " +
-                                 ms_text(options_.idle_timeout) + ")");
+            publish(unload_event(RegistryEventKind::idle_unloaded, *slot, result));
             warn_if_referenced(*slot, still_referenced);
         }
         if (count > 0) guard_.probe().release_cached();
@@ -357,14 +316,14 @@ class ModelRegistry : private detail::SlotOwner {
         }
         relief.acted = true;
         guard_.probe().release_cached();
-        bump(stats_.pressure_cache_releases);
         const MemoryInfo after_cache = guard_.probe().memory();
         // INFO: emptying the cache is routine and cheap; unloading a model (below) is WARN.
-        log(Level::info, "memory pressure: " + detail::percent(before.usage()) + " of " +
-                             format_bytes(before.total_bytes) + " in use (pressure_threshold " +
-                             detail::percent(options_.pressure_threshold) +
-                             "); released the allocator cache, now " +
-                             detail::percent(after_cache.usage()));
+        RegistryEvent event(RegistryEventKind::pressure_cache_released);
+        event.usage = before.usage();
+        event.total_bytes = before.total_bytes;
+        event.threshold = options_.pressure_threshold;
+        event.usage_after = after_cache.usage();
+        publish(event);
         if (after_cache.usage() > options_.aggressive_threshold)
             relief.unloaded = unload_for_pressure(after_cache, now);
         relief.usage_after = guard_.probe().memory().usage();
@@ -392,35 +351,11 @@ class ModelRegistry : private detail::SlotOwner {
         return status;
     }
 
-    RegistryStats stats() const noexcept {
-        const auto r = std::memory_order_relaxed;
-        RegistryStats s;
-        s.loads = stats_.loads.load(r);
-        s.load_failures = stats_.load_failures.load(r);
-        s.evictions = stats_.evictions.load(r);
-        s.recoveries_seen = stats_.recoveries_seen.load(r);
-        s.recoveries_trusted = stats_.recoveries_trusted.load(r);
-        s.idle_unloads = stats_.idle_unloads.load(r);
-        s.requested_unloads = stats_.requested_unloads.load(r);
-        s.pressure_cache_releases = stats_.pressure_cache_releases.load(r);
-        s.pressure_unloads = stats_.pressure_unloads.load(r);
-        s.rejections = stats_.rejections.load(r);
-        s.waits = stats_.waits.load(r);
-        s.peer_requests = stats_.peer_requests.load(r);
-        s.peer_reliefs = stats_.peer_reliefs.load(r);
-        return s;
-    }
+    RegistryStats stats() const noexcept { return stats_.snapshot(); }
     const RegistryOptions& options() const noexcept { return options_; }
     Guard<Probe>& guard() noexcept { return guard_; }
 
    private:
-    // Relaxed atomics: counters are for reading, not for synchronising.
-    struct AtomicRegistryStats {
-        std::atomic<std::uint64_t> loads{0}, load_failures{0}, evictions{0}, recoveries_seen{0},
-            recoveries_trusted{0}, idle_unloads{0}, requested_unloads{0},
-            pressure_cache_releases{0}, pressure_unloads{0}, rejections{0}, waits{0},
-            peer_requests{0}, peer_reliefs{0};
-    };
     // What one look at the device decided.
     struct Room {
         bool ready = false;
@@ -443,11 +378,17 @@ class ModelRegistry : private detail::SlotOwner {
         return result;
     }
 
-    static void bump(std::atomic<std::uint64_t>& counter) noexcept {
-        counter.fetch_add(1, std::memory_order_relaxed);
+    // Counts the event and, past the guard's Options::log_level, formats and logs it.
+    void publish(const RegistryEvent& event) {
+        detail::publish(stats_, guard_.options().log, guard_.options().log_level, event);
     }
-    void log(Level level, const std::string& message) const {
-        detail::emit(guard_.options().log, level, message);
+    // An unload's event: the model, its bytes, how long it was idle.
+    static RegistryEvent unload_event(RegistryEventKind kind, const detail::SlotBase& slot,
+                                      const UnloadResult& result) noexcept {
+        RegistryEvent event(kind, slot.name());
+        event.bytes = result.bytes;
+        event.idle_seconds = result.idle_seconds;
+        return event;
     }
     static std::string seconds_text(double seconds) {
         char text[32];
@@ -461,11 +402,9 @@ class ModelRegistry : private detail::SlotOwner {
         return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) +
                " ms";
     }
-    void warn_if_referenced(const detail::SlotBase& slot, bool still_referenced) const {
+    void warn_if_referenced(const detail::SlotBase& slot, bool still_referenced) {
         if (still_referenced)
-            log(Level::warn, "model '" + slot.name() +
-                                 "' was unloaded but something else still holds a copy of it, so "
-                                 "its memory is not free; the loader should hand over ownership");
+            publish(RegistryEvent(RegistryEventKind::still_referenced, slot.name()));
     }
 
     std::vector<std::shared_ptr<detail::SlotBase>> slots() const {
@@ -508,13 +447,10 @@ class ModelRegistry : private detail::SlotOwner {
             if (!result.unloaded()) continue;
             used = used > result.bytes ? used - result.bytes : 0;
             ++unloaded;
-            bump(stats_.pressure_unloads);
-            log(Level::warn, "memory pressure: still " + detail::percent(after_cache.usage()) +
-                                 " in use (aggressive_threshold " +
-                                 detail::percent(options_.aggressive_threshold) +
-                                 "); unloaded idle model '" + slot.name() + "' (" +
-                                 format_bytes(result.bytes) + ", idle " +
-                                 seconds_text(result.idle_seconds) + ")");
+            RegistryEvent event = unload_event(RegistryEventKind::pressure_unloaded, slot, result);
+            event.usage = after_cache.usage();
+            event.threshold = options_.aggressive_threshold;
+            publish(event);
             warn_if_referenced(slot, still_referenced);
         }
         if (unloaded > 0) guard_.probe().release_cached();
@@ -527,7 +463,7 @@ class ModelRegistry : private detail::SlotOwner {
         try {
             return load_with_room(slot);
         } catch (...) {
-            bump(stats_.load_failures);
+            publish(RegistryEvent(RegistryEventKind::load_failed, slot.name()));
             throw;
         }
     }
@@ -537,10 +473,8 @@ class ModelRegistry : private detail::SlotOwner {
     }
 
     void on_requested_unload(detail::SlotBase& slot, const UnloadResult& result) noexcept override {
-        bump(stats_.requested_unloads);
         try {
-            log(Level::info, "unloaded model '" + slot.name() + "' (" + format_bytes(result.bytes) +
-                                 ") on request, idle " + seconds_text(result.idle_seconds));
+            publish(unload_event(RegistryEventKind::requested_unloaded, slot, result));
             guard_.probe().release_cached();
         } catch (...) {
         }
@@ -557,18 +491,15 @@ class ModelRegistry : private detail::SlotOwner {
             if (void* model = load_in_turn(slot, room)) return model;
             const TimePoint now = clock_();
             if (now >= deadline) {
-                bump(stats_.rejections);
+                publish(RegistryEvent(RegistryEventKind::rejected, slot.name()));
                 throw_insufficient(slot, room, now - start);
             }
             if (!waited) {
                 waited = true;
-                bump(stats_.waits);
-                log(Level::info, "load of model '" + slot.name() + "' waits up to " +
-                                     ms_text(options_.load_wait) +
-                                     " for a lease to end or memory to free (" +
-                                     (room.plan.at_cap ? "max_loaded_models reached"
-                                                       : "not enough free memory") +
-                                     ", no idle model to evict)");
+                RegistryEvent event(RegistryEventKind::load_waits, slot.name());
+                event.limit = options_.load_wait;
+                event.at_cap = room.plan.at_cap;
+                publish(event);
             }
             sleep_(std::min<Duration>(guard_.options().poll_interval, deadline - now));
         }
@@ -588,7 +519,7 @@ class ModelRegistry : private detail::SlotOwner {
             std::string asked = std::move(room.peers);
             room = make_room(slot);  // admit once more: only the probe's reading counts
             room.peers = std::move(asked);
-            if (room.ready) bump(stats_.peer_reliefs);
+            if (room.ready) publish(RegistryEvent(RegistryEventKind::peer_relief, slot.name()));
         }
         if (!room.ready) return nullptr;
         detail::LoadedModel loaded = run_loader(slot, room.trusted_bytes);
@@ -616,11 +547,13 @@ class ModelRegistry : private detail::SlotOwner {
         const std::uint64_t free_before = guard_.probe().memory().free_bytes;
         const detail::ReliefOutcome outcome =
             peers_.ask(shortfall, slot.name(), clock_, sleep_, guard_.options().poll_interval);
-        stats_.peer_requests.fetch_add(outcome.asked, std::memory_order_relaxed);
         for (const std::string& answer : outcome.answers)
             room.peers += (room.peers.empty() ? "" : "; ") + answer;
-        log(Level::info, "load of model '" + slot.name() + "' is " + format_bytes(shortfall) +
-                             " short after local eviction; peers: " + room.peers);
+        RegistryEvent asked(RegistryEventKind::peers_asked, slot.name());
+        asked.count = outcome.asked;
+        asked.bytes = shortfall;
+        asked.text = room.peers;
+        publish(asked);
         if (outcome.claimed == 0) return false;
         const TimePoint start = clock_();
         const bool seen = guard_.wait_for_freed_memory(outcome.claimed, free_before, needed);
@@ -669,14 +602,11 @@ class ModelRegistry : private detail::SlotOwner {
             victim, clock_(), Duration::zero(), seen_uses, &still_referenced);
         if (!result.unloaded()) return;  // a lease came first: decide again
         guard_.probe().release_cached();
-        bump(stats_.evictions);
-        log(Level::info,
-            "evicted idle model '" + victim.name() + "' (" + format_bytes(result.bytes) +
-                ", idle " + seconds_text(result.idle_seconds) +
-                ", least recently used) to make room for '" + for_slot.name() + "'" +
-                (room.plan.at_cap ? " (max_loaded_models " +
-                                        std::to_string(options_.max_loaded_models) + " reached)"
-                                  : ""));
+        RegistryEvent event = unload_event(RegistryEventKind::evicted, victim, result);
+        event.for_model = for_slot.name();
+        event.at_cap = room.plan.at_cap;
+        event.count = options_.max_loaded_models;
+        publish(event);
         warn_if_referenced(victim, still_referenced);
         if (room.plan.fits || result.bytes == 0)
             return;  // only the cap was in the way: nothing to wait for
@@ -691,16 +621,16 @@ class ModelRegistry : private detail::SlotOwner {
             policy::saturating_add(room.admission.requirement.bytes, room.admission.margin_bytes);
         const TimePoint start = clock_();
         if (guard_.wait_for_freed_memory(freed, free_before, needed)) {
-            bump(stats_.recoveries_seen);
-            log(Level::info, "memory freed by unloading '" + victim.name() + "' reported after " +
-                                 ms_text(clock_() - start));
+            RegistryEvent event(RegistryEventKind::recovery_seen, victim.name());
+            event.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_() - start);
+            publish(event);
         } else {
-            bump(stats_.recoveries_trusted);
             room.trusted_bytes = policy::saturating_add(room.trusted_bytes, freed);
-            log(Level::warn,
-                "the device did not report " + detail::percent(guard_.options().recovery_fraction) +
-                    " of the " + format_bytes(freed) + " freed by unloading '" + victim.name() +
-                    "' within " + ms_text(clock_() - start) + "; trusting the estimate");
+            RegistryEvent event(RegistryEventKind::recovery_trusted, victim.name());
+            event.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_() - start);
+            event.bytes = freed;
+            event.threshold = guard_.options().recovery_fraction;
+            publish(event);
         }
     }
 
@@ -735,9 +665,10 @@ class ModelRegistry : private detail::SlotOwner {
             const std::uint64_t free_after = guard_.probe().memory().free_bytes;
             loaded.bytes = free_before > free_after ? free_before - free_after : 0;
         }
-        bump(stats_.loads);
-        log(Level::info, "loaded model '" + slot.name() + "' (" + format_bytes(loaded.bytes) +
-                             ") in " + ms_text(clock_() - start));
+        RegistryEvent event(RegistryEventKind::loaded, slot.name());
+        event.bytes = loaded.bytes;
+        event.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_() - start);
+        publish(event);
         return loaded;
     }
 
@@ -803,7 +734,7 @@ class ModelRegistry : private detail::SlotOwner {
     mutable std::mutex mutex_;  // slots_ and last_relief_; never held while loading or waiting
     std::vector<std::shared_ptr<detail::SlotBase>> slots_;
     std::optional<TimePoint> last_relief_;
-    AtomicRegistryStats stats_;
+    detail::AtomicRegistryStats stats_;
 
     detail::PeerRelief peers_;
     const std::shared_ptr<std::mutex> relief_mutex_;  // one peer relief per device at a time

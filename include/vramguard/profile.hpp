@@ -20,6 +20,7 @@
 #include <vramguard/detail/write_behind.hpp>
 #include <vramguard/key.hpp>
 #include <vramguard/log.hpp>
+#include <vramguard/policy.hpp>
 #include <vramguard/version.hpp>
 
 #include <dirent.h>
@@ -70,8 +71,9 @@ struct ProfileSample {
 };
 
 // Samples kept per key and kind, the newest: a wrong reading (another process's allocation seen
-// as ours) ages out after this many newer ones instead of winning for ever.
-inline constexpr std::size_t profile_window = 32;
+// as ours) ages out after this many newer ones instead of winning for ever. One window: the
+// profile keeps exactly what the cost model fits (policy::cost_window).
+inline constexpr std::size_t profile_window = policy::cost_window;
 
 // What is known about one key; 0 or empty means "not known yet".
 struct Profile {

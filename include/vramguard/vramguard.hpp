@@ -29,4 +29,5 @@
 #include <vramguard/peer.hpp>
 #include <vramguard/protocol.hpp>
 #include <vramguard/relief.hpp>
+#include <vramguard/registry_events.hpp>
 #include <vramguard/models.hpp>

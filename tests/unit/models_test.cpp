@@ -702,6 +702,22 @@ TEST_F(ModelRegistryTest, IdleModelsUnloadAfterIdleTimeoutWhenTicked) {
     EXPECT_FALSE(b->loaded()) << "idle from when its last lease ended";
 }
 
+TEST_F(ModelRegistryTest, TheRegistryHonoursLogLevelAndStillCountsWhatItDoesNotLog) {
+    options.log_level = Level::warn;  // the loads and the idle unload below are INFO
+    registry_options.idle_timeout = 5min;
+    make_registry();
+    auto a = add("a", 2_GiB);
+    use(*a);
+    clock.advance(5min);
+    registry->tick();
+    EXPECT_FALSE(a->loaded());
+    EXPECT_EQ(registry->stats().loads, 1u);
+    EXPECT_EQ(registry->stats().idle_unloads, 1u) << "counted by the event, logged or not";
+    EXPECT_EQ(log.count(Level::info), 0u) << "nothing below log_level reaches the sink";
+    EXPECT_FALSE(log.contains("unloaded model"));
+    EXPECT_FALSE(log.contains("loaded model"));
+}
+
 TEST_F(ModelRegistryTest, IdleTimeoutZeroNeverUnloads) {
     registry_options.idle_timeout = 0ms;
     make_registry();

@@ -454,7 +454,6 @@ class OomExhausted : public std::runtime_error, public std::nested_exception {
         results_ = std::make_shared<std::vector<R>>(std::move(results));
         results_type_ = typeid(std::vector<R>);
     }
-    bool has_finished_results() const noexcept { return results_ != nullptr; }
     // The results of every item before item_index(), in input order. Throws std::bad_cast when R
     // is not the batch function's result type.
     template <class R>
@@ -2665,8 +2664,9 @@ struct ProfileSample {
 };
 
 // Samples kept per key and kind, the newest: a wrong reading (another process's allocation seen
-// as ours) ages out after this many newer ones instead of winning for ever.
-inline constexpr std::size_t profile_window = 32;
+// as ours) ages out after this many newer ones instead of winning for ever. One window: the
+// profile keeps exactly what the cost model fits (policy::cost_window).
+inline constexpr std::size_t profile_window = policy::cost_window;
 
 // What is known about one key; 0 or empty means "not known yet".
 struct Profile {
@@ -8309,6 +8309,278 @@ class PeerRelief {
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/relief.hpp> ----
 
+// ---- begin <vramguard/registry_events.hpp> ----
+// What a ModelRegistry does, as typed events: each is counted (RegistryStats) and, only when its
+// level reaches the guard's Options::log_level, formatted into one sentence for the log sink. The
+// same mechanism as the guard's events (events.hpp): nothing is formatted that nobody reads.
+
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <string_view>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+// What a registry has done, as plain counters.
+struct RegistryStats {
+    std::uint64_t loads = 0;                    // models loaded
+    std::uint64_t load_failures = 0;            // acquire() calls whose load threw (any error)
+    std::uint64_t evictions = 0;                // idle models unloaded to make room for a load
+    std::uint64_t recoveries_seen = 0;          // eviction waits that saw the freed memory reported
+    std::uint64_t recoveries_trusted = 0;       // ... that timed out and trusted the estimate
+    std::uint64_t idle_unloads = 0;             // models unloaded after idle_timeout
+    std::uint64_t requested_unloads = 0;        // request_unload()/unload() that unloaded
+    std::uint64_t pressure_cache_releases = 0;  // release_cached() calls by pressure relief
+    std::uint64_t pressure_unloads = 0;         // idle models unloaded by pressure relief
+    std::uint64_t rejections = 0;               // loads refused with InsufficientMemory here
+    std::uint64_t waits = 0;                    // loads that waited (load_wait) for room
+    std::uint64_t peer_requests = 0;            // peers asked to free memory
+    std::uint64_t peer_reliefs = 0;             // loads admitted after peers freed memory
+};
+
+// Calls visit(name, help, value) once per counter, as for_each_counter(const Stats&) does.
+template <class Visitor>
+constexpr void for_each_counter(const RegistryStats& s, Visitor&& visit) {
+    visit("loads", "models loaded", s.loads);
+    visit("load_failures", "model loads that threw (any error)", s.load_failures);
+    visit("evictions", "idle models unloaded to make room for a load", s.evictions);
+    visit("recoveries_seen", "eviction waits that saw the freed memory reported",
+          s.recoveries_seen);
+    visit("recoveries_trusted", "eviction waits that timed out and trusted the estimate",
+          s.recoveries_trusted);
+    visit("idle_unloads", "models unloaded after idle_timeout", s.idle_unloads);
+    visit("requested_unloads", "request_unload() or unload() calls that unloaded a model",
+          s.requested_unloads);
+    visit("pressure_cache_releases", "allocator cache releases by pressure relief",
+          s.pressure_cache_releases);
+    visit("pressure_unloads", "idle models unloaded by pressure relief", s.pressure_unloads);
+    visit("rejections", "model loads refused with InsufficientMemory", s.rejections);
+    visit("waits", "model loads that waited (load_wait) for room", s.waits);
+    visit("peer_requests", "peers asked to free memory", s.peer_requests);
+    visit("peer_reliefs", "model loads admitted after peers freed memory", s.peer_reliefs);
+}
+static_assert(sizeof(RegistryStats) ==
+                  detail::counter_count<RegistryStats>() * sizeof(std::uint64_t),
+              "for_each_counter(RegistryStats) must visit every field of RegistryStats");
+
+enum class RegistryEventKind {
+    loaded,                   // a model was loaded (bytes, took)
+    load_failed,              // a load threw (counted only)
+    load_waits,               // a load waits up to `limit` for a lease to end or memory to free
+    rejected,                 // a load was refused: InsufficientMemory (its message says why)
+    evicted,                  // an idle model was unloaded to make room for `for_model`
+    recovery_seen,            // the memory an eviction freed was reported after `took`
+    recovery_trusted,         // ... was not reported within `took`: the estimate is trusted
+    idle_unloaded,            // unloaded after idle_timeout (`limit`)
+    requested_unloaded,       // unloaded on request
+    pressure_cache_released,  // pressure relief emptied the allocator cache
+    pressure_unloaded,        // pressure relief unloaded an idle model
+    peers_asked,              // `count` peers were asked to free `bytes` (`text`: their answers)
+    peer_relief,              // a load was admitted after peers freed memory
+    still_referenced,         // an unloaded model is still held elsewhere: its memory is not free
+    housekeeping_failed,      // the reaper's tick threw (`text`)
+    peer_calls_left,          // `count` peer calls still ran when the registry went
+};
+
+struct RegistryEvent {
+    explicit RegistryEvent(RegistryEventKind kind_, std::string_view model_ = {}) noexcept
+        : kind(kind_), model(model_) {}
+
+    RegistryEventKind kind;
+    std::string_view model;              // the model concerned
+    std::string_view for_model;          // evicted: the model the room was made for
+    std::uint64_t bytes = 0;             // the model's bytes, or what was short (peers_asked)
+    double idle_seconds = 0;             // how long the model was idle
+    std::chrono::milliseconds took{0};   // how long it took
+    std::chrono::milliseconds limit{0};  // the option that bounded it (idle_timeout, load_wait)
+    double usage = 0, usage_after = 0, threshold = 0;  // pressure relief: fractions of the device
+    std::uint64_t total_bytes = 0;
+    std::size_t count = 0;  // peers asked, peer calls left, max_loaded_models (at_cap)
+    bool at_cap = false;    // max_loaded_models was reached
+    std::string_view text;  // the peers' answers, an error
+};
+
+inline Level level_of(RegistryEventKind kind) noexcept {
+    switch (kind) {
+        case RegistryEventKind::load_failed:
+        case RegistryEventKind::rejected:
+        case RegistryEventKind::peer_relief: return Level::debug;
+        case RegistryEventKind::recovery_trusted:
+        case RegistryEventKind::pressure_unloaded:
+        case RegistryEventKind::still_referenced:
+        case RegistryEventKind::housekeeping_failed:
+        case RegistryEventKind::peer_calls_left: return Level::warn;
+        default: return Level::info;
+    }
+}
+
+namespace detail {
+
+// Relaxed atomics: counters are for reading, not for synchronising.
+struct AtomicRegistryStats {
+    std::atomic<std::uint64_t> loads{0}, load_failures{0}, evictions{0}, recoveries_seen{0},
+        recoveries_trusted{0}, idle_unloads{0}, requested_unloads{0}, pressure_cache_releases{0},
+        pressure_unloads{0}, rejections{0}, waits{0}, peer_requests{0}, peer_reliefs{0};
+
+    RegistryStats snapshot() const noexcept {
+        const auto r = std::memory_order_relaxed;
+        RegistryStats s;
+        s.loads = loads.load(r);
+        s.load_failures = load_failures.load(r);
+        s.evictions = evictions.load(r);
+        s.recoveries_seen = recoveries_seen.load(r);
+        s.recoveries_trusted = recoveries_trusted.load(r);
+        s.idle_unloads = idle_unloads.load(r);
+        s.requested_unloads = requested_unloads.load(r);
+        s.pressure_cache_releases = pressure_cache_releases.load(r);
+        s.pressure_unloads = pressure_unloads.load(r);
+        s.rejections = rejections.load(r);
+        s.waits = waits.load(r);
+        s.peer_requests = peer_requests.load(r);
+        s.peer_reliefs = peer_reliefs.load(r);
+        return s;
+    }
+};
+
+// The counter an event bumps, and by how much (peers_asked counts every peer asked).
+inline void count(AtomicRegistryStats& stats, const RegistryEvent& event) noexcept {
+    std::atomic<std::uint64_t>* counter = nullptr;
+    switch (event.kind) {
+        case RegistryEventKind::loaded: counter = &stats.loads; break;
+        case RegistryEventKind::load_failed: counter = &stats.load_failures; break;
+        case RegistryEventKind::load_waits: counter = &stats.waits; break;
+        case RegistryEventKind::rejected: counter = &stats.rejections; break;
+        case RegistryEventKind::evicted: counter = &stats.evictions; break;
+        case RegistryEventKind::recovery_seen: counter = &stats.recoveries_seen; break;
+        case RegistryEventKind::recovery_trusted: counter = &stats.recoveries_trusted; break;
+        case RegistryEventKind::idle_unloaded: counter = &stats.idle_unloads; break;
+        case RegistryEventKind::requested_unloaded: counter = &stats.requested_unloads; break;
+        case RegistryEventKind::pressure_cache_released:
+            counter = &stats.pressure_cache_releases;
+            break;
+        case RegistryEventKind::pressure_unloaded: counter = &stats.pressure_unloads; break;
+        case RegistryEventKind::peers_asked:
+            stats.peer_requests.fetch_add(event.count, std::memory_order_relaxed);
+            return;
+        case RegistryEventKind::peer_relief: counter = &stats.peer_reliefs; break;
+        default: return;
+    }
+    counter->fetch_add(1, std::memory_order_relaxed);
+}
+
+inline std::string registry_seconds_text(double seconds) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.1f s", seconds);
+    return text;
+}
+inline std::string registry_ms_text(std::chrono::milliseconds d) {
+    return std::to_string(d.count()) + " ms";
+}
+inline std::string registry_percent(double fraction) {
+    char text[16];
+    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
+    return text;
+}
+
+inline std::string format_unload(const RegistryEvent& e) {
+    const std::string model = "model '" + std::string(e.model) + "' (" + format_bytes(e.bytes);
+    switch (e.kind) {
+        case RegistryEventKind::idle_unloaded:
+            return "unloaded " + model + ") after " + registry_seconds_text(e.idle_seconds) +
+                   " idle (idle_timeout " + registry_ms_text(e.limit) + ")";
+        case RegistryEventKind::requested_unloaded:
+            return "unloaded " + model + ") on request, idle " +
+                   registry_seconds_text(e.idle_seconds);
+        case RegistryEventKind::pressure_unloaded:
+            return "memory pressure: still " + registry_percent(e.usage) +
+                   " in use (aggressive_threshold " + registry_percent(e.threshold) +
+                   "); unloaded idle " + model + ", idle " + registry_seconds_text(e.idle_seconds) +
+                   ")";
+        default:  // evicted
+            return "evicted idle " + model + ", idle " + registry_seconds_text(e.idle_seconds) +
+                   ", least recently used) to make room for '" + std::string(e.for_model) + "'" +
+                   (e.at_cap ? " (max_loaded_models " + std::to_string(e.count) + " reached)" : "");
+    }
+}
+
+inline std::string format_load(const RegistryEvent& e) {
+    const std::string model = "'" + std::string(e.model) + "'";
+    switch (e.kind) {
+        case RegistryEventKind::loaded:
+            return "loaded model " + model + " (" + format_bytes(e.bytes) + ") in " +
+                   registry_ms_text(e.took);
+        case RegistryEventKind::load_waits:
+            return "load of model " + model + " waits up to " + registry_ms_text(e.limit) +
+                   " for a lease to end or memory to free (" +
+                   (e.at_cap ? "max_loaded_models reached" : "not enough free memory") +
+                   ", no idle model to evict)";
+        case RegistryEventKind::recovery_seen:
+            return "memory freed by unloading " + model + " reported after " +
+                   registry_ms_text(e.took);
+        case RegistryEventKind::recovery_trusted:
+            return "the device did not report " + registry_percent(e.threshold) + " of the " +
+                   format_bytes(e.bytes) + " freed by unloading " + model + " within " +
+                   registry_ms_text(e.took) + "; trusting the estimate";
+        default:  // peers_asked
+            return "load of model " + model + " is " + format_bytes(e.bytes) +
+                   " short after local eviction; peers: " + std::string(e.text);
+    }
+}
+
+}  // namespace detail
+
+// The sentence for an event; empty for events that only count.
+inline std::string format_registry_event(const RegistryEvent& e) {
+    switch (e.kind) {
+        case RegistryEventKind::idle_unloaded:
+        case RegistryEventKind::requested_unloaded:
+        case RegistryEventKind::pressure_unloaded:
+        case RegistryEventKind::evicted: return detail::format_unload(e);
+        case RegistryEventKind::loaded:
+        case RegistryEventKind::load_waits:
+        case RegistryEventKind::recovery_seen:
+        case RegistryEventKind::recovery_trusted:
+        case RegistryEventKind::peers_asked: return detail::format_load(e);
+        case RegistryEventKind::pressure_cache_released:
+            return "memory pressure: " + detail::registry_percent(e.usage) + " of " +
+                   format_bytes(e.total_bytes) + " in use (pressure_threshold " +
+                   detail::registry_percent(e.threshold) + "); released the allocator cache, now " +
+                   detail::registry_percent(e.usage_after);
+        case RegistryEventKind::still_referenced:
+            return "model '" + std::string(e.model) +
+                   "' was unloaded but something else still holds a copy of it, so its memory is "
+                   "not free; the loader should hand over ownership";
+        case RegistryEventKind::housekeeping_failed: return std::string(e.text);
+        case RegistryEventKind::peer_calls_left:
+            return "model registry: " + std::to_string(e.count) +
+                   " peer call(s) still running after the registry waited " +
+                   detail::registry_ms_text(e.limit) +
+                   " for them on destruction; a peer must not use the registry past that";
+        default: return std::string();
+    }
+}
+
+namespace detail {
+
+// Counts the event and, when the sink wants its level, formats and sends it.
+inline void publish(AtomicRegistryStats& stats, const LogSink& sink, Level least,
+                    const RegistryEvent& event) {
+    count(stats, event);
+    const Level level = level_of(event.kind);
+    if (!sink || level < least) return;
+    const std::string message = format_registry_event(event);
+    if (!message.empty()) emit(sink, level, message);
+}
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/registry_events.hpp> ----
+
 // ---- begin <vramguard/models.hpp> ----
 // Model lifecycle: ModelSlot<T> holds at most one loaded model and lends it out through leases;
 // ModelRegistry keeps many slots on one device under a cap, evicts idle models least-recently-used
@@ -8501,48 +8773,6 @@ struct RegistryOptions {
     }
 };
 
-// What a registry has done, as plain counters.
-struct RegistryStats {
-    std::uint64_t loads = 0;                    // models loaded
-    std::uint64_t load_failures = 0;            // acquire() calls whose load threw (any error)
-    std::uint64_t evictions = 0;                // idle models unloaded to make room for a load
-    std::uint64_t recoveries_seen = 0;          // eviction waits that saw the freed memory reported
-    std::uint64_t recoveries_trusted = 0;       // ... that timed out and trusted the estimate
-    std::uint64_t idle_unloads = 0;             // models unloaded after idle_timeout
-    std::uint64_t requested_unloads = 0;        // request_unload()/unload() that unloaded
-    std::uint64_t pressure_cache_releases = 0;  // release_cached() calls by pressure relief
-    std::uint64_t pressure_unloads = 0;         // idle models unloaded by pressure relief
-    std::uint64_t rejections = 0;               // loads refused with InsufficientMemory here
-    std::uint64_t waits = 0;                    // loads that waited (load_wait) for room
-    std::uint64_t peer_requests = 0;            // peers asked to free memory
-    std::uint64_t peer_reliefs = 0;             // loads admitted after peers freed memory
-};
-
-// Calls visit(name, help, value) once per counter, as for_each_counter(const Stats&) does.
-template <class Visitor>
-constexpr void for_each_counter(const RegistryStats& s, Visitor&& visit) {
-    visit("loads", "models loaded", s.loads);
-    visit("load_failures", "model loads that threw (any error)", s.load_failures);
-    visit("evictions", "idle models unloaded to make room for a load", s.evictions);
-    visit("recoveries_seen", "eviction waits that saw the freed memory reported",
-          s.recoveries_seen);
-    visit("recoveries_trusted", "eviction waits that timed out and trusted the estimate",
-          s.recoveries_trusted);
-    visit("idle_unloads", "models unloaded after idle_timeout", s.idle_unloads);
-    visit("requested_unloads", "request_unload() or unload() calls that unloaded a model",
-          s.requested_unloads);
-    visit("pressure_cache_releases", "allocator cache releases by pressure relief",
-          s.pressure_cache_releases);
-    visit("pressure_unloads", "idle models unloaded by pressure relief", s.pressure_unloads);
-    visit("rejections", "model loads refused with InsufficientMemory", s.rejections);
-    visit("waits", "model loads that waited (load_wait) for room", s.waits);
-    visit("peer_requests", "peers asked to free memory", s.peer_requests);
-    visit("peer_reliefs", "model loads admitted after peers freed memory", s.peer_reliefs);
-}
-static_assert(sizeof(RegistryStats) ==
-                  detail::counter_count<RegistryStats>() * sizeof(std::uint64_t),
-              "for_each_counter(RegistryStats) must visit every field of RegistryStats");
-
 struct RegistryStatus {
     std::vector<ModelStatus> models;  // in the order they were added
     std::size_t loaded_models = 0;
@@ -8581,7 +8811,11 @@ class ModelRegistry : private detail::SlotOwner {
         if (options_.reaper)
             reaper_ = std::make_unique<detail::Reaper>(
                 detail::saturating_duration(options_.reaper_interval), [this] { tick(clock_()); },
-                [this](const std::string& message) { log(Level::warn, message); });
+                [this](const std::string& message) {
+                    RegistryEvent event(RegistryEventKind::housekeeping_failed);
+                    event.text = message;
+                    publish(event);
+                });
     }
 
     ModelRegistry(const ModelRegistry&) = delete;
@@ -8592,12 +8826,12 @@ class ModelRegistry : private detail::SlotOwner {
     ~ModelRegistry() {
         reaper_.reset();
         try {
-            if (!wait_for_peer_calls(options_.peer_timeout))
-                log(Level::warn,
-                    "model registry: " + std::to_string(peers_.calls_running()) +
-                        " peer call(s) still running after the registry waited " +
-                        ms_text(options_.peer_timeout) +
-                        " for them on destruction; a peer must not use the registry past that");
+            if (!wait_for_peer_calls(options_.peer_timeout)) {
+                RegistryEvent event(RegistryEventKind::peer_calls_left);
+                event.count = peers_.calls_running();
+                event.limit = options_.peer_timeout;
+                publish(event);
+            }
         } catch (...) {
         }
         for (const auto& slot : slots()) detail::SlotAccess::detach(*slot);
@@ -8703,11 +8937,7 @@ class ModelRegistry : private detail::SlotOwner {
                 &still_referenced);
             if (!result.unloaded()) continue;
             ++count;
-            bump(stats_.idle_unloads);
-            log(Level::info, "unloaded model '" + slot->name() + "' (" +
-                                 format_bytes(result.bytes) + ") after " +
-                                 seconds_text(result.idle_seconds) + " idle (idle_timeout " +
-                                 ms_text(options_.idle_timeout) + ")");
+            publish(unload_event(RegistryEventKind::idle_unloaded, *slot, result));
             warn_if_referenced(*slot, still_referenced);
         }
         if (count > 0) guard_.probe().release_cached();
@@ -8735,14 +8965,14 @@ class ModelRegistry : private detail::SlotOwner {
         }
         relief.acted = true;
         guard_.probe().release_cached();
-        bump(stats_.pressure_cache_releases);
         const MemoryInfo after_cache = guard_.probe().memory();
         // INFO: emptying the cache is routine and cheap; unloading a model (below) is WARN.
-        log(Level::info, "memory pressure: " + detail::percent(before.usage()) + " of " +
-                             format_bytes(before.total_bytes) + " in use (pressure_threshold " +
-                             detail::percent(options_.pressure_threshold) +
-                             "); released the allocator cache, now " +
-                             detail::percent(after_cache.usage()));
+        RegistryEvent event(RegistryEventKind::pressure_cache_released);
+        event.usage = before.usage();
+        event.total_bytes = before.total_bytes;
+        event.threshold = options_.pressure_threshold;
+        event.usage_after = after_cache.usage();
+        publish(event);
         if (after_cache.usage() > options_.aggressive_threshold)
             relief.unloaded = unload_for_pressure(after_cache, now);
         relief.usage_after = guard_.probe().memory().usage();
@@ -8770,35 +9000,11 @@ class ModelRegistry : private detail::SlotOwner {
         return status;
     }
 
-    RegistryStats stats() const noexcept {
-        const auto r = std::memory_order_relaxed;
-        RegistryStats s;
-        s.loads = stats_.loads.load(r);
-        s.load_failures = stats_.load_failures.load(r);
-        s.evictions = stats_.evictions.load(r);
-        s.recoveries_seen = stats_.recoveries_seen.load(r);
-        s.recoveries_trusted = stats_.recoveries_trusted.load(r);
-        s.idle_unloads = stats_.idle_unloads.load(r);
-        s.requested_unloads = stats_.requested_unloads.load(r);
-        s.pressure_cache_releases = stats_.pressure_cache_releases.load(r);
-        s.pressure_unloads = stats_.pressure_unloads.load(r);
-        s.rejections = stats_.rejections.load(r);
-        s.waits = stats_.waits.load(r);
-        s.peer_requests = stats_.peer_requests.load(r);
-        s.peer_reliefs = stats_.peer_reliefs.load(r);
-        return s;
-    }
+    RegistryStats stats() const noexcept { return stats_.snapshot(); }
     const RegistryOptions& options() const noexcept { return options_; }
     Guard<Probe>& guard() noexcept { return guard_; }
 
    private:
-    // Relaxed atomics: counters are for reading, not for synchronising.
-    struct AtomicRegistryStats {
-        std::atomic<std::uint64_t> loads{0}, load_failures{0}, evictions{0}, recoveries_seen{0},
-            recoveries_trusted{0}, idle_unloads{0}, requested_unloads{0},
-            pressure_cache_releases{0}, pressure_unloads{0}, rejections{0}, waits{0},
-            peer_requests{0}, peer_reliefs{0};
-    };
     // What one look at the device decided.
     struct Room {
         bool ready = false;
@@ -8821,11 +9027,17 @@ class ModelRegistry : private detail::SlotOwner {
         return result;
     }
 
-    static void bump(std::atomic<std::uint64_t>& counter) noexcept {
-        counter.fetch_add(1, std::memory_order_relaxed);
+    // Counts the event and, past the guard's Options::log_level, formats and logs it.
+    void publish(const RegistryEvent& event) {
+        detail::publish(stats_, guard_.options().log, guard_.options().log_level, event);
     }
-    void log(Level level, const std::string& message) const {
-        detail::emit(guard_.options().log, level, message);
+    // An unload's event: the model, its bytes, how long it was idle.
+    static RegistryEvent unload_event(RegistryEventKind kind, const detail::SlotBase& slot,
+                                      const UnloadResult& result) noexcept {
+        RegistryEvent event(kind, slot.name());
+        event.bytes = result.bytes;
+        event.idle_seconds = result.idle_seconds;
+        return event;
     }
     static std::string seconds_text(double seconds) {
         char text[32];
@@ -8839,11 +9051,9 @@ class ModelRegistry : private detail::SlotOwner {
         return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) +
                " ms";
     }
-    void warn_if_referenced(const detail::SlotBase& slot, bool still_referenced) const {
+    void warn_if_referenced(const detail::SlotBase& slot, bool still_referenced) {
         if (still_referenced)
-            log(Level::warn, "model '" + slot.name() +
-                                 "' was unloaded but something else still holds a copy of it, so "
-                                 "its memory is not free; the loader should hand over ownership");
+            publish(RegistryEvent(RegistryEventKind::still_referenced, slot.name()));
     }
 
     std::vector<std::shared_ptr<detail::SlotBase>> slots() const {
@@ -8886,13 +9096,10 @@ class ModelRegistry : private detail::SlotOwner {
             if (!result.unloaded()) continue;
             used = used > result.bytes ? used - result.bytes : 0;
             ++unloaded;
-            bump(stats_.pressure_unloads);
-            log(Level::warn, "memory pressure: still " + detail::percent(after_cache.usage()) +
-                                 " in use (aggressive_threshold " +
-                                 detail::percent(options_.aggressive_threshold) +
-                                 "); unloaded idle model '" + slot.name() + "' (" +
-                                 format_bytes(result.bytes) + ", idle " +
-                                 seconds_text(result.idle_seconds) + ")");
+            RegistryEvent event = unload_event(RegistryEventKind::pressure_unloaded, slot, result);
+            event.usage = after_cache.usage();
+            event.threshold = options_.aggressive_threshold;
+            publish(event);
             warn_if_referenced(slot, still_referenced);
         }
         if (unloaded > 0) guard_.probe().release_cached();
@@ -8905,7 +9112,7 @@ class ModelRegistry : private detail::SlotOwner {
         try {
             return load_with_room(slot);
         } catch (...) {
-            bump(stats_.load_failures);
+            publish(RegistryEvent(RegistryEventKind::load_failed, slot.name()));
             throw;
         }
     }
@@ -8915,10 +9122,8 @@ class ModelRegistry : private detail::SlotOwner {
     }
 
     void on_requested_unload(detail::SlotBase& slot, const UnloadResult& result) noexcept override {
-        bump(stats_.requested_unloads);
         try {
-            log(Level::info, "unloaded model '" + slot.name() + "' (" + format_bytes(result.bytes) +
-                                 ") on request, idle " + seconds_text(result.idle_seconds));
+            publish(unload_event(RegistryEventKind::requested_unloaded, slot, result));
             guard_.probe().release_cached();
         } catch (...) {
         }
@@ -8935,18 +9140,15 @@ class ModelRegistry : private detail::SlotOwner {
             if (void* model = load_in_turn(slot, room)) return model;
             const TimePoint now = clock_();
             if (now >= deadline) {
-                bump(stats_.rejections);
+                publish(RegistryEvent(RegistryEventKind::rejected, slot.name()));
                 throw_insufficient(slot, room, now - start);
             }
             if (!waited) {
                 waited = true;
-                bump(stats_.waits);
-                log(Level::info, "load of model '" + slot.name() + "' waits up to " +
-                                     ms_text(options_.load_wait) +
-                                     " for a lease to end or memory to free (" +
-                                     (room.plan.at_cap ? "max_loaded_models reached"
-                                                       : "not enough free memory") +
-                                     ", no idle model to evict)");
+                RegistryEvent event(RegistryEventKind::load_waits, slot.name());
+                event.limit = options_.load_wait;
+                event.at_cap = room.plan.at_cap;
+                publish(event);
             }
             sleep_(std::min<Duration>(guard_.options().poll_interval, deadline - now));
         }
@@ -8966,7 +9168,7 @@ class ModelRegistry : private detail::SlotOwner {
             std::string asked = std::move(room.peers);
             room = make_room(slot);  // admit once more: only the probe's reading counts
             room.peers = std::move(asked);
-            if (room.ready) bump(stats_.peer_reliefs);
+            if (room.ready) publish(RegistryEvent(RegistryEventKind::peer_relief, slot.name()));
         }
         if (!room.ready) return nullptr;
         detail::LoadedModel loaded = run_loader(slot, room.trusted_bytes);
@@ -8994,11 +9196,13 @@ class ModelRegistry : private detail::SlotOwner {
         const std::uint64_t free_before = guard_.probe().memory().free_bytes;
         const detail::ReliefOutcome outcome =
             peers_.ask(shortfall, slot.name(), clock_, sleep_, guard_.options().poll_interval);
-        stats_.peer_requests.fetch_add(outcome.asked, std::memory_order_relaxed);
         for (const std::string& answer : outcome.answers)
             room.peers += (room.peers.empty() ? "" : "; ") + answer;
-        log(Level::info, "load of model '" + slot.name() + "' is " + format_bytes(shortfall) +
-                             " short after local eviction; peers: " + room.peers);
+        RegistryEvent asked(RegistryEventKind::peers_asked, slot.name());
+        asked.count = outcome.asked;
+        asked.bytes = shortfall;
+        asked.text = room.peers;
+        publish(asked);
         if (outcome.claimed == 0) return false;
         const TimePoint start = clock_();
         const bool seen = guard_.wait_for_freed_memory(outcome.claimed, free_before, needed);
@@ -9047,14 +9251,11 @@ class ModelRegistry : private detail::SlotOwner {
             victim, clock_(), Duration::zero(), seen_uses, &still_referenced);
         if (!result.unloaded()) return;  // a lease came first: decide again
         guard_.probe().release_cached();
-        bump(stats_.evictions);
-        log(Level::info,
-            "evicted idle model '" + victim.name() + "' (" + format_bytes(result.bytes) +
-                ", idle " + seconds_text(result.idle_seconds) +
-                ", least recently used) to make room for '" + for_slot.name() + "'" +
-                (room.plan.at_cap ? " (max_loaded_models " +
-                                        std::to_string(options_.max_loaded_models) + " reached)"
-                                  : ""));
+        RegistryEvent event = unload_event(RegistryEventKind::evicted, victim, result);
+        event.for_model = for_slot.name();
+        event.at_cap = room.plan.at_cap;
+        event.count = options_.max_loaded_models;
+        publish(event);
         warn_if_referenced(victim, still_referenced);
         if (room.plan.fits || result.bytes == 0)
             return;  // only the cap was in the way: nothing to wait for
@@ -9069,16 +9270,16 @@ class ModelRegistry : private detail::SlotOwner {
             policy::saturating_add(room.admission.requirement.bytes, room.admission.margin_bytes);
         const TimePoint start = clock_();
         if (guard_.wait_for_freed_memory(freed, free_before, needed)) {
-            bump(stats_.recoveries_seen);
-            log(Level::info, "memory freed by unloading '" + victim.name() + "' reported after " +
-                                 ms_text(clock_() - start));
+            RegistryEvent event(RegistryEventKind::recovery_seen, victim.name());
+            event.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_() - start);
+            publish(event);
         } else {
-            bump(stats_.recoveries_trusted);
             room.trusted_bytes = policy::saturating_add(room.trusted_bytes, freed);
-            log(Level::warn,
-                "the device did not report " + detail::percent(guard_.options().recovery_fraction) +
-                    " of the " + format_bytes(freed) + " freed by unloading '" + victim.name() +
-                    "' within " + ms_text(clock_() - start) + "; trusting the estimate");
+            RegistryEvent event(RegistryEventKind::recovery_trusted, victim.name());
+            event.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_() - start);
+            event.bytes = freed;
+            event.threshold = guard_.options().recovery_fraction;
+            publish(event);
         }
     }
 
@@ -9113,9 +9314,10 @@ class ModelRegistry : private detail::SlotOwner {
             const std::uint64_t free_after = guard_.probe().memory().free_bytes;
             loaded.bytes = free_before > free_after ? free_before - free_after : 0;
         }
-        bump(stats_.loads);
-        log(Level::info, "loaded model '" + slot.name() + "' (" + format_bytes(loaded.bytes) +
-                             ") in " + ms_text(clock_() - start));
+        RegistryEvent event(RegistryEventKind::loaded, slot.name());
+        event.bytes = loaded.bytes;
+        event.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_() - start);
+        publish(event);
         return loaded;
     }
 
@@ -9181,7 +9383,7 @@ class ModelRegistry : private detail::SlotOwner {
     mutable std::mutex mutex_;  // slots_ and last_relief_; never held while loading or waiting
     std::vector<std::shared_ptr<detail::SlotBase>> slots_;
     std::optional<TimePoint> last_relief_;
-    AtomicRegistryStats stats_;
+    detail::AtomicRegistryStats stats_;
 
     detail::PeerRelief peers_;
     const std::shared_ptr<std::mutex> relief_mutex_;  // one peer relief per device at a time
