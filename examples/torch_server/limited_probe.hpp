@@ -13,6 +13,7 @@
 #pragma once
 
 #include <vramguard/memory.hpp>
+#include <vramguard/policy.hpp>
 #include <vramguard/system_memory.hpp>
 
 #include <algorithm>
@@ -25,16 +26,6 @@
 #include <unistd.h>
 
 namespace torch_server {
-
-// Resident bytes of this process (/proc/self/statm), 0 where unreadable.
-inline std::uint64_t resident_bytes() {
-    std::string text;
-    if (!vramguard::detail::host::read_file("/proc/self/statm", text)) return 0;
-    const std::size_t space = text.find(' ');
-    if (space == std::string::npos) return 0;
-    const auto pages = vramguard::detail::host::parse_u64(std::string_view(text).substr(space + 1));
-    return pages.value_or(0) * static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-}
 
 template <class Inner>
 class LimitedProbe {
@@ -58,7 +49,7 @@ class LimitedProbe {
             const std::uint64_t left = seen.total_bytes > used ? seen.total_bytes - used : 0;
             seen.free_bytes = std::min(real.free_bytes, left);
         }
-        seen.free_bytes = vramguard::detail::saturating_sub(seen.free_bytes, other_process_bytes_);
+        seen.free_bytes = vramguard::policy::saturating_sub(seen.free_bytes, other_process_bytes_);
         return seen;
     }
     void release_cached() { inner_.release_cached(); }
@@ -77,13 +68,13 @@ class LimitedProbe {
     // Resident bytes on the host; the real probe's free bytes on a device.
     std::uint64_t usage_mark() const {
         if constexpr (on_host)
-            return resident_bytes();
+            return vramguard::process_resident_bytes();
         else
             return inner_.memory().free_bytes;
     }
     std::uint64_t used_since_start(const vramguard::MemoryInfo& real) const {
         if constexpr (on_host) {
-            const std::uint64_t now = resident_bytes();
+            const std::uint64_t now = vramguard::process_resident_bytes();
             return now > baseline_ ? now - baseline_ : 0;
         } else {
             return baseline_ > real.free_bytes ? baseline_ - real.free_bytes : 0;

@@ -149,7 +149,7 @@ class Manager {
             const vramguard::ReliefRequest request{decision.to_free - claimed, config_.peer_timeout,
                                                    asked_at + config_.peer_timeout, "vram_manager"};
             const vramguard::PeerReply reply = peer->ask(request, ask);
-            claimed = vramguard::detail::saturating_add(claimed, vramguard::relief::claimed(reply));
+            claimed = vramguard::policy::saturating_add(claimed, vramguard::relief::claimed(reply));
             log(vramguard::Level::info, "  " + peer->name() + ": " + vramguard::describe(reply));
         }
         if (claimed == 0) {

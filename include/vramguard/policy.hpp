@@ -46,6 +46,7 @@ inline std::uint64_t scale_bytes(std::uint64_t bytes, double factor) noexcept {
 }
 
 using detail::saturating_add;  // models.hpp, host.hpp and callers say policy::
+using detail::saturating_sub;
 
 // Declared bytes beat a measured peak (the caller knows about this run), which beats the
 // conservative first-run guess (a fraction of the whole device: an unknown load is assumed big).

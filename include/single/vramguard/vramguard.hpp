@@ -836,6 +836,7 @@ inline std::uint64_t scale_bytes(std::uint64_t bytes, double factor) noexcept {
 }
 
 using detail::saturating_add;  // models.hpp, host.hpp and callers say policy::
+using detail::saturating_sub;
 
 // Declared bytes beat a measured peak (the caller knows about this run), which beats the
 // conservative first-run guess (a fraction of the whole device: an unknown load is assumed big).
@@ -4259,6 +4260,16 @@ class SystemMemoryProbe {
     SystemMemorySources sources_;
     detail::host::CgroupPath cgroup_;
 };
+
+// Resident bytes of this process (/proc/self/statm), 0 where unreadable: what a CPU-inference
+// server's own work took, for demos that take a share of the host as their "device".
+inline std::uint64_t process_resident_bytes() {
+    std::string text;
+    if (!detail::host::read_file("/proc/self/statm", text)) return 0;
+    const std::vector<std::string_view> fields = detail::host::split(text, ' ');
+    if (fields.size() < 2) return 0;
+    return detail::host::parse_u64(fields[1]).value_or(0) * detail::host::page_size();
+}
 
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/system_memory.hpp> ----
