@@ -319,18 +319,24 @@ class HardenedServer : public httplib::Server {
         : limits_(limits), state_(std::make_shared<State>()) {
         state_->max = std::max<std::size_t>(1, limits_.max_connections);
         set_keep_alive_max_count(limits_.max_requests_per_connection);
-        const auto state = state_;
-        new_task_queue = [state] { return new ConnectionThreads(state); };
+        // Called as listening starts, after the bind: cpp-httplib listens with a backlog of 5, so
+        // a burst of connections (the slow ones and a /status among them) had SYNs dropped and
+        // retried a second or more later. A second listen() only widens the queue.
+        new_task_queue = [this] {
+            if (svr_sock_ != INVALID_SOCKET) ::listen(svr_sock_, SOMAXCONN);
+            return new ConnectionThreads(state_);
+        };
     }
 
     const ConnectionLimits& limits() const { return limits_; }
 
     // Serves the requests that arrive on one connection until it ends, as a connection thread
-    // does. The way in for the fuzzer and for tests, without a socket.
-    void serve(MeteredStream& stream) {
+    // does. The way in for the fuzzer and for tests, without a socket. True when it ended with
+    // an answer that closes it early: bytes the client sent may be left unread.
+    bool serve(MeteredStream& stream) {
         for (std::size_t n = 0; n < limits_.max_requests_per_connection; ++n) {
-            if (state_->stopping.load()) return;
-            if (!stream.wait_for_request(limits_.keep_alive)) return;
+            if (state_->stopping.load()) return false;
+            if (!stream.wait_for_request(limits_.keep_alive)) return false;
             RequestFacts facts;
             stream.begin_request(facts);
             detail::current_request_slot() = &facts;
@@ -340,8 +346,10 @@ class HardenedServer : public httplib::Server {
             detail::current_request_slot() = nullptr;
             stream.end_request();
             if (facts.late) state_->late.fetch_add(1, std::memory_order_relaxed);
-            if (!ok || closed || facts.close_after || facts.late) return;
+            if (facts.close_after || facts.late) return true;
+            if (!ok || closed) return false;
         }
+        return false;
     }
 
     ConnectionStats stats() const {
@@ -416,10 +424,12 @@ class HardenedServer : public httplib::Server {
             std::lock_guard<std::mutex> lock(state_->mutex);
             state_->sockets.insert(sock);
         }
+        bool unread = false;
         {
             SocketMeteredStream stream(sock, limits_);
-            serve(stream);
+            unread = serve(stream);
         }
+        if (unread) drain(sock);
         {
             std::lock_guard<std::mutex> lock(state_->mutex);
             state_->sockets.erase(sock);
@@ -427,6 +437,24 @@ class HardenedServer : public httplib::Server {
         ::shutdown(sock, SHUT_RDWR);
         ::close(sock);
         return true;
+    }
+
+    // After an answer that left the request unread (a 413 before the body, a 431): closing now
+    // with bytes unread would reset the connection, and the client could lose the answer. Says
+    // "no more" and discards what still comes, for at most half a second and 1 MiB.
+    static void drain(socket_t sock) {
+        ::shutdown(sock, SHUT_WR);
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+        char discard[16384];
+        for (std::size_t total = 0; total < (1u << 20);) {
+            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                deadline - std::chrono::steady_clock::now());
+            pollfd p{sock, POLLIN, 0};
+            if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0) return;
+            const ssize_t n = ::recv(sock, discard, sizeof discard, MSG_DONTWAIT);
+            if (n <= 0) return;
+            total += static_cast<std::size_t>(n);
+        }
     }
 
     // Over the cap: 503 without reading the request (a client that already sent one may see the

@@ -195,7 +195,21 @@ inline std::optional<Refusal> check_framing(const httplib::Request& req, std::si
     return std::nullopt;
 }
 
+inline bool is_endpoint(const httplib::Request& req) {
+    if (req.method == "GET" || req.method == "HEAD")
+        return req.path == "/status" || req.path == "/metrics";
+    return req.method == "POST" && (req.path == "/encode" || req.path == "/request-unload");
+}
+
+inline std::string no_endpoint(const httplib::Request& req) {
+    return "no endpoint " + excerpt(req.method) + " " + excerpt(req.path) +
+           "; there are POST /encode, POST /request-unload, GET /status, GET /metrics";
+}
+
 inline std::optional<Refusal> check_request(const httplib::Request& req, std::size_t max_body) {
+    // Before cpp-httplib reads a body for a route that does not exist (a POST without a length
+    // it would read until the client closed).
+    if (!is_endpoint(req)) return Refusal{404, no_endpoint(req)};
     if (auto refusal = check_framing(req, max_body)) return refusal;
     if (req.method != "POST") return std::nullopt;
     if (!origin_allowed(req))
@@ -381,9 +395,7 @@ inline std::string explain(const httplib::Request& req, int& status) {
                "malformed request: expected \"METHOD /path HTTP/1.1\" and header lines, each "
                "ending in CRLF";
     switch (status) {
-        case 404:
-            return "no endpoint " + excerpt(req.method) + " " + excerpt(req.path) +
-                   "; there are POST /encode, POST /request-unload, GET /status, GET /metrics";
+        case 404: return no_endpoint(req);
         case 413: return "the request body is larger than the limit; send fewer texts per request";
         case 400:
             return "the request body could not be read (it ended before its Content-Length, or "
@@ -394,9 +406,17 @@ inline std::string explain(const httplib::Request& req, int& status) {
     }
 }
 
+// Range is ignored (RFC 9110 14.2 lets a server): cpp-httplib would cut every answer, errors
+// included, to the range asked for, and a slice of JSON is not JSON. The Request is cpp-httplib's
+// own non-const object, handed to handlers as const.
+inline void ignore_ranges(const httplib::Request& req) {
+    const_cast<httplib::Request&>(req).ranges.clear();
+}
+
 inline httplib::Server::HandlerResponse explain_error(const httplib::Request& req,
                                                       httplib::Response& res) noexcept {
     try {
+        ignore_ranges(req);
         if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
         if (req.remote_addr.empty() || res.status == 408) close_after_answer();
         int status = res.status;
@@ -440,9 +460,12 @@ inline void mark_connection(httplib::Response& res) {
 inline void install_routes(HardenedServer& http, Endpoints& endpoints, const FrontConfig& config) {
     http.set_pre_routing_handler([&endpoints, max_body = config.max_body_bytes](
                                      const httplib::Request& req, httplib::Response& res) {
+        detail::ignore_ranges(req);
         auto refusal = detail::check_request(req, max_body);
         if (!refusal) return httplib::Server::HandlerResponse::Unhandled;
-        detail::close_after_answer();
+        // The body, if any, stays unread; a GET's 404 can keep the connection.
+        if (refusal->status != 404 || detail::has_body_framing(req) || req.method != "GET")
+            detail::close_after_answer();
         if (req.path == "/request-unload" && (refusal->status == 403 || refusal->status == 415))
             endpoints.on_unload_refused();
         detail::reply_error(res, refusal->status, refusal->message);
