@@ -239,8 +239,9 @@ class SocketMeteredStream : public MeteredStream {
    private:
     bool wait_until(short events, Clock::time_point deadline) const {
         for (;;) {
-            const auto left =
-                std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+            // Rounded up: poll() must not wake before the deadline, or a late request would not
+            // read as late.
+            const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
             if (left.count() <= 0) return false;
             pollfd p{fd_, events, 0};
             const int ready =
@@ -460,8 +461,7 @@ class HardenedServer : public httplib::Server {
     // Over the cap: 503 without reading the request (a client that already sent one may see the
     // connection reset instead, which it treats as the same "come back later").
     void refuse(socket_t sock) {
-        const std::uint64_t refused = state_->refused.fetch_add(1) + 1;
-        (void)refused;
+        state_->refused.fetch_add(1, std::memory_order_relaxed);
         const std::string body = "{\"error\":\"this server has " + std::to_string(state_->max) +
                                  " connections open, its limit: come back in a second\"}";
         const std::string answer =

@@ -260,8 +260,8 @@ TEST(TorchServerHostile, EmptyOrGarbageMinIdleIsA400AndUnloadsNothing) {
         EXPECT_EQ(a.status, 400) << "min_idle_seconds=" << value << ": " << a.body;
         EXPECT_TRUE(a.json_error());
     }
-    const Answer twice =
-        send_raw(server.port(), post("/request-unload?min_idle_seconds=0&min_idle_seconds=3600", ""));
+    const Answer twice = send_raw(
+        server.port(), post("/request-unload?min_idle_seconds=0&min_idle_seconds=3600", ""));
     EXPECT_EQ(twice.status, 400) << twice.body;
     EXPECT_TRUE(model_loaded(server.port())) << "a bad request unloaded the model";
     // The numbers it takes still work.
