@@ -12,6 +12,9 @@
 // than the device is 507 (the server's problem), an encode whose cheapest item cannot fit is 413
 // (the request's), neither with Retry-After. A text too large to encode even alone is 413, naming
 // it.
+// What reaches these endpoints passed http_front.hpp's checks (framing, Origin, access, UTF-8,
+// JSON depth, numbers), over connections.hpp's rules (a thread per connection up to a cap,
+// deadlines): hostile requests are answered there, with a JSON error, before the model is involved.
 #pragma once
 
 #include "encoder.hpp"
