@@ -51,6 +51,8 @@ struct Flags {
     std::string shared_device;
     std::uint64_t simulated_device_bytes = 0;
     std::string hold_encodes_while_file_exists;
+    std::size_t max_connections = 512;
+    unsigned long long request_deadline_seconds = 60;
 };
 
 constexpr const char* usage =
@@ -58,7 +60,11 @@ constexpr const char* usage =
     "  --host ADDR                    address to listen on (127.0.0.1)\n"
     "  --port N                       port; 0 picks a free one (8080)\n"
     "  --device cpu|cuda:N            where the model runs (cpu)\n"
-    "  --threads N                    HTTP worker threads (8)\n"
+    "  --threads N                    ignored: each connection has a thread of its own, up\n"
+    "                                 to --max-connections (kept for old command lines)\n"
+    "  --max-connections N            connections served at once; more are answered 503 (512)\n"
+    "  --request-deadline-seconds N   a request must arrive whole within N s, its headers\n"
+    "                                 within min(N, 10) s; a late one is closed (60)\n"
     "  --intra-op-threads N           LibTorch threads per request (1: requests run in parallel)\n"
     "  --idle-unload-seconds N        unload the model after N s without a request; 0 = never "
     "(300)\n"
@@ -143,6 +149,11 @@ Flags parse_flags(int argc, char** argv) {
             flags.shared_device = value;
         else if (flag == "--simulated-device-bytes")
             flags.simulated_device_bytes = parse_number(flag, value);
+        else if (flag == "--max-connections")
+            flags.max_connections = std::max<std::size_t>(1, parse_number(flag, value));
+        else if (flag == "--request-deadline-seconds")
+            flags.request_deadline_seconds =
+                std::min<unsigned long long>(86400, std::max(1ull, parse_number(flag, value)));
         else if (flag == "--hold-encodes-while-file-exists")
             flags.hold_encodes_while_file_exists = value;
         else
@@ -195,12 +206,16 @@ int serve(Inner& inner, const Flags& flags, torch_server::ServerConfig config,
                                             flags.simulate_other_process_bytes);
     torch_server::Server<torch_server::LimitedProbe<Inner>> server(probe, std::move(config));
 
-    httplib::Server http;
-    const std::size_t threads = flags.threads;
-    http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+    // Slow clients cannot hold its threads: see connections.hpp.
+    torch_server::ConnectionLimits limits;
+    limits.max_connections = flags.max_connections;
+    limits.request_deadline = std::chrono::seconds(flags.request_deadline_seconds);
+    limits.header_deadline = std::min(limits.header_deadline, limits.request_deadline);
+    torch_server::HardenedServer http(limits);
     http.set_logger([](const httplib::Request& req, const httplib::Response& res) {
-        std::fprintf(stderr, "torch_server: %s %s -> %d\n", req.method.c_str(), req.path.c_str(),
-                     res.status);
+        std::fprintf(stderr, "torch_server: %s %s -> %d\n",
+                     torch_server::loggable(req.method).c_str(),
+                     torch_server::loggable(req.path).c_str(), res.status);
     });
     server.install(http);
 

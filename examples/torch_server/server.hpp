@@ -12,9 +12,13 @@
 // than the device is 507 (the server's problem), an encode whose cheapest item cannot fit is 413
 // (the request's), neither with Retry-After. A text too large to encode even alone is 413, naming
 // it.
+// What reaches these endpoints passed http_front.hpp's checks (framing, Origin, access, UTF-8,
+// JSON depth, numbers), over connections.hpp's rules (a thread per connection up to a cap,
+// deadlines): hostile requests are answered there, with a JSON error, before the model is involved.
 #pragma once
 
 #include "encoder.hpp"
+#include "http_front.hpp"
 #include "limited_probe.hpp"
 #include "metrics.hpp"
 #include "unload_access.hpp"
@@ -43,8 +47,6 @@
 #include <vector>
 
 namespace torch_server {
-
-using json = nlohmann::json;
 
 struct ServerConfig {
     std::string device_name = "cpu";  // "cpu" or "cuda:N", for keys and /status
@@ -90,15 +92,6 @@ class HeldEncoder : public EncoderModel {
 
 namespace detail {
 
-inline void reply(httplib::Response& res, int status, const json& body) {
-    res.status = status;
-    res.set_content(body.dump(), "application/json");
-}
-
-inline void reply_error(httplib::Response& res, int status, const std::string& message) {
-    reply(res, status, json{{"error", message}});
-}
-
 inline json to_json(const vramguard::MemoryInfo& memory) {
     return {{"free_bytes", memory.free_bytes},
             {"total_bytes", memory.total_bytes},
@@ -117,50 +110,6 @@ inline json counters_json(const Counters& counters) {
 }
 inline json to_json(const vramguard::Stats& s) { return counters_json(s); }
 inline json to_json(const vramguard::RegistryStats& s) { return counters_json(s); }
-
-// The whole body, read here rather than by cpp-httplib: it caps a body sent as
-// application/x-www-form-urlencoded (curl -d's and Python urllib's default) at 8 KB before any
-// handler runs, and a JSON request is JSON whatever its Content-Type says. False when the read
-// failed: cpp-httplib has set the status (413 over the payload limit, 400) and the error handler
-// writes the body.
-inline bool read_body(const httplib::Request& req, const httplib::ContentReader& content_reader,
-                      std::string& body) {
-    if (req.is_multipart_form_data()) return true;  // the handler says what to send instead
-    return content_reader([&](const char* data, std::size_t size) {
-        body.append(data, size);
-        return true;
-    });
-}
-
-// cpp-httplib's own errors (404, a 413 over the payload limit, a 400 for a POST without a body)
-// come with an empty body: say in JSON what happened and what to send. Answers this server wrote
-// already carry a body and are left alone.
-inline httplib::Server::HandlerResponse explain_error(const httplib::Request& req,
-                                                      httplib::Response& res,
-                                                      std::size_t max_body_bytes) {
-    if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
-    std::string message;
-    switch (res.status) {
-        case 404:
-            message = "no endpoint " + req.method + " " + req.path +
-                      "; there are POST /encode, POST /request-unload, GET /status, GET /metrics";
-            break;
-        case 413:
-            message = "the request body is larger than " + std::to_string(max_body_bytes) +
-                      " bytes; send fewer texts per request, as JSON (Content-Type: "
-                      "application/json)";
-            break;
-        case 400:
-            message =
-                "cpp-httplib could not read this request (a POST needs a body and its "
-                "Content-Length: send {\"texts\": [...]} as Content-Type: application/json, "
-                "or -d '' for an empty one)";
-            break;
-        default: message = "HTTP " + std::to_string(res.status); break;
-    }
-    res.set_content(json{{"error", message}}.dump(), "application/json");
-    return httplib::Server::HandlerResponse::Handled;
-}
 
 inline const char* outcome_name(vramguard::UnloadOutcome outcome) {
     switch (outcome) {
@@ -181,7 +130,7 @@ inline long long retry_after_seconds(std::chrono::milliseconds hint) {
 // One encoder behind a guard, a registry and an HTTP server. Probe is the guard's probe type
 // (LimitedProbe<HostProbe> or LimitedProbe<torch::Probe>).
 template <class Probe>
-class Server {
+class Server : public Endpoints {
    public:
     Server(Probe& probe, ServerConfig config)
         : config_(std::move(config)),
@@ -207,33 +156,18 @@ class Server {
     Server(const Server&) = delete;
     Server& operator=(const Server&) = delete;
 
-    void install(httplib::Server& http) {
-        // Content-reader handlers: the body is read by the handler, not parsed as a form first.
-        http.Post("/encode", [this](const httplib::Request& req, httplib::Response& res,
-                                    const httplib::ContentReader& content_reader) {
-            std::string body;
-            if (!detail::read_body(req, content_reader, body)) return;
-            handle_encode(req, body, res);
-        });
-        http.Post("/request-unload", [this](const httplib::Request& req, httplib::Response& res,
-                                            const httplib::ContentReader& content_reader) {
-            std::string body;
-            if (!detail::read_body(req, content_reader, body)) return;
-            handle_request_unload(req, body, res);
-        });
-        http.Get("/status",
-                 [this](const httplib::Request&, httplib::Response& res) { handle_status(res); });
-        http.Get("/metrics",
-                 [this](const httplib::Request&, httplib::Response& res) { handle_metrics(res); });
-        http.set_payload_max_length(config_.max_body_bytes);
-        const std::size_t max_body = config_.max_body_bytes;
-        http.set_error_handler(httplib::Server::HandlerWithResponse(
-            [max_body](const httplib::Request& req, httplib::Response& res) {
-                return detail::explain_error(req, res, max_body);
-            }));
+    // The routes and the request checks (http_front.hpp) in front of this server's endpoints.
+    void install(HardenedServer& http) {
+        FrontConfig front;
+        front.max_body_bytes = config_.max_body_bytes;
+        front.max_texts = config_.max_texts;
+        front.unload_token = config_.unload_token;
+        front.default_min_idle = config_.default_min_idle;
+        install_routes(http, *this, front);
+        http_ = &http;
     }
 
-    json status() {
+    json status() override {
         const vramguard::RegistryStatus registry = registry_.status();
         const vramguard::ModelStatus& model = registry.models.front();
         vramguard::Guard<Probe>& guard = guard_;
@@ -246,11 +180,26 @@ class Server {
                              {"cooldown_left_seconds", peer.cooldown_left_seconds}});
         const double idle_unload_seconds =
             std::chrono::duration<double>(config_.idle_unload).count();
+        // The reference's types: whole minutes (rounded up: the model never stays longer than
+        // it says), and idle_seconds a number only while a model is loaded.
+        const long long idle_unload_minutes =
+            (std::chrono::ceil<std::chrono::seconds>(config_.idle_unload).count() + 59) / 60;
+        json connections = json::object();
+        if (http_ != nullptr) {
+            const ConnectionStats c = http_->stats();
+            connections = {{"open", c.open},
+                           {"max", c.max},
+                           {"refused_503", c.refused_503},
+                           {"late_408", c.late_408}};
+        }
         return {
             // The seeds' /status fields, for services written to that protocol.
+            {"status", "ok"},
             {"model_loaded", model.loaded},
+            {"idle_seconds", model.loaded ? json(model.idle_seconds) : json(nullptr)},
             {"auto_unload_enabled", config_.idle_unload.count() > 0},
-            {"auto_unload_minutes", idle_unload_seconds / 60},
+            {"auto_unload_minutes", idle_unload_minutes},
+            {"connections", std::move(connections)},
             {"model",
              {{"name", model.name},
               {"key", model.key},
@@ -313,49 +262,16 @@ class Server {
                 {"device", config.device_name}};
     }
 
-    // Parses {"texts": [string, ...]}; on a bad body answers 400 and returns nothing.
-    std::optional<std::vector<std::string>> parse_texts(const httplib::Request& req,
-                                                        const std::string& text,
-                                                        httplib::Response& res) {
-        auto bad = [&](const std::string& message) {
-            bad_requests_.fetch_add(1, std::memory_order_relaxed);
-            detail::reply_error(res, 400, message);
-            return std::nullopt;
-        };
-        if (req.is_multipart_form_data())
-            return bad(
-                "send the texts as JSON, {\"texts\": [...]} with Content-Type: "
-                "application/json, not as a multipart form");
-        json body;
-        try {
-            body = json::parse(text);
-        } catch (const json::parse_error& e) {
-            return bad(std::string("malformed JSON: ") + e.what());
-        }
-        if (!body.is_object()) return bad("the body must be a JSON object: {\"texts\": [...]}");
-        const auto texts = body.find("texts");
-        if (texts == body.end()) return bad("missing field \"texts\" (an array of strings)");
-        if (!texts->is_array()) return bad("\"texts\" must be an array of strings");
-        if (texts->size() > config_.max_texts)
-            return bad("too many texts: " + std::to_string(texts->size()) + " (at most " +
-                       std::to_string(config_.max_texts) + " per request)");
-        std::vector<std::string> result;
-        result.reserve(texts->size());
-        for (std::size_t i = 0; i < texts->size(); ++i) {
-            const json& text = (*texts)[i];
-            if (!text.is_string())
-                return bad("texts[" + std::to_string(i) + "] is " + text.type_name() +
-                           ", not a string");
-            result.push_back(text.get<std::string>());
-        }
-        return result;
+    // Endpoints: the request passed http_front.hpp's checks.
+    void on_encode_request() override { encode_requests_.fetch_add(1, std::memory_order_relaxed); }
+    void on_bad_request(bool unload) override {
+        bad_requests_.fetch_add(1, std::memory_order_relaxed);
+        if (unload) unload_bad_.fetch_add(1, std::memory_order_relaxed);
     }
+    void on_unload_refused() override { unload_refused_.fetch_add(1, std::memory_order_relaxed); }
 
-    void handle_encode(const httplib::Request& req, const std::string& body,
-                       httplib::Response& res) {
-        encode_requests_.fetch_add(1, std::memory_order_relaxed);
-        const auto texts = parse_texts(req, body, res);
-        if (!texts) return;
+    void encode(std::vector<std::string> request_texts, httplib::Response& res) override {
+        const std::vector<std::string>* texts = &request_texts;
         if (texts->empty()) {
             encoded_ok_.fetch_add(1, std::memory_order_relaxed);
             detail::reply(
@@ -445,78 +361,16 @@ class Server {
         }
     }
 
-    // A number of seconds, or bytes, from a query parameter or the JSON body; the query wins.
-    // Answers 400 and returns false when it is there but not a number >= 0 (and <= `max`).
-    static bool read_number(const httplib::Request& req, const json& body, const char* name,
-                            double max, std::optional<double>& value, std::string& error) {
-        if (req.has_param(name)) {
-            const std::string text = req.get_param_value(name);
-            std::size_t used = 0;
-            double number = 0;
-            try {
-                number = std::stod(text, &used);
-            } catch (const std::exception&) {
-                used = 0;
-            }
-            if (used != text.size() || !std::isfinite(number) || number < 0 || number > max) {
-                error = std::string(name) + " must be a number >= 0, got \"" + text + "\"";
-                return false;
-            }
-            value = number;
-            return true;
-        }
-        const auto field = body.is_object() ? body.find(name) : body.end();
-        if (!body.is_object() || field == body.end() || field->is_null()) return true;
-        if (!field->is_number() || !std::isfinite(field->get<double>()) ||
-            field->get<double>() < 0 || field->get<double>() > max) {
-            error = std::string(name) + " must be a number >= 0, got " + field->dump();
-            return false;
-        }
-        value = field->get<double>();
-        return true;
-    }
-
     // The seeds' protocol: {"status": "ok"|"busy", "unloaded", "message", "idle_seconds"}, with
     // this server's own fields besides ("result", "freed_bytes", "leases", "min_idle_seconds",
     // "loading"). Only this server's model is unloaded: a request is never passed on to its peers.
-    void handle_request_unload(const httplib::Request& req, const std::string& text,
-                               httplib::Response& res) {
-        const UnloadAccess access = decide_unload_access(req.remote_addr, config_.unload_token,
-                                                         req.get_header_value("Authorization"));
-        if (!access.allowed) {
-            unload_refused_.fetch_add(1, std::memory_order_relaxed);
-            if (access.status == 401) res.set_header("WWW-Authenticate", "Bearer");
-            detail::reply(res, access.status,
-                          json{{"status", "refused"},
-                               {"unloaded", false},
-                               {"message", access.reason},
-                               {"error", access.reason}});
-            return;
-        }
-        auto bad = [&](const std::string& message) {
-            unload_bad_.fetch_add(1, std::memory_order_relaxed);
-            bad_requests_.fetch_add(1, std::memory_order_relaxed);
-            detail::reply_error(res, 400, message);
-        };
-        json body = json::object();
-        if (text.find_first_not_of(" \t\r\n") != std::string::npos) {
-            body = json::parse(text, nullptr, false);
-            if (!body.is_object())
-                return bad(
-                    "the body must be empty or a JSON object ({\"min_idle_seconds\": 30, "
-                    "\"wanted_bytes\": N}); parameters also go in the query string");
-        }
-        std::optional<double> min_idle_seconds, wanted;
-        std::string error;
-        if (!read_number(req, body, "min_idle_seconds", 1e9, min_idle_seconds, error) ||
-            !read_number(req, body, "wanted_bytes", 1.8e19, wanted, error))
-            return bad(error);
-        const double min_idle = min_idle_seconds.value_or(
-            std::chrono::duration<double>(config_.default_min_idle).count());
+    // Refused callers and bad parameters were answered before (http_front.hpp).
+    void request_unload(const UnloadRequest& request, httplib::Response& res) override {
+        const double min_idle = request.min_idle_seconds;
         const auto min_idle_duration = std::chrono::duration_cast<vramguard::Duration>(
             std::chrono::duration<double>(min_idle));
-        const std::uint64_t wanted_bytes = wanted ? static_cast<std::uint64_t>(*wanted)
-                                                  : std::numeric_limits<std::uint64_t>::max();
+        const std::uint64_t wanted_bytes =
+            request.wanted_bytes.value_or(std::numeric_limits<std::uint64_t>::max());
 
         // The registry-wide form: busy (loading) while this server loads its own model, so two
         // servers asking each other do not trade the device back and forth.
@@ -524,12 +378,14 @@ class Server {
             registry_.request_unload(min_idle_duration, wanted_bytes);
         json answer{{"status", result.busy() ? "busy" : "ok"},
                     {"unloaded", result.unloaded()},
-                    {"idle_seconds", result.idle_seconds},
                     {"result", detail::outcome_name(result.outcome)},
                     {"min_idle_seconds", min_idle},
                     {"leases", result.leases},
                     {"loading", result.loading},
                     {"freed_bytes", result.unloaded() ? result.bytes : 0}};
+        // The reference leaves idle_seconds out when no model is loaded.
+        if (result.outcome != vramguard::UnloadOutcome::not_loaded)
+            answer["idle_seconds"] = result.idle_seconds;
         char idle[64];
         std::snprintf(idle, sizeof idle, "%.1f s", result.idle_seconds);
         if (result.unloaded()) {
@@ -565,7 +421,7 @@ class Server {
         return answers;
     }
 
-    void handle_metrics(httplib::Response& res) {
+    void metrics(httplib::Response& res) override {
 #if TORCH_SERVER_HAS_PROMETHEUS
         try {
             const Counts requests{{"ok", encoded_ok_.load()},
@@ -595,20 +451,13 @@ class Server {
             std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
 
-    void handle_status(httplib::Response& res) {
-        try {
-            detail::reply(res, 200, status());
-        } catch (const std::exception& e) {
-            detail::reply_error(res, 500, e.what());
-        }
-    }
-
     ServerConfig config_;
     vramguard::Guard<Probe> guard_;
     vramguard::ModelRegistry<Probe> registry_;  // after the guard: destroyed first
     vramguard::Key load_key_;
     vramguard::Key encode_key_;
     std::shared_ptr<vramguard::ModelSlot<HeldEncoder>> slot_;
+    const HardenedServer* http_ = nullptr;  // for /status's connection counts
     std::atomic<std::uint64_t> encode_requests_{0}, texts_encoded_{0}, rejected_{0},
         bad_requests_{0}, exhausted_{0}, never_fits_{0}, failed_{0}, encoded_ok_{0};
     // POST /request-unload answers: unloaded, busy, not_loaded, refused (401/403), bad (400).

@@ -2,7 +2,8 @@
 // Who may call POST /request-unload: it unloads the model, so anyone who can reach it can make the
 // next request slow (a reload) or, called in a loop, keep the server from serving. Loopback callers
 // (the services sharing this machine's GPU) may; a remote caller only with the token the server was
-// started with (--unload-token), sent as "Authorization: Bearer <token>". A pure function, so every
+// started with (--unload-token), sent as "Authorization: Bearer <token>" (the scheme in any
+// case). A pure function, so every
 // case is tested with a table; the server answers its status and reason as they are.
 #pragma once
 
@@ -10,6 +11,7 @@
 #include <netinet/in.h>
 
 #include <cstring>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -36,6 +38,26 @@ inline bool same_secret(std::string_view a, std::string_view b) noexcept {
     return difference == 0;
 }
 
+// The credentials of "Bearer <token>": the scheme in any case (RFC 9110 11.1: "bearer",
+// "BEARER"), then one or more spaces; trailing spaces and tabs are not part of the token. nullopt
+// for another scheme or an empty token.
+inline std::optional<std::string_view> bearer_credentials(std::string_view authorization) {
+    constexpr std::string_view scheme = "bearer";
+    if (authorization.size() <= scheme.size()) return std::nullopt;
+    for (std::size_t i = 0; i < scheme.size(); ++i) {
+        const char c = authorization[i];
+        if ((c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c) != scheme[i])
+            return std::nullopt;
+    }
+    std::size_t start = scheme.size();
+    if (authorization[start] != ' ') return std::nullopt;
+    while (start < authorization.size() && authorization[start] == ' ') ++start;
+    std::size_t end = authorization.size();
+    while (end > start && (authorization[end - 1] == ' ' || authorization[end - 1] == '\t')) --end;
+    if (end == start) return std::nullopt;
+    return authorization.substr(start, end - start);
+}
+
 struct UnloadAccess {
     bool allowed = false;
     int status = 200;    // 200 when allowed; 401 (no or wrong token: send one) or 403 (refused)
@@ -51,13 +73,10 @@ struct UnloadAccess {
 //     (send it), 403 when none is (the operator has not opened the endpoint to the network).
 inline UnloadAccess decide_unload_access(std::string_view remote_addr, std::string_view token,
                                          std::string_view authorization) {
-    constexpr std::string_view bearer = "Bearer ";
     const bool presented = !authorization.empty();
     if (!token.empty() && presented) {
-        const bool is_bearer = authorization.size() > bearer.size() &&
-                               authorization.substr(0, bearer.size()) == bearer;
-        if (is_bearer && same_secret(authorization.substr(bearer.size()), token))
-            return {true, 200, ""};
+        const std::optional<std::string_view> credentials = bearer_credentials(authorization);
+        if (credentials && same_secret(*credentials, token)) return {true, 200, ""};
         return {false, 401,
                 "the Authorization header does not carry this server's --unload-token (expected "
                 "\"Authorization: Bearer <token>\")"};

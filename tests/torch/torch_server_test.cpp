@@ -398,7 +398,7 @@ TEST(TorchServer, RequestUnloadAnswersBusyThenUnloadedThenNotLoaded) {
     EXPECT_EQ(unload.body["status"], "ok") << unload.body.dump();
     EXPECT_FALSE(unload.body["unloaded"].get<bool>());
     EXPECT_EQ(unload.body["message"], "no model loaded");
-    EXPECT_EQ(unload.body["idle_seconds"].get<double>(), 0.0);
+    EXPECT_FALSE(unload.body.contains("idle_seconds")) << "the reference leaves it out";
 
     const Reply first = encode(*client, {"the same text twice", "and another"});
     ASSERT_EQ(first.status, 200);
@@ -634,7 +634,7 @@ TEST(TorchServerUnloadAccess, LoopbackOrTheTokenFromAnywhere) {
         {"10.0.0.5", "s3cret", "Bearer wrong", false, 401},
         {"10.0.0.5", "s3cret", "Bearer s3cre", false, 401},
         {"10.0.0.5", "s3cret", "Bearer s3cret2", false, 401},
-        {"10.0.0.5", "s3cret", "bearer s3cret", false, 401},
+        {"10.0.0.5", "s3cret", "bearer s3cret", true, 200},  // the scheme in any case (RFC 9110)
         {"10.0.0.5", "s3cret", "Basic s3cret", false, 401},
         {"10.0.0.5", "s3cret", "s3cret", false, 401},
         {"10.0.0.5", "s3cret", "Bearer ", false, 401},
