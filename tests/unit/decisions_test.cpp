@@ -161,20 +161,20 @@ TEST_F(Decisions, AnItemsTransientOomIsRetriedWithoutWaitingForTheReadingToMove)
 }
 
 // ... while after a real one (more asked than was free) the reading the item was planned with is
-// distrusted: here it is stale (the driver reports 10 s late), still shows the memory free, and
-// the retry waits until the reading moves and then shows the memory back.
+// distrusted: here it is stale (the driver reports 3 s late, within recovery_timeout), still shows
+// the memory free, and the retry waits until the reading moves and then shows the memory back.
 TEST_F(Decisions, AnItemsRealOomDistrustsTheReadingItWasPlannedWith) {
     SimulatedDevice device(16_GiB);
-    options.retry_delay = std::chrono::seconds(60);
+    options.item_retry_delay = std::chrono::seconds(60);  // an item's wait, long enough to see
     Guard<SimulatedDevice> guard(device, options);
     const Key key = Key::of("real");
-    device.set_report_lag(std::chrono::seconds(10), clock.clock_fn());
-    device.set_external_usage(12_GiB);  // 4 GiB free, shown from 10 s on
-    clock.after(std::chrono::seconds(20), [&] { device.set_external_usage(0); });  // shown at 30 s
+    device.set_report_lag(std::chrono::seconds(3), clock.clock_fn());
+    device.set_external_usage(12_GiB);  // 4 GiB free, shown from 3 s on
+    clock.after(std::chrono::seconds(20), [&] { device.set_external_usage(0); });  // shown at 23 s
     EXPECT_EQ(guard.encode(key, numbered(1), costing(device, 6_GiB)), numbered(1));
     EXPECT_EQ(guard.stats().ooms, 1u) << "retried on the stale reading";
-    EXPECT_GE(clock.slept(), std::chrono::seconds(30));
-    EXPECT_LE(clock.slept(), std::chrono::seconds(30) + options.poll_interval);
+    EXPECT_GE(clock.slept(), std::chrono::seconds(23));
+    EXPECT_LE(clock.slept(), std::chrono::seconds(23) + options.poll_interval);
 }
 
 // A chunk that failed although its allocation fitted (transient) says nothing about its cost: no

@@ -59,11 +59,14 @@ TEST(CounterEnumeration, VisitsEveryGuardCounterOnceInDeclarationOrder) {
     stats.rejections = 6;
     stats.waits = 7;
     stats.grow_backs = 8;
+    stats.profile_writes = 9;
+    stats.profile_write_failures = 10;
     const Visited visited = visit_all(stats);
     EXPECT_EQ(visited.names,
               (std::vector<std::string>{"calls", "ooms", "retries", "halvings", "single_item_calls",
-                                        "rejections", "waits", "grow_backs"}));
-    EXPECT_EQ(visited.values, (std::vector<std::uint64_t>{1, 2, 3, 4, 5, 6, 7, 8}));
+                                        "rejections", "waits", "grow_backs", "profile_writes",
+                                        "profile_write_failures"}));
+    EXPECT_EQ(visited.values, (std::vector<std::uint64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
     expect_well_named(visited);
 }
 
@@ -99,5 +102,5 @@ TEST(CounterEnumeration, IsUsableInConstantExpressions) {
         return total;
     }();
     static_assert(sum == 42, "for_each_counter is constexpr");
-    EXPECT_EQ(vramguard::detail::counter_count<vramguard::Stats>(), 8u);
+    EXPECT_EQ(vramguard::detail::counter_count<vramguard::Stats>(), 10u);
 }
