@@ -13,7 +13,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <iostream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -58,7 +57,7 @@ inline void parse_or_exit(CLI::App& app, int argc, char** argv) {
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp&) {
-        std::cout << app.help();
+        std::fputs(app.help().c_str(), stdout);  // stdio: no std::cout in torch_server
         std::exit(0);
     } catch (const CLI::ParseError& e) {
         std::string message = e.what();

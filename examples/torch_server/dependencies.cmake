@@ -97,12 +97,15 @@ function(vramguard_find_sentencepiece out_var)
         set_target_properties(vramguard_sentencepiece_shim PROPERTIES
             CXX_VISIBILITY_PRESET hidden
             LIBRARY_OUTPUT_DIRECTORY "${PROJECT_BINARY_DIR}/examples")
-        target_link_libraries(vramguard_sentencepiece_shim PRIVATE ${libs})
-        vramguard_configure_own_target(vramguard_sentencepiece_shim)
+        # The libraries themselves, for a program that has no LibTorch (the tests' tool).
+        add_library(vramguard_sentencepiece_libs INTERFACE)
+        target_link_libraries(vramguard_sentencepiece_libs INTERFACE ${libs})
         if(VRAMGUARD_SENTENCEPIECE_INCLUDE)
-            target_include_directories(vramguard_sentencepiece_shim PRIVATE
+            target_include_directories(vramguard_sentencepiece_libs INTERFACE
                 "${VRAMGUARD_SENTENCEPIECE_INCLUDE}")
         endif()
+        target_link_libraries(vramguard_sentencepiece_shim PRIVATE vramguard_sentencepiece_libs)
+        vramguard_configure_own_target(vramguard_sentencepiece_shim)
         add_library(vramguard_torch_server_sentencepiece INTERFACE)
         target_compile_definitions(vramguard_torch_server_sentencepiece INTERFACE
             TORCH_SERVER_HAS_SENTENCEPIECE=1

@@ -42,7 +42,6 @@ struct SentencePieceLibrary {
     vg_spm_int_fn piece_size = nullptr;
     vg_spm_int_fn unk_id = nullptr;
     vg_spm_free_fn free = nullptr;
-    vg_spm_train_fn train = nullptr;
 
     // Next to the running program first (an installed copy), then where the build put it.
     static const SentencePieceLibrary& get() {
@@ -83,7 +82,6 @@ struct SentencePieceLibrary {
             bind(lib.piece_size, "vg_spm_piece_size");
             bind(lib.unk_id, "vg_spm_unk_id");
             bind(lib.free, "vg_spm_free");
-            bind(lib.train, "vg_spm_train");
             if (ok) return {lib, ""};
             errors += (errors.empty() ? "" : "; ") + path + ": a symbol is missing";
         }
@@ -164,13 +162,6 @@ inline Tokenizer load_sentencepiece(const SentencePieceOptions& options,
         if (tokens.empty()) tokens.push_back(model->unk_id());
         return tokens;
     };
-}
-
-// SentencePieceTrainer::Train through the shim (the tests train a model at test time).
-inline void train_sentencepiece(const std::string& args) {
-    char error[512] = "";
-    if (SentencePieceLibrary::get().train(args.c_str(), error, sizeof error) != 0)
-        throw ModelFileError(std::string("SentencePieceTrainer::Train: ") + error);
 }
 
 }  // namespace torch_server

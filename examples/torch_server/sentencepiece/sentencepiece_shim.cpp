@@ -4,7 +4,6 @@
 #include "sentencepiece_shim.h"
 
 #include <sentencepiece_processor.h>
-#include <sentencepiece_trainer.h>
 
 #include <cstdio>
 #include <exception>
@@ -58,18 +57,6 @@ __attribute__((visibility("default"))) int vg_spm_unk_id(void* model) {
 
 __attribute__((visibility("default"))) void vg_spm_free(void* model) {
     delete static_cast<sentencepiece::SentencePieceProcessor*>(model);
-}
-
-__attribute__((visibility("default"))) int vg_spm_train(const char* args, char* error,
-                                                        size_t error_size) {
-    try {
-        const auto status = sentencepiece::SentencePieceTrainer::Train(args);
-        if (status.ok()) return 0;
-        copy_message(status.ToString(), error, error_size);
-    } catch (const std::exception& e) {
-        copy_message(e.what(), error, error_size);
-    }
-    return -1;
 }
 
 }  // extern "C"

@@ -22,8 +22,6 @@ typedef long (*vg_spm_encode_fn)(void* model, const char* text, size_t size, int
                                  size_t capacity);
 typedef int (*vg_spm_int_fn)(void* model);  // pieces in the vocabulary; unk_id
 typedef void (*vg_spm_free_fn)(void* model);
-// SentencePieceTrainer::Train(args); 0 on success, else -1 with a message in `error`.
-typedef int (*vg_spm_train_fn)(const char* args, char* error, size_t error_size);
 
 #ifdef __cplusplus
 }
