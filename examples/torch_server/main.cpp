@@ -93,7 +93,10 @@ Flags parse_flags(int argc, char** argv) {
     app.add_option("--host", f.host, "address to listen on");
     app.add_option("--port", f.port, "port; 0 picks a free one")->check(CLI::Range(0, 65535));
     app.add_option("--device", f.device, "where the model runs: cpu or cuda:N");
-    app.add_option("--threads", f.threads, "HTTP worker threads (0 counts as 1)");
+    // Unsigned options check for a sign: CLI11 would read "-1" as 2^64 - 1.
+    const auto unsigned_number = CLI::NonNegativeNumber;
+    app.add_option("--threads", f.threads, "HTTP worker threads (0 counts as 1)")
+        ->check(unsigned_number);
     app.add_option("--intra-op-threads", f.intra_op_threads,
                    "LibTorch threads per request (1: requests run in parallel)")
         ->check(CLI::NonNegativeNumber);
@@ -102,14 +105,18 @@ Flags parse_flags(int argc, char** argv) {
         ->check(CLI::NonNegativeNumber);
     app.add_option("--profile-dir", f.profile_dir, "where vramguard keeps what it learned");
     auto* limit = app.add_option("--memory-limit-bytes", memory_limit,
-                                 "behave as if the device had N bytes (demos, tests)");
+                                 "behave as if the device had N bytes (demos, tests)")
+                      ->check(unsigned_number);
     app.add_option("--simulate-other-process-bytes", f.simulate_other_process_bytes,
                    "behave as if another process held N bytes of the device (demos, tests of "
-                   "503; 0 = off)");
-    app.add_option("--max-texts", f.max_texts, "texts per /encode request (0 counts as 1)");
+                   "503; 0 = off)")
+        ->check(unsigned_number);
+    app.add_option("--max-texts", f.max_texts, "texts per /encode request (0 counts as 1)")
+        ->check(unsigned_number);
     app.add_option("--simulate-oom-above-tokens", f.simulate_oom_above_tokens,
                    "fault injection: batches over N padded tokens fail with an out-of-memory "
-                   "error (0 = off)");
+                   "error (0 = off)")
+        ->check(unsigned_number);
     auto* token = app.add_option("--unload-token", f.unload_token,
                                  "let remote callers use /request-unload with \"Authorization: "
                                  "Bearer TOKEN\" (off: loopback only); prefer the variable or "
@@ -132,7 +139,8 @@ Flags parse_flags(int argc, char** argv) {
                    "run on a simulated device kept in FILE, shared with every server started "
                    "on it, with a simulated clock (demos, tests of peers)");
     app.add_option("--simulated-device-bytes", f.simulated_device_bytes,
-                   "its size, when FILE is new");
+                   "its size, when FILE is new")
+        ->check(unsigned_number);
     app.add_option("--hold-encodes-while-file-exists", f.hold_encodes_while_file_exists,
                    "tests: an /encode holding the model waits while FILE exists (at most 60 s)");
     // The model and its tokenizer.

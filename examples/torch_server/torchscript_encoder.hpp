@@ -51,6 +51,18 @@ inline std::string first_line(const std::string& text) {
     return end == std::string::npos ? text : text.substr(0, end);
 }
 
+// The line that says what went wrong: the first, except after the TorchScript interpreter's
+// traceback, where it is the last ("RuntimeError: index out of range in self").
+inline std::string one_line(const std::string& text) {
+    if (text.rfind("The following operation failed in the TorchScript interpreter", 0) != 0)
+        return first_line(text);
+    std::string last, line;
+    std::istringstream in(text);
+    while (std::getline(in, line))
+        if (line.find_first_not_of(" \t") != std::string::npos) last = line;
+    return last;
+}
+
 // What tells two versions of a file apart without reading it: checked before every load, so the
 // file loaded is the one whose content was hashed.
 struct FileStamp {
@@ -234,7 +246,10 @@ inline ModelSource inspect_torchscript(const TorchScriptOptions& options,
             out = module.forward({ids, mask});
         } catch (const c10::Error& e) {
             throw ModelFileError(path + ": forward failed on a probe batch of " + shape_of(ids) +
-                                 " (on the CPU): " + first_line(e.what_without_backtrace()));
+                                 " (on the CPU): " + one_line(e.what_without_backtrace()));
+        } catch (const std::exception& e) {  // the interpreter's (torch::jit::JITException)
+            throw ModelFileError(path + ": forward failed on a probe batch of " + shape_of(ids) +
+                                 " (on the CPU): " + one_line(e.what()));
         }
         dim = pool_output(out, mask, path).size(1);
     }
