@@ -44,6 +44,16 @@ inline std::vector<std::string> split_on_spaces(const std::string& text) {
     return words;
 }
 
+// For unsigned options: CLI11 converts with strtoull, which reads "-1" as 2^64 - 1.
+inline CLI::Validator no_sign() {
+    return CLI::Validator(
+        [](std::string& value) {
+            return value.find('-') == std::string::npos ? std::string()
+                                                        : "wants a number >= 0, got " + value;
+        },
+        "", "UNSIGNED");
+}
+
 [[noreturn]] inline void usage_error(const std::string& program, const std::string& message) {
     std::fprintf(stderr, "%s: %s (%s --help lists the options)\n", program.c_str(), message.c_str(),
                  program.c_str());

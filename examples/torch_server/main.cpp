@@ -93,8 +93,7 @@ Flags parse_flags(int argc, char** argv) {
     app.add_option("--host", f.host, "address to listen on");
     app.add_option("--port", f.port, "port; 0 picks a free one")->check(CLI::Range(0, 65535));
     app.add_option("--device", f.device, "where the model runs: cpu or cuda:N");
-    // Unsigned options check for a sign: CLI11 would read "-1" as 2^64 - 1.
-    const auto unsigned_number = CLI::NonNegativeNumber;
+    const CLI::Validator unsigned_number = example_cli::no_sign();
     app.add_option("--threads", f.threads, "HTTP worker threads (0 counts as 1)")
         ->check(unsigned_number);
     app.add_option("--intra-op-threads", f.intra_op_threads,

@@ -134,7 +134,7 @@ Arguments parse(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--steps", args.steps, "stop after N readings (0: run until SIGINT/SIGTERM)")
         ->capture_default_str()
-        ->check(CLI::NonNegativeNumber);
+        ->check(example_cli::no_sign());
     app.add_flag("--verbose", args.verbose, "log every reading, not only those above a threshold");
     example_cli::env_for_every_option(app, "VRAMGUARD_MANAGER_");
     example_cli::parse_or_exit(app, argc, argv);
