@@ -7,22 +7,23 @@
 // (torch::manual_seed), so every run of the server, and every load after an unload, gives the
 // same embedding for the same text. Padding is masked out of attention and out of the mean, so a
 // text's embedding does not depend on what else was in its batch (up to float rounding).
+// builtin_model() describes it to the server as a ModelSource (embedding_model.hpp).
 #pragma once
+
+#include "embedding_model.hpp"
 
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
 
 namespace torch_server {
-
-using Tokens = std::vector<std::int64_t>;
-using Embedding = std::vector<float>;
 
 struct EncoderConfig {
     std::int64_t vocab = 8192;       // hashed word ids; 0 is padding, 1 starts every text
@@ -75,10 +76,10 @@ class EncoderImpl : public torch::nn::Module {
                                 .activation(torch::kGELU),
                             config.layers)))) {}
 
-    // ids: [batch, length] (int64, padding_id after each text's end); returns [batch, dim], unit
-    // rows.
-    torch::Tensor forward(const torch::Tensor& ids) {
-        const torch::Tensor padding = ids.eq(padding_id);  // [batch, length], true = ignore
+    // ids, mask: [batch, length] (int64; mask 0 on the padding after each text's end); returns
+    // [batch, dim], unit rows.
+    torch::Tensor forward(const torch::Tensor& ids, const torch::Tensor& mask) {
+        const torch::Tensor padding = mask.eq(0);  // [batch, length], true = ignore
         const auto length = ids.size(1);
         const torch::Tensor where = torch::arange(length, ids.options());
         torch::Tensor x = tokens_(ids) + positions_(where).unsqueeze(0);  // [batch, length, dim]
@@ -101,8 +102,8 @@ class EncoderImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Encoder);
 
-// What the registry holds: the module on its device, ready for inference.
-class EncoderModel {
+// The module on its device, ready for inference.
+class EncoderModel : public EmbeddingModel {
    public:
     EncoderModel(const EncoderConfig& config, torch::Device device) : device_(device) {
         {
@@ -129,45 +130,32 @@ class EncoderModel {
         return static_cast<std::uint64_t>(parameters) * sizeof(float);
     }
 
-    std::uint64_t parameter_count() const {
-        std::uint64_t count = 0;
-        for (const auto& p : module_->parameters()) count += static_cast<std::uint64_t>(p.numel());
-        return count;
+    torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& mask) override {
+        return module_->forward(ids, mask);
     }
-
-    // One padded batch. `batch` is any range of Tokens with size() (Guard::encode's BatchView).
-    template <class Batch>
-    std::vector<Embedding> encode(const Batch& batch) {
-        const auto n = static_cast<std::int64_t>(batch.size());
-        std::int64_t longest = 1;
-        for (const Tokens& tokens : batch)
-            longest = std::max<std::int64_t>(longest, static_cast<std::int64_t>(tokens.size()));
-        torch::Tensor ids = torch::full({n, longest}, padding_id, torch::kInt64);
-        auto rows = ids.accessor<std::int64_t, 2>();
-        std::int64_t row = 0;
-        for (const Tokens& tokens : batch) {
-            for (std::size_t i = 0; i < tokens.size(); ++i)
-                rows[row][static_cast<std::int64_t>(i)] = tokens[i];
-            ++row;
-        }
-        torch::InferenceMode inference;
-        const torch::Tensor out =
-            module_->forward(ids.to(device_)).to(torch::kCPU, torch::kFloat32).contiguous();
-        const std::int64_t dim = out.size(1);
-        const float* data = out.data_ptr<float>();
-        std::vector<Embedding> result;
-        result.reserve(static_cast<std::size_t>(n));
-        for (std::int64_t r = 0; r < n; ++r)
-            result.emplace_back(data + r * dim, data + (r + 1) * dim);
-        return result;
-    }
-
-    std::int64_t dim() const noexcept { return module_->config().dim; }
-    torch::Device device() const noexcept { return device_; }
+    torch::Device device() const override { return device_; }
 
    private:
     torch::Device device_;
     Encoder module_{nullptr};
 };
+
+// The built-in encoder as the server sees it: declared at its parameter bytes, keyed as before
+// TorchScript files existed (profiles learned then stay valid).
+inline ModelSource builtin_model(const EncoderConfig& config) {
+    ModelSource source;
+    source.key_params = {{"model", "toy-encoder"},
+                         {"dim", std::to_string(config.dim)},
+                         {"layers", std::to_string(config.layers)}};
+    source.description = "built-in encoder (encoder.hpp)";
+    source.declared_bytes = EncoderModel::parameter_bytes(config);
+    source.parameter_bytes = EncoderModel::parameter_bytes(config);
+    source.dim = config.dim;
+    source.padding_id = padding_id;
+    source.load = [config](torch::Device device) -> std::unique_ptr<EmbeddingModel> {
+        return std::make_unique<EncoderModel>(config, device);
+    };
+    return source;
+}
 
 }  // namespace torch_server

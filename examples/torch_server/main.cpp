@@ -1,20 +1,28 @@
 // SPDX-License-Identifier: MIT
-// torch_server: an HTTP embedding server around a small LibTorch encoder, guarded by vramguard.
+// torch_server: an HTTP embedding server around a LibTorch model, guarded by vramguard.
 //
-//   torch_server --port 8080 [--host 127.0.0.1] [--device cpu|cuda:N] [--threads 8]
-//                [--idle-unload-seconds 300] [--profile-dir DIR] [--memory-limit-bytes N]
-//                [--simulate-other-process-bytes N] [--intra-op-threads 1] [--max-texts 1024]
-//                [--simulate-oom-above-tokens N] [--unload-token TOKEN] [--peer KIND=URL]...
-//                [--peer-token TOKEN] [--simulate-shared-device FILE [--simulated-device-bytes N]]
+//   torch_server --port 8080 [--model model.pt [--dtype float16] [--model-bytes N|measure]]
+//                [--tokenizer spiece.model [--bos-id N] [--eos-id N]] [--max-tokens N]
+//                [--device cpu|cuda:N] [--idle-unload-seconds 300] [--peer KIND=URL]...
+//                [--unload-token-file FILE] ... (--help lists every flag)
+//
+// Every flag is also read from the environment: --unload-token from VRAMGUARD_SERVER_UNLOAD_TOKEN,
+// and so on (the command line wins). Without --model it serves the built-in encoder
+// (encoder.hpp), without --tokenizer the built-in tokenizer. A --model or --tokenizer that cannot
+// be served (missing, corrupt, another forward signature) stops the server before it listens,
+// with one line saying why and exit status 1; a bad flag exits 2.
 //
 // The model loads on the first /encode (admitted by the guard, counted by the registry), stays
 // loaded while requests lease it, and is unloaded after --idle-unload-seconds without one or on
 // POST /request-unload. With --port 0 the kernel picks a free port; the first line on stdout is
 // always "listening on http://HOST:PORT". SIGINT or SIGTERM stops the server cleanly.
-// See docs/torch_server.md for a session with curl.
+// See docs/torch_server.md for a session with curl, and for serving your own model.
+#include "../cli_flags.hpp"
 #include "peers.hpp"
+#include "sentencepiece_tokenizer.hpp"
 #include "server.hpp"
 #include "shared_device.hpp"
+#include "torchscript_encoder.hpp"
 
 #include <vramguard/torch.hpp>
 
@@ -32,6 +40,8 @@
 #include <vector>
 
 namespace {
+
+const std::string program = "torch_server";
 
 struct Flags {
     std::string host = "127.0.0.1";
@@ -53,113 +63,199 @@ struct Flags {
     std::string hold_encodes_while_file_exists;
     std::size_t max_connections = 512;
     unsigned long long request_deadline_seconds = 60;
+    // The model and its tokenizer (docs/torch_server.md, "Serve your own model").
+    std::string model;        // TorchScript file; "" = the built-in encoder
+    std::string model_bytes;  // "" = the file's parameter bytes, "measure", or a number
+    std::string dtype = "float32";
+    std::string tokenizer;  // SentencePiece model; "" = the built-in tokenizer
+    std::optional<std::int64_t> bos_id, eos_id, pad_id, max_tokens;
 };
 
-constexpr const char* usage =
-    "usage: torch_server [options]\n"
-    "  --host ADDR                    address to listen on (127.0.0.1)\n"
-    "  --port N                       port; 0 picks a free one (8080)\n"
-    "  --device cpu|cuda:N            where the model runs (cpu)\n"
-    "  --threads N                    ignored: each connection has a thread of its own, up\n"
-    "                                 to --max-connections (kept for old command lines)\n"
-    "  --max-connections N            connections served at once; more are answered 503 (512)\n"
-    "  --request-deadline-seconds N   a request must arrive whole within N s, its headers\n"
-    "                                 within min(N, 10) s; a late one is closed (60)\n"
-    "  --intra-op-threads N           LibTorch threads per request (1: requests run in parallel)\n"
-    "  --idle-unload-seconds N        unload the model after N s without a request; 0 = never "
-    "(300)\n"
-    "  --profile-dir DIR              where vramguard keeps what it learned (its default)\n"
-    "  --memory-limit-bytes N         behave as if the device had N bytes (demos, tests)\n"
-    "  --simulate-other-process-bytes N\n"
-    "                                 behave as if another process held N bytes of the device\n"
-    "                                 (demos, tests of 503; 0 = off)\n"
-    "  --max-texts N                  texts per /encode request (1024)\n"
-    "  --simulate-oom-above-tokens N  fault injection: batches over N padded tokens fail with an\n"
-    "                                 out-of-memory error, as on a device that small (off)\n"
-    "  --unload-token TOKEN           let remote callers use /request-unload with\n"
-    "                                 \"Authorization: Bearer TOKEN\" (off: loopback only)\n"
-    "  --peer KIND=URL                another service on this GPU to ask for memory when the\n"
-    "                                 model does not fit (repeatable, asked in order; KIND:\n"
-    "                                 vramguard, ollama, comfyui, llamacpp or vllm)\n"
-    "  --peer-token TOKEN             sent to peers as \"Authorization: Bearer TOKEN\"\n"
-    "  --simulate-shared-device FILE  run on a simulated device kept in FILE, shared with every\n"
-    "                                 server started on the same FILE, with a simulated clock\n"
-    "                                 (demos, tests of peers)\n"
-    "  --simulated-device-bytes N     its size, when FILE is new\n"
-    "  --hold-encodes-while-file-exists FILE\n"
-    "                                 tests: an /encode holding the model waits while FILE\n"
-    "                                 exists (at most 60 s), to keep a request in flight\n";
-
-[[noreturn]] void fail_usage(const std::string& message) {
-    std::fprintf(stderr, "torch_server: %s\n%s", message.c_str(), usage);
-    std::exit(2);
-}
-
-unsigned long long parse_number(const std::string& flag, const char* text) {
-    char* end = nullptr;
-    errno = 0;
-    const unsigned long long value = std::strtoull(text, &end, 10);
-    if (errno != 0 || end == text || *end != '\0' || text[0] == '-')
-        fail_usage(flag + " needs a non-negative integer, got \"" + text + "\"");
-    return value;
+// Binds a flag to an optional: set only when the flag (or its variable) was given.
+template <class T>
+CLI::Option* add_optional(CLI::App& app, const std::string& name, std::optional<T>& target,
+                          const std::string& help) {
+    return app.add_option_function<T>(
+        name, [&target](const T& value) { target = value; }, help);
 }
 
 Flags parse_flags(int argc, char** argv) {
-    Flags flags;
-    for (int i = 1; i < argc; ++i) {
-        const std::string flag = argv[i];
-        if (flag == "--help" || flag == "-h") {
-            std::fputs(usage, stdout);
-            std::exit(0);
-        }
-        if (i + 1 >= argc) fail_usage(flag == "" ? "empty argument" : flag + " needs a value");
-        const char* value = argv[++i];
-        if (flag == "--host")
-            flags.host = value;
-        else if (flag == "--port") {
-            const auto port = parse_number(flag, value);
-            if (port > 65535) fail_usage("--port must be at most 65535");
-            flags.port = static_cast<int>(port);
-        } else if (flag == "--device")
-            flags.device = value;
-        else if (flag == "--threads")
-            flags.threads = std::max<std::size_t>(1, parse_number(flag, value));
-        else if (flag == "--intra-op-threads")
-            flags.intra_op_threads =
-                static_cast<int>(std::max<unsigned long long>(1, parse_number(flag, value)));
-        else if (flag == "--idle-unload-seconds")
-            flags.idle_unload_seconds = static_cast<long long>(parse_number(flag, value));
-        else if (flag == "--profile-dir")
-            flags.profile_dir = value;
-        else if (flag == "--memory-limit-bytes")
-            flags.memory_limit_bytes = parse_number(flag, value);
-        else if (flag == "--simulate-other-process-bytes")
-            flags.simulate_other_process_bytes = parse_number(flag, value);
-        else if (flag == "--max-texts")
-            flags.max_texts = std::max<std::size_t>(1, parse_number(flag, value));
-        else if (flag == "--simulate-oom-above-tokens")
-            flags.simulate_oom_above_tokens = parse_number(flag, value);
-        else if (flag == "--unload-token")
-            flags.unload_token = value;
-        else if (flag == "--peer")
-            flags.peers.push_back(value);
-        else if (flag == "--peer-token")
-            flags.peer_token = value;
-        else if (flag == "--simulate-shared-device")
-            flags.shared_device = value;
-        else if (flag == "--simulated-device-bytes")
-            flags.simulated_device_bytes = parse_number(flag, value);
-        else if (flag == "--max-connections")
-            flags.max_connections = std::max<std::size_t>(1, parse_number(flag, value));
-        else if (flag == "--request-deadline-seconds")
-            flags.request_deadline_seconds =
-                std::min<unsigned long long>(86400, std::max(1ull, parse_number(flag, value)));
-        else if (flag == "--hold-encodes-while-file-exists")
-            flags.hold_encodes_while_file_exists = value;
-        else
-            fail_usage("unknown option " + flag);
+    Flags f;
+    CLI::App app{
+        "An HTTP embedding server around a LibTorch model, guarded by vramguard "
+        "(docs/torch_server.md). Every flag is also read from the environment variable "
+        "shown with it; the command line wins.",
+        program};
+    app.option_defaults()->always_capture_default()->multi_option_policy(
+        CLI::MultiOptionPolicy::TakeLast);
+    app.get_formatter()->column_width(40);
+    std::string unload_token_file, peer_token_file;
+    std::uint64_t memory_limit = 0;
+
+    app.add_option("--host", f.host, "address to listen on");
+    app.add_option("--port", f.port, "port; 0 picks a free one")->check(CLI::Range(0, 65535));
+    app.add_option("--device", f.device, "where the model runs: cpu or cuda:N");
+    const CLI::Validator unsigned_number = example_cli::no_sign();
+    app.add_option("--threads", f.threads,
+                   "ignored: each connection has a thread of its own, up to --max-connections "
+                   "(kept for old command lines)")
+        ->check(unsigned_number);
+    app.add_option("--max-connections", f.max_connections,
+                   "connections served at once; more are answered 503 at once (0 counts as 1)")
+        ->check(unsigned_number);
+    app.add_option("--request-deadline-seconds", f.request_deadline_seconds,
+                   "a request must arrive whole within N s (at most 86400), its headers within "
+                   "min(N, 10) s; a late one is answered 408 and closed")
+        ->check(unsigned_number);
+    app.add_option("--intra-op-threads", f.intra_op_threads,
+                   "LibTorch threads per request (1: requests run in parallel)")
+        ->check(CLI::NonNegativeNumber);
+    app.add_option("--idle-unload-seconds", f.idle_unload_seconds,
+                   "unload the model after N s without a request; 0 = never")
+        ->check(CLI::NonNegativeNumber);
+    app.add_option("--profile-dir", f.profile_dir, "where vramguard keeps what it learned");
+    auto* limit = app.add_option("--memory-limit-bytes", memory_limit,
+                                 "behave as if the device had N bytes (demos, tests)")
+                      ->check(unsigned_number);
+    app.add_option("--simulate-other-process-bytes", f.simulate_other_process_bytes,
+                   "behave as if another process held N bytes of the device (demos, tests of "
+                   "503; 0 = off)")
+        ->check(unsigned_number);
+    app.add_option("--max-texts", f.max_texts, "texts per /encode request (0 counts as 1)")
+        ->check(unsigned_number);
+    app.add_option("--simulate-oom-above-tokens", f.simulate_oom_above_tokens,
+                   "fault injection: batches over N padded tokens fail with an out-of-memory "
+                   "error (0 = off)")
+        ->check(unsigned_number);
+    auto* token = app.add_option("--unload-token", f.unload_token,
+                                 "let remote callers use /request-unload with \"Authorization: "
+                                 "Bearer TOKEN\" (off: loopback only); prefer the variable or "
+                                 "--unload-token-file: a flag shows in the process list");
+    app.add_option("--unload-token-file,--token-file", unload_token_file,
+                   "--unload-token's value, the first line of FILE")
+        ->excludes(token);
+    app.add_option("--peer", f.peers,
+                   "another service on this GPU to ask for memory when the model does not fit "
+                   "(repeatable, asked in order; KIND: vramguard, ollama, comfyui, llamacpp or "
+                   "vllm; in the variable: KIND=URL separated by spaces)")
+        ->type_name("KIND=URL")
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+    auto* peer_token = app.add_option("--peer-token", f.peer_token,
+                                      "sent to peers as \"Authorization: Bearer TOKEN\"");
+    app.add_option("--peer-token-file", peer_token_file,
+                   "--peer-token's value, the first line of FILE")
+        ->excludes(peer_token);
+    app.add_option("--simulate-shared-device", f.shared_device,
+                   "run on a simulated device kept in FILE, shared with every server started "
+                   "on it, with a simulated clock (demos, tests of peers)");
+    app.add_option("--simulated-device-bytes", f.simulated_device_bytes,
+                   "its size, when FILE is new")
+        ->check(unsigned_number);
+    app.add_option("--hold-encodes-while-file-exists", f.hold_encodes_while_file_exists,
+                   "tests: an /encode holding the model waits while FILE exists (at most 60 s)");
+    // The model and its tokenizer.
+    auto* model = app.add_option("--model", f.model,
+                                 "a TorchScript file to serve instead of the built-in encoder: "
+                                 "forward(input_ids, attention_mask) -> [B,D] or [B,T,D]");
+    app.add_option("--model-bytes", f.model_bytes,
+                   "what loading --model needs: a number of bytes, or \"measure\" (the guard "
+                   "measures the first load); default: its parameters and buffers at --dtype")
+        ->needs(model);
+    app.add_option("--dtype", f.dtype,
+                   "--model's floating parameters as float32, float16 or "
+                   "bfloat16 (the built-in encoder is float32)")
+        ->check(CLI::IsMember({"float32", "float16", "bfloat16"}));
+    auto* tokenizer =
+        app.add_option("--tokenizer", f.tokenizer,
+                       "a SentencePiece model to tokenize with instead of the built-in tokenizer");
+    add_optional(app, "--bos-id", f.bos_id, "--tokenizer: id put before every text (-1: none)")
+        ->needs(tokenizer);
+    add_optional(app, "--eos-id", f.eos_id, "--tokenizer: id put after every text (-1: none)")
+        ->needs(tokenizer);
+    add_optional(app, "--pad-id", f.pad_id, "--model: id in input_ids after a text's end (0)")
+        ->needs(model);
+    add_optional(app, "--max-tokens", f.max_tokens,
+                 "tokens per text, special ones included; longer texts are cut (128 for the "
+                 "built-in encoder, which cannot take more; 512 with --model)")
+        ->check(CLI::PositiveNumber);
+    example_cli::env_for_every_option(app, "VRAMGUARD_SERVER_");
+    example_cli::parse_or_exit(app, argc, argv);
+
+    if (limit->count() > 0) f.memory_limit_bytes = memory_limit;
+    std::vector<std::string> peers;  // VRAMGUARD_SERVER_PEER holds them all, space-separated
+    for (const std::string& spec : f.peers)
+        for (std::string& one : example_cli::split_on_spaces(spec)) peers.push_back(std::move(one));
+    f.peers = std::move(peers);
+    f.threads = std::max<std::size_t>(1, f.threads);
+    f.intra_op_threads = std::max(1, f.intra_op_threads);
+    f.max_texts = std::max<std::size_t>(1, f.max_texts);
+    f.max_connections = std::max<std::size_t>(1, f.max_connections);
+    f.request_deadline_seconds =
+        std::min<unsigned long long>(86400, std::max(1ull, f.request_deadline_seconds));
+    if (!unload_token_file.empty())
+        f.unload_token =
+            example_cli::read_secret_file(program, "--unload-token-file", unload_token_file);
+    if (!peer_token_file.empty())
+        f.peer_token = example_cli::read_secret_file(program, "--peer-token-file", peer_token_file);
+    return f;
+}
+
+[[noreturn]] void fail_usage(const std::string& message) {
+    example_cli::usage_error(program, message);
+}
+
+torch::Dtype parse_dtype(const std::string& name) {
+    if (name == "float16") return torch::kFloat16;
+    if (name == "bfloat16") return torch::kBFloat16;
+    return torch::kFloat32;
+}
+
+// The model and tokenizer the flags name, checked before the server listens: a file that cannot
+// be served throws ModelFileError (one line), a flag that does not fit the model exits 2.
+void choose_model(const Flags& flags, torch_server::ServerConfig& config) {
+    using namespace torch_server;
+    const bool builtin = flags.model.empty();
+    const std::int64_t max_tokens =
+        flags.max_tokens.value_or(builtin ? config.encoder.max_tokens : 512);
+    if (builtin && max_tokens > config.encoder.max_tokens)
+        fail_usage("--max-tokens " + std::to_string(max_tokens) + ": the built-in encoder has " +
+                   std::to_string(config.encoder.max_tokens) + " positions");
+    if (builtin && flags.dtype != "float32")
+        fail_usage("--dtype " + flags.dtype + " needs --model (the built-in encoder is float32)");
+    if (!flags.tokenizer.empty()) {
+        std::int64_t vocab = 0;
+        config.tokenizer = load_sentencepiece(
+            {flags.tokenizer, flags.bos_id.value_or(-1), flags.eos_id.value_or(-1), max_tokens},
+            &vocab);
+        if (builtin && vocab > config.encoder.vocab)
+            fail_usage("--tokenizer " + flags.tokenizer + " has " + std::to_string(vocab) +
+                       " pieces, more than the built-in encoder's " +
+                       std::to_string(config.encoder.vocab) + " ids: give --model too");
+    } else {
+        EncoderConfig cut = config.encoder;
+        cut.max_tokens = max_tokens;
+        config.tokenizer = [cut](std::string_view text) { return tokenize(text, cut); };
     }
-    return flags;
+    if (builtin) return;
+    TorchScriptOptions options;
+    options.path = flags.model;
+    options.dtype = parse_dtype(flags.dtype);
+    options.padding_id = flags.pad_id.value_or(0);
+    if (flags.model_bytes == "measure") {
+        options.measure = true;
+    } else if (!flags.model_bytes.empty()) {
+        char* end = nullptr;
+        errno = 0;
+        const unsigned long long bytes = std::strtoull(flags.model_bytes.c_str(), &end, 10);
+        if (errno != 0 || *end != '\0' || bytes == 0 || flags.model_bytes[0] == '-')
+            fail_usage("--model-bytes wants a number of bytes > 0 or \"measure\", got \"" +
+                       flags.model_bytes + "\"");
+        options.declared_bytes = bytes;
+    }
+    // A short text and a longer one: forward must take padding, and its output's shape shows.
+    const std::vector<Tokens> probe = {config.tokenizer("probe"),
+                                       config.tokenizer("a longer probe text, to pad the first")};
+    config.model = inspect_torchscript(options, probe);
 }
 
 // SIGINT/SIGTERM are blocked in every thread (the mask is set before any thread starts) and taken
@@ -245,6 +341,16 @@ int main(int argc, char** argv) {
     const Flags flags = parse_flags(argc, argv);
 
     torch_server::ServerConfig config;
+    try {
+        choose_model(flags, config);
+    } catch (const c10::Error& e) {
+        std::fprintf(stderr, "torch_server: %s\n",
+                     torch_server::first_line(e.what_without_backtrace()).c_str());
+        return 1;
+    } catch (const std::exception& e) {  // ModelFileError: one line already
+        std::fprintf(stderr, "torch_server: %s\n", e.what());
+        return 1;
+    }
     config.device_name = flags.device;
     config.idle_unload = std::chrono::seconds(flags.idle_unload_seconds);
     config.profile_dir = flags.profile_dir;

@@ -52,6 +52,10 @@ struct ServerConfig {
     std::string device_name = "cpu";  // "cpu" or "cuda:N", for keys and /status
     torch::Device device{torch::kCPU};
     EncoderConfig encoder;
+    // What to serve (--model: torchscript_encoder.hpp); none: the built-in encoder of `encoder`.
+    std::optional<ModelSource> model;
+    // Text -> ids (--tokenizer: sentencepiece_tokenizer.hpp); empty: the built-in tokenize().
+    Tokenizer tokenizer;
     std::chrono::milliseconds idle_unload{std::chrono::minutes(5)};  // 0 = never
     std::string profile_dir;                                         // "" = vramguard's default
     std::size_t max_texts = 1024;                                    // per request
@@ -77,17 +81,6 @@ struct ServerConfig {
     // Tests: while this file exists (up to 60 s of real time), an /encode that holds its lease
     // waits before encoding, so a test can keep a request in flight for as long as it needs.
     std::string hold_encodes_while_file_exists;
-};
-
-// The encoder and, on a simulated device, the hold on the bytes its parameters take there: given
-// back when the registry unloads the model.
-class HeldEncoder : public EncoderModel {
-   public:
-    HeldEncoder(const EncoderConfig& config, torch::Device device, std::shared_ptr<void> hold)
-        : EncoderModel(config, device), hold_(std::move(hold)) {}
-
-   private:
-    std::shared_ptr<void> hold_;
 };
 
 namespace detail {
@@ -134,23 +127,28 @@ class Server : public Endpoints {
    public:
     Server(Probe& probe, ServerConfig config)
         : config_(std::move(config)),
+          model_(config_.model ? *config_.model : builtin_model(config_.encoder)),
           guard_(probe, guard_options(config_)),
           registry_(guard_, registry_options(config_)),
-          load_key_(vramguard::Key::of("torch_server.load", key_params(config_))),
-          encode_key_(vramguard::Key::of("torch_server.encode", key_params(config_))) {
-        const EncoderConfig encoder = config_.encoder;
+          load_key_(vramguard::Key::of("torch_server.load", key_params(model_, config_))),
+          encode_key_(vramguard::Key::of("torch_server.encode", key_params(model_, config_))) {
+        if (!config_.tokenizer)
+            config_.tokenizer = [encoder = config_.encoder](std::string_view text) {
+                return tokenize(text, encoder);
+            };
+        const ModelSource model = model_;
         const torch::Device device = config_.device;
         const auto hold = config_.hold_device_bytes;
         slot_ = registry_.template add<HeldEncoder>(
             "encoder", load_key_,
-            [encoder, device, hold] {
+            [model, device, hold] {
                 // On a simulated device the bytes are taken first, as an allocation would be: a
                 // load that does not fit fails there, with vramguard's out-of-memory error.
-                std::shared_ptr<void> held =
-                    hold ? hold(EncoderModel::parameter_bytes(encoder)) : nullptr;
-                return std::make_unique<HeldEncoder>(encoder, device, std::move(held));
+                std::shared_ptr<void> held = hold ? hold(model.parameter_bytes) : nullptr;
+                return std::make_unique<HeldEncoder>(model.load(device), model.dim,
+                                                     model.padding_id, std::move(held));
             },
-            EncoderModel::parameter_bytes(encoder));
+            model.declared_bytes);
     }
 
     Server(const Server&) = delete;
@@ -206,10 +204,12 @@ class Server : public Endpoints {
               {"state", vramguard::to_string(model.state)},
               {"loaded", model.loaded},
               {"bytes", model.bytes},
-              {"declared_bytes", EncoderModel::parameter_bytes(config_.encoder)},
+              {"declared_bytes",
+               model_.declared_bytes ? json(*model_.declared_bytes) : json(nullptr)},
+              {"source", model_.description},
               {"idle_seconds", model.idle_seconds},
               {"leases", model.leases},
-              {"dim", config_.encoder.dim},
+              {"dim", model_.dim},
               {"idle_unload_seconds", idle_unload_seconds}}},
             {"device",
              {{"name", config_.device_name},
@@ -255,11 +255,11 @@ class Server : public Endpoints {
     }
     // Keys must not change between runs for the same model and device: profiles are kept under
     // them.
-    static std::vector<std::pair<std::string, std::string>> key_params(const ServerConfig& config) {
-        return {{"model", "toy-encoder"},
-                {"dim", std::to_string(config.encoder.dim)},
-                {"layers", std::to_string(config.encoder.layers)},
-                {"device", config.device_name}};
+    static std::vector<std::pair<std::string, std::string>> key_params(const ModelSource& model,
+                                                                       const ServerConfig& config) {
+        auto params = model.key_params;
+        params.emplace_back("device", config.device_name);
+        return params;
     }
 
     // Endpoints: the request passed http_front.hpp's checks.
@@ -274,14 +274,13 @@ class Server : public Endpoints {
         const std::vector<std::string>* texts = &request_texts;
         if (texts->empty()) {
             encoded_ok_.fetch_add(1, std::memory_order_relaxed);
-            detail::reply(
-                res, 200,
-                json{{"embeddings", json::array()}, {"dim", config_.encoder.dim}, {"batches", 0}});
+            detail::reply(res, 200,
+                          json{{"embeddings", json::array()}, {"dim", model_.dim}, {"batches", 0}});
             return;
         }
         std::vector<Tokens> tokens;
         tokens.reserve(texts->size());
-        for (const std::string& text : *texts) tokens.push_back(tokenize(text, config_.encoder));
+        for (const std::string& text : *texts) tokens.push_back(config_.tokenizer(text));
 
         bool loaded = false;  // past the load: an InsufficientMemory now is the encode's
         try {
@@ -452,6 +451,7 @@ class Server : public Endpoints {
     }
 
     ServerConfig config_;
+    ModelSource model_;  // what the registry loads
     vramguard::Guard<Probe> guard_;
     vramguard::ModelRegistry<Probe> registry_;  // after the guard: destroyed first
     vramguard::Key load_key_;

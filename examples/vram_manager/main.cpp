@@ -8,6 +8,9 @@
 // Above --relieve-at (75 %) of the device in use it asks the peers, in order, for idle models and
 // caches; above --unload-at (85 %), for unloads; at most once per --rate-limit (30 s). Each line
 // it logs says what it read, what it asked, who answered what, and what the device showed after.
+// Every flag is also read from the environment: --device from VRAMGUARD_MANAGER_DEVICE, and so
+// on (the command line wins); --help lists them.
+#include "../cli_flags.hpp"
 #include "manager.hpp"
 
 #ifdef VRAMGUARD_WITH_CUDA
@@ -30,24 +33,10 @@
 
 namespace {
 
-const char* const usage_text =
-    "usage: vram_manager [options]\n"
-    "  --device KIND          cuda[:N] (needs a CUDA build) or simulated:TOTAL_GIB[:USED_GIB]\n"
-    "                         (default simulated:16:0, a demo device nothing else uses)\n"
-    "  --peer KIND=URL        a service to ask, in order; KIND is vramguard, ollama, comfyui,\n"
-    "                         llamacpp or vllm (vLLM's sleep aborts its requests: opt-in)\n"
-    "  --token TOKEN          bearer token for the --peer before it\n"
-    "  --relieve-at PERCENT   ask for idle models and caches above this (default 75)\n"
-    "  --unload-at PERCENT    ask for unloads above this (default 85)\n"
-    "  --interval SECONDS     between readings (default 5)\n"
-    "  --rate-limit SECONDS   at most one round of asks per window (default 30)\n"
-    "  --timeout MS           per peer asked (default 2000)\n"
-    "  --steps N              stop after N readings (default 0: run until SIGINT/SIGTERM)\n"
-    "  --verbose              log every reading, not only those above a threshold\n";
+const std::string program = "vram_manager";
 
 [[noreturn]] void usage_error(const std::string& message) {
-    std::fprintf(stderr, "vram_manager: %s\n%s", message.c_str(), usage_text);
-    std::exit(2);
+    example_cli::usage_error(program, message);
 }
 
 double number(const std::string& flag, const std::string& text) {
@@ -70,57 +59,95 @@ struct Arguments {
     bool verbose = false;
 };
 
-Arguments parse(int argc, char** argv) {
-    Arguments args;
-    std::string pending_spec;
-    vramguard::peers::HttpPeerOptions pending_options;
-    auto flush_peer = [&] {
-        if (pending_spec.empty()) return;
-        try {
-            args.peers.push_back(vramguard::peers::parse_http_peer(pending_spec, pending_options));
-        } catch (const std::exception& e) {
-            usage_error(e.what());
-        }
-        pending_spec.clear();
-        pending_options = {};
-    };
-    for (int i = 1; i < argc; ++i) {
-        const std::string flag = argv[i];
-        if (flag == "--help" || flag == "-h") {
-            std::fputs(usage_text, stdout);
-            std::exit(0);
-        }
-        if (flag == "--verbose") {
-            args.verbose = true;
-            continue;
-        }
-        if (i + 1 >= argc) usage_error(flag + " needs a value");
-        const std::string value = argv[++i];
-        if (flag == "--device") {
-            args.device = value;
-        } else if (flag == "--peer") {
-            flush_peer();
-            pending_spec = value;
-        } else if (flag == "--token") {
-            if (pending_spec.empty()) usage_error("--token comes after the --peer it is for");
-            pending_options.bearer_token = value;
-        } else if (flag == "--relieve-at") {
-            args.config.relieve_threshold = number(flag, value) / 100;
-        } else if (flag == "--unload-at") {
-            args.config.unload_threshold = number(flag, value) / 100;
-        } else if (flag == "--interval") {
-            args.config.interval = seconds(number(flag, value));
-        } else if (flag == "--rate-limit") {
-            args.config.rate_limit = seconds(number(flag, value));
-        } else if (flag == "--timeout") {
-            args.config.peer_timeout = seconds(number(flag, value) / 1000);
-        } else if (flag == "--steps") {
-            args.steps = static_cast<std::size_t>(number(flag, value));
-        } else {
-            usage_error("unknown flag " + flag);
+// Each --token is for the --peer before it: CLI11 keeps every flag's values apart, so the pairing
+// is read back from the order the flags were parsed in. A token from the environment (no --token
+// on the command line) is for every peer.
+std::vector<std::shared_ptr<vramguard::peers::HttpPeer>> make_peers(
+    const CLI::App& app, const CLI::Option* peer_flag, const std::vector<std::string>& specs,
+    const std::vector<std::string>& tokens) {
+    std::vector<vramguard::peers::HttpPeerOptions> options(specs.size());
+    const CLI::Option* token_flag = app.get_option("--token");
+    const std::vector<CLI::Option*>& order = app.parse_order();  // the command line's flags only
+    if (!tokens.empty() && std::find(order.begin(), order.end(), token_flag) == order.end()) {
+        for (auto& o : options) o.bearer_token = tokens.back();  // from the environment
+    } else {
+        std::size_t peers_seen = 0, tokens_seen = 0;
+        for (const CLI::Option* flag : order) {
+            if (flag == peer_flag) {
+                ++peers_seen;
+            } else if (flag == token_flag) {
+                if (peers_seen == 0) usage_error("--token comes after the --peer it is for");
+                options[peers_seen - 1].bearer_token = tokens.at(tokens_seen++);
+            }
         }
     }
-    flush_peer();
+    std::vector<std::shared_ptr<vramguard::peers::HttpPeer>> peers;
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+        try {
+            peers.push_back(vramguard::peers::parse_http_peer(specs[i], options[i]));
+        } catch (const std::exception& e) {
+            usage_error(std::string("--peer ") + specs[i] + ": " + e.what());
+        }
+    }
+    return peers;
+}
+
+Arguments parse(int argc, char** argv) {
+    Arguments args;
+    CLI::App app{
+        "Watches one GPU and asks the services on it to give memory back. Every flag is "
+        "also read from the environment variable shown with it; the command line wins.",
+        program};
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+    app.get_formatter()->column_width(34);
+    std::vector<std::string> specs, tokens;
+    double relieve = 75, unload = 85, interval = 5, rate_limit = 30, timeout_ms = 2000;
+    const auto wanted = CLI::Range(0.0, 1e9);
+    app.add_option("--device", args.device,
+                   "cuda[:N] (needs a CUDA build) or simulated:TOTAL_GIB[:USED_GIB] (a demo "
+                   "device nothing else uses)")
+        ->capture_default_str();
+    auto* peer_flag =
+        app.add_option("--peer", specs,
+                       "a service to ask, in order; KIND is vramguard, ollama, comfyui, llamacpp "
+                       "or vllm (vLLM's sleep aborts its requests: opt-in); in the variable: "
+                       "KIND=URL separated by spaces")
+            ->type_name("KIND=URL")
+            ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+    app.add_option("--token", tokens,
+                   "bearer token for the --peer before it; in the variable: for every peer")
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+    app.add_option("--relieve-at", relieve, "ask for idle models and caches above PERCENT")
+        ->check(wanted)
+        ->capture_default_str();
+    app.add_option("--unload-at", unload, "ask for unloads above PERCENT")
+        ->check(wanted)
+        ->capture_default_str();
+    app.add_option("--interval", interval, "SECONDS between readings")
+        ->check(wanted)
+        ->capture_default_str();
+    app.add_option("--rate-limit", rate_limit, "at most one round of asks per SECONDS")
+        ->check(wanted)
+        ->capture_default_str();
+    app.add_option("--timeout", timeout_ms, "MS per peer asked")
+        ->check(wanted)
+        ->capture_default_str();
+    app.add_option("--steps", args.steps, "stop after N readings (0: run until SIGINT/SIGTERM)")
+        ->capture_default_str()
+        ->check(example_cli::no_sign());
+    app.add_flag("--verbose", args.verbose, "log every reading, not only those above a threshold");
+    example_cli::env_for_every_option(app, "VRAMGUARD_MANAGER_");
+    example_cli::parse_or_exit(app, argc, argv);
+
+    args.config.relieve_threshold = relieve / 100;
+    args.config.unload_threshold = unload / 100;
+    args.config.interval = seconds(interval);
+    args.config.rate_limit = seconds(rate_limit);
+    args.config.peer_timeout = seconds(timeout_ms / 1000);
+    const auto& order = app.parse_order();
+    if (specs.size() == 1 && std::find(order.begin(), order.end(), peer_flag) == order.end())
+        specs = example_cli::split_on_spaces(specs.front());  // VRAMGUARD_MANAGER_PEER
+    args.peers = make_peers(app, peer_flag, specs, tokens);
     try {
         args.config.validate();
     } catch (const std::exception& e) {

@@ -14,7 +14,10 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include <sys/wait.h>
 
 using namespace vramguard;
 using namespace vramguard::literals;
@@ -158,6 +161,47 @@ TEST(VramManagerProgram, RunsAgainstAFakeAndLogsWhatItAsked) {
         std::system((std::string(VRAMGUARD_VRAM_MANAGER_PATH) + " --peer nonsense >/dev/null 2>&1")
                         .c_str()),
         0);
+}
+
+// The same run with every flag from the environment (VRAMGUARD_MANAGER_*), the token too, so
+// nothing secret is on the command line; a bad value there names the flag; --help lists them.
+TEST(VramManagerProgram, TakesEveryFlagFromTheEnvironment) {
+    SimulatedDevice device{16_GiB};
+    FakeOllama ollama(device);
+    ollama.load("old", 4_GiB, 60);
+    ollama.start();
+    auto run = [](const std::string& command) {
+        FILE* pipe = ::popen(command.c_str(), "r");
+        std::string output;
+        char buffer[512];
+        while (pipe && std::fgets(buffer, sizeof buffer, pipe)) output += buffer;
+        const int status = pipe ? ::pclose(pipe) : -1;
+        return std::make_pair(status, output);
+    };
+    const std::string program = VRAMGUARD_VRAM_MANAGER_PATH;
+    const auto [status, output] =
+        run("VRAMGUARD_MANAGER_DEVICE=simulated:16:13 VRAMGUARD_MANAGER_STEPS=1 "
+            "VRAMGUARD_MANAGER_TIMEOUT=1000 VRAMGUARD_MANAGER_PEER=ollama=" +
+            ollama.url() + " VRAMGUARD_MANAGER_TOKEN=t0ken " + program + " 2>&1");
+    EXPECT_EQ(status, 0) << output;
+    EXPECT_TRUE(has(output, "watching a simulated 16.00 GiB device with 1 peer(s)")) << output;
+    EXPECT_TRUE(has(output, "freed 4.00 GiB (claimed) (unloaded old)")) << output;
+    EXPECT_FALSE(ollama.loaded("old"));
+    ASSERT_FALSE(ollama.seen().empty());
+    for (const auto& seen : ollama.seen()) EXPECT_EQ(seen.authorization, "Bearer t0ken");
+
+    const auto [bad_status, bad] = run("VRAMGUARD_MANAGER_UNLOAD_AT=lots " + program + " 2>&1");
+    EXPECT_TRUE(WIFEXITED(bad_status) && WEXITSTATUS(bad_status) == 2) << bad;
+    EXPECT_TRUE(has(bad, "--unload-at")) << bad;
+    const auto [order_status, order] =
+        run(program + " --token t --peer ollama=" + ollama.url() + " 2>&1");
+    EXPECT_TRUE(WIFEXITED(order_status) && WEXITSTATUS(order_status) == 2) << order;
+    EXPECT_TRUE(has(order, "--token comes after the --peer it is for")) << order;
+    const auto [help_status, help] = run(program + " --help");
+    EXPECT_EQ(help_status, 0);
+    for (const char* flag :
+         {"--relieve-at", "VRAMGUARD_MANAGER_RELIEVE_AT", "VRAMGUARD_MANAGER_TOKEN"})
+        EXPECT_TRUE(has(help, flag)) << flag << "\n" << help;
 }
 #endif
 
