@@ -68,15 +68,15 @@ struct RequestFacts {
     std::chrono::milliseconds header_deadline{0};
 };
 
-namespace detail {
+namespace wire {
 inline RequestFacts*& current_request_slot() {
     thread_local RequestFacts* facts = nullptr;
     return facts;
 }
-}  // namespace detail
+}  // namespace wire
 
 // The facts of the request this thread is serving, or nullptr outside one.
-inline RequestFacts* current_request() { return detail::current_request_slot(); }
+inline RequestFacts* current_request() { return wire::current_request_slot(); }
 
 // A Stream that meters what it hands cpp-httplib: it finds where the headers end, caps them,
 // spots a request that is not HTTP, and applies the request's deadlines. Subclasses only move
@@ -340,11 +340,11 @@ class HardenedServer : public httplib::Server {
             if (!stream.wait_for_request(limits_.keep_alive)) return false;
             RequestFacts facts;
             stream.begin_request(facts);
-            detail::current_request_slot() = &facts;
+            wire::current_request_slot() = &facts;
             bool closed = false;
             const bool last = n + 1 == limits_.max_requests_per_connection;
             const bool ok = process_request(stream, last, closed, nullptr);
-            detail::current_request_slot() = nullptr;
+            wire::current_request_slot() = nullptr;
             stream.end_request();
             if (facts.late) state_->late.fetch_add(1, std::memory_order_relaxed);
             if (facts.close_after || facts.late) return true;

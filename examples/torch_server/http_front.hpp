@@ -64,7 +64,7 @@ class Endpoints {
     virtual void on_unload_refused() {}
 };
 
-namespace detail {
+namespace wire {
 
 inline std::string dump_safely(const json& value) {
     return value.dump(-1, ' ', false, json::error_handler_t::replace);
@@ -454,33 +454,33 @@ inline void mark_connection(httplib::Response& res) {
     res.set_header("Connection", "close");
 }
 
-}  // namespace detail
+}  // namespace wire
 
 // Installs the routes and every handler of this layer on `http`. `endpoints` must outlive it.
 inline void install_routes(HardenedServer& http, Endpoints& endpoints, const FrontConfig& config) {
     http.set_pre_routing_handler([&endpoints, max_body = config.max_body_bytes](
                                      const httplib::Request& req, httplib::Response& res) {
-        detail::ignore_ranges(req);
-        auto refusal = detail::check_request(req, max_body);
+        wire::ignore_ranges(req);
+        auto refusal = wire::check_request(req, max_body);
         if (!refusal) return httplib::Server::HandlerResponse::Unhandled;
         // The body, if any, stays unread; a GET's 404 can keep the connection.
-        if (refusal->status != 404 || detail::has_body_framing(req) || req.method != "GET")
-            detail::close_after_answer();
+        if (refusal->status != 404 || wire::has_body_framing(req) || req.method != "GET")
+            wire::close_after_answer();
         if (req.path == "/request-unload" && (refusal->status == 403 || refusal->status == 415))
             endpoints.on_unload_refused();
-        detail::reply_error(res, refusal->status, refusal->message);
+        wire::reply_error(res, refusal->status, refusal->message);
         return httplib::Server::HandlerResponse::Handled;
     });
     http.Post("/encode", [&endpoints, config](const httplib::Request& req, httplib::Response& res,
                                               const httplib::ContentReader& reader) {
         std::string body;
-        if (!detail::read_body(req, res, reader, config.max_body_bytes, body)) return;
+        if (!wire::read_body(req, res, reader, config.max_body_bytes, body)) return;
         endpoints.on_encode_request();
         std::string error;
-        auto texts = detail::parse_texts(req, body, config.max_texts, error);
+        auto texts = wire::parse_texts(req, body, config.max_texts, error);
         if (!texts) {
             endpoints.on_bad_request(false);
-            return detail::reply_error(res, 400, error);
+            return wire::reply_error(res, 400, error);
         }
         endpoints.encode(std::move(*texts), res);
     });
@@ -491,25 +491,25 @@ inline void install_routes(HardenedServer& http, Endpoints& endpoints, const Fro
                                                              req.get_header_value("Authorization"));
             if (!access.allowed) {
                 endpoints.on_unload_refused();
-                if (detail::has_body_framing(req)) detail::close_after_answer();  // left unread
+                if (wire::has_body_framing(req)) wire::close_after_answer();  // left unread
                 if (access.status == 401) res.set_header("WWW-Authenticate", "Bearer");
-                return detail::reply(res, access.status,
-                                     json{{"status", "refused"},
-                                          {"unloaded", false},
-                                          {"message", access.reason},
-                                          {"error", access.reason}});
+                return wire::reply(res, access.status,
+                                   json{{"status", "refused"},
+                                        {"unloaded", false},
+                                        {"message", access.reason},
+                                        {"error", access.reason}});
             }
             std::string body, error;
-            if (!detail::read_body(req, res, reader, config.max_body_bytes, body)) return;
-            const auto request = detail::parse_unload(req, body, config.default_min_idle, error);
+            if (!wire::read_body(req, res, reader, config.max_body_bytes, body)) return;
+            const auto request = wire::parse_unload(req, body, config.default_min_idle, error);
             if (!request) {
                 endpoints.on_bad_request(true);
-                return detail::reply_error(res, 400, error);
+                return wire::reply_error(res, 400, error);
             }
             endpoints.request_unload(*request, res);
         });
     http.Get("/status", [&endpoints](const httplib::Request&, httplib::Response& res) {
-        detail::reply(res, 200, endpoints.status());
+        wire::reply(res, 200, endpoints.status());
     });
     http.Get("/metrics", [&endpoints](const httplib::Request&, httplib::Response& res) {
         endpoints.metrics(res);
@@ -517,17 +517,17 @@ inline void install_routes(HardenedServer& http, Endpoints& endpoints, const Fro
     http.set_payload_max_length(config.max_body_bytes);
     http.set_error_handler(httplib::Server::HandlerWithResponse(
         [](const httplib::Request& req, httplib::Response& res) {
-            return detail::explain_error(req, res);
+            return wire::explain_error(req, res);
         }));
     http.set_exception_handler(
         [](const httplib::Request&, httplib::Response& res, std::exception_ptr error) {
-            detail::answer_exception(res, error);
+            wire::answer_exception(res, error);
         });
     http.set_post_routing_handler(
-        [](const httplib::Request&, httplib::Response& res) { detail::mark_connection(res); });
+        [](const httplib::Request&, httplib::Response& res) { wire::mark_connection(res); });
 }
 
 // A request path or other client text made safe for a log line.
-inline std::string loggable(std::string_view text) { return detail::excerpt(text); }
+inline std::string loggable(std::string_view text) { return wire::excerpt(text); }
 
 }  // namespace torch_server

@@ -83,7 +83,7 @@ struct ServerConfig {
     std::string hold_encodes_while_file_exists;
 };
 
-namespace detail {
+namespace wire {
 
 inline json to_json(const vramguard::MemoryInfo& memory) {
     return {{"free_bytes", memory.free_bytes},
@@ -118,7 +118,7 @@ inline long long retry_after_seconds(std::chrono::milliseconds hint) {
     return std::max<long long>(1, (static_cast<long long>(hint.count()) + 999) / 1000);
 }
 
-}  // namespace detail
+}  // namespace wire
 
 // One encoder behind a guard, a registry and an HTTP server. Probe is the guard's probe type
 // (LimitedProbe<HostProbe> or LimitedProbe<torch::Probe>).
@@ -213,7 +213,7 @@ class Server : public Endpoints {
               {"idle_unload_seconds", idle_unload_seconds}}},
             {"device",
              {{"name", config_.device_name},
-              {"memory", detail::to_json(registry.memory)},
+              {"memory", wire::to_json(registry.memory)},
               {"limit_bytes", guard.probe().limit() ? json(*guard.probe().limit()) : json(nullptr)},
               {"simulated_other_process_bytes", guard.probe().other_process_bytes()}}},
             {"encode",
@@ -221,8 +221,8 @@ class Server : public Endpoints {
               {"learned_batch_ceiling", guard.learned_batch_ceiling(encode_key_)},
               {"learned_weight_budget", guard.learned_weight_budget(encode_key_)},
               {"weight", "padded tokens"}}},
-            {"guard", detail::to_json(guard_.stats())},
-            {"registry", detail::to_json(registry.stats)},
+            {"guard", wire::to_json(guard_.stats())},
+            {"registry", wire::to_json(registry.stats)},
             {"peers", std::move(peers)},
             {"unload_requests", unload_answers_json()},
             {"requests",
@@ -274,8 +274,8 @@ class Server : public Endpoints {
         const std::vector<std::string>* texts = &request_texts;
         if (texts->empty()) {
             encoded_ok_.fetch_add(1, std::memory_order_relaxed);
-            detail::reply(res, 200,
-                          json{{"embeddings", json::array()}, {"dim", model_.dim}, {"batches", 0}});
+            wire::reply(res, 200,
+                        json{{"embeddings", json::array()}, {"dim", model_.dim}, {"batches", 0}});
             return;
         }
         std::vector<Tokens> tokens;
@@ -313,10 +313,10 @@ class Server : public Endpoints {
                     [](const Tokens& t) { return static_cast<std::uint64_t>(t.size()); }));
             texts_encoded_.fetch_add(texts->size(), std::memory_order_relaxed);
             encoded_ok_.fetch_add(1, std::memory_order_relaxed);
-            detail::reply(res, 200,
-                          json{{"embeddings", std::move(embeddings)},
-                               {"dim", model->dim()},
-                               {"batches", batches.load()}});
+            wire::reply(res, 200,
+                        json{{"embeddings", std::move(embeddings)},
+                             {"dim", model->dim()},
+                             {"batches", batches.load()}});
         } catch (const vramguard::InsufficientMemory& e) {
             json body{{"error", e.what()},
                       {"required_bytes", e.required()},
@@ -328,35 +328,35 @@ class Server : public Endpoints {
                 // Retry-After. The model is this server's problem (507); the request is the
                 // client's (413).
                 (loaded ? exhausted_ : never_fits_).fetch_add(1, std::memory_order_relaxed);
-                detail::reply(res, loaded ? 413 : 507, body);
+                wire::reply(res, loaded ? 413 : 507, body);
                 return;
             }
             rejected_.fetch_add(1, std::memory_order_relaxed);
-            const long long retry = detail::retry_after_seconds(e.retry_after());
+            const long long retry = wire::retry_after_seconds(e.retry_after());
             res.set_header("Retry-After", std::to_string(retry));
             body["retry_after_seconds"] = retry;
-            detail::reply(res, 503, body);
+            wire::reply(res, 503, body);
         } catch (const vramguard::OomExhausted& e) {
             json body{{"error", e.what()}, {"attempts", e.attempts()}};
             if (e.item_index()) {
                 // One text does not fit even alone: this request can never succeed here.
                 exhausted_.fetch_add(1, std::memory_order_relaxed);
                 body["item_index"] = *e.item_index();
-                detail::reply(res, 413, body);
+                wire::reply(res, 413, body);
             } else {
                 // The load ran out of memory on every attempt: the device is busy, come back.
                 rejected_.fetch_add(1, std::memory_order_relaxed);
-                const long long retry = detail::retry_after_seconds(guard_.options().retry_delay);
+                const long long retry = wire::retry_after_seconds(guard_.options().retry_delay);
                 res.set_header("Retry-After", std::to_string(retry));
                 body["retry_after_seconds"] = retry;
-                detail::reply(res, 503, body);
+                wire::reply(res, 503, body);
             }
         } catch (const c10::Error& e) {
             failed_.fetch_add(1, std::memory_order_relaxed);
-            detail::reply_error(res, 500, e.what_without_backtrace());
+            wire::reply_error(res, 500, e.what_without_backtrace());
         } catch (const std::exception& e) {
             failed_.fetch_add(1, std::memory_order_relaxed);
-            detail::reply_error(res, 500, e.what());
+            wire::reply_error(res, 500, e.what());
         }
     }
 
@@ -377,7 +377,7 @@ class Server : public Endpoints {
             registry_.request_unload(min_idle_duration, wanted_bytes);
         json answer{{"status", result.busy() ? "busy" : "ok"},
                     {"unloaded", result.unloaded()},
-                    {"result", detail::outcome_name(result.outcome)},
+                    {"result", wire::outcome_name(result.outcome)},
                     {"min_idle_seconds", min_idle},
                     {"leases", result.leases},
                     {"loading", result.loading},
@@ -404,7 +404,7 @@ class Server : public Endpoints {
             unload_not_loaded_.fetch_add(1, std::memory_order_relaxed);
             answer["message"] = "no model loaded";
         }
-        detail::reply(res, 200, answer);
+        wire::reply(res, 200, answer);
     }
 
     std::vector<std::pair<std::string, std::uint64_t>> unload_answers() const {
@@ -428,17 +428,18 @@ class Server : public Endpoints {
                                   {"bad_request_400", bad_requests_.load() - unload_bad_.load()},
                                   {"oom_413", exhausted_.load()},
                                   {"never_fits_507", never_fits_.load()},
-                                  {"failed_500", failed_.load()}};
+                                  { "failed_500",
+                                    failed_.load() }};
             res.status = 200;
             res.set_content(metrics_.render(requests, unload_answers()),
                             "text/plain; version=0.0.4; charset=utf-8");
         } catch (const std::exception& e) {
-            detail::reply_error(res, 500, e.what());
+            wire::reply_error(res, 500, e.what());
         }
 #else
-        detail::reply_error(res, 404,
-                            "/metrics needs prometheus-cpp (Debian: prometheus-cpp-dev), which "
-                            "this build of torch_server did not find");
+        wire::reply_error(res, 404,
+                          "/metrics needs prometheus-cpp (Debian: prometheus-cpp-dev), which "
+                          "this build of torch_server did not find");
 #endif
     }
 

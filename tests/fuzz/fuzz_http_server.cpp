@@ -42,14 +42,14 @@ class Recorder : public torch_server::Endpoints {
         for (const std::string& text : texts) FUZZ_CHECK(vramguard::protocol::is_valid_utf8(text));
         json embeddings = json::array();
         for (const std::string& text : texts) embeddings.push_back({text.size()});
-        torch_server::detail::reply(res, 200, json{{"embeddings", embeddings}});
+        torch_server::wire::reply(res, 200, json{{"embeddings", embeddings}});
     }
     void request_unload(const torch_server::UnloadRequest& request,
                         httplib::Response& res) override {
         FUZZ_CHECK(may_unload_);
         FUZZ_CHECK(std::isfinite(request.min_idle_seconds));
         FUZZ_CHECK(request.min_idle_seconds >= 0 && request.min_idle_seconds <= 1e9);
-        torch_server::detail::reply(res, 200, json{{"status", "ok"}, {"unloaded", false}});
+        torch_server::wire::reply(res, 200, json{{"status", "ok"}, {"unloaded", false}});
     }
     json status() override { return {{"status", "ok"}, {"idle_seconds", nullptr}}; }
     void metrics(httplib::Response& res) override { res.set_content("# none\n", "text/plain"); }

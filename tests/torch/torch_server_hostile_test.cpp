@@ -467,12 +467,12 @@ class Recorder : public torch_server::Endpoints {
    public:
     void encode(std::vector<std::string> texts, httplib::Response& res) override {
         encoded += texts.size();
-        torch_server::detail::reply(res, 200, json{{"embeddings", json::array()}});
+        torch_server::wire::reply(res, 200, json{{"embeddings", json::array()}});
     }
     void request_unload(const torch_server::UnloadRequest& request,
                         httplib::Response& res) override {
         min_idle.push_back(request.min_idle_seconds);
-        torch_server::detail::reply(res, 200, json{{"status", "ok"}});
+        torch_server::wire::reply(res, 200, json{{"status", "ok"}});
     }
     json status() override { return {{"status", "ok"}}; }
     void metrics(httplib::Response& res) override { res.set_content("", "text/plain"); }

@@ -8948,7 +8948,9 @@ class ModelRegistry : private detail::SlotOwner {
                 &still_referenced);
             if (!result.unloaded()) continue;
             ++count;
-            publish(unload_event(RegistryEventKind::idle_unloaded, *slot, result));
+            RegistryEvent event = unload_event(RegistryEventKind::idle_unloaded, *slot, result);
+            event.limit = options_.idle_timeout;
+            publish(event);
             warn_if_referenced(*slot, still_referenced);
         }
         if (count > 0) guard_.probe().release_cached();
