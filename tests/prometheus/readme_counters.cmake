@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: MIT
 # README's "Metrics" section explains every counter: each name that for_each_counter() visits
-# (include/vramguard/stats.hpp for Stats, models.hpp for RegistryStats) must appear in that
+# (include/vramguard/stats.hpp for Stats, registry_events.hpp for RegistryStats) must appear in that
 # section as `name`. A new counter without its line in the README fails here.
 #
 #   cmake -DSOURCE_DIR=<repo root> -P tests/prometheus/readme_counters.cmake
@@ -18,7 +18,7 @@ string(SUBSTRING "${section}" 0 ${end} section)
 
 set(missing "")
 set(count 0)
-foreach(header stats.hpp models.hpp)
+foreach(header stats.hpp registry_events.hpp)
     file(READ "${SOURCE_DIR}/include/vramguard/${header}" text)
     string(REGEX MATCHALL "visit\\(\"[a-z0-9_]+\"" visits "${text}")
     foreach(visit IN LISTS visits)
@@ -31,7 +31,7 @@ foreach(header stats.hpp models.hpp)
     endforeach()
 endforeach()
 if(count LESS 20)
-    message(FATAL_ERROR "found only ${count} counters in stats.hpp and models.hpp: the pattern "
+    message(FATAL_ERROR "found only ${count} counters in stats.hpp and registry_events.hpp: the pattern "
                         "visit(\"name\", ...) no longer matches for_each_counter()")
 endif()
 if(missing)
