@@ -51,6 +51,13 @@ inline std::string format_bytes(std::uint64_t bytes) {
 }
 
 namespace detail {
+// "10%": a fraction of the device (a margin, a threshold, a usage) as log lines say it.
+inline std::string percent(double fraction) {
+    char text[16];
+    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
+    return text;
+}
+
 // Byte counts from probes and callers can be absurd (2^64 - 1, usage beyond the device): sums
 // stop at the largest value and differences at zero instead of wrapping around.
 constexpr std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {

@@ -392,18 +392,6 @@ class ModelRegistry : private detail::SlotOwner {
         event.idle_seconds = result.idle_seconds;
         return event;
     }
-    static std::string seconds_text(double seconds) {
-        char text[32];
-        std::snprintf(text, sizeof text, "%.1f s", seconds);
-        return text;
-    }
-    // Any duration, in ms: options in ms are not converted to the clock's ns on the way (a
-    // milliseconds::max() "for ever" would overflow).
-    template <class Rep, class Period>
-    static std::string ms_text(std::chrono::duration<Rep, Period> d) {
-        return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) +
-               " ms";
-    }
     void warn_if_referenced(const detail::SlotBase& slot, bool still_referenced) {
         if (still_referenced)
             publish(RegistryEvent(RegistryEventKind::still_referenced, slot.name()));
@@ -561,7 +549,7 @@ class ModelRegistry : private detail::SlotOwner {
         const bool seen = guard_.wait_for_freed_memory(outcome.claimed, free_before, needed);
         room.peers +=
             (seen ? "; the memory showed after " : "; the claimed memory did not show within ") +
-            ms_text(clock_() - start);
+            detail::ms_text(clock_() - start);
         return true;
     }
 
@@ -682,8 +670,8 @@ class ModelRegistry : private detail::SlotOwner {
             "vramguard: cannot load model '" + slot.name() + "' (" + slot.key().describe() +
             "): " + refusal_reason(room) + ". Holding memory: " + holders_text(memory) +
             (room.peers.empty() ? "" : ". Peers asked: " + room.peers) + ". Waited " +
-            ms_text(waited) + " (load_wait " + ms_text(options_.load_wait) + "); retry " +
-            (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
+            detail::ms_text(waited) + " (load_wait " + detail::ms_text(options_.load_wait) +
+            "); retry " + (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
         // Never a "can never fit": make_room calls such a load ready, and Guard::load rejects it.
         throw InsufficientMemory(admission.requirement.bytes, memory.free_bytes, memory.total_bytes,
                                  slot.key().describe(), guard_.options().retry_delay, message,
@@ -720,7 +708,7 @@ class ModelRegistry : private detail::SlotOwner {
             text += "'" + status.name + "' " + format_bytes(status.bytes) + " (" +
                     (status.leases > 0 ? "busy, " + std::to_string(status.leases) +
                                              (status.leases == 1 ? " lease" : " leases")
-                                       : "idle " + seconds_text(status.idle_seconds)) +
+                                       : "idle " + detail::seconds_text(status.idle_seconds)) +
                     "), ";
         }
         const std::uint64_t used = memory.used_bytes();

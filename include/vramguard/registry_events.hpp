@@ -166,36 +166,32 @@ inline void count(AtomicRegistryStats& stats, const RegistryEvent& event) noexce
     counter->fetch_add(1, std::memory_order_relaxed);
 }
 
-inline std::string registry_seconds_text(double seconds) {
+inline std::string seconds_text(double seconds) {
     char text[32];
     std::snprintf(text, sizeof text, "%.1f s", seconds);
     return text;
 }
-inline std::string registry_ms_text(std::chrono::milliseconds d) {
-    return std::to_string(d.count()) + " ms";
-}
-inline std::string registry_percent(double fraction) {
-    char text[16];
-    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
-    return text;
+// Any duration, in ms: options in ms are not converted to the clock's ns on the way (a
+// milliseconds::max() "for ever" would overflow).
+template <class Rep, class Period>
+std::string ms_text(std::chrono::duration<Rep, Period> d) {
+    return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
 }
 
 inline std::string format_unload(const RegistryEvent& e) {
     const std::string model = "model '" + std::string(e.model) + "' (" + format_bytes(e.bytes);
     switch (e.kind) {
         case RegistryEventKind::idle_unloaded:
-            return "unloaded " + model + ") after " + registry_seconds_text(e.idle_seconds) +
-                   " idle (idle_timeout " + registry_ms_text(e.limit) + ")";
+            return "unloaded " + model + ") after " + seconds_text(e.idle_seconds) +
+                   " idle (idle_timeout " + ms_text(e.limit) + ")";
         case RegistryEventKind::requested_unloaded:
-            return "unloaded " + model + ") on request, idle " +
-                   registry_seconds_text(e.idle_seconds);
+            return "unloaded " + model + ") on request, idle " + seconds_text(e.idle_seconds);
         case RegistryEventKind::pressure_unloaded:
-            return "memory pressure: still " + registry_percent(e.usage) +
-                   " in use (aggressive_threshold " + registry_percent(e.threshold) +
-                   "); unloaded idle " + model + ", idle " + registry_seconds_text(e.idle_seconds) +
-                   ")";
+            return "memory pressure: still " + percent(e.usage) + " in use (aggressive_threshold " +
+                   percent(e.threshold) + "); unloaded idle " + model + ", idle " +
+                   seconds_text(e.idle_seconds) + ")";
         default:  // evicted
-            return "evicted idle " + model + ", idle " + registry_seconds_text(e.idle_seconds) +
+            return "evicted idle " + model + ", idle " + seconds_text(e.idle_seconds) +
                    ", least recently used) to make room for '" + std::string(e.for_model) + "'" +
                    (e.at_cap ? " (max_loaded_models " + std::to_string(e.count) + " reached)" : "");
     }
@@ -206,19 +202,18 @@ inline std::string format_load(const RegistryEvent& e) {
     switch (e.kind) {
         case RegistryEventKind::loaded:
             return "loaded model " + model + " (" + format_bytes(e.bytes) + ") in " +
-                   registry_ms_text(e.took);
+                   ms_text(e.took);
         case RegistryEventKind::load_waits:
-            return "load of model " + model + " waits up to " + registry_ms_text(e.limit) +
+            return "load of model " + model + " waits up to " + ms_text(e.limit) +
                    " for a lease to end or memory to free (" +
                    (e.at_cap ? "max_loaded_models reached" : "not enough free memory") +
                    ", no idle model to evict)";
         case RegistryEventKind::recovery_seen:
-            return "memory freed by unloading " + model + " reported after " +
-                   registry_ms_text(e.took);
+            return "memory freed by unloading " + model + " reported after " + ms_text(e.took);
         case RegistryEventKind::recovery_trusted:
-            return "the device did not report " + registry_percent(e.threshold) + " of the " +
+            return "the device did not report " + percent(e.threshold) + " of the " +
                    format_bytes(e.bytes) + " freed by unloading " + model + " within " +
-                   registry_ms_text(e.took) + "; trusting the estimate";
+                   ms_text(e.took) + "; trusting the estimate";
         default:  // peers_asked
             return "load of model " + model + " is " + format_bytes(e.bytes) +
                    " short after local eviction; peers: " + std::string(e.text);
@@ -240,10 +235,10 @@ inline std::string format_registry_event(const RegistryEvent& e) {
         case RegistryEventKind::recovery_trusted:
         case RegistryEventKind::peers_asked: return detail::format_load(e);
         case RegistryEventKind::pressure_cache_released:
-            return "memory pressure: " + detail::registry_percent(e.usage) + " of " +
+            return "memory pressure: " + detail::percent(e.usage) + " of " +
                    format_bytes(e.total_bytes) + " in use (pressure_threshold " +
-                   detail::registry_percent(e.threshold) + "); released the allocator cache, now " +
-                   detail::registry_percent(e.usage_after);
+                   detail::percent(e.threshold) + "); released the allocator cache, now " +
+                   detail::percent(e.usage_after);
         case RegistryEventKind::still_referenced:
             return "model '" + std::string(e.model) +
                    "' was unloaded but something else still holds a copy of it, so its memory is "
@@ -252,7 +247,7 @@ inline std::string format_registry_event(const RegistryEvent& e) {
         case RegistryEventKind::peer_calls_left:
             return "model registry: " + std::to_string(e.count) +
                    " peer call(s) still running after the registry waited " +
-                   detail::registry_ms_text(e.limit) +
+                   detail::ms_text(e.limit) +
                    " for them on destruction; a peer must not use the registry past that";
         default: return std::string();
     }

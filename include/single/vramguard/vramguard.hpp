@@ -106,6 +106,13 @@ inline std::string format_bytes(std::uint64_t bytes) {
 }
 
 namespace detail {
+// "10%": a fraction of the device (a margin, a threshold, a usage) as log lines say it.
+inline std::string percent(double fraction) {
+    char text[16];
+    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
+    return text;
+}
+
 // Byte counts from probes and callers can be absurd (2^64 - 1, usage beyond the device): sums
 // stop at the largest value and differences at zero instead of wrapping around.
 constexpr std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
@@ -4547,12 +4554,6 @@ VRAMGUARD_BEGIN_NAMESPACE
 
 namespace detail {
 
-inline std::string percent(double fraction) {
-    char text[16];
-    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
-    return text;
-}
-
 // What admit() hands back: the hold (host-wide reservation) to keep while the work runs.
 struct Admitted {
     std::unique_ptr<Hold> hold;
@@ -8483,36 +8484,32 @@ inline void count(AtomicRegistryStats& stats, const RegistryEvent& event) noexce
     counter->fetch_add(1, std::memory_order_relaxed);
 }
 
-inline std::string registry_seconds_text(double seconds) {
+inline std::string seconds_text(double seconds) {
     char text[32];
     std::snprintf(text, sizeof text, "%.1f s", seconds);
     return text;
 }
-inline std::string registry_ms_text(std::chrono::milliseconds d) {
-    return std::to_string(d.count()) + " ms";
-}
-inline std::string registry_percent(double fraction) {
-    char text[16];
-    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
-    return text;
+// Any duration, in ms: options in ms are not converted to the clock's ns on the way (a
+// milliseconds::max() "for ever" would overflow).
+template <class Rep, class Period>
+std::string ms_text(std::chrono::duration<Rep, Period> d) {
+    return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
 }
 
 inline std::string format_unload(const RegistryEvent& e) {
     const std::string model = "model '" + std::string(e.model) + "' (" + format_bytes(e.bytes);
     switch (e.kind) {
         case RegistryEventKind::idle_unloaded:
-            return "unloaded " + model + ") after " + registry_seconds_text(e.idle_seconds) +
-                   " idle (idle_timeout " + registry_ms_text(e.limit) + ")";
+            return "unloaded " + model + ") after " + seconds_text(e.idle_seconds) +
+                   " idle (idle_timeout " + ms_text(e.limit) + ")";
         case RegistryEventKind::requested_unloaded:
-            return "unloaded " + model + ") on request, idle " +
-                   registry_seconds_text(e.idle_seconds);
+            return "unloaded " + model + ") on request, idle " + seconds_text(e.idle_seconds);
         case RegistryEventKind::pressure_unloaded:
-            return "memory pressure: still " + registry_percent(e.usage) +
-                   " in use (aggressive_threshold " + registry_percent(e.threshold) +
-                   "); unloaded idle " + model + ", idle " + registry_seconds_text(e.idle_seconds) +
-                   ")";
+            return "memory pressure: still " + percent(e.usage) + " in use (aggressive_threshold " +
+                   percent(e.threshold) + "); unloaded idle " + model + ", idle " +
+                   seconds_text(e.idle_seconds) + ")";
         default:  // evicted
-            return "evicted idle " + model + ", idle " + registry_seconds_text(e.idle_seconds) +
+            return "evicted idle " + model + ", idle " + seconds_text(e.idle_seconds) +
                    ", least recently used) to make room for '" + std::string(e.for_model) + "'" +
                    (e.at_cap ? " (max_loaded_models " + std::to_string(e.count) + " reached)" : "");
     }
@@ -8523,19 +8520,18 @@ inline std::string format_load(const RegistryEvent& e) {
     switch (e.kind) {
         case RegistryEventKind::loaded:
             return "loaded model " + model + " (" + format_bytes(e.bytes) + ") in " +
-                   registry_ms_text(e.took);
+                   ms_text(e.took);
         case RegistryEventKind::load_waits:
-            return "load of model " + model + " waits up to " + registry_ms_text(e.limit) +
+            return "load of model " + model + " waits up to " + ms_text(e.limit) +
                    " for a lease to end or memory to free (" +
                    (e.at_cap ? "max_loaded_models reached" : "not enough free memory") +
                    ", no idle model to evict)";
         case RegistryEventKind::recovery_seen:
-            return "memory freed by unloading " + model + " reported after " +
-                   registry_ms_text(e.took);
+            return "memory freed by unloading " + model + " reported after " + ms_text(e.took);
         case RegistryEventKind::recovery_trusted:
-            return "the device did not report " + registry_percent(e.threshold) + " of the " +
+            return "the device did not report " + percent(e.threshold) + " of the " +
                    format_bytes(e.bytes) + " freed by unloading " + model + " within " +
-                   registry_ms_text(e.took) + "; trusting the estimate";
+                   ms_text(e.took) + "; trusting the estimate";
         default:  // peers_asked
             return "load of model " + model + " is " + format_bytes(e.bytes) +
                    " short after local eviction; peers: " + std::string(e.text);
@@ -8557,10 +8553,10 @@ inline std::string format_registry_event(const RegistryEvent& e) {
         case RegistryEventKind::recovery_trusted:
         case RegistryEventKind::peers_asked: return detail::format_load(e);
         case RegistryEventKind::pressure_cache_released:
-            return "memory pressure: " + detail::registry_percent(e.usage) + " of " +
+            return "memory pressure: " + detail::percent(e.usage) + " of " +
                    format_bytes(e.total_bytes) + " in use (pressure_threshold " +
-                   detail::registry_percent(e.threshold) + "); released the allocator cache, now " +
-                   detail::registry_percent(e.usage_after);
+                   detail::percent(e.threshold) + "); released the allocator cache, now " +
+                   detail::percent(e.usage_after);
         case RegistryEventKind::still_referenced:
             return "model '" + std::string(e.model) +
                    "' was unloaded but something else still holds a copy of it, so its memory is "
@@ -8569,7 +8565,7 @@ inline std::string format_registry_event(const RegistryEvent& e) {
         case RegistryEventKind::peer_calls_left:
             return "model registry: " + std::to_string(e.count) +
                    " peer call(s) still running after the registry waited " +
-                   detail::registry_ms_text(e.limit) +
+                   detail::ms_text(e.limit) +
                    " for them on destruction; a peer must not use the registry past that";
         default: return std::string();
     }
@@ -9052,18 +9048,6 @@ class ModelRegistry : private detail::SlotOwner {
         event.idle_seconds = result.idle_seconds;
         return event;
     }
-    static std::string seconds_text(double seconds) {
-        char text[32];
-        std::snprintf(text, sizeof text, "%.1f s", seconds);
-        return text;
-    }
-    // Any duration, in ms: options in ms are not converted to the clock's ns on the way (a
-    // milliseconds::max() "for ever" would overflow).
-    template <class Rep, class Period>
-    static std::string ms_text(std::chrono::duration<Rep, Period> d) {
-        return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) +
-               " ms";
-    }
     void warn_if_referenced(const detail::SlotBase& slot, bool still_referenced) {
         if (still_referenced)
             publish(RegistryEvent(RegistryEventKind::still_referenced, slot.name()));
@@ -9221,7 +9205,7 @@ class ModelRegistry : private detail::SlotOwner {
         const bool seen = guard_.wait_for_freed_memory(outcome.claimed, free_before, needed);
         room.peers +=
             (seen ? "; the memory showed after " : "; the claimed memory did not show within ") +
-            ms_text(clock_() - start);
+            detail::ms_text(clock_() - start);
         return true;
     }
 
@@ -9342,8 +9326,8 @@ class ModelRegistry : private detail::SlotOwner {
             "vramguard: cannot load model '" + slot.name() + "' (" + slot.key().describe() +
             "): " + refusal_reason(room) + ". Holding memory: " + holders_text(memory) +
             (room.peers.empty() ? "" : ". Peers asked: " + room.peers) + ". Waited " +
-            ms_text(waited) + " (load_wait " + ms_text(options_.load_wait) + "); retry " +
-            (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
+            detail::ms_text(waited) + " (load_wait " + detail::ms_text(options_.load_wait) +
+            "); retry " + (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
         // Never a "can never fit": make_room calls such a load ready, and Guard::load rejects it.
         throw InsufficientMemory(admission.requirement.bytes, memory.free_bytes, memory.total_bytes,
                                  slot.key().describe(), guard_.options().retry_delay, message,
@@ -9380,7 +9364,7 @@ class ModelRegistry : private detail::SlotOwner {
             text += "'" + status.name + "' " + format_bytes(status.bytes) + " (" +
                     (status.leases > 0 ? "busy, " + std::to_string(status.leases) +
                                              (status.leases == 1 ? " lease" : " leases")
-                                       : "idle " + seconds_text(status.idle_seconds)) +
+                                       : "idle " + detail::seconds_text(status.idle_seconds)) +
                     "), ";
         }
         const std::uint64_t used = memory.used_bytes();

@@ -30,12 +30,6 @@ VRAMGUARD_BEGIN_NAMESPACE
 
 namespace detail {
 
-inline std::string percent(double fraction) {
-    char text[16];
-    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
-    return text;
-}
-
 // What admit() hands back: the hold (host-wide reservation) to keep while the work runs.
 struct Admitted {
     std::unique_ptr<Hold> hold;
