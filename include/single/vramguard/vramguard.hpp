@@ -1402,14 +1402,66 @@ inline bool takes_turns(bool chunk_is_one_alone, const ChunkDecision& decision) 
 }
 
 // A chunk that ran out of memory cost at least the allocation that failed and, when it was
-// planned against a reading, more than was free then: a lower bound the model may use (0: none).
-// A transient failure says nothing about the cost.
+// planned against a reading and nothing else of the guard ran beside it, more than was free then:
+// a lower bound the model may use (0: none). Beside other runs, what was free then is no bound on
+// the chunk's own cost (the others took part of it), so only the failed allocation is. A transient
+// failure says nothing about the cost.
 inline std::uint64_t oom_lower_bound(const std::optional<OomReport>& report,
-                                     bool planned_with_reading,
-                                     std::uint64_t planned_free) noexcept {
+                                     bool planned_with_reading, std::uint64_t planned_free,
+                                     bool beside_others = false) noexcept {
     if (failure_was_transient(report)) return 0;
-    return std::max(planned_with_reading ? saturating_add(planned_free, 1) : 0,
+    const bool free_bounds_it = planned_with_reading && !beside_others;
+    return std::max(free_bounds_it ? saturating_add(planned_free, 1) : 0,
                     report ? report->requested_bytes : 0);
+}
+
+// ---- Concurrent chunks: claims -----------------------------------------------------------------
+//
+// Chunks of one guard that run at once would each plan from the same reading, i.e. for the same
+// free bytes. So every planned chunk claims the bytes its model predicts until it ends, and a new
+// plan counts the claims the reading does not show yet. What the reading shows of them is
+// estimated against the anchor, the reading taken when no claim was in flight: memory that went
+// since is taken to be the claimed chunks' (when another process took it, this plans as much as
+// without claims; memory that came back is not counted, which plans less, never more).
+inline std::uint64_t claims_shown(std::uint64_t free_now, std::uint64_t anchor,
+                                  std::uint64_t claimed) noexcept {
+    return std::min(saturating_sub(anchor, free_now), claimed);
+}
+inline std::uint64_t free_for_plan(std::uint64_t free_now, std::uint64_t anchor,
+                                   std::uint64_t claimed) noexcept {
+    return saturating_sub(free_now, claimed - claims_shown(free_now, anchor, claimed));
+}
+// What would be free were the claims back: the reading and what it shows of them.
+inline std::uint64_t free_without_claims(std::uint64_t free_now, std::uint64_t anchor,
+                                         std::uint64_t claimed) noexcept {
+    return saturating_add(free_now, claims_shown(free_now, anchor, claimed));
+}
+
+struct ShareFacts {
+    std::uint64_t size_now = 0;    // the chunk the plan cuts with the claims counted
+    std::uint64_t size_freed = 0;  // ... and were the claims back (same units)
+    bool fits_now = true;          // its predicted peak fits what the claims leave (its first
+                                   // item may be heavier than the limit: a cut always takes one)
+    bool fits_freed = true;        // ... fits were the claims back
+    bool others_claim = false;     // other chunks of the guard hold claims now
+    bool may_wait = false;         // a planner that may wait: not inside another run, not holding
+                                   // the guard, its wait budget and deadline not spent
+};
+
+enum class ShareStep { run_now, wait_for_a_claim };
+
+// When the claims leave little, run a smaller chunk now or wait for a claim to end? A chunk that
+// does not fit what is left waits, unless even the freed memory would not hold it (its own OOM
+// path decides then). One at least half the size the freed memory would give costs at most one
+// more batch (its fixed memory and launch) than waiting; a smaller one multiplies batches while
+// the memory it needs comes back as soon as a running chunk ends, which is bounded. Planners take
+// turns in arrival order, so the one that waits is served first: nobody starves behind others.
+inline ShareStep run_or_wait(const ShareFacts& facts) noexcept {
+    if (!facts.others_claim || !facts.may_wait || !facts.fits_freed) return ShareStep::run_now;
+    if (!facts.fits_now) return ShareStep::wait_for_a_claim;
+    return saturating_add(facts.size_now, facts.size_now) >= facts.size_freed
+               ? ShareStep::run_now
+               : ShareStep::wait_for_a_claim;
 }
 
 // When an item that ran out of memory alone is retried really alone: while other runs of the
@@ -4525,13 +4577,291 @@ VRAMGUARD_END_NAMESPACE
 // learner.
 
 
+// ---- begin <vramguard/detail/chunk_cut.hpp> ----
+// How an encode call's items are counted and cut into chunks: the weights as the learner counts
+// them (whole units, at least 1; none given: every item counts 1), padded or summed, and where a
+// limit cuts the next chunk (policy::cut_by_weight / cut_by_padded_weight).
+
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+// A weight as the learner counts it: a whole number of units, at least 1 (an item of weight 0
+// still takes memory, and a budget of zero-weight items would never shrink); a fraction rounds
+// up, and anything past 2^64 saturates. NaN and negative weights are the caller's bug, named with
+// the item, before any batch runs.
+template <class W>
+std::uint64_t checked_weight(W weight, std::size_t index) {
+    auto refuse = [index](const std::string& value) {
+        return std::invalid_argument("vramguard::Guard::encode: weight_fn returned " + value +
+                                     " for item " + std::to_string(index) +
+                                     "; a weight must be >= 0");
+    };
+    if constexpr (std::is_floating_point_v<W>) {
+        if (!(weight >= 0)) throw refuse(std::to_string(weight));
+        if (!(weight < 1.8e19)) return std::numeric_limits<std::uint64_t>::max();
+        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::ceil(weight)));
+    } else {
+        if constexpr (std::is_signed_v<W>) {
+            if (weight < 0) throw refuse(std::to_string(weight));
+        }
+        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(weight));
+    }
+}
+
+template <class Range>
+using range_iterator_t = decltype(std::begin(std::declval<const Range&>()));
+
+template <class Range, class W, class = void>
+struct is_weight_fn : std::false_type {};
+template <class Range, class W>
+struct is_weight_fn<
+    Range, W, std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
+    : std::is_convertible<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>()))),
+                          std::uint64_t> {};
+
+template <class W>
+struct is_padded : std::false_type {};
+template <class W>
+struct is_padded<Padded<W>> : std::true_type {};
+
+template <class W>
+decltype(auto) unpadded(W& weight) {
+    if constexpr (is_padded<std::remove_cv_t<W>>::value) {
+        return (weight.weight);
+    } else {
+        return (weight);
+    }
+}
+template <class W>
+using unpadded_t = std::remove_reference_t<decltype(unpadded(std::declval<W&>()))>;
+
+// One chunk as a limit cuts it.
+struct ChunkCut {
+    std::size_t size = 0;     // items
+    std::uint64_t tried = 0;  // its size as the learner counts it (items or weight)
+    bool at_limit = false;    // cut by the limit (not by the end of the input)
+    bool lone_item = false;   // one item that the limit allows no company
+};
+
+class ChunkWeights {
+   public:
+    // `weights`: one per item (nullptr: every item counts 1); `padded`: a batch costs its size x
+    // its heaviest item, else the sum.
+    ChunkWeights(const std::vector<std::uint64_t>* weights, bool padded, std::size_t n) noexcept
+        : weights_(weights), padded_(padded), n_(n) {}
+
+    bool weighted() const noexcept { return weights_ != nullptr; }
+    // The lightest item's weight (1 without weights).
+    std::uint64_t lightest() const {
+        return weights_ && !weights_->empty()
+                   ? *std::min_element(weights_->begin(), weights_->end())
+                   : 1;
+    }
+
+    // The next chunk from item `pos` under `limit` (0: no limit).
+    ChunkCut cut(std::size_t pos, std::uint64_t limit) const {
+        ChunkCut chunk;
+        if (weights_) {
+            auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
+            chunk.size = padded_ ? policy::cut_by_padded_weight(pos, n_, limit, weight_at)
+                                 : policy::cut_by_weight(pos, n_, limit, weight_at);
+            // Alone when not even two such items fit the limit.
+            chunk.lone_item =
+                chunk.size == 1 && limit != 0 &&
+                (pos + 1 < n_ ? batch_weight(pos, 2)
+                              : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
+            chunk.tried = batch_weight(pos, chunk.size);
+            chunk.at_limit = limit != 0 && (pos + chunk.size < n_ || chunk.lone_item);
+        } else {
+            chunk.size = limit == 0
+                             ? n_ - pos
+                             : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos));
+            chunk.lone_item = limit == 1;
+            chunk.tried = chunk.size;
+            chunk.at_limit = limit != 0 && chunk.size == limit;
+        }
+        return chunk;
+    }
+
+   private:
+    // A batch's weight: the sum of its items', or with padding its size x its heaviest.
+    std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
+        std::uint64_t total = 0, heaviest = 0;
+        for (std::size_t i = begin; i < begin + count; ++i) {
+            total = policy::saturating_add(total, (*weights_)[i]);
+            heaviest = std::max(heaviest, (*weights_)[i]);
+        }
+        return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
+    }
+
+    const std::vector<std::uint64_t>* weights_;
+    bool padded_;
+    std::size_t n_;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/chunk_cut.hpp> ----
+
+// ---- begin <vramguard/detail/claims.hpp> ----
+// Claims: what the guard's chunks in flight have planned and the reading may not show yet, so that
+// chunks planned at once do not plan for the same free bytes (policy::free_for_plan says how the
+// reading is read against them). Planners take turns in arrival order under one lock: the reading
+// is taken, the plan made and the claim registered as one step, and a planner that waits for a
+// claim to end (policy::run_or_wait) keeps its place at the head, so the memory that comes back is
+// its first. A planner inside another run of the guard, or holding the guard for itself, neither
+// queues nor waits: what it waits for could be its own run.
+
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+class Claims {
+   public:
+    // A claim for a chunk whose cost is unknown: every other plan sees nothing free until it ends.
+    static constexpr std::uint64_t whole_device = std::uint64_t{1} << 62;
+
+    // The bytes one chunk claimed, given back when it ends (or earlier, by release()).
+    class Claim {
+       public:
+        Claim() = default;
+        Claim(Claim&& other) noexcept
+            : owner_(std::exchange(other.owner_, nullptr)),
+              bytes_(std::exchange(other.bytes_, 0)) {}
+        Claim& operator=(Claim&& other) noexcept {
+            if (this != &other) {
+                release();
+                owner_ = std::exchange(other.owner_, nullptr);
+                bytes_ = std::exchange(other.bytes_, 0);
+            }
+            return *this;
+        }
+        ~Claim() { release(); }
+        void release() noexcept {
+            if (owner_ != nullptr) std::exchange(owner_, nullptr)->give_back(bytes_);
+        }
+        std::uint64_t bytes() const noexcept { return owner_ != nullptr ? bytes_ : 0; }
+
+       private:
+        friend class Claims;
+        Claim(Claims* owner, std::uint64_t bytes) noexcept : owner_(owner), bytes_(bytes) {}
+        Claims* owner_ = nullptr;
+        std::uint64_t bytes_ = 0;
+    };
+
+    // One planner's turn: holds the lock from the reading to the claim. `queued`: takes its turn
+    // in arrival order (and may wait); otherwise it plans at once and never waits.
+    class Turn {
+       public:
+        Turn(Claims& claims, bool queued) : claims_(claims), lock_(claims.mutex_), queued_(queued) {
+            if (!queued_) return;
+            const std::uint64_t ticket = claims_.next_ticket_++;
+            if (claims_.serving_ != ticket) {
+                ++claims_.waiting_;
+                claims_.changed_.wait(lock_, [&] { return claims_.serving_ == ticket; });
+                --claims_.waiting_;
+            }
+        }
+        ~Turn() {
+            if (!queued_) return;
+            ++claims_.serving_;
+            const bool someone_waits = claims_.waiting_ != 0;
+            lock_.unlock();
+            if (someone_waits) claims_.changed_.notify_all();
+        }
+        Turn(const Turn&) = delete;
+        Turn& operator=(const Turn&) = delete;
+
+        // The free memory a plan may count on, from the probe's reading `free_now` (taken while
+        // this turn is held, so every claim registered before it is in the sum).
+        std::uint64_t available(std::uint64_t free_now) noexcept {
+            claims_.anchor_ =
+                claims_.claimed_ == 0 ? free_now : std::max(claims_.anchor_, free_now);
+            return policy::free_for_plan(free_now, claims_.anchor_, claims_.claimed_);
+        }
+        // What would be free were the claims back (after available(free_now)).
+        std::uint64_t without_claims(std::uint64_t free_now) const noexcept {
+            return policy::free_without_claims(free_now, claims_.anchor_, claims_.claimed_);
+        }
+        // What the chunks in flight claim now.
+        std::uint64_t claimed() const noexcept { return claims_.claimed_; }
+
+        // Waits until a claim ends or `until` passes; true when one ended.
+        bool wait_for_release(std::chrono::steady_clock::time_point until) {
+            if (!queued_) return false;
+            const std::uint64_t seen = claims_.releases_;
+            ++claims_.waiting_;
+            const bool released = claims_.changed_.wait_until(
+                lock_, until, [&] { return claims_.releases_ != seen; });
+            --claims_.waiting_;
+            return released;
+        }
+
+        Claim claim(std::uint64_t bytes) noexcept {
+            if (bytes == 0) return {};
+            claims_.claimed_ = policy::saturating_add(claims_.claimed_, bytes);
+            return Claim(&claims_, bytes);
+        }
+
+       private:
+        Claims& claims_;
+        std::unique_lock<std::mutex> lock_;
+        const bool queued_;
+    };
+
+   private:
+    void give_back(std::uint64_t bytes) noexcept {
+        bool someone_waits = false;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            claimed_ -= std::min(claimed_, bytes);
+            ++releases_;
+            someone_waits = waiting_ != 0;
+        }
+        if (someone_waits) changed_.notify_all();
+    }
+
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    std::uint64_t claimed_ = 0;
+    std::uint64_t anchor_ = 0;
+    std::uint64_t next_ticket_ = 0;
+    std::uint64_t serving_ = 0;
+    std::uint64_t releases_ = 0;
+    unsigned waiting_ = 0;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/claims.hpp> ----
+
 // ---- begin <vramguard/detail/guard_core.hpp> ----
 // GuardCore<Probe>: the per-device services every load and encode run of a guard uses, in one
 // object the runs receive by reference: the probe and options, admission, the run tracker (who
-// else is running), the device's single-item turn, event publishing into the stats and the log,
-// and the key table (what was learned per key) with its persistence. Guard is the facade over it;
-// LoadRun (load_run.hpp) and EncodeRun (encode_run.hpp) orchestrate with it, and every decision
-// they take is a pure function in policy.hpp.
+// else is running), the claims of the chunks in flight, the device's single-item turn, event
+// publishing into the stats and the log, and the key table (what was learned per key) with its
+// persistence. Guard is the facade over it; LoadRun (load_run.hpp) and EncodeRun (encode_run.hpp)
+// orchestrate with it, and every decision they take is a pure function in policy.hpp.
 
 
 // ---- begin <vramguard/detail/admission_control.hpp> ----
@@ -5129,6 +5459,7 @@ class GuardCore {
     const ProfileCache& profiles() const noexcept { return profiles_; }
     AdmissionControl<Probe>& admission() noexcept { return admission_; }
     RunTracker& runs() noexcept { return runs_; }
+    Claims& claims() noexcept { return claims_; }
     Semaphore& single_item() noexcept { return *single_item_; }
     AtomicStats& stats() noexcept { return stats_; }
     const AtomicStats& stats() const noexcept { return stats_; }
@@ -5303,6 +5634,7 @@ class GuardCore {
     std::mutex keys_mutex_;
     std::unordered_map<std::uint64_t, std::unique_ptr<KeyMemory>> keys_;
     RunTracker runs_{measures_peaks};
+    Claims claims_;
     StripedCounter calls_in_flight_;
 };
 
@@ -5330,56 +5662,6 @@ VRAMGUARD_END_NAMESPACE
 VRAMGUARD_BEGIN_NAMESPACE
 namespace detail {
 
-// A weight as the learner counts it: a whole number of units, at least 1 (an item of weight 0
-// still takes memory, and a budget of zero-weight items would never shrink); a fraction rounds
-// up, and anything past 2^64 saturates. NaN and negative weights are the caller's bug, named with
-// the item, before any batch runs.
-template <class W>
-std::uint64_t checked_weight(W weight, std::size_t index) {
-    auto refuse = [index](const std::string& value) {
-        return std::invalid_argument("vramguard::Guard::encode: weight_fn returned " + value +
-                                     " for item " + std::to_string(index) +
-                                     "; a weight must be >= 0");
-    };
-    if constexpr (std::is_floating_point_v<W>) {
-        if (!(weight >= 0)) throw refuse(std::to_string(weight));
-        if (!(weight < 1.8e19)) return std::numeric_limits<std::uint64_t>::max();
-        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::ceil(weight)));
-    } else {
-        if constexpr (std::is_signed_v<W>) {
-            if (weight < 0) throw refuse(std::to_string(weight));
-        }
-        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(weight));
-    }
-}
-
-template <class Range>
-using range_iterator_t = decltype(std::begin(std::declval<const Range&>()));
-
-template <class Range, class W, class = void>
-struct is_weight_fn : std::false_type {};
-template <class Range, class W>
-struct is_weight_fn<
-    Range, W, std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
-    : std::is_convertible<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>()))),
-                          std::uint64_t> {};
-
-template <class W>
-struct is_padded : std::false_type {};
-template <class W>
-struct is_padded<Padded<W>> : std::true_type {};
-
-template <class W>
-decltype(auto) unpadded(W& weight) {
-    if constexpr (is_padded<std::remove_cv_t<W>>::value) {
-        return (weight.weight);
-    } else {
-        return (weight);
-    }
-}
-template <class W>
-using unpadded_t = std::remove_reference_t<decltype(unpadded(std::declval<W&>()))>;
-
 template <class T>
 struct is_std_vector : std::false_type {};
 template <class T, class A>
@@ -5397,17 +5679,16 @@ class EncodeRun {
     using Produced = std::conditional_t<std::is_void_v<Out>, char, Out>;
 
     // One chunk as planned.
-    struct Chunk {
-        std::size_t size = 0;
-        std::uint64_t tried = 0;   // its size as the learner counts it (items or weight)
+    struct Chunk : ChunkCut {
         std::uint64_t limit = 0;   // the limit that cut it (0 = none)
-        MemoryInfo seen;           // the reading it was planned with (zero: none taken)
-        bool at_limit = false;     // cut by the limit (not by the end of the input)
-        bool lone_item = false;    // one item that the limit allows no company
-        bool takes_turns = false;  // ... and OOMs taught it: through the single-item semaphore
+        std::uint64_t budget = 0;  // the limit were the others' claims back: what is learned
+        MemoryInfo seen;           // the reading it was planned with, claims counted (zero: none)
+        bool takes_turns = false;  // a lone item OOMs taught: through the single-item semaphore
         bool from_model = false;
+        bool beside_others = false;  // other chunks of the guard claimed memory when it was planned
         policy::ChunkDecision decision;
         PlanInputs inputs;
+        Claims::Claim claim;  // what its model predicts, until it ends
     };
 
    public:
@@ -5419,8 +5700,7 @@ class EncodeRun {
           learner_(weights ? memory_.weight : memory_.items),
           batch_fn_(batch_fn),
           call_(call),
-          weights_(weights),
-          padded_(padded),
+          weights_(weights, padded, n),
           n_(n),
           cursor_(first) {}
 
@@ -5434,25 +5714,13 @@ class EncodeRun {
     Out run() {
         admit_call();
         while (pos_ < n_) {
-            const Chunk chunk = plan();
+            Chunk chunk = plan();
             run_chunk(chunk);
         }
         if constexpr (!std::is_void_v<Out>) return std::move(results_);
     }
 
    private:
-    std::uint64_t weight_at(std::size_t i) const { return (*weights_)[i]; }
-
-    // A batch's weight: the sum of its items', or with padding its size x its heaviest.
-    std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
-        std::uint64_t total = 0, heaviest = 0;
-        for (std::size_t i = begin; i < begin + count; ++i) {
-            total = policy::saturating_add(total, weight_at(i));
-            heaviest = std::max(heaviest, weight_at(i));
-        }
-        return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
-    }
-
     // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
     // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
     // planning). An item no heavier than one that ran, estimated within the device, is never "can
@@ -5464,8 +5732,7 @@ class EncodeRun {
     void admit_call() {
         const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
         if (cheapest == 0 || n_ == 0) return;
-        const std::uint64_t smallest =
-            weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
+        const std::uint64_t smallest = weights_.lightest();
         const bool ran_before =
             smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
         const std::uint64_t estimate = policy::scale_bytes(cheapest, static_cast<double>(smallest));
@@ -5489,12 +5756,62 @@ class EncodeRun {
                     .hold;
     }
 
+    // The next chunk: planned from the key's model against the reading less what the guard's other
+    // chunks in flight claim, in turn with the guard's other planners (detail/claims.hpp), then
+    // claimed. When the claims leave little, it may wait for one to end (policy::run_or_wait). A
+    // chunk of a key not yet measured claims the whole device: its cost is unknown, and the first
+    // chunks of a key planned at once would all run whole and all run out of memory.
     Chunk plan() {
         Chunk chunk;
         chunk.inputs = learner_.read();
-        if (chunk.inputs.model.known()) chunk.seen = core_.probe().memory();
+        policy::ChunkFacts facts = chunk_facts();
+        if (!Core::measures_peaks && !chunk.inputs.model.known()) {
+            decide(chunk, facts);  // the OOM-learned ceiling: nothing to claim
+            return chunk;
+        }
+        const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
+        Claims::Turn turn(core_.claims(), may_queue);
+        // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
+        // deadline.
+        const auto wait_until = std::chrono::steady_clock::now() + wait_allowed();
+        bool known = false;
+        for (bool first = true;; first = false) {
+            if (!first) chunk.inputs = learner_.read();  // what the chunks waited for taught
+            known = chunk.inputs.model.known();
+            const std::uint64_t free_now = known ? read_available(chunk, turn) : 0;
+            decide(chunk, facts);
+            const bool may_wait = may_queue && std::chrono::steady_clock::now() < wait_until;
+            policy::ShareFacts share;
+            if (known) {
+                share = share_facts(chunk, turn.without_claims(free_now), turn.claimed() != 0,
+                                    may_wait);
+            } else {
+                share.others_claim = share.may_wait = turn.claimed() != 0 && may_wait;
+                share.fits_now = false;  // its cost is unknown: it waits for the device
+            }
+            if (policy::run_or_wait(share) == policy::ShareStep::run_now) break;
+            turn.wait_for_release(wait_until);
+        }
+        retry_limit_ = 0;
+        chunk.beside_others = turn.claimed() != 0;
+        if (!known)
+            chunk.claim = turn.claim(Claims::whole_device);
+        else if (chunk.from_model)
+            chunk.claim = turn.claim(chunk.inputs.model.peak_for(chunk.tried));
+        return chunk;
+    }
+
+    // The reading, with what the claims leave as its free memory; returns the reading's own.
+    std::uint64_t read_available(Chunk& chunk, Claims::Turn& turn) {
+        chunk.seen = core_.probe().memory();
+        const std::uint64_t free_now = chunk.seen.free_bytes;
+        chunk.seen.free_bytes = turn.available(free_now);
+        return free_now;
+    }
+
+    // What a plan reads besides the reading: the retry in hand, the learning phase, the turns.
+    policy::ChunkFacts chunk_facts() {
         policy::ChunkFacts facts;
-        facts.plan = plan_for(chunk.inputs, chunk.seen);
         facts.retry_limit = retry_limit_;
         facts.measures_peaks = Core::measures_peaks;
         facts.inside_another_run = core_.runs().running_here();
@@ -5506,15 +5823,39 @@ class EncodeRun {
         facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
         facts.exclusive_held = exclusive_.has_value();
         facts.first_chunk_hint = call_.first_chunk_limit;
+        return facts;
+    }
+
+    // The chunk's limit (policy::decide_chunk over the plan for its reading) and its cut.
+    void decide(Chunk& chunk, policy::ChunkFacts& facts) const {
+        facts.plan = plan_for(chunk.inputs, chunk.seen);
         chunk.decision = policy::decide_chunk(facts);
         chunk.from_model = facts.plan.from_model;
-        chunk.limit = chunk.decision.limit;
-        retry_limit_ = 0;
-        cut(chunk);
+        chunk.limit = chunk.budget = chunk.decision.limit;
+        static_cast<ChunkCut&>(chunk) = weights_.cut(pos_, chunk.limit);
         // A hint is no learned limit: not at_limit (nothing stores it), and it makes no lone item.
         if (chunk.decision.hinted) chunk.at_limit = chunk.lone_item = false;
         chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
-        return chunk;
+    }
+
+    // The chunk planned beside others' claims against the one their memory back (`freed` free)
+    // would give; that limit is the chunk's budget, what the key learns.
+    policy::ShareFacts share_facts(Chunk& chunk, std::uint64_t freed, bool others_claim,
+                                   bool may_wait) const {
+        policy::ShareFacts share;
+        share.others_claim = others_claim;
+        if (!others_claim || chunk.decision.hinted) return share;
+        share.may_wait = may_wait;
+        share.size_now = share.size_freed = chunk.tried;
+        share.fits_now = chunk.limit == 0 || chunk.tried <= chunk.limit;
+        MemoryInfo seen = chunk.seen;
+        seen.free_bytes = freed;
+        const std::uint64_t freed_limit = plan_for(chunk.inputs, seen).limit;
+        share.fits_freed = freed_limit == 0 || chunk.tried <= freed_limit;
+        if (retry_limit_ != 0) return share;  // a retry keeps the size its OOM chose
+        chunk.budget = freed_limit;
+        share.size_freed = weights_.cut(pos_, chunk.budget).tried;
+        return share;
     }
 
     policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
@@ -5524,30 +5865,7 @@ class EncodeRun {
                                   inputs.ceiling);
     }
 
-    void cut(Chunk& chunk) const {
-        const std::uint64_t limit = chunk.limit;
-        if (weights_) {
-            auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
-            chunk.size = padded_ ? policy::cut_by_padded_weight(pos_, n_, limit, weight_at)
-                                 : policy::cut_by_weight(pos_, n_, limit, weight_at);
-            // Alone when not even two such items fit the limit.
-            chunk.lone_item =
-                chunk.size == 1 && limit != 0 &&
-                (pos_ + 1 < n_ ? batch_weight(pos_, 2)
-                               : policy::saturating_add(weight_at(pos_), weight_at(pos_))) > limit;
-            chunk.tried = batch_weight(pos_, chunk.size);
-            chunk.at_limit = limit != 0 && (pos_ + chunk.size < n_ || chunk.lone_item);
-        } else {
-            chunk.size = limit == 0
-                             ? n_ - pos_
-                             : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos_));
-            chunk.lone_item = limit == 1;
-            chunk.tried = chunk.size;
-            chunk.at_limit = limit != 0 && chunk.size == limit;
-        }
-    }
-
-    void run_chunk(const Chunk& chunk) {
+    void run_chunk(Chunk& chunk) {
         It chunk_end = std::next(
             cursor_, static_cast<typename std::iterator_traits<It>::difference_type>(chunk.size));
         Produced produced{};
@@ -5576,7 +5894,9 @@ class EncodeRun {
             } catch (...) {
                 error = std::current_exception();
             }
+            chunk.beside_others = chunk.beside_others || core_.runs().others_running();
         }
+        chunk.claim.release();  // ended: what it took is in the reading, or given back
         if (chunk.decision.measure) note_measurement(peak.has_value());
         if (error) return on_failure(chunk, error);
         check_count(chunk, produced);
@@ -5629,7 +5949,7 @@ class EncodeRun {
         ran.size = chunk.tried;
         ran.free_bytes = chunk.seen.free_bytes;
         ran.at_limit = chunk.at_limit;
-        ran.limit = chunk.limit;
+        ran.limit = chunk.budget;
         ran.measured_peak = peak && *peak > 0;
         if (!policy::success_teaches(chunk.inputs,
                                      learner_.published.limit.load(std::memory_order_relaxed), ran))
@@ -5640,8 +5960,8 @@ class EncodeRun {
             std::unique_lock<std::mutex> lock(memory_.mutex);
             if (ran.measured_peak) learner_.add_sample({chunk.tried, *peak}, next_sample_stamp());
             if (chunk.at_limit) {
-                grew = policy::limit_grew(chunk.from_model, learner_.limit, chunk.limit);
-                learner_.limit = chunk.limit;
+                grew = policy::limit_grew(chunk.from_model, learner_.limit, chunk.budget);
+                learner_.limit = chunk.budget;
             }
             policy::on_chunk_ran(learner_.evidence, chunk.tried, ran.free_bytes, chunk.at_limit,
                                  options().forget_failure_after * policy::model_relax_factor,
@@ -5653,7 +5973,7 @@ class EncodeRun {
         if (grew) {
             Event event(EventKind::grew, key_, "encode");
             event.next = learner_.published.limit.load(std::memory_order_relaxed);
-            event.weight = weights_ ? 1 : 0;
+            event.weight = weights_.weighted() ? 1 : 0;
             core_.publish(event);
         }
     }
@@ -5696,8 +6016,8 @@ class EncodeRun {
             std::lock_guard<std::mutex> lock(memory_.mutex);
             const std::uint64_t free = planned_or(chunk, after);
             policy::on_chunk_failed(learner_.evidence, chunk.tried, free);
-            const std::uint64_t at_least =
-                policy::oom_lower_bound(report, chunk.seen.total_bytes != 0, free);
+            const std::uint64_t at_least = policy::oom_lower_bound(
+                report, chunk.seen.total_bytes != 0, free, chunk.beside_others);
             if (Core::measures_peaks && at_least > 0)
                 learner_.add_sample({chunk.tried, at_least}, next_sample_stamp(), false);
             policy::on_oom(learner_.ceiling, chunk.tried, backstop, after.free_bytes);
@@ -5710,7 +6030,7 @@ class EncodeRun {
                                         : backstop;
         Event event(EventKind::chunk_shrunk, key_, "encode");
         event.size = chunk.size;
-        event.weight = weights_ ? chunk.tried : 0;
+        event.weight = weights_.weighted() ? chunk.tried : 0;
         event.next = retry_limit_;
         event.error = &error;
         core_.publish(event);
@@ -5803,8 +6123,7 @@ class EncodeRun {
     SizeLearner& learner_;
     F& batch_fn_;
     const EncodeOptions& call_;
-    const std::vector<std::uint64_t>* weights_;
-    bool padded_;
+    ChunkWeights weights_;
     std::size_t n_;
     std::size_t pos_ = 0;
     It cursor_;
