@@ -132,7 +132,8 @@ class ServerProcess {
         return status_;
     }
 
-    // Everything it wrote to stderr; complete once it has exited (stop(), wait_exit(), kill()).
+    // Everything it wrote to stderr so far (a copy: the reader thread may still append);
+    // complete once it has exited (stop(), wait_exit(), kill()).
     std::string err() const {
         std::lock_guard<std::mutex> lock(mutex_);
         return stderr_text_;

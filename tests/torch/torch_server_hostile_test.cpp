@@ -43,7 +43,7 @@ using Clock = std::chrono::steady_clock;
 // A started server, killed (not asked to stop) when the test ends: slow clients may still hold
 // connections open.
 struct Child : vramguard_test::RunningServer {
-    using RunningServer::RunningServer;
+    explicit Child(std::vector<std::string> args) : RunningServer(std::move(args)) {}
     ~Child() { process->kill(); }
     // Whether the process is still running (not aborted, not crashed).
     bool alive() const { return process->alive(); }

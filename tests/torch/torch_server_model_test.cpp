@@ -490,8 +490,9 @@ TEST(TorchServerCommandLine, BadValuesNameTheFlagFromTheCommandLineOrTheEnvironm
         const int status = server.wait_exit();
         ASSERT_TRUE(WIFEXITED(status)) << status;
         EXPECT_EQ(WEXITSTATUS(status), 2) << c.wanted << "\n" << server.err();
-        EXPECT_NE(server.err().find(c.wanted), std::string::npos) << server.err();
-        EXPECT_EQ(std::count(server.err().begin(), server.err().end(), '\n'), 1) << server.err();
+        const std::string err = server.err();
+        EXPECT_NE(err.find(c.wanted), std::string::npos) << err;
+        EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
     }
 }
 
