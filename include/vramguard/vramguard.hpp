@@ -22,6 +22,8 @@
 #include <vramguard/batch_view.hpp>
 #include <vramguard/admission.hpp>
 #include <vramguard/guard.hpp>
+#include <vramguard/batcher_options.hpp>
+#include <vramguard/batcher.hpp>
 #include <vramguard/host.hpp>
 #include <vramguard/model_slot.hpp>
 #include <vramguard/eviction.hpp>
