@@ -550,7 +550,7 @@ Outcome run_batcher_with(const Workload& work, bool squeeze, Weight weight) {
     Rig rig(work.layout);
     vramguard::Guard<vramguard::SimulatedDevice> guard(rig.device, guard_options());
     const vramguard::Key key = vramguard::Key::of("concurrency-bench");
-    auto batcher = vramguard::make_batcher(guard, key, BatchFn{&rig}, weight);
+    auto batcher = vramguard::make_batcher<Item>(guard, key, BatchFn{&rig}, weight);
     Outcome out = drive("batcher", work, rig, squeeze, [&](const Call& call) {
         Results results = batcher.encode(std::vector<Item>(call));
         return results;

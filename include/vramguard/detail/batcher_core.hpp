@@ -102,11 +102,11 @@ class BatcherCore {
     std::vector<Result> wait(const std::shared_ptr<Call>& call, std::optional<TimePoint> deadline) {
         std::unique_lock<std::mutex> lock(mutex_);
         while (!call->finished) {
+            if (deadline && guard_.options().clock() >= *deadline) give_up(*call);
             if (!leading_ && !queue_.empty()) {
                 lead(lock);
                 continue;
             }
-            if (deadline && guard_.options().clock() >= *deadline) give_up(*call);
             changed_.wait_for(lock, guard_.options().poll_interval);
         }
         if (call->error) std::rethrow_exception(call->error);
