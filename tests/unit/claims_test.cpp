@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -182,6 +183,38 @@ TEST(ClaimsServed, TheLearnedBudgetIsTheSameFromRunToRun) {
     ASSERT_NE(first.budget, 0u);
     EXPECT_NEAR(static_cast<double>(second.budget), static_cast<double>(first.budget),
                 0.05 * static_cast<double>(first.budget));
+}
+
+// A probe that measures no peaks plans from the OOM-learned ceiling and claims nothing; the size
+// an OOM chose lasts one chunk there too, so the ceiling grows back within the same call.
+struct NoPeaks {
+    SimulatedDevice& device;
+    MemoryInfo memory() const { return device.memory(); }
+    void release_cached() { device.release_cached(); }
+};
+
+TEST(ClaimsFastPath, ARetrySizeLastsOneChunkWithoutPeakMeasurements) {
+    SimulatedDevice device(64_GiB);
+    NoPeaks probe{device};
+    Options options;
+    options.persist = false;
+    options.log = nullptr;
+    options.grow_after_successes = 2;
+    Guard<NoPeaks> guard(probe, options);
+    std::vector<int> items(8192, 1);
+    std::vector<std::size_t> sizes;
+    device.fail_next_allocations(1);  // the first chunk fails once, though it fits
+    guard.encode(
+        Key::of("no-peaks"), items,
+        [&](const BatchView<std::vector<int>::const_iterator>& view) {
+            auto activations = device.allocate(view.size() * 1_MiB);
+            sizes.push_back(view.size());
+        },
+        EncodeOptions{}.with_first_chunk_limit(1024));
+    ASSERT_GE(sizes.size(), 4u);
+    EXPECT_EQ(sizes[0], 512u);  // halved after the injected OOM
+    EXPECT_GT(*std::max_element(sizes.begin(), sizes.end()), 512u)
+        << "the ceiling grew back within the call";
 }
 
 }  // namespace

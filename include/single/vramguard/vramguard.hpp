@@ -4673,30 +4673,33 @@ class ChunkWeights {
 
     // The next chunk from item `pos` under `limit` (0: no limit).
     ChunkCut cut(std::size_t pos, std::uint64_t limit) const {
-        ChunkCut chunk;
-        if (weights_) {
-            auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
-            chunk.size = padded_ ? policy::cut_by_padded_weight(pos, n_, limit, weight_at)
-                                 : policy::cut_by_weight(pos, n_, limit, weight_at);
-            // Alone when not even two such items fit the limit.
-            chunk.lone_item =
-                chunk.size == 1 && limit != 0 &&
-                (pos + 1 < n_ ? batch_weight(pos, 2)
-                              : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
-            chunk.tried = batch_weight(pos, chunk.size);
-            chunk.at_limit = limit != 0 && (pos + chunk.size < n_ || chunk.lone_item);
-        } else {
-            chunk.size = limit == 0
-                             ? n_ - pos
-                             : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos));
-            chunk.lone_item = limit == 1;
-            chunk.tried = chunk.size;
-            chunk.at_limit = limit != 0 && chunk.size == limit;
-        }
+        if (weights_) return cut_weighted(pos, limit);
+        ChunkCut chunk;  // items: the fast path, kept small enough to inline
+        chunk.size = limit == 0
+                         ? n_ - pos
+                         : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos));
+        chunk.lone_item = limit == 1;
+        chunk.tried = chunk.size;
+        chunk.at_limit = limit != 0 && chunk.size == limit;
         return chunk;
     }
 
    private:
+    ChunkCut cut_weighted(std::size_t pos, std::uint64_t limit) const {
+        ChunkCut chunk;
+        auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
+        chunk.size = padded_ ? policy::cut_by_padded_weight(pos, n_, limit, weight_at)
+                             : policy::cut_by_weight(pos, n_, limit, weight_at);
+        // Alone when not even two such items fit the limit.
+        chunk.lone_item =
+            chunk.size == 1 && limit != 0 &&
+            (pos + 1 < n_ ? batch_weight(pos, 2)
+                          : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
+        chunk.tried = batch_weight(pos, chunk.size);
+        chunk.at_limit = limit != 0 && (pos + chunk.size < n_ || chunk.lone_item);
+        return chunk;
+    }
+
     // A batch's weight: the sum of its items', or with padding its size x its heaviest.
     std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
         std::uint64_t total = 0, heaviest = 0;
@@ -5765,10 +5768,22 @@ class EncodeRun {
         Chunk chunk;
         chunk.inputs = learner_.read();
         policy::ChunkFacts facts = chunk_facts();
-        if (!Core::measures_peaks && !chunk.inputs.model.known()) {
-            decide(chunk, facts);  // the OOM-learned ceiling: nothing to claim
+        // Without a model there is nothing to claim: the OOM-learned ceiling plans (or nothing),
+        // unless nothing of the key was measured yet (then the whole device is claimed).
+        if (!chunk.inputs.model.known() &&
+            (!Core::measures_peaks ||
+             learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
+            decide(chunk, facts);
+            retry_limit_ = 0;
             return chunk;
         }
+        plan_with_claims(chunk, facts);
+        retry_limit_ = 0;
+        return chunk;
+    }
+
+    // The plan in turn with the guard's other planners, against what their claims leave.
+    void plan_with_claims(Chunk& chunk, policy::ChunkFacts& facts) {
         const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
         Claims::Turn turn(core_.claims(), may_queue);
         // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
@@ -5792,13 +5807,11 @@ class EncodeRun {
             if (policy::run_or_wait(share) == policy::ShareStep::run_now) break;
             turn.wait_for_release(wait_until);
         }
-        retry_limit_ = 0;
         chunk.beside_others = turn.claimed() != 0;
         if (!known)
             chunk.claim = turn.claim(Claims::whole_device);
         else if (chunk.from_model)
             chunk.claim = turn.claim(chunk.inputs.model.peak_for(chunk.tried));
-        return chunk;
     }
 
     // The reading, with what the claims leave as its free memory; returns the reading's own.
@@ -5893,8 +5906,9 @@ class EncodeRun {
                 peak = run.peak();
             } catch (...) {
                 error = std::current_exception();
+                // Read only on failure: the sum over the tracker's stripes is not free.
+                chunk.beside_others = chunk.beside_others || core_.runs().others_running();
             }
-            chunk.beside_others = chunk.beside_others || core_.runs().others_running();
         }
         chunk.claim.release();  // ended: what it took is in the reading, or given back
         if (chunk.decision.measure) note_measurement(peak.has_value());

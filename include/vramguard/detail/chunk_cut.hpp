@@ -98,30 +98,33 @@ class ChunkWeights {
 
     // The next chunk from item `pos` under `limit` (0: no limit).
     ChunkCut cut(std::size_t pos, std::uint64_t limit) const {
-        ChunkCut chunk;
-        if (weights_) {
-            auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
-            chunk.size = padded_ ? policy::cut_by_padded_weight(pos, n_, limit, weight_at)
-                                 : policy::cut_by_weight(pos, n_, limit, weight_at);
-            // Alone when not even two such items fit the limit.
-            chunk.lone_item =
-                chunk.size == 1 && limit != 0 &&
-                (pos + 1 < n_ ? batch_weight(pos, 2)
-                              : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
-            chunk.tried = batch_weight(pos, chunk.size);
-            chunk.at_limit = limit != 0 && (pos + chunk.size < n_ || chunk.lone_item);
-        } else {
-            chunk.size = limit == 0
-                             ? n_ - pos
-                             : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos));
-            chunk.lone_item = limit == 1;
-            chunk.tried = chunk.size;
-            chunk.at_limit = limit != 0 && chunk.size == limit;
-        }
+        if (weights_) return cut_weighted(pos, limit);
+        ChunkCut chunk;  // items: the fast path, kept small enough to inline
+        chunk.size = limit == 0
+                         ? n_ - pos
+                         : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos));
+        chunk.lone_item = limit == 1;
+        chunk.tried = chunk.size;
+        chunk.at_limit = limit != 0 && chunk.size == limit;
         return chunk;
     }
 
    private:
+    ChunkCut cut_weighted(std::size_t pos, std::uint64_t limit) const {
+        ChunkCut chunk;
+        auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
+        chunk.size = padded_ ? policy::cut_by_padded_weight(pos, n_, limit, weight_at)
+                             : policy::cut_by_weight(pos, n_, limit, weight_at);
+        // Alone when not even two such items fit the limit.
+        chunk.lone_item =
+            chunk.size == 1 && limit != 0 &&
+            (pos + 1 < n_ ? batch_weight(pos, 2)
+                          : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
+        chunk.tried = batch_weight(pos, chunk.size);
+        chunk.at_limit = limit != 0 && (pos + chunk.size < n_ || chunk.lone_item);
+        return chunk;
+    }
+
     // A batch's weight: the sum of its items', or with padding its size x its heaviest.
     std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
         std::uint64_t total = 0, heaviest = 0;

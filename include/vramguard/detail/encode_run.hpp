@@ -143,10 +143,22 @@ class EncodeRun {
         Chunk chunk;
         chunk.inputs = learner_.read();
         policy::ChunkFacts facts = chunk_facts();
-        if (!Core::measures_peaks && !chunk.inputs.model.known()) {
-            decide(chunk, facts);  // the OOM-learned ceiling: nothing to claim
+        // Without a model there is nothing to claim: the OOM-learned ceiling plans (or nothing),
+        // unless nothing of the key was measured yet (then the whole device is claimed).
+        if (!chunk.inputs.model.known() &&
+            (!Core::measures_peaks ||
+             learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
+            decide(chunk, facts);
+            retry_limit_ = 0;
             return chunk;
         }
+        plan_with_claims(chunk, facts);
+        retry_limit_ = 0;
+        return chunk;
+    }
+
+    // The plan in turn with the guard's other planners, against what their claims leave.
+    void plan_with_claims(Chunk& chunk, policy::ChunkFacts& facts) {
         const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
         Claims::Turn turn(core_.claims(), may_queue);
         // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
@@ -170,13 +182,11 @@ class EncodeRun {
             if (policy::run_or_wait(share) == policy::ShareStep::run_now) break;
             turn.wait_for_release(wait_until);
         }
-        retry_limit_ = 0;
         chunk.beside_others = turn.claimed() != 0;
         if (!known)
             chunk.claim = turn.claim(Claims::whole_device);
         else if (chunk.from_model)
             chunk.claim = turn.claim(chunk.inputs.model.peak_for(chunk.tried));
-        return chunk;
     }
 
     // The reading, with what the claims leave as its free memory; returns the reading's own.
@@ -271,8 +281,9 @@ class EncodeRun {
                 peak = run.peak();
             } catch (...) {
                 error = std::current_exception();
+                // Read only on failure: the sum over the tracker's stripes is not free.
+                chunk.beside_others = chunk.beside_others || core_.runs().others_running();
             }
-            chunk.beside_others = chunk.beside_others || core_.runs().others_running();
         }
         chunk.claim.release();  // ended: what it took is in the reading, or given back
         if (chunk.decision.measure) note_measurement(peak.has_value());
