@@ -4719,6 +4719,13 @@ class ChunkWeights {
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/detail/chunk_cut.hpp> ----
 
+// ---- begin <vramguard/detail/chunk_planner.hpp> ----
+// ChunkPlanner: how an encode call is admitted and how its next chunk is planned: the key's model
+// against the reading less what the guard's other chunks in flight claim (detail/claims.hpp),
+// decided by policy::decide_chunk and policy::run_or_wait, cut by the call's weights, and claimed.
+// EncodeRun (encode_run.hpp) runs what it plans.
+
+
 // ---- begin <vramguard/detail/claims.hpp> ----
 // Claims: what the guard's chunks in flight have planned and the reading may not show yet, so that
 // chunks planned at once do not plan for the same free bytes (policy::free_for_plan says how the
@@ -4857,6 +4864,397 @@ class Claims {
 }  // namespace detail
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/detail/claims.hpp> ----
+
+// ---- begin <vramguard/detail/key_memory.hpp> ----
+// What a guard has learned about one key, shared by every thread using the key: for encodes, per
+// sizing mode (items, or weight units), the recent measured chunks and the cost model fitted to
+// them, the evidence of what ran and what failed, and (for probes that measure no peaks) the
+// ceiling learned from OOMs; for loads, the recent peaks. Changes happen under one mutex and are
+// published to atomics, which the fast path reads without the lock (a plan may then mix two
+// consecutive states, each field of which was true a moment ago).
+
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+using policy::PlanInputs;
+
+// One sizing mode's learning. Every member but `published` is guarded by KeyMemory::mutex.
+struct SizeLearner {
+    std::vector<policy::CostSample> samples;  // oldest first, at most cost_window
+    std::vector<ProfileSample> unsaved;       // measured here, not yet in the profile
+    policy::CostModel model;
+    policy::Evidence evidence;
+    policy::CeilingState ceiling;
+    std::uint64_t cheapest_unit_bytes = 0;  // the lowest peak per unit in the window
+    std::uint64_t limit = 0;                // the latest limit that cut a chunk
+    std::uint64_t persisted_limit = 0;
+
+    struct Published {
+        std::atomic<std::uint64_t> fixed{0}, slope_bits{0}, costliest_bits{0}, samples{0},
+            upper_bound{0};
+        std::atomic<std::uint64_t> failed_size{0}, failed_free{0}, ran_size{0}, ran_free{0};
+        std::atomic<std::uint64_t> ceiling{0}, largest_success{0}, cheapest{0}, limit{0};
+        std::atomic<unsigned> spoiled{0};   // measurements in a row that another run overlapped
+        std::atomic<unsigned> measured{0};  // measurements taken, counted up to half a window
+        std::atomic<unsigned> chunks{0};    // chunks planned since, for one in measure_every
+    } published;
+
+    // `measured`: the chunk ran and its peak was read (else a lower bound from an OOM, which the
+    // model uses while it lasts but the profile does not keep: it is no size that ran).
+    void add_sample(const policy::CostSample& sample, std::uint64_t stamp, bool measured = true) {
+        if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
+        samples.push_back(sample);
+        if (measured) unsaved.push_back(ProfileSample{stamp, sample.size, sample.peak_bytes});
+        refit();
+    }
+
+    // Samples from a profile (oldest first). Each is also evidence: that size ran with at least
+    // its peak free, so the largest one is not planned below when that much is free again.
+    void seed(const std::vector<ProfileSample>& saved) {
+        for (const ProfileSample& s : saved) {
+            if (s.size == 0 || s.peak_bytes == 0) continue;
+            if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
+            samples.push_back(policy::CostSample{s.size, s.peak_bytes});
+            if (s.size > evidence.ran_size)
+                evidence.ran_size = s.size, evidence.ran_free = s.peak_bytes;
+        }
+        refit();
+    }
+
+    // The latest limit learned: the model's last plan that cut a chunk, or without a model the
+    // ceiling that ran (caller holds KeyMemory::mutex).
+    std::uint64_t learned_limit() const noexcept {
+        return model.known() ? limit : policy::learned(ceiling);
+    }
+
+    void refit() noexcept {
+        model = policy::fit_cost(samples, limit);
+        cheapest_unit_bytes = 0;
+        for (const policy::CostSample& s : samples) {
+            const std::uint64_t per_unit = s.peak_bytes / s.size + (s.peak_bytes % s.size != 0);
+            if (cheapest_unit_bytes == 0 || per_unit < cheapest_unit_bytes)
+                cheapest_unit_bytes = per_unit;
+        }
+    }
+
+    static std::uint64_t bits_of(double value) noexcept {
+        std::uint64_t bits = 0;
+        std::memcpy(&bits, &value, sizeof bits);
+        return bits;
+    }
+
+    void publish() noexcept {
+        const auto order = std::memory_order_release;
+        published.fixed.store(model.fixed_bytes, order);
+        published.slope_bits.store(bits_of(model.bytes_per_unit), order);
+        published.costliest_bits.store(bits_of(model.costliest_unit), order);
+        published.upper_bound.store(model.slope_is_upper_bound ? 1 : 0, order);
+        published.samples.store(model.samples, order);
+        published.failed_size.store(evidence.failed_size, order);
+        published.failed_free.store(evidence.failed_free, order);
+        published.ran_size.store(evidence.ran_size, order);
+        published.ran_free.store(evidence.ran_free, order);
+        published.ceiling.store(ceiling.ceiling, order);
+        published.largest_success.store(ceiling.largest_success, order);
+        published.cheapest.store(cheapest_unit_bytes, order);
+        published.limit.store(limit, order);
+    }
+
+    PlanInputs read() const noexcept {
+        const auto order = std::memory_order_acquire;
+        PlanInputs in;
+        in.model.samples = static_cast<std::size_t>(published.samples.load(order));
+        in.model.fixed_bytes = published.fixed.load(order);
+        const std::uint64_t slope_bits = published.slope_bits.load(order);
+        std::memcpy(&in.model.bytes_per_unit, &slope_bits, sizeof slope_bits);
+        in.model.slope_is_upper_bound = published.upper_bound.load(order) != 0;
+        const std::uint64_t costliest_bits = published.costliest_bits.load(order);
+        std::memcpy(&in.model.costliest_unit, &costliest_bits, sizeof costliest_bits);
+        in.evidence.failed_size = published.failed_size.load(order);
+        in.evidence.failed_free = published.failed_free.load(order);
+        in.evidence.ran_size = published.ran_size.load(order);
+        in.evidence.ran_free = published.ran_free.load(order);
+        in.ceiling = published.ceiling.load(order);
+        in.largest_success = published.largest_success.load(order);
+        return in;
+    }
+
+    // The learned limit when it changed since it was last persisted (else 0), marked persisted
+    // (caller holds KeyMemory::mutex).
+    std::uint64_t take_changed_limit() noexcept {
+        const std::uint64_t now = learned_limit();
+        if (now == 0 || now == persisted_limit) return 0;
+        persisted_limit = now;
+        return now;
+    }
+};
+
+struct KeyMemory {
+    std::mutex mutex;
+    SizeLearner items;
+    SizeLearner weight;
+    std::atomic<std::uint64_t> load_peak{0};  // highest recent peak of a load of this key
+
+    // Starts from the profile: its samples, or (a version 1 file) its highest peak per item as
+    // one sample of one item, an upper bound.
+    void seed(const Profile& profile) {
+        std::lock_guard<std::mutex> lock(mutex);
+        items.seed(profile.item_samples);
+        if (profile.item_samples.empty() && profile.peak_bytes_per_item > 0)
+            items.seed({ProfileSample{0, 1, profile.peak_bytes_per_item}});
+        weight.seed(profile.weight_samples);
+        seed_ceiling(items, profile.batch_ceiling);
+        seed_ceiling(weight, profile.weight_budget);
+        for (SizeLearner* learner : {&items, &weight}) {
+            learner->publish();
+            learner->published.measured.store(
+                static_cast<unsigned>(std::min(learner->samples.size(), policy::cost_window / 2)),
+                std::memory_order_relaxed);
+        }
+        load_peak.store(profile.peak_bytes, std::memory_order_relaxed);
+    }
+
+    // The latest limit learned, for learned_batch_ceiling() and learned_weight_budget().
+    std::uint64_t learned(bool weighted) {
+        std::lock_guard<std::mutex> lock(mutex);
+        return (weighted ? weight : items).learned_limit();
+    }
+
+   private:
+    // A ceiling saved by a previous run came from halving: twice it is assumed to have failed, so
+    // growth probes halfway there first instead of doubling straight into the same OOM.
+    static void seed_ceiling(SizeLearner& learner, std::uint64_t saved) {
+        learner.ceiling.ceiling = saved;
+        learner.ceiling.failed_at = saved == 0 ? 0 : policy::saturating_add(saved, saved);
+        learner.limit = learner.persisted_limit = saved;
+    }
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/key_memory.hpp> ----
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+// One chunk as planned.
+struct PlannedChunk : ChunkCut {
+    std::uint64_t limit = 0;   // the limit that cut it (0 = none)
+    std::uint64_t budget = 0;  // the limit were the others' claims back: what is learned
+    MemoryInfo seen;           // the reading it was planned with, claims counted (zero: none)
+    bool takes_turns = false;  // a lone item OOMs taught: through the single-item semaphore
+    bool from_model = false;
+    bool beside_others = false;  // other chunks of the guard claimed memory when it was planned
+    policy::ChunkDecision decision;
+    PlanInputs inputs;
+    Claims::Claim claim;  // what its model predicts, until it ends
+};
+
+// The longest wait inside an encode call (an item's retry, a planner's wait for a claim):
+// item_retry_delay, cut at the call's deadline.
+inline std::chrono::milliseconds wait_allowed(const Options& options, const EncodeOptions& call) {
+    const std::chrono::milliseconds bound = options.item_retry_delay;
+    if (!call.deadline) return bound;
+    const TimePoint now = options.clock();
+    if (*call.deadline <= now) return std::chrono::milliseconds::zero();
+    return std::min(bound,
+                    std::chrono::duration_cast<std::chrono::milliseconds>(*call.deadline - now));
+}
+
+template <class Core>
+class ChunkPlanner {
+   public:
+    ChunkPlanner(Core& core, SizeLearner& learner, const ChunkWeights& weights,
+                 const EncodeOptions& call) noexcept
+        : core_(core), learner_(learner), weights_(weights), call_(call) {}
+
+    // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
+    // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
+    // planning). An item no heavier than one that ran, estimated within the device, is never "can
+    // never fit": its estimate is capped at what the empty device admits, or one heavy item would
+    // refuse every later call of the key for ever, persisted (repro_cheapest_brick). Memory held
+    // by this guard's own calls comes back when they finish: a refusal is decided against a
+    // reading that two "only call in flight" checks bracket, and otherwise the call goes ahead and
+    // takes turns.
+    // The call's admission; the host-wide hold it made, if any.
+    std::unique_ptr<Hold> admit_call(const Key& key, std::size_t n) {
+        const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
+        if (cheapest == 0 || n == 0) return nullptr;
+        const std::uint64_t smallest = weights_.lightest();
+        const bool ran_before =
+            smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
+        const std::uint64_t estimate = policy::scale_bytes(cheapest, static_cast<double>(smallest));
+        const double margin = options().safety_margin;
+        auto one_item = [estimate, ran_before, margin](std::uint64_t total) {
+            return policy::capped_by_device(estimate, ran_before && estimate <= total, total,
+                                            margin);
+        };
+        const MemoryInfo seen = core_.probe().memory();
+        if (policy::admits(one_item(seen.total_bytes), seen, margin) ||
+            !core_.only_call_in_flight())
+            return nullptr;
+        return core_.admission()
+            .admit(
+                key, "encode",
+                [one_item](std::uint64_t total) {
+                    return policy::Requirement{one_item(total),
+                                               policy::RequirementSource::measured};
+                },
+                [this] { return !core_.only_call_in_flight(); }, call_.deadline)
+            .hold;
+    }
+
+    // The next chunk: planned from the key's model against the reading less what the guard's other
+    // chunks in flight claim, in turn with the guard's other planners (detail/claims.hpp), then
+    // claimed. When the claims leave little, it may wait for one to end (policy::run_or_wait). A
+    // chunk of a key not yet measured claims the whole device: its cost is unknown, and the first
+    // chunks of a key planned at once would all run whole and all run out of memory.
+    PlannedChunk plan(std::size_t pos, std::uint64_t retry_limit, bool exclusive_held) {
+        pos_ = pos;
+        retry_limit_ = retry_limit;
+        exclusive_held_ = exclusive_held;
+        PlannedChunk chunk;
+        chunk.inputs = learner_.read();
+        policy::ChunkFacts facts = chunk_facts();
+        // Without a model there is nothing to claim: the OOM-learned ceiling plans (or nothing),
+        // unless nothing of the key was measured yet (then the whole device is claimed).
+        if (!chunk.inputs.model.known() &&
+            (!Core::measures_peaks ||
+             learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
+            decide(chunk, facts);
+            return chunk;
+        }
+        plan_with_claims(chunk, facts);
+        return chunk;
+    }
+
+    // The plan for a reading: the model less the encode reserve, bounded by evidence.
+    policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
+        const std::uint64_t reserve =
+            policy::encode_reserve_bytes(seen.free_bytes, options().encode_reserve);
+        return policy::plan_chunk(inputs.model, inputs.evidence, seen.free_bytes, reserve,
+                                  inputs.ceiling);
+    }
+
+   private:
+    // The plan in turn with the guard's other planners, against what their claims leave.
+    void plan_with_claims(PlannedChunk& chunk, policy::ChunkFacts& facts) {
+        const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
+        Claims::Turn turn(core_.claims(), may_queue);
+        // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
+        // deadline.
+        const auto wait_until = std::chrono::steady_clock::now() + wait_allowed(options(), call_);
+        bool known = false;
+        for (bool first = true;; first = false) {
+            if (!first) chunk.inputs = learner_.read();  // what the chunks waited for taught
+            known = chunk.inputs.model.known();
+            const std::uint64_t free_now = known ? read_available(chunk, turn) : 0;
+            decide(chunk, facts);
+            const bool may_wait = may_queue && std::chrono::steady_clock::now() < wait_until;
+            policy::ShareFacts share;
+            if (known) {
+                share = share_facts(chunk, turn.without_claims(free_now), turn.claimed() != 0,
+                                    may_wait);
+            } else {
+                share.others_claim = share.may_wait = turn.claimed() != 0 && may_wait;
+                share.fits_now = false;  // its cost is unknown: it waits for the device
+            }
+            if (policy::run_or_wait(share) == policy::ShareStep::run_now) break;
+            turn.wait_for_release(wait_until);
+        }
+        chunk.beside_others = turn.claimed() != 0;
+        if (!known)
+            chunk.claim = turn.claim(Claims::whole_device);
+        else if (chunk.from_model)
+            chunk.claim = turn.claim(chunk.inputs.model.peak_for(chunk.tried));
+    }
+
+    // The reading, with what the claims leave as its free memory; returns the reading's own.
+    std::uint64_t read_available(PlannedChunk& chunk, Claims::Turn& turn) {
+        chunk.seen = core_.probe().memory();
+        const std::uint64_t free_now = chunk.seen.free_bytes;
+        chunk.seen.free_bytes = turn.available(free_now);
+        return free_now;
+    }
+
+    // What a plan reads besides the reading: the retry in hand, the learning phase, the turns.
+    policy::ChunkFacts chunk_facts() {
+        policy::ChunkFacts facts;
+        facts.retry_limit = retry_limit_;
+        facts.measures_peaks = Core::measures_peaks;
+        facts.inside_another_run = core_.runs().running_here();
+        auto& published = learner_.published;
+        facts.learning =
+            policy::in_learning_phase(published.measured.load(std::memory_order_relaxed));
+        if (facts.measures_peaks && !facts.inside_another_run && !facts.learning)
+            facts.chunk_number = published.chunks.fetch_add(1, std::memory_order_relaxed);
+        facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
+        facts.exclusive_held = exclusive_held_;
+        facts.first_chunk_hint = call_.first_chunk_limit;
+        return facts;
+    }
+
+    // The chunk's limit (policy::decide_chunk over the plan for its reading) and its cut.
+    void decide(PlannedChunk& chunk, policy::ChunkFacts& facts) const {
+        facts.plan = plan_for(chunk.inputs, chunk.seen);
+        chunk.decision = policy::decide_chunk(facts);
+        chunk.from_model = facts.plan.from_model;
+        chunk.limit = chunk.budget = chunk.decision.limit;
+        static_cast<ChunkCut&>(chunk) = weights_.cut(pos_, chunk.limit);
+        // A hint is no learned limit: not at_limit (nothing stores it), and it makes no lone item.
+        if (chunk.decision.hinted) chunk.at_limit = chunk.lone_item = false;
+        chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
+    }
+
+    // The chunk planned beside others' claims against the one their memory back (`freed` free)
+    // would give; that limit is the chunk's budget, what the key learns.
+    policy::ShareFacts share_facts(PlannedChunk& chunk, std::uint64_t freed, bool others_claim,
+                                   bool may_wait) const {
+        policy::ShareFacts share;
+        share.others_claim = others_claim;
+        if (!others_claim || chunk.decision.hinted) return share;
+        share.may_wait = may_wait;
+        share.size_now = share.size_freed = chunk.tried;
+        share.fits_now = chunk.limit == 0 || chunk.tried <= chunk.limit;
+        MemoryInfo seen = chunk.seen;
+        seen.free_bytes = freed;
+        const std::uint64_t freed_limit = plan_for(chunk.inputs, seen).limit;
+        share.fits_freed = freed_limit == 0 || chunk.tried <= freed_limit;
+        if (retry_limit_ != 0) return share;  // a retry keeps the size its OOM chose
+        chunk.budget = freed_limit;
+        share.size_freed = weights_.cut(pos_, chunk.budget).tried;
+        return share;
+    }
+
+    const Options& options() const noexcept { return core_.options(); }
+
+    Core& core_;
+    SizeLearner& learner_;
+    const ChunkWeights& weights_;
+    const EncodeOptions& call_;
+    std::size_t pos_ = 0;
+    std::uint64_t retry_limit_ = 0;  // the size the last OOM chose (0: plan it)
+    bool exclusive_held_ = false;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/chunk_planner.hpp> ----
 
 // ---- begin <vramguard/detail/guard_core.hpp> ----
 // GuardCore<Probe>: the per-device services every load and encode run of a guard uses, in one
@@ -5066,183 +5464,6 @@ class AdmissionControl {
 }  // namespace detail
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/detail/admission_control.hpp> ----
-
-// ---- begin <vramguard/detail/key_memory.hpp> ----
-// What a guard has learned about one key, shared by every thread using the key: for encodes, per
-// sizing mode (items, or weight units), the recent measured chunks and the cost model fitted to
-// them, the evidence of what ran and what failed, and (for probes that measure no peaks) the
-// ceiling learned from OOMs; for loads, the recent peaks. Changes happen under one mutex and are
-// published to atomics, which the fast path reads without the lock (a plan may then mix two
-// consecutive states, each field of which was true a moment ago).
-
-
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <mutex>
-#include <vector>
-
-VRAMGUARD_BEGIN_NAMESPACE
-namespace detail {
-
-using policy::PlanInputs;
-
-// One sizing mode's learning. Every member but `published` is guarded by KeyMemory::mutex.
-struct SizeLearner {
-    std::vector<policy::CostSample> samples;  // oldest first, at most cost_window
-    std::vector<ProfileSample> unsaved;       // measured here, not yet in the profile
-    policy::CostModel model;
-    policy::Evidence evidence;
-    policy::CeilingState ceiling;
-    std::uint64_t cheapest_unit_bytes = 0;  // the lowest peak per unit in the window
-    std::uint64_t limit = 0;                // the latest limit that cut a chunk
-    std::uint64_t persisted_limit = 0;
-
-    struct Published {
-        std::atomic<std::uint64_t> fixed{0}, slope_bits{0}, costliest_bits{0}, samples{0},
-            upper_bound{0};
-        std::atomic<std::uint64_t> failed_size{0}, failed_free{0}, ran_size{0}, ran_free{0};
-        std::atomic<std::uint64_t> ceiling{0}, largest_success{0}, cheapest{0}, limit{0};
-        std::atomic<unsigned> spoiled{0};   // measurements in a row that another run overlapped
-        std::atomic<unsigned> measured{0};  // measurements taken, counted up to half a window
-        std::atomic<unsigned> chunks{0};    // chunks planned since, for one in measure_every
-    } published;
-
-    // `measured`: the chunk ran and its peak was read (else a lower bound from an OOM, which the
-    // model uses while it lasts but the profile does not keep: it is no size that ran).
-    void add_sample(const policy::CostSample& sample, std::uint64_t stamp, bool measured = true) {
-        if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
-        samples.push_back(sample);
-        if (measured) unsaved.push_back(ProfileSample{stamp, sample.size, sample.peak_bytes});
-        refit();
-    }
-
-    // Samples from a profile (oldest first). Each is also evidence: that size ran with at least
-    // its peak free, so the largest one is not planned below when that much is free again.
-    void seed(const std::vector<ProfileSample>& saved) {
-        for (const ProfileSample& s : saved) {
-            if (s.size == 0 || s.peak_bytes == 0) continue;
-            if (samples.size() >= policy::cost_window) samples.erase(samples.begin());
-            samples.push_back(policy::CostSample{s.size, s.peak_bytes});
-            if (s.size > evidence.ran_size)
-                evidence.ran_size = s.size, evidence.ran_free = s.peak_bytes;
-        }
-        refit();
-    }
-
-    // The latest limit learned: the model's last plan that cut a chunk, or without a model the
-    // ceiling that ran (caller holds KeyMemory::mutex).
-    std::uint64_t learned_limit() const noexcept {
-        return model.known() ? limit : policy::learned(ceiling);
-    }
-
-    void refit() noexcept {
-        model = policy::fit_cost(samples, limit);
-        cheapest_unit_bytes = 0;
-        for (const policy::CostSample& s : samples) {
-            const std::uint64_t per_unit = s.peak_bytes / s.size + (s.peak_bytes % s.size != 0);
-            if (cheapest_unit_bytes == 0 || per_unit < cheapest_unit_bytes)
-                cheapest_unit_bytes = per_unit;
-        }
-    }
-
-    static std::uint64_t bits_of(double value) noexcept {
-        std::uint64_t bits = 0;
-        std::memcpy(&bits, &value, sizeof bits);
-        return bits;
-    }
-
-    void publish() noexcept {
-        const auto order = std::memory_order_release;
-        published.fixed.store(model.fixed_bytes, order);
-        published.slope_bits.store(bits_of(model.bytes_per_unit), order);
-        published.costliest_bits.store(bits_of(model.costliest_unit), order);
-        published.upper_bound.store(model.slope_is_upper_bound ? 1 : 0, order);
-        published.samples.store(model.samples, order);
-        published.failed_size.store(evidence.failed_size, order);
-        published.failed_free.store(evidence.failed_free, order);
-        published.ran_size.store(evidence.ran_size, order);
-        published.ran_free.store(evidence.ran_free, order);
-        published.ceiling.store(ceiling.ceiling, order);
-        published.largest_success.store(ceiling.largest_success, order);
-        published.cheapest.store(cheapest_unit_bytes, order);
-        published.limit.store(limit, order);
-    }
-
-    PlanInputs read() const noexcept {
-        const auto order = std::memory_order_acquire;
-        PlanInputs in;
-        in.model.samples = static_cast<std::size_t>(published.samples.load(order));
-        in.model.fixed_bytes = published.fixed.load(order);
-        const std::uint64_t slope_bits = published.slope_bits.load(order);
-        std::memcpy(&in.model.bytes_per_unit, &slope_bits, sizeof slope_bits);
-        in.model.slope_is_upper_bound = published.upper_bound.load(order) != 0;
-        const std::uint64_t costliest_bits = published.costliest_bits.load(order);
-        std::memcpy(&in.model.costliest_unit, &costliest_bits, sizeof costliest_bits);
-        in.evidence.failed_size = published.failed_size.load(order);
-        in.evidence.failed_free = published.failed_free.load(order);
-        in.evidence.ran_size = published.ran_size.load(order);
-        in.evidence.ran_free = published.ran_free.load(order);
-        in.ceiling = published.ceiling.load(order);
-        in.largest_success = published.largest_success.load(order);
-        return in;
-    }
-
-    // The learned limit when it changed since it was last persisted (else 0), marked persisted
-    // (caller holds KeyMemory::mutex).
-    std::uint64_t take_changed_limit() noexcept {
-        const std::uint64_t now = learned_limit();
-        if (now == 0 || now == persisted_limit) return 0;
-        persisted_limit = now;
-        return now;
-    }
-};
-
-struct KeyMemory {
-    std::mutex mutex;
-    SizeLearner items;
-    SizeLearner weight;
-    std::atomic<std::uint64_t> load_peak{0};  // highest recent peak of a load of this key
-
-    // Starts from the profile: its samples, or (a version 1 file) its highest peak per item as
-    // one sample of one item, an upper bound.
-    void seed(const Profile& profile) {
-        std::lock_guard<std::mutex> lock(mutex);
-        items.seed(profile.item_samples);
-        if (profile.item_samples.empty() && profile.peak_bytes_per_item > 0)
-            items.seed({ProfileSample{0, 1, profile.peak_bytes_per_item}});
-        weight.seed(profile.weight_samples);
-        seed_ceiling(items, profile.batch_ceiling);
-        seed_ceiling(weight, profile.weight_budget);
-        for (SizeLearner* learner : {&items, &weight}) {
-            learner->publish();
-            learner->published.measured.store(
-                static_cast<unsigned>(std::min(learner->samples.size(), policy::cost_window / 2)),
-                std::memory_order_relaxed);
-        }
-        load_peak.store(profile.peak_bytes, std::memory_order_relaxed);
-    }
-
-    // The latest limit learned, for learned_batch_ceiling() and learned_weight_budget().
-    std::uint64_t learned(bool weighted) {
-        std::lock_guard<std::mutex> lock(mutex);
-        return (weighted ? weight : items).learned_limit();
-    }
-
-   private:
-    // A ceiling saved by a previous run came from halving: twice it is assumed to have failed, so
-    // growth probes halfway there first instead of doubling straight into the same OOM.
-    static void seed_ceiling(SizeLearner& learner, std::uint64_t saved) {
-        learner.ceiling.ceiling = saved;
-        learner.ceiling.failed_at = saved == 0 ? 0 : policy::saturating_add(saved, saved);
-        learner.limit = learner.persisted_limit = saved;
-    }
-};
-
-}  // namespace detail
-VRAMGUARD_END_NAMESPACE
-// ---- end <vramguard/detail/key_memory.hpp> ----
 
 // ---- begin <vramguard/detail/run_tracker.hpp> ----
 // Who else is running on this guard: every load and every encode chunk registers while its work
@@ -5680,19 +5901,7 @@ class EncodeRun {
                   "result per item of the view it was given");
     using Results = std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out>;
     using Produced = std::conditional_t<std::is_void_v<Out>, char, Out>;
-
-    // One chunk as planned.
-    struct Chunk : ChunkCut {
-        std::uint64_t limit = 0;   // the limit that cut it (0 = none)
-        std::uint64_t budget = 0;  // the limit were the others' claims back: what is learned
-        MemoryInfo seen;           // the reading it was planned with, claims counted (zero: none)
-        bool takes_turns = false;  // a lone item OOMs taught: through the single-item semaphore
-        bool from_model = false;
-        bool beside_others = false;  // other chunks of the guard claimed memory when it was planned
-        policy::ChunkDecision decision;
-        PlanInputs inputs;
-        Claims::Claim claim;  // what its model predicts, until it ends
-    };
+    using Chunk = PlannedChunk;
 
    public:
     EncodeRun(Core& core, const Key& key, It first, std::size_t n, F& batch_fn,
@@ -5704,6 +5913,7 @@ class EncodeRun {
           batch_fn_(batch_fn),
           call_(call),
           weights_(weights, padded, n),
+          planner_(core, learner_, weights_, call),
           n_(n),
           cursor_(first) {}
 
@@ -5715,169 +5925,16 @@ class EncodeRun {
     }
 
     Out run() {
-        admit_call();
+        hold_ = planner_.admit_call(key_, n_);
         while (pos_ < n_) {
-            Chunk chunk = plan();
+            Chunk chunk =
+                planner_.plan(pos_, std::exchange(retry_limit_, 0), exclusive_.has_value());
             run_chunk(chunk);
         }
         if constexpr (!std::is_void_v<Out>) return std::move(results_);
     }
 
    private:
-    // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
-    // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
-    // planning). An item no heavier than one that ran, estimated within the device, is never "can
-    // never fit": its estimate is capped at what the empty device admits, or one heavy item would
-    // refuse every later call of the key for ever, persisted (repro_cheapest_brick). Memory held
-    // by this guard's own calls comes back when they finish: a refusal is decided against a
-    // reading that two "only call in flight" checks bracket, and otherwise the call goes ahead and
-    // takes turns.
-    void admit_call() {
-        const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
-        if (cheapest == 0 || n_ == 0) return;
-        const std::uint64_t smallest = weights_.lightest();
-        const bool ran_before =
-            smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
-        const std::uint64_t estimate = policy::scale_bytes(cheapest, static_cast<double>(smallest));
-        const double margin = options().safety_margin;
-        auto one_item = [estimate, ran_before, margin](std::uint64_t total) {
-            return policy::capped_by_device(estimate, ran_before && estimate <= total, total,
-                                            margin);
-        };
-        const MemoryInfo seen = core_.probe().memory();
-        if (policy::admits(one_item(seen.total_bytes), seen, margin) ||
-            !core_.only_call_in_flight())
-            return;
-        hold_ = core_.admission()
-                    .admit(
-                        key_, "encode",
-                        [one_item](std::uint64_t total) {
-                            return policy::Requirement{one_item(total),
-                                                       policy::RequirementSource::measured};
-                        },
-                        [this] { return !core_.only_call_in_flight(); }, call_.deadline)
-                    .hold;
-    }
-
-    // The next chunk: planned from the key's model against the reading less what the guard's other
-    // chunks in flight claim, in turn with the guard's other planners (detail/claims.hpp), then
-    // claimed. When the claims leave little, it may wait for one to end (policy::run_or_wait). A
-    // chunk of a key not yet measured claims the whole device: its cost is unknown, and the first
-    // chunks of a key planned at once would all run whole and all run out of memory.
-    Chunk plan() {
-        Chunk chunk;
-        chunk.inputs = learner_.read();
-        policy::ChunkFacts facts = chunk_facts();
-        // Without a model there is nothing to claim: the OOM-learned ceiling plans (or nothing),
-        // unless nothing of the key was measured yet (then the whole device is claimed).
-        if (!chunk.inputs.model.known() &&
-            (!Core::measures_peaks ||
-             learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
-            decide(chunk, facts);
-            retry_limit_ = 0;
-            return chunk;
-        }
-        plan_with_claims(chunk, facts);
-        retry_limit_ = 0;
-        return chunk;
-    }
-
-    // The plan in turn with the guard's other planners, against what their claims leave.
-    void plan_with_claims(Chunk& chunk, policy::ChunkFacts& facts) {
-        const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
-        Claims::Turn turn(core_.claims(), may_queue);
-        // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
-        // deadline.
-        const auto wait_until = std::chrono::steady_clock::now() + wait_allowed();
-        bool known = false;
-        for (bool first = true;; first = false) {
-            if (!first) chunk.inputs = learner_.read();  // what the chunks waited for taught
-            known = chunk.inputs.model.known();
-            const std::uint64_t free_now = known ? read_available(chunk, turn) : 0;
-            decide(chunk, facts);
-            const bool may_wait = may_queue && std::chrono::steady_clock::now() < wait_until;
-            policy::ShareFacts share;
-            if (known) {
-                share = share_facts(chunk, turn.without_claims(free_now), turn.claimed() != 0,
-                                    may_wait);
-            } else {
-                share.others_claim = share.may_wait = turn.claimed() != 0 && may_wait;
-                share.fits_now = false;  // its cost is unknown: it waits for the device
-            }
-            if (policy::run_or_wait(share) == policy::ShareStep::run_now) break;
-            turn.wait_for_release(wait_until);
-        }
-        chunk.beside_others = turn.claimed() != 0;
-        if (!known)
-            chunk.claim = turn.claim(Claims::whole_device);
-        else if (chunk.from_model)
-            chunk.claim = turn.claim(chunk.inputs.model.peak_for(chunk.tried));
-    }
-
-    // The reading, with what the claims leave as its free memory; returns the reading's own.
-    std::uint64_t read_available(Chunk& chunk, Claims::Turn& turn) {
-        chunk.seen = core_.probe().memory();
-        const std::uint64_t free_now = chunk.seen.free_bytes;
-        chunk.seen.free_bytes = turn.available(free_now);
-        return free_now;
-    }
-
-    // What a plan reads besides the reading: the retry in hand, the learning phase, the turns.
-    policy::ChunkFacts chunk_facts() {
-        policy::ChunkFacts facts;
-        facts.retry_limit = retry_limit_;
-        facts.measures_peaks = Core::measures_peaks;
-        facts.inside_another_run = core_.runs().running_here();
-        auto& published = learner_.published;
-        facts.learning =
-            policy::in_learning_phase(published.measured.load(std::memory_order_relaxed));
-        if (facts.measures_peaks && !facts.inside_another_run && !facts.learning)
-            facts.chunk_number = published.chunks.fetch_add(1, std::memory_order_relaxed);
-        facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
-        facts.exclusive_held = exclusive_.has_value();
-        facts.first_chunk_hint = call_.first_chunk_limit;
-        return facts;
-    }
-
-    // The chunk's limit (policy::decide_chunk over the plan for its reading) and its cut.
-    void decide(Chunk& chunk, policy::ChunkFacts& facts) const {
-        facts.plan = plan_for(chunk.inputs, chunk.seen);
-        chunk.decision = policy::decide_chunk(facts);
-        chunk.from_model = facts.plan.from_model;
-        chunk.limit = chunk.budget = chunk.decision.limit;
-        static_cast<ChunkCut&>(chunk) = weights_.cut(pos_, chunk.limit);
-        // A hint is no learned limit: not at_limit (nothing stores it), and it makes no lone item.
-        if (chunk.decision.hinted) chunk.at_limit = chunk.lone_item = false;
-        chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
-    }
-
-    // The chunk planned beside others' claims against the one their memory back (`freed` free)
-    // would give; that limit is the chunk's budget, what the key learns.
-    policy::ShareFacts share_facts(Chunk& chunk, std::uint64_t freed, bool others_claim,
-                                   bool may_wait) const {
-        policy::ShareFacts share;
-        share.others_claim = others_claim;
-        if (!others_claim || chunk.decision.hinted) return share;
-        share.may_wait = may_wait;
-        share.size_now = share.size_freed = chunk.tried;
-        share.fits_now = chunk.limit == 0 || chunk.tried <= chunk.limit;
-        MemoryInfo seen = chunk.seen;
-        seen.free_bytes = freed;
-        const std::uint64_t freed_limit = plan_for(chunk.inputs, seen).limit;
-        share.fits_freed = freed_limit == 0 || chunk.tried <= freed_limit;
-        if (retry_limit_ != 0) return share;  // a retry keeps the size its OOM chose
-        chunk.budget = freed_limit;
-        share.size_freed = weights_.cut(pos_, chunk.budget).tried;
-        return share;
-    }
-
-    policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
-        const std::uint64_t reserve =
-            policy::encode_reserve_bytes(seen.free_bytes, options().encode_reserve);
-        return policy::plan_chunk(inputs.model, inputs.evidence, seen.free_bytes, reserve,
-                                  inputs.ceiling);
-    }
-
     void run_chunk(Chunk& chunk) {
         It chunk_end = std::next(
             cursor_, static_cast<typename std::iterator_traits<It>::difference_type>(chunk.size));
@@ -6039,9 +6096,10 @@ class EncodeRun {
         }
         // A chunk the model did not plan (nothing was known) retries at what the OOM's numbers
         // say fits, not at a model made of that one failure: what then runs is measured.
-        retry_limit_ = chunk.from_model ? policy::retry_size(plan_for(learner_.read(), after),
-                                                             chunk.tried, report)
-                                        : backstop;
+        retry_limit_ =
+            chunk.from_model
+                ? policy::retry_size(planner_.plan_for(learner_.read(), after), chunk.tried, report)
+                : backstop;
         Event event(EventKind::chunk_shrunk, key_, "encode");
         event.size = chunk.size;
         event.weight = weights_.weighted() ? chunk.tried : 0;
@@ -6081,7 +6139,7 @@ class EncodeRun {
         event.attempts = options().single_item_attempts;
         event.error = &error;
         core_.publish(event);
-        const std::chrono::milliseconds wait = wait_allowed();
+        const std::chrono::milliseconds wait = wait_allowed(options(), call_);
         if (step == policy::ItemOomStep::wait_for_memory)
             core_.admission().wait_for_memory(
                 facts.requested_bytes, wait,
@@ -6090,15 +6148,6 @@ class EncodeRun {
             options().sleep(std::min<Duration>(options().poll_interval, wait));
     }
 
-    // The longest wait before an item's retry: item_retry_delay, cut at the call's deadline.
-    std::chrono::milliseconds wait_allowed() const {
-        const std::chrono::milliseconds bound = options().item_retry_delay;
-        if (!call_.deadline) return bound;
-        const TimePoint now = options().clock();
-        if (*call_.deadline <= now) return std::chrono::milliseconds::zero();
-        return std::min(
-            bound, std::chrono::duration_cast<std::chrono::milliseconds>(*call_.deadline - now));
-    }
     bool past_deadline() const { return call_.deadline && options().clock() >= *call_.deadline; }
 
     // The free memory the chunk was planned with, or when none was read, the reading after.
@@ -6138,6 +6187,7 @@ class EncodeRun {
     F& batch_fn_;
     const EncodeOptions& call_;
     ChunkWeights weights_;
+    ChunkPlanner<Core> planner_;
     std::size_t n_;
     std::size_t pos_ = 0;
     It cursor_;

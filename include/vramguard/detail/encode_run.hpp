@@ -8,6 +8,7 @@
 
 #include <vramguard/batch_view.hpp>
 #include <vramguard/detail/chunk_cut.hpp>
+#include <vramguard/detail/chunk_planner.hpp>
 #include <vramguard/detail/claims.hpp>
 #include <vramguard/detail/guard_core.hpp>
 #include <vramguard/detail/key_memory.hpp>
@@ -55,19 +56,7 @@ class EncodeRun {
                   "result per item of the view it was given");
     using Results = std::conditional_t<std::is_void_v<Out>, std::vector<char>, Out>;
     using Produced = std::conditional_t<std::is_void_v<Out>, char, Out>;
-
-    // One chunk as planned.
-    struct Chunk : ChunkCut {
-        std::uint64_t limit = 0;   // the limit that cut it (0 = none)
-        std::uint64_t budget = 0;  // the limit were the others' claims back: what is learned
-        MemoryInfo seen;           // the reading it was planned with, claims counted (zero: none)
-        bool takes_turns = false;  // a lone item OOMs taught: through the single-item semaphore
-        bool from_model = false;
-        bool beside_others = false;  // other chunks of the guard claimed memory when it was planned
-        policy::ChunkDecision decision;
-        PlanInputs inputs;
-        Claims::Claim claim;  // what its model predicts, until it ends
-    };
+    using Chunk = PlannedChunk;
 
    public:
     EncodeRun(Core& core, const Key& key, It first, std::size_t n, F& batch_fn,
@@ -79,6 +68,7 @@ class EncodeRun {
           batch_fn_(batch_fn),
           call_(call),
           weights_(weights, padded, n),
+          planner_(core, learner_, weights_, call),
           n_(n),
           cursor_(first) {}
 
@@ -90,169 +80,16 @@ class EncodeRun {
     }
 
     Out run() {
-        admit_call();
+        hold_ = planner_.admit_call(key_, n_);
         while (pos_ < n_) {
-            Chunk chunk = plan();
+            Chunk chunk =
+                planner_.plan(pos_, std::exchange(retry_limit_, 0), exclusive_.has_value());
             run_chunk(chunk);
         }
         if constexpr (!std::is_void_v<Out>) return std::move(results_);
     }
 
    private:
-    // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
-    // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
-    // planning). An item no heavier than one that ran, estimated within the device, is never "can
-    // never fit": its estimate is capped at what the empty device admits, or one heavy item would
-    // refuse every later call of the key for ever, persisted (repro_cheapest_brick). Memory held
-    // by this guard's own calls comes back when they finish: a refusal is decided against a
-    // reading that two "only call in flight" checks bracket, and otherwise the call goes ahead and
-    // takes turns.
-    void admit_call() {
-        const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
-        if (cheapest == 0 || n_ == 0) return;
-        const std::uint64_t smallest = weights_.lightest();
-        const bool ran_before =
-            smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
-        const std::uint64_t estimate = policy::scale_bytes(cheapest, static_cast<double>(smallest));
-        const double margin = options().safety_margin;
-        auto one_item = [estimate, ran_before, margin](std::uint64_t total) {
-            return policy::capped_by_device(estimate, ran_before && estimate <= total, total,
-                                            margin);
-        };
-        const MemoryInfo seen = core_.probe().memory();
-        if (policy::admits(one_item(seen.total_bytes), seen, margin) ||
-            !core_.only_call_in_flight())
-            return;
-        hold_ = core_.admission()
-                    .admit(
-                        key_, "encode",
-                        [one_item](std::uint64_t total) {
-                            return policy::Requirement{one_item(total),
-                                                       policy::RequirementSource::measured};
-                        },
-                        [this] { return !core_.only_call_in_flight(); }, call_.deadline)
-                    .hold;
-    }
-
-    // The next chunk: planned from the key's model against the reading less what the guard's other
-    // chunks in flight claim, in turn with the guard's other planners (detail/claims.hpp), then
-    // claimed. When the claims leave little, it may wait for one to end (policy::run_or_wait). A
-    // chunk of a key not yet measured claims the whole device: its cost is unknown, and the first
-    // chunks of a key planned at once would all run whole and all run out of memory.
-    Chunk plan() {
-        Chunk chunk;
-        chunk.inputs = learner_.read();
-        policy::ChunkFacts facts = chunk_facts();
-        // Without a model there is nothing to claim: the OOM-learned ceiling plans (or nothing),
-        // unless nothing of the key was measured yet (then the whole device is claimed).
-        if (!chunk.inputs.model.known() &&
-            (!Core::measures_peaks ||
-             learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
-            decide(chunk, facts);
-            retry_limit_ = 0;
-            return chunk;
-        }
-        plan_with_claims(chunk, facts);
-        retry_limit_ = 0;
-        return chunk;
-    }
-
-    // The plan in turn with the guard's other planners, against what their claims leave.
-    void plan_with_claims(Chunk& chunk, policy::ChunkFacts& facts) {
-        const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
-        Claims::Turn turn(core_.claims(), may_queue);
-        // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
-        // deadline.
-        const auto wait_until = std::chrono::steady_clock::now() + wait_allowed();
-        bool known = false;
-        for (bool first = true;; first = false) {
-            if (!first) chunk.inputs = learner_.read();  // what the chunks waited for taught
-            known = chunk.inputs.model.known();
-            const std::uint64_t free_now = known ? read_available(chunk, turn) : 0;
-            decide(chunk, facts);
-            const bool may_wait = may_queue && std::chrono::steady_clock::now() < wait_until;
-            policy::ShareFacts share;
-            if (known) {
-                share = share_facts(chunk, turn.without_claims(free_now), turn.claimed() != 0,
-                                    may_wait);
-            } else {
-                share.others_claim = share.may_wait = turn.claimed() != 0 && may_wait;
-                share.fits_now = false;  // its cost is unknown: it waits for the device
-            }
-            if (policy::run_or_wait(share) == policy::ShareStep::run_now) break;
-            turn.wait_for_release(wait_until);
-        }
-        chunk.beside_others = turn.claimed() != 0;
-        if (!known)
-            chunk.claim = turn.claim(Claims::whole_device);
-        else if (chunk.from_model)
-            chunk.claim = turn.claim(chunk.inputs.model.peak_for(chunk.tried));
-    }
-
-    // The reading, with what the claims leave as its free memory; returns the reading's own.
-    std::uint64_t read_available(Chunk& chunk, Claims::Turn& turn) {
-        chunk.seen = core_.probe().memory();
-        const std::uint64_t free_now = chunk.seen.free_bytes;
-        chunk.seen.free_bytes = turn.available(free_now);
-        return free_now;
-    }
-
-    // What a plan reads besides the reading: the retry in hand, the learning phase, the turns.
-    policy::ChunkFacts chunk_facts() {
-        policy::ChunkFacts facts;
-        facts.retry_limit = retry_limit_;
-        facts.measures_peaks = Core::measures_peaks;
-        facts.inside_another_run = core_.runs().running_here();
-        auto& published = learner_.published;
-        facts.learning =
-            policy::in_learning_phase(published.measured.load(std::memory_order_relaxed));
-        if (facts.measures_peaks && !facts.inside_another_run && !facts.learning)
-            facts.chunk_number = published.chunks.fetch_add(1, std::memory_order_relaxed);
-        facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
-        facts.exclusive_held = exclusive_.has_value();
-        facts.first_chunk_hint = call_.first_chunk_limit;
-        return facts;
-    }
-
-    // The chunk's limit (policy::decide_chunk over the plan for its reading) and its cut.
-    void decide(Chunk& chunk, policy::ChunkFacts& facts) const {
-        facts.plan = plan_for(chunk.inputs, chunk.seen);
-        chunk.decision = policy::decide_chunk(facts);
-        chunk.from_model = facts.plan.from_model;
-        chunk.limit = chunk.budget = chunk.decision.limit;
-        static_cast<ChunkCut&>(chunk) = weights_.cut(pos_, chunk.limit);
-        // A hint is no learned limit: not at_limit (nothing stores it), and it makes no lone item.
-        if (chunk.decision.hinted) chunk.at_limit = chunk.lone_item = false;
-        chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
-    }
-
-    // The chunk planned beside others' claims against the one their memory back (`freed` free)
-    // would give; that limit is the chunk's budget, what the key learns.
-    policy::ShareFacts share_facts(Chunk& chunk, std::uint64_t freed, bool others_claim,
-                                   bool may_wait) const {
-        policy::ShareFacts share;
-        share.others_claim = others_claim;
-        if (!others_claim || chunk.decision.hinted) return share;
-        share.may_wait = may_wait;
-        share.size_now = share.size_freed = chunk.tried;
-        share.fits_now = chunk.limit == 0 || chunk.tried <= chunk.limit;
-        MemoryInfo seen = chunk.seen;
-        seen.free_bytes = freed;
-        const std::uint64_t freed_limit = plan_for(chunk.inputs, seen).limit;
-        share.fits_freed = freed_limit == 0 || chunk.tried <= freed_limit;
-        if (retry_limit_ != 0) return share;  // a retry keeps the size its OOM chose
-        chunk.budget = freed_limit;
-        share.size_freed = weights_.cut(pos_, chunk.budget).tried;
-        return share;
-    }
-
-    policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
-        const std::uint64_t reserve =
-            policy::encode_reserve_bytes(seen.free_bytes, options().encode_reserve);
-        return policy::plan_chunk(inputs.model, inputs.evidence, seen.free_bytes, reserve,
-                                  inputs.ceiling);
-    }
-
     void run_chunk(Chunk& chunk) {
         It chunk_end = std::next(
             cursor_, static_cast<typename std::iterator_traits<It>::difference_type>(chunk.size));
@@ -414,9 +251,10 @@ class EncodeRun {
         }
         // A chunk the model did not plan (nothing was known) retries at what the OOM's numbers
         // say fits, not at a model made of that one failure: what then runs is measured.
-        retry_limit_ = chunk.from_model ? policy::retry_size(plan_for(learner_.read(), after),
-                                                             chunk.tried, report)
-                                        : backstop;
+        retry_limit_ =
+            chunk.from_model
+                ? policy::retry_size(planner_.plan_for(learner_.read(), after), chunk.tried, report)
+                : backstop;
         Event event(EventKind::chunk_shrunk, key_, "encode");
         event.size = chunk.size;
         event.weight = weights_.weighted() ? chunk.tried : 0;
@@ -456,7 +294,7 @@ class EncodeRun {
         event.attempts = options().single_item_attempts;
         event.error = &error;
         core_.publish(event);
-        const std::chrono::milliseconds wait = wait_allowed();
+        const std::chrono::milliseconds wait = wait_allowed(options(), call_);
         if (step == policy::ItemOomStep::wait_for_memory)
             core_.admission().wait_for_memory(
                 facts.requested_bytes, wait,
@@ -465,15 +303,6 @@ class EncodeRun {
             options().sleep(std::min<Duration>(options().poll_interval, wait));
     }
 
-    // The longest wait before an item's retry: item_retry_delay, cut at the call's deadline.
-    std::chrono::milliseconds wait_allowed() const {
-        const std::chrono::milliseconds bound = options().item_retry_delay;
-        if (!call_.deadline) return bound;
-        const TimePoint now = options().clock();
-        if (*call_.deadline <= now) return std::chrono::milliseconds::zero();
-        return std::min(
-            bound, std::chrono::duration_cast<std::chrono::milliseconds>(*call_.deadline - now));
-    }
     bool past_deadline() const { return call_.deadline && options().clock() >= *call_.deadline; }
 
     // The free memory the chunk was planned with, or when none was read, the reading after.
@@ -513,6 +342,7 @@ class EncodeRun {
     F& batch_fn_;
     const EncodeOptions& call_;
     ChunkWeights weights_;
+    ChunkPlanner<Core> planner_;
     std::size_t n_;
     std::size_t pos_ = 0;
     It cursor_;
