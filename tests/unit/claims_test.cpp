@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -215,6 +216,55 @@ TEST(ClaimsFastPath, ARetrySizeLastsOneChunkWithoutPeakMeasurements) {
     EXPECT_EQ(sizes[0], 512u);  // halved after the injected OOM
     EXPECT_GT(*std::max_element(sizes.begin(), sizes.end()), 512u)
         << "the ceiling grew back within the call";
+}
+
+// A load claims what it was admitted for while it runs: an encode planned meanwhile does not
+// count on the memory the load is about to take.
+TEST(ClaimsLoad, AnEncodePlannedDuringALoadLeavesItsBytes) {
+    SimulatedDevice device(32_GiB);
+    Options options;
+    options.persist = false;
+    options.log = nullptr;
+    Guard<SimulatedDevice> guard(device, options);
+    const Key key = Key::of("claims-load-encode");
+    std::vector<std::size_t> sizes;
+    auto encode = [&](std::size_t n) {
+        std::vector<int> items(n, 1);
+        guard.encode(key, items, [&](const BatchView<std::vector<int>::const_iterator>& view) {
+            auto activations = device.allocate(view.size() * 1_MiB);
+            sizes.push_back(view.size());
+        });
+    };
+    for (int i = 0; i < 4; ++i) encode(2000 + 500 * i);  // the key learns 1 MiB per item
+    ASSERT_TRUE(guard.cost_model(key).known());
+    std::mutex mutex;
+    std::condition_variable changed;
+    bool loading = false, go = false;
+    std::thread loader([&] {
+        auto weights = guard.load(Key::of("claims-load"), 16_GiB, [&] {
+            std::unique_lock<std::mutex> lock(mutex);
+            loading = true;
+            changed.notify_all();
+            changed.wait(lock, [&] { return go; });
+            return device.allocate(16_GiB);
+        });
+    });
+    {
+        std::unique_lock<std::mutex> lock(mutex);
+        changed.wait(lock, [&] { return loading; });
+    }
+    sizes.clear();
+    encode(30000);
+    {
+        std::lock_guard<std::mutex> lock(mutex);
+        go = true;
+    }
+    changed.notify_all();
+    loader.join();
+    ASSERT_FALSE(sizes.empty());
+    // 32 GiB free, 16 of it claimed by the load: the chunk fits in the other 16 (items of 1 MiB).
+    EXPECT_LE(sizes.front(), 16u * 1024u);
+    EXPECT_GT(sizes.front(), 8u * 1024u);
 }
 
 }  // namespace

@@ -5133,9 +5133,17 @@ class ChunkPlanner {
         policy::ChunkFacts facts = chunk_facts();
         // Without a model there is nothing to claim: the OOM-learned ceiling plans (or nothing),
         // unless nothing of the key was measured yet (then the whole device is claimed).
-        if (!chunk.inputs.model.known() &&
-            (!Core::measures_peaks ||
-             learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
+        const bool known = chunk.inputs.model.known();
+        if (!known && (!Core::measures_peaks ||
+                       learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
+            decide(chunk, facts);
+            return chunk;
+        }
+        // A chunk inside another run of the guard on this thread (a loader's warm-up through
+        // encode) is that run's: its memory is in the outer run's claim, so it plans from the
+        // reading as it is, claims nothing, and never waits.
+        if (facts.inside_another_run) {
+            if (known) chunk.seen = core_.probe().memory();
             decide(chunk, facts);
             return chunk;
         }
@@ -5154,7 +5162,7 @@ class ChunkPlanner {
    private:
     // The plan in turn with the guard's other planners, against what their claims leave.
     void plan_with_claims(PlannedChunk& chunk, policy::ChunkFacts& facts) {
-        const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
+        const bool may_queue = !facts.exclusive_held;
         Claims::Turn turn(core_.claims(), may_queue);
         // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
         // deadline.
@@ -6239,6 +6247,10 @@ class LoadRun {
                     return core_.requirement_for(key_, declared_, total_bytes);
                 },
                 [] { return false; });
+            // What the load was admitted for is claimed while it runs: encode chunks planned
+            // meanwhile do not count on the memory it is about to take.
+            Claims::Claim claim =
+                Claims::Turn(core_.claims(), false).claim(admitted.requirement.bytes);
             std::exception_ptr error;
             try {
                 typename Core::Measurement measurement(core_, true);
@@ -6255,6 +6267,7 @@ class LoadRun {
                 error = std::current_exception();
             }
             admitted.hold.reset();
+            claim.release();
             after_oom(error, admitted, attempt);
         }
     }

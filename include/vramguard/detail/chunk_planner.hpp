@@ -106,9 +106,17 @@ class ChunkPlanner {
         policy::ChunkFacts facts = chunk_facts();
         // Without a model there is nothing to claim: the OOM-learned ceiling plans (or nothing),
         // unless nothing of the key was measured yet (then the whole device is claimed).
-        if (!chunk.inputs.model.known() &&
-            (!Core::measures_peaks ||
-             learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
+        const bool known = chunk.inputs.model.known();
+        if (!known && (!Core::measures_peaks ||
+                       learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
+            decide(chunk, facts);
+            return chunk;
+        }
+        // A chunk inside another run of the guard on this thread (a loader's warm-up through
+        // encode) is that run's: its memory is in the outer run's claim, so it plans from the
+        // reading as it is, claims nothing, and never waits.
+        if (facts.inside_another_run) {
+            if (known) chunk.seen = core_.probe().memory();
             decide(chunk, facts);
             return chunk;
         }
@@ -127,7 +135,7 @@ class ChunkPlanner {
    private:
     // The plan in turn with the guard's other planners, against what their claims leave.
     void plan_with_claims(PlannedChunk& chunk, policy::ChunkFacts& facts) {
-        const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
+        const bool may_queue = !facts.exclusive_held;
         Claims::Turn turn(core_.claims(), may_queue);
         // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
         // deadline.

@@ -42,6 +42,10 @@ class LoadRun {
                     return core_.requirement_for(key_, declared_, total_bytes);
                 },
                 [] { return false; });
+            // What the load was admitted for is claimed while it runs: encode chunks planned
+            // meanwhile do not count on the memory it is about to take.
+            Claims::Claim claim =
+                Claims::Turn(core_.claims(), false).claim(admitted.requirement.bytes);
             std::exception_ptr error;
             try {
                 typename Core::Measurement measurement(core_, true);
@@ -58,6 +62,7 @@ class LoadRun {
                 error = std::current_exception();
             }
             admitted.hold.reset();
+            claim.release();
             after_oom(error, admitted, attempt);
         }
     }
