@@ -3,7 +3,7 @@
 // all load 6 GiB. An in-process check cannot see the other processes, so admission goes through a
 // per-device reservation ledger, a small file guarded by an flock: lock, prune the entries of dead
 // processes, compare free memory minus everyone's live reservations, reserve or refuse, unlock.
-// Every change replaces the file whole (temporary file, rename), so a process killed at any
+// Every change replaces the file whole (detail::replace_file: temporary file, fsync, rename), so a
 // instant leaves a ledger that still holds every live reservation.
 // No daemon: the kernel releases a dead process's flock, and its entries are pruned by the next
 // process that looks.
@@ -359,18 +359,12 @@ inline std::uint64_t monotonic_ns() noexcept {
            static_cast<std::uint64_t>(now.tv_nsec);
 }
 
-// Small /proc files (stat, boot_id); false when absent (no /proc, other systems) or unreadable.
-inline bool read_proc_file(const std::string& path, std::string& out) {
-    int error = 0;
-    return read_small_file(path, out, error) == ReadResult::ok;
-}
-
 // The kernel's boot id, read once: a ledger left in a persistent directory by an earlier boot
 // names pids (and start times) that mean nothing now.
 inline const std::string& current_boot_id() {
     static const std::string boot = [] {
         std::string text;
-        if (!read_proc_file("/proc/sys/kernel/random/boot_id", text)) return std::string("-");
+        if (!read_small_file("/proc/sys/kernel/random/boot_id", text)) return std::string("-");
         while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
         return is_boot_id(text) ? text : std::string("-");
     }();
@@ -406,7 +400,7 @@ inline std::optional<ProcessStat> parse_process_stat(std::string_view text) {
 
 inline std::optional<ProcessStat> read_process_stat(pid_t pid) {
     std::string text;
-    if (!read_proc_file("/proc/" + std::to_string(pid) + "/stat", text)) return std::nullopt;
+    if (!read_small_file("/proc/" + std::to_string(pid) + "/stat", text)) return std::nullopt;
     return parse_process_stat(text);
 }
 
@@ -872,36 +866,24 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return std::nullopt;
     }
 
-    // Writes the state to "<ledger>.tmp" and renames that over the ledger, so a kill at any
-    // instant leaves the old file or the new one, never a mix (an in-place rewrite killed between
-    // its write and its ftruncate left the new text followed by stray bytes of the old). A
-    // temporary file left by a writer killed before its rename is removed by the next writer (one
-    // name, under the lock: litter never grows). No fsync: a kill loses nothing the kernel has, and
-    // the ledger means nothing after a power loss anyway (its pids belong to the earlier boot).
+    // Replaces the ledger whole (detail::replace_file: "<ledger>.tmp", fsync, rename, directory
+    // fsync), so a kill at any instant leaves the old file or the new one, never a mix (an
+    // in-place rewrite killed between its write and its ftruncate left the new text followed by
+    // stray bytes of the old). The temporary file has one name, used under the lock: one a writer
+    // killed before its rename left is removed by the next writer, and litter never grows.
     std::optional<std::string> store(const LedgerState& state) const {
-        const std::string temp = path_ + ".tmp";
-        const auto failed = [&temp](const std::string& what) -> std::optional<std::string> {
-            const std::string reason = "cannot " + what + " (" + detail::errno_text(errno) + ")";
-            ::unlink(temp.c_str());
-            return reason;
-        };
-        if (::unlink(temp.c_str()) != 0 && errno != ENOENT) return failed("remove " + temp);
-        detail::FileDescriptor fd(detail::retry_eintr([&] {
-            return ::open(temp.c_str(),
-                          O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW,
-                          options_.group ? 0660 : 0600);
-        }));
-        if (!fd) return failed("create " + temp);
-        if (!set_mode(fd.get())) return failed("set the owner group or mode of " + temp);
-        if (!detail::write_all(fd.get(), detail::serialize_ledger(state)))
-            return failed("write " + temp);
-        if (const int error = fd.reset(); error != 0) {
-            errno = error;
-            return failed("close " + temp);
-        }
-        if (::rename(temp.c_str(), path_.c_str()) != 0)
-            return failed("rename " + temp + " over " + path_);
-        return std::nullopt;
+        detail::ReplaceOptions how;
+        how.mode = options_.group ? 0660 : 0600;
+        how.group = options_.group;
+        how.exact_mode = true;
+        how.fixed_temp = path_ + ".tmp";
+        const detail::ReplaceOutcome outcome =
+            detail::replace_file(directory_, path_, path_, detail::serialize_ledger(state), how);
+        if (outcome.error == 0) return std::nullopt;
+        const bool rename = std::string_view(outcome.step) == "rename";
+        return std::string("cannot ") + outcome.step + " " + outcome.temp +
+               (rename ? " over " + path_ : std::string()) + " (" +
+               detail::errno_text(outcome.error) + ")";
     }
 
     // Makes the state agree with what is alive: drops the entries of processes that are gone and

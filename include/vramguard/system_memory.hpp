@@ -15,6 +15,7 @@
 // Linux reads /proc and /sys; other POSIX systems fall back to sysconf and the rlimits alone.
 #pragma once
 
+#include <vramguard/detail/posix.hpp>
 #include <vramguard/memory.hpp>
 #include <vramguard/version.hpp>
 
@@ -66,25 +67,8 @@ struct SystemMemoryReading {
 namespace detail {
 namespace host {
 
-// Reads a small file (procfs and cgroupfs files report size 0, so read until EOF). False when it
-// cannot be opened; no exceptions, no iostreams: a probe reading must stay cheap.
-inline bool read_file(const std::string& path, std::string& out) {
-    out.clear();
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return false;
-    char buffer[4096];
-    for (;;) {
-        const ssize_t n = ::read(fd, buffer, sizeof buffer);
-        if (n > 0) {
-            out.append(buffer, static_cast<std::size_t>(n));
-            if (out.size() > (std::size_t{8} << 20)) break;  // no sane /proc file is this large
-        } else if (n == 0 || errno != EINTR) {
-            break;
-        }
-    }
-    ::close(fd);
-    return true;
-}
+// A host with thousands of mounts has a large mountinfo; no sane /proc file is larger than this.
+inline constexpr std::size_t max_proc_file_bytes = std::size_t{8} << 20;
 
 inline std::optional<std::uint64_t> parse_u64(std::string_view text) {
     std::size_t i = 0;
@@ -224,8 +208,8 @@ inline std::vector<std::string> cgroup_directories(const std::string& root,
 
 inline CgroupPath find_memory_cgroup(const std::string& root) {
     std::string mountinfo, membership;
-    if (!read_file(root + "/proc/self/mountinfo", mountinfo) ||
-        !read_file(root + "/proc/self/cgroup", membership))
+    if (!read_small_file(root + "/proc/self/mountinfo", mountinfo, max_proc_file_bytes) ||
+        !read_small_file(root + "/proc/self/cgroup", membership, max_proc_file_bytes))
         return {};
     const CgroupMembership paths = parse_cgroup_membership(membership);
     const CgroupMounts mounts = parse_cgroup_mounts(mountinfo);
@@ -286,7 +270,7 @@ class SystemMemoryProbe {
         namespace host = detail::host;
         SystemMemoryReading reading;
         std::string text;
-        if (host::read_file(sources_.root + "/proc/meminfo", text)) {
+        if (detail::read_small_file(sources_.root + "/proc/meminfo", text)) {
             reading.mem_total = host::field(text, "MemTotal:").value_or(0) * 1024;
             if (auto available = host::field(text, "MemAvailable:")) {
                 reading.mem_available = *available * 1024;
@@ -348,15 +332,16 @@ class SystemMemoryProbe {
         if (cgroup_.version == 0) return;
         const bool v2 = cgroup_.version == 2;
         for (const std::string& directory : cgroup_.directories) {
-            if (!host::read_file(directory + (v2 ? "/memory.max" : "/memory.limit_in_bytes"), text))
+            if (!detail::read_small_file(
+                    directory + (v2 ? "/memory.max" : "/memory.limit_in_bytes"), text))
                 continue;
             const std::optional<std::uint64_t> limit = host::parse_u64(text);
             if (!limit || (!v2 && *limit >= host::cgroup_v1_unlimited)) continue;  // "max": none
             std::uint64_t usage = 0;
-            if (host::read_file(directory + (v2 ? "/memory.current" : "/memory.usage_in_bytes"),
-                                text))
+            if (detail::read_small_file(
+                    directory + (v2 ? "/memory.current" : "/memory.usage_in_bytes"), text))
                 usage = host::parse_u64(text).value_or(0);
-            if (host::read_file(directory + "/memory.stat", text)) {
+            if (detail::read_small_file(directory + "/memory.stat", text)) {
                 std::optional<std::uint64_t> inactive;
                 if (!v2) inactive = host::field(text, "total_inactive_file ");
                 if (!inactive) inactive = host::field(text, "inactive_file ");
@@ -379,7 +364,7 @@ class SystemMemoryProbe {
 #endif
         if (!reading.address_space_limit && !reading.data_limit) return;
         // statm: "size resident shared text lib data dt", in pages.
-        if (host::read_file(sources_.root + "/proc/self/statm", text)) {
+        if (detail::read_small_file(sources_.root + "/proc/self/statm", text)) {
             const std::vector<std::string_view> fields = host::split(text, ' ');
             const std::uint64_t page = host::page_size();
             if (fields.size() >= 6) {
@@ -406,7 +391,7 @@ class SystemMemoryProbe {
 // server's own work took, for demos that take a share of the host as their "device".
 inline std::uint64_t process_resident_bytes() {
     std::string text;
-    if (!detail::host::read_file("/proc/self/statm", text)) return 0;
+    if (!detail::read_small_file("/proc/self/statm", text)) return 0;
     const std::vector<std::string_view> fields = detail::host::split(text, ' ');
     if (fields.size() < 2) return 0;
     return detail::host::parse_u64(fields[1]).value_or(0) * detail::host::page_size();
