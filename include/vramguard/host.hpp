@@ -4,7 +4,7 @@
 // per-device reservation ledger, a small file guarded by an flock: lock, prune the entries of dead
 // processes, compare free memory minus everyone's live reservations, reserve or refuse, unlock.
 // Every change replaces the file whole (detail::replace_file: temporary file, fsync, rename), so a
-// instant leaves a ledger that still holds every live reservation.
+// process killed at any instant leaves a ledger that still holds every live reservation.
 // No daemon: the kernel releases a dead process's flock, and its entries are pruned by the next
 // process that looks.
 //
