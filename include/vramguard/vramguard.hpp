@@ -21,6 +21,7 @@
 #include <vramguard/events.hpp>
 #include <vramguard/batch_view.hpp>
 #include <vramguard/admission.hpp>
+#include <vramguard/recovery.hpp>
 #include <vramguard/guard.hpp>
 #include <vramguard/host.hpp>
 #include <vramguard/model_slot.hpp>
@@ -30,4 +31,5 @@
 #include <vramguard/protocol.hpp>
 #include <vramguard/relief.hpp>
 #include <vramguard/registry_events.hpp>
+#include <vramguard/registry_options.hpp>
 #include <vramguard/models.hpp>
