@@ -13,6 +13,7 @@
 #include <vramguard/options.hpp>
 #include <vramguard/stats.hpp>
 #include <vramguard/key.hpp>
+#include <vramguard/profile_record.hpp>
 #include <vramguard/profile.hpp>
 #include <vramguard/semaphore.hpp>
 #include <vramguard/coordinator.hpp>
@@ -23,6 +24,7 @@
 #include <vramguard/admission.hpp>
 #include <vramguard/recovery.hpp>
 #include <vramguard/guard.hpp>
+#include <vramguard/ledger_state.hpp>
 #include <vramguard/host.hpp>
 #include <vramguard/model_slot.hpp>
 #include <vramguard/eviction.hpp>

@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 
 VRAMGUARD_BEGIN_NAMESPACE
 namespace detail {
@@ -135,24 +136,29 @@ inline int make_directories(const std::string& path) {
     return 0;
 }
 
-// flock(LOCK_EX) that gives up after `timeout` (errno ETIMEDOUT) instead of waiting for ever on a
-// holder that hangs (a process stopped under a debugger, a hung NFS server): polled, because flock
-// has no timed form. The caller's work goes on without the file.
-inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    std::chrono::microseconds pause{100};
+// flock(LOCK_EX) with a deadline: flock itself cannot time out, so it is polled with a short
+// backoff (20 us doubling to 1 ms; the ledger lock is held for microseconds). Returns 0, or the
+// errno that stopped it (ETIMEDOUT when the deadline passed).
+inline int lock_until(int fd, std::chrono::steady_clock::time_point deadline) {
+    auto pause = std::chrono::microseconds(20);
     for (;;) {
-        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return true;
-        if (errno != EWOULDBLOCK) return false;
-        if (std::chrono::steady_clock::now() >= deadline) {
-            errno = ETIMEDOUT;
-            return false;
-        }
-        timespec nap{0, static_cast<long>(pause.count()) * 1000};
-        ::nanosleep(&nap, nullptr);
-        // Short pauses: a poller sleeping long loses the lock to ones that keep trying.
-        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
+        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return 0;
+        if (errno != EWOULDBLOCK && errno != EAGAIN) return errno;
+        const auto now = std::chrono::steady_clock::now();
+        if (now >= deadline) return ETIMEDOUT;
+        std::this_thread::sleep_for(
+            std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(1));
     }
+}
+
+// The same with a timeout, reporting through errno (ETIMEDOUT): a holder that hangs (a process
+// stopped under a debugger, a hung NFS server) costs the caller at most `timeout`, and its work
+// goes on without the file.
+inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
+    const int error = lock_until(fd, std::chrono::steady_clock::now() + timeout);
+    if (error != 0) errno = error;
+    return error == 0;
 }
 
 // Numbers temporary files uniquely within this process (the pid separates processes).
