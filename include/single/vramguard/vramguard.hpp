@@ -6444,7 +6444,7 @@ namespace detail {
 // Numbers are canonical decimals. It is never written in place: a writer holding the lock file's
 // flock writes "<ledger>.tmp" and renames it over the ledger, so every reader, and every process
 // after a writer killed at any instant, finds either the old file or the new one, whole (see
-// HostLedger::store). A file damaged all the same (by hand, by a disk) is salvaged, never emptied:
+// LedgerFile::store). A file damaged all the same (by hand, by a disk) is salvaged, never emptied:
 // see salvage_ledger.
 inline constexpr std::string_view ledger_magic = "vramguard-ledger 1";
 // 4096 entries of at most ~130 bytes: an upper bound, far above any real ledger.
@@ -6738,7 +6738,7 @@ inline std::uint64_t fresh_reservation_id() noexcept {
 }
 
 // The reservations this process holds, per ledger file: what its own entries in that file must be.
-// A transaction makes the file agree (HostLedger::reconcile): an entry naming this process that it
+// A transaction makes the file agree (reconcile_ledger below): an entry naming this process that it
 // does not hold is a release that did not reach the file (or a stray line of a damaged one) and is
 // dropped; one it holds that the file lacks (lost to damage) is written back. Process-wide, because
 // several HostLedger objects may share one file; a forked child inherits a copy, but its pid
@@ -7893,7 +7893,7 @@ VRAMGUARD_END_NAMESPACE
 // Making room for a load, as pure decisions over snapshots of a registry's slots: which models may
 // go and in which order (idle ones, least recently used first), whether the load fits now, whether
 // evicting every idle model could make it fit at all, and so the next step. ModelRegistry's
-// make_room reads the device, asks plan() and does what it says.
+// load (detail/registry_load.hpp, make_room) reads the device, asks plan() and does what it says.
 
 
 #include <algorithm>
@@ -10890,7 +10890,7 @@ class HostProbe : public SystemMemoryProbe {
     std::uint64_t peak_bytes() const {
         if (!peak_tracking_) return 0;
         std::string text;
-        if (!detail::host::read_file(sources().root + "/proc/self/status", text)) return 0;
+        if (!detail::read_small_file(sources().root + "/proc/self/status", text)) return 0;
         return detail::host::field(text, "VmHWM:").value_or(0) * 1024;
     }
 

@@ -29,7 +29,7 @@ namespace detail {
 // Numbers are canonical decimals. It is never written in place: a writer holding the lock file's
 // flock writes "<ledger>.tmp" and renames it over the ledger, so every reader, and every process
 // after a writer killed at any instant, finds either the old file or the new one, whole (see
-// HostLedger::store). A file damaged all the same (by hand, by a disk) is salvaged, never emptied:
+// LedgerFile::store). A file damaged all the same (by hand, by a disk) is salvaged, never emptied:
 // see salvage_ledger.
 inline constexpr std::string_view ledger_magic = "vramguard-ledger 1";
 // 4096 entries of at most ~130 bytes: an upper bound, far above any real ledger.

@@ -114,7 +114,7 @@ inline std::uint64_t fresh_reservation_id() noexcept {
 }
 
 // The reservations this process holds, per ledger file: what its own entries in that file must be.
-// A transaction makes the file agree (HostLedger::reconcile): an entry naming this process that it
+// A transaction makes the file agree (reconcile_ledger below): an entry naming this process that it
 // does not hold is a release that did not reach the file (or a stray line of a damaged one) and is
 // dropped; one it holds that the file lacks (lost to damage) is written back. Process-wide, because
 // several HostLedger objects may share one file; a forked child inherits a copy, but its pid
