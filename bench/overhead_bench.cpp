@@ -15,6 +15,7 @@
 // the machine does not inflate them; Google Benchmark's own Time column is wall time (it includes
 // waiting for a lock held by the other thread, and being preempted).
 
+#include <vramguard/batcher.hpp>
 #include <vramguard/vramguard.hpp>
 
 #include <benchmark/benchmark.h>
@@ -160,6 +161,35 @@ void BM_GuardEncode(benchmark::State& state) {
         });
 }
 
+// ---- the Batcher (issue 23): one caller alone, against Guard::encode of the same items returning
+// the same results. The difference per item is the Batcher's CPU overhead (queue, gathering,
+// handing results back); the difference per call is its added latency for a lone caller.
+template <class F>
+void BM_EncodeResults(benchmark::State& state) {
+    F& f = fixture<F>();
+    const std::vector<int> items(static_cast<std::size_t>(state.range(0)), 1);
+    for (auto _ : state) {
+        auto results = f.guard.encode(f.key, items, [](const auto& view) {
+            return std::vector<int>(view.begin(), view.end());
+        });
+        benchmark::DoNotOptimize(results.data());
+    }
+    state.SetItemsProcessed(state.iterations() * state.range(0));
+}
+template <class F>
+void BM_BatcherEncode(benchmark::State& state) {
+    F& f = fixture<F>();
+    static auto batcher = make_batcher<int>(f.guard, f.key, [](const auto& view) {
+        return std::vector<int>(view.begin(), view.end());
+    });
+    const std::vector<int> items(static_cast<std::size_t>(state.range(0)), 1);
+    for (auto _ : state) {
+        auto results = batcher.encode(items);
+        benchmark::DoNotOptimize(results.data());
+    }
+    state.SetItemsProcessed(state.iterations() * state.range(0));
+}
+
 // ---- persistence (issue 22): calls that learn, with persist off and on
 // ---------------------------- The batch allocates on the simulated device, so every measured chunk
 // is a sample and the call records it: with persist on, the key is marked for the background writer
@@ -249,6 +279,10 @@ BENCHMARK_TEMPLATE(BM_GuardEncode, SimFixture);
 BENCHMARK_TEMPLATE(BM_GuardEncode, SimFixture)->Threads(2);
 BENCHMARK_TEMPLATE(BM_GuardEncode, NullFixture);
 BENCHMARK_TEMPLATE(BM_GuardEncode, NullFixture)->Threads(2);
+BENCHMARK_TEMPLATE(BM_EncodeResults, NullFixture)->Arg(8)->Arg(64);
+BENCHMARK_TEMPLATE(BM_BatcherEncode, NullFixture)->Arg(8)->Arg(64);
+BENCHMARK_TEMPLATE(BM_EncodeResults, SimFixture)->Arg(8)->Arg(64);
+BENCHMARK_TEMPLATE(BM_BatcherEncode, SimFixture)->Arg(8)->Arg(64);
 BENCHMARK_TEMPLATE(BM_EncodeLearning, LearningFixture<false>);
 BENCHMARK_TEMPLATE(BM_EncodeLearning, LearningFixture<true>);
 BENCHMARK_TEMPLATE(BM_EncodeNewKey, LearningFixture<false>)->Iterations(5000);

@@ -605,14 +605,66 @@ inline bool takes_turns(bool chunk_is_one_alone, const ChunkDecision& decision) 
 }
 
 // A chunk that ran out of memory cost at least the allocation that failed and, when it was
-// planned against a reading, more than was free then: a lower bound the model may use (0: none).
-// A transient failure says nothing about the cost.
+// planned against a reading and nothing else of the guard ran beside it, more than was free then:
+// a lower bound the model may use (0: none). Beside other runs, what was free then is no bound on
+// the chunk's own cost (the others took part of it), so only the failed allocation is. A transient
+// failure says nothing about the cost.
 inline std::uint64_t oom_lower_bound(const std::optional<OomReport>& report,
-                                     bool planned_with_reading,
-                                     std::uint64_t planned_free) noexcept {
+                                     bool planned_with_reading, std::uint64_t planned_free,
+                                     bool beside_others = false) noexcept {
     if (failure_was_transient(report)) return 0;
-    return std::max(planned_with_reading ? saturating_add(planned_free, 1) : 0,
+    const bool free_bounds_it = planned_with_reading && !beside_others;
+    return std::max(free_bounds_it ? saturating_add(planned_free, 1) : 0,
                     report ? report->requested_bytes : 0);
+}
+
+// ---- Concurrent chunks: claims -----------------------------------------------------------------
+//
+// Chunks of one guard that run at once would each plan from the same reading, i.e. for the same
+// free bytes. So every planned chunk claims the bytes its model predicts until it ends, and a new
+// plan counts the claims the reading does not show yet. What the reading shows of them is
+// estimated against the anchor, the reading taken when no claim was in flight: memory that went
+// since is taken to be the claimed chunks' (when another process took it, this plans as much as
+// without claims; memory that came back is not counted, which plans less, never more).
+inline std::uint64_t claims_shown(std::uint64_t free_now, std::uint64_t anchor,
+                                  std::uint64_t claimed) noexcept {
+    return std::min(saturating_sub(anchor, free_now), claimed);
+}
+inline std::uint64_t free_for_plan(std::uint64_t free_now, std::uint64_t anchor,
+                                   std::uint64_t claimed) noexcept {
+    return saturating_sub(free_now, claimed - claims_shown(free_now, anchor, claimed));
+}
+// What would be free were the claims back: the reading and what it shows of them.
+inline std::uint64_t free_without_claims(std::uint64_t free_now, std::uint64_t anchor,
+                                         std::uint64_t claimed) noexcept {
+    return saturating_add(free_now, claims_shown(free_now, anchor, claimed));
+}
+
+struct ShareFacts {
+    std::uint64_t size_now = 0;    // the chunk the plan cuts with the claims counted
+    std::uint64_t size_freed = 0;  // ... and were the claims back (same units)
+    bool fits_now = true;          // its predicted peak fits what the claims leave (its first
+                                   // item may be heavier than the limit: a cut always takes one)
+    bool fits_freed = true;        // ... fits were the claims back
+    bool others_claim = false;     // other chunks of the guard hold claims now
+    bool may_wait = false;         // a planner that may wait: not inside another run, not holding
+                                   // the guard, its wait budget and deadline not spent
+};
+
+enum class ShareStep { run_now, wait_for_a_claim };
+
+// When the claims leave little, run a smaller chunk now or wait for a claim to end? A chunk that
+// does not fit what is left waits, unless even the freed memory would not hold it (its own OOM
+// path decides then). One at least half the size the freed memory would give costs at most one
+// more batch (its fixed memory and launch) than waiting; a smaller one multiplies batches while
+// the memory it needs comes back as soon as a running chunk ends, which is bounded. Planners take
+// turns in arrival order, so the one that waits is served first: nobody starves behind others.
+inline ShareStep run_or_wait(const ShareFacts& facts) noexcept {
+    if (!facts.others_claim || !facts.may_wait || !facts.fits_freed) return ShareStep::run_now;
+    if (!facts.fits_now) return ShareStep::wait_for_a_claim;
+    return saturating_add(facts.size_now, facts.size_now) >= facts.size_freed
+               ? ShareStep::run_now
+               : ShareStep::wait_for_a_claim;
 }
 
 // When an item that ran out of memory alone is retried really alone: while other runs of the

@@ -24,6 +24,8 @@
 #include <vramguard/admission.hpp>
 #include <vramguard/recovery.hpp>
 #include <vramguard/guard.hpp>
+#include <vramguard/batcher_options.hpp>
+#include <vramguard/batcher.hpp>
 #include <vramguard/ledger_state.hpp>
 #include <vramguard/host.hpp>
 #include <vramguard/model_slot.hpp>

@@ -274,9 +274,11 @@ TEST_F(PeersHttpTest, OllamaAskedForIdleModelsKeepsOneUsedAMomentAgo) {
 TEST_F(PeersHttpTest, APeerThatIsDownIsAnErrorWithinItsTimeout) {
     const int port = vramguard_test::closed_port();
     auto peer = peers::make_http_peer("ollama", at("http://127.0.0.1:" + std::to_string(port)));
+    // A refused connection is an answer at once: the call must not sit out (or retry until) its
+    // timeout. The timeout is long, so a loaded machine's slowness cannot reach it.
     const auto start = std::chrono::steady_clock::now();
-    const PeerReply reply = peer->ask(asking(1_GiB, 500ms), Ask::unload);
-    EXPECT_LT(seconds_since(start), 0.5);
+    const PeerReply reply = peer->ask(asking(1_GiB, 10s), Ask::unload);
+    EXPECT_LT(seconds_since(start), 10.0) << "sat out its timeout";
     EXPECT_EQ(reply.answer, PeerAnswer::error);
     EXPECT_TRUE(has(reply.detail, "cannot connect")) << reply.detail;
 }
@@ -291,7 +293,9 @@ TEST_F(PeersHttpTest, ASlowPeerIsAnErrorWithinItsTimeoutPlusSlack) {
     const PeerReply reply = peer->ask(asking(1_GiB, 300ms), Ask::unload);
     const double took = seconds_since(start);
     EXPECT_GE(took, 0.25);
-    EXPECT_LT(took, 0.3 + 0.7) << "the timeout plus slack for a loaded machine";
+    // The fake holds its answer for 10 s (or until released): ending at half of that is the
+    // timeout's doing, whatever the load on the machine.
+    EXPECT_LT(took, 5.0) << "waited for the slow peer instead of its 300 ms timeout";
     EXPECT_EQ(reply.answer, PeerAnswer::error);
     EXPECT_TRUE(has(reply.detail, "no answer in time")) << reply.detail;
     comfy.release();
@@ -319,7 +323,8 @@ TEST_F(PeersHttpTest, ARegistryWithDownSlowAndGarbagePeersRefusesWithInsufficien
         EXPECT_TRUE(has(e.what(), "no answer")) << e.what();
         EXPECT_TRUE(has(e.what(), "not JSON")) << e.what();
     }
-    EXPECT_LT(seconds_since(start), 3 * 0.3 + 1.0) << "each peer costs at most its timeout";
+    // The slow peer holds its answer for 10 s: under half of that, its 300 ms timeout ended it.
+    EXPECT_LT(seconds_since(start), 5.0) << "a peer cost more than its timeout";
     EXPECT_EQ(guard.stats().ooms, 0u);
     slow.release();
 }
@@ -414,8 +419,9 @@ TEST_F(PeersHttpTest, AResolverThatHangsCostsTheRequestItsTimeoutNotTheResolvers
         gate->open = true;
     }
     gate->opened.notify_all();
+    // The resolver answers only once the call has returned, so returning at all proves that the
+    // request's timeout, not the resolver, ended it: no upper bound on how fast.
     EXPECT_GE(took, 0.25);
-    EXPECT_LT(took, 0.3 + 0.7) << "the timeout plus slack for a loaded machine";
     EXPECT_EQ(reply.answer, PeerAnswer::error);
     EXPECT_TRUE(has(reply.detail, "resolving \"stuck-dns.test\" took over")) << reply.detail;
 }

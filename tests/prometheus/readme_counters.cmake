@@ -1,18 +1,20 @@
 # SPDX-License-Identifier: MIT
-# README's "Metrics" section explains every counter: each name that for_each_counter() visits
-# (include/vramguard/stats.hpp for Stats, registry_events.hpp for RegistryStats) must appear in that
-# section as `name`. A new counter without its line in the README fails here.
+# The user guide's "Metrics" section (docs/user-guide.md; the README links to it) explains every
+# counter: each name that for_each_counter() visits (include/vramguard/stats.hpp for Stats,
+# registry_events.hpp for RegistryStats) must appear in that section as `name`. A new counter
+# without its line in the guide fails here.
 #
 #   cmake -DSOURCE_DIR=<repo root> -P tests/prometheus/readme_counters.cmake
 cmake_minimum_required(VERSION 3.16)
 
-file(READ "${SOURCE_DIR}/README.md" readme)
-string(FIND "${readme}" "\n## Metrics\n" begin)
+set(guide "docs/user-guide.md")
+file(READ "${SOURCE_DIR}/${guide}" guide_text)
+string(FIND "${guide_text}" "\n## Metrics\n" begin)
 if(begin EQUAL -1)
-    message(FATAL_ERROR "README.md has no '## Metrics' section")
+    message(FATAL_ERROR "${guide} has no '## Metrics' section")
 endif()
 math(EXPR begin "${begin} + 1")
-string(SUBSTRING "${readme}" ${begin} -1 section)
+string(SUBSTRING "${guide_text}" ${begin} -1 section)
 string(FIND "${section}" "\n## " end)
 string(SUBSTRING "${section}" 0 ${end} section)
 
@@ -36,6 +38,6 @@ if(count LESS 20)
 endif()
 if(missing)
     string(REPLACE ";" ", " missing "${missing}")
-    message(FATAL_ERROR "README.md's Metrics section does not explain: ${missing}")
+    message(FATAL_ERROR "${guide}'s Metrics section does not explain: ${missing}")
 endif()
-message(STATUS "README.md's Metrics section explains all ${count} counters")
+message(STATUS "${guide}'s Metrics section explains all ${count} counters")

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: MIT
-// Shared pieces of the scenario tests: a captured log, options on a ManualClock, a probe wrapper
-// that forgets to empty the cache (the guard must not rely on the probe doing it for it).
+// Shared pieces of the scenario tests: a captured log, options on a ManualClock, a simulated scene
+// with or without its guard, a probe wrapper that forgets to empty the cache (the guard must not
+// rely on the probe doing it for it).
 #pragma once
 
 #include <vramguard/vramguard.hpp>
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -54,6 +56,22 @@ inline vramguard::Options test_options(vramguard::ManualClock& clock, CapturedLo
     options.log = log.sink();
     return options;
 }
+
+// A simulated device, injected time, a captured log and test options for them: where a scenario
+// test starts. A test adjusts `options` before it makes its guard.
+struct Scene {
+    explicit Scene(std::uint64_t device_bytes) : device(device_bytes) {}
+    vramguard::SimulatedDevice device;
+    vramguard::ManualClock clock;
+    CapturedLog log;
+    vramguard::Options options = test_options(clock, log);
+};
+
+// The same with a guard on the device, made with the test options.
+struct GuardScene : Scene {
+    explicit GuardScene(std::uint64_t device_bytes) : Scene(device_bytes), guard(device, options) {}
+    vramguard::Guard<vramguard::SimulatedDevice> guard;
+};
 
 // A probe whose release_cached() does nothing: what a guard that "forgets" looks like from the
 // device's side. Used to prove the guard's own call is what recovers.

@@ -12,18 +12,16 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
-#include "temp_dir.hpp"
+#include "server_process.hpp"
 
 #include "../../examples/torch_server/http_front.hpp"
 #include "../../examples/torch_server/unload_access.hpp"
 
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -35,10 +33,6 @@
 #include <thread>
 #include <vector>
 
-#ifndef VRAMGUARD_TORCH_SERVER_PATH
-#error "VRAMGUARD_TORCH_SERVER_PATH must name the torch_server binary (tests/CMakeLists.txt)"
-#endif
-
 using json = nlohmann::json;
 using namespace std::chrono_literals;
 
@@ -46,63 +40,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The server binary as a child; the first line of its stdout names the port.
-class Child {
-   public:
-    explicit Child(std::vector<std::string> extra) {
-        std::vector<std::string> args = {VRAMGUARD_TORCH_SERVER_PATH,
-                                         "--host",
-                                         "127.0.0.1",
-                                         "--port",
-                                         "0",
-                                         "--profile-dir",
-                                         profiles_.path()};
-        args.insert(args.end(), extra.begin(), extra.end());
-        std::vector<char*> argv;
-        for (auto& arg : args) argv.push_back(arg.data());
-        argv.push_back(nullptr);
-        int out[2];
-        if (::pipe2(out, O_CLOEXEC) != 0) throw std::runtime_error("pipe");
-        pid_ = ::fork();
-        if (pid_ == 0) {
-            ::dup2(out[1], STDOUT_FILENO);
-            ::execv(argv[0], argv.data());
-            ::_exit(127);
-        }
-        ::close(out[1]);
-        std::string line;
-        const auto deadline = Clock::now() + 60s;
-        while (Clock::now() < deadline) {
-            pollfd p{out[0], POLLIN, 0};
-            if (::poll(&p, 1, 1000) <= 0) continue;
-            char c = 0;
-            if (::read(out[0], &c, 1) != 1 || c == '\n') break;
-            line += c;
-        }
-        ::close(out[0]);
-        const std::string prefix = "listening on http://127.0.0.1:";
-        if (line.rfind(prefix, 0) != 0) throw std::runtime_error("no server: \"" + line + "\"");
-        port_ = std::stoi(line.substr(prefix.size()));
-    }
-    ~Child() {
-        ::kill(pid_, SIGKILL);
-        int status = 0;
-        ::waitpid(pid_, &status, 0);
-    }
-    Child(const Child&) = delete;
-    Child& operator=(const Child&) = delete;
-
-    int port() const { return port_; }
+// A started server, killed (not asked to stop) when the test ends: slow clients may still hold
+// connections open.
+struct Child : vramguard_test::RunningServer {
+    explicit Child(std::vector<std::string> args) : RunningServer(std::move(args)) {}
+    ~Child() { process->kill(); }
     // Whether the process is still running (not aborted, not crashed).
-    bool alive() const {
-        int status = 0;
-        return ::waitpid(pid_, &status, WNOHANG) == 0;
-    }
-
-   private:
-    vramguard_test::TempDir profiles_{"torch-server-hostile-"};
-    pid_t pid_ = -1;
-    int port_ = -1;
+    bool alive() const { return process->alive(); }
 };
 
 int connect_to(int port) {

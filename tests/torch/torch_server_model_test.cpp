@@ -15,11 +15,9 @@
 #include <torch/script.h>
 #include <torch/torch.h>
 
+#include "server_process.hpp"
 #include "temp_dir.hpp"
 
-#include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -39,10 +37,6 @@
 #include <thread>
 #include <vector>
 
-#ifndef VRAMGUARD_TORCH_SERVER_PATH
-#error \
-    "VRAMGUARD_TORCH_SERVER_PATH must name the torch_server binary (tests/CMakeLists.txt sets it)"
-#endif
 // SentencePiece runs in a tool of its own (tests/torch/sentencepiece_tool.cpp): it cannot share a
 // process with LibTorch (examples/torch_server/sentencepiece/sentencepiece_shim.h).
 #ifndef VRAMGUARD_SENTENCEPIECE_TOOL_PATH
@@ -55,170 +49,19 @@ using namespace std::chrono_literals;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-using Env = std::map<std::string, std::string>;
+using Env = vramguard_test::ServerProcess::Env;
 
-// The server binary as a child process, with `env` added to this process's environment. stdout
-// and stderr are pipes: the first line on stdout is the address; stderr is kept to check what a
-// failed start said (and echoed to this test's stderr, where ctest shows it on failure).
-class ServerProcess {
-   public:
-    ServerProcess(std::vector<std::string> extra_args, const Env& env = {}) {
-        std::vector<std::string> args = {VRAMGUARD_TORCH_SERVER_PATH, "--host", "127.0.0.1",
-                                         "--port", "0"};
-        args.insert(args.end(), extra_args.begin(), extra_args.end());
-        std::vector<char*> argv;
-        for (auto& arg : args) argv.push_back(arg.data());
-        argv.push_back(nullptr);
-        int out[2], err[2];
-        if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0)
-            throw std::runtime_error(std::strerror(errno));
-        pid_ = ::fork();
-        if (pid_ < 0) throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
-        if (pid_ == 0) {
-            for (const auto& [name, value] : env) ::setenv(name.c_str(), value.c_str(), 1);
-            ::dup2(out[1], STDOUT_FILENO);
-            ::dup2(err[1], STDERR_FILENO);
-            ::execv(argv[0], argv.data());
-            ::_exit(127);
-        }
-        ::close(out[1]);
-        ::close(err[1]);
-        stdout_ = out[0];
-        stderr_ = err[0];
-        first_line_ = read_first_line(60s);
-    }
-    ServerProcess(const ServerProcess&) = delete;
-    ServerProcess& operator=(const ServerProcess&) = delete;
-    ~ServerProcess() { stop(); }
-
-    int port() const {
-        const std::string prefix = "listening on http://127.0.0.1:";
-        if (first_line_.rfind(prefix, 0) != 0) return -1;
-        return std::stoi(first_line_.substr(prefix.size()));
-    }
-
-    // SIGTERM (unless it exited by itself), up to 20 s, then SIGKILL; returns the wait status.
-    int stop() {
-        if (pid_ > 0) {
-            int status = 0;
-            if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-                status_ = status;
-            } else {
-                ::kill(pid_, SIGTERM);
-                status_ = wait_for_exit(20s);
-            }
-            pid_ = -1;
-        }
-        drain_stderr();
-        return status_;
-    }
-
-    // Waits for the process to exit by itself (a failed start) and returns the wait status.
-    int wait_exit() {
-        if (pid_ > 0) {
-            status_ = wait_for_exit(60s);
-            pid_ = -1;
-        }
-        drain_stderr();
-        return status_;
-    }
-
-    const std::string& err() const { return stderr_text_; }
-    pid_t pid() const { return pid_; }
-
-   private:
-    int wait_for_exit(Clock::duration limit) {
-        const auto deadline = Clock::now() + limit;
-        int status = 0;
-        while (::waitpid(pid_, &status, WNOHANG) != pid_) {
-            if (Clock::now() >= deadline) {
-                ADD_FAILURE() << "torch_server did not exit in time; killing it";
-                ::kill(pid_, SIGKILL);
-                ::waitpid(pid_, &status, 0);
-                break;
-            }
-            std::this_thread::sleep_for(20ms);
-        }
-        return status;
-    }
-
-    void drain_stderr() {
-        if (stderr_ < 0) return;
-        ::fcntl(stderr_, F_SETFL, O_NONBLOCK);
-        char buffer[4096];
-        ssize_t n;
-        while ((n = ::read(stderr_, buffer, sizeof buffer)) > 0) stderr_text_.append(buffer, n);
-        ::close(stderr_);
-        ::close(stdout_);
-        stderr_ = stdout_ = -1;
-        std::fprintf(stderr, "--- torch_server's stderr ---\n%s", stderr_text_.c_str());
-    }
-
-    // stderr is read meanwhile, so a chatty server cannot block on a full pipe.
-    std::string read_first_line(Clock::duration timeout) {
-        std::string line;
-        const auto deadline = Clock::now() + timeout;
-        for (;;) {
-            const auto left =
-                std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-            if (left.count() <= 0) return "";
-            pollfd fds[2] = {{stdout_, POLLIN, 0}, {stderr_, POLLIN, 0}};
-            const int ready = ::poll(fds, 2, static_cast<int>(left.count()));
-            if (ready < 0 && errno == EINTR) continue;
-            if (ready <= 0) return "";
-            if (fds[1].revents & POLLIN) {
-                char buffer[4096];
-                const ssize_t n = ::read(stderr_, buffer, sizeof buffer);
-                if (n > 0) stderr_text_.append(buffer, n);
-            }
-            if (fds[0].revents & (POLLIN | POLLHUP)) {
-                char c = 0;
-                const ssize_t n = ::read(stdout_, &c, 1);
-                if (n <= 0) return "";  // the server exited
-                if (c == '\n') return line;
-                line += c;
-            }
-        }
-    }
-
-    pid_t pid_ = -1;
-    int stdout_ = -1, stderr_ = -1;
-    int status_ = -1;
-    std::string first_line_, stderr_text_;
-};
-
-struct Reply {
-    int status = 0;
-    json body;
-    std::string retry_after;
-};
+using vramguard_test::encode;
+using vramguard_test::max_difference;
+using vramguard_test::post;
+using vramguard_test::Reply;
+using vramguard_test::ServerProcess;
 
 std::unique_ptr<httplib::Client> client_of(const ServerProcess& server) {
-    auto c = std::make_unique<httplib::Client>("127.0.0.1", server.port());
-    c->set_connection_timeout(10, 0);
-    c->set_read_timeout(60, 0);
-    c->set_write_timeout(10, 0);
-    return c;
+    return vramguard_test::client_of(server.port());
 }
 
-Reply post(httplib::Client& client, const std::string& path, const std::string& body,
-           const httplib::Headers& headers = {}) {
-    auto res = client.Post(path.c_str(), headers, body, "application/json");
-    if (!res)
-        throw std::runtime_error("POST " + path + " failed: " + httplib::to_string(res.error()));
-    return {res->status, json::parse(res->body), res->get_header_value("Retry-After")};
-}
-
-Reply encode(httplib::Client& client, const std::vector<std::string>& texts) {
-    return post(client, "/encode", json{{"texts", texts}}.dump());
-}
-
-json status_of(httplib::Client& client) {
-    auto res = client.Get("/status");
-    if (!res) throw std::runtime_error("GET /status failed");
-    return json::parse(res->body);
-}
+json status_of(httplib::Client& client) { return vramguard_test::get(client, "/status").body; }
 
 void write_file(const std::string& path, const std::string& content) {
     std::ofstream(path, std::ios::binary) << content;
@@ -342,13 +185,6 @@ std::vector<float> direct_embedding(const std::string& model_path, const std::st
     if (out.dim() == 3) out = out.mean(1);
     out = out.contiguous();
     return std::vector<float>(out.data_ptr<float>(), out.data_ptr<float>() + out.size(1));
-}
-
-float max_difference(const std::vector<float>& a, const std::vector<float>& b) {
-    if (a.size() != b.size()) return INFINITY;
-    float worst = 0;
-    for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]));
-    return worst;
 }
 
 constexpr float tolerance = 1e-5f;
@@ -654,8 +490,9 @@ TEST(TorchServerCommandLine, BadValuesNameTheFlagFromTheCommandLineOrTheEnvironm
         const int status = server.wait_exit();
         ASSERT_TRUE(WIFEXITED(status)) << status;
         EXPECT_EQ(WEXITSTATUS(status), 2) << c.wanted << "\n" << server.err();
-        EXPECT_NE(server.err().find(c.wanted), std::string::npos) << server.err();
-        EXPECT_EQ(std::count(server.err().begin(), server.err().end(), '\n'), 1) << server.err();
+        const std::string err = server.err();
+        EXPECT_NE(err.find(c.wanted), std::string::npos) << err;
+        EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
     }
 }
 

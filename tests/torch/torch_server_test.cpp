@@ -15,6 +15,7 @@
 #include <httplib.h>
 #include <nlohmann/json.hpp>
 
+#include "server_process.hpp"
 #include "temp_dir.hpp"
 
 // The server's own pieces that need neither LibTorch nor HTTP: the access rule and the simulated
@@ -23,9 +24,7 @@
 #include "../../examples/torch_server/unload_access.hpp"
 
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <sys/socket.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -46,166 +45,29 @@
 #include <thread>
 #include <vector>
 
-#ifndef VRAMGUARD_TORCH_SERVER_PATH
-#error \
-    "VRAMGUARD_TORCH_SERVER_PATH must name the torch_server binary (tests/CMakeLists.txt sets it)"
-#endif
-
 using json = nlohmann::json;
 using namespace std::chrono_literals;
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using vramguard_test::encode;
+using vramguard_test::get;
+using vramguard_test::max_difference;
+using vramguard_test::post;
+using vramguard_test::Reply;
+using vramguard_test::ServerProcess;
 
-// The server binary as a child process: stdout is a pipe, from which the first line (the address)
-// is read; stderr is inherited (ctest shows it when a test fails).
-class ServerProcess {
-   public:
-    explicit ServerProcess(std::vector<std::string> extra_args) {
-        std::vector<std::string> args = {
-            VRAMGUARD_TORCH_SERVER_PATH, "--host", "127.0.0.1", "--port", "0", "--threads", "8"};
-        args.insert(args.end(), extra_args.begin(), extra_args.end());
-        std::vector<char*> argv;
-        for (auto& arg : args) argv.push_back(arg.data());
-        argv.push_back(nullptr);
-
-        int out[2];
-        if (::pipe2(out, O_CLOEXEC) != 0) throw std::runtime_error(std::strerror(errno));
-        pid_ = ::fork();
-        if (pid_ < 0) throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
-        if (pid_ == 0) {
-            ::dup2(out[1], STDOUT_FILENO);  // dup2 clears O_CLOEXEC on the copy
-            ::execv(argv[0], argv.data());
-            std::fprintf(stderr, "execv(%s): %s\n", argv[0], std::strerror(errno));
-            ::_exit(127);
-        }
-        ::close(out[1]);
-        stdout_ = out[0];
-        first_line_ = read_line(60s);
+// One started server (8 threads) with a profile directory of its own and a client for it.
+struct Running : vramguard_test::RunningServer {
+    explicit Running(std::vector<std::string> args = {})
+        : RunningServer(with_threads(std::move(args))) {}
+    static std::vector<std::string> with_threads(std::vector<std::string> args) {
+        args.insert(args.begin(), {"--threads", "8"});
+        return args;
     }
-
-    ServerProcess(const ServerProcess&) = delete;
-    ServerProcess& operator=(const ServerProcess&) = delete;
-    ~ServerProcess() { stop(); }
-
-    // What the server printed first ("listening on http://127.0.0.1:PORT"), or "" when it exited
-    // or printed nothing within the deadline.
-    const std::string& first_line() const { return first_line_; }
-
-    int port() const {
-        const std::string prefix = "listening on http://127.0.0.1:";
-        if (first_line_.rfind(prefix, 0) != 0) return -1;
-        return std::stoi(first_line_.substr(prefix.size()));
-    }
-
-    // SIGTERM, then up to 20 s for it to exit, then SIGKILL. Returns the wait status (-1 when
-    // already reaped).
-    int stop() {
-        if (stdout_ >= 0) {
-            ::close(stdout_);
-            stdout_ = -1;
-        }
-        if (pid_ <= 0) return status_;
-        ::kill(pid_, SIGTERM);
-        const auto deadline = Clock::now() + 20s;
-        for (;;) {
-            int status = 0;
-            const pid_t done = ::waitpid(pid_, &status, WNOHANG);
-            if (done == pid_) {
-                status_ = status;
-                break;
-            }
-            if (done < 0 && errno != EINTR) break;
-            if (Clock::now() >= deadline) {
-                ADD_FAILURE() << "torch_server did not exit within 20 s of SIGTERM; killing it";
-                ::kill(pid_, SIGKILL);
-                ::waitpid(pid_, &status, 0);
-                status_ = status;
-                break;
-            }
-            std::this_thread::sleep_for(20ms);
-        }
-        pid_ = -1;
-        return status_;
-    }
-
-   private:
-    std::string read_line(Clock::duration timeout) {
-        std::string line;
-        const auto deadline = Clock::now() + timeout;
-        for (;;) {
-            const auto left =
-                std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-            if (left.count() <= 0) return "";
-            pollfd fd{stdout_, POLLIN, 0};
-            const int ready = ::poll(&fd, 1, static_cast<int>(left.count()));
-            if (ready < 0 && errno == EINTR) continue;
-            if (ready <= 0) return "";
-            char c = 0;
-            const ssize_t n = ::read(stdout_, &c, 1);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) return "";  // the server exited
-            if (c == '\n') return line;
-            line += c;
-        }
-    }
-
-    pid_t pid_ = -1;
-    int stdout_ = -1;
-    int status_ = -1;
-    std::string first_line_;
+    std::unique_ptr<httplib::Client> client() const { return vramguard_test::client_of(port()); }
 };
-
-// One started server with a profile directory of its own and a client for it.
-struct Running {
-    explicit Running(std::vector<std::string> args = {}) {
-        args.insert(args.end(), {"--profile-dir", profiles.path()});
-        process = std::make_unique<ServerProcess>(std::move(args));
-        if (process->port() <= 0)
-            throw std::runtime_error("torch_server did not start: first line was \"" +
-                                     process->first_line() + "\"");
-    }
-    std::unique_ptr<httplib::Client> client() const {
-        auto c = std::make_unique<httplib::Client>("127.0.0.1", process->port());
-        c->set_connection_timeout(10, 0);
-        c->set_read_timeout(60, 0);
-        c->set_write_timeout(10, 0);
-        return c;
-    }
-    vramguard_test::TempDir profiles{"torch-server-test-"};
-    std::unique_ptr<ServerProcess> process;
-};
-
-struct Reply {
-    int status = 0;
-    json body;
-    std::string retry_after;
-};
-
-Reply post(httplib::Client& client, const std::string& path, const std::string& body,
-           const std::string& content_type = "application/json",
-           const httplib::Headers& headers = {}) {
-    auto res = client.Post(path.c_str(), headers, body, content_type.c_str());
-    if (!res)
-        throw std::runtime_error("POST " + path + " failed: " + httplib::to_string(res.error()));
-    Reply reply;
-    reply.status = res->status;
-    reply.body = json::parse(res->body);
-    reply.retry_after = res->get_header_value("Retry-After");
-    return reply;
-}
-
-Reply get(httplib::Client& client, const std::string& path) {
-    auto res = client.Get(path.c_str());
-    if (!res)
-        throw std::runtime_error("GET " + path + " failed: " + httplib::to_string(res.error()));
-    return {res->status, json::parse(res->body), ""};
-}
-
-Reply encode(httplib::Client& client, const std::vector<std::string>& texts) {
-    return post(client, "/encode", json{{"texts", texts}}.dump());
-}
 
 std::vector<std::vector<float>> embeddings_of(const Reply& reply) {
     return reply.body.at("embeddings").get<std::vector<std::vector<float>>>();
@@ -215,13 +77,6 @@ double norm(const std::vector<float>& v) {
     double sum = 0;
     for (float x : v) sum += static_cast<double>(x) * x;
     return std::sqrt(sum);
-}
-
-float max_difference(const std::vector<float>& a, const std::vector<float>& b) {
-    if (a.size() != b.size()) return INFINITY;
-    float worst = 0;
-    for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]));
-    return worst;
 }
 
 // Texts of very different lengths, so batches are padded.
@@ -659,14 +514,14 @@ TEST(TorchServer, UnloadTokenEndToEndOnLoopback) {
     auto client = server.client();
     ASSERT_EQ(encode(*client, {"loaded"}).status, 200);
 
-    const Reply wrong = post(*client, "/request-unload?min_idle_seconds=0", "", "application/json",
+    const Reply wrong = post(*client, "/request-unload?min_idle_seconds=0", "",
                              {{"Authorization", "Bearer wrong"}});
     EXPECT_EQ(wrong.status, 401) << wrong.body.dump();
     EXPECT_FALSE(wrong.body["unloaded"].get<bool>());
     EXPECT_NE(wrong.body["error"].get<std::string>().find("--unload-token"), std::string::npos);
     EXPECT_TRUE(get(*client, "/status").body["model_loaded"].get<bool>()) << "refused: still there";
 
-    const Reply right = post(*client, "/request-unload?min_idle_seconds=0", "", "application/json",
+    const Reply right = post(*client, "/request-unload?min_idle_seconds=0", "",
                              {{"Authorization", "Bearer s3cret"}});
     EXPECT_EQ(right.status, 200) << right.body.dump();
     EXPECT_TRUE(right.body["unloaded"].get<bool>()) << right.body.dump();
@@ -695,7 +550,7 @@ TEST(TorchServer, LargeJsonSentAsAFormIsAccepted) {
     auto client = server.client();
     for (const char* content_type :
          {"application/x-www-form-urlencoded", "application/json", "text/plain"}) {
-        const Reply reply = post(*client, "/encode", body, content_type);
+        const Reply reply = post(*client, "/encode", body, {}, content_type);
         EXPECT_EQ(reply.status, 200) << content_type << ": " << reply.body.dump().substr(0, 300);
         EXPECT_EQ(reply.body["embeddings"].size(), texts.size()) << content_type;
     }

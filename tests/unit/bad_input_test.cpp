@@ -29,7 +29,6 @@ using namespace vramguard::literals;
 using namespace std::chrono_literals;
 using vramguard_test::CapturedLog;
 using vramguard_test::TempDir;
-using vramguard_test::test_options;
 
 namespace {
 
@@ -46,12 +45,9 @@ bool mentions(const std::exception& e, const std::string& text) {
     return std::string(e.what()).find(text) != std::string::npos;
 }
 
-class BadInput : public ::testing::Test {
+class BadInput : public ::testing::Test, protected vramguard_test::Scene {
    protected:
-    SimulatedDevice device{10_GiB};
-    ManualClock clock;
-    CapturedLog log;
-    Options options = test_options(clock, log);
+    BadInput() : Scene(10_GiB) {}
     Key key = Key::of("bad-input", {{"case", "table"}});
 };
 

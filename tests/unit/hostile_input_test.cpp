@@ -25,9 +25,9 @@
 using namespace vramguard;
 using namespace vramguard::literals;
 using namespace std::chrono_literals;
-using vramguard_test::CapturedLog;
+using vramguard_test::GuardScene;
+using vramguard_test::Scene;
 using vramguard_test::TempDir;
-using vramguard_test::test_options;
 
 namespace {
 
@@ -61,62 +61,53 @@ bool finishes_within(std::shared_ptr<State> state, Work work, std::chrono::secon
 // 1 MiB item after a restart were all refused as can_never_fit.
 TEST(HostileInput, OneHeavyItemThatRanDoesNotRefuseLaterCallsOfItsKey) {
     TempDir profiles("vramguard-hostile-");
-    SimulatedDevice device(16_GiB);
-    ManualClock clock;
-    CapturedLog log;
-    Options options = test_options(clock, log);
-    options.persist = true;
-    options.profile_dir = profiles.path();
+    Scene s(16_GiB);
+    s.options.persist = true;
+    s.options.profile_dir = profiles.path();
     const Key key = Key::of("brick", {});
     const std::vector<int> heavy{13 * 1024};
     {
-        Guard<SimulatedDevice> guard(device, options);
-        EXPECT_EQ(guard.encode(key, heavy, MiBItems{device}), heavy);
-        EXPECT_EQ(guard.encode(key, heavy, MiBItems{device}), heavy) << "the same item again";
+        Guard<SimulatedDevice> guard(s.device, s.options);
+        EXPECT_EQ(guard.encode(key, heavy, MiBItems{s.device}), heavy);
+        EXPECT_EQ(guard.encode(key, heavy, MiBItems{s.device}), heavy) << "the same item again";
         const std::vector<int> light{100, 100, 100};
-        EXPECT_EQ(guard.encode(key, light, MiBItems{device}), light);
+        EXPECT_EQ(guard.encode(key, light, MiBItems{s.device}), light);
     }
-    Guard<SimulatedDevice> restarted(device, options);
+    Guard<SimulatedDevice> restarted(s.device, s.options);
     const std::vector<int> tiny{1};
-    EXPECT_EQ(restarted.encode(key, tiny, MiBItems{device}), tiny) << "after a restart";
+    EXPECT_EQ(restarted.encode(key, tiny, MiBItems{s.device}), tiny) << "after a restart";
 }
 
 // While another process holds the memory, the same call waits or is refused for now (retry
 // later), never as "can never fit": that item ran on this device.
 TEST(HostileInput, AnEncodeRefusedUnderPressureIsRefusedForNowNotForEver) {
-    SimulatedDevice device(16_GiB);
-    ManualClock clock;
-    CapturedLog log;
-    Guard<SimulatedDevice> guard(device, test_options(clock, log));
+    GuardScene s(16_GiB);
     const Key key = Key::of("brick", {});
     const std::vector<int> heavy{15 * 1024};  // inside the 10 % margin: ran all the same
-    ASSERT_EQ(guard.encode(key, heavy, MiBItems{device}), heavy);
-    device.set_external_usage(8_GiB);
+    ASSERT_EQ(s.guard.encode(key, heavy, MiBItems{s.device}), heavy);
+    s.device.set_external_usage(8_GiB);
     try {
-        guard.encode(key, std::vector<int>{1}, MiBItems{device});
+        s.guard.encode(key, std::vector<int>{1}, MiBItems{s.device});
         ADD_FAILURE() << "admitted although the cheapest item measured (15 GiB) cannot fit in 8";
     } catch (const InsufficientMemory& error) {
         EXPECT_FALSE(error.can_never_fit()) << error.what();
     }
-    device.set_external_usage(0);
-    EXPECT_EQ(guard.encode(key, heavy, MiBItems{device}), heavy);
+    s.device.set_external_usage(0);
+    EXPECT_EQ(s.guard.encode(key, heavy, MiBItems{s.device}), heavy);
 }
 
 // A weighted call whose lightest item is heavier than anything that ran, and estimated (without
 // headroom: a lower bound) at more than the device, is still refused at once as can_never_fit;
 // one no heavier than what ran is not.
 TEST(HostileInput, AWeightedItemHeavierThanAnythingThatRanCanStillNeverFit) {
-    SimulatedDevice device(16_GiB);
-    ManualClock clock;
-    CapturedLog log;
-    Guard<SimulatedDevice> guard(device, test_options(clock, log));
+    GuardScene s(16_GiB);
     const Key key = Key::of("weighted", {});
     auto weight = [](int mib) { return mib / 1024; };  // GiB
     const std::vector<int> learned{2048, 2048};        // 2 x 2 GiB: about 1 GiB a unit
-    ASSERT_EQ(guard.encode(key, learned, MiBItems{device}, weight), learned);
+    ASSERT_EQ(s.guard.encode(key, learned, MiBItems{s.device}, weight), learned);
     int ran = 0;
     try {
-        guard.encode(
+        s.guard.encode(
             key, std::vector<int>{40 * 1024},
             [&](const BatchView<std::vector<int>::const_iterator>& batch) {
                 ++ran;
@@ -130,28 +121,25 @@ TEST(HostileInput, AWeightedItemHeavierThanAnythingThatRanCanStillNeverFit) {
     }
     EXPECT_EQ(ran, 0);
     const std::vector<int> same{2048};
-    EXPECT_EQ(guard.encode(key, same, MiBItems{device}, weight), same);
+    EXPECT_EQ(s.guard.encode(key, same, MiBItems{s.device}, weight), same);
 }
 
 // The same for a load: a 15 GiB model loaded on a 16 GiB device; its peak x 1.2 headroom + 10 %
 // margin "could never fit", so the model could never be loaded again (the peak is persisted). A
 // peak measured above the whole device (another, larger device's profile) still never fits.
 TEST(HostileInput, OneLoadThatUsedMostOfTheDeviceDoesNotMakeItsKeyNeverFit) {
-    SimulatedDevice device(16_GiB);
-    ManualClock clock;
-    CapturedLog log;
-    Guard<SimulatedDevice> guard(device, test_options(clock, log));
+    GuardScene s(16_GiB);
     const Key key = Key::of("big-model", {});
     for (int load = 0; load < 2; ++load) {
         std::optional<SimulatedDevice::Allocation> weights;
-        EXPECT_NO_THROW(guard.load(key, [&] { weights = device.allocate(15_GiB); }))
+        EXPECT_NO_THROW(s.guard.load(key, [&] { weights = s.device.allocate(15_GiB); }))
             << "load " << load;
         EXPECT_TRUE(weights);
     }
     const Key larger = Key::of("from-a-larger-device", {});
-    guard.profiles().record_peak(larger, 20_GiB);
+    s.guard.profiles().record_peak(larger, 20_GiB);
     try {
-        guard.load(larger, [] {});
+        s.guard.load(larger, [] {});
         ADD_FAILURE() << "a load measured at 20 GiB was started on a 16 GiB device";
     } catch (const InsufficientMemory& error) {
         EXPECT_TRUE(error.can_never_fit()) << error.what();
@@ -160,11 +148,8 @@ TEST(HostileInput, OneLoadThatUsedMostOfTheDeviceDoesNotMakeItsKeyNeverFit) {
 
 // ---- a loader that warms up through guard.encode (repro_warmup_hang) ----------------------------
 
-struct WarmUpScene {
-    SimulatedDevice device{16_GiB};
-    ManualClock clock;
-    CapturedLog log;
-    Guard<SimulatedDevice> guard{device, test_options(clock, log)};
+struct WarmUpScene : GuardScene {
+    WarmUpScene() : GuardScene(16_GiB) {}
     std::atomic<int> loads{0};
 };
 
@@ -261,16 +246,13 @@ constexpr Duration a_year = std::chrono::hours(24 * 365);
 
 // "For ever" converted to the clock's nanoseconds overflowed to -1 ms: idle unload at once.
 TEST(HostileInput, AnIdleTimeoutOfMillisecondsMaxNeverUnloads) {
-    SimulatedDevice device(10_GiB);
-    ManualClock clock;
-    CapturedLog log;
-    Guard<SimulatedDevice> guard(device, test_options(clock, log));
+    GuardScene s(10_GiB);
     RegistryOptions options;
     options.idle_timeout = for_ever;
-    ModelRegistry<SimulatedDevice> registry(guard, options);
-    auto model = add_model(registry, device, 1_GiB);
+    ModelRegistry<SimulatedDevice> registry(s.guard, options);
+    auto model = add_model(registry, s.device, 1_GiB);
     model->acquire().release();
-    clock.advance(a_year);
+    s.clock.advance(a_year);
     registry.tick();
     EXPECT_TRUE(model->loaded());
     EXPECT_EQ(registry.stats().idle_unloads, 0u);
@@ -278,47 +260,38 @@ TEST(HostileInput, AnIdleTimeoutOfMillisecondsMaxNeverUnloads) {
 
 // ... a pressure rate limit of "for ever" acted on every tick ...
 TEST(HostileInput, APressureRateLimitOfMillisecondsMaxActsOnce) {
-    SimulatedDevice device(10_GiB);
-    device.set_external_usage(9_GiB);  // 90 % in use: above the default threshold
-    ManualClock clock;
-    CapturedLog log;
-    Guard<SimulatedDevice> guard(device, test_options(clock, log));
+    GuardScene s(10_GiB);
+    s.device.set_external_usage(9_GiB);  // 90 % in use: above the default threshold
     RegistryOptions options;
     options.pressure_rate_limit = for_ever;
-    ModelRegistry<SimulatedDevice> registry(guard, options);
-    EXPECT_TRUE(registry.relieve_pressure(clock.now()).acted);
-    clock.advance(a_year);
-    const PressureRelief again = registry.relieve_pressure(clock.now());
+    ModelRegistry<SimulatedDevice> registry(s.guard, options);
+    EXPECT_TRUE(registry.relieve_pressure(s.clock.now()).acted);
+    s.clock.advance(a_year);
+    const PressureRelief again = registry.relieve_pressure(s.clock.now());
     EXPECT_FALSE(again.acted);
     EXPECT_TRUE(again.rate_limited);
 }
 
 // ... a reaper interval of "for ever" ticked without pause (the wait's deadline was in the past)
 TEST(HostileInput, AReaperIntervalOfMillisecondsMaxDoesNotTick) {
-    SimulatedDevice device(10_GiB);
-    ManualClock clock;
-    CapturedLog log;
-    Guard<SimulatedDevice> guard(device, test_options(clock, log));
+    GuardScene s(10_GiB);
     RegistryOptions options;
     options.idle_timeout = 1ms;
     options.reaper = true;
     options.reaper_interval = for_ever;
-    ModelRegistry<SimulatedDevice> registry(guard, options);
-    auto model = add_model(registry, device, 1_GiB);
+    ModelRegistry<SimulatedDevice> registry(s.guard, options);
+    auto model = add_model(registry, s.device, 1_GiB);
     model->acquire().release();
-    clock.advance(std::chrono::hours(1));  // idle long enough for any tick to unload it
-    std::this_thread::sleep_for(200ms);    // real time for a spinning reaper to tick
+    s.clock.advance(std::chrono::hours(1));  // idle long enough for any tick to unload it
+    std::this_thread::sleep_for(200ms);      // real time for a spinning reaper to tick
     EXPECT_TRUE(model->loaded());
     EXPECT_EQ(registry.stats().idle_unloads, 0u);
 }
 
 // ... a peer timeout of "for ever" became a deadline of now, a cooldown of "for ever" none.
 TEST(HostileInput, PeerTimeoutAndCooldownOfMillisecondsMaxMeanForEver) {
-    SimulatedDevice device(10_GiB);
-    device.set_external_usage(8_GiB);
-    ManualClock clock;
-    CapturedLog log;
-    Guard<SimulatedDevice> guard(device, test_options(clock, log));
+    GuardScene s(10_GiB);
+    s.device.set_external_usage(8_GiB);
     std::vector<ReliefRequest> requests;
     RegistryOptions options;
     options.idle_timeout = 0ms;
@@ -326,18 +299,18 @@ TEST(HostileInput, PeerTimeoutAndCooldownOfMillisecondsMaxMeanForEver) {
     options.peer_cooldown = for_ever;
     options.peers = {make_peer("other@:8081", [&](const ReliefRequest& request) {
         requests.push_back(request);
-        device.set_external_usage(0);
+        s.device.set_external_usage(0);
         return PeerReply::freed(8_GiB);
     })};
-    ModelRegistry<SimulatedDevice> registry(guard, options);
-    auto model = add_model(registry, device, 4_GiB);
+    ModelRegistry<SimulatedDevice> registry(s.guard, options);
+    auto model = add_model(registry, s.device, 4_GiB);
     model->acquire().release();
     ASSERT_EQ(requests.size(), 1u);
     EXPECT_EQ(requests[0].timeout, Duration::max());
     EXPECT_EQ(requests[0].deadline, TimePoint::max());
     model->unload();
-    device.set_external_usage(8_GiB);
-    clock.advance(a_year);
+    s.device.set_external_usage(8_GiB);
+    s.clock.advance(a_year);
     EXPECT_THROW(model->acquire(), InsufficientMemory);
     EXPECT_EQ(requests.size(), 1u) << "asked again within its cooldown of for ever";
     const auto status = registry.status().peers;
@@ -359,18 +332,15 @@ struct AbandonedPeer {
 // peer then wrote to freed memory. The destructor now waits for it (at most peer_timeout, real
 // time), and wait_for_peer_calls() says whether any still runs.
 TEST(HostileInput, ARegistryWaitsForItsAbandonedPeerCallsBeforeItGoes) {
-    SimulatedDevice device(10_GiB);
-    device.set_external_usage(8_GiB);
-    ManualClock clock;
-    CapturedLog log;
-    Options guard_options = test_options(clock, log);
-    guard_options.poll_interval = 10ms;
-    Guard<SimulatedDevice> guard(device, guard_options);
+    Scene s(10_GiB);
+    s.device.set_external_usage(8_GiB);
+    s.options.poll_interval = 10ms;
+    Guard<SimulatedDevice> guard(s.device, s.options);
     auto peer_state = std::make_shared<AbandonedPeer>();
     std::future<void> entered = peer_state->entered.get_future();
     // Once the peer is called, its deadline (5 s on the manual clock) passes at once.
-    std::thread deadline_passer([&clock, &entered] {
-        if (entered.wait_for(30s) == std::future_status::ready) clock.advance(10s);
+    std::thread deadline_passer([&s, &entered] {
+        if (entered.wait_for(30s) == std::future_status::ready) s.clock.advance(10s);
     });
     std::thread releaser;
     {
@@ -385,9 +355,9 @@ TEST(HostileInput, ARegistryWaitsForItsAbandonedPeerCallsBeforeItGoes) {
             return PeerReply::nothing();
         })};
         ModelRegistry<SimulatedDevice> registry(guard, options);
-        auto model = add_model(registry, device, 4_GiB);
+        auto model = add_model(registry, s.device, 4_GiB);
         EXPECT_THROW(model->acquire(), InsufficientMemory);
-        EXPECT_TRUE(log.contains("no answer within 5000 ms"));
+        EXPECT_TRUE(s.log.contains("no answer within 5000 ms"));
         EXPECT_FALSE(registry.wait_for_peer_calls(0ms)) << "the abandoned call still runs";
         releaser = std::thread([peer_state] {
             std::this_thread::sleep_for(100ms);  // after the registry's destructor has begun

@@ -167,6 +167,77 @@ TEST(RunPolicyOomLowerBound, TheLargerOfTheFailedRequestAndTheReadingUnlessTrans
             << row.planned_free;
 }
 
+TEST(RunPolicyOomLowerBound, BesideOtherRunsOnlyTheFailedRequestBoundsTheCost) {
+    // Other chunks of the guard took part of what was free: "more than was free" is no lesson
+    // about this chunk's cost (issue 23: a fixed part and a costliest unit 5-10x too large).
+    EXPECT_EQ(policy::oom_lower_bound(std::nullopt, true, 3_GiB, true), 0u);
+    EXPECT_EQ(policy::oom_lower_bound(report(1_GiB), true, 3_GiB, true), 1_GiB);
+    EXPECT_EQ(policy::oom_lower_bound(report(1_GiB), true, 3_GiB, false), 3_GiB + 1);
+    EXPECT_EQ(policy::oom_lower_bound(report(1_GiB, 2_GiB), true, 3_GiB, true), 0u);
+}
+
+TEST(RunPolicyFreeForPlan, CountsTheClaimsTheReadingDoesNotShowYet) {
+    struct Row {
+        std::uint64_t free_now, anchor, claimed, expected;
+        const char* why;
+    };
+    const std::vector<Row> rows = {
+        {10_GiB, 10_GiB, 0, 10_GiB, "no claims: the reading as it is"},
+        {10_GiB, 10_GiB, 4_GiB, 6_GiB, "claimed, nothing allocated yet"},
+        {7_GiB, 10_GiB, 4_GiB, 6_GiB, "3 of the 4 GiB allocated"},
+        {6_GiB, 10_GiB, 4_GiB, 6_GiB, "all allocated: the reading shows it"},
+        {5_GiB, 10_GiB, 4_GiB, 5_GiB, "more went than was claimed: the reading"},
+        {12_GiB, 10_GiB, 4_GiB, 8_GiB, "memory came back: not counted on"},
+        {3_GiB, 10_GiB, kMax, 0, "saturates at zero"},
+        {1_GiB, 0, 4_GiB, 0, "an anchor below the reading shows nothing"},
+    };
+    for (const Row& row : rows)
+        EXPECT_EQ(policy::free_for_plan(row.free_now, row.anchor, row.claimed), row.expected)
+            << row.why;
+}
+
+TEST(RunPolicyFreeForPlan, WithoutClaimsIsTheReadingAndWhatItShowsOfThem) {
+    EXPECT_EQ(policy::free_without_claims(10_GiB, 10_GiB, 4_GiB), 10_GiB);  // nothing shown
+    EXPECT_EQ(policy::free_without_claims(7_GiB, 10_GiB, 4_GiB), 10_GiB);   // 3 GiB shown
+    EXPECT_EQ(policy::free_without_claims(5_GiB, 10_GiB, 4_GiB), 9_GiB);    // only 4 are ours
+    // A claim of the whole device (a key not measured yet) adds nothing it does not show.
+    EXPECT_EQ(policy::free_without_claims(8_GiB, 10_GiB, kMax / 4), 10_GiB);
+    EXPECT_EQ(policy::free_without_claims(kMax, kMax, kMax), kMax);
+}
+
+TEST(RunPolicyRunOrWait, WaitsWhenTheClaimsLeaveTooLittleAndWaitingHelps) {
+    using policy::ShareStep;
+    struct Row {
+        std::uint64_t size_now, size_freed;
+        bool fits_now, fits_freed, others_claim, may_wait;
+        ShareStep expected;
+        const char* why;
+    };
+    const ShareStep run = ShareStep::run_now, wait = ShareStep::wait_for_a_claim;
+    const std::vector<Row> rows = {
+        {10, 100, true, true, false, true, run, "no claims: nothing to wait for"},
+        {10, 100, true, true, true, false, run, "may not wait (nested, turn held, budget)"},
+        {50, 100, true, true, true, true, run, "half: at most one batch more"},
+        {49, 100, true, true, true, true, wait, "under half: wait"},
+        {1, 3, true, true, true, true, wait, "one item of three"},
+        {64, 64, true, true, true, true, run, "the rest of the call fits now"},
+        {400, 400, false, true, true, true, wait, "its one item is more than the claims leave"},
+        {400, 400, false, true, true, false, run, "... but the wait is spent"},
+        {400, 400, false, false, true, true, run, "not even the freed memory holds it"},
+        {kMax, kMax, true, true, true, true, run, "saturates"},
+    };
+    for (const Row& row : rows) {
+        policy::ShareFacts facts;
+        facts.size_now = row.size_now;
+        facts.size_freed = row.size_freed;
+        facts.fits_now = row.fits_now;
+        facts.fits_freed = row.fits_freed;
+        facts.others_claim = row.others_claim;
+        facts.may_wait = row.may_wait;
+        EXPECT_EQ(policy::run_or_wait(facts), row.expected) << row.why;
+    }
+}
+
 TEST(RunPolicyRetryExclusively, OnceAndOnlyWhileOthersRun) {
     struct Row {
         bool exclusive_held, inside_another_run, others_running, expected;

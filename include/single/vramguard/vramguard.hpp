@@ -1496,14 +1496,66 @@ inline bool takes_turns(bool chunk_is_one_alone, const ChunkDecision& decision) 
 }
 
 // A chunk that ran out of memory cost at least the allocation that failed and, when it was
-// planned against a reading, more than was free then: a lower bound the model may use (0: none).
-// A transient failure says nothing about the cost.
+// planned against a reading and nothing else of the guard ran beside it, more than was free then:
+// a lower bound the model may use (0: none). Beside other runs, what was free then is no bound on
+// the chunk's own cost (the others took part of it), so only the failed allocation is. A transient
+// failure says nothing about the cost.
 inline std::uint64_t oom_lower_bound(const std::optional<OomReport>& report,
-                                     bool planned_with_reading,
-                                     std::uint64_t planned_free) noexcept {
+                                     bool planned_with_reading, std::uint64_t planned_free,
+                                     bool beside_others = false) noexcept {
     if (failure_was_transient(report)) return 0;
-    return std::max(planned_with_reading ? saturating_add(planned_free, 1) : 0,
+    const bool free_bounds_it = planned_with_reading && !beside_others;
+    return std::max(free_bounds_it ? saturating_add(planned_free, 1) : 0,
                     report ? report->requested_bytes : 0);
+}
+
+// ---- Concurrent chunks: claims -----------------------------------------------------------------
+//
+// Chunks of one guard that run at once would each plan from the same reading, i.e. for the same
+// free bytes. So every planned chunk claims the bytes its model predicts until it ends, and a new
+// plan counts the claims the reading does not show yet. What the reading shows of them is
+// estimated against the anchor, the reading taken when no claim was in flight: memory that went
+// since is taken to be the claimed chunks' (when another process took it, this plans as much as
+// without claims; memory that came back is not counted, which plans less, never more).
+inline std::uint64_t claims_shown(std::uint64_t free_now, std::uint64_t anchor,
+                                  std::uint64_t claimed) noexcept {
+    return std::min(saturating_sub(anchor, free_now), claimed);
+}
+inline std::uint64_t free_for_plan(std::uint64_t free_now, std::uint64_t anchor,
+                                   std::uint64_t claimed) noexcept {
+    return saturating_sub(free_now, claimed - claims_shown(free_now, anchor, claimed));
+}
+// What would be free were the claims back: the reading and what it shows of them.
+inline std::uint64_t free_without_claims(std::uint64_t free_now, std::uint64_t anchor,
+                                         std::uint64_t claimed) noexcept {
+    return saturating_add(free_now, claims_shown(free_now, anchor, claimed));
+}
+
+struct ShareFacts {
+    std::uint64_t size_now = 0;    // the chunk the plan cuts with the claims counted
+    std::uint64_t size_freed = 0;  // ... and were the claims back (same units)
+    bool fits_now = true;          // its predicted peak fits what the claims leave (its first
+                                   // item may be heavier than the limit: a cut always takes one)
+    bool fits_freed = true;        // ... fits were the claims back
+    bool others_claim = false;     // other chunks of the guard hold claims now
+    bool may_wait = false;         // a planner that may wait: not inside another run, not holding
+                                   // the guard, its wait budget and deadline not spent
+};
+
+enum class ShareStep { run_now, wait_for_a_claim };
+
+// When the claims leave little, run a smaller chunk now or wait for a claim to end? A chunk that
+// does not fit what is left waits, unless even the freed memory would not hold it (its own OOM
+// path decides then). One at least half the size the freed memory would give costs at most one
+// more batch (its fixed memory and launch) than waiting; a smaller one multiplies batches while
+// the memory it needs comes back as soon as a running chunk ends, which is bounded. Planners take
+// turns in arrival order, so the one that waits is served first: nobody starves behind others.
+inline ShareStep run_or_wait(const ShareFacts& facts) noexcept {
+    if (!facts.others_claim || !facts.may_wait || !facts.fits_freed) return ShareStep::run_now;
+    if (!facts.fits_now) return ShareStep::wait_for_a_claim;
+    return saturating_add(facts.size_now, facts.size_now) >= facts.size_freed
+               ? ShareStep::run_now
+               : ShareStep::wait_for_a_claim;
 }
 
 // When an item that ran out of memory alone is retried really alone: while other runs of the
@@ -4793,13 +4845,294 @@ VRAMGUARD_END_NAMESPACE
 // learner.
 
 
+// ---- begin <vramguard/detail/chunk_cut.hpp> ----
+// How an encode call's items are counted and cut into chunks: the weights as the learner counts
+// them (whole units, at least 1; none given: every item counts 1), padded or summed, and where a
+// limit cuts the next chunk (policy::cut_by_weight / cut_by_padded_weight).
+
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+// A weight as the learner counts it: a whole number of units, at least 1 (an item of weight 0
+// still takes memory, and a budget of zero-weight items would never shrink); a fraction rounds
+// up, and anything past 2^64 saturates. NaN and negative weights are the caller's bug, named with
+// the item, before any batch runs.
+template <class W>
+std::uint64_t checked_weight(W weight, std::size_t index) {
+    auto refuse = [index](const std::string& value) {
+        return std::invalid_argument("vramguard::Guard::encode: weight_fn returned " + value +
+                                     " for item " + std::to_string(index) +
+                                     "; a weight must be >= 0");
+    };
+    if constexpr (std::is_floating_point_v<W>) {
+        if (!(weight >= 0)) throw refuse(std::to_string(weight));
+        if (!(weight < 1.8e19)) return std::numeric_limits<std::uint64_t>::max();
+        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::ceil(weight)));
+    } else {
+        if constexpr (std::is_signed_v<W>) {
+            if (weight < 0) throw refuse(std::to_string(weight));
+        }
+        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(weight));
+    }
+}
+
+template <class Range>
+using range_iterator_t = decltype(std::begin(std::declval<const Range&>()));
+
+template <class Range, class W, class = void>
+struct is_weight_fn : std::false_type {};
+template <class Range, class W>
+struct is_weight_fn<
+    Range, W, std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
+    : std::is_convertible<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>()))),
+                          std::uint64_t> {};
+
+template <class W>
+struct is_padded : std::false_type {};
+template <class W>
+struct is_padded<Padded<W>> : std::true_type {};
+
+template <class W>
+decltype(auto) unpadded(W& weight) {
+    if constexpr (is_padded<std::remove_cv_t<W>>::value) {
+        return (weight.weight);
+    } else {
+        return (weight);
+    }
+}
+template <class W>
+using unpadded_t = std::remove_reference_t<decltype(unpadded(std::declval<W&>()))>;
+
+// One chunk as a limit cuts it.
+struct ChunkCut {
+    std::size_t size = 0;     // items
+    std::uint64_t tried = 0;  // its size as the learner counts it (items or weight)
+    bool at_limit = false;    // cut by the limit (not by the end of the input)
+    bool lone_item = false;   // one item that the limit allows no company
+};
+
+class ChunkWeights {
+   public:
+    // `weights`: one per item (nullptr: every item counts 1); `padded`: a batch costs its size x
+    // its heaviest item, else the sum.
+    ChunkWeights(const std::vector<std::uint64_t>* weights, bool padded, std::size_t n) noexcept
+        : weights_(weights), padded_(padded), n_(n) {}
+
+    bool weighted() const noexcept { return weights_ != nullptr; }
+    // The lightest item's weight (1 without weights).
+    std::uint64_t lightest() const {
+        return weights_ && !weights_->empty()
+                   ? *std::min_element(weights_->begin(), weights_->end())
+                   : 1;
+    }
+
+    // The next chunk from item `pos` under `limit` (0: no limit).
+    ChunkCut cut(std::size_t pos, std::uint64_t limit) const {
+        if (weights_) return cut_weighted(pos, limit);
+        ChunkCut chunk;  // items: the fast path, kept small enough to inline
+        chunk.size = limit == 0
+                         ? n_ - pos
+                         : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos));
+        chunk.lone_item = limit == 1;
+        chunk.tried = chunk.size;
+        chunk.at_limit = limit != 0 && chunk.size == limit;
+        return chunk;
+    }
+
+   private:
+    ChunkCut cut_weighted(std::size_t pos, std::uint64_t limit) const {
+        ChunkCut chunk;
+        auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
+        chunk.size = padded_ ? policy::cut_by_padded_weight(pos, n_, limit, weight_at)
+                             : policy::cut_by_weight(pos, n_, limit, weight_at);
+        // Alone when not even two such items fit the limit.
+        chunk.lone_item =
+            chunk.size == 1 && limit != 0 &&
+            (pos + 1 < n_ ? batch_weight(pos, 2)
+                          : policy::saturating_add(weight_at(pos), weight_at(pos))) > limit;
+        chunk.tried = batch_weight(pos, chunk.size);
+        chunk.at_limit = limit != 0 && (pos + chunk.size < n_ || chunk.lone_item);
+        return chunk;
+    }
+
+    // A batch's weight: the sum of its items', or with padding its size x its heaviest.
+    std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
+        std::uint64_t total = 0, heaviest = 0;
+        for (std::size_t i = begin; i < begin + count; ++i) {
+            total = policy::saturating_add(total, (*weights_)[i]);
+            heaviest = std::max(heaviest, (*weights_)[i]);
+        }
+        return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
+    }
+
+    const std::vector<std::uint64_t>* weights_;
+    bool padded_;
+    std::size_t n_;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/chunk_cut.hpp> ----
+
+// ---- begin <vramguard/detail/claims.hpp> ----
+// Claims: what the guard's chunks in flight have planned and the reading may not show yet, so that
+// chunks planned at once do not plan for the same free bytes (policy::free_for_plan says how the
+// reading is read against them). Planners take turns in arrival order under one lock: the reading
+// is taken, the plan made and the claim registered as one step, and a planner that waits for a
+// claim to end (policy::run_or_wait) keeps its place at the head, so the memory that comes back is
+// its first. A planner inside another run of the guard, or holding the guard for itself, neither
+// queues nor waits: what it waits for could be its own run.
+
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+class Claims {
+   public:
+    // A claim for a chunk whose cost is unknown: every other plan sees nothing free until it ends.
+    static constexpr std::uint64_t whole_device = std::uint64_t{1} << 62;
+
+    // The bytes one chunk claimed, given back when it ends (or earlier, by release()).
+    class Claim {
+       public:
+        Claim() = default;
+        Claim(Claim&& other) noexcept
+            : owner_(std::exchange(other.owner_, nullptr)),
+              bytes_(std::exchange(other.bytes_, 0)) {}
+        Claim& operator=(Claim&& other) noexcept {
+            if (this != &other) {
+                release();
+                owner_ = std::exchange(other.owner_, nullptr);
+                bytes_ = std::exchange(other.bytes_, 0);
+            }
+            return *this;
+        }
+        ~Claim() { release(); }
+        void release() noexcept {
+            if (owner_ != nullptr) std::exchange(owner_, nullptr)->give_back(bytes_);
+        }
+        std::uint64_t bytes() const noexcept { return owner_ != nullptr ? bytes_ : 0; }
+
+       private:
+        friend class Claims;
+        Claim(Claims* owner, std::uint64_t bytes) noexcept : owner_(owner), bytes_(bytes) {}
+        Claims* owner_ = nullptr;
+        std::uint64_t bytes_ = 0;
+    };
+
+    // One planner's turn: holds the lock from the reading to the claim. `queued`: takes its turn
+    // in arrival order (and may wait); otherwise it plans at once and never waits.
+    class Turn {
+       public:
+        Turn(Claims& claims, bool queued) : claims_(claims), lock_(claims.mutex_), queued_(queued) {
+            if (!queued_) return;
+            const std::uint64_t ticket = claims_.next_ticket_++;
+            if (claims_.serving_ != ticket) {
+                ++claims_.waiting_;
+                claims_.changed_.wait(lock_, [&] { return claims_.serving_ == ticket; });
+                --claims_.waiting_;
+            }
+        }
+        ~Turn() {
+            if (!queued_) return;
+            ++claims_.serving_;
+            const bool someone_waits = claims_.waiting_ != 0;
+            lock_.unlock();
+            if (someone_waits) claims_.changed_.notify_all();
+        }
+        Turn(const Turn&) = delete;
+        Turn& operator=(const Turn&) = delete;
+
+        // The free memory a plan may count on, from the probe's reading `free_now` (taken while
+        // this turn is held, so every claim registered before it is in the sum).
+        std::uint64_t available(std::uint64_t free_now) noexcept {
+            claims_.anchor_ =
+                claims_.claimed_ == 0 ? free_now : std::max(claims_.anchor_, free_now);
+            return policy::free_for_plan(free_now, claims_.anchor_, claims_.claimed_);
+        }
+        // What would be free were the claims back (after available(free_now)).
+        std::uint64_t without_claims(std::uint64_t free_now) const noexcept {
+            return policy::free_without_claims(free_now, claims_.anchor_, claims_.claimed_);
+        }
+        // What the chunks in flight claim now.
+        std::uint64_t claimed() const noexcept { return claims_.claimed_; }
+
+        // Waits until a claim ends or `until` passes; true when one ended.
+        bool wait_for_release(std::chrono::steady_clock::time_point until) {
+            if (!queued_) return false;
+            const std::uint64_t seen = claims_.releases_;
+            ++claims_.waiting_;
+            const bool released = claims_.changed_.wait_until(
+                lock_, until, [&] { return claims_.releases_ != seen; });
+            --claims_.waiting_;
+            return released;
+        }
+
+        Claim claim(std::uint64_t bytes) noexcept {
+            if (bytes == 0) return {};
+            claims_.claimed_ = policy::saturating_add(claims_.claimed_, bytes);
+            return Claim(&claims_, bytes);
+        }
+
+       private:
+        Claims& claims_;
+        std::unique_lock<std::mutex> lock_;
+        const bool queued_;
+    };
+
+   private:
+    void give_back(std::uint64_t bytes) noexcept {
+        bool someone_waits = false;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            claimed_ -= std::min(claimed_, bytes);
+            ++releases_;
+            someone_waits = waiting_ != 0;
+        }
+        if (someone_waits) changed_.notify_all();
+    }
+
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    std::uint64_t claimed_ = 0;
+    std::uint64_t anchor_ = 0;
+    std::uint64_t next_ticket_ = 0;
+    std::uint64_t serving_ = 0;
+    std::uint64_t releases_ = 0;
+    unsigned waiting_ = 0;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/claims.hpp> ----
+
 // ---- begin <vramguard/detail/guard_core.hpp> ----
 // GuardCore<Probe>: the per-device services every load and encode run of a guard uses, in one
 // object the runs receive by reference: the probe and options, admission, the run tracker (who
-// else is running), the device's single-item turn, event publishing into the stats and the log,
-// and the key table (what was learned per key) with its persistence. Guard is the facade over it;
-// LoadRun (load_run.hpp) and EncodeRun (encode_run.hpp) orchestrate with it, and every decision
-// they take is a pure function in policy.hpp.
+// else is running), the claims of the chunks in flight, the device's single-item turn, event
+// publishing into the stats and the log, and the key table (what was learned per key) with its
+// persistence. Guard is the facade over it; LoadRun (load_run.hpp) and EncodeRun (encode_run.hpp)
+// orchestrate with it, and every decision they take is a pure function in policy.hpp.
 
 
 // ---- begin <vramguard/detail/admission_control.hpp> ----
@@ -5390,6 +5723,7 @@ class GuardCore {
     const ProfileCache& profiles() const noexcept { return profiles_; }
     AdmissionControl<Probe>& admission() noexcept { return admission_; }
     RunTracker& runs() noexcept { return runs_; }
+    Claims& claims() noexcept { return claims_; }
     Semaphore& single_item() noexcept { return *single_item_; }
     AtomicStats& stats() noexcept { return stats_; }
     const AtomicStats& stats() const noexcept { return stats_; }
@@ -5564,6 +5898,7 @@ class GuardCore {
     std::mutex keys_mutex_;
     std::unordered_map<std::uint64_t, std::unique_ptr<KeyMemory>> keys_;
     RunTracker runs_{measures_peaks};
+    Claims claims_;
     StripedCounter calls_in_flight_;
 };
 
@@ -5591,56 +5926,6 @@ VRAMGUARD_END_NAMESPACE
 VRAMGUARD_BEGIN_NAMESPACE
 namespace detail {
 
-// A weight as the learner counts it: a whole number of units, at least 1 (an item of weight 0
-// still takes memory, and a budget of zero-weight items would never shrink); a fraction rounds
-// up, and anything past 2^64 saturates. NaN and negative weights are the caller's bug, named with
-// the item, before any batch runs.
-template <class W>
-std::uint64_t checked_weight(W weight, std::size_t index) {
-    auto refuse = [index](const std::string& value) {
-        return std::invalid_argument("vramguard::Guard::encode: weight_fn returned " + value +
-                                     " for item " + std::to_string(index) +
-                                     "; a weight must be >= 0");
-    };
-    if constexpr (std::is_floating_point_v<W>) {
-        if (!(weight >= 0)) throw refuse(std::to_string(weight));
-        if (!(weight < 1.8e19)) return std::numeric_limits<std::uint64_t>::max();
-        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::ceil(weight)));
-    } else {
-        if constexpr (std::is_signed_v<W>) {
-            if (weight < 0) throw refuse(std::to_string(weight));
-        }
-        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(weight));
-    }
-}
-
-template <class Range>
-using range_iterator_t = decltype(std::begin(std::declval<const Range&>()));
-
-template <class Range, class W, class = void>
-struct is_weight_fn : std::false_type {};
-template <class Range, class W>
-struct is_weight_fn<
-    Range, W, std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
-    : std::is_convertible<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>()))),
-                          std::uint64_t> {};
-
-template <class W>
-struct is_padded : std::false_type {};
-template <class W>
-struct is_padded<Padded<W>> : std::true_type {};
-
-template <class W>
-decltype(auto) unpadded(W& weight) {
-    if constexpr (is_padded<std::remove_cv_t<W>>::value) {
-        return (weight.weight);
-    } else {
-        return (weight);
-    }
-}
-template <class W>
-using unpadded_t = std::remove_reference_t<decltype(unpadded(std::declval<W&>()))>;
-
 template <class T>
 struct is_std_vector : std::false_type {};
 template <class T, class A>
@@ -5658,17 +5943,16 @@ class EncodeRun {
     using Produced = std::conditional_t<std::is_void_v<Out>, char, Out>;
 
     // One chunk as planned.
-    struct Chunk {
-        std::size_t size = 0;
-        std::uint64_t tried = 0;   // its size as the learner counts it (items or weight)
+    struct Chunk : ChunkCut {
         std::uint64_t limit = 0;   // the limit that cut it (0 = none)
-        MemoryInfo seen;           // the reading it was planned with (zero: none taken)
-        bool at_limit = false;     // cut by the limit (not by the end of the input)
-        bool lone_item = false;    // one item that the limit allows no company
-        bool takes_turns = false;  // ... and OOMs taught it: through the single-item semaphore
+        std::uint64_t budget = 0;  // the limit were the others' claims back: what is learned
+        MemoryInfo seen;           // the reading it was planned with, claims counted (zero: none)
+        bool takes_turns = false;  // a lone item OOMs taught: through the single-item semaphore
         bool from_model = false;
+        bool beside_others = false;  // other chunks of the guard claimed memory when it was planned
         policy::ChunkDecision decision;
         PlanInputs inputs;
+        Claims::Claim claim;  // what its model predicts, until it ends
     };
 
    public:
@@ -5680,8 +5964,7 @@ class EncodeRun {
           learner_(weights ? memory_.weight : memory_.items),
           batch_fn_(batch_fn),
           call_(call),
-          weights_(weights),
-          padded_(padded),
+          weights_(weights, padded, n),
           n_(n),
           cursor_(first) {}
 
@@ -5695,25 +5978,13 @@ class EncodeRun {
     Out run() {
         admit_call();
         while (pos_ < n_) {
-            const Chunk chunk = plan();
+            Chunk chunk = plan();
             run_chunk(chunk);
         }
         if constexpr (!std::is_void_v<Out>) return std::move(results_);
     }
 
    private:
-    std::uint64_t weight_at(std::size_t i) const { return (*weights_)[i]; }
-
-    // A batch's weight: the sum of its items', or with padding its size x its heaviest.
-    std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
-        std::uint64_t total = 0, heaviest = 0;
-        for (std::size_t i = begin; i < begin + count; ++i) {
-            total = policy::saturating_add(total, weight_at(i));
-            heaviest = std::max(heaviest, weight_at(i));
-        }
-        return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
-    }
-
     // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
     // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
     // planning). An item no heavier than one that ran, estimated within the device, is never "can
@@ -5725,8 +5996,7 @@ class EncodeRun {
     void admit_call() {
         const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
         if (cheapest == 0 || n_ == 0) return;
-        const std::uint64_t smallest =
-            weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
+        const std::uint64_t smallest = weights_.lightest();
         const bool ran_before =
             smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
         const std::uint64_t estimate = policy::scale_bytes(cheapest, static_cast<double>(smallest));
@@ -5750,12 +6020,72 @@ class EncodeRun {
                     .hold;
     }
 
+    // The next chunk: planned from the key's model against the reading less what the guard's other
+    // chunks in flight claim, in turn with the guard's other planners (detail/claims.hpp), then
+    // claimed. When the claims leave little, it may wait for one to end (policy::run_or_wait). A
+    // chunk of a key not yet measured claims the whole device: its cost is unknown, and the first
+    // chunks of a key planned at once would all run whole and all run out of memory.
     Chunk plan() {
         Chunk chunk;
         chunk.inputs = learner_.read();
-        if (chunk.inputs.model.known()) chunk.seen = core_.probe().memory();
+        policy::ChunkFacts facts = chunk_facts();
+        // Without a model there is nothing to claim: the OOM-learned ceiling plans (or nothing),
+        // unless nothing of the key was measured yet (then the whole device is claimed).
+        if (!chunk.inputs.model.known() &&
+            (!Core::measures_peaks ||
+             learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
+            decide(chunk, facts);
+            retry_limit_ = 0;
+            return chunk;
+        }
+        plan_with_claims(chunk, facts);
+        retry_limit_ = 0;
+        return chunk;
+    }
+
+    // The plan in turn with the guard's other planners, against what their claims leave.
+    void plan_with_claims(Chunk& chunk, policy::ChunkFacts& facts) {
+        const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
+        Claims::Turn turn(core_.claims(), may_queue);
+        // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
+        // deadline.
+        const auto wait_until = std::chrono::steady_clock::now() + wait_allowed();
+        bool known = false;
+        for (bool first = true;; first = false) {
+            if (!first) chunk.inputs = learner_.read();  // what the chunks waited for taught
+            known = chunk.inputs.model.known();
+            const std::uint64_t free_now = known ? read_available(chunk, turn) : 0;
+            decide(chunk, facts);
+            const bool may_wait = may_queue && std::chrono::steady_clock::now() < wait_until;
+            policy::ShareFacts share;
+            if (known) {
+                share = share_facts(chunk, turn.without_claims(free_now), turn.claimed() != 0,
+                                    may_wait);
+            } else {
+                share.others_claim = share.may_wait = turn.claimed() != 0 && may_wait;
+                share.fits_now = false;  // its cost is unknown: it waits for the device
+            }
+            if (policy::run_or_wait(share) == policy::ShareStep::run_now) break;
+            turn.wait_for_release(wait_until);
+        }
+        chunk.beside_others = turn.claimed() != 0;
+        if (!known)
+            chunk.claim = turn.claim(Claims::whole_device);
+        else if (chunk.from_model)
+            chunk.claim = turn.claim(chunk.inputs.model.peak_for(chunk.tried));
+    }
+
+    // The reading, with what the claims leave as its free memory; returns the reading's own.
+    std::uint64_t read_available(Chunk& chunk, Claims::Turn& turn) {
+        chunk.seen = core_.probe().memory();
+        const std::uint64_t free_now = chunk.seen.free_bytes;
+        chunk.seen.free_bytes = turn.available(free_now);
+        return free_now;
+    }
+
+    // What a plan reads besides the reading: the retry in hand, the learning phase, the turns.
+    policy::ChunkFacts chunk_facts() {
         policy::ChunkFacts facts;
-        facts.plan = plan_for(chunk.inputs, chunk.seen);
         facts.retry_limit = retry_limit_;
         facts.measures_peaks = Core::measures_peaks;
         facts.inside_another_run = core_.runs().running_here();
@@ -5767,15 +6097,39 @@ class EncodeRun {
         facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
         facts.exclusive_held = exclusive_.has_value();
         facts.first_chunk_hint = call_.first_chunk_limit;
+        return facts;
+    }
+
+    // The chunk's limit (policy::decide_chunk over the plan for its reading) and its cut.
+    void decide(Chunk& chunk, policy::ChunkFacts& facts) const {
+        facts.plan = plan_for(chunk.inputs, chunk.seen);
         chunk.decision = policy::decide_chunk(facts);
         chunk.from_model = facts.plan.from_model;
-        chunk.limit = chunk.decision.limit;
-        retry_limit_ = 0;
-        cut(chunk);
+        chunk.limit = chunk.budget = chunk.decision.limit;
+        static_cast<ChunkCut&>(chunk) = weights_.cut(pos_, chunk.limit);
         // A hint is no learned limit: not at_limit (nothing stores it), and it makes no lone item.
         if (chunk.decision.hinted) chunk.at_limit = chunk.lone_item = false;
         chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
-        return chunk;
+    }
+
+    // The chunk planned beside others' claims against the one their memory back (`freed` free)
+    // would give; that limit is the chunk's budget, what the key learns.
+    policy::ShareFacts share_facts(Chunk& chunk, std::uint64_t freed, bool others_claim,
+                                   bool may_wait) const {
+        policy::ShareFacts share;
+        share.others_claim = others_claim;
+        if (!others_claim || chunk.decision.hinted) return share;
+        share.may_wait = may_wait;
+        share.size_now = share.size_freed = chunk.tried;
+        share.fits_now = chunk.limit == 0 || chunk.tried <= chunk.limit;
+        MemoryInfo seen = chunk.seen;
+        seen.free_bytes = freed;
+        const std::uint64_t freed_limit = plan_for(chunk.inputs, seen).limit;
+        share.fits_freed = freed_limit == 0 || chunk.tried <= freed_limit;
+        if (retry_limit_ != 0) return share;  // a retry keeps the size its OOM chose
+        chunk.budget = freed_limit;
+        share.size_freed = weights_.cut(pos_, chunk.budget).tried;
+        return share;
     }
 
     policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
@@ -5785,30 +6139,7 @@ class EncodeRun {
                                   inputs.ceiling);
     }
 
-    void cut(Chunk& chunk) const {
-        const std::uint64_t limit = chunk.limit;
-        if (weights_) {
-            auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
-            chunk.size = padded_ ? policy::cut_by_padded_weight(pos_, n_, limit, weight_at)
-                                 : policy::cut_by_weight(pos_, n_, limit, weight_at);
-            // Alone when not even two such items fit the limit.
-            chunk.lone_item =
-                chunk.size == 1 && limit != 0 &&
-                (pos_ + 1 < n_ ? batch_weight(pos_, 2)
-                               : policy::saturating_add(weight_at(pos_), weight_at(pos_))) > limit;
-            chunk.tried = batch_weight(pos_, chunk.size);
-            chunk.at_limit = limit != 0 && (pos_ + chunk.size < n_ || chunk.lone_item);
-        } else {
-            chunk.size = limit == 0
-                             ? n_ - pos_
-                             : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos_));
-            chunk.lone_item = limit == 1;
-            chunk.tried = chunk.size;
-            chunk.at_limit = limit != 0 && chunk.size == limit;
-        }
-    }
-
-    void run_chunk(const Chunk& chunk) {
+    void run_chunk(Chunk& chunk) {
         It chunk_end = std::next(
             cursor_, static_cast<typename std::iterator_traits<It>::difference_type>(chunk.size));
         Produced produced{};
@@ -5836,8 +6167,11 @@ class EncodeRun {
                 peak = run.peak();
             } catch (...) {
                 error = std::current_exception();
+                // Read only on failure: the sum over the tracker's stripes is not free.
+                chunk.beside_others = chunk.beside_others || core_.runs().others_running();
             }
         }
+        chunk.claim.release();  // ended: what it took is in the reading, or given back
         if (chunk.decision.measure) note_measurement(peak.has_value());
         if (error) return on_failure(chunk, error);
         check_count(chunk, produced);
@@ -5890,7 +6224,7 @@ class EncodeRun {
         ran.size = chunk.tried;
         ran.free_bytes = chunk.seen.free_bytes;
         ran.at_limit = chunk.at_limit;
-        ran.limit = chunk.limit;
+        ran.limit = chunk.budget;
         ran.measured_peak = peak && *peak > 0;
         if (!policy::success_teaches(chunk.inputs,
                                      learner_.published.limit.load(std::memory_order_relaxed), ran))
@@ -5901,8 +6235,8 @@ class EncodeRun {
             std::unique_lock<std::mutex> lock(memory_.mutex);
             if (ran.measured_peak) learner_.add_sample({chunk.tried, *peak}, next_sample_stamp());
             if (chunk.at_limit) {
-                grew = policy::limit_grew(chunk.from_model, learner_.limit, chunk.limit);
-                learner_.limit = chunk.limit;
+                grew = policy::limit_grew(chunk.from_model, learner_.limit, chunk.budget);
+                learner_.limit = chunk.budget;
             }
             policy::on_chunk_ran(learner_.evidence, chunk.tried, ran.free_bytes, chunk.at_limit,
                                  options().forget_failure_after * policy::model_relax_factor,
@@ -5914,7 +6248,7 @@ class EncodeRun {
         if (grew) {
             Event event(EventKind::grew, key_, "encode");
             event.next = learner_.published.limit.load(std::memory_order_relaxed);
-            event.weight = weights_ ? 1 : 0;
+            event.weight = weights_.weighted() ? 1 : 0;
             core_.publish(event);
         }
     }
@@ -5957,8 +6291,8 @@ class EncodeRun {
             std::lock_guard<std::mutex> lock(memory_.mutex);
             const std::uint64_t free = planned_or(chunk, after);
             policy::on_chunk_failed(learner_.evidence, chunk.tried, free);
-            const std::uint64_t at_least =
-                policy::oom_lower_bound(report, chunk.seen.total_bytes != 0, free);
+            const std::uint64_t at_least = policy::oom_lower_bound(
+                report, chunk.seen.total_bytes != 0, free, chunk.beside_others);
             if (Core::measures_peaks && at_least > 0)
                 learner_.add_sample({chunk.tried, at_least}, next_sample_stamp(), false);
             policy::on_oom(learner_.ceiling, chunk.tried, backstop, after.free_bytes);
@@ -5971,7 +6305,7 @@ class EncodeRun {
                                         : backstop;
         Event event(EventKind::chunk_shrunk, key_, "encode");
         event.size = chunk.size;
-        event.weight = weights_ ? chunk.tried : 0;
+        event.weight = weights_.weighted() ? chunk.tried : 0;
         event.next = retry_limit_;
         event.error = &error;
         core_.publish(event);
@@ -6064,8 +6398,7 @@ class EncodeRun {
     SizeLearner& learner_;
     F& batch_fn_;
     const EncodeOptions& call_;
-    const std::vector<std::uint64_t>* weights_;
-    bool padded_;
+    ChunkWeights weights_;
     std::size_t n_;
     std::size_t pos_ = 0;
     It cursor_;
@@ -6315,6 +6648,616 @@ class Guard {
 
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/guard.hpp> ----
+
+// ---- begin <vramguard/batcher_options.hpp> ----
+// What a Batcher (batcher.hpp) is told, what it counts, and the errors its callers may get.
+
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+struct BatcherOptions {
+    // Backpressure: a call that would queue more than this many items (or this much weight; 0:
+    // no bound) beside the queued ones is refused with Overloaded. A call alone is always queued.
+    std::size_t max_queued_items = 65536;
+    std::uint64_t max_queued_weight = 0;
+    // How long a leader holds a gathering open for more callers before it runs (0: at once, so a
+    // lone caller waits for nothing).
+    std::chrono::milliseconds max_wait{0};
+    // With padded weights, run the gathered items in order of weight, so that short items are not
+    // padded to long ones (each caller still gets its results in its own order).
+    bool group_by_weight = true;
+};
+
+struct BatcherStats {
+    std::uint64_t calls = 0;              // encode() and submit() calls queued
+    std::uint64_t items = 0;              // items queued
+    std::uint64_t gatherings = 0;         // runs of the queued items through Guard::encode
+    std::uint64_t batches = 0;            // batches that ran (batch_fn returned)
+    std::uint64_t batched_items = 0;      // items in them (batched_items / batches: the fill)
+    std::uint64_t overloaded = 0;         // calls refused with Overloaded
+    std::uint64_t deadlines_passed = 0;   // calls that gave up at their deadline
+    std::uint64_t queue_wait_us = 0;      // time items' calls waited in the queue, summed
+    std::uint64_t queue_wait_max_us = 0;  // ... the longest
+};
+
+// The queue is full: the server's 503, with the time after which a retry likely finds room (the
+// queued work at the rate the last gatherings ran).
+class Overloaded : public std::runtime_error {
+   public:
+    Overloaded(const std::string& message, std::chrono::milliseconds retry_after)
+        : std::runtime_error(message), retry_after_(retry_after) {}
+    std::chrono::milliseconds retry_after() const noexcept { return retry_after_; }
+
+   private:
+    std::chrono::milliseconds retry_after_;
+};
+
+// The call's deadline passed before its results were ready.
+class DeadlinePassed : public std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// The batcher was destroyed while the call was queued.
+class BatcherClosed : public std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/batcher_options.hpp> ----
+
+// ---- begin <vramguard/batcher.hpp> ----
+// Batcher: a memory-aware dynamic batcher for a server whose request threads encode with one key at
+// once. Each caller's items are queued; one caller at a time leads (no thread of its own): it takes
+// every queued item of every caller and runs them through Guard::encode, so batches are sized by
+// the key's learned cost model against the live reading (the same planner, OOM recovery and
+// single-item turns as encode), and items that arrive meanwhile form the next gathering. With
+// padded weights the gathered items are grouped by weight, so short texts are not padded to long
+// ones. Each caller gets its own results, in its order; an item that fails even alone fails only
+// its own caller's call.
+//
+//   auto batcher = vramguard::make_batcher<std::string>(guard, key, embed_batch,
+//                                                        vramguard::padded(tokens_of));
+//   std::vector<Embedding> mine = batcher.encode(std::move(texts));   // from any thread
+
+
+// ---- begin <vramguard/detail/batcher_core.hpp> ----
+// What a Batcher shares with its callers and their futures: the queue of calls, the turn of the
+// batch leader, and one gathering's run through Guard::encode with each item's result (or its
+// failure) handed back to the call it came from.
+
+
+// ---- begin <vramguard/detail/gathered.hpp> ----
+// The items a Batcher gathered from its callers, as one input for Guard::encode: a random-access
+// view over pointers to the callers' own items (nothing is copied), so batch_fn sees `const Item&`
+// exactly as with Guard::encode on a vector of items.
+
+
+#include <cstddef>
+#include <iterator>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+template <class Item>
+class GatheredIterator {
+   public:
+    using iterator_category = std::random_access_iterator_tag;
+    using value_type = Item;
+    using difference_type = std::ptrdiff_t;
+    using pointer = const Item*;
+    using reference = const Item&;
+
+    GatheredIterator() = default;
+    explicit GatheredIterator(const Item* const* at) noexcept : at_(at) {}
+
+    reference operator*() const noexcept { return **at_; }
+    pointer operator->() const noexcept { return *at_; }
+    reference operator[](difference_type n) const noexcept { return *at_[n]; }
+
+    GatheredIterator& operator++() noexcept { return ++at_, *this; }
+    GatheredIterator operator++(int) noexcept { return GatheredIterator(at_++); }
+    GatheredIterator& operator--() noexcept { return --at_, *this; }
+    GatheredIterator operator--(int) noexcept { return GatheredIterator(at_--); }
+    GatheredIterator& operator+=(difference_type n) noexcept { return at_ += n, *this; }
+    GatheredIterator& operator-=(difference_type n) noexcept { return at_ -= n, *this; }
+    friend GatheredIterator operator+(GatheredIterator it, difference_type n) noexcept {
+        return it += n;
+    }
+    friend GatheredIterator operator+(difference_type n, GatheredIterator it) noexcept {
+        return it += n;
+    }
+    friend GatheredIterator operator-(GatheredIterator it, difference_type n) noexcept {
+        return it -= n;
+    }
+    friend difference_type operator-(GatheredIterator a, GatheredIterator b) noexcept {
+        return a.at_ - b.at_;
+    }
+    friend bool operator==(GatheredIterator a, GatheredIterator b) noexcept {
+        return a.at_ == b.at_;
+    }
+    friend bool operator!=(GatheredIterator a, GatheredIterator b) noexcept {
+        return a.at_ != b.at_;
+    }
+    friend bool operator<(GatheredIterator a, GatheredIterator b) noexcept { return a.at_ < b.at_; }
+    friend bool operator>(GatheredIterator a, GatheredIterator b) noexcept { return a.at_ > b.at_; }
+    friend bool operator<=(GatheredIterator a, GatheredIterator b) noexcept {
+        return a.at_ <= b.at_;
+    }
+    friend bool operator>=(GatheredIterator a, GatheredIterator b) noexcept {
+        return a.at_ >= b.at_;
+    }
+
+   private:
+    const Item* const* at_ = nullptr;
+};
+
+// The gathered items as a range (what Guard::encode takes).
+template <class Item>
+struct Gathered {
+    const std::vector<const Item*>* items;
+    GatheredIterator<Item> begin() const noexcept { return GatheredIterator<Item>(items->data()); }
+    GatheredIterator<Item> end() const noexcept {
+        return GatheredIterator<Item>(items->data() + items->size());
+    }
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/gathered.hpp> ----
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+
+struct NoWeight {};
+
+template <class Item, class Result>
+struct BatcherCall {
+    std::vector<Item> items;
+    std::vector<std::uint64_t> weights;  // as the learner counts them (empty: no weights)
+    std::vector<std::optional<Result>> results;
+    std::size_t done = 0;
+    std::exception_ptr error;
+    bool finished = false;  // every result is in, or `error` is set
+    bool queued = true;     // not yet gathered
+    SteadyClock::time_point since = SteadyClock::now();
+};
+
+template <class Item, class Probe, class F, class W>
+class BatcherCore {
+    using It = GatheredIterator<Item>;
+    using View = BatchView<It>;
+    static constexpr bool weighted = !std::is_same_v<W, NoWeight>;
+
+   public:
+    using Result = typename std::invoke_result_t<F&, View>::value_type;
+    using Call = BatcherCall<Item, Result>;
+
+    BatcherCore(Guard<Probe>& guard, Key key, F batch_fn, W weight_fn, BatcherOptions options)
+        : guard_(guard),
+          key_(std::move(key)),
+          batch_fn_(std::move(batch_fn)),
+          weight_fn_(std::move(weight_fn)),
+          options_(options) {}
+
+    // The call, queued (a call of no items is finished at once). Weights are checked first: a
+    // bad one is the caller's std::invalid_argument, before anything is queued.
+    std::shared_ptr<Call> enqueue(std::vector<Item> items) {
+        auto call = std::make_shared<Call>();
+        call->items = std::move(items);
+        call->results.resize(call->items.size());
+        std::uint64_t weight = call->items.size();
+        if constexpr (weighted) {
+            weight = 0;
+            for (const Item& item : call->items) {
+                call->weights.push_back(
+                    checked_weight(unpadded(weight_fn_)(item), call->weights.size()));
+                weight = saturating_add(weight, call->weights.back());
+            }
+        }
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (closed_) throw BatcherClosed("vramguard::Batcher " + key_.describe() + " is closed");
+        if (call->items.empty()) {
+            call->finished = true;
+            return call;
+        }
+        refuse_when_full(call->items.size(), weight);
+        queue_.push_back(call);
+        queued_items_ += call->items.size();
+        queued_weight_ = saturating_add(queued_weight_, weight);
+        stats_.calls.fetch_add(1, std::memory_order_relaxed);
+        stats_.items.fetch_add(call->items.size(), std::memory_order_relaxed);
+        return call;
+    }
+
+    // Waits for the call's results, leading a gathering whenever none runs and items are queued.
+    std::vector<Result> wait(const std::shared_ptr<Call>& call, std::optional<TimePoint> deadline) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        while (!call->finished) {
+            if (deadline && guard_.options().clock() >= *deadline) give_up(*call);
+            if (!leading_ && !queue_.empty()) {
+                lead(lock);
+                continue;
+            }
+            changed_.wait_for(lock, guard_.options().poll_interval);
+        }
+        if (call->error) std::rethrow_exception(call->error);
+        std::vector<Result> results;
+        results.reserve(call->results.size());
+        for (auto& result : call->results) results.push_back(std::move(*result));
+        return results;
+    }
+
+    // Fails every queued call with BatcherClosed and waits for the running gathering.
+    void close() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        closed_ = true;
+        for (auto& call : queue_) {
+            call->error = std::make_exception_ptr(BatcherClosed(
+                "vramguard::Batcher " + key_.describe() + " was destroyed with the call queued"));
+            call->finished = true;
+        }
+        queue_.clear();
+        changed_.notify_all();
+        changed_.wait(lock, [&] { return !leading_; });
+    }
+
+    BatcherStats stats() const noexcept { return stats_.snapshot(); }
+    const BatcherOptions& options() const noexcept { return options_; }
+
+   private:
+    // One gathered item: its call and its index there.
+    struct Slot {
+        Call* call;
+        std::size_t index;
+    };
+
+    struct AtomicStats {
+        std::atomic<std::uint64_t> calls{0}, items{0}, gatherings{0}, batches{0}, batched_items{0},
+            overloaded{0}, deadlines_passed{0}, queue_wait_us{0}, queue_wait_max_us{0};
+        BatcherStats snapshot() const noexcept {
+            auto get = [](const std::atomic<std::uint64_t>& v) {
+                return v.load(std::memory_order_relaxed);
+            };
+            return {get(calls),
+                    get(items),
+                    get(gatherings),
+                    get(batches),
+                    get(batched_items),
+                    get(overloaded),
+                    get(deadlines_passed),
+                    get(queue_wait_us),
+                    get(queue_wait_max_us)};
+        }
+    };
+
+    void refuse_when_full(std::size_t items, std::uint64_t weight) {
+        if (queue_.empty()) return;
+        const bool too_many = queued_items_ + items > options_.max_queued_items;
+        const bool too_heavy = options_.max_queued_weight != 0 &&
+                               saturating_add(queued_weight_, weight) > options_.max_queued_weight;
+        if (!too_many && !too_heavy) return;
+        stats_.overloaded.fetch_add(1, std::memory_order_relaxed);
+        const std::chrono::milliseconds after = retry_after();
+        throw Overloaded("vramguard::Batcher " + key_.describe() + ": " +
+                             std::to_string(queued_items_) + " items queued (bound " +
+                             std::to_string(options_.max_queued_items) + "); retry after " +
+                             std::to_string(after.count()) + " ms",
+                         after);
+    }
+
+    // The queued weight at the rate the last gatherings ran, within [1 ms, 60 s].
+    std::chrono::milliseconds retry_after() const {
+        const double per_second = units_per_second_;
+        const double seconds =
+            per_second > 0 ? static_cast<double>(queued_weight_) / per_second : 0.1;
+        return std::chrono::milliseconds(
+            static_cast<std::int64_t>(std::clamp(seconds * 1e3, 1.0, 60e3)));
+    }
+
+    // The caller gives up at its deadline: its items still queued never run.
+    [[noreturn]] void give_up(Call& call) {
+        if (call.queued) {
+            queue_.erase(std::find_if(queue_.begin(), queue_.end(),
+                                      [&](const auto& queued) { return queued.get() == &call; }));
+            forget_queued(call);
+        }
+        stats_.deadlines_passed.fetch_add(1, std::memory_order_relaxed);
+        throw DeadlinePassed("vramguard::Batcher " + key_.describe() +
+                             ": the call's deadline passed " +
+                             (call.queued ? "with its items still queued (removed)"
+                                          : "while its items ran (their results are dropped)"));
+    }
+
+    void forget_queued(Call& call) {
+        call.queued = false;
+        queued_items_ -= call.items.size();
+        std::uint64_t weight = call.items.size();
+        if constexpr (weighted) {
+            weight = 0;
+            for (std::uint64_t w : call.weights) weight = saturating_add(weight, w);
+        }
+        queued_weight_ -= std::min(queued_weight_, weight);
+    }
+
+    // Takes every queued call and runs their items (the lock released meanwhile).
+    void lead(std::unique_lock<std::mutex>& lock) {
+        leading_ = true;
+        if (options_.max_wait.count() > 0) changed_.wait_for(lock, options_.max_wait);
+        std::vector<std::shared_ptr<Call>> calls(queue_.begin(), queue_.end());
+        queue_.clear();
+        const auto now = SteadyClock::now();
+        for (auto& call : calls) {
+            forget_queued(*call);
+            note_queue_wait(now - call->since);
+        }
+        lock.unlock();
+        const auto started = SteadyClock::now();
+        const std::uint64_t units = run(calls);
+        const double seconds = std::chrono::duration<double>(SteadyClock::now() - started).count();
+        lock.lock();
+        if (seconds > 0 && units > 0) units_per_second_ = static_cast<double>(units) / seconds;
+        for (auto& call : calls)
+            if (call->error || call->done == call->items.size()) call->finished = true;
+        leading_ = false;
+        changed_.notify_all();
+    }
+
+    void note_queue_wait(SteadyClock::duration waited) {
+        const auto us = static_cast<std::uint64_t>(
+            std::chrono::duration_cast<std::chrono::microseconds>(waited).count());
+        stats_.queue_wait_us.fetch_add(us, std::memory_order_relaxed);
+        std::uint64_t longest = stats_.queue_wait_max_us.load(std::memory_order_relaxed);
+        while (us > longest && !stats_.queue_wait_max_us.compare_exchange_weak(
+                                   longest, us, std::memory_order_relaxed)) {
+        }
+    }
+
+    // Runs the calls' items through the guard until each has its results or its error; returns
+    // the units that ran.
+    std::uint64_t run(const std::vector<std::shared_ptr<Call>>& calls) {
+        stats_.gatherings.fetch_add(1, std::memory_order_relaxed);
+        std::vector<Slot> slots;
+        for (const auto& call : calls)
+            for (std::size_t i = 0; i < call->items.size(); ++i) slots.push_back({call.get(), i});
+        if (weighted && options_.group_by_weight && is_padded<W>::value)
+            std::stable_sort(slots.begin(), slots.end(), [](const Slot& a, const Slot& b) {
+                return a.call->weights[a.index] < b.call->weights[b.index];
+            });
+        std::uint64_t units = 0;
+        while (!slots.empty()) {
+            const std::exception_ptr failure = run_slots(slots, units);
+            if (!failure) break;
+            slots = blame(slots, failure);
+        }
+        return units;
+    }
+
+    // One Guard::encode over `slots`; the failure that ended it early, if any. `failed_chunk_`
+    // says which batch a failure came from.
+    std::exception_ptr run_slots(const std::vector<Slot>& slots, std::uint64_t& units) {
+        std::vector<const Item*> items;
+        items.reserve(slots.size());
+        for (const Slot& slot : slots) items.push_back(&slot.call->items[slot.index]);
+        const Gathered<Item> gathered{&items};
+        failed_chunk_.reset();
+        auto batch = [&](const View& view) {
+            failed_chunk_ = std::make_pair(view.offset(), view.size());
+            std::vector<Result> out = std::invoke(batch_fn_, view);
+            if (out.size() != view.size())
+                throw std::length_error("vramguard::Batcher " + key_.describe() +
+                                        ": batch_fn returned " + std::to_string(out.size()) +
+                                        " results for " + std::to_string(view.size()) + " items");
+            for (std::size_t i = 0; i < out.size(); ++i) keep(slots[view.offset() + i], out[i]);
+            stats_.batches.fetch_add(1, std::memory_order_relaxed);
+            stats_.batched_items.fetch_add(view.size(), std::memory_order_relaxed);
+            failed_chunk_.reset();
+        };
+        try {
+            if constexpr (weighted)
+                guard_.encode(key_, gathered, batch, weight_fn_);
+            else
+                guard_.encode(key_, gathered, batch);
+        } catch (...) {
+            return std::current_exception();
+        }
+        for (const Slot& slot : slots) units += weight_of(slot);
+        return nullptr;
+    }
+
+    void keep(const Slot& slot, Result& result) {
+        auto& kept = slot.call->results[slot.index];
+        if (!kept) ++slot.call->done;
+        kept = std::move(result);
+    }
+
+    std::uint64_t weight_of(const Slot& slot) const {
+        if constexpr (weighted) return slot.call->weights[slot.index];
+        return 1;
+    }
+
+    // Fails the calls the failure belongs to (the item that ran out of memory alone; the batch
+    // batch_fn threw in; or, before any batch, all of them) and returns the slots left to run.
+    std::vector<Slot> blame(const std::vector<Slot>& slots, const std::exception_ptr& failure) {
+        std::optional<std::size_t> alone;
+        try {
+            std::rethrow_exception(failure);
+        } catch (const OomExhausted& exhausted) {
+            alone = exhausted.item_index();
+        } catch (...) {
+        }
+        if (alone && *alone < slots.size()) {
+            fail_item(slots[*alone], failure);
+        } else if (failed_chunk_) {
+            const auto [offset, size] = *failed_chunk_;
+            for (std::size_t i = offset; i < offset + size && i < slots.size(); ++i)
+                if (!slots[i].call->error) slots[i].call->error = failure;
+        } else {
+            for (const Slot& slot : slots)
+                if (!slot.call->error) slot.call->error = failure;
+        }
+        std::vector<Slot> left;
+        for (const Slot& slot : slots)
+            if (!slot.call->error && !slot.call->results[slot.index]) left.push_back(slot);
+        return left;
+    }
+
+    // An item that ran out of memory even alone: its call fails, naming the item in the call.
+    void fail_item(const Slot& slot, const std::exception_ptr& failure) {
+        Call& call = *slot.call;
+        try {
+            throw_with_cause(failure, [&] {
+                std::string what = "?";
+                try {
+                    std::rethrow_exception(failure);
+                } catch (const std::exception& e) {
+                    what = e.what();
+                }
+                OomExhausted exhausted("vramguard::Batcher " + key_.describe() + ": item " +
+                                           std::to_string(slot.index) +
+                                           " of this call ran out of memory even alone (" + what +
+                                           ")",
+                                       key_.describe(), slot.index, 0);
+                std::vector<Result> finished;
+                for (std::size_t i = 0; i < slot.index && call.results[i]; ++i)
+                    finished.push_back(std::move(*call.results[i]));
+                exhausted.keep_finished_results(std::move(finished));
+                return exhausted;
+            });
+        } catch (...) {
+            call.error = std::current_exception();
+        }
+    }
+
+    Guard<Probe>& guard_;
+    const Key key_;
+    F batch_fn_;
+    W weight_fn_;
+    const BatcherOptions options_;
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    std::deque<std::shared_ptr<Call>> queue_;
+    std::size_t queued_items_ = 0;
+    std::uint64_t queued_weight_ = 0;
+    double units_per_second_ = 0;
+    bool leading_ = false;
+    bool closed_ = false;
+    std::optional<std::pair<std::size_t, std::size_t>> failed_chunk_;  // leader only
+    AtomicStats stats_;
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/batcher_core.hpp> ----
+
+#include <future>
+#include <memory>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+// Item: the callers' item type. F: batch_fn(BatchView<...>) -> std::vector<Result>, one result
+// per item, as for Guard::encode (the view's items are `const Item&`). W: a weight function
+// (tokens, pixels), padded(weight_fn), or detail::NoWeight (every item counts 1).
+//
+// Every member may be called from many threads at once. The guard must outlive the batcher and
+// every future submit() returned.
+template <class Item, class Probe, class F, class W = detail::NoWeight>
+class Batcher {
+    using Core = detail::BatcherCore<Item, Probe, F, W>;
+
+   public:
+    using Result = typename Core::Result;
+
+    Batcher(Guard<Probe>& guard, Key key, F batch_fn, W weight_fn = {}, BatcherOptions options = {})
+        : core_(std::make_shared<Core>(guard, std::move(key), std::move(batch_fn),
+                                       std::move(weight_fn), options)) {}
+
+    Batcher(Batcher&&) noexcept = default;
+    Batcher& operator=(Batcher&&) = delete;
+    Batcher(const Batcher&) = delete;
+    Batcher& operator=(const Batcher&) = delete;
+
+    // Fails the calls still queued with BatcherClosed, then waits for the batches running now
+    // (their callers get their results). No thread is left behind: the batcher has none.
+    ~Batcher() {
+        if (core_) core_->close();
+    }
+
+    // Queues `items` with every other caller's, waits for their results (taking its turn as the
+    // batch leader when no batch runs) and returns them in input order. Throws Overloaded (the
+    // queue is full: retry after retry_after()), DeadlinePassed (`call.deadline`, on the guard's
+    // clock, passed first: its items still queued are removed before they run), BatcherClosed,
+    // OomExhausted (one of these items ran out of memory even alone), or what batch_fn threw for
+    // a batch that held these items (other callers' items in that batch fail with it too).
+    std::vector<Result> encode(std::vector<Item> items, const EncodeOptions& call = {}) {
+        return core_->wait(core_->enqueue(std::move(items)), call.deadline);
+    }
+
+    // The same without blocking: the items are queued now and run with the other callers'
+    // batches; the future is deferred: get() waits as encode() does (and leads when no batch
+    // runs). Overloaded and BatcherClosed are thrown here, at once.
+    std::future<std::vector<Result>> submit(std::vector<Item> items,
+                                            const EncodeOptions& call = {}) {
+        auto queued = core_->enqueue(std::move(items));
+        return std::async(std::launch::deferred,
+                          [core = core_, queued = std::move(queued), deadline = call.deadline] {
+                              return core->wait(queued, deadline);
+                          });
+    }
+
+    BatcherStats stats() const noexcept { return core_->stats(); }
+    const BatcherOptions& options() const noexcept { return core_->options(); }
+
+   private:
+    std::shared_ptr<Core> core_;
+};
+
+// make_batcher<Item>(guard, key, batch_fn [, weight_fn [, options]]).
+template <class Item, class Probe, class F>
+Batcher<Item, Probe, std::decay_t<F>> make_batcher(Guard<Probe>& guard, Key key, F&& batch_fn) {
+    return {guard, std::move(key), std::forward<F>(batch_fn)};
+}
+template <class Item, class Probe, class F>
+Batcher<Item, Probe, std::decay_t<F>> make_batcher(Guard<Probe>& guard, Key key, F&& batch_fn,
+                                                   BatcherOptions options) {
+    return {guard, std::move(key), std::forward<F>(batch_fn), detail::NoWeight{}, options};
+}
+template <class Item, class Probe, class F, class W>
+Batcher<Item, Probe, std::decay_t<F>, std::decay_t<W>> make_batcher(Guard<Probe>& guard, Key key,
+                                                                    F&& batch_fn, W&& weight_fn,
+                                                                    BatcherOptions options = {}) {
+    return {guard, std::move(key), std::forward<F>(batch_fn), std::forward<W>(weight_fn), options};
+}
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/batcher.hpp> ----
 
 // ---- begin <vramguard/ledger_state.hpp> ----
 // What a host ledger file (host.hpp) holds: its reservations, as HostLedger::snapshot() returns

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <vramguard/batch_view.hpp>
+#include <vramguard/detail/chunk_cut.hpp>
+#include <vramguard/detail/claims.hpp>
 #include <vramguard/detail/guard_core.hpp>
 #include <vramguard/detail/key_memory.hpp>
 #include <vramguard/detail/run_tracker.hpp>
@@ -38,56 +40,6 @@
 VRAMGUARD_BEGIN_NAMESPACE
 namespace detail {
 
-// A weight as the learner counts it: a whole number of units, at least 1 (an item of weight 0
-// still takes memory, and a budget of zero-weight items would never shrink); a fraction rounds
-// up, and anything past 2^64 saturates. NaN and negative weights are the caller's bug, named with
-// the item, before any batch runs.
-template <class W>
-std::uint64_t checked_weight(W weight, std::size_t index) {
-    auto refuse = [index](const std::string& value) {
-        return std::invalid_argument("vramguard::Guard::encode: weight_fn returned " + value +
-                                     " for item " + std::to_string(index) +
-                                     "; a weight must be >= 0");
-    };
-    if constexpr (std::is_floating_point_v<W>) {
-        if (!(weight >= 0)) throw refuse(std::to_string(weight));
-        if (!(weight < 1.8e19)) return std::numeric_limits<std::uint64_t>::max();
-        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(std::ceil(weight)));
-    } else {
-        if constexpr (std::is_signed_v<W>) {
-            if (weight < 0) throw refuse(std::to_string(weight));
-        }
-        return std::max<std::uint64_t>(1, static_cast<std::uint64_t>(weight));
-    }
-}
-
-template <class Range>
-using range_iterator_t = decltype(std::begin(std::declval<const Range&>()));
-
-template <class Range, class W, class = void>
-struct is_weight_fn : std::false_type {};
-template <class Range, class W>
-struct is_weight_fn<
-    Range, W, std::void_t<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>())))>>
-    : std::is_convertible<decltype(std::declval<W&>()(*std::begin(std::declval<const Range&>()))),
-                          std::uint64_t> {};
-
-template <class W>
-struct is_padded : std::false_type {};
-template <class W>
-struct is_padded<Padded<W>> : std::true_type {};
-
-template <class W>
-decltype(auto) unpadded(W& weight) {
-    if constexpr (is_padded<std::remove_cv_t<W>>::value) {
-        return (weight.weight);
-    } else {
-        return (weight);
-    }
-}
-template <class W>
-using unpadded_t = std::remove_reference_t<decltype(unpadded(std::declval<W&>()))>;
-
 template <class T>
 struct is_std_vector : std::false_type {};
 template <class T, class A>
@@ -105,17 +57,16 @@ class EncodeRun {
     using Produced = std::conditional_t<std::is_void_v<Out>, char, Out>;
 
     // One chunk as planned.
-    struct Chunk {
-        std::size_t size = 0;
-        std::uint64_t tried = 0;   // its size as the learner counts it (items or weight)
+    struct Chunk : ChunkCut {
         std::uint64_t limit = 0;   // the limit that cut it (0 = none)
-        MemoryInfo seen;           // the reading it was planned with (zero: none taken)
-        bool at_limit = false;     // cut by the limit (not by the end of the input)
-        bool lone_item = false;    // one item that the limit allows no company
-        bool takes_turns = false;  // ... and OOMs taught it: through the single-item semaphore
+        std::uint64_t budget = 0;  // the limit were the others' claims back: what is learned
+        MemoryInfo seen;           // the reading it was planned with, claims counted (zero: none)
+        bool takes_turns = false;  // a lone item OOMs taught: through the single-item semaphore
         bool from_model = false;
+        bool beside_others = false;  // other chunks of the guard claimed memory when it was planned
         policy::ChunkDecision decision;
         PlanInputs inputs;
+        Claims::Claim claim;  // what its model predicts, until it ends
     };
 
    public:
@@ -127,8 +78,7 @@ class EncodeRun {
           learner_(weights ? memory_.weight : memory_.items),
           batch_fn_(batch_fn),
           call_(call),
-          weights_(weights),
-          padded_(padded),
+          weights_(weights, padded, n),
           n_(n),
           cursor_(first) {}
 
@@ -142,25 +92,13 @@ class EncodeRun {
     Out run() {
         admit_call();
         while (pos_ < n_) {
-            const Chunk chunk = plan();
+            Chunk chunk = plan();
             run_chunk(chunk);
         }
         if constexpr (!std::is_void_v<Out>) return std::move(results_);
     }
 
    private:
-    std::uint64_t weight_at(std::size_t i) const { return (*weights_)[i]; }
-
-    // A batch's weight: the sum of its items', or with padding its size x its heaviest.
-    std::uint64_t batch_weight(std::size_t begin, std::size_t count) const {
-        std::uint64_t total = 0, heaviest = 0;
-        for (std::size_t i = begin; i < begin + count; ++i) {
-            total = policy::saturating_add(total, weight_at(i));
-            heaviest = std::max(heaviest, weight_at(i));
-        }
-        return padded_ ? policy::scale_bytes(heaviest, static_cast<double>(count)) : total;
-    }
-
     // Refuse (or wait) only when not even this call's lightest item fits, estimated from the
     // cheapest unit measured for the key: a lower bound, so without history_headroom (that is for
     // planning). An item no heavier than one that ran, estimated within the device, is never "can
@@ -172,8 +110,7 @@ class EncodeRun {
     void admit_call() {
         const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
         if (cheapest == 0 || n_ == 0) return;
-        const std::uint64_t smallest =
-            weights_ ? *std::min_element(weights_->begin(), weights_->end()) : 1;
+        const std::uint64_t smallest = weights_.lightest();
         const bool ran_before =
             smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
         const std::uint64_t estimate = policy::scale_bytes(cheapest, static_cast<double>(smallest));
@@ -197,12 +134,72 @@ class EncodeRun {
                     .hold;
     }
 
+    // The next chunk: planned from the key's model against the reading less what the guard's other
+    // chunks in flight claim, in turn with the guard's other planners (detail/claims.hpp), then
+    // claimed. When the claims leave little, it may wait for one to end (policy::run_or_wait). A
+    // chunk of a key not yet measured claims the whole device: its cost is unknown, and the first
+    // chunks of a key planned at once would all run whole and all run out of memory.
     Chunk plan() {
         Chunk chunk;
         chunk.inputs = learner_.read();
-        if (chunk.inputs.model.known()) chunk.seen = core_.probe().memory();
+        policy::ChunkFacts facts = chunk_facts();
+        // Without a model there is nothing to claim: the OOM-learned ceiling plans (or nothing),
+        // unless nothing of the key was measured yet (then the whole device is claimed).
+        if (!chunk.inputs.model.known() &&
+            (!Core::measures_peaks ||
+             learner_.published.measured.load(std::memory_order_relaxed) != 0)) {
+            decide(chunk, facts);
+            retry_limit_ = 0;
+            return chunk;
+        }
+        plan_with_claims(chunk, facts);
+        retry_limit_ = 0;
+        return chunk;
+    }
+
+    // The plan in turn with the guard's other planners, against what their claims leave.
+    void plan_with_claims(Chunk& chunk, policy::ChunkFacts& facts) {
+        const bool may_queue = !facts.inside_another_run && !facts.exclusive_held;
+        Claims::Turn turn(core_.claims(), may_queue);
+        // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
+        // deadline.
+        const auto wait_until = std::chrono::steady_clock::now() + wait_allowed();
+        bool known = false;
+        for (bool first = true;; first = false) {
+            if (!first) chunk.inputs = learner_.read();  // what the chunks waited for taught
+            known = chunk.inputs.model.known();
+            const std::uint64_t free_now = known ? read_available(chunk, turn) : 0;
+            decide(chunk, facts);
+            const bool may_wait = may_queue && std::chrono::steady_clock::now() < wait_until;
+            policy::ShareFacts share;
+            if (known) {
+                share = share_facts(chunk, turn.without_claims(free_now), turn.claimed() != 0,
+                                    may_wait);
+            } else {
+                share.others_claim = share.may_wait = turn.claimed() != 0 && may_wait;
+                share.fits_now = false;  // its cost is unknown: it waits for the device
+            }
+            if (policy::run_or_wait(share) == policy::ShareStep::run_now) break;
+            turn.wait_for_release(wait_until);
+        }
+        chunk.beside_others = turn.claimed() != 0;
+        if (!known)
+            chunk.claim = turn.claim(Claims::whole_device);
+        else if (chunk.from_model)
+            chunk.claim = turn.claim(chunk.inputs.model.peak_for(chunk.tried));
+    }
+
+    // The reading, with what the claims leave as its free memory; returns the reading's own.
+    std::uint64_t read_available(Chunk& chunk, Claims::Turn& turn) {
+        chunk.seen = core_.probe().memory();
+        const std::uint64_t free_now = chunk.seen.free_bytes;
+        chunk.seen.free_bytes = turn.available(free_now);
+        return free_now;
+    }
+
+    // What a plan reads besides the reading: the retry in hand, the learning phase, the turns.
+    policy::ChunkFacts chunk_facts() {
         policy::ChunkFacts facts;
-        facts.plan = plan_for(chunk.inputs, chunk.seen);
         facts.retry_limit = retry_limit_;
         facts.measures_peaks = Core::measures_peaks;
         facts.inside_another_run = core_.runs().running_here();
@@ -214,15 +211,39 @@ class EncodeRun {
         facts.spoiled = published.spoiled.load(std::memory_order_relaxed);
         facts.exclusive_held = exclusive_.has_value();
         facts.first_chunk_hint = call_.first_chunk_limit;
+        return facts;
+    }
+
+    // The chunk's limit (policy::decide_chunk over the plan for its reading) and its cut.
+    void decide(Chunk& chunk, policy::ChunkFacts& facts) const {
+        facts.plan = plan_for(chunk.inputs, chunk.seen);
         chunk.decision = policy::decide_chunk(facts);
         chunk.from_model = facts.plan.from_model;
-        chunk.limit = chunk.decision.limit;
-        retry_limit_ = 0;
-        cut(chunk);
+        chunk.limit = chunk.budget = chunk.decision.limit;
+        static_cast<ChunkCut&>(chunk) = weights_.cut(pos_, chunk.limit);
         // A hint is no learned limit: not at_limit (nothing stores it), and it makes no lone item.
         if (chunk.decision.hinted) chunk.at_limit = chunk.lone_item = false;
         chunk.takes_turns = policy::takes_turns(chunk.lone_item, chunk.decision);
-        return chunk;
+    }
+
+    // The chunk planned beside others' claims against the one their memory back (`freed` free)
+    // would give; that limit is the chunk's budget, what the key learns.
+    policy::ShareFacts share_facts(Chunk& chunk, std::uint64_t freed, bool others_claim,
+                                   bool may_wait) const {
+        policy::ShareFacts share;
+        share.others_claim = others_claim;
+        if (!others_claim || chunk.decision.hinted) return share;
+        share.may_wait = may_wait;
+        share.size_now = share.size_freed = chunk.tried;
+        share.fits_now = chunk.limit == 0 || chunk.tried <= chunk.limit;
+        MemoryInfo seen = chunk.seen;
+        seen.free_bytes = freed;
+        const std::uint64_t freed_limit = plan_for(chunk.inputs, seen).limit;
+        share.fits_freed = freed_limit == 0 || chunk.tried <= freed_limit;
+        if (retry_limit_ != 0) return share;  // a retry keeps the size its OOM chose
+        chunk.budget = freed_limit;
+        share.size_freed = weights_.cut(pos_, chunk.budget).tried;
+        return share;
     }
 
     policy::ChunkPlan plan_for(const PlanInputs& inputs, const MemoryInfo& seen) const {
@@ -232,30 +253,7 @@ class EncodeRun {
                                   inputs.ceiling);
     }
 
-    void cut(Chunk& chunk) const {
-        const std::uint64_t limit = chunk.limit;
-        if (weights_) {
-            auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
-            chunk.size = padded_ ? policy::cut_by_padded_weight(pos_, n_, limit, weight_at)
-                                 : policy::cut_by_weight(pos_, n_, limit, weight_at);
-            // Alone when not even two such items fit the limit.
-            chunk.lone_item =
-                chunk.size == 1 && limit != 0 &&
-                (pos_ + 1 < n_ ? batch_weight(pos_, 2)
-                               : policy::saturating_add(weight_at(pos_), weight_at(pos_))) > limit;
-            chunk.tried = batch_weight(pos_, chunk.size);
-            chunk.at_limit = limit != 0 && (pos_ + chunk.size < n_ || chunk.lone_item);
-        } else {
-            chunk.size = limit == 0
-                             ? n_ - pos_
-                             : static_cast<std::size_t>(std::min<std::uint64_t>(limit, n_ - pos_));
-            chunk.lone_item = limit == 1;
-            chunk.tried = chunk.size;
-            chunk.at_limit = limit != 0 && chunk.size == limit;
-        }
-    }
-
-    void run_chunk(const Chunk& chunk) {
+    void run_chunk(Chunk& chunk) {
         It chunk_end = std::next(
             cursor_, static_cast<typename std::iterator_traits<It>::difference_type>(chunk.size));
         Produced produced{};
@@ -283,8 +281,11 @@ class EncodeRun {
                 peak = run.peak();
             } catch (...) {
                 error = std::current_exception();
+                // Read only on failure: the sum over the tracker's stripes is not free.
+                chunk.beside_others = chunk.beside_others || core_.runs().others_running();
             }
         }
+        chunk.claim.release();  // ended: what it took is in the reading, or given back
         if (chunk.decision.measure) note_measurement(peak.has_value());
         if (error) return on_failure(chunk, error);
         check_count(chunk, produced);
@@ -337,7 +338,7 @@ class EncodeRun {
         ran.size = chunk.tried;
         ran.free_bytes = chunk.seen.free_bytes;
         ran.at_limit = chunk.at_limit;
-        ran.limit = chunk.limit;
+        ran.limit = chunk.budget;
         ran.measured_peak = peak && *peak > 0;
         if (!policy::success_teaches(chunk.inputs,
                                      learner_.published.limit.load(std::memory_order_relaxed), ran))
@@ -348,8 +349,8 @@ class EncodeRun {
             std::unique_lock<std::mutex> lock(memory_.mutex);
             if (ran.measured_peak) learner_.add_sample({chunk.tried, *peak}, next_sample_stamp());
             if (chunk.at_limit) {
-                grew = policy::limit_grew(chunk.from_model, learner_.limit, chunk.limit);
-                learner_.limit = chunk.limit;
+                grew = policy::limit_grew(chunk.from_model, learner_.limit, chunk.budget);
+                learner_.limit = chunk.budget;
             }
             policy::on_chunk_ran(learner_.evidence, chunk.tried, ran.free_bytes, chunk.at_limit,
                                  options().forget_failure_after * policy::model_relax_factor,
@@ -361,7 +362,7 @@ class EncodeRun {
         if (grew) {
             Event event(EventKind::grew, key_, "encode");
             event.next = learner_.published.limit.load(std::memory_order_relaxed);
-            event.weight = weights_ ? 1 : 0;
+            event.weight = weights_.weighted() ? 1 : 0;
             core_.publish(event);
         }
     }
@@ -404,8 +405,8 @@ class EncodeRun {
             std::lock_guard<std::mutex> lock(memory_.mutex);
             const std::uint64_t free = planned_or(chunk, after);
             policy::on_chunk_failed(learner_.evidence, chunk.tried, free);
-            const std::uint64_t at_least =
-                policy::oom_lower_bound(report, chunk.seen.total_bytes != 0, free);
+            const std::uint64_t at_least = policy::oom_lower_bound(
+                report, chunk.seen.total_bytes != 0, free, chunk.beside_others);
             if (Core::measures_peaks && at_least > 0)
                 learner_.add_sample({chunk.tried, at_least}, next_sample_stamp(), false);
             policy::on_oom(learner_.ceiling, chunk.tried, backstop, after.free_bytes);
@@ -418,7 +419,7 @@ class EncodeRun {
                                         : backstop;
         Event event(EventKind::chunk_shrunk, key_, "encode");
         event.size = chunk.size;
-        event.weight = weights_ ? chunk.tried : 0;
+        event.weight = weights_.weighted() ? chunk.tried : 0;
         event.next = retry_limit_;
         event.error = &error;
         core_.publish(event);
@@ -511,8 +512,7 @@ class EncodeRun {
     SizeLearner& learner_;
     F& batch_fn_;
     const EncodeOptions& call_;
-    const std::vector<std::uint64_t>* weights_;
-    bool padded_;
+    ChunkWeights weights_;
     std::size_t n_;
     std::size_t pos_ = 0;
     It cursor_;

@@ -1,13 +1,14 @@
 // SPDX-License-Identifier: MIT
 // GuardCore<Probe>: the per-device services every load and encode run of a guard uses, in one
 // object the runs receive by reference: the probe and options, admission, the run tracker (who
-// else is running), the device's single-item turn, event publishing into the stats and the log,
-// and the key table (what was learned per key) with its persistence. Guard is the facade over it;
-// LoadRun (load_run.hpp) and EncodeRun (encode_run.hpp) orchestrate with it, and every decision
-// they take is a pure function in policy.hpp.
+// else is running), the claims of the chunks in flight, the device's single-item turn, event
+// publishing into the stats and the log, and the key table (what was learned per key) with its
+// persistence. Guard is the facade over it; LoadRun (load_run.hpp) and EncodeRun (encode_run.hpp)
+// orchestrate with it, and every decision they take is a pure function in policy.hpp.
 #pragma once
 
 #include <vramguard/detail/admission_control.hpp>
+#include <vramguard/detail/claims.hpp>
 #include <vramguard/detail/key_memory.hpp>
 #include <vramguard/detail/run_tracker.hpp>
 #include <vramguard/errors.hpp>
@@ -88,6 +89,7 @@ class GuardCore {
     const ProfileCache& profiles() const noexcept { return profiles_; }
     AdmissionControl<Probe>& admission() noexcept { return admission_; }
     RunTracker& runs() noexcept { return runs_; }
+    Claims& claims() noexcept { return claims_; }
     Semaphore& single_item() noexcept { return *single_item_; }
     AtomicStats& stats() noexcept { return stats_; }
     const AtomicStats& stats() const noexcept { return stats_; }
@@ -262,6 +264,7 @@ class GuardCore {
     std::mutex keys_mutex_;
     std::unordered_map<std::uint64_t, std::unique_ptr<KeyMemory>> keys_;
     RunTracker runs_{measures_peaks};
+    Claims claims_;
     StripedCounter calls_in_flight_;
 };
 
