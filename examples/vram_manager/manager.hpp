@@ -3,13 +3,15 @@
 // in use it asks them for idle models and caches; above 85 %, for unloads; at most once per 30 s
 // (freed memory shows late, and acting again on a stale reading would empty the device); it logs
 // what it did and why. Built only from the library's pieces: a probe, the pressure rule
-// (pressure::decide), the peers (peers_http.hpp) and the recovery rule (Guard's wait for freed
-// memory). decide() is the whole policy, a pure function; Manager::step() only asks and acts.
+// (pressure::decide), the peers (peers_http.hpp) asked through PeerRelief (relief.hpp) and the
+// recovery wait (recovery.hpp). decide() is the whole policy, a pure function; Manager::step()
+// only asks and acts.
 #pragma once
 
 #include <vramguard/peers_http.hpp>
 #include <vramguard/vramguard.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -110,22 +112,26 @@ inline Decision decide(const vramguard::MemoryInfo& memory, std::optional<TimePo
     return decision;
 }
 
-// One watched device and its peers. Probe: memory() and release_cached(), as a Guard's.
+// One watched device and its peers. Probe: memory(), as a Guard's.
 template <class Probe>
 class Manager {
    public:
-    // `options` supplies the clock, sleep and log (and the recovery rule's poll and timeout).
-    Manager(Probe& probe, std::vector<std::shared_ptr<vramguard::peers::HttpPeer>> peers,
+    // `options` supplies the clock, sleep and log, and the recovery wait's poll interval,
+    // fraction and timeout.
+    Manager(Probe& probe, const std::vector<std::shared_ptr<vramguard::peers::HttpPeer>>& peers,
             Config config, vramguard::Options options)
-        : config_((config.validate(), config)),
-          peers_(std::move(peers)),
-          guard_(probe, with_memory_only(std::move(options))) {}
+        : probe_(probe),
+          config_((config.validate(), config)),
+          options_((options.validate(), std::move(options))),
+          idle_(asking(peers, vramguard::peers::Ask::idle), config_.peer_timeout, Duration::zero()),
+          unload_(asking(peers, vramguard::peers::Ask::unload), config_.peer_timeout,
+                  Duration::zero()) {}
 
     // One reading, one decision, at most one round of asks (in the peers' order, until their
     // claims cover what is to free), then the recovery wait for what they claimed.
     Decision step() {
-        const TimePoint now = guard_.options().clock();
-        const vramguard::MemoryInfo memory = guard_.probe().memory();
+        const TimePoint now = options_.clock();
+        const vramguard::MemoryInfo memory = probe_.memory();
         Decision decision = decide(memory, last_acted_, now, config_);
         if (decision.stage == Stage::none) {
             log(vramguard::Level::debug, decision.why);
@@ -136,47 +142,37 @@ class Manager {
             return decision;
         }
         last_acted_ = now;
-        const vramguard::peers::Ask ask = decision.stage == Stage::unload
-                                              ? vramguard::peers::Ask::unload
-                                              : vramguard::peers::Ask::idle;
-        log(vramguard::Level::info, decision.why + ": asking peers for " +
-                                        vramguard::peers::to_string(ask) + " (" +
-                                        vramguard::format_bytes(decision.to_free) + " to free)");
-        std::uint64_t claimed = 0;
-        for (const auto& peer : peers_) {
-            if (vramguard::relief::covered(claimed, decision.to_free)) break;
-            const TimePoint asked_at = guard_.options().clock();
-            const vramguard::ReliefRequest request{decision.to_free - claimed, config_.peer_timeout,
-                                                   asked_at + config_.peer_timeout, "vram_manager"};
-            const vramguard::PeerReply reply = peer->ask(request, ask);
-            claimed = vramguard::policy::saturating_add(claimed, vramguard::relief::claimed(reply));
-            log(vramguard::Level::info, "  " + peer->name() + ": " + vramguard::describe(reply));
-        }
-        if (claimed == 0) {
-            log(vramguard::Level::info, "nothing freed; next round in " +
-                                            std::to_string(static_cast<long long>(
-                                                vramguard::to_seconds(config_.rate_limit))) +
-                                            " s at the earliest");
+        const bool unload = decision.stage == Stage::unload;
+        log(vramguard::Level::info,
+            decision.why + ": asking peers for " +
+                vramguard::peers::to_string(unload ? vramguard::peers::Ask::unload
+                                                   : vramguard::peers::Ask::idle) +
+                " (" + vramguard::format_bytes(decision.to_free) + " to free)");
+        // The manager rate-limits whole rounds (config_.rate_limit), so no peer has a cooldown.
+        const vramguard::ReliefOutcome asked =
+            (unload ? unload_ : idle_)
+                .ask(decision.to_free, "vram_manager", options_.clock, options_.sleep,
+                     options_.poll_interval);
+        for (const std::string& answer : asked.answers) log(vramguard::Level::info, "  " + answer);
+        if (asked.claimed == 0) {
+            log(vramguard::Level::info,
+                "nothing freed; next round in " + seconds(config_.rate_limit) + " at the earliest");
             return decision;
         }
-        const TimePoint wait_start = guard_.options().clock();
-        const bool seen = guard_.wait_for_freed_memory(claimed, memory.free_bytes);
-        const vramguard::MemoryInfo after = guard_.probe().memory();
+        const TimePoint wait_start = options_.clock();
+        const bool seen =
+            vramguard::wait_for_freed_memory(probe_, options_, asked.claimed, memory.free_bytes);
         log(vramguard::Level::info,
             std::string(seen ? "the freed memory showed" : "the claimed memory did not show") +
-                " after " +
-                std::to_string(
-                    static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                               guard_.options().clock() - wait_start)
-                                               .count())) +
-                " ms: " + percent(after.usage()) + " in use now");
+                " after " + milliseconds(options_.clock() - wait_start) + ": " +
+                percent(probe_.memory().usage()) + " in use now");
         return decision;
     }
 
     // Steps every interval, `steps` times (0: until stop()).
     void run(std::size_t steps = 0) {
         for (std::size_t done = 0; !stopped_ && (steps == 0 || done < steps); ++done) {
-            if (done > 0) guard_.options().sleep(config_.interval);
+            if (done > 0) options_.sleep(config_.interval);
             step();
         }
     }
@@ -184,19 +180,36 @@ class Manager {
 
     const Config& config() const noexcept { return config_; }
 
-   private:
-    static vramguard::Options with_memory_only(vramguard::Options options) {
-        options.persist = false;  // the manager learns nothing; it only reads and waits
-        return options;
-    }
-    void log(vramguard::Level level, const std::string& message) const {
-        const vramguard::LogSink& sink = guard_.options().log;
-        if (sink) sink(level, "vram_manager: " + message);
+    // Waits (real time, at most `timeout`) for peer calls abandoned at their deadline.
+    bool wait_for_peer_calls(Duration timeout) {
+        return idle_.wait_for_calls(timeout) && unload_.wait_for_calls(timeout);
     }
 
+   private:
+    static std::vector<std::shared_ptr<vramguard::Peer>> asking(
+        const std::vector<std::shared_ptr<vramguard::peers::HttpPeer>>& peers,
+        vramguard::peers::Ask how) {
+        std::vector<std::shared_ptr<vramguard::Peer>> result;
+        for (const auto& peer : peers) result.push_back(vramguard::peers::asking(peer, how));
+        return result;
+    }
+    static std::string seconds(Duration d) {
+        return std::to_string(static_cast<long long>(vramguard::to_seconds(d))) + " s";
+    }
+    static std::string milliseconds(Duration d) {
+        return std::to_string(static_cast<long long>(
+                   std::chrono::duration_cast<std::chrono::milliseconds>(d).count())) +
+               " ms";
+    }
+    void log(vramguard::Level level, const std::string& message) const {
+        if (options_.log) options_.log(level, "vram_manager: " + message);
+    }
+
+    Probe& probe_;
     const Config config_;
-    const std::vector<std::shared_ptr<vramguard::peers::HttpPeer>> peers_;
-    vramguard::Guard<Probe> guard_;
+    const vramguard::Options options_;
+    vramguard::PeerRelief idle_;    // asks for idle models and caches
+    vramguard::PeerRelief unload_;  // asks for unloads
     std::optional<TimePoint> last_acted_;
     std::atomic<bool> stopped_{false};
 };

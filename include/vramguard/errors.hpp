@@ -7,6 +7,7 @@
 // register_oom_classifier(). Anything that is not recognised is not an OOM and is never retried.
 #pragma once
 
+#include <vramguard/detail/oom_text.hpp>
 #include <vramguard/memory.hpp>
 #include <vramguard/version.hpp>
 
@@ -137,111 +138,6 @@ class OomExhausted : public std::runtime_error, public std::nested_exception {
     std::type_index results_type_{typeid(void)};
 };
 
-namespace detail {
-
-inline char ascii_lower(char c) noexcept {
-    return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
-}
-
-inline std::size_t find_nocase(std::string_view text, std::string_view needle,
-                               std::size_t from = 0) noexcept {
-    if (needle.size() > text.size()) return std::string_view::npos;
-    for (std::size_t i = from; i + needle.size() <= text.size(); ++i) {
-        std::size_t j = 0;
-        while (j < needle.size() && ascii_lower(text[i + j]) == ascii_lower(needle[j])) ++j;
-        if (j == needle.size()) return i;
-    }
-    return std::string_view::npos;
-}
-
-inline bool contains_nocase(std::string_view text, std::string_view needle) noexcept {
-    return find_nocase(text, needle) != std::string_view::npos;
-}
-
-// Parses "20.00 MiB", "1.5GiB", "8000000000 bytes" at the start of `text` (after spaces).
-// Returns the byte count and how many characters were read.
-inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(
-    std::string_view text) noexcept {
-    std::size_t i = 0;
-    while (i < text.size() && text[i] == ' ') ++i;
-    const std::size_t digits_start = i;
-    double whole = 0, fraction = 0, scale = 1;
-    while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
-        if (whole < 1e30) whole = whole * 10 + (text[i] - '0');
-        ++i;
-    }
-    if (i == digits_start) return std::nullopt;
-    if (i < text.size() && text[i] == '.') {
-        ++i;
-        while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
-            if (scale > 1e-18) {
-                scale /= 10;
-                fraction += (text[i] - '0') * scale;
-            }
-            ++i;
-        }
-    }
-    while (i < text.size() && text[i] == ' ') ++i;
-    struct Unit {
-        std::string_view name;
-        double bytes;
-    };
-    static constexpr Unit units[] = {
-        {"bytes", 1.0},           {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0},
-        {"TiB", 1099511627776.0}, {"KB", 1024.0},  {"MB", 1048576.0},  {"GB", 1073741824.0},
-        {"TB", 1099511627776.0},  {"B", 1.0},
-    };
-    double multiplier = 0;
-    for (const Unit& unit : units) {
-        if (text.substr(i, unit.name.size()) == unit.name) {
-            multiplier = unit.bytes;
-            i += unit.name.size();
-            break;
-        }
-    }
-    if (multiplier == 0) return std::nullopt;
-    const double bytes = (whole + fraction) * multiplier;
-    if (!(bytes >= 0) || bytes >= 1.8e19) return std::nullopt;
-    return std::make_pair(static_cast<std::uint64_t>(bytes + 0.5), i);
-}
-
-// The size written just before `end` in `text` ("... 3.75 MiB free").
-inline std::optional<std::uint64_t> parse_size_before(std::string_view text,
-                                                      std::size_t end) noexcept {
-    std::size_t start = end;
-    // Step back over "<number> <unit>" : at most two space-separated tokens.
-    int tokens = 0;
-    while (start > 0 && text[start - 1] == ' ') --start;
-    while (start > 0 && tokens < 2) {
-        std::size_t token_end = start;
-        while (start > 0 && text[start - 1] != ' ' && text[start - 1] != ';' &&
-               text[start - 1] != '(' && text[start - 1] != ',')
-            --start;
-        if (start == token_end) break;
-        ++tokens;
-        if (std::isdigit(static_cast<unsigned char>(text[start]))) break;
-        while (start > 0 && text[start - 1] == ' ') --start;
-    }
-    auto parsed = parse_size(text.substr(start, end - start));
-    if (!parsed) return std::nullopt;
-    return parsed->first;
-}
-
-// "<label> : <size>" as the cudaMallocAsync backend writes it (the label padded with spaces).
-inline std::optional<std::uint64_t> parse_labelled_size(std::string_view text,
-                                                        std::string_view label) noexcept {
-    const std::size_t at = find_nocase(text, label);
-    if (at == std::string_view::npos) return std::nullopt;
-    std::size_t i = at + label.size();
-    while (i < text.size() && text[i] == ' ') ++i;
-    if (i == text.size() || text[i] != ':') return std::nullopt;
-    auto parsed = parse_size(text.substr(i + 1));
-    if (!parsed) return std::nullopt;
-    return parsed->first;
-}
-
-}  // namespace detail
-
 // Reads the numbers out of a PyTorch/CUDA/CPU OOM message, in any of its historical formats:
 //   "Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity; ...; 3.75 MiB free; ...)"
 //   "Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which 12.75 MiB is
@@ -312,22 +208,10 @@ inline OomKind classify_oom_message(std::string_view message) noexcept {
 // A classifier looks at one exception and says what it is; OomKind::none means "not mine".
 using OomClassifier = OomKind (*)(const std::exception_ptr&);
 
-namespace detail {
-struct ClassifierRegistry {
-    std::mutex mutex;
-    std::vector<OomClassifier> classifiers;
-    std::vector<const char* (*)(const std::exception_ptr&)> text_readers;
-};
-inline ClassifierRegistry& classifier_registry() {
-    static ClassifierRegistry registry;
-    return registry;
-}
-}  // namespace detail
-
 // Adds a classifier (idempotent). Backends register theirs from an inline variable, so including
 // cuda.hpp or torch.hpp is all it takes. Returns true, for use in such initialisers.
 inline bool register_oom_classifier(OomClassifier classifier) {
-    auto& registry = detail::classifier_registry();
+    auto& registry = detail::classifier_registry<OomKind>();
     std::lock_guard<std::mutex> lock(registry.mutex);
     if (std::find(registry.classifiers.begin(), registry.classifiers.end(), classifier) ==
         registry.classifiers.end())
@@ -342,7 +226,7 @@ using ErrorTextReader = const char* (*)(const std::exception_ptr&);
 
 // Adds a text reader (idempotent); returns true, for use in an inline variable's initialiser.
 inline bool register_error_text_reader(ErrorTextReader reader) {
-    auto& registry = detail::classifier_registry();
+    auto& registry = detail::classifier_registry<OomKind>();
     std::lock_guard<std::mutex> lock(registry.mutex);
     if (std::find(registry.text_readers.begin(), registry.text_readers.end(), reader) ==
         registry.text_readers.end())
@@ -362,7 +246,7 @@ inline OomKind classify_oom(const std::exception_ptr& error) {
     }
     std::vector<OomClassifier> classifiers;
     {
-        auto& registry = detail::classifier_registry();
+        auto& registry = detail::classifier_registry<OomKind>();
         std::lock_guard<std::mutex> lock(registry.mutex);
         classifiers = registry.classifiers;
     }
@@ -412,7 +296,7 @@ inline std::string error_text(const std::exception_ptr& error) {
     if (!error) return "no exception";
     std::vector<ErrorTextReader> readers;
     {
-        auto& registry = detail::classifier_registry();
+        auto& registry = detail::classifier_registry<OomKind>();
         std::lock_guard<std::mutex> lock(registry.mutex);
         readers = registry.text_readers;
     }

@@ -81,44 +81,31 @@ inline std::atomic<std::uint64_t>* counter_for(detail::AtomicStats& stats,
     }
 }
 
-namespace detail {
-
-inline std::string error_text(const Event& event) {
-    return event.error ? " (" + describe(*event.error) + ")" : std::string();
-}
-
-inline std::string chunk_text(const Event& event) {
-    std::string text = "a batch of " + std::to_string(event.size) + " items";
-    if (event.weight > 0) text += " (weight " + std::to_string(event.weight) + ")";
-    return text;
-}
-
-}  // namespace detail
-
 // The sentence for an event; empty for events that only count.
 inline std::string format_event(const Event& event) {
     const std::string subject = std::string(event.work) + " " + event.key.describe() + ": ";
     const std::string attempt =
         std::to_string(event.attempt) + " of " + std::to_string(event.attempts);
+    const std::string error = event.error ? " (" + describe(*event.error) + ")" : std::string();
     switch (event.kind) {
         case EventKind::driver_oom:
-            return subject + "driver-level out of memory" + detail::error_text(event) +
+            return subject + "driver-level out of memory" + error +
                    "; the CUDA context may be unusable, so it is not retried";
         case EventKind::chunk_shrunk:
-            return subject + "out of memory on " + detail::chunk_text(event) +
+            return subject + "out of memory on a batch of " + std::to_string(event.size) +
+                   " items" +
+                   (event.weight > 0 ? " (weight " + std::to_string(event.weight) + ")" : "") +
                    "; released the allocator cache, retrying at " +
-                   (event.weight > 0 ? "weight " : "") + std::to_string(event.next) +
-                   detail::error_text(event);
+                   (event.weight > 0 ? "weight " : "") + std::to_string(event.next) + error;
         case EventKind::item_retry:
             return subject + "item " + std::to_string(event.item) +
                    " ran out of memory alone (attempt " + attempt +
-                   "); released the allocator cache, waiting for memory" +
-                   detail::error_text(event);
+                   "); released the allocator cache, waiting for memory" + error;
         case EventKind::item_exclusive:
             return subject + "item " + std::to_string(event.item) +
                    " ran out of memory while other batches of this guard held memory; released "
                    "the allocator cache, retrying it alone once they finish" +
-                   detail::error_text(event);
+                   error;
         case EventKind::item_gave_up:
             return subject + "item " + std::to_string(event.item) + " ran out of memory alone " +
                    std::to_string(event.attempt) + " times; giving up on it";
@@ -126,10 +113,10 @@ inline std::string format_event(const Event& event) {
             return subject + "out of memory on attempt " + attempt +
                    "; released the allocator cache, waiting up to " +
                    std::to_string(event.wait.count()) + " ms for " + format_bytes(event.bytes) +
-                   " to be free" + detail::error_text(event);
+                   " to be free" + error;
         case EventKind::load_gave_up:
             return subject + "out of memory on attempt " + std::to_string(event.attempt) +
-                   ", giving up" + detail::error_text(event);
+                   ", giving up" + error;
         case EventKind::admission_wait:
             return subject + "waiting up to " + std::to_string(event.wait.count()) + " ms for " +
                    format_bytes(event.bytes) + " to be free";
@@ -140,17 +127,7 @@ inline std::string format_event(const Event& event) {
     }
 }
 
-namespace detail {
-
-// Counts the event and, when the sink wants its level, formats and sends it.
-inline void publish(AtomicStats& stats, const LogSink& sink, Level least, const Event& event) {
-    if (auto* counter = counter_for(stats, event.kind)) AtomicStats::bump(*counter);
-    const Level level = level_of(event.kind);
-    if (!sink || level < least) return;
-    const std::string message = format_event(event);
-    if (!message.empty()) emit(sink, level, message);
-}
-
-}  // namespace detail
-
 VRAMGUARD_END_NAMESPACE
+
+// Internals that need the types above.
+#include <vramguard/detail/event_publish.hpp>

@@ -2,7 +2,7 @@
 // Making room for a load, as pure decisions over snapshots of a registry's slots: which models may
 // go and in which order (idle ones, least recently used first), whether the load fits now, whether
 // evicting every idle model could make it fit at all, and so the next step. ModelRegistry's
-// make_room reads the device, asks plan() and does what it says.
+// load (detail/registry_load.hpp, make_room) reads the device, asks plan() and does what it says.
 #pragma once
 
 #include <vramguard/memory.hpp>

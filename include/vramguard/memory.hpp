@@ -2,6 +2,7 @@
 // Memory facts: what a probe reports, and bytes a person can read.
 #pragma once
 
+#include <vramguard/detail/numbers.hpp>
 #include <vramguard/version.hpp>
 
 #include <cstdint>
@@ -49,26 +50,6 @@ inline std::string format_bytes(std::uint64_t bytes) {
     std::snprintf(text, sizeof text, "%.2f %s", value, units[unit]);
     return text;
 }
-
-namespace detail {
-// "10%": a fraction of the device (a margin, a threshold, a usage) as log lines say it.
-inline std::string percent(double fraction) {
-    char text[16];
-    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
-    return text;
-}
-
-// Byte counts from probes and callers can be absurd (2^64 - 1, usage beyond the device): sums
-// stop at the largest value and differences at zero instead of wrapping around.
-constexpr std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-    return a > std::numeric_limits<std::uint64_t>::max() - b
-               ? std::numeric_limits<std::uint64_t>::max()
-               : a + b;
-}
-constexpr std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) noexcept {
-    return a > b ? a - b : 0;
-}
-}  // namespace detail
 
 namespace literals {
 constexpr std::uint64_t operator""_B(unsigned long long n) { return n; }

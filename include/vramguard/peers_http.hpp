@@ -549,6 +549,15 @@ class HttpPeer : public Peer {
     std::string name_;
 };
 
+// The same peer as a Peer that asks `how`: a manager's relief round (PeerRelief, relief.hpp) asks
+// Ask::idle at its first stage and Ask::unload (relieve() itself) at its second.
+inline std::shared_ptr<Peer> asking(std::shared_ptr<HttpPeer> peer, Ask how) {
+    if (!peer) throw std::invalid_argument("vramguard::peers::asking: peer must not be null");
+    if (how == Ask::unload) return peer;
+    return make_peer(peer->name(),
+                     [peer, how](const ReliefRequest& request) { return peer->ask(request, how); });
+}
+
 // Another vramguard server (examples/torch_server), the seeds' protocol:
 //   POST /request-unload {"min_idle_seconds": N} (also ?min_idle_seconds=N, for servers that read
 //   the query) -> {"status": "ok"|"busy", "unloaded": bool, "message": str, "idle_seconds": s}

@@ -16,11 +16,13 @@
 
 #include <vramguard/detail/posix.hpp>
 #include <vramguard/detail/profile_dir.hpp>
+#include <vramguard/detail/profile_format.hpp>
 #include <vramguard/detail/text_record.hpp>
 #include <vramguard/detail/write_behind.hpp>
 #include <vramguard/key.hpp>
 #include <vramguard/log.hpp>
 #include <vramguard/policy.hpp>
+#include <vramguard/profile_record.hpp>
 #include <vramguard/version.hpp>
 
 #include <dirent.h>
@@ -51,284 +53,6 @@
 #include <vector>
 
 VRAMGUARD_BEGIN_NAMESPACE
-
-// One measured run, as the profile keeps it: what ran (`size`: items or weight units, 0 for a
-// load), what it took at its peak, and when (a wall-clock stamp in ns, which orders samples from
-// every process and tells a sample already merged from a new one).
-struct ProfileSample {
-    std::uint64_t stamp = 0;
-    std::uint64_t size = 0;
-    std::uint64_t peak_bytes = 0;
-
-    friend bool operator==(const ProfileSample& a, const ProfileSample& b) noexcept {
-        return a.stamp == b.stamp && a.size == b.size && a.peak_bytes == b.peak_bytes;
-    }
-    friend bool operator<(const ProfileSample& a, const ProfileSample& b) noexcept {
-        if (a.stamp != b.stamp) return a.stamp < b.stamp;
-        if (a.size != b.size) return a.size < b.size;
-        return a.peak_bytes < b.peak_bytes;
-    }
-};
-
-// Samples kept per key and kind, the newest: a wrong reading (another process's allocation seen
-// as ours) ages out after this many newer ones instead of winning for ever. One window: the
-// profile keeps exactly what the cost model fits (policy::cost_window).
-inline constexpr std::size_t profile_window = policy::cost_window;
-
-// What is known about one key; 0 or empty means "not known yet".
-struct Profile {
-    Profile() = default;
-    Profile(std::uint64_t peak, std::uint64_t per_item, std::uint64_t ceiling, std::uint64_t budget)
-        : peak_bytes(peak),
-          peak_bytes_per_item(per_item),
-          batch_ceiling(ceiling),
-          weight_budget(budget) {}
-
-    std::uint64_t peak_bytes = 0;               // highest peak of the recent loads (or runs)
-    std::uint64_t peak_bytes_per_item = 0;      // highest peak per item of the recent encode chunks
-    std::uint64_t batch_ceiling = 0;            // largest batch (items) that last worked
-    std::uint64_t weight_budget = 0;            // largest batch weight (tokens...) that last worked
-    std::vector<ProfileSample> load_samples;    // oldest first, at most profile_window each
-    std::vector<ProfileSample> item_samples;    // encode chunks sized in items
-    std::vector<ProfileSample> weight_samples;  // encode chunks sized in weight units
-
-    friend bool operator==(const Profile& a, const Profile& b) noexcept {
-        return a.peak_bytes == b.peak_bytes && a.peak_bytes_per_item == b.peak_bytes_per_item &&
-               a.batch_ceiling == b.batch_ceiling && a.weight_budget == b.weight_budget &&
-               a.load_samples == b.load_samples && a.item_samples == b.item_samples &&
-               a.weight_samples == b.weight_samples;
-    }
-    friend bool operator!=(const Profile& a, const Profile& b) noexcept { return !(a == b); }
-};
-
-namespace detail {
-
-// File format, version 2 (text, so an operator can read and delete it; every line ends in '\n'):
-//   vramguard-profile 2
-//   key <16 hex digits>
-//   label <Key::label(), already escaped to one printable line>
-//   peak_bytes <decimal>
-//   peak_bytes_per_item <decimal>
-//   batch_ceiling <decimal>
-//   weight_budget <decimal>
-//   samples <count>
-//   <load|items|weight> <stamp> <size> <peak bytes>      (count lines, each kind oldest first)
-//   checksum <FNV-1a 64 of every byte above, 16 hex digits>
-// Version 1 is the same without the samples; it is still read (its peaks become the first
-// samples' upper bounds, see Guard), and the next record rewrites it as version 2.
-inline constexpr std::string_view profile_magic = "vramguard-profile 2";
-inline constexpr std::string_view profile_magic_v1 = "vramguard-profile 1";
-// Far above any real file; stops a stray huge file from being read into memory.
-inline constexpr std::size_t max_profile_file_bytes = max_small_file_bytes;
-
-struct SampleKind {
-    std::string_view name;
-    std::vector<ProfileSample> Profile::*samples;
-};
-inline constexpr SampleKind sample_kinds[] = {
-    {"load", &Profile::load_samples},
-    {"items", &Profile::item_samples},
-    {"weight", &Profile::weight_samples},
-};
-
-inline std::string serialize_profile(const Key& key, const Profile& profile) {
-    std::string text;
-    text.reserve(200 + key.label().size() + 64 * profile_window);
-    text.append(profile_magic).append("\n");
-    text.append("key ").append(key.hex()).append("\n");
-    text.append("label ").append(key.label()).append("\n");
-    text.append("peak_bytes ").append(std::to_string(profile.peak_bytes)).append("\n");
-    text.append("peak_bytes_per_item ").append(std::to_string(profile.peak_bytes_per_item));
-    text.append("\n");
-    text.append("batch_ceiling ").append(std::to_string(profile.batch_ceiling)).append("\n");
-    text.append("weight_budget ").append(std::to_string(profile.weight_budget)).append("\n");
-    std::size_t count = 0;
-    for (const SampleKind& kind : sample_kinds) count += (profile.*kind.samples).size();
-    text.append("samples ").append(std::to_string(count)).append("\n");
-    for (const SampleKind& kind : sample_kinds) {
-        for (const ProfileSample& sample : profile.*kind.samples) {
-            text.append(kind.name).append(" ").append(std::to_string(sample.stamp)).append(" ");
-            text.append(std::to_string(sample.size)).append(" ");
-            text.append(std::to_string(sample.peak_bytes)).append("\n");
-        }
-    }
-    append_checksum_line(text);
-    return text;
-}
-
-// One "<kind> <stamp> <size> <peak>" line into its kind's list; false for anything this code
-// would not have written: fields not separated by exactly one space, a kind before one already
-// read (they are written load, items, weight), a sample not strictly newer than the one before,
-// more than a window of a kind. `kind_index` is the index of the kind read last (0 to start).
-inline bool parse_sample_line(std::string_view line, Profile& profile, std::size_t& kind_index) {
-    if (std::count(line.begin(), line.end(), ' ') != 3) return false;
-    std::string_view fields[4];
-    for (std::string_view& field : fields) {
-        const std::size_t space = line.find(' ');
-        field = line.substr(0, space);
-        line = space == std::string_view::npos ? std::string_view() : line.substr(space + 1);
-        if (field.empty()) return false;
-    }
-    ProfileSample sample;
-    if (!parse_decimal_u64(fields[1], sample.stamp) || !parse_decimal_u64(fields[2], sample.size) ||
-        !parse_decimal_u64(fields[3], sample.peak_bytes))
-        return false;
-    for (std::size_t k = kind_index; k < std::size(sample_kinds); ++k) {
-        if (fields[0] != sample_kinds[k].name) continue;
-        auto& list = profile.*sample_kinds[k].samples;
-        if (list.size() >= profile_window || (!list.empty() && !(list.back() < sample)))
-            return false;
-        list.push_back(sample);
-        kind_index = k;
-        return true;
-    }
-    return false;
-}
-
-// Parses a profile file written for the key whose hex() is `expected_hex`. Returns nothing, with
-// the reason in `*error` when given, for anything that is not exactly such a file: arbitrary bytes
-// are safe input (this is the fuzzing entry point).
-inline std::optional<Profile> parse_profile(std::string_view text, std::string_view expected_hex,
-                                            std::string* error = nullptr) {
-    const auto fail = [error](std::string reason) {
-        return parse_failure(error, std::move(reason));
-    };
-    if (text.size() > max_profile_file_bytes) return fail("file is too large");
-    LineReader lines(text);
-
-    std::string_view line;
-    if (!lines.next(line)) return fail("file is empty or truncated");
-    const bool version1 = line == profile_magic_v1;
-    if (line != profile_magic && !version1) {
-        if (line.substr(0, 18) == "vramguard-profile ")
-            return fail("unsupported format version (expected \"" + std::string(profile_magic) +
-                        "\")");
-        return fail("not a vramguard profile (bad first line)");
-    }
-    std::string_view hex, label, checksum;
-    if (!lines.next_field("key", hex) || !is_hex16(hex))
-        return fail("truncated or malformed key line");
-    if (!lines.next_field("label", label)) return fail("truncated or malformed label line");
-    Profile profile;
-    const std::pair<std::string_view, std::uint64_t*> numbers[] = {
-        {"peak_bytes", &profile.peak_bytes},
-        {"peak_bytes_per_item", &profile.peak_bytes_per_item},
-        {"batch_ceiling", &profile.batch_ceiling},
-        {"weight_budget", &profile.weight_budget},
-    };
-    for (const auto& number : numbers) {
-        std::string_view digits;
-        if (!lines.next_field(number.first, digits) || !parse_decimal_u64(digits, *number.second))
-            return fail("truncated or malformed " + std::string(number.first) + " line");
-    }
-    std::string_view digits;
-    std::uint64_t count = 0;
-    if (!version1 && (!lines.next_field("samples", digits) || !parse_decimal_u64(digits, count) ||
-                      count > std::size(sample_kinds) * profile_window))
-        return fail("truncated or malformed samples line");
-    std::size_t kind_index = 0;
-    for (std::uint64_t i = 0; i < count; ++i) {
-        if (!lines.next(line) || !parse_sample_line(line, profile, kind_index))
-            return fail("truncated or malformed sample line " + std::to_string(i + 1));
-    }
-    const std::size_t checked_bytes = lines.position();
-    if (!lines.next_field("checksum", checksum))
-        return fail("truncated or malformed checksum line");
-    switch (check_checksum_line(lines, checked_bytes, checksum)) {
-        case ChecksumLine::ok: break;
-        case ChecksumLine::malformed: return fail("truncated or malformed checksum line");
-        case ChecksumLine::not_last: return fail("unexpected bytes after the checksum line");
-        case ChecksumLine::mismatch: return fail("checksum mismatch (damaged or hand-edited file)");
-    }
-    if (hex != expected_hex) return fail("file belongs to key " + std::string(hex));
-    return profile;
-}
-
-inline std::optional<Profile> parse_profile(std::string_view text, const Key& expected,
-                                            std::string* error = nullptr) {
-    return parse_profile(text, expected.hex(), error);
-}
-
-// The wall clock in ns: what sample stamps are, so samples of every process order by it.
-inline std::uint64_t wall_clock_ns() noexcept {
-    timespec now{};
-    ::clock_gettime(CLOCK_REALTIME, &now);
-    return static_cast<std::uint64_t>(now.tv_sec) * 1000000000u +
-           static_cast<std::uint64_t>(now.tv_nsec);
-}
-
-// A wall-clock stamp in ns, strictly increasing within the process (two samples recorded in one
-// tick stay two samples when merged).
-inline std::uint64_t next_sample_stamp() noexcept {
-    static std::atomic<std::uint64_t> last{0};
-    std::uint64_t stamp = wall_clock_ns();
-    std::uint64_t seen = last.load(std::memory_order_relaxed);
-    do {
-        stamp = std::max(stamp, seen + 1);
-    } while (!last.compare_exchange_weak(seen, stamp, std::memory_order_relaxed));
-    return stamp;
-}
-
-// `into` becomes the newest profile_window samples of both lists, oldest first, each once.
-inline void merge_samples(std::vector<ProfileSample>& into,
-                          const std::vector<ProfileSample>& from) {
-    into.insert(into.end(), from.begin(), from.end());
-    std::sort(into.begin(), into.end());
-    into.erase(std::unique(into.begin(), into.end()), into.end());
-    if (into.size() > profile_window)
-        into.erase(into.begin(), into.end() - static_cast<std::ptrdiff_t>(profile_window));
-}
-
-// The scalar peaks follow the samples, so they age out with them; a version 1 file's scalars
-// stand until samples replace them.
-inline void derive_peaks(Profile& profile) {
-    if (!profile.load_samples.empty() || !profile.item_samples.empty()) profile.peak_bytes = 0;
-    for (const auto* samples : {&profile.load_samples, &profile.item_samples})
-        for (const ProfileSample& s : *samples)
-            profile.peak_bytes = std::max(profile.peak_bytes, s.peak_bytes);
-    if (!profile.item_samples.empty()) {
-        profile.peak_bytes_per_item = 0;
-        for (const ProfileSample& s : profile.item_samples)
-            if (s.size > 0)
-                profile.peak_bytes_per_item =
-                    std::max(profile.peak_bytes_per_item,
-                             s.peak_bytes / s.size + (s.peak_bytes % s.size != 0));
-    }
-}
-
-inline void merge_profile_samples(Profile& into, const Profile& from) {
-    for (const SampleKind& kind : sample_kinds)
-        merge_samples(into.*kind.samples, from.*kind.samples);
-    derive_peaks(into);
-}
-
-// A sample stamped after `now` was written by a process whose wall clock ran ahead (before an NTP
-// step back, a VM restore) or by a buggy writer. The window keeps the newest by stamp, so such a
-// sample would push out every sample recorded after it until the clock caught up: for ever, if the
-// clock was far ahead. Its stamp says nothing true about when it was taken, so, read from a file,
-// it is taken as the oldest (stamp 0): the first to go when newer samples come, and while the
-// window has room it still counts. Every read clamps it to the same stamp, so the copies that
-// different reads (and processes) merge stay one sample. Returns whether anything was clamped.
-inline bool clamp_future_stamps(Profile& profile, std::uint64_t now) {
-    bool clamped = false;
-    for (const SampleKind& kind : sample_kinds) {
-        std::vector<ProfileSample>& samples = profile.*kind.samples;
-        bool here = false;
-        for (ProfileSample& sample : samples) {
-            if (sample.stamp <= now) continue;
-            sample.stamp = 0;
-            here = true;
-        }
-        if (!here) continue;
-        std::sort(samples.begin(), samples.end());
-        samples.erase(std::unique(samples.begin(), samples.end()), samples.end());
-        clamped = true;
-    }
-    if (clamped) derive_peaks(profile);
-    return clamped;
-}
-
-}  // namespace detail
 
 // How a ProfileCache writes, beyond where (Guard fills it from Options).
 struct ProfileCacheSettings {
@@ -658,14 +382,8 @@ class ProfileCache {
         if (found == entries_.end() || !found->second.known) return std::nullopt;
         Entry& entry = found->second;
         Profile merged = entry.profile;
-        if (on_disk) {
-            merged.peak_bytes = std::max(merged.peak_bytes, on_disk->peak_bytes);
-            merged.peak_bytes_per_item =
-                std::max(merged.peak_bytes_per_item, on_disk->peak_bytes_per_item);
-            detail::merge_profile_samples(merged, *on_disk);
-            if (!entry.ceiling_dirty) merged.batch_ceiling = on_disk->batch_ceiling;
-            if (!entry.budget_dirty) merged.weight_budget = on_disk->weight_budget;
-        }
+        if (on_disk)
+            detail::merge_profile(merged, *on_disk, entry.ceiling_dirty, entry.budget_dirty);
         entry.ceiling_dirty = entry.budget_dirty = false;
         return merged;
     }
@@ -676,12 +394,7 @@ class ProfileCache {
         auto found = entries_.find(key);
         if (found == entries_.end() || !found->second.known) return;
         Entry& entry = found->second;
-        entry.profile.peak_bytes = std::max(entry.profile.peak_bytes, merged.peak_bytes);
-        entry.profile.peak_bytes_per_item =
-            std::max(entry.profile.peak_bytes_per_item, merged.peak_bytes_per_item);
-        detail::merge_profile_samples(entry.profile, merged);
-        if (!entry.ceiling_dirty) entry.profile.batch_ceiling = merged.batch_ceiling;
-        if (!entry.budget_dirty) entry.profile.weight_budget = merged.weight_budget;
+        detail::merge_profile(entry.profile, merged, entry.ceiling_dirty, entry.budget_dirty);
     }
 
     // replace_file (temp, fsync, rename, directory fsync). Caller holds io_mutex_ and the
@@ -701,19 +414,8 @@ class ProfileCache {
         return false;
     }
 
-    // "<dir>/.lock", opened per operation and locked exclusively. A descriptor kept open would be
-    // shared with forked children, and flock treats a shared descriptor as one owner.
     detail::FileDescriptor lock_directory() {
-        const std::string path = directory_ + "/.lock";
-        detail::FileDescriptor fd(detail::retry_eintr(
-            [&] { return ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644); }));
-        if (!fd) return fd;
-        if (!detail::flock_within(fd.get(), lock_timeout)) {
-            const int error = errno;
-            fd.reset();
-            errno = error;
-        }
-        return fd;
+        return detail::lock_profile_directory(directory_, lock_timeout);
     }
 
     // Profiles nobody used for max_age go (under the lock: no write lands in between). Said once.

@@ -2,13 +2,14 @@
 // Peer relief, the stage after local eviction: when a load still does not fit, ask the configured
 // peers in order, each at most once per cooldown (two servers must not ping-pong each other's
 // models), until their claims cover the shortfall; then the registry waits for the memory with the
-// recovery rule and admits once more. Decisions are pure functions (relief::); PeerRelief asks and
-// remembers the answers for refusals and status(); the registry orchestrates.
+// recovery rule (recovery.hpp) and admits once more. Decisions are pure functions (relief::);
+// PeerRelief asks and remembers the answers for refusals and status(); a registry's relief stage
+// (detail/registry_relief.hpp) orchestrates, and an external manager can use PeerRelief alone.
 #pragma once
 
 #include <vramguard/clock.hpp>
 #include <vramguard/errors.hpp>
-#include <vramguard/detail/detached_call.hpp>
+#include <vramguard/detail/peer_call.hpp>
 #include <vramguard/memory.hpp>
 #include <vramguard/model_slot.hpp>
 #include <vramguard/peer.hpp>
@@ -103,59 +104,6 @@ inline PeerReply reply_from(const UnloadResult& result) {
 
 }  // namespace relief
 
-namespace detail {
-
-// One relief at a time per device, process-wide (two registries on one device share it).
-inline std::shared_ptr<std::mutex> device_relief_mutex(const std::string& device) {
-    static std::mutex mutex;
-    static std::map<std::string, std::weak_ptr<std::mutex>> locks;
-    std::lock_guard<std::mutex> lock(mutex);
-    std::shared_ptr<std::mutex> existing = locks[device].lock();
-    if (!existing) locks[device] = existing = std::make_shared<std::mutex>();
-    return existing;
-}
-
-inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
-    try {
-        return peer.relieve(request);
-    } catch (...) {
-        return PeerReply::error("threw: " + describe(std::current_exception()));
-    }
-}
-
-// Runs the call on its own thread and waits for it until request.deadline on the injected clock
-// (real-time waits of `slice` on a condition variable; the injected sleep when the clock did not
-// move meanwhile, as a ManualClock does not): a peer that ignores its deadline costs the load no
-// more than it. Such a call is left to finish on its own; it owns what it uses, and `running`
-// (moved into it) counts it until it has returned and let go of the peer.
-inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequest& request,
-                                    const ClockFn& clock, const SleepFn& sleep, Duration slice,
-                                    CallCount::Token running) {
-    std::optional<DetachedCall<PeerReply>> call;
-    try {
-        call.emplace([peer, request, running = std::move(running)]() mutable {
-            PeerReply reply = call_peer(*peer, request);
-            peer.reset();  // before `running` ends: the peer's destructor is the peer's code too
-            return reply;
-        });
-    } catch (...) {
-        return PeerReply::error("could not start the call: " + describe(std::current_exception()));
-    }
-    for (;;) {
-        const TimePoint before = clock();
-        if (std::optional<PeerReply> reply = call->wait_for(slice)) return std::move(*reply);
-        const TimePoint now = clock();
-        if (now >= request.deadline)
-            return PeerReply::error(
-                "no answer within " +
-                std::to_string(
-                    std::chrono::duration_cast<std::chrono::milliseconds>(request.timeout)
-                        .count()) +
-                " ms");
-        if (now == before) sleep(std::min<Duration>(slice, request.deadline - now));
-    }
-}
-
 // What one relief asked and heard.
 struct ReliefOutcome {
     std::uint64_t claimed = 0;         // the claims added up (never trusted)
@@ -163,7 +111,11 @@ struct ReliefOutcome {
     std::vector<std::string> answers;  // "name answer", in order, cooling down ones too
 };
 
-// The configured peers, their cooldowns and their last answers. Thread-safe.
+// The configured peers, their cooldowns and their last answers: one relief round asks them in
+// order until their claims cover a shortfall. A registry asks through it after local eviction; an
+// external manager (examples/vram_manager) asks through it too, then waits with
+// wait_for_freed_memory (recovery.hpp). Thread-safe. A call still running on its thread owns
+// the peer (shared), so the peers may outlive this object; wait_for_calls() waits for them.
 class PeerRelief {
    public:
     PeerRelief(const std::vector<std::shared_ptr<Peer>>& peers, Duration timeout, Duration cooldown)
@@ -179,6 +131,9 @@ class PeerRelief {
     std::size_t calls_running() const { return calls_->running(); }
 
     // Asks the peers in order, skipping those cooling down, until the claims cover `shortfall`.
+    // Each call runs on its own thread and is abandoned at its deadline (now + timeout on
+    // `clock`), waited for in real-time slices of `slice` (the injected `sleep` when the clock
+    // did not move meanwhile).
     ReliefOutcome ask(std::uint64_t shortfall, const std::string& requester, const ClockFn& clock,
                       const SleepFn& sleep, Duration slice) {
         ReliefOutcome outcome;
@@ -187,9 +142,9 @@ class PeerRelief {
             const TimePoint now = clock();
             if (!claim_turn(entry, now, outcome)) continue;
             const ReliefRequest request{shortfall - outcome.claimed, timeout_,
-                                        deadline_after(now, timeout_), requester};
-            const PeerReply reply = call_with_deadline(entry.peer, request, clock, sleep, slice,
-                                                       CallCount::Token(calls_));
+                                        detail::deadline_after(now, timeout_), requester};
+            const PeerReply reply = detail::call_with_deadline(
+                entry.peer, request, clock, sleep, slice, detail::CallCount::Token(calls_));
             const std::string answer = describe(reply);
             {
                 std::lock_guard<std::mutex> lock(mutex_);
@@ -243,11 +198,9 @@ class PeerRelief {
 
     const Duration timeout_;
     const Duration cooldown_;
-    const std::shared_ptr<CallCount> calls_ = std::make_shared<CallCount>();
+    const std::shared_ptr<detail::CallCount> calls_ = std::make_shared<detail::CallCount>();
     mutable std::mutex mutex_;  // the entries' state; never held while a peer is asked
     std::vector<Entry> entries_;
 };
-
-}  // namespace detail
 
 VRAMGUARD_END_NAMESPACE

@@ -245,7 +245,7 @@ class HostProbe : public SystemMemoryProbe {
     std::uint64_t peak_bytes() const {
         if (!peak_tracking_) return 0;
         std::string text;
-        if (!detail::host::read_file(sources().root + "/proc/self/status", text)) return 0;
+        if (!detail::read_small_file(sources().root + "/proc/self/status", text)) return 0;
         return detail::host::field(text, "VmHWM:").value_or(0) * 1024;
     }
 

@@ -13,6 +13,7 @@
 #include <vramguard/options.hpp>
 #include <vramguard/stats.hpp>
 #include <vramguard/key.hpp>
+#include <vramguard/profile_record.hpp>
 #include <vramguard/profile.hpp>
 #include <vramguard/semaphore.hpp>
 #include <vramguard/coordinator.hpp>
@@ -21,9 +22,11 @@
 #include <vramguard/events.hpp>
 #include <vramguard/batch_view.hpp>
 #include <vramguard/admission.hpp>
+#include <vramguard/recovery.hpp>
 #include <vramguard/guard.hpp>
 #include <vramguard/batcher_options.hpp>
 #include <vramguard/batcher.hpp>
+#include <vramguard/ledger_state.hpp>
 #include <vramguard/host.hpp>
 #include <vramguard/model_slot.hpp>
 #include <vramguard/eviction.hpp>
@@ -32,4 +35,5 @@
 #include <vramguard/protocol.hpp>
 #include <vramguard/relief.hpp>
 #include <vramguard/registry_events.hpp>
+#include <vramguard/registry_options.hpp>
 #include <vramguard/models.hpp>

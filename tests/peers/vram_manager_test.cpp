@@ -109,7 +109,7 @@ TEST(VramManagerLoop, AsksThePeersAndLogsWhy) {
         "81.2 % in use, above the relieve threshold 75.0 %: asking peers for idle models and "
         "caches (1.00 GiB to free)"));
     EXPECT_TRUE(log.contains("comfyui@127.0.0.1:" + std::to_string(comfy.port()) +
-                             ": freed 6.00 GiB (claimed) (models)"));
+                             " freed 6.00 GiB (claimed) (models)"));
     EXPECT_TRUE(log.contains("the freed memory showed after 0 ms: 43.8 % in use now"));
 
     device.set_external_usage(7_GiB);  // 14 GiB in use

@@ -432,8 +432,8 @@ Scenario ledger_scenario(const char* name, LedgerWorld& world,
             [&world, damaged](const std::string&, bool) { world.check_next_process(damaged); },
             [&world] { world.reset(); }};
 }
-const std::vector<std::string> ledger_write_calls = {"open",         "flock", "write",
-                                                     "write (torn)", "close", "rename"};
+const std::vector<std::string> ledger_write_calls = {"open",  "flock", "write", "write (torn)",
+                                                     "fsync", "close", "rename"};
 
 TEST_F(KillPointTest, LedgerAdd) {
     LedgerWorld world;
@@ -509,7 +509,7 @@ TEST_F(KillPointTest, LedgerCreation) {
              if (!::testing::Test::HasFatalFailure()) world.check_next_process();
          },
          [&] { world.reset(); }},
-        {"mkdir", "open", "fchmod", "flock", "write", "rename"});
+        {"mkdir", "open", "fchmod", "flock", "write", "fsync", "rename"});
 }
 
 TEST_F(KillPointTest, SingleItemLockAndTurnstile) {

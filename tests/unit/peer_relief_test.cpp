@@ -337,6 +337,59 @@ TEST_F(PeerReliefTest, WhileARegistryLoadsItsRequestUnloadAnswersBusy) {
 
 // ---- pure decisions --------------------------------------------------------------------------
 
+// PeerRelief alone (what an external manager uses, without a registry): asked in order, each for
+// what is still short, until the claims cover the shortfall; a peer asked within its cooldown is
+// named but not asked; status() says when each was asked and its last answer.
+TEST(PeerReliefRound, AsksInOrderUntilTheClaimsCoverTheShortfall) {
+    ManualClock clock;
+    std::vector<std::uint64_t> asked_for;
+    auto peer = [&asked_for](const std::string& name, PeerReply reply) {
+        return make_peer(name, [&asked_for, reply](const ReliefRequest& request) {
+            asked_for.push_back(request.shortfall);
+            return reply;
+        });
+    };
+    PeerRelief relief({peer("busy", PeerReply::busy(3.0)), peer("small", PeerReply::freed(1_GiB)),
+                       peer("big", PeerReply::freed(4_GiB)), peer("never", PeerReply::nothing())},
+                      2s, 30s);
+    const ReliefOutcome first =
+        relief.ask(3_GiB, "model", clock.clock_fn(), clock.sleep_fn(), 10ms);
+    EXPECT_EQ(first.claimed, 5_GiB);
+    EXPECT_EQ(first.asked, 3u) << "covered after 'big': 'never' is not asked";
+    EXPECT_EQ(asked_for, (std::vector<std::uint64_t>{3_GiB, 3_GiB, 2_GiB}));
+    ASSERT_EQ(first.answers.size(), 3u);
+    EXPECT_EQ(first.answers[0], "busy busy, idle 3 s");
+    EXPECT_EQ(first.answers[2], "big freed 4.00 GiB (claimed)");
+
+    clock.advance(10s);
+    const ReliefOutcome second =
+        relief.ask(3_GiB, "model", clock.clock_fn(), clock.sleep_fn(), 10ms);
+    EXPECT_EQ(second.claimed, 0u);
+    EXPECT_EQ(second.asked, 1u) << "only 'never' is out of its cooldown";
+    EXPECT_EQ(second.answers[0], "busy not asked (cooling down, asked 10 s ago)");
+    const std::vector<PeerStatus> status = relief.status(clock.now());
+    ASSERT_EQ(status.size(), 4u);
+    EXPECT_EQ(status[1].last_answer, "freed 1.00 GiB (claimed)");
+    EXPECT_DOUBLE_EQ(status[1].cooldown_left_seconds, 20.0);
+    EXPECT_EQ(status[3].asked, 1u);
+    EXPECT_TRUE(relief.wait_for_calls(1s));
+}
+
+// Without a cooldown (a manager that rate-limits whole rounds), every round asks every peer.
+TEST(PeerReliefRound, ZeroCooldownAsksEveryRound) {
+    ManualClock clock;
+    int asked = 0;
+    PeerRelief relief({make_peer("p",
+                                 [&asked](const ReliefRequest&) {
+                                     ++asked;
+                                     return PeerReply::nothing();
+                                 })},
+                      2s, Duration::zero());
+    for (int round = 0; round < 3; ++round)
+        EXPECT_EQ(relief.ask(1_GiB, "m", clock.clock_fn(), clock.sleep_fn(), 10ms).asked, 1u);
+    EXPECT_EQ(asked, 3);
+}
+
 TEST(PeerReliefDecisions, ShortfallWorthAskingCooldownClaims) {
     EXPECT_EQ(relief::shortfall(5_GiB, 2_GiB), 3_GiB);
     EXPECT_EQ(relief::shortfall(5_GiB, 6_GiB), 0u);

@@ -76,6 +76,31 @@ TEST_F(RecoveryWaitTest, TrustsTheEstimateAfterFiveSeconds) {
     EXPECT_EQ(clock.slept(), 5s);
 }
 
+// The same wait without a guard (recovery.hpp): what an external manager calls with its probe and
+// Options. Another fraction and timeout in Options are the ones it uses.
+TEST_F(RecoveryWaitTest, TheFreeFunctionWaitsOnAnyProbeWithTheOptionsRule) {
+    drip_four_gib_from(4_GiB);
+    const Options options = test_options(clock, log);
+    EXPECT_TRUE(wait_for_freed_memory(device, options, 4_GiB, 2_GiB));
+    EXPECT_EQ(clock.slept(), 2s) << "75 % of 4 GiB show after 2 s";
+
+    drip_four_gib_from(4_GiB);
+    Options half = options;
+    half.recovery_fraction = 0.5;
+    const Duration before = clock.slept();
+    EXPECT_TRUE(wait_for_freed_memory(device, half, 4_GiB, 2_GiB));
+    EXPECT_EQ(clock.slept() - before, 1s) << "50 % show after 1 s";
+
+    device.set_external_usage(8_GiB);  // never shows
+    Options short_wait = options;
+    short_wait.recovery_timeout = 750ms;
+    EXPECT_FALSE(wait_for_freed_memory(device, short_wait, 4_GiB, 2_GiB));
+    EXPECT_EQ(clock.slept() - before - 1s, 750ms) << "trusted at recovery_timeout";
+    EXPECT_TRUE(wait_for_freed_memory(device, short_wait, 4_GiB, 2_GiB, 2_GiB))
+        << "what is needed is free: at once";
+    EXPECT_EQ(clock.slept() - before - 1s, 750ms);
+}
+
 // Weights that, when destroyed, make the device report their release late: the drip above.
 struct DrippingModel {
     explicit DrippingModel(SimulatedDevice::Allocation model_weights,

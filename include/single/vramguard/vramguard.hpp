@@ -59,6 +59,53 @@
 // Memory facts: what a probe reports, and bytes a person can read.
 
 
+// ---- begin <vramguard/detail/numbers.hpp> ----
+// Saturating byte arithmetic, and numbers as the messages say them (percent, seconds, ms).
+
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <string>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+// "10%": a fraction of the device (a margin, a threshold, a usage) as log lines say it.
+inline std::string percent(double fraction) {
+    char text[16];
+    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
+    return text;
+}
+
+// Byte counts from probes and callers can be absurd (2^64 - 1, usage beyond the device): sums
+// stop at the largest value and differences at zero instead of wrapping around.
+constexpr std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
+    return a > std::numeric_limits<std::uint64_t>::max() - b
+               ? std::numeric_limits<std::uint64_t>::max()
+               : a + b;
+}
+constexpr std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) noexcept {
+    return a > b ? a - b : 0;
+}
+inline std::string seconds_text(double seconds) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.1f s", seconds);
+    return text;
+}
+// Any duration, in ms: options in ms are not converted to the clock's ns on the way (a
+// milliseconds::max() "for ever" would overflow).
+template <class Rep, class Period>
+std::string ms_text(std::chrono::duration<Rep, Period> d) {
+    return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
+}
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/numbers.hpp> ----
+
 #include <cstdint>
 #include <cstdio>
 #include <limits>
@@ -104,26 +151,6 @@ inline std::string format_bytes(std::uint64_t bytes) {
     std::snprintf(text, sizeof text, "%.2f %s", value, units[unit]);
     return text;
 }
-
-namespace detail {
-// "10%": a fraction of the device (a margin, a threshold, a usage) as log lines say it.
-inline std::string percent(double fraction) {
-    char text[16];
-    std::snprintf(text, sizeof text, "%.0f%%", fraction * 100);
-    return text;
-}
-
-// Byte counts from probes and callers can be absurd (2^64 - 1, usage beyond the device): sums
-// stop at the largest value and differences at zero instead of wrapping around.
-constexpr std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b) noexcept {
-    return a > std::numeric_limits<std::uint64_t>::max() - b
-               ? std::numeric_limits<std::uint64_t>::max()
-               : a + b;
-}
-constexpr std::uint64_t saturating_sub(std::uint64_t a, std::uint64_t b) noexcept {
-    return a > b ? a - b : 0;
-}
-}  // namespace detail
 
 namespace literals {
 constexpr std::uint64_t operator""_B(unsigned long long n) { return n; }
@@ -171,6 +198,23 @@ inline LogSink stderr_sink(Level min_level = Level::warn) {
     };
 }
 
+VRAMGUARD_END_NAMESPACE
+
+// Internals that need the types above.
+
+// ---- begin <vramguard/detail/emit.hpp> ----
+// How vramguard calls a LogSink (log.hpp): a sink that throws never escapes the library.
+
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <string_view>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
 namespace detail {
 
 // A sink that throws must never take the caller down: the message goes to stderr instead, at most
@@ -193,6 +237,7 @@ inline void emit(const LogSink& sink, Level level, std::string_view message) noe
 }  // namespace detail
 
 VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/emit.hpp> ----
 // ---- end <vramguard/log.hpp> ----
 
 // ---- begin <vramguard/clock.hpp> ----
@@ -297,6 +342,26 @@ class ManualClock {
     std::multimap<TimePoint, std::function<void()>> actions_;
 };
 
+VRAMGUARD_END_NAMESPACE
+
+// Internals that need the types above.
+
+// ---- begin <vramguard/detail/deadline.hpp> ----
+// Deadlines and polling on the injected clock (clock.hpp): every wait in vramguard goes through
+// poll_until, and no deadline overflows.
+
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
 namespace detail {
 
 // now + wait, saturating: a wait of milliseconds::max() ("for ever") ends at the end of time,
@@ -340,6 +405,7 @@ bool poll_until(const ClockFn& clock, const SleepFn& sleep, Duration interval, T
 }  // namespace detail
 
 VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/deadline.hpp> ----
 // ---- end <vramguard/clock.hpp> ----
 
 // ---- begin <vramguard/errors.hpp> ----
@@ -350,6 +416,151 @@ VRAMGUARD_END_NAMESPACE
 // formats (one with the typo "capacty") and may be cut short. Backends add their own types through
 // register_oom_classifier(). Anything that is not recognised is not an OOM and is never retried.
 
+
+// ---- begin <vramguard/detail/oom_text.hpp> ----
+// Reading OOM messages: case-insensitive search and the sizes a message states ("Tried to
+// allocate 2.00 GiB", "3.50 GiB free"), as errors.hpp's classification and parsing use them.
+
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <typeindex>
+#include <typeinfo>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+
+inline char ascii_lower(char c) noexcept {
+    return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+inline std::size_t find_nocase(std::string_view text, std::string_view needle,
+                               std::size_t from = 0) noexcept {
+    if (needle.size() > text.size()) return std::string_view::npos;
+    for (std::size_t i = from; i + needle.size() <= text.size(); ++i) {
+        std::size_t j = 0;
+        while (j < needle.size() && ascii_lower(text[i + j]) == ascii_lower(needle[j])) ++j;
+        if (j == needle.size()) return i;
+    }
+    return std::string_view::npos;
+}
+
+inline bool contains_nocase(std::string_view text, std::string_view needle) noexcept {
+    return find_nocase(text, needle) != std::string_view::npos;
+}
+
+// Parses "20.00 MiB", "1.5GiB", "8000000000 bytes" at the start of `text` (after spaces).
+// Returns the byte count and how many characters were read.
+inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(
+    std::string_view text) noexcept {
+    std::size_t i = 0;
+    while (i < text.size() && text[i] == ' ') ++i;
+    const std::size_t digits_start = i;
+    double whole = 0, fraction = 0, scale = 1;
+    while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
+        if (whole < 1e30) whole = whole * 10 + (text[i] - '0');
+        ++i;
+    }
+    if (i == digits_start) return std::nullopt;
+    if (i < text.size() && text[i] == '.') {
+        ++i;
+        while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
+            if (scale > 1e-18) {
+                scale /= 10;
+                fraction += (text[i] - '0') * scale;
+            }
+            ++i;
+        }
+    }
+    while (i < text.size() && text[i] == ' ') ++i;
+    struct Unit {
+        std::string_view name;
+        double bytes;
+    };
+    static constexpr Unit units[] = {
+        {"bytes", 1.0},           {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0},
+        {"TiB", 1099511627776.0}, {"KB", 1024.0},  {"MB", 1048576.0},  {"GB", 1073741824.0},
+        {"TB", 1099511627776.0},  {"B", 1.0},
+    };
+    double multiplier = 0;
+    for (const Unit& unit : units) {
+        if (text.substr(i, unit.name.size()) == unit.name) {
+            multiplier = unit.bytes;
+            i += unit.name.size();
+            break;
+        }
+    }
+    if (multiplier == 0) return std::nullopt;
+    const double bytes = (whole + fraction) * multiplier;
+    if (!(bytes >= 0) || bytes >= 1.8e19) return std::nullopt;
+    return std::make_pair(static_cast<std::uint64_t>(bytes + 0.5), i);
+}
+
+// The size written just before `end` in `text` ("... 3.75 MiB free").
+inline std::optional<std::uint64_t> parse_size_before(std::string_view text,
+                                                      std::size_t end) noexcept {
+    std::size_t start = end;
+    // Step back over "<number> <unit>" : at most two space-separated tokens.
+    int tokens = 0;
+    while (start > 0 && text[start - 1] == ' ') --start;
+    while (start > 0 && tokens < 2) {
+        std::size_t token_end = start;
+        while (start > 0 && text[start - 1] != ' ' && text[start - 1] != ';' &&
+               text[start - 1] != '(' && text[start - 1] != ',')
+            --start;
+        if (start == token_end) break;
+        ++tokens;
+        if (std::isdigit(static_cast<unsigned char>(text[start]))) break;
+        while (start > 0 && text[start - 1] == ' ') --start;
+    }
+    auto parsed = parse_size(text.substr(start, end - start));
+    if (!parsed) return std::nullopt;
+    return parsed->first;
+}
+
+// "<label> : <size>" as the cudaMallocAsync backend writes it (the label padded with spaces).
+inline std::optional<std::uint64_t> parse_labelled_size(std::string_view text,
+                                                        std::string_view label) noexcept {
+    const std::size_t at = find_nocase(text, label);
+    if (at == std::string_view::npos) return std::nullopt;
+    std::size_t i = at + label.size();
+    while (i < text.size() && text[i] == ' ') ++i;
+    if (i == text.size() || text[i] != ':') return std::nullopt;
+    auto parsed = parse_size(text.substr(i + 1));
+    if (!parsed) return std::nullopt;
+    return parsed->first;
+}
+
+// The classifiers and text readers that backends register (errors.hpp). Kind is OomKind: a template
+// so that this header needs nothing from errors.hpp; one registry per program all the same.
+template <class Kind>
+struct ClassifierRegistry {
+    std::mutex mutex;
+    std::vector<Kind (*)(const std::exception_ptr&)> classifiers;
+    std::vector<const char* (*)(const std::exception_ptr&)> text_readers;
+};
+template <class Kind>
+ClassifierRegistry<Kind>& classifier_registry() {
+    static ClassifierRegistry<Kind> registry;
+    return registry;
+}
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/oom_text.hpp> ----
 
 #include <algorithm>
 #include <cctype>
@@ -478,111 +689,6 @@ class OomExhausted : public std::runtime_error, public std::nested_exception {
     std::type_index results_type_{typeid(void)};
 };
 
-namespace detail {
-
-inline char ascii_lower(char c) noexcept {
-    return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
-}
-
-inline std::size_t find_nocase(std::string_view text, std::string_view needle,
-                               std::size_t from = 0) noexcept {
-    if (needle.size() > text.size()) return std::string_view::npos;
-    for (std::size_t i = from; i + needle.size() <= text.size(); ++i) {
-        std::size_t j = 0;
-        while (j < needle.size() && ascii_lower(text[i + j]) == ascii_lower(needle[j])) ++j;
-        if (j == needle.size()) return i;
-    }
-    return std::string_view::npos;
-}
-
-inline bool contains_nocase(std::string_view text, std::string_view needle) noexcept {
-    return find_nocase(text, needle) != std::string_view::npos;
-}
-
-// Parses "20.00 MiB", "1.5GiB", "8000000000 bytes" at the start of `text` (after spaces).
-// Returns the byte count and how many characters were read.
-inline std::optional<std::pair<std::uint64_t, std::size_t>> parse_size(
-    std::string_view text) noexcept {
-    std::size_t i = 0;
-    while (i < text.size() && text[i] == ' ') ++i;
-    const std::size_t digits_start = i;
-    double whole = 0, fraction = 0, scale = 1;
-    while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
-        if (whole < 1e30) whole = whole * 10 + (text[i] - '0');
-        ++i;
-    }
-    if (i == digits_start) return std::nullopt;
-    if (i < text.size() && text[i] == '.') {
-        ++i;
-        while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
-            if (scale > 1e-18) {
-                scale /= 10;
-                fraction += (text[i] - '0') * scale;
-            }
-            ++i;
-        }
-    }
-    while (i < text.size() && text[i] == ' ') ++i;
-    struct Unit {
-        std::string_view name;
-        double bytes;
-    };
-    static constexpr Unit units[] = {
-        {"bytes", 1.0},           {"KiB", 1024.0}, {"MiB", 1048576.0}, {"GiB", 1073741824.0},
-        {"TiB", 1099511627776.0}, {"KB", 1024.0},  {"MB", 1048576.0},  {"GB", 1073741824.0},
-        {"TB", 1099511627776.0},  {"B", 1.0},
-    };
-    double multiplier = 0;
-    for (const Unit& unit : units) {
-        if (text.substr(i, unit.name.size()) == unit.name) {
-            multiplier = unit.bytes;
-            i += unit.name.size();
-            break;
-        }
-    }
-    if (multiplier == 0) return std::nullopt;
-    const double bytes = (whole + fraction) * multiplier;
-    if (!(bytes >= 0) || bytes >= 1.8e19) return std::nullopt;
-    return std::make_pair(static_cast<std::uint64_t>(bytes + 0.5), i);
-}
-
-// The size written just before `end` in `text` ("... 3.75 MiB free").
-inline std::optional<std::uint64_t> parse_size_before(std::string_view text,
-                                                      std::size_t end) noexcept {
-    std::size_t start = end;
-    // Step back over "<number> <unit>" : at most two space-separated tokens.
-    int tokens = 0;
-    while (start > 0 && text[start - 1] == ' ') --start;
-    while (start > 0 && tokens < 2) {
-        std::size_t token_end = start;
-        while (start > 0 && text[start - 1] != ' ' && text[start - 1] != ';' &&
-               text[start - 1] != '(' && text[start - 1] != ',')
-            --start;
-        if (start == token_end) break;
-        ++tokens;
-        if (std::isdigit(static_cast<unsigned char>(text[start]))) break;
-        while (start > 0 && text[start - 1] == ' ') --start;
-    }
-    auto parsed = parse_size(text.substr(start, end - start));
-    if (!parsed) return std::nullopt;
-    return parsed->first;
-}
-
-// "<label> : <size>" as the cudaMallocAsync backend writes it (the label padded with spaces).
-inline std::optional<std::uint64_t> parse_labelled_size(std::string_view text,
-                                                        std::string_view label) noexcept {
-    const std::size_t at = find_nocase(text, label);
-    if (at == std::string_view::npos) return std::nullopt;
-    std::size_t i = at + label.size();
-    while (i < text.size() && text[i] == ' ') ++i;
-    if (i == text.size() || text[i] != ':') return std::nullopt;
-    auto parsed = parse_size(text.substr(i + 1));
-    if (!parsed) return std::nullopt;
-    return parsed->first;
-}
-
-}  // namespace detail
-
 // Reads the numbers out of a PyTorch/CUDA/CPU OOM message, in any of its historical formats:
 //   "Tried to allocate 20.00 MiB (GPU 0; 15.78 GiB total capacity; ...; 3.75 MiB free; ...)"
 //   "Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which 12.75 MiB is
@@ -653,22 +759,10 @@ inline OomKind classify_oom_message(std::string_view message) noexcept {
 // A classifier looks at one exception and says what it is; OomKind::none means "not mine".
 using OomClassifier = OomKind (*)(const std::exception_ptr&);
 
-namespace detail {
-struct ClassifierRegistry {
-    std::mutex mutex;
-    std::vector<OomClassifier> classifiers;
-    std::vector<const char* (*)(const std::exception_ptr&)> text_readers;
-};
-inline ClassifierRegistry& classifier_registry() {
-    static ClassifierRegistry registry;
-    return registry;
-}
-}  // namespace detail
-
 // Adds a classifier (idempotent). Backends register theirs from an inline variable, so including
 // cuda.hpp or torch.hpp is all it takes. Returns true, for use in such initialisers.
 inline bool register_oom_classifier(OomClassifier classifier) {
-    auto& registry = detail::classifier_registry();
+    auto& registry = detail::classifier_registry<OomKind>();
     std::lock_guard<std::mutex> lock(registry.mutex);
     if (std::find(registry.classifiers.begin(), registry.classifiers.end(), classifier) ==
         registry.classifiers.end())
@@ -683,7 +777,7 @@ using ErrorTextReader = const char* (*)(const std::exception_ptr&);
 
 // Adds a text reader (idempotent); returns true, for use in an inline variable's initialiser.
 inline bool register_error_text_reader(ErrorTextReader reader) {
-    auto& registry = detail::classifier_registry();
+    auto& registry = detail::classifier_registry<OomKind>();
     std::lock_guard<std::mutex> lock(registry.mutex);
     if (std::find(registry.text_readers.begin(), registry.text_readers.end(), reader) ==
         registry.text_readers.end())
@@ -703,7 +797,7 @@ inline OomKind classify_oom(const std::exception_ptr& error) {
     }
     std::vector<OomClassifier> classifiers;
     {
-        auto& registry = detail::classifier_registry();
+        auto& registry = detail::classifier_registry<OomKind>();
         std::lock_guard<std::mutex> lock(registry.mutex);
         classifiers = registry.classifiers;
     }
@@ -753,7 +847,7 @@ inline std::string error_text(const std::exception_ptr& error) {
     if (!error) return "no exception";
     std::vector<ErrorTextReader> readers;
     {
-        auto& registry = detail::classifier_registry();
+        auto& registry = detail::classifier_registry<OomKind>();
         std::lock_guard<std::mutex> lock(registry.mutex);
         readers = registry.text_readers;
     }
@@ -1824,7 +1918,23 @@ constexpr void for_each_counter(const Stats& stats, Visitor&& visit) {
           stats.profile_write_failures);
 }
 
+VRAMGUARD_END_NAMESPACE
+
+// Internals that need the types above.
+
+// ---- begin <vramguard/detail/atomic_stats.hpp> ----
+// The guard's live counters (stats.hpp): striped atomics that many threads bump without
+// contending, read into a Stats snapshot.
+
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
 namespace detail {
+
 // How many counters a for_each_counter overload visits, for the completeness checks.
 template <class Counters>
 constexpr std::size_t counter_count() {
@@ -1832,12 +1942,6 @@ constexpr std::size_t counter_count() {
     for_each_counter(Counters{}, [&count](const char*, const char*, std::uint64_t) { ++count; });
     return count;
 }
-}  // namespace detail
-
-static_assert(sizeof(Stats) == detail::counter_count<Stats>() * sizeof(std::uint64_t),
-              "for_each_counter(Stats) must visit every field of Stats");
-
-namespace detail {
 
 // A counter that many threads bump on every call without sharing a cache line: each thread adds
 // to its own stripe, a reader sums them. Two cores bumping one atomic pay a cache-line transfer
@@ -1911,7 +2015,11 @@ struct AtomicStats {
 
 }  // namespace detail
 
+static_assert(sizeof(Stats) == detail::counter_count<Stats>() * sizeof(std::uint64_t),
+              "for_each_counter(Stats) must visit every field of Stats");
+
 VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/atomic_stats.hpp> ----
 // ---- end <vramguard/stats.hpp> ----
 
 // ---- begin <vramguard/key.hpp> ----
@@ -1919,6 +2027,11 @@ VRAMGUARD_END_NAMESPACE
 //
 // The value names profile files on disk and is shared between processes, runs and machines, so it
 // is specified byte by byte (below) and never depends on std::hash, endianness or parameter order.
+
+
+// ---- begin <vramguard/detail/fnv1a.hpp> ----
+// FNV-1a 64 (the hash behind Key and the checksums of vramguard's files), hex16, and the
+// escaping of labels: specified byte by byte, the same on every platform (key.hpp).
 
 
 #include <algorithm>
@@ -1992,6 +2105,22 @@ inline void append_label_escaped(std::string& out, std::string_view text) {
 }
 
 }  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/fnv1a.hpp> ----
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
 
 // The hash input, version 1 (changing any byte of it changes every key and orphans every stored
 // profile, so it is frozen; a new encoding needs a new tag):
@@ -2094,6 +2223,70 @@ struct hash<vramguard::Key> {
 }  // namespace std
 // ---- end <vramguard/key.hpp> ----
 
+// ---- begin <vramguard/profile_record.hpp> ----
+// What a ProfileCache (profile.hpp) keeps for one Key: the window of measured samples, the peaks
+// derived from it, and the batch ceiling / weight budget that last worked.
+
+
+#include <cstddef>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+// One measured run, as the profile keeps it: what ran (`size`: items or weight units, 0 for a
+// load), what it took at its peak, and when (a wall-clock stamp in ns, which orders samples from
+// every process and tells a sample already merged from a new one).
+struct ProfileSample {
+    std::uint64_t stamp = 0;
+    std::uint64_t size = 0;
+    std::uint64_t peak_bytes = 0;
+
+    friend bool operator==(const ProfileSample& a, const ProfileSample& b) noexcept {
+        return a.stamp == b.stamp && a.size == b.size && a.peak_bytes == b.peak_bytes;
+    }
+    friend bool operator<(const ProfileSample& a, const ProfileSample& b) noexcept {
+        if (a.stamp != b.stamp) return a.stamp < b.stamp;
+        if (a.size != b.size) return a.size < b.size;
+        return a.peak_bytes < b.peak_bytes;
+    }
+};
+
+// Samples kept per key and kind, the newest: a wrong reading (another process's allocation seen
+// as ours) ages out after this many newer ones instead of winning for ever. One window: the
+// profile keeps exactly what the cost model fits (policy::cost_window).
+inline constexpr std::size_t profile_window = policy::cost_window;
+
+// What is known about one key; 0 or empty means "not known yet".
+struct Profile {
+    Profile() = default;
+    Profile(std::uint64_t peak, std::uint64_t per_item, std::uint64_t ceiling, std::uint64_t budget)
+        : peak_bytes(peak),
+          peak_bytes_per_item(per_item),
+          batch_ceiling(ceiling),
+          weight_budget(budget) {}
+
+    std::uint64_t peak_bytes = 0;               // highest peak of the recent loads (or runs)
+    std::uint64_t peak_bytes_per_item = 0;      // highest peak per item of the recent encode chunks
+    std::uint64_t batch_ceiling = 0;            // largest batch (items) that last worked
+    std::uint64_t weight_budget = 0;            // largest batch weight (tokens...) that last worked
+    std::vector<ProfileSample> load_samples;    // oldest first, at most profile_window each
+    std::vector<ProfileSample> item_samples;    // encode chunks sized in items
+    std::vector<ProfileSample> weight_samples;  // encode chunks sized in weight units
+
+    friend bool operator==(const Profile& a, const Profile& b) noexcept {
+        return a.peak_bytes == b.peak_bytes && a.peak_bytes_per_item == b.peak_bytes_per_item &&
+               a.batch_ceiling == b.batch_ceiling && a.weight_budget == b.weight_budget &&
+               a.load_samples == b.load_samples && a.item_samples == b.item_samples &&
+               a.weight_samples == b.weight_samples;
+    }
+    friend bool operator!=(const Profile& a, const Profile& b) noexcept { return !(a == b); }
+};
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/profile_record.hpp> ----
+
 // ---- begin <vramguard/profile.hpp> ----
 // What work costs, learned per Key and kept across runs: the newest measured peaks of loads and
 // encode chunks (a bounded window, so a wrong reading ages out), and the batch ceiling / weight
@@ -2131,8 +2324,10 @@ struct hash<vramguard::Key> {
 #include <cstdint>
 #include <cstring>
 #include <ctime>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 
 VRAMGUARD_BEGIN_NAMESPACE
 namespace detail {
@@ -2218,6 +2413,13 @@ inline ReadResult read_small_file(const std::string& path, std::string& out, int
     return ReadResult::ok;
 }
 
+// The same where only "read or not" matters (/proc and /sys files, absent on other systems).
+inline bool read_small_file(const std::string& path, std::string& out,
+                            std::size_t max_bytes = max_small_file_bytes) {
+    int error = 0;
+    return read_small_file(path, out, error, max_bytes) == ReadResult::ok;
+}
+
 // mkdir -p with mode 0755 (before the umask). Returns 0 or the errno that stopped it.
 inline int make_directories(const std::string& path) {
     if (path.empty()) return ENOENT;
@@ -2237,24 +2439,29 @@ inline int make_directories(const std::string& path) {
     return 0;
 }
 
-// flock(LOCK_EX) that gives up after `timeout` (errno ETIMEDOUT) instead of waiting for ever on a
-// holder that hangs (a process stopped under a debugger, a hung NFS server): polled, because flock
-// has no timed form. The caller's work goes on without the file.
-inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    std::chrono::microseconds pause{100};
+// flock(LOCK_EX) with a deadline: flock itself cannot time out, so it is polled with a short
+// backoff (20 us doubling to 1 ms; the ledger lock is held for microseconds). Returns 0, or the
+// errno that stopped it (ETIMEDOUT when the deadline passed).
+inline int lock_until(int fd, std::chrono::steady_clock::time_point deadline) {
+    auto pause = std::chrono::microseconds(20);
     for (;;) {
-        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return true;
-        if (errno != EWOULDBLOCK) return false;
-        if (std::chrono::steady_clock::now() >= deadline) {
-            errno = ETIMEDOUT;
-            return false;
-        }
-        timespec nap{0, static_cast<long>(pause.count()) * 1000};
-        ::nanosleep(&nap, nullptr);
-        // Short pauses: a poller sleeping long loses the lock to ones that keep trying.
-        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
+        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return 0;
+        if (errno != EWOULDBLOCK && errno != EAGAIN) return errno;
+        const auto now = std::chrono::steady_clock::now();
+        if (now >= deadline) return ETIMEDOUT;
+        std::this_thread::sleep_for(
+            std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(1));
     }
+}
+
+// The same with a timeout, reporting through errno (ETIMEDOUT): a holder that hangs (a process
+// stopped under a debugger, a hung NFS server) costs the caller at most `timeout`, and its work
+// goes on without the file.
+inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
+    const int error = lock_until(fd, std::chrono::steady_clock::now() + timeout);
+    if (error != 0) errno = error;
+    return error == 0;
 }
 
 // Numbers temporary files uniquely within this process (the pid separates processes).
@@ -2273,49 +2480,90 @@ inline void sync_directory(const std::string& path) noexcept {
 }
 
 // How replace_file() ended: error 0 when the target durably holds the new bytes; else the errno,
-// the step that failed ("create", "write", "fsync", "close", "rename") and the temporary file.
+// the step that failed ("create", "set the mode of", "write", "fsync", "close", "rename") and the
+// temporary file.
 struct ReplaceOutcome {
     int error = 0;
     const char* step = "";
     std::string temp;
 };
 
-// Replaces `target` (in `directory`) with `bytes`: a temporary file "<temp_stem>.<pid>.<n>.tmp" in
-// the same directory (rename is atomic only within one filesystem), fsync, rename over the target,
-// fsync of the directory. A failed attempt removes its temporary file. Another process may remove
-// our temporary file if it misjudges our pid as dead (pid namespaces): one more attempt covers
-// that, and EEXIST covers a recycled pid's leftovers.
+// How replace_file() makes its temporary file.
+struct ReplaceOptions {
+    mode_t mode = 0644;  // before the umask, unless `exact_mode`
+    // Empty: "<temp_stem>.<pid>.<n>.tmp", unique, for writers that share no lock. Else this one
+    // name, removed first: for writers that hold a common lock, where a leftover of a killed
+    // writer goes with the next write and litter never grows.
+    std::string fixed_temp;
+    std::optional<gid_t> group;  // the temporary file's group (fchown), when set
+    bool exact_mode = false;     // fchmod to `mode`: the umask may have taken the group bits
+};
+
+namespace replace {
+
+// Creates the temporary file, exclusively (never through a symbolic link).
+inline FileDescriptor create_temp(const std::string& temp, const ReplaceOptions& how) noexcept {
+    return FileDescriptor(retry_eintr([&] {
+        return ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW,
+                      how.mode);
+    }));
+}
+
+inline bool set_mode(int fd, const ReplaceOptions& how) noexcept {
+    if (how.group && ::fchown(fd, static_cast<uid_t>(-1), *how.group) != 0) return false;
+    return !how.exact_mode || ::fchmod(fd, how.mode) == 0;
+}
+
+// Mode, write, fsync, close, rename: the first step that fails, with its errno.
+inline void fill_and_rename(FileDescriptor& fd, const std::string& target, std::string_view bytes,
+                            const ReplaceOptions& how, ReplaceOutcome& outcome) {
+    if (!set_mode(fd.get(), how)) {
+        outcome.error = errno, outcome.step = "set the mode of";
+    } else if (!write_all(fd.get(), bytes)) {
+        outcome.error = errno, outcome.step = "write";
+    } else if (retry_eintr([&] { return ::fsync(fd.get()); }) != 0) {
+        outcome.error = errno, outcome.step = "fsync";
+    } else if ((outcome.error = fd.reset()) != 0) {
+        outcome.step = "close";
+    } else if (::rename(outcome.temp.c_str(), target.c_str()) != 0) {
+        outcome.error = errno, outcome.step = "rename";
+    }
+}
+
+}  // namespace replace
+
+// Replaces `target` (in `directory`) with `bytes`: a temporary file in the same directory (rename
+// is atomic only within one filesystem), fsync, rename over the target, fsync of the directory. A
+// failed attempt removes its temporary file. Another process may remove a unique temporary file
+// if it misjudges our pid as dead (pid namespaces): one more attempt covers that, and EEXIST covers
+// a recycled pid's leftovers.
 inline ReplaceOutcome replace_file(const std::string& directory, const std::string& temp_stem,
                                    const std::string& target, std::string_view bytes,
-                                   mode_t mode = 0644) {
+                                   const ReplaceOptions& how = {}) {
     ReplaceOutcome outcome;
+    const bool fixed = !how.fixed_temp.empty();
     for (int attempt = 0; attempt < 4; ++attempt) {
-        outcome.temp = temp_stem + "." + std::to_string(::getpid()) + "." +
-                       std::to_string(next_temp_counter()) + ".tmp";
-        FileDescriptor fd(retry_eintr([&] {
-            return ::open(outcome.temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY,
-                          mode);
-        }));
+        outcome.temp = fixed ? how.fixed_temp
+                             : temp_stem + "." + std::to_string(::getpid()) + "." +
+                                   std::to_string(next_temp_counter()) + ".tmp";
+        if (fixed && ::unlink(outcome.temp.c_str()) != 0 && errno != ENOENT) {
+            outcome.error = errno, outcome.step = "remove";
+            return outcome;
+        }
+        FileDescriptor fd = replace::create_temp(outcome.temp, how);
         outcome.step = "create";
         outcome.error = fd ? 0 : errno;
-        if (outcome.error == EEXIST) continue;
+        if (outcome.error == EEXIST && !fixed) continue;
         if (outcome.error != 0) return outcome;
-        if (!write_all(fd.get(), bytes)) {
-            outcome.error = errno, outcome.step = "write";
-        } else if (retry_eintr([&] { return ::fsync(fd.get()); }) != 0) {
-            outcome.error = errno, outcome.step = "fsync";
-        } else if ((outcome.error = fd.reset()) != 0) {
-            outcome.step = "close";
-        } else if (::rename(outcome.temp.c_str(), target.c_str()) != 0) {
-            outcome.error = errno, outcome.step = "rename";
-        }
+        replace::fill_and_rename(fd, target, bytes, how, outcome);
         if (outcome.error == 0) {
             sync_directory(directory);
             return outcome;
         }
         fd.reset();
         ::unlink(outcome.temp.c_str());
-        if (outcome.error != ENOENT || std::string_view(outcome.step) != "rename") return outcome;
+        if (fixed || outcome.error != ENOENT || std::string_view(outcome.step) != "rename")
+            return outcome;
     }
     return outcome;
 }
@@ -2542,217 +2790,43 @@ inline void touch_file(const std::string& path) noexcept {
     ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0);
 }
 
+// "<dir>/.lock", opened per operation and locked exclusively (at most `timeout`; errno says why
+// not). A descriptor kept open would be shared with forked children, and flock treats a shared
+// descriptor as one owner.
+inline FileDescriptor lock_profile_directory(const std::string& directory,
+                                             std::chrono::milliseconds timeout) {
+    const std::string path = directory + "/.lock";
+    FileDescriptor fd(retry_eintr(
+        [&] { return ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644); }));
+    if (!fd) return fd;
+    if (!flock_within(fd.get(), timeout)) {
+        const int error = errno;
+        fd.reset();
+        errno = error;
+    }
+    return fd;
+}
+
 }  // namespace detail
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/detail/profile_dir.hpp> ----
 
-// ---- begin <vramguard/detail/write_behind.hpp> ----
-// A writer thread that runs its owner's write pass when told there is something to write, at most
-// once per interval: what many calls mark in between is written once (coalesced), off the
-// callers' threads, so a slow or failing disk costs them nothing. The owner writes what is left
-// itself on shutdown (stop() first, then its own final pass), so nothing is lost on a clean exit.
-//
-// The thread starts on the first mark() (a guard made before fork() and used only in the
-// children starts one in each child), and stop() joins it, so it never outlives its owner.
+// ---- begin <vramguard/detail/profile_format.hpp> ----
+// The profile files' format (profile.hpp): writing and parsing one key's file, and merging the
+// sample windows of two copies of a profile.
 
-
-#include <sys/types.h>
-#include <unistd.h>
-
-#include <chrono>
-#include <condition_variable>
-#include <cstdint>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <thread>
-#include <utility>
-
-VRAMGUARD_BEGIN_NAMESPACE
-namespace detail {
-
-class WriteBehind {
-   public:
-    using Clock = std::chrono::steady_clock;
-
-    // `pass` writes everything marked so far; it must not throw.
-    WriteBehind(std::chrono::milliseconds interval, std::function<void()> pass)
-        : interval_(interval), pass_(std::move(pass)) {}
-    WriteBehind(const WriteBehind&) = delete;
-    WriteBehind& operator=(const WriteBehind&) = delete;
-    ~WriteBehind() { stop(); }
-
-    // Something waits to be written: the thread runs a pass at once if the last one is an
-    // interval old, else when it is. Cheap: a lock and a notify, once per pending pass.
-    void mark() {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (stopping_) return;
-        const bool was_pending = pending_;
-        pending_ = true;
-        if (!started_here()) {
-            start();
-            return;
-        }
-        if (!was_pending) wake_.notify_one();
-    }
-
-    // Ends the thread after the pass in progress (if any); what is still marked is the owner's to
-    // write. Idempotent.
-    void stop() noexcept {
-        std::unique_ptr<std::thread> thread;
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            stopping_ = true;
-            if (!started_here()) {
-                // A thread started by the parent before fork() does not exist in this child:
-                // joining or detaching its copied handle is undefined, so the handle is leaked.
-                (void)thread_.release();
-                return;
-            }
-            thread = std::move(thread_);
-        }
-        wake_.notify_all();
-        if (thread && thread->joinable()) thread->join();
-    }
-
-    // Passes run so far (for tests and the bench).
-    std::uint64_t passes() const {
-        std::lock_guard<std::mutex> lock(mutex_);
-        return passes_;
-    }
-    // The writer thread's id (a default id before it started).
-    std::thread::id thread_id() const {
-        std::lock_guard<std::mutex> lock(mutex_);
-        return thread_ ? thread_->get_id() : std::thread::id();
-    }
-
-   private:
-    // Caller holds mutex_.
-    bool started_here() const noexcept { return thread_ && owner_ == ::getpid(); }
-
-    // Caller holds mutex_. A thread that cannot be started leaves the marks to the owner's
-    // flush (std::system_error swallowed: the callers' encodes must not fail over it).
-    void start() noexcept {
-        (void)thread_.release();  // see stop(): a parent's handle in a forked child
-        try {
-            thread_ = std::make_unique<std::thread>([this] { run(); });
-            owner_ = ::getpid();
-        } catch (...) {
-            thread_.reset();
-        }
-    }
-
-    void run() {
-        std::unique_lock<std::mutex> lock(mutex_);
-        for (;;) {
-            wake_.wait(lock, [&] { return pending_ || stopping_; });
-            // Coalescing: a pass at most once per interval; marks in between wait for it.
-            if (last_pass_)
-                wake_.wait_until(lock, *last_pass_ + interval_, [&] { return stopping_; });
-            if (stopping_) return;
-            pending_ = false;
-            last_pass_ = Clock::now();
-            lock.unlock();
-            pass_();
-            lock.lock();
-            ++passes_;
-        }
-    }
-
-    const std::chrono::milliseconds interval_;
-    const std::function<void()> pass_;
-    mutable std::mutex mutex_;
-    std::condition_variable wake_;
-    bool pending_ = false;
-    bool stopping_ = false;
-    std::optional<Clock::time_point> last_pass_;
-    std::uint64_t passes_ = 0;
-    std::unique_ptr<std::thread> thread_;
-    pid_t owner_ = 0;  // the process that started thread_
-};
-
-}  // namespace detail
-VRAMGUARD_END_NAMESPACE
-// ---- end <vramguard/detail/write_behind.hpp> ----
-
-#include <dirent.h>
-#include <fcntl.h>
-#include <signal.h>
-#include <sys/file.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
 #include <chrono>
-#include <climits>
+#include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <ctime>
-#include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
-#include <unordered_map>
-#include <unordered_set>
-#include <utility>
 #include <vector>
 
 VRAMGUARD_BEGIN_NAMESPACE
-
-// One measured run, as the profile keeps it: what ran (`size`: items or weight units, 0 for a
-// load), what it took at its peak, and when (a wall-clock stamp in ns, which orders samples from
-// every process and tells a sample already merged from a new one).
-struct ProfileSample {
-    std::uint64_t stamp = 0;
-    std::uint64_t size = 0;
-    std::uint64_t peak_bytes = 0;
-
-    friend bool operator==(const ProfileSample& a, const ProfileSample& b) noexcept {
-        return a.stamp == b.stamp && a.size == b.size && a.peak_bytes == b.peak_bytes;
-    }
-    friend bool operator<(const ProfileSample& a, const ProfileSample& b) noexcept {
-        if (a.stamp != b.stamp) return a.stamp < b.stamp;
-        if (a.size != b.size) return a.size < b.size;
-        return a.peak_bytes < b.peak_bytes;
-    }
-};
-
-// Samples kept per key and kind, the newest: a wrong reading (another process's allocation seen
-// as ours) ages out after this many newer ones instead of winning for ever. One window: the
-// profile keeps exactly what the cost model fits (policy::cost_window).
-inline constexpr std::size_t profile_window = policy::cost_window;
-
-// What is known about one key; 0 or empty means "not known yet".
-struct Profile {
-    Profile() = default;
-    Profile(std::uint64_t peak, std::uint64_t per_item, std::uint64_t ceiling, std::uint64_t budget)
-        : peak_bytes(peak),
-          peak_bytes_per_item(per_item),
-          batch_ceiling(ceiling),
-          weight_budget(budget) {}
-
-    std::uint64_t peak_bytes = 0;               // highest peak of the recent loads (or runs)
-    std::uint64_t peak_bytes_per_item = 0;      // highest peak per item of the recent encode chunks
-    std::uint64_t batch_ceiling = 0;            // largest batch (items) that last worked
-    std::uint64_t weight_budget = 0;            // largest batch weight (tokens...) that last worked
-    std::vector<ProfileSample> load_samples;    // oldest first, at most profile_window each
-    std::vector<ProfileSample> item_samples;    // encode chunks sized in items
-    std::vector<ProfileSample> weight_samples;  // encode chunks sized in weight units
-
-    friend bool operator==(const Profile& a, const Profile& b) noexcept {
-        return a.peak_bytes == b.peak_bytes && a.peak_bytes_per_item == b.peak_bytes_per_item &&
-               a.batch_ceiling == b.batch_ceiling && a.weight_budget == b.weight_budget &&
-               a.load_samples == b.load_samples && a.item_samples == b.item_samples &&
-               a.weight_samples == b.weight_samples;
-    }
-    friend bool operator!=(const Profile& a, const Profile& b) noexcept { return !(a == b); }
-};
 
 namespace detail {
 
@@ -2955,6 +3029,17 @@ inline void merge_profile_samples(Profile& into, const Profile& from) {
     derive_peaks(into);
 }
 
+// Takes another copy of the same key's profile (a file's, or what memory holds) into `into`: the
+// larger peaks, the newest window of both samples, and its ceiling and budget unless `into`'s
+// were recorded since the last write (`keep_ceiling`, `keep_budget`).
+inline void merge_profile(Profile& into, const Profile& from, bool keep_ceiling, bool keep_budget) {
+    into.peak_bytes = std::max(into.peak_bytes, from.peak_bytes);
+    into.peak_bytes_per_item = std::max(into.peak_bytes_per_item, from.peak_bytes_per_item);
+    merge_profile_samples(into, from);
+    if (!keep_ceiling) into.batch_ceiling = from.batch_ceiling;
+    if (!keep_budget) into.weight_budget = from.weight_budget;
+}
+
 // A sample stamped after `now` was written by a process whose wall clock ran ahead (before an NTP
 // step back, a VM restore) or by a buggy writer. The window keeps the newest by stamp, so such a
 // sample would push out every sample recorded after it until the clock caught up: for ever, if the
@@ -2982,6 +3067,168 @@ inline bool clamp_future_stamps(Profile& profile, std::uint64_t now) {
 }
 
 }  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/profile_format.hpp> ----
+
+// ---- begin <vramguard/detail/write_behind.hpp> ----
+// A writer thread that runs its owner's write pass when told there is something to write, at most
+// once per interval: what many calls mark in between is written once (coalesced), off the
+// callers' threads, so a slow or failing disk costs them nothing. The owner writes what is left
+// itself on shutdown (stop() first, then its own final pass), so nothing is lost on a clean exit.
+//
+// The thread starts on the first mark() (a guard made before fork() and used only in the
+// children starts one in each child), and stop() joins it, so it never outlives its owner.
+
+
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace detail {
+
+class WriteBehind {
+   public:
+    using Clock = std::chrono::steady_clock;
+
+    // `pass` writes everything marked so far; it must not throw.
+    WriteBehind(std::chrono::milliseconds interval, std::function<void()> pass)
+        : interval_(interval), pass_(std::move(pass)) {}
+    WriteBehind(const WriteBehind&) = delete;
+    WriteBehind& operator=(const WriteBehind&) = delete;
+    ~WriteBehind() { stop(); }
+
+    // Something waits to be written: the thread runs a pass at once if the last one is an
+    // interval old, else when it is. Cheap: a lock and a notify, once per pending pass.
+    void mark() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (stopping_) return;
+        const bool was_pending = pending_;
+        pending_ = true;
+        if (!started_here()) {
+            start();
+            return;
+        }
+        if (!was_pending) wake_.notify_one();
+    }
+
+    // Ends the thread after the pass in progress (if any); what is still marked is the owner's to
+    // write. Idempotent.
+    void stop() noexcept {
+        std::unique_ptr<std::thread> thread;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stopping_ = true;
+            if (!started_here()) {
+                // A thread started by the parent before fork() does not exist in this child:
+                // joining or detaching its copied handle is undefined, so the handle is leaked.
+                (void)thread_.release();
+                return;
+            }
+            thread = std::move(thread_);
+        }
+        wake_.notify_all();
+        if (thread && thread->joinable()) thread->join();
+    }
+
+    // Passes run so far (for tests and the bench).
+    std::uint64_t passes() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return passes_;
+    }
+    // The writer thread's id (a default id before it started).
+    std::thread::id thread_id() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return thread_ ? thread_->get_id() : std::thread::id();
+    }
+
+   private:
+    // Caller holds mutex_.
+    bool started_here() const noexcept { return thread_ && owner_ == ::getpid(); }
+
+    // Caller holds mutex_. A thread that cannot be started leaves the marks to the owner's
+    // flush (std::system_error swallowed: the callers' encodes must not fail over it).
+    void start() noexcept {
+        (void)thread_.release();  // see stop(): a parent's handle in a forked child
+        try {
+            thread_ = std::make_unique<std::thread>([this] { run(); });
+            owner_ = ::getpid();
+        } catch (...) {
+            thread_.reset();
+        }
+    }
+
+    void run() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        for (;;) {
+            wake_.wait(lock, [&] { return pending_ || stopping_; });
+            // Coalescing: a pass at most once per interval; marks in between wait for it.
+            if (last_pass_)
+                wake_.wait_until(lock, *last_pass_ + interval_, [&] { return stopping_; });
+            if (stopping_) return;
+            pending_ = false;
+            last_pass_ = Clock::now();
+            lock.unlock();
+            pass_();
+            lock.lock();
+            ++passes_;
+        }
+    }
+
+    const std::chrono::milliseconds interval_;
+    const std::function<void()> pass_;
+    mutable std::mutex mutex_;
+    std::condition_variable wake_;
+    bool pending_ = false;
+    bool stopping_ = false;
+    std::optional<Clock::time_point> last_pass_;
+    std::uint64_t passes_ = 0;
+    std::unique_ptr<std::thread> thread_;
+    pid_t owner_ = 0;  // the process that started thread_
+};
+
+}  // namespace detail
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/write_behind.hpp> ----
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
 
 // How a ProfileCache writes, beyond where (Guard fills it from Options).
 struct ProfileCacheSettings {
@@ -3311,14 +3558,8 @@ class ProfileCache {
         if (found == entries_.end() || !found->second.known) return std::nullopt;
         Entry& entry = found->second;
         Profile merged = entry.profile;
-        if (on_disk) {
-            merged.peak_bytes = std::max(merged.peak_bytes, on_disk->peak_bytes);
-            merged.peak_bytes_per_item =
-                std::max(merged.peak_bytes_per_item, on_disk->peak_bytes_per_item);
-            detail::merge_profile_samples(merged, *on_disk);
-            if (!entry.ceiling_dirty) merged.batch_ceiling = on_disk->batch_ceiling;
-            if (!entry.budget_dirty) merged.weight_budget = on_disk->weight_budget;
-        }
+        if (on_disk)
+            detail::merge_profile(merged, *on_disk, entry.ceiling_dirty, entry.budget_dirty);
         entry.ceiling_dirty = entry.budget_dirty = false;
         return merged;
     }
@@ -3329,12 +3570,7 @@ class ProfileCache {
         auto found = entries_.find(key);
         if (found == entries_.end() || !found->second.known) return;
         Entry& entry = found->second;
-        entry.profile.peak_bytes = std::max(entry.profile.peak_bytes, merged.peak_bytes);
-        entry.profile.peak_bytes_per_item =
-            std::max(entry.profile.peak_bytes_per_item, merged.peak_bytes_per_item);
-        detail::merge_profile_samples(entry.profile, merged);
-        if (!entry.ceiling_dirty) entry.profile.batch_ceiling = merged.batch_ceiling;
-        if (!entry.budget_dirty) entry.profile.weight_budget = merged.weight_budget;
+        detail::merge_profile(entry.profile, merged, entry.ceiling_dirty, entry.budget_dirty);
     }
 
     // replace_file (temp, fsync, rename, directory fsync). Caller holds io_mutex_ and the
@@ -3354,19 +3590,8 @@ class ProfileCache {
         return false;
     }
 
-    // "<dir>/.lock", opened per operation and locked exclusively. A descriptor kept open would be
-    // shared with forked children, and flock treats a shared descriptor as one owner.
     detail::FileDescriptor lock_directory() {
-        const std::string path = directory_ + "/.lock";
-        detail::FileDescriptor fd(detail::retry_eintr(
-            [&] { return ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644); }));
-        if (!fd) return fd;
-        if (!detail::flock_within(fd.get(), lock_timeout)) {
-            const int error = errno;
-            fd.reset();
-            errno = error;
-        }
-        return fd;
+        return detail::lock_profile_directory(directory_, lock_timeout);
     }
 
     // Profiles nobody used for max_age go (under the lock: no write lands in between). Said once.
@@ -3936,13 +4161,15 @@ VRAMGUARD_END_NAMESPACE
 // Linux reads /proc and /sys; other POSIX systems fall back to sysconf and the rlimits alone.
 
 
+// ---- begin <vramguard/detail/system_memory_sources.hpp> ----
+// Reading the host's memory limits (system_memory.hpp): /proc/meminfo fields, the cgroup (v1 or
+// v2) this process is in and where it is mounted, and the rlimits.
+
+
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
-
-#if defined(__GLIBC__)
 #include <malloc.h>
-#endif
 
 #include <algorithm>
 #include <cerrno>
@@ -3956,53 +4183,11 @@ VRAMGUARD_END_NAMESPACE
 
 VRAMGUARD_BEGIN_NAMESPACE
 
-// Where SystemMemoryProbe reads from. The defaults are the real system; tests point `root` at a
-// fake tree (root + "/proc/meminfo", root + "/sys/fs/cgroup/...") to cover cgroup layouts this
-// machine does not have.
-struct SystemMemorySources {
-    std::string root;            // prefix of every /proc and /sys path; "" = the real ones
-    bool process_limits = true;  // apply this process's RLIMIT_AS and RLIMIT_DATA (getrlimit)
-};
-
-// One reading with its parts, for logs and tests. A bound that is not set is empty.
-struct SystemMemoryReading {
-    MemoryInfo memory;                // what memory() returns
-    std::uint64_t mem_total = 0;      // MemTotal (or physical pages x page size)
-    std::uint64_t mem_available = 0;  // MemAvailable (or an estimate where the kernel lacks it)
-    std::optional<std::uint64_t> cgroup_limit;  // the tightest memory limit on this cgroup's path
-    std::optional<std::uint64_t> cgroup_free;   // that limit minus the working set, tightest level
-    std::optional<std::uint64_t> address_space_limit;  // RLIMIT_AS soft limit
-    std::optional<std::uint64_t> data_limit;           // RLIMIT_DATA soft limit
-    // This process's VmSize (what RLIMIT_AS counts) and data + stack size (what RLIMIT_DATA
-    // counts); read only when one of those limits is set, 0 otherwise.
-    std::uint64_t virtual_bytes = 0;
-    std::uint64_t data_bytes = 0;
-    // Which view set free_bytes: "MemAvailable", "cgroup", "RLIMIT_AS" or "RLIMIT_DATA".
-    const char* bound = "MemAvailable";
-};
-
 namespace detail {
 namespace host {
 
-// Reads a small file (procfs and cgroupfs files report size 0, so read until EOF). False when it
-// cannot be opened; no exceptions, no iostreams: a probe reading must stay cheap.
-inline bool read_file(const std::string& path, std::string& out) {
-    out.clear();
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return false;
-    char buffer[4096];
-    for (;;) {
-        const ssize_t n = ::read(fd, buffer, sizeof buffer);
-        if (n > 0) {
-            out.append(buffer, static_cast<std::size_t>(n));
-            if (out.size() > (std::size_t{8} << 20)) break;  // no sane /proc file is this large
-        } else if (n == 0 || errno != EINTR) {
-            break;
-        }
-    }
-    ::close(fd);
-    return true;
-}
+// A host with thousands of mounts has a large mountinfo; no sane /proc file is larger than this.
+inline constexpr std::size_t max_proc_file_bytes = std::size_t{8} << 20;
 
 inline std::optional<std::uint64_t> parse_u64(std::string_view text) {
     std::size_t i = 0;
@@ -4142,8 +4327,8 @@ inline std::vector<std::string> cgroup_directories(const std::string& root,
 
 inline CgroupPath find_memory_cgroup(const std::string& root) {
     std::string mountinfo, membership;
-    if (!read_file(root + "/proc/self/mountinfo", mountinfo) ||
-        !read_file(root + "/proc/self/cgroup", membership))
+    if (!read_small_file(root + "/proc/self/mountinfo", mountinfo, max_proc_file_bytes) ||
+        !read_small_file(root + "/proc/self/cgroup", membership, max_proc_file_bytes))
         return {};
     const CgroupMembership paths = parse_cgroup_membership(membership);
     const CgroupMounts mounts = parse_cgroup_mounts(mountinfo);
@@ -4174,18 +4359,56 @@ inline std::optional<std::uint64_t> soft_limit(int resource) {
     return static_cast<std::uint64_t>(limit.rlim_cur);
 }
 
-// Tightens `reading` with one bound: `limit` caps the total, `free` the free bytes.
-inline void apply_bound(SystemMemoryReading& reading, std::uint64_t limit, std::uint64_t free,
-                        const char* name) {
-    reading.memory.total_bytes = std::min(reading.memory.total_bytes, limit);
-    if (free < reading.memory.free_bytes) {
-        reading.memory.free_bytes = free;
-        reading.bound = name;
-    }
-}
-
 }  // namespace host
 }  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/system_memory_sources.hpp> ----
+
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+// Where SystemMemoryProbe reads from. The defaults are the real system; tests point `root` at a
+// fake tree (root + "/proc/meminfo", root + "/sys/fs/cgroup/...") to cover cgroup layouts this
+// machine does not have.
+struct SystemMemorySources {
+    std::string root;            // prefix of every /proc and /sys path; "" = the real ones
+    bool process_limits = true;  // apply this process's RLIMIT_AS and RLIMIT_DATA (getrlimit)
+};
+
+// One reading with its parts, for logs and tests. A bound that is not set is empty.
+struct SystemMemoryReading {
+    MemoryInfo memory;                // what memory() returns
+    std::uint64_t mem_total = 0;      // MemTotal (or physical pages x page size)
+    std::uint64_t mem_available = 0;  // MemAvailable (or an estimate where the kernel lacks it)
+    std::optional<std::uint64_t> cgroup_limit;  // the tightest memory limit on this cgroup's path
+    std::optional<std::uint64_t> cgroup_free;   // that limit minus the working set, tightest level
+    std::optional<std::uint64_t> address_space_limit;  // RLIMIT_AS soft limit
+    std::optional<std::uint64_t> data_limit;           // RLIMIT_DATA soft limit
+    // This process's VmSize (what RLIMIT_AS counts) and data + stack size (what RLIMIT_DATA
+    // counts); read only when one of those limits is set, 0 otherwise.
+    std::uint64_t virtual_bytes = 0;
+    std::uint64_t data_bytes = 0;
+    // Which view set free_bytes: "MemAvailable", "cgroup", "RLIMIT_AS" or "RLIMIT_DATA".
+    const char* bound = "MemAvailable";
+};
 
 // The host's memory as this process may still use it (see the top of this file). Stateless after
 // construction, so one probe serves every thread. A reading costs a few small procfs/cgroupfs
@@ -4204,7 +4427,7 @@ class SystemMemoryProbe {
         namespace host = detail::host;
         SystemMemoryReading reading;
         std::string text;
-        if (host::read_file(sources_.root + "/proc/meminfo", text)) {
+        if (detail::read_small_file(sources_.root + "/proc/meminfo", text)) {
             reading.mem_total = host::field(text, "MemTotal:").value_or(0) * 1024;
             if (auto available = host::field(text, "MemAvailable:")) {
                 reading.mem_available = *available * 1024;
@@ -4245,6 +4468,16 @@ class SystemMemoryProbe {
     int cgroup_version() const noexcept { return cgroup_.version; }
 
    private:
+    // Tightens `reading` with one bound: `limit` caps the total, `free` the free bytes.
+    static void apply_bound(SystemMemoryReading& reading, std::uint64_t limit, std::uint64_t free,
+                            const char* name) {
+        reading.memory.total_bytes = std::min(reading.memory.total_bytes, limit);
+        if (free < reading.memory.free_bytes) {
+            reading.memory.free_bytes = free;
+            reading.bound = name;
+        }
+    }
+
     static void read_sysconf(SystemMemoryReading& reading) {
         const std::uint64_t page = detail::host::page_size();
         const long pages = ::sysconf(_SC_PHYS_PAGES);
@@ -4266,15 +4499,16 @@ class SystemMemoryProbe {
         if (cgroup_.version == 0) return;
         const bool v2 = cgroup_.version == 2;
         for (const std::string& directory : cgroup_.directories) {
-            if (!host::read_file(directory + (v2 ? "/memory.max" : "/memory.limit_in_bytes"), text))
+            if (!detail::read_small_file(
+                    directory + (v2 ? "/memory.max" : "/memory.limit_in_bytes"), text))
                 continue;
             const std::optional<std::uint64_t> limit = host::parse_u64(text);
             if (!limit || (!v2 && *limit >= host::cgroup_v1_unlimited)) continue;  // "max": none
             std::uint64_t usage = 0;
-            if (host::read_file(directory + (v2 ? "/memory.current" : "/memory.usage_in_bytes"),
-                                text))
+            if (detail::read_small_file(
+                    directory + (v2 ? "/memory.current" : "/memory.usage_in_bytes"), text))
                 usage = host::parse_u64(text).value_or(0);
-            if (host::read_file(directory + "/memory.stat", text)) {
+            if (detail::read_small_file(directory + "/memory.stat", text)) {
                 std::optional<std::uint64_t> inactive;
                 if (!v2) inactive = host::field(text, "total_inactive_file ");
                 if (!inactive) inactive = host::field(text, "inactive_file ");
@@ -4283,7 +4517,7 @@ class SystemMemoryProbe {
             const std::uint64_t free = detail::saturating_sub(*limit, usage);
             reading.cgroup_limit = std::min(reading.cgroup_limit.value_or(UINT64_MAX), *limit);
             reading.cgroup_free = std::min(reading.cgroup_free.value_or(UINT64_MAX), free);
-            host::apply_bound(reading, *limit, free, "cgroup");
+            apply_bound(reading, *limit, free, "cgroup");
         }
     }
 
@@ -4297,7 +4531,7 @@ class SystemMemoryProbe {
 #endif
         if (!reading.address_space_limit && !reading.data_limit) return;
         // statm: "size resident shared text lib data dt", in pages.
-        if (host::read_file(sources_.root + "/proc/self/statm", text)) {
+        if (detail::read_small_file(sources_.root + "/proc/self/statm", text)) {
             const std::vector<std::string_view> fields = host::split(text, ' ');
             const std::uint64_t page = host::page_size();
             if (fields.size() >= 6) {
@@ -4306,14 +4540,13 @@ class SystemMemoryProbe {
             }
         }
         if (reading.address_space_limit)
-            host::apply_bound(
-                reading, *reading.address_space_limit,
-                detail::saturating_sub(*reading.address_space_limit, reading.virtual_bytes),
-                "RLIMIT_AS");
+            apply_bound(reading, *reading.address_space_limit,
+                        detail::saturating_sub(*reading.address_space_limit, reading.virtual_bytes),
+                        "RLIMIT_AS");
         if (reading.data_limit)
-            host::apply_bound(reading, *reading.data_limit,
-                              detail::saturating_sub(*reading.data_limit, reading.data_bytes),
-                              "RLIMIT_DATA");
+            apply_bound(reading, *reading.data_limit,
+                        detail::saturating_sub(*reading.data_limit, reading.data_bytes),
+                        "RLIMIT_DATA");
     }
 
     SystemMemorySources sources_;
@@ -4324,7 +4557,7 @@ class SystemMemoryProbe {
 // server's own work took, for demos that take a share of the host as their "device".
 inline std::uint64_t process_resident_bytes() {
     std::string text;
-    if (!detail::host::read_file("/proc/self/statm", text)) return 0;
+    if (!detail::read_small_file("/proc/self/statm", text)) return 0;
     const std::vector<std::string_view> fields = detail::host::split(text, ' ');
     if (fields.size() < 2) return 0;
     return detail::host::parse_u64(fields[1]).value_or(0) * detail::host::page_size();
@@ -4409,44 +4642,31 @@ inline std::atomic<std::uint64_t>* counter_for(detail::AtomicStats& stats,
     }
 }
 
-namespace detail {
-
-inline std::string error_text(const Event& event) {
-    return event.error ? " (" + describe(*event.error) + ")" : std::string();
-}
-
-inline std::string chunk_text(const Event& event) {
-    std::string text = "a batch of " + std::to_string(event.size) + " items";
-    if (event.weight > 0) text += " (weight " + std::to_string(event.weight) + ")";
-    return text;
-}
-
-}  // namespace detail
-
 // The sentence for an event; empty for events that only count.
 inline std::string format_event(const Event& event) {
     const std::string subject = std::string(event.work) + " " + event.key.describe() + ": ";
     const std::string attempt =
         std::to_string(event.attempt) + " of " + std::to_string(event.attempts);
+    const std::string error = event.error ? " (" + describe(*event.error) + ")" : std::string();
     switch (event.kind) {
         case EventKind::driver_oom:
-            return subject + "driver-level out of memory" + detail::error_text(event) +
+            return subject + "driver-level out of memory" + error +
                    "; the CUDA context may be unusable, so it is not retried";
         case EventKind::chunk_shrunk:
-            return subject + "out of memory on " + detail::chunk_text(event) +
+            return subject + "out of memory on a batch of " + std::to_string(event.size) +
+                   " items" +
+                   (event.weight > 0 ? " (weight " + std::to_string(event.weight) + ")" : "") +
                    "; released the allocator cache, retrying at " +
-                   (event.weight > 0 ? "weight " : "") + std::to_string(event.next) +
-                   detail::error_text(event);
+                   (event.weight > 0 ? "weight " : "") + std::to_string(event.next) + error;
         case EventKind::item_retry:
             return subject + "item " + std::to_string(event.item) +
                    " ran out of memory alone (attempt " + attempt +
-                   "); released the allocator cache, waiting for memory" +
-                   detail::error_text(event);
+                   "); released the allocator cache, waiting for memory" + error;
         case EventKind::item_exclusive:
             return subject + "item " + std::to_string(event.item) +
                    " ran out of memory while other batches of this guard held memory; released "
                    "the allocator cache, retrying it alone once they finish" +
-                   detail::error_text(event);
+                   error;
         case EventKind::item_gave_up:
             return subject + "item " + std::to_string(event.item) + " ran out of memory alone " +
                    std::to_string(event.attempt) + " times; giving up on it";
@@ -4454,10 +4674,10 @@ inline std::string format_event(const Event& event) {
             return subject + "out of memory on attempt " + attempt +
                    "; released the allocator cache, waiting up to " +
                    std::to_string(event.wait.count()) + " ms for " + format_bytes(event.bytes) +
-                   " to be free" + detail::error_text(event);
+                   " to be free" + error;
         case EventKind::load_gave_up:
             return subject + "out of memory on attempt " + std::to_string(event.attempt) +
-                   ", giving up" + detail::error_text(event);
+                   ", giving up" + error;
         case EventKind::admission_wait:
             return subject + "waiting up to " + std::to_string(event.wait.count()) + " ms for " +
                    format_bytes(event.bytes) + " to be free";
@@ -4467,6 +4687,23 @@ inline std::string format_event(const Event& event) {
         default: return std::string();
     }
 }
+
+VRAMGUARD_END_NAMESPACE
+
+// Internals that need the types above.
+
+// ---- begin <vramguard/detail/event_publish.hpp> ----
+// How the guard publishes an Event (events.hpp): counted always, formatted and logged only past
+// the sink's level.
+
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <string>
+
+VRAMGUARD_BEGIN_NAMESPACE
 
 namespace detail {
 
@@ -4482,6 +4719,7 @@ inline void publish(AtomicStats& stats, const LogSink& sink, Level least, const 
 }  // namespace detail
 
 VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/event_publish.hpp> ----
 // ---- end <vramguard/events.hpp> ----
 
 // ---- begin <vramguard/batch_view.hpp> ----
@@ -4560,6 +4798,36 @@ struct Admission {
 
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/admission.hpp> ----
+
+// ---- begin <vramguard/recovery.hpp> ----
+// The recovery wait after an unload, for anyone who frees memory (a guard after an eviction, a
+// registry after peers answered, an external manager): the driver reports freed VRAM late, so
+// poll until recovery_fraction (75 %) of the expected bytes show, at most recovery_timeout (5 s),
+// then trust the estimate (Ollama's rule). Done at once when what is needed is already free: users
+// of Ollama report the full timeout being waited for memory that was there.
+
+
+#include <cstdint>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+// After an unload of `expected_freed` bytes (free was `free_before`): polls the probe every
+// Options::poll_interval until it reports Options::recovery_fraction of them, or `needed_free`
+// (when > 0) is free, at most Options::recovery_timeout, on Options::clock and Options::sleep.
+// Returns whether the memory was seen (true) or only trusted (false).
+template <class Probe>
+bool wait_for_freed_memory(Probe& probe, const Options& options, std::uint64_t expected_freed,
+                           std::uint64_t free_before, std::uint64_t needed_free = 0) {
+    const TimePoint deadline = detail::deadline_after(options.clock(), options.recovery_timeout);
+    return detail::poll_until(options.clock, options.sleep, options.poll_interval, deadline, [&] {
+        const std::uint64_t free_now = probe.memory().free_bytes;
+        return (needed_free > 0 && free_now >= needed_free) ||
+               policy::recovered(free_before, free_now, expected_freed, options.recovery_fraction);
+    });
+}
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/recovery.hpp> ----
 
 // ---- begin <vramguard/guard.hpp> ----
 // Guard<Probe>: the facade users see. load() admits, measures and retries a model load; encode()
@@ -5374,18 +5642,11 @@ class AdmissionControl {
         return came_back;
     }
 
-    // After an unload of `expected_freed` bytes (free was `free_before`): polls until the driver
-    // reports recovery_fraction of them, or `needed_free` is free, at most recovery_timeout; then
-    // trusts the estimate. Returns whether the memory was seen (true) or only trusted (false).
+    // The recovery wait (recovery.hpp) on this guard's probe and options.
     bool wait_for_freed_memory(std::uint64_t expected_freed, std::uint64_t free_before,
                                std::uint64_t needed_free) {
-        const TimePoint deadline = deadline_after(options_.clock(), options_.recovery_timeout);
-        return poll_until(options_.clock, options_.sleep, options_.poll_interval, deadline, [&] {
-            const std::uint64_t free_now = probe_.memory().free_bytes;
-            return (needed_free > 0 && free_now >= needed_free) ||
-                   policy::recovered(free_before, free_now, expected_freed,
-                                     options_.recovery_fraction);
-        });
+        return vramguard::wait_for_freed_memory(probe_, options_, expected_freed, free_before,
+                                                needed_free);
     }
 
    private:
@@ -7061,110 +7322,20 @@ Batcher<Item, Probe, std::decay_t<F>, std::decay_t<W>> make_batcher(Guard<Probe>
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/batcher.hpp> ----
 
-// ---- begin <vramguard/host.hpp> ----
-// Host-wide coordination (POSIX): pre-forked workers on one GPU must not all see "6 GiB free" and
-// all load 6 GiB. An in-process check cannot see the other processes, so admission goes through a
-// per-device reservation ledger, a small file guarded by an flock: lock, prune the entries of dead
-// processes, compare free memory minus everyone's live reservations, reserve or refuse, unlock.
-// Every change replaces the file whole (temporary file, rename), so a process killed at any
-// instant leaves a ledger that still holds every live reservation.
-// No daemon: the kernel releases a dead process's flock, and its entries are pruned by the next
-// process that looks.
-//
-// Accounting. A reservation covers the window between admission and the moment the load's own
-// allocations show in the driver's free figure: while it is held, every other process sees
-// `free - sum(live reservations)`. During the load its allocations already show in `free` and the
-// reservation still counts, so the same bytes are counted twice for a while: conservative on
-// purpose (an over-admission is an OOM in someone's load; a refusal is a retry). When the load
-// returns, Guard drops the hold and only the driver's figure counts.
-//
-// The free-memory reading is taken under the lock, after pruning (Coordinator::try_reserve calls
-// the probe there). A reading taken before the lock could predate a load that another process
-// finished while this one waited for it, and compared with a ledger where that load's reservation
-// is gone it would count the load's memory as free. Under the lock, every reservation missing from
-// the ledger belonged to a load that had returned, so its allocations are in the reading. That
-// relies on the driver showing a finished allocation at once, which cudaMemGetInfo does (a
-// cudaMalloc that returned is counted); frees may show late, which only makes a reading
-// conservative. So a released reservation is erased at once; nothing lingers.
-//
-// Every process that shares a ledger must share one pid namespace (liveness is judged by pid and
-// the process start time from /proc/<pid>/stat) and one boot (checked through the boot id).
+// ---- begin <vramguard/ledger_state.hpp> ----
+// What a host ledger file (host.hpp) holds: its reservations, as HostLedger::snapshot() returns
+// them.
 
 
-#include <fcntl.h>
-#include <signal.h>
-#include <sys/file.h>
-#include <sys/stat.h>
 #include <sys/types.h>
-#include <time.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cerrno>
-#include <chrono>
-#include <climits>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <stdexcept>
 #include <string>
-#include <string_view>
-#include <thread>
-#include <utility>
 #include <vector>
 
 VRAMGUARD_BEGIN_NAMESPACE
-
-namespace defaults {
-// The ledger lock is held for one read-modify-write of a small file (microseconds); waiting longer
-// than this means its holder is stopped (SIGSTOP, a debugger), and admission falls back to this
-// process's own view rather than stall every load on the host.
-inline constexpr std::chrono::milliseconds ledger_lock_timeout{2000};
-// The single-item lock is held for one item's computation. Past this the item runs without
-// host-wide exclusion (an OOM it causes is still retried), instead of waiting forever on a holder
-// that hangs.
-inline constexpr std::chrono::milliseconds single_item_lock_timeout{30000};
-// Worker processes per GPU: each loads its own model copy and contends for the same device, so
-// the CPU formula (2 x cores + 1) only multiplies copies. A few workers keep the GPU busy while
-// others do CPU work (tokenizing, I/O).
-inline constexpr std::size_t gpu_workers = 4;
-}  // namespace defaults
-
-// How a HostLedger finds and protects its files. Every field states its default.
-struct HostOptions {
-    // Where the ledger lives; "" = HostLedger::default_directory() ($VRAMGUARD_RUNTIME_DIR, else
-    // /dev/shm, else $XDG_RUNTIME_DIR, else /tmp). Every process of one server must agree on it.
-    std::string directory;
-    // Unset: files are 0600, this user's processes only. Set: files are created 0660 and owned by
-    // this group, for workers that run as different users of one group. The ledger is replaced by
-    // rename, which a sticky directory (/dev/shm, /tmp) refuses over another user's file: give
-    // such workers a directory of that group that is not sticky (mode 2770, say).
-    std::optional<gid_t> group;
-    // Waits on other processes use the system's monotonic clock, not an injected one: the other
-    // side of the wait is another process, which a test's ManualClock cannot move.
-    // Longest wait for the ledger lock, (0, 10 s]; then admission uses this process's view alone.
-    std::chrono::milliseconds lock_timeout = defaults::ledger_lock_timeout;
-    // Longest wait for the host-wide single-item lock, > 0; then the item runs without it.
-    std::chrono::milliseconds single_item_timeout = defaults::single_item_lock_timeout;
-    LogSink log = stderr_sink();
-
-    // Throws std::invalid_argument naming the first field that makes no sense.
-    void validate() const {
-        auto fail = [](const char* field, const std::string& why) {
-            throw std::invalid_argument(std::string("vramguard::HostOptions::") + field + " " +
-                                        why);
-        };
-        if (lock_timeout.count() <= 0 || lock_timeout > std::chrono::milliseconds(10000))
-            fail("lock_timeout",
-                 "must be in (0, 10000] ms, got " + std::to_string(lock_timeout.count()) + " ms");
-        if (single_item_timeout.count() <= 0) fail("single_item_timeout", "must be positive");
-    }
-};
 
 // One reservation in the ledger file.
 struct LedgerEntry {
@@ -7213,6 +7384,60 @@ struct LedgerState {
     }
 };
 
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/ledger_state.hpp> ----
+
+// ---- begin <vramguard/host.hpp> ----
+// Host-wide coordination (POSIX): pre-forked workers on one GPU must not all see "6 GiB free" and
+// all load 6 GiB. An in-process check cannot see the other processes, so admission goes through a
+// per-device reservation ledger, a small file guarded by an flock: lock, prune the entries of dead
+// processes, compare free memory minus everyone's live reservations, reserve or refuse, unlock.
+// Every change replaces the file whole (detail::replace_file: temporary file, fsync, rename), so a
+// process killed at any instant leaves a ledger that still holds every live reservation.
+// No daemon: the kernel releases a dead process's flock, and its entries are pruned by the next
+// process that looks.
+//
+// Accounting. A reservation covers the window between admission and the moment the load's own
+// allocations show in the driver's free figure: while it is held, every other process sees
+// `free - sum(live reservations)`. During the load its allocations already show in `free` and the
+// reservation still counts, so the same bytes are counted twice for a while: conservative on
+// purpose (an over-admission is an OOM in someone's load; a refusal is a retry). When the load
+// returns, Guard drops the hold and only the driver's figure counts.
+//
+// The free-memory reading is taken under the lock, after pruning (Coordinator::try_reserve calls
+// the probe there). A reading taken before the lock could predate a load that another process
+// finished while this one waited for it, and compared with a ledger where that load's reservation
+// is gone it would count the load's memory as free. Under the lock, every reservation missing from
+// the ledger belonged to a load that had returned, so its allocations are in the reading. That
+// relies on the driver showing a finished allocation at once, which cudaMemGetInfo does (a
+// cudaMalloc that returned is counted); frees may show late, which only makes a reading
+// conservative. So a released reservation is erased at once; nothing lingers.
+//
+// Every process that shares a ledger must share one pid namespace (liveness is judged by pid and
+// the process start time from /proc/<pid>/stat) and one boot (checked through the boot id).
+
+
+// ---- begin <vramguard/detail/ledger_file.hpp> ----
+// The files of one host ledger: the ledger itself (read, trusted or not, salvaged, replaced whole),
+// the lock file whose flock orders every change to it, and the single-item lock files beside them.
+// Every file is opened anew for each use (a descriptor inherited over fork() would share its
+// flock).
+
+
+// ---- begin <vramguard/detail/ledger_format.hpp> ----
+// The host ledger's file format: writing, parsing, and salvaging a damaged file.
+
+
+#include <algorithm>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
 namespace detail {
 
 // File format, version 1 (text, so an operator can `cat` it; every line ends in '\n'):
@@ -7225,7 +7450,7 @@ namespace detail {
 // Numbers are canonical decimals. It is never written in place: a writer holding the lock file's
 // flock writes "<ledger>.tmp" and renames it over the ledger, so every reader, and every process
 // after a writer killed at any instant, finds either the old file or the new one, whole (see
-// HostLedger::store). A file damaged all the same (by hand, by a disk) is salvaged, never emptied:
+// LedgerFile::store). A file damaged all the same (by hand, by a disk) is salvaged, never emptied:
 // see salvage_ledger.
 inline constexpr std::string_view ledger_magic = "vramguard-ledger 1";
 // 4096 entries of at most ~130 bytes: an upper bound, far above any real ledger.
@@ -7402,7 +7627,36 @@ inline LedgerState salvage_ledger(std::string_view text, std::string_view assume
     return state;
 }
 
-// ---- processes and clocks ----
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/ledger_format.hpp> ----
+
+// ---- begin <vramguard/detail/ledger_process.hpp> ----
+// The processes a host ledger names: the boot they belong to, whether each still runs (pid and
+// start time), and what this process itself holds; reconcile_ledger() makes a ledger agree.
+
+
+#include <signal.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
 
 // CLOCK_MONOTONIC: the one clock every process of a boot shares (steady_clock promises less).
 inline std::uint64_t monotonic_ns() noexcept {
@@ -7412,18 +7666,12 @@ inline std::uint64_t monotonic_ns() noexcept {
            static_cast<std::uint64_t>(now.tv_nsec);
 }
 
-// Small /proc files (stat, boot_id); false when absent (no /proc, other systems) or unreadable.
-inline bool read_proc_file(const std::string& path, std::string& out) {
-    int error = 0;
-    return read_small_file(path, out, error) == ReadResult::ok;
-}
-
 // The kernel's boot id, read once: a ledger left in a persistent directory by an earlier boot
 // names pids (and start times) that mean nothing now.
 inline const std::string& current_boot_id() {
     static const std::string boot = [] {
         std::string text;
-        if (!read_proc_file("/proc/sys/kernel/random/boot_id", text)) return std::string("-");
+        if (!read_small_file("/proc/sys/kernel/random/boot_id", text)) return std::string("-");
         while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
         return is_boot_id(text) ? text : std::string("-");
     }();
@@ -7459,7 +7707,7 @@ inline std::optional<ProcessStat> parse_process_stat(std::string_view text) {
 
 inline std::optional<ProcessStat> read_process_stat(pid_t pid) {
     std::string text;
-    if (!read_proc_file("/proc/" + std::to_string(pid) + "/stat", text)) return std::nullopt;
+    if (!read_small_file("/proc/" + std::to_string(pid) + "/stat", text)) return std::nullopt;
     return parse_process_stat(text);
 }
 
@@ -7496,7 +7744,7 @@ inline std::uint64_t fresh_reservation_id() noexcept {
 }
 
 // The reservations this process holds, per ledger file: what its own entries in that file must be.
-// A transaction makes the file agree (HostLedger::reconcile): an entry naming this process that it
+// A transaction makes the file agree (reconcile_ledger below): an entry naming this process that it
 // does not hold is a release that did not reach the file (or a stray line of a damaged one) and is
 // dropped; one it holds that the file lacks (lost to damage) is written back. Process-wide, because
 // several HostLedger objects may share one file; a forked child inherits a copy, but its pid
@@ -7533,6 +7781,75 @@ class HeldReservations {
     std::vector<std::pair<std::string, LedgerEntry>> held_;
 };
 
+// Makes the state of ledger `path` agree with what is alive: drops the entries of processes that
+// are gone and those an earlier build marked released (see LedgerEntry), and makes this process's
+// own entries exactly the reservations it holds (see HeldReservations): a release that did not
+// reach the file is applied, a reservation a damaged file lost is written back, a size a damaged
+// file lost is restored. True when it changed.
+inline bool reconcile_ledger(LedgerState& state, const std::string& path) {
+    const pid_t self = ::getpid();
+    const std::vector<LedgerEntry> held = HeldReservations::instance().of(path, self);
+    // Each owner (pid and start time) looked up once. This process's entries too: one under
+    // our pid with another start time is a dead process's whose pid we were given.
+    std::vector<std::pair<std::pair<pid_t, std::uint64_t>, bool>> looked_up;
+    const auto alive = [&](const LedgerEntry& entry) {
+        const std::pair<pid_t, std::uint64_t> owner{entry.pid, entry.start_ticks};
+        for (const auto& known : looked_up)
+            if (known.first == owner) return known.second;
+        const bool live = owner_alive(entry.pid, entry.start_ticks);
+        looked_up.emplace_back(owner, live);
+        return live;
+    };
+    const auto holds = [&](std::uint64_t id) {
+        return std::any_of(held.begin(), held.end(),
+                           [id](const LedgerEntry& mine) { return mine.id == id; });
+    };
+    const std::size_t before = state.entries.size();
+    state.entries.erase(std::remove_if(state.entries.begin(), state.entries.end(),
+                                       [&](const LedgerEntry& entry) {
+                                           if (!entry.live() || !alive(entry)) return true;
+                                           return entry.pid == self && !holds(entry.id);
+                                       }),
+                        state.entries.end());
+    bool changed = state.entries.size() != before;
+    for (const LedgerEntry& mine : held) {
+        const auto found = std::find_if(state.entries.begin(), state.entries.end(),
+                                        [&](const LedgerEntry& e) { return e.id == mine.id; });
+        if (found == state.entries.end()) {
+            state.entries.push_back(mine);
+        } else if (*found != mine) {
+            *found = mine;
+        } else {
+            continue;
+        }
+        changed = true;
+    }
+    return changed;
+}
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/ledger_process.hpp> ----
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+
 // "[A-Za-z0-9._-]" kept, anything else '_', at most 48 characters: readable in `ls`, safe as a
 // name.
 inline std::string sanitize_file_part(std::string_view text) {
@@ -7545,23 +7862,259 @@ inline std::string sanitize_file_part(std::string_view text) {
     return out;
 }
 
-// flock(LOCK_EX) with a deadline: flock itself cannot time out, so it is polled with a short
-// backoff (20 us doubling to 1 ms; the ledger lock is held for microseconds). Returns 0, or the
-// errno that stopped it (ETIMEDOUT when the deadline passed).
-inline int lock_until(int fd, std::chrono::steady_clock::time_point deadline) {
-    auto pause = std::chrono::microseconds(20);
-    for (;;) {
-        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return 0;
-        if (errno != EWOULDBLOCK && errno != EAGAIN) return errno;
-        const auto now = std::chrono::steady_clock::now();
-        if (now >= deadline) return ETIMEDOUT;
-        std::this_thread::sleep_for(
-            std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
-        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(1));
+class LedgerFile {
+   public:
+    LedgerFile(std::string directory, std::string_view device_identity, std::optional<gid_t> group,
+               std::chrono::milliseconds lock_timeout)
+        : directory_(std::move(directory)),
+          device_hash_(ledger_device_hash(device_identity)),
+          group_(group),
+          lock_timeout_(lock_timeout) {
+        while (directory_.size() > 1 && directory_.back() == '/') directory_.pop_back();
+        path_ = directory_ + "/" + file_name(device_identity);
+        lock_path_ = path_ + ".lock";
     }
-}
+
+    // "vramguard-ledger-<readable part of the identity>-<16 hex digits of its hash>".
+    static std::string file_name(std::string_view device_identity) {
+        return "vramguard-ledger-" + sanitize_file_part(device_identity) + "-" +
+               hex16(ledger_device_hash(device_identity));
+    }
+
+    const std::string& directory() const noexcept { return directory_; }
+    const std::string& path() const noexcept { return path_; }            // the ledger
+    const std::string& lock_path() const noexcept { return lock_path_; }  // "<ledger>.lock"
+
+    // Why a file found on disk is not to be trusted; "" when it is: it must be a regular file of
+    // this user (or of HostOptions::group) that not every user may write.
+    std::string distrust(const std::string& path, const struct stat& st) const {
+        if (!S_ISREG(st.st_mode)) return path + " is not a regular file";
+        if (st.st_uid != ::geteuid() && !(group_ && st.st_gid == *group_))
+            return path + " belongs to uid " + std::to_string(st.st_uid) +
+                   " (another user's ledger; to share one, set HostOptions::group in every "
+                   "process)";
+        if ((st.st_mode & S_IWOTH) != 0)
+            return path + " is writable by every user; not trusting it";
+        return {};
+    }
+
+    // Gives a file this process has just created the mode and group HostOptions asks for (the
+    // umask may have taken the group bits).
+    bool set_mode(int fd) const {
+        const mode_t mode = group_ ? 0660 : 0600;
+        return !(group_ && ::fchown(fd, static_cast<uid_t>(-1), *group_) != 0) &&
+               ::fchmod(fd, mode) == 0;
+    }
+
+    // Opens (creating) one of the lock files, read-write, close-on-exec, never through a symbolic
+    // link, and checks that it may be trusted. On failure: an invalid descriptor and the reason.
+    FileDescriptor open_file(const std::string& path, std::string& reason) const {
+        reason.clear();
+        const mode_t mode = group_ ? 0660 : 0600;
+        const int flags = O_RDWR | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK;
+        int raw = retry_eintr([&] { return ::open(path.c_str(), flags | O_CREAT | O_EXCL, mode); });
+        const bool created = raw >= 0;
+        if (raw < 0 && errno == EEXIST)
+            raw = retry_eintr([&] { return ::open(path.c_str(), flags); });
+        FileDescriptor fd(raw);
+        if (!fd) {
+            reason = "cannot open " + path + " (" + errno_text(errno) + ")";
+            return fd;
+        }
+        struct stat st {};
+        if (::fstat(fd.get(), &st) != 0) {
+            reason = "cannot stat " + path + " (" + errno_text(errno) + ")";
+            return FileDescriptor();
+        }
+        if (created && !set_mode(fd.get())) {
+            reason =
+                "cannot set the owner group or mode of " + path + " (" + errno_text(errno) + ")";
+            return FileDescriptor();
+        }
+        if (!created) reason = distrust(path, st);
+        if (!reason.empty()) return FileDescriptor();
+        return fd;
+    }
+
+    static std::string lock_failure(const std::string& path, int error) {
+        if (error == ETIMEDOUT) return "timed out waiting for the lock on " + path;
+        return "cannot lock " + path + " (" + errno_text(error) + ")";
+    }
+
+    // The flock that orders every read-modify-write of the ledger, on "<ledger>.lock": a file that
+    // is never replaced (a lock on the ledger itself would protect nothing once a rename replaced
+    // its inode). Held while the descriptor lives; the kernel drops it when its holder dies.
+    FileDescriptor lock(std::string& reason) const {
+        FileDescriptor fd = open_file(lock_path_, reason);
+        if (!fd) return fd;
+        const auto deadline = deadline_after(std::chrono::steady_clock::now(), lock_timeout_);
+        if (const int error = lock_until(fd.get(), deadline); error != 0) {
+            reason = lock_failure(lock_path_, error);
+            return FileDescriptor();
+        }
+        return fd;
+    }
+
+    // The ledger's bytes ("" when there is none yet), read under the lock; the reason when it
+    // cannot be trusted or read.
+    std::optional<std::string> read_text(std::string& text) const {
+        text.clear();
+        struct stat st {};
+        if (::lstat(path_.c_str(), &st) != 0) {
+            if (errno == ENOENT) return std::nullopt;
+            return "cannot stat " + path_ + " (" + errno_text(errno) + ")";
+        }
+        if (std::string why = distrust(path_, st); !why.empty()) return why;
+        int error = 0;
+        if (read_small_file(path_, text, error) == ReadResult::failed)
+            return "cannot read " + path_ + " (" + errno_text(error) + ")";
+        return std::nullopt;
+    }
+
+    // The ledger as the file says, into `state`. No file (or an empty one) is a new ledger; a file
+    // written before this boot names no live process; a damaged one is salvaged, never emptied
+    // (see salvage_ledger), with a warning. `dirty`: the file must be rewritten. Returns
+    // the reason when the file cannot be read or trusted.
+    std::optional<std::string> load(LedgerState& state, bool& dirty,
+                                    std::vector<std::string>& warnings) const {
+        std::string text;
+        if (auto failure = read_text(text)) return failure;
+        const std::string& boot = current_boot_id();
+        std::string why;
+        std::optional<LedgerState> parsed;
+        if (!text.empty()) parsed = parse_ledger(text, &why);
+        if (parsed && parsed->device != device_hash_) {
+            why = "it belongs to another device identity";
+            parsed.reset();
+        }
+        dirty = !parsed;
+        if (parsed) {
+            state = std::move(*parsed);
+        } else if (!text.empty()) {
+            state = salvage_ledger(text, boot);
+            warnings.push_back("host ledger " + path_ + " was damaged (" + why +
+                               "); rebuilt it from the " + std::to_string(state.entries.size()) +
+                               " reservations it still names (one whose size is lost counts as "
+                               "the whole device until its owner releases it or exits; those of "
+                               "dead owners are dropped)");
+        }
+        state.device = device_hash_;
+        if (state.boot != boot) {
+            // Written before a reboot: every pid in it is meaningless now.
+            state.boot = boot;
+            state.entries.clear();
+            dirty = true;
+        }
+        return std::nullopt;
+    }
+
+    // Replaces the ledger whole (replace_file: "<ledger>.tmp", fsync, rename, directory
+    // fsync), so a kill at any instant leaves the old file or the new one, never a mix (an
+    // in-place rewrite killed between its write and its ftruncate left the new text followed by
+    // stray bytes of the old). The temporary file has one name, used under the lock: one a writer
+    // killed before its rename left is removed by the next writer, and litter never grows.
+    std::optional<std::string> store(const LedgerState& state) const {
+        ReplaceOptions how;
+        how.mode = group_ ? 0660 : 0600;
+        how.group = group_;
+        how.exact_mode = true;
+        how.fixed_temp = path_ + ".tmp";
+        const ReplaceOutcome outcome =
+            replace_file(directory_, path_, path_, serialize_ledger(state), how);
+        if (outcome.error == 0) return std::nullopt;
+        const bool rename = std::string_view(outcome.step) == "rename";
+        return std::string("cannot ") + outcome.step + " " + outcome.temp +
+               (rename ? " over " + path_ : std::string()) + " (" + errno_text(outcome.error) + ")";
+    }
+
+   private:
+    std::string directory_;
+    const std::uint64_t device_hash_;
+    const std::optional<gid_t> group_;
+    const std::chrono::milliseconds lock_timeout_;
+    std::string path_;
+    std::string lock_path_;
+};
 
 }  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/ledger_file.hpp> ----
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace defaults {
+// The ledger lock is held for one read-modify-write of a small file (microseconds); waiting longer
+// than this means its holder is stopped (SIGSTOP, a debugger), and admission falls back to this
+// process's own view rather than stall every load on the host.
+inline constexpr std::chrono::milliseconds ledger_lock_timeout{2000};
+// The single-item lock is held for one item's computation. Past this the item runs without
+// host-wide exclusion (an OOM it causes is still retried), instead of waiting forever on a holder
+// that hangs.
+inline constexpr std::chrono::milliseconds single_item_lock_timeout{30000};
+// Worker processes per GPU: each loads its own model copy and contends for the same device, so
+// the CPU formula (2 x cores + 1) only multiplies copies. A few workers keep the GPU busy while
+// others do CPU work (tokenizing, I/O).
+inline constexpr std::size_t gpu_workers = 4;
+}  // namespace defaults
+
+// How a HostLedger finds and protects its files. Every field states its default.
+struct HostOptions {
+    // Where the ledger lives; "" = HostLedger::default_directory() ($VRAMGUARD_RUNTIME_DIR, else
+    // /dev/shm, else $XDG_RUNTIME_DIR, else /tmp). Every process of one server must agree on it.
+    std::string directory;
+    // Unset: files are 0600, this user's processes only. Set: files are created 0660 and owned by
+    // this group, for workers that run as different users of one group. The ledger is replaced by
+    // rename, which a sticky directory (/dev/shm, /tmp) refuses over another user's file: give
+    // such workers a directory of that group that is not sticky (mode 2770, say).
+    std::optional<gid_t> group;
+    // Waits on other processes use the system's monotonic clock, not an injected one: the other
+    // side of the wait is another process, which a test's ManualClock cannot move.
+    // Longest wait for the ledger lock, (0, 10 s]; then admission uses this process's view alone.
+    std::chrono::milliseconds lock_timeout = defaults::ledger_lock_timeout;
+    // Longest wait for the host-wide single-item lock, > 0; then the item runs without it.
+    std::chrono::milliseconds single_item_timeout = defaults::single_item_lock_timeout;
+    LogSink log = stderr_sink();
+
+    // Throws std::invalid_argument naming the first field that makes no sense.
+    void validate() const {
+        auto fail = [](const char* field, const std::string& why) {
+            throw std::invalid_argument(std::string("vramguard::HostOptions::") + field + " " +
+                                        why);
+        };
+        if (lock_timeout.count() <= 0 || lock_timeout > std::chrono::milliseconds(10000))
+            fail("lock_timeout",
+                 "must be in (0, 10000] ms, got " + std::to_string(lock_timeout.count()) + " ms");
+        if (single_item_timeout.count() <= 0) fail("single_item_timeout", "must be positive");
+    }
+};
 
 // The per-device reservation ledger and the host-wide single-item lock: a Coordinator for
 // Options::coordinator. Thread-safe. Create it in the parent before forking or in each worker:
@@ -7587,7 +8140,7 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
             std::make_shared<HostLedger>(Private{}, std::move(device_identity), std::move(options));
         // Creates the directory and the file now, so a ledger that cannot work says so at start-up
         // (once), not in the middle of the first load.
-        detail::make_directories(ledger->directory_);
+        detail::make_directories(ledger->file_.directory());
         ledger->snapshot();
         return ledger;
     }
@@ -7605,19 +8158,14 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
 
     // "vramguard-ledger-<readable part of the identity>-<16 hex digits of its hash>".
     static std::string file_name(std::string_view device_identity) {
-        return "vramguard-ledger-" + detail::sanitize_file_part(device_identity) + "-" +
-               detail::hex16(detail::ledger_device_hash(device_identity));
+        return detail::LedgerFile::file_name(device_identity);
     }
 
     HostLedger(Private, std::string device_identity, HostOptions options)
         : identity_(std::move(device_identity)),
-          device_hash_(detail::ledger_device_hash(identity_)),
-          options_(std::move(options)) {
-        directory_ = options_.directory.empty() ? default_directory() : options_.directory;
-        while (directory_.size() > 1 && directory_.back() == '/') directory_.pop_back();
-        path_ = directory_ + "/" + file_name(identity_);
-        lock_path_ = path_ + ".lock";
-    }
+          options_(std::move(options)),
+          file_(options_.directory.empty() ? default_directory() : options_.directory, identity_,
+                options_.group, options_.lock_timeout) {}
     HostLedger(const HostLedger&) = delete;
     HostLedger& operator=(const HostLedger&) = delete;
 
@@ -7655,7 +8203,7 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
                 // Held from the moment the file says so, before the lock is released: another
                 // thread of this process reconciling in between would take the entry for a stale
                 // one.
-                if (mine.id != 0) detail::HeldReservations::instance().add(path_, mine);
+                if (mine.id != 0) detail::HeldReservations::instance().add(file_.path(), mine);
             });
         if (full) return refuse_full(decision);
         full_.store(false, std::memory_order_relaxed);
@@ -7680,14 +8228,16 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         const auto deadline =
             detail::deadline_after(std::chrono::steady_clock::now(), options_.single_item_timeout);
         std::string reason;
-        detail::FileDescriptor turnstile = open_file(path_ + ".turnstile", reason);
+        detail::FileDescriptor turnstile = file_.open_file(file_.path() + ".turnstile", reason);
         if (!turnstile) return single_item_failed(reason);
         if (const int error = detail::lock_until(turnstile.get(), deadline); error != 0)
-            return single_item_failed(lock_failure(path_ + ".turnstile", error));
-        detail::FileDescriptor lock = open_file(path_ + ".single", reason);
+            return single_item_failed(
+                detail::LedgerFile::lock_failure(file_.path() + ".turnstile", error));
+        detail::FileDescriptor lock = file_.open_file(file_.path() + ".single", reason);
         if (!lock) return single_item_failed(reason);
         if (const int error = detail::lock_until(lock.get(), deadline); error != 0)
-            return single_item_failed(lock_failure(path_ + ".single", error));
+            return single_item_failed(
+                detail::LedgerFile::lock_failure(file_.path() + ".single", error));
         turnstile.reset();  // the next waiter may queue up behind us now
         single_item_failing_.store(false, std::memory_order_relaxed);
         return std::make_unique<SingleItemLock>(std::move(lock));
@@ -7711,8 +8261,8 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     // Whether the last operation reached the ledger (false: admission is in-process only).
     bool usable() const noexcept { return !failing_.load(std::memory_order_relaxed); }
     // The ledger file, and the lock file beside it whose flock orders every change to it.
-    const std::string& path() const noexcept { return path_; }
-    const std::string& lock_path() const noexcept { return lock_path_; }
+    const std::string& path() const noexcept { return file_.path(); }
+    const std::string& lock_path() const noexcept { return file_.lock_path(); }
     const std::string& device_identity() const noexcept { return identity_; }
     const HostOptions& options() const noexcept { return options_; }
 
@@ -7759,84 +8309,12 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
             // No longer held, so the next transaction erases the entry (reconcile). When this one
             // fails, the next one of this process that works does (an entry left live would shrink
             // the host's memory until this process exits).
-            detail::HeldReservations::instance().remove(path_, id);
+            detail::HeldReservations::instance().remove(file_.path(), id);
             if (const auto failure = transact([](LedgerState&) { return false; }))
                 unusable(*failure);
         } catch (...) {
             // Out of memory while releasing: the entry goes when this process does.
         }
-    }
-
-    // Why a file found on disk is not to be trusted; "" when it is: it must be a regular file of
-    // this user (or of HostOptions::group) that not every user may write.
-    std::string distrust(const std::string& path, const struct stat& st) const {
-        if (!S_ISREG(st.st_mode)) return path + " is not a regular file";
-        if (st.st_uid != ::geteuid() && !(options_.group && st.st_gid == *options_.group))
-            return path + " belongs to uid " + std::to_string(st.st_uid) +
-                   " (another user's ledger; to share one, set HostOptions::group in every "
-                   "process)";
-        if ((st.st_mode & S_IWOTH) != 0)
-            return path + " is writable by every user; not trusting it";
-        return {};
-    }
-
-    // Gives a file this process has just created the mode and group HostOptions asks for (the
-    // umask may have taken the group bits).
-    bool set_mode(int fd) const {
-        const mode_t mode = options_.group ? 0660 : 0600;
-        return !(options_.group && ::fchown(fd, static_cast<uid_t>(-1), *options_.group) != 0) &&
-               ::fchmod(fd, mode) == 0;
-    }
-
-    // Opens (creating) one of the lock files, read-write, close-on-exec, never through a symbolic
-    // link, and checks that it may be trusted. On failure: an invalid descriptor and the reason.
-    detail::FileDescriptor open_file(const std::string& path, std::string& reason) const {
-        reason.clear();
-        const mode_t mode = options_.group ? 0660 : 0600;
-        const int flags = O_RDWR | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW | O_NONBLOCK;
-        int raw = detail::retry_eintr(
-            [&] { return ::open(path.c_str(), flags | O_CREAT | O_EXCL, mode); });
-        const bool created = raw >= 0;
-        if (raw < 0 && errno == EEXIST)
-            raw = detail::retry_eintr([&] { return ::open(path.c_str(), flags); });
-        detail::FileDescriptor fd(raw);
-        if (!fd) {
-            reason = "cannot open " + path + " (" + detail::errno_text(errno) + ")";
-            return fd;
-        }
-        struct stat st {};
-        if (::fstat(fd.get(), &st) != 0) {
-            reason = "cannot stat " + path + " (" + detail::errno_text(errno) + ")";
-            return detail::FileDescriptor();
-        }
-        if (created && !set_mode(fd.get())) {
-            reason = "cannot set the owner group or mode of " + path + " (" +
-                     detail::errno_text(errno) + ")";
-            return detail::FileDescriptor();
-        }
-        if (!created) reason = distrust(path, st);
-        if (!reason.empty()) return detail::FileDescriptor();
-        return fd;
-    }
-
-    static std::string lock_failure(const std::string& path, int error) {
-        if (error == ETIMEDOUT) return "timed out waiting for the lock on " + path;
-        return "cannot lock " + path + " (" + detail::errno_text(error) + ")";
-    }
-
-    // The flock that orders every read-modify-write of the ledger, on "<ledger>.lock": a file that
-    // is never replaced (a lock on the ledger itself would protect nothing once a rename replaced
-    // its inode). Held while the descriptor lives; the kernel drops it when its holder dies.
-    detail::FileDescriptor lock_ledger(std::string& reason) const {
-        detail::FileDescriptor fd = open_file(lock_path_, reason);
-        if (!fd) return fd;
-        const auto deadline =
-            detail::deadline_after(std::chrono::steady_clock::now(), options_.lock_timeout);
-        if (const int error = detail::lock_until(fd.get(), deadline); error != 0) {
-            reason = lock_failure(lock_path_, error);
-            return detail::FileDescriptor();
-        }
-        return fd;
     }
 
     // One locked read-modify-write: lock, load (salvaging a damaged file, with a warning),
@@ -7850,21 +8328,22 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         std::optional<std::string> failure;
         {
             std::string reason;
-            const detail::FileDescriptor lock = lock_ledger(reason);
+            const detail::FileDescriptor lock = file_.lock(reason);
             if (!lock) return reason;
             LedgerState state;
             bool dirty = false;
-            if ((failure = load(state, dirty, warnings))) return failure;
-            dirty |= reconcile(state);
+            if ((failure = file_.load(state, dirty, warnings))) return failure;
+            dirty |= detail::reconcile_ledger(state, file_.path());
             dirty |= change(state);
-            if (dirty) failure = store(state);
+            if (dirty) failure = file_.store(state);
             if (!failure) committed();
         }  // closing the lock file's descriptor releases the flock
         for (const std::string& warning : warnings)
             detail::emit(options_.log, Level::warn, warning);
         if (!failure && failing_.exchange(false, std::memory_order_relaxed))
-            detail::emit(options_.log, Level::info,
-                         "host ledger " + path_ + " works again; admission is host-wide again");
+            detail::emit(
+                options_.log, Level::info,
+                "host ledger " + file_.path() + " works again; admission is host-wide again");
         return failure;
     }
     template <class Change>
@@ -7872,143 +8351,13 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
         return transact(std::forward<Change>(change), [] {});
     }
 
-    // The ledger's bytes ("" when there is none yet), read under the lock; the reason when it
-    // cannot be trusted or read.
-    std::optional<std::string> read_text(std::string& text) const {
-        text.clear();
-        struct stat st {};
-        if (::lstat(path_.c_str(), &st) != 0) {
-            if (errno == ENOENT) return std::nullopt;
-            return "cannot stat " + path_ + " (" + detail::errno_text(errno) + ")";
-        }
-        if (std::string why = distrust(path_, st); !why.empty()) return why;
-        int error = 0;
-        if (detail::read_small_file(path_, text, error) == detail::ReadResult::failed)
-            return "cannot read " + path_ + " (" + detail::errno_text(error) + ")";
-        return std::nullopt;
-    }
-
-    // The ledger as the file says, into `state`. No file (or an empty one) is a new ledger; a file
-    // written before this boot names no live process; a damaged one is salvaged, never emptied
-    // (see detail::salvage_ledger), with a warning. `dirty`: the file must be rewritten. Returns
-    // the reason when the file cannot be read or trusted.
-    std::optional<std::string> load(LedgerState& state, bool& dirty,
-                                    std::vector<std::string>& warnings) const {
-        std::string text;
-        if (auto failure = read_text(text)) return failure;
-        const std::string& boot = detail::current_boot_id();
-        std::string why;
-        std::optional<LedgerState> parsed;
-        if (!text.empty()) parsed = detail::parse_ledger(text, &why);
-        if (parsed && parsed->device != device_hash_) {
-            why = "it belongs to another device identity";
-            parsed.reset();
-        }
-        dirty = !parsed;
-        if (parsed) {
-            state = std::move(*parsed);
-        } else if (!text.empty()) {
-            state = detail::salvage_ledger(text, boot);
-            warnings.push_back("host ledger " + path_ + " was damaged (" + why +
-                               "); rebuilt it from the " + std::to_string(state.entries.size()) +
-                               " reservations it still names (one whose size is lost counts as "
-                               "the whole device until its owner releases it or exits; those of "
-                               "dead owners are dropped)");
-        }
-        state.device = device_hash_;
-        if (state.boot != boot) {
-            // Written before a reboot: every pid in it is meaningless now.
-            state.boot = boot;
-            state.entries.clear();
-            dirty = true;
-        }
-        return std::nullopt;
-    }
-
-    // Writes the state to "<ledger>.tmp" and renames that over the ledger, so a kill at any
-    // instant leaves the old file or the new one, never a mix (an in-place rewrite killed between
-    // its write and its ftruncate left the new text followed by stray bytes of the old). A
-    // temporary file left by a writer killed before its rename is removed by the next writer (one
-    // name, under the lock: litter never grows). No fsync: a kill loses nothing the kernel has, and
-    // the ledger means nothing after a power loss anyway (its pids belong to the earlier boot).
-    std::optional<std::string> store(const LedgerState& state) const {
-        const std::string temp = path_ + ".tmp";
-        const auto failed = [&temp](const std::string& what) -> std::optional<std::string> {
-            const std::string reason = "cannot " + what + " (" + detail::errno_text(errno) + ")";
-            ::unlink(temp.c_str());
-            return reason;
-        };
-        if (::unlink(temp.c_str()) != 0 && errno != ENOENT) return failed("remove " + temp);
-        detail::FileDescriptor fd(detail::retry_eintr([&] {
-            return ::open(temp.c_str(),
-                          O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW,
-                          options_.group ? 0660 : 0600);
-        }));
-        if (!fd) return failed("create " + temp);
-        if (!set_mode(fd.get())) return failed("set the owner group or mode of " + temp);
-        if (!detail::write_all(fd.get(), detail::serialize_ledger(state)))
-            return failed("write " + temp);
-        if (const int error = fd.reset(); error != 0) {
-            errno = error;
-            return failed("close " + temp);
-        }
-        if (::rename(temp.c_str(), path_.c_str()) != 0)
-            return failed("rename " + temp + " over " + path_);
-        return std::nullopt;
-    }
-
-    // Makes the state agree with what is alive: drops the entries of processes that are gone and
-    // those an earlier build marked released (see LedgerEntry), and makes this process's own
-    // entries exactly the reservations it holds (see detail::HeldReservations): a release that did
-    // not reach the file is applied, a reservation a damaged file lost is written back, a size a
-    // damaged file lost is restored. True when it changed.
-    bool reconcile(LedgerState& state) const {
-        const pid_t self = ::getpid();
-        const std::vector<LedgerEntry> held = detail::HeldReservations::instance().of(path_, self);
-        // Each owner (pid and start time) looked up once. This process's entries too: one under
-        // our pid with another start time is a dead process's whose pid we were given.
-        std::vector<std::pair<std::pair<pid_t, std::uint64_t>, bool>> looked_up;
-        const auto alive = [&](const LedgerEntry& entry) {
-            const std::pair<pid_t, std::uint64_t> owner{entry.pid, entry.start_ticks};
-            for (const auto& known : looked_up)
-                if (known.first == owner) return known.second;
-            const bool live = detail::owner_alive(entry.pid, entry.start_ticks);
-            looked_up.emplace_back(owner, live);
-            return live;
-        };
-        const auto holds = [&](std::uint64_t id) {
-            return std::any_of(held.begin(), held.end(),
-                               [id](const LedgerEntry& mine) { return mine.id == id; });
-        };
-        const std::size_t before = state.entries.size();
-        state.entries.erase(std::remove_if(state.entries.begin(), state.entries.end(),
-                                           [&](const LedgerEntry& entry) {
-                                               if (!entry.live() || !alive(entry)) return true;
-                                               return entry.pid == self && !holds(entry.id);
-                                           }),
-                            state.entries.end());
-        bool changed = state.entries.size() != before;
-        for (const LedgerEntry& mine : held) {
-            const auto found = std::find_if(state.entries.begin(), state.entries.end(),
-                                            [&](const LedgerEntry& e) { return e.id == mine.id; });
-            if (found == state.entries.end()) {
-                state.entries.push_back(mine);
-            } else if (*found != mine) {
-                *found = mine;
-            } else {
-                continue;
-            }
-            changed = true;
-        }
-        return changed;
-    }
-
     // A full ledger is readable: admitting without an entry would hide the reservation from the
     // next process (over-admission), so nothing is admitted until a reservation ends; `available`
     // still counts the live ones.
     Decision refuse_full(Decision& decision) {
         decision.refused_because =
-            "the host ledger " + path_ + " is full (" + std::to_string(detail::max_ledger_entries) +
+            "the host ledger " + file_.path() + " is full (" +
+            std::to_string(detail::max_ledger_entries) +
             " live reservations: leaked holds?), so no reservation can be recorded";
         if (!full_.exchange(true, std::memory_order_relaxed))
             detail::emit(options_.log, Level::warn,
@@ -8037,11 +8386,8 @@ class HostLedger : public Coordinator, public std::enable_shared_from_this<HostL
     }
 
     const std::string identity_;
-    const std::uint64_t device_hash_;
     const HostOptions options_;
-    std::string directory_;
-    std::string path_;       // the ledger
-    std::string lock_path_;  // "<ledger>.lock"
+    const detail::LedgerFile file_;
     std::atomic<bool> failing_{false};
     std::atomic<bool> full_{false};  // said once per spell of a full ledger
     std::atomic<bool> single_item_failing_{false};
@@ -8553,7 +8899,7 @@ VRAMGUARD_END_NAMESPACE
 // Making room for a load, as pure decisions over snapshots of a registry's slots: which models may
 // go and in which order (idle ones, least recently used first), whether the load fits now, whether
 // evicting every idle model could make it fit at all, and so the next step. ModelRegistry's
-// make_room reads the device, asks plan() and does what it says.
+// load (detail/registry_load.hpp, make_room) reads the device, asks plan() and does what it says.
 
 
 #include <algorithm>
@@ -8977,8 +9323,14 @@ VRAMGUARD_END_NAMESPACE
 // Peer relief, the stage after local eviction: when a load still does not fit, ask the configured
 // peers in order, each at most once per cooldown (two servers must not ping-pong each other's
 // models), until their claims cover the shortfall; then the registry waits for the memory with the
-// recovery rule and admits once more. Decisions are pure functions (relief::); PeerRelief asks and
-// remembers the answers for refusals and status(); the registry orchestrates.
+// recovery rule (recovery.hpp) and admits once more. Decisions are pure functions (relief::);
+// PeerRelief asks and remembers the answers for refusals and status(); a registry's relief stage
+// (detail/registry_relief.hpp) orchestrates, and an external manager can use PeerRelief alone.
+
+
+// ---- begin <vramguard/detail/peer_call.hpp> ----
+// How a relief round calls one peer: on a thread of its own, abandoned at its deadline, and one
+// relief at a time per device, process-wide.
 
 
 // ---- begin <vramguard/detail/detached_call.hpp> ----
@@ -9091,6 +9443,76 @@ VRAMGUARD_END_NAMESPACE
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+
+// One relief at a time per device, process-wide (two registries on one device share it).
+inline std::shared_ptr<std::mutex> device_relief_mutex(const std::string& device) {
+    static std::mutex mutex;
+    static std::map<std::string, std::weak_ptr<std::mutex>> locks;
+    std::lock_guard<std::mutex> lock(mutex);
+    std::shared_ptr<std::mutex> existing = locks[device].lock();
+    if (!existing) locks[device] = existing = std::make_shared<std::mutex>();
+    return existing;
+}
+
+inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
+    try {
+        return peer.relieve(request);
+    } catch (...) {
+        return PeerReply::error("threw: " + describe(std::current_exception()));
+    }
+}
+
+// Runs the call on its own thread and waits for it until request.deadline on the injected clock
+// (real-time waits of `slice` on a condition variable; the injected sleep when the clock did not
+// move meanwhile, as a ManualClock does not): a peer that ignores its deadline costs the load no
+// more than it. Such a call is left to finish on its own; it owns what it uses, and `running`
+// (moved into it) counts it until it has returned and let go of the peer.
+inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequest& request,
+                                    const ClockFn& clock, const SleepFn& sleep, Duration slice,
+                                    CallCount::Token running) {
+    std::optional<DetachedCall<PeerReply>> call;
+    try {
+        call.emplace([peer, request, running = std::move(running)]() mutable {
+            PeerReply reply = call_peer(*peer, request);
+            peer.reset();  // before `running` ends: the peer's destructor is the peer's code too
+            return reply;
+        });
+    } catch (...) {
+        return PeerReply::error("could not start the call: " + describe(std::current_exception()));
+    }
+    for (;;) {
+        const TimePoint before = clock();
+        if (std::optional<PeerReply> reply = call->wait_for(slice)) return std::move(*reply);
+        const TimePoint now = clock();
+        if (now >= request.deadline)
+            return PeerReply::error(
+                "no answer within " +
+                std::to_string(
+                    std::chrono::duration_cast<std::chrono::milliseconds>(request.timeout)
+                        .count()) +
+                " ms");
+        if (now == before) sleep(std::min<Duration>(slice, request.deadline - now));
+    }
+}
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/peer_call.hpp> ----
+
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -9177,59 +9599,6 @@ inline PeerReply reply_from(const UnloadResult& result) {
 
 }  // namespace relief
 
-namespace detail {
-
-// One relief at a time per device, process-wide (two registries on one device share it).
-inline std::shared_ptr<std::mutex> device_relief_mutex(const std::string& device) {
-    static std::mutex mutex;
-    static std::map<std::string, std::weak_ptr<std::mutex>> locks;
-    std::lock_guard<std::mutex> lock(mutex);
-    std::shared_ptr<std::mutex> existing = locks[device].lock();
-    if (!existing) locks[device] = existing = std::make_shared<std::mutex>();
-    return existing;
-}
-
-inline PeerReply call_peer(Peer& peer, const ReliefRequest& request) noexcept {
-    try {
-        return peer.relieve(request);
-    } catch (...) {
-        return PeerReply::error("threw: " + describe(std::current_exception()));
-    }
-}
-
-// Runs the call on its own thread and waits for it until request.deadline on the injected clock
-// (real-time waits of `slice` on a condition variable; the injected sleep when the clock did not
-// move meanwhile, as a ManualClock does not): a peer that ignores its deadline costs the load no
-// more than it. Such a call is left to finish on its own; it owns what it uses, and `running`
-// (moved into it) counts it until it has returned and let go of the peer.
-inline PeerReply call_with_deadline(std::shared_ptr<Peer> peer, const ReliefRequest& request,
-                                    const ClockFn& clock, const SleepFn& sleep, Duration slice,
-                                    CallCount::Token running) {
-    std::optional<DetachedCall<PeerReply>> call;
-    try {
-        call.emplace([peer, request, running = std::move(running)]() mutable {
-            PeerReply reply = call_peer(*peer, request);
-            peer.reset();  // before `running` ends: the peer's destructor is the peer's code too
-            return reply;
-        });
-    } catch (...) {
-        return PeerReply::error("could not start the call: " + describe(std::current_exception()));
-    }
-    for (;;) {
-        const TimePoint before = clock();
-        if (std::optional<PeerReply> reply = call->wait_for(slice)) return std::move(*reply);
-        const TimePoint now = clock();
-        if (now >= request.deadline)
-            return PeerReply::error(
-                "no answer within " +
-                std::to_string(
-                    std::chrono::duration_cast<std::chrono::milliseconds>(request.timeout)
-                        .count()) +
-                " ms");
-        if (now == before) sleep(std::min<Duration>(slice, request.deadline - now));
-    }
-}
-
 // What one relief asked and heard.
 struct ReliefOutcome {
     std::uint64_t claimed = 0;         // the claims added up (never trusted)
@@ -9237,7 +9606,11 @@ struct ReliefOutcome {
     std::vector<std::string> answers;  // "name answer", in order, cooling down ones too
 };
 
-// The configured peers, their cooldowns and their last answers. Thread-safe.
+// The configured peers, their cooldowns and their last answers: one relief round asks them in
+// order until their claims cover a shortfall. A registry asks through it after local eviction; an
+// external manager (examples/vram_manager) asks through it too, then waits with
+// wait_for_freed_memory (recovery.hpp). Thread-safe. A call still running on its thread owns
+// the peer (shared), so the peers may outlive this object; wait_for_calls() waits for them.
 class PeerRelief {
    public:
     PeerRelief(const std::vector<std::shared_ptr<Peer>>& peers, Duration timeout, Duration cooldown)
@@ -9253,6 +9626,9 @@ class PeerRelief {
     std::size_t calls_running() const { return calls_->running(); }
 
     // Asks the peers in order, skipping those cooling down, until the claims cover `shortfall`.
+    // Each call runs on its own thread and is abandoned at its deadline (now + timeout on
+    // `clock`), waited for in real-time slices of `slice` (the injected `sleep` when the clock
+    // did not move meanwhile).
     ReliefOutcome ask(std::uint64_t shortfall, const std::string& requester, const ClockFn& clock,
                       const SleepFn& sleep, Duration slice) {
         ReliefOutcome outcome;
@@ -9261,9 +9637,9 @@ class PeerRelief {
             const TimePoint now = clock();
             if (!claim_turn(entry, now, outcome)) continue;
             const ReliefRequest request{shortfall - outcome.claimed, timeout_,
-                                        deadline_after(now, timeout_), requester};
-            const PeerReply reply = call_with_deadline(entry.peer, request, clock, sleep, slice,
-                                                       CallCount::Token(calls_));
+                                        detail::deadline_after(now, timeout_), requester};
+            const PeerReply reply = detail::call_with_deadline(
+                entry.peer, request, clock, sleep, slice, detail::CallCount::Token(calls_));
             const std::string answer = describe(reply);
             {
                 std::lock_guard<std::mutex> lock(mutex_);
@@ -9317,12 +9693,10 @@ class PeerRelief {
 
     const Duration timeout_;
     const Duration cooldown_;
-    const std::shared_ptr<CallCount> calls_ = std::make_shared<CallCount>();
+    const std::shared_ptr<detail::CallCount> calls_ = std::make_shared<detail::CallCount>();
     mutable std::mutex mutex_;  // the entries' state; never held while a peer is asked
     std::vector<Entry> entries_;
 };
-
-}  // namespace detail
 
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/relief.hpp> ----
@@ -9436,6 +9810,25 @@ inline Level level_of(RegistryEventKind kind) noexcept {
     }
 }
 
+// The sentence for an event; empty for events that only count. Defined at the end, after the
+// internals it uses.
+inline std::string format_registry_event(const RegistryEvent& e);
+
+VRAMGUARD_END_NAMESPACE
+
+// Internals that need the types above: the counters, the sentences' parts, publishing.
+
+// ---- begin <vramguard/detail/registry_event_log.hpp> ----
+// A registry's events (registry_events.hpp) counted, worded and published: counted always,
+// formatted and logged only past the sink's level.
+
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
 namespace detail {
 
 // Relaxed atomics: counters are for reading, not for synchronising.
@@ -9490,18 +9883,6 @@ inline void count(AtomicRegistryStats& stats, const RegistryEvent& event) noexce
     counter->fetch_add(1, std::memory_order_relaxed);
 }
 
-inline std::string seconds_text(double seconds) {
-    char text[32];
-    std::snprintf(text, sizeof text, "%.1f s", seconds);
-    return text;
-}
-// Any duration, in ms: options in ms are not converted to the clock's ns on the way (a
-// milliseconds::max() "for ever" would overflow).
-template <class Rep, class Period>
-std::string ms_text(std::chrono::duration<Rep, Period> d) {
-    return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
-}
-
 inline std::string format_unload(const RegistryEvent& e) {
     const std::string model = "model '" + std::string(e.model) + "' (" + format_bytes(e.bytes);
     switch (e.kind) {
@@ -9546,7 +9927,25 @@ inline std::string format_load(const RegistryEvent& e) {
 
 }  // namespace detail
 
-// The sentence for an event; empty for events that only count.
+namespace detail {
+
+// Counts the event and, when the sink wants its level, formats and sends it.
+inline void publish(AtomicRegistryStats& stats, const LogSink& sink, Level least,
+                    const RegistryEvent& event) {
+    count(stats, event);
+    const Level level = level_of(event.kind);
+    if (!sink || level < least) return;
+    const std::string message = format_registry_event(event);
+    if (!message.empty()) emit(sink, level, message);
+}
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/registry_event_log.hpp> ----
+
+VRAMGUARD_BEGIN_NAMESPACE
+
 inline std::string format_registry_event(const RegistryEvent& e) {
     switch (e.kind) {
         case RegistryEventKind::idle_unloaded:
@@ -9577,22 +9976,99 @@ inline std::string format_registry_event(const RegistryEvent& e) {
     }
 }
 
-namespace detail {
-
-// Counts the event and, when the sink wants its level, formats and sends it.
-inline void publish(AtomicRegistryStats& stats, const LogSink& sink, Level least,
-                    const RegistryEvent& event) {
-    count(stats, event);
-    const Level level = level_of(event.kind);
-    if (!sink || level < least) return;
-    const std::string message = format_registry_event(event);
-    if (!message.empty()) emit(sink, level, message);
-}
-
-}  // namespace detail
-
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/registry_events.hpp> ----
+
+// ---- begin <vramguard/registry_options.hpp> ----
+// RegistryOptions: how a ModelRegistry (models.hpp) caps, unloads, relieves pressure and asks its
+// peers. A plain struct: each field states its default (a named constant in defaults::) and
+// validate() rejects nonsense with a message naming the field.
+
+
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace defaults {
+// Ollama's OLLAMA_MAX_LOADED_MODELS default (per GPU): enough for an embedder, a reranker and a
+// generator side by side; more mostly means more reload churn when memory runs short.
+inline constexpr std::size_t max_loaded_models = 3;
+// Ollama's keep_alive default: long enough to serve a conversation, short enough that a model
+// nobody uses gives its memory back within minutes.
+inline constexpr std::chrono::milliseconds idle_timeout{std::chrono::minutes(5)};
+// Above this fraction of the device in use, the allocator cache is emptied first: that costs only
+// some re-allocation later.
+inline constexpr double pressure_threshold = 0.75;
+// Above this even after emptying the cache, idle models are unloaded: reloading one costs seconds.
+inline constexpr double aggressive_threshold = 0.85;
+// Relief acts at most once per window: the driver reports freed memory late, and acting again on
+// the same stale reading would unload model after model.
+inline constexpr std::chrono::milliseconds pressure_rate_limit{30000};
+// 0: a load that cannot be made room for fails at once with InsufficientMemory (a server answers
+// 503 with retry_after) instead of holding the request.
+inline constexpr std::chrono::milliseconds load_wait{0};
+inline constexpr std::chrono::milliseconds reaper_interval{1000};
+// A peer that has not answered in 2 s is down or stuck: an unload it agrees to answers at once.
+inline constexpr std::chrono::milliseconds peer_timeout{2000};
+// The seeds' /request-unload rate limit: a peer is asked at most once per window, so two servers
+// that need memory in turn cannot ping-pong each other's models.
+inline constexpr std::chrono::milliseconds peer_cooldown{30000};
+}  // namespace defaults
+
+struct RegistryOptions {
+    std::size_t max_loaded_models = defaults::max_loaded_models;      // models loaded at once, >= 1
+    std::chrono::milliseconds idle_timeout = defaults::idle_timeout;  // unload after; 0 = never
+    // Fractions of the device in use (the probe's reading): above the first the cache is
+    // emptied, (0, 1]; above the second idle models are unloaded, [pressure_threshold, 1].
+    double pressure_threshold = defaults::pressure_threshold;
+    double aggressive_threshold = defaults::aggressive_threshold;
+    std::chrono::milliseconds pressure_rate_limit = defaults::pressure_rate_limit;  // >= 0
+    std::chrono::milliseconds load_wait = defaults::load_wait;  // max wait for room to load, >= 0
+    // true: a library-owned thread calls tick() every reaper_interval; it stops (at once) when the
+    // registry is destroyed. false: the host calls tick() from its own loop.
+    bool reaper = false;
+    std::chrono::milliseconds reaper_interval = defaults::reaper_interval;  // > 0, real time
+    // Other services on the device, asked in this order to free memory when a load still does not
+    // fit after the registry's own idle models went (peer.hpp). Empty: no peer relief.
+    std::vector<std::shared_ptr<Peer>> peers;
+    std::chrono::milliseconds peer_timeout = defaults::peer_timeout;    // per ask, > 0
+    std::chrono::milliseconds peer_cooldown = defaults::peer_cooldown;  // per peer, >= 0
+    ClockFn clock;  // empty = the guard's Options::clock
+    SleepFn sleep;  // empty = the guard's Options::sleep
+
+    // Throws std::invalid_argument naming the first field that makes no sense.
+    void validate() const {
+        auto fail = [](const char* field, const std::string& why) {
+            throw std::invalid_argument(std::string("vramguard::RegistryOptions::") + field + " " +
+                                        why);
+        };
+        if (max_loaded_models < 1) fail("max_loaded_models", "must be at least 1");
+        if (idle_timeout.count() < 0) fail("idle_timeout", "must not be negative (0 = never)");
+        if (!std::isfinite(pressure_threshold) || pressure_threshold <= 0 || pressure_threshold > 1)
+            fail("pressure_threshold",
+                 "must be in (0, 1], got " + std::to_string(pressure_threshold));
+        if (!std::isfinite(aggressive_threshold) || aggressive_threshold < pressure_threshold ||
+            aggressive_threshold > 1)
+            fail("aggressive_threshold",
+                 "must be in [pressure_threshold, 1], got " + std::to_string(aggressive_threshold));
+        if (pressure_rate_limit.count() < 0) fail("pressure_rate_limit", "must not be negative");
+        if (load_wait.count() < 0) fail("load_wait", "must not be negative");
+        if (reaper_interval.count() <= 0) fail("reaper_interval", "must be positive");
+        for (const auto& peer : peers)
+            if (!peer) fail("peers", "must not hold a null peer");
+        if (peer_timeout.count() <= 0) fail("peer_timeout", "must be positive");
+        if (peer_cooldown.count() < 0) fail("peer_cooldown", "must not be negative");
+    }
+};
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/registry_options.hpp> ----
 
 // ---- begin <vramguard/models.hpp> ----
 // Model lifecycle: ModelSlot<T> holds at most one loaded model and lends it out through leases;
@@ -9691,6 +10167,494 @@ class Reaper {
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/detail/reaper.hpp> ----
 
+// ---- begin <vramguard/detail/registry_core.hpp> ----
+// What every part of a ModelRegistry shares: the guard, the options and the injected time, the
+// slots table, the counters and event publishing, and the load turn. ModelRegistry is the facade;
+// a load (detail/registry_load.hpp) and the peer relief stage (detail/registry_relief.hpp) receive
+// this core by reference.
+
+
+#include <atomic>
+#include <cstddef>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+
+template <class Probe>
+class RegistryCore {
+   public:
+    RegistryCore(Guard<Probe>& guard, RegistryOptions options)
+        : guard_(guard),
+          options_((options.validate(), std::move(options))),
+          clock_(options_.clock ? options_.clock : guard.options().clock),
+          sleep_(options_.sleep ? options_.sleep : guard.options().sleep) {}
+
+    RegistryCore(const RegistryCore&) = delete;
+    RegistryCore& operator=(const RegistryCore&) = delete;
+
+    // The guard and its probe are shared with their owner, not part of the registry's state.
+    Guard<Probe>& guard() const noexcept { return guard_; }
+    Probe& probe() const noexcept { return guard_.probe(); }
+    const RegistryOptions& options() const noexcept { return options_; }
+    const ClockFn& clock() const noexcept { return clock_; }
+    const SleepFn& sleep() const noexcept { return sleep_; }
+    TimePoint now() const { return clock_(); }
+    RegistryStats stats() const noexcept { return stats_.snapshot(); }
+
+    // Counts the event and, past the guard's Options::log_level, formats and logs it.
+    void publish(const RegistryEvent& event) {
+        detail::publish(stats_, guard_.options().log, guard_.options().log_level, event);
+    }
+    // An unload's event: the model, its bytes, how long it was idle.
+    static RegistryEvent unload_event(RegistryEventKind kind, const SlotBase& slot,
+                                      const UnloadResult& result) noexcept {
+        RegistryEvent event(kind, slot.name());
+        event.bytes = result.bytes;
+        event.idle_seconds = result.idle_seconds;
+        return event;
+    }
+    void warn_if_referenced(const SlotBase& slot, bool still_referenced) {
+        if (still_referenced)
+            publish(RegistryEvent(RegistryEventKind::still_referenced, slot.name()));
+    }
+
+    // ---- the slots ---------------------------------------------------------------------------
+
+    // Adds a slot; std::invalid_argument when its name is taken.
+    void insert(std::shared_ptr<SlotBase> slot) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (const auto& other : slots_)
+            if (other->name() == slot->name())
+                throw std::invalid_argument("vramguard::ModelRegistry::add: a model named '" +
+                                            slot->name() + "' is already registered");
+        slots_.push_back(std::move(slot));
+    }
+
+    std::vector<std::shared_ptr<SlotBase>> slots() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return slots_;
+    }
+
+    // The slots and what each held when looked at, in the registry's order.
+    struct Look {
+        std::vector<std::shared_ptr<SlotBase>> slots;
+        std::vector<SlotSnapshot> seen;
+        std::size_t index_of(const SlotBase* slot) const {
+            for (std::size_t i = 0; i < slots.size(); ++i)
+                if (slots[i].get() == slot) return i;
+            return eviction::no_slot;
+        }
+    };
+    Look look() const {
+        Look result;
+        result.slots = slots();
+        for (const auto& slot : result.slots) result.seen.push_back(SlotAccess::snapshot(*slot));
+        return result;
+    }
+
+    // ---- the load turn -----------------------------------------------------------------------
+    //
+    // Loads take turns: two admissions reading the same free memory would both pass and one load
+    // would then OOM. The turn is held while deciding, evicting, asking peers and loading.
+
+    // Whether a load is in progress on this registry (some thread holds the turn).
+    bool loading() const noexcept {
+        return turn_owner_.load(std::memory_order_acquire) != std::thread::id();
+    }
+    bool holds_turn() const noexcept {
+        return turn_owner_.load(std::memory_order_acquire) == std::this_thread::get_id();
+    }
+
+    // The turn, held while it lives.
+    class Turn {
+       public:
+        explicit Turn(RegistryCore& core) : core_(core), lock_(core.turn_mutex_) {
+            core_.turn_owner_.store(std::this_thread::get_id(), std::memory_order_release);
+        }
+        ~Turn() { core_.turn_owner_.store(std::thread::id(), std::memory_order_release); }
+        Turn(const Turn&) = delete;
+        Turn& operator=(const Turn&) = delete;
+
+       private:
+        RegistryCore& core_;
+        std::lock_guard<std::mutex> lock_;
+    };
+
+   private:
+    Guard<Probe>& guard_;
+    const RegistryOptions options_;
+    const ClockFn clock_;
+    const SleepFn sleep_;
+
+    mutable std::mutex mutex_;  // slots_; never held while loading or waiting
+    std::vector<std::shared_ptr<SlotBase>> slots_;
+    AtomicRegistryStats stats_;
+
+    std::mutex turn_mutex_;  // one load (decide, evict, ask peers, load) at a time
+    std::atomic<std::thread::id> turn_owner_{};
+};
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/registry_core.hpp> ----
+
+// ---- begin <vramguard/detail/registry_load.hpp> ----
+// One load through a ModelRegistry, in the registry's turn: make room (evict idle models, least
+// recently used first, as eviction::plan says; wait for their memory with the recovery rule), ask
+// the peers when that is not enough (detail/registry_relief.hpp), then load once admitted, or wait
+// up to load_wait and refuse with InsufficientMemory naming who holds the memory.
+
+
+// ---- begin <vramguard/detail/registry_relief.hpp> ----
+// A registry's peer relief stage, after local eviction: asks the peers (PeerRelief, relief.hpp)
+// for what the registry cannot reach by itself, then waits for the memory with the recovery rule
+// (recovery.hpp). Claims are never trusted: the load looks at the probe again afterwards. One
+// relief per device at a time; a second one does not wait for the first, it does without.
+
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+
+template <class Probe>
+class RegistryRelief {
+   public:
+    explicit RegistryRelief(RegistryCore<Probe>& core)
+        : core_(core),
+          peers_(core.options().peers, saturating_duration(core.options().peer_timeout),
+                 saturating_duration(core.options().peer_cooldown)),
+          relief_mutex_(device_relief_mutex(device_identity(core.probe()))) {}
+
+    // For the load of `model`, which needs `needed` bytes free and reaches `reachable` by
+    // itself (plan: what its look decided). Returns whether to look again; appends what the
+    // peers were asked and answered to `heard`, for a refusal.
+    bool relieve(const std::string& model, const eviction::Plan& plan, std::uint64_t needed,
+                 std::uint64_t reachable, std::string& heard) {
+        if (peers_.empty() || !relief::worth_asking(plan.never_fits, plan.fits, plan.at_cap))
+            return false;
+        const std::uint64_t shortfall = relief::shortfall(needed, reachable);
+        if (shortfall == 0) return false;
+        std::unique_lock<std::mutex> one_relief(*relief_mutex_, std::try_to_lock);
+        if (!one_relief.owns_lock()) {
+            heard = "none (another load on this device is asking them)";
+            return false;
+        }
+        const std::uint64_t free_before = core_.probe().memory().free_bytes;
+        const ReliefOutcome outcome = peers_.ask(shortfall, model, core_.clock(), core_.sleep(),
+                                                 core_.guard().options().poll_interval);
+        for (const std::string& answer : outcome.answers)
+            heard += (heard.empty() ? "" : "; ") + answer;
+        RegistryEvent asked(RegistryEventKind::peers_asked, model);
+        asked.count = outcome.asked;
+        asked.bytes = shortfall;
+        asked.text = heard;
+        core_.publish(asked);
+        if (outcome.claimed == 0) return false;
+        const TimePoint start = core_.now();
+        const bool seen = core_.guard().wait_for_freed_memory(outcome.claimed, free_before, needed);
+        heard +=
+            (seen ? "; the memory showed after " : "; the claimed memory did not show within ") +
+            ms_text(core_.now() - start);
+        return true;
+    }
+
+    // Waits (real time, at most `timeout`) for the peer calls still running on their own
+    // threads, those abandoned at their deadline too. True when none runs any more.
+    bool wait_for_calls(Duration timeout) { return peers_.wait_for_calls(timeout); }
+    std::size_t calls_running() const { return peers_.calls_running(); }
+    std::vector<PeerStatus> status(TimePoint now) const { return peers_.status(now); }
+
+   private:
+    RegistryCore<Probe>& core_;
+    PeerRelief peers_;
+    const std::shared_ptr<std::mutex> relief_mutex_;  // one peer relief per device at a time
+};
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/registry_relief.hpp> ----
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+namespace detail {
+
+template <class Probe>
+class RegistryLoad {
+   public:
+    RegistryLoad(RegistryCore<Probe>& core, RegistryRelief<Probe>& relief)
+        : core_(core), relief_(relief) {}
+
+    // Loads the model of `slot` and publishes it in the slot before the turn ends. Returns the
+    // model, leased. A failure is counted and propagates.
+    void* run(SlotBase& slot) {
+        try {
+            return load_with_room(slot);
+        } catch (...) {
+            core_.publish(RegistryEvent(RegistryEventKind::load_failed, slot.name()));
+            throw;
+        }
+    }
+
+   private:
+    using Look = typename RegistryCore<Probe>::Look;
+
+    // What one look at the device decided.
+    struct Room {
+        bool ready = false;
+        std::uint64_t trusted_bytes = 0;  // freed by evictions, not yet reported: trusted
+        Admission admission;
+        std::size_t loaded = 0;
+        eviction::Plan plan;
+        std::uint64_t reachable = 0;  // free once every idle model went (with trusted bytes)
+        std::string peers;            // what the peers were asked and answered, for the refusal
+    };
+
+    // Free bytes the load needs: its requirement plus the safety margin.
+    static std::uint64_t needed(const Admission& admission) noexcept {
+        return policy::saturating_add(admission.requirement.bytes, admission.margin_bytes);
+    }
+
+    void* load_with_room(SlotBase& slot) {
+        const TimePoint start = core_.now();
+        const TimePoint deadline = deadline_after(start, core_.options().load_wait);
+        bool waited = false;
+        for (;;) {
+            Room room;
+            if (void* model = load_in_turn(slot, room)) return model;
+            const TimePoint now = core_.now();
+            if (now >= deadline) {
+                core_.publish(RegistryEvent(RegistryEventKind::rejected, slot.name()));
+                throw_insufficient(slot, room, now - start);
+            }
+            if (!waited) {
+                waited = true;
+                RegistryEvent event(RegistryEventKind::load_waits, slot.name());
+                event.limit = core_.options().load_wait;
+                event.at_cap = room.plan.at_cap;
+                core_.publish(event);
+            }
+            core_.sleep()(
+                std::min<Duration>(core_.guard().options().poll_interval, deadline - now));
+        }
+    }
+
+    // One turn: make room, ask peers when that is not enough, then load once admitted. Returns the
+    // model (published, leased), or nullptr when there is no room (`room` says why).
+    void* load_in_turn(SlotBase& slot, Room& room) {
+        const typename RegistryCore<Probe>::Turn turn(core_);
+        room = make_room(slot);
+        if (!room.ready && relief_.relieve(slot.name(), room.plan, needed(room.admission),
+                                           room.reachable, room.peers)) {
+            std::string asked = std::move(room.peers);
+            room = make_room(slot);  // admit once more: only the probe's reading counts
+            room.peers = std::move(asked);
+            if (room.ready)
+                core_.publish(RegistryEvent(RegistryEventKind::peer_relief, slot.name()));
+        }
+        if (!room.ready) return nullptr;
+        LoadedModel loaded = run_loader(slot, room.trusted_bytes);
+        // Published before the turn ends: the next load counts it against the cap.
+        return SlotAccess::commit_load(slot, std::move(loaded), core_.now());
+    }
+
+    // Evicts idle models, least recently used first, until the load is admitted and under the cap
+    // (eviction::plan decides). Ready also when the model could never fit: then Guard::load says so
+    // with its own numbers, and nothing was evicted for nothing.
+    Room make_room(SlotBase& slot) {
+        Room room;
+        for (;;) {
+            room.admission = core_.guard().admission(slot.key(), slot.declared_bytes());
+            if (room.admission.admitted) room.trusted_bytes = 0;
+            const Look seen = core_.look();
+            const std::size_t self = seen.index_of(&slot);
+            const std::vector<std::size_t> idle = eviction::idle_lru(seen.seen, self);
+            eviction::Situation situation;
+            situation.required = room.admission.requirement.bytes;
+            situation.memory = room.admission.memory;
+            situation.safety_margin = core_.guard().options().safety_margin;
+            situation.trusted = room.trusted_bytes;
+            situation.loaded = room.loaded = eviction::loaded_count(seen.seen, self);
+            situation.max_loaded = core_.options().max_loaded_models;
+            for (const std::size_t i : idle) situation.idle_bytes.push_back(seen.seen[i].bytes);
+            room.plan = eviction::plan(situation);
+            room.reachable = eviction::reachable(situation.memory.free_bytes, situation.trusted,
+                                                 situation.idle_bytes);
+            if (room.plan.never_fits) room.trusted_bytes = 0;
+            if (room.plan.step != eviction::Step::evict) {
+                room.ready = room.plan.step == eviction::Step::load;
+                return room;
+            }
+            evict(slot, *seen.slots[idle.front()], seen.seen[idle.front()].uses, room);
+        }
+    }
+
+    void evict(SlotBase& for_slot, SlotBase& victim, std::uint64_t seen_uses, Room& room) {
+        const std::uint64_t free_before = core_.probe().memory().free_bytes;
+        bool still_referenced = false;
+        const UnloadResult result = SlotAccess::try_unload(victim, core_.now(), Duration::zero(),
+                                                           seen_uses, &still_referenced);
+        if (!result.unloaded()) return;  // a lease came first: decide again
+        core_.probe().release_cached();
+        RegistryEvent event = core_.unload_event(RegistryEventKind::evicted, victim, result);
+        event.for_model = for_slot.name();
+        event.at_cap = room.plan.at_cap;
+        event.count = core_.options().max_loaded_models;
+        core_.publish(event);
+        core_.warn_if_referenced(victim, still_referenced);
+        if (room.plan.fits || result.bytes == 0)
+            return;  // only the cap was in the way: nothing to wait for
+        wait_for_eviction(victim, result.bytes, free_before, room);
+    }
+
+    // The driver reports freed memory late: wait until it shows (or enough is free), else trust
+    // the estimate, as Ollama does.
+    void wait_for_eviction(const SlotBase& victim, std::uint64_t freed, std::uint64_t free_before,
+                           Room& room) {
+        const TimePoint start = core_.now();
+        if (core_.guard().wait_for_freed_memory(freed, free_before, needed(room.admission))) {
+            RegistryEvent event(RegistryEventKind::recovery_seen, victim.name());
+            event.took = std::chrono::duration_cast<std::chrono::milliseconds>(core_.now() - start);
+            core_.publish(event);
+        } else {
+            room.trusted_bytes = policy::saturating_add(room.trusted_bytes, freed);
+            RegistryEvent event(RegistryEventKind::recovery_trusted, victim.name());
+            event.took = std::chrono::duration_cast<std::chrono::milliseconds>(core_.now() - start);
+            event.bytes = freed;
+            event.threshold = core_.guard().options().recovery_fraction;
+            core_.publish(event);
+        }
+    }
+
+    LoadedModel run_loader(SlotBase& slot, std::uint64_t trusted_bytes) {
+        const auto& loader = SlotAccess::loader(slot);
+        const std::optional<std::uint64_t>& declared = slot.declared_bytes();
+        const std::uint64_t free_before = core_.probe().memory().free_bytes;
+        const TimePoint start = core_.now();
+        LoadedModel loaded;
+        if (trusted_bytes > 0) {
+            // Memory an eviction freed but the driver does not report yet: the guard's admission
+            // only sees the report, so the requirement it checks is lowered by what is trusted.
+            const std::uint64_t required =
+                core_.guard().admission(slot.key(), declared).requirement.bytes;
+            loaded.model = core_.guard().load(
+                slot.key(), required > trusted_bytes ? required - trusted_bytes : 1, loader);
+        } else if (declared) {
+            loaded.model = core_.guard().load(slot.key(), *declared, loader);
+        } else {
+            loaded.model = core_.guard().load(slot.key(), loader);
+        }
+        if (!loaded.model)
+            throw std::runtime_error("vramguard::ModelRegistry: the loader of model '" +
+                                     slot.name() + "' returned no model (a null pointer)");
+        // What the model holds: the guard's measured peak (a declaration is an estimate made
+        // before loading; what was measured is what an unload frees), else declared, else what
+        // free memory dropped by (blurred by anything else running, so it comes last).
+        if (const std::uint64_t peak = core_.guard().profiles().get(slot.key()).peak_bytes;
+            peak > 0) {
+            loaded.bytes = peak;
+        } else if (declared) {
+            loaded.bytes = *declared;
+        } else {
+            const std::uint64_t free_after = core_.probe().memory().free_bytes;
+            loaded.bytes = free_before > free_after ? free_before - free_after : 0;
+        }
+        RegistryEvent event(RegistryEventKind::loaded, slot.name());
+        event.bytes = loaded.bytes;
+        event.took = std::chrono::duration_cast<std::chrono::milliseconds>(core_.now() - start);
+        core_.publish(event);
+        return loaded;
+    }
+
+    [[noreturn]] void throw_insufficient(SlotBase& slot, const Room& room, Duration waited) {
+        const Admission& admission = room.admission;
+        const MemoryInfo& memory = admission.memory;
+        const std::string message =
+            "vramguard: cannot load model '" + slot.name() + "' (" + slot.key().describe() +
+            "): " + refusal_reason(room) + ". Holding memory: " + holders_text(memory) +
+            (room.peers.empty() ? "" : ". Peers asked: " + room.peers) + ". Waited " +
+            ms_text(waited) + " (load_wait " + ms_text(core_.options().load_wait) + "); retry " +
+            (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
+        // Never a "can never fit": make_room calls such a load ready, and Guard::load rejects it.
+        throw InsufficientMemory(admission.requirement.bytes, memory.free_bytes, memory.total_bytes,
+                                 slot.key().describe(), core_.guard().options().retry_delay,
+                                 message, false);
+    }
+
+    std::string refusal_reason(const Room& room) const {
+        const Admission& admission = room.admission;
+        const std::string cap = std::to_string(core_.options().max_loaded_models);
+        if (room.plan.at_cap && admission.admitted)
+            return std::to_string(room.loaded) + " models are loaded (max_loaded_models " + cap +
+                   ") and none of them is idle";
+        return "it needs " + format_bytes(admission.requirement.bytes) + " (" +
+               policy::to_string(admission.requirement.source) + ") plus a safety margin of " +
+               format_bytes(admission.margin_bytes) + ", but only " +
+               format_bytes(admission.memory.free_bytes) + " of " +
+               format_bytes(admission.memory.total_bytes) + " is free, and " +
+               (room.plan.evicting_cannot_help ? "unloading every idle model would not free enough"
+                : room.loaded == 0             ? "no other model is loaded to unload"
+                                               : "no loaded model is idle") +
+               (room.plan.at_cap ? " (max_loaded_models " + cap + " reached)" : "");
+    }
+
+    // Every loaded model with its bytes and whether it is busy, then what the registry does not
+    // hold: "'a' 4.00 GiB (busy, 1 lease), other use (...) 512.00 MiB".
+    std::string holders_text(const MemoryInfo& memory) const {
+        std::string text;
+        const TimePoint now = core_.now();
+        std::uint64_t held = 0;
+        for (const auto& other : core_.slots()) {
+            const ModelStatus status = SlotAccess::status_at(*other, now);
+            if (!status.loaded) continue;
+            held = policy::saturating_add(held, status.bytes);
+            text += "'" + status.name + "' " + format_bytes(status.bytes) + " (" +
+                    (status.leases > 0 ? "busy, " + std::to_string(status.leases) +
+                                             (status.leases == 1 ? " lease" : " leases")
+                                       : "idle " + seconds_text(status.idle_seconds)) +
+                    "), ";
+        }
+        const std::uint64_t used = memory.used_bytes();
+        return text + "other use (other processes, work outside the registry) " +
+               format_bytes(used > held ? used - held : 0);
+    }
+
+    RegistryCore<Probe>& core_;
+    RegistryRelief<Probe>& relief_;
+};
+
+}  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/registry_load.hpp> ----
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -9713,78 +10677,6 @@ VRAMGUARD_END_NAMESPACE
 #include <vector>
 
 VRAMGUARD_BEGIN_NAMESPACE
-
-namespace defaults {
-// Ollama's OLLAMA_MAX_LOADED_MODELS default (per GPU): enough for an embedder, a reranker and a
-// generator side by side; more mostly means more reload churn when memory runs short.
-inline constexpr std::size_t max_loaded_models = 3;
-// Ollama's keep_alive default: long enough to serve a conversation, short enough that a model
-// nobody uses gives its memory back within minutes.
-inline constexpr std::chrono::milliseconds idle_timeout{std::chrono::minutes(5)};
-// Above this fraction of the device in use, the allocator cache is emptied first: that costs only
-// some re-allocation later.
-inline constexpr double pressure_threshold = 0.75;
-// Above this even after emptying the cache, idle models are unloaded: reloading one costs seconds.
-inline constexpr double aggressive_threshold = 0.85;
-// Relief acts at most once per window: the driver reports freed memory late, and acting again on
-// the same stale reading would unload model after model.
-inline constexpr std::chrono::milliseconds pressure_rate_limit{30000};
-// 0: a load that cannot be made room for fails at once with InsufficientMemory (a server answers
-// 503 with retry_after) instead of holding the request.
-inline constexpr std::chrono::milliseconds load_wait{0};
-inline constexpr std::chrono::milliseconds reaper_interval{1000};
-// A peer that has not answered in 2 s is down or stuck: an unload it agrees to answers at once.
-inline constexpr std::chrono::milliseconds peer_timeout{2000};
-// The seeds' /request-unload rate limit: a peer is asked at most once per window, so two servers
-// that need memory in turn cannot ping-pong each other's models.
-inline constexpr std::chrono::milliseconds peer_cooldown{30000};
-}  // namespace defaults
-
-struct RegistryOptions {
-    std::size_t max_loaded_models = defaults::max_loaded_models;      // models loaded at once, >= 1
-    std::chrono::milliseconds idle_timeout = defaults::idle_timeout;  // unload after; 0 = never
-    // Fractions of the device in use (the probe's reading): above the first the cache is
-    // emptied, (0, 1]; above the second idle models are unloaded, [pressure_threshold, 1].
-    double pressure_threshold = defaults::pressure_threshold;
-    double aggressive_threshold = defaults::aggressive_threshold;
-    std::chrono::milliseconds pressure_rate_limit = defaults::pressure_rate_limit;  // >= 0
-    std::chrono::milliseconds load_wait = defaults::load_wait;  // max wait for room to load, >= 0
-    // true: a library-owned thread calls tick() every reaper_interval; it stops (at once) when the
-    // registry is destroyed. false: the host calls tick() from its own loop.
-    bool reaper = false;
-    std::chrono::milliseconds reaper_interval = defaults::reaper_interval;  // > 0, real time
-    // Other services on the device, asked in this order to free memory when a load still does not
-    // fit after the registry's own idle models went (peer.hpp). Empty: no peer relief.
-    std::vector<std::shared_ptr<Peer>> peers;
-    std::chrono::milliseconds peer_timeout = defaults::peer_timeout;    // per ask, > 0
-    std::chrono::milliseconds peer_cooldown = defaults::peer_cooldown;  // per peer, >= 0
-    ClockFn clock;  // empty = the guard's Options::clock
-    SleepFn sleep;  // empty = the guard's Options::sleep
-
-    // Throws std::invalid_argument naming the first field that makes no sense.
-    void validate() const {
-        auto fail = [](const char* field, const std::string& why) {
-            throw std::invalid_argument(std::string("vramguard::RegistryOptions::") + field + " " +
-                                        why);
-        };
-        if (max_loaded_models < 1) fail("max_loaded_models", "must be at least 1");
-        if (idle_timeout.count() < 0) fail("idle_timeout", "must not be negative (0 = never)");
-        if (!std::isfinite(pressure_threshold) || pressure_threshold <= 0 || pressure_threshold > 1)
-            fail("pressure_threshold",
-                 "must be in (0, 1], got " + std::to_string(pressure_threshold));
-        if (!std::isfinite(aggressive_threshold) || aggressive_threshold < pressure_threshold ||
-            aggressive_threshold > 1)
-            fail("aggressive_threshold",
-                 "must be in [pressure_threshold, 1], got " + std::to_string(aggressive_threshold));
-        if (pressure_rate_limit.count() < 0) fail("pressure_rate_limit", "must not be negative");
-        if (load_wait.count() < 0) fail("load_wait", "must not be negative");
-        if (reaper_interval.count() <= 0) fail("reaper_interval", "must be positive");
-        for (const auto& peer : peers)
-            if (!peer) fail("peers", "must not hold a null peer");
-        if (peer_timeout.count() <= 0) fail("peer_timeout", "must be positive");
-        if (peer_cooldown.count() < 0) fail("peer_cooldown", "must not be negative");
-    }
-};
 
 struct RegistryStatus {
     std::vector<ModelStatus> models;  // in the order they were added
@@ -9814,16 +10706,11 @@ template <class Probe>
 class ModelRegistry : private detail::SlotOwner {
    public:
     explicit ModelRegistry(Guard<Probe>& guard, RegistryOptions options = {})
-        : guard_(guard),
-          options_((options.validate(), std::move(options))),
-          clock_(options_.clock ? options_.clock : guard.options().clock),
-          sleep_(options_.sleep ? options_.sleep : guard.options().sleep),
-          peers_(options_.peers, detail::saturating_duration(options_.peer_timeout),
-                 detail::saturating_duration(options_.peer_cooldown)),
-          relief_mutex_(detail::device_relief_mutex(detail::device_identity(guard.probe()))) {
-        if (options_.reaper)
+        : core_(guard, std::move(options)), relief_(core_) {
+        if (core_.options().reaper)
             reaper_ = std::make_unique<detail::Reaper>(
-                detail::saturating_duration(options_.reaper_interval), [this] { tick(clock_()); },
+                detail::saturating_duration(core_.options().reaper_interval),
+                [this] { tick(core_.now()); },
                 [this](const std::string& message) {
                     RegistryEvent event(RegistryEventKind::housekeeping_failed);
                     event.text = message;
@@ -9839,17 +10726,17 @@ class ModelRegistry : private detail::SlotOwner {
     ~ModelRegistry() {
         reaper_.reset();
         try {
-            if (!wait_for_peer_calls(options_.peer_timeout)) {
+            if (!wait_for_peer_calls(options().peer_timeout)) {
                 RegistryEvent event(RegistryEventKind::peer_calls_left);
-                event.count = peers_.calls_running();
-                event.limit = options_.peer_timeout;
+                event.count = relief_.calls_running();
+                event.limit = options().peer_timeout;
                 publish(event);
             }
         } catch (...) {
         }
-        for (const auto& slot : slots()) detail::SlotAccess::detach(*slot);
+        for (const auto& slot : core_.slots()) detail::SlotAccess::detach(*slot);
         try {
-            guard_.probe().release_cached();
+            core_.probe().release_cached();
         } catch (...) {
         }
     }
@@ -9879,23 +10766,18 @@ class ModelRegistry : private detail::SlotOwner {
             std::shared_ptr<T> model = (*held)();
             return model;
         };
-        std::lock_guard<std::mutex> lock(mutex_);
-        for (const auto& slot : slots_)
-            if (slot->name() == name)
-                throw std::invalid_argument("vramguard::ModelRegistry::add: a model named '" +
-                                            name + "' is already registered");
         auto slot = std::make_shared<ModelSlot<T>>(
             detail::SlotPasskey{}, std::move(name), std::move(key), declared_bytes,
-            std::move(erased), static_cast<detail::SlotOwner*>(this), clock_);
-        slots_.push_back(slot);
+            std::move(erased), static_cast<detail::SlotOwner*>(this), core_.clock());
+        core_.insert(slot);
         return slot;
     }
 
     // request_unload() of the model registered as `name`; std::out_of_range when there is none.
     // Busy (loading) while this registry loads a model, like the registry-wide form below.
     UnloadResult request_unload(std::string_view name, Duration min_idle = Duration::zero()) {
-        if (loading()) return busy_loading();
-        for (const auto& slot : slots())
+        if (core_.loading()) return busy_loading();
+        for (const auto& slot : core_.slots())
             if (slot->name() == name) return slot->request_unload(min_idle);
         throw std::out_of_range("vramguard::ModelRegistry::request_unload: no model named '" +
                                 std::string(name) + "'");
@@ -9908,9 +10790,9 @@ class ModelRegistry : private detail::SlotOwner {
     // two registries that ask each other must not trade models back and forth.
     UnloadResult request_unload(
         Duration min_idle, std::uint64_t wanted_bytes = std::numeric_limits<std::uint64_t>::max()) {
-        if (loading()) return busy_loading();
-        const TimePoint now = clock_();
-        const Look seen = look();
+        if (core_.loading()) return busy_loading();
+        const TimePoint now = core_.now();
+        const Look seen = core_.look();
         std::vector<std::size_t> order = eviction::idle_lru(seen.seen);
         for (std::size_t i = 0; i < seen.slots.size(); ++i)
             if (std::find(order.begin(), order.end(), i) == order.end()) order.push_back(i);
@@ -9931,7 +10813,7 @@ class ModelRegistry : private detail::SlotOwner {
 
     // Housekeeping: unloads models idle for idle_timeout, then relieves memory pressure. The reaper
     // thread calls it; a host without one calls it from its own loop (every second or so).
-    void tick() { tick(clock_()); }
+    void tick() { tick(core_.now()); }
     void tick(TimePoint now) {
         unload_idle(now);
         relieve_pressure(now);
@@ -9939,23 +10821,23 @@ class ModelRegistry : private detail::SlotOwner {
 
     // Unloads every model idle for at least idle_timeout at `now`; returns how many.
     std::size_t unload_idle(TimePoint now) {
-        if (options_.idle_timeout.count() == 0) return 0;
+        if (options().idle_timeout.count() == 0) return 0;
         std::size_t count = 0;
-        for (const auto& slot : slots()) {
+        for (const auto& slot : core_.slots()) {
             const detail::SlotSnapshot seen = detail::SlotAccess::snapshot(*slot);
             if (seen.state != ModelState::loaded || seen.leases > 0) continue;
             bool still_referenced = false;
             const UnloadResult result = detail::SlotAccess::try_unload(
-                *slot, now, detail::saturating_duration(options_.idle_timeout), std::nullopt,
+                *slot, now, detail::saturating_duration(options().idle_timeout), std::nullopt,
                 &still_referenced);
             if (!result.unloaded()) continue;
             ++count;
             RegistryEvent event = unload_event(RegistryEventKind::idle_unloaded, *slot, result);
-            event.limit = options_.idle_timeout;
+            event.limit = options().idle_timeout;
             publish(event);
             warn_if_referenced(*slot, still_referenced);
         }
-        if (count > 0) guard_.probe().release_cached();
+        if (count > 0) core_.probe().release_cached();
         return count;
     }
 
@@ -9965,13 +10847,13 @@ class ModelRegistry : private detail::SlotOwner {
     // costs more than a little pressure). Busy models are never touched.
     PressureRelief relieve_pressure(TimePoint now) {
         PressureRelief relief;
-        const MemoryInfo before = guard_.probe().memory();
+        const MemoryInfo before = core_.probe().memory();
         relief.usage_before = relief.usage_after = before.usage();
         {
-            std::lock_guard<std::mutex> lock(mutex_);
+            std::lock_guard<std::mutex> lock(pressure_mutex_);
             const pressure::Action action =
-                pressure::decide(relief.usage_before, options_.pressure_threshold, last_relief_,
-                                 now, detail::saturating_duration(options_.pressure_rate_limit));
+                pressure::decide(relief.usage_before, options().pressure_threshold, last_relief_,
+                                 now, detail::saturating_duration(options().pressure_rate_limit));
             if (action != pressure::Action::act) {
                 relief.rate_limited = action == pressure::Action::rate_limited;
                 return relief;
@@ -9979,62 +10861,49 @@ class ModelRegistry : private detail::SlotOwner {
             last_relief_ = now;
         }
         relief.acted = true;
-        guard_.probe().release_cached();
-        const MemoryInfo after_cache = guard_.probe().memory();
+        core_.probe().release_cached();
+        const MemoryInfo after_cache = core_.probe().memory();
         // INFO: emptying the cache is routine and cheap; unloading a model (below) is WARN.
         RegistryEvent event(RegistryEventKind::pressure_cache_released);
         event.usage = before.usage();
         event.total_bytes = before.total_bytes;
-        event.threshold = options_.pressure_threshold;
+        event.threshold = options().pressure_threshold;
         event.usage_after = after_cache.usage();
         publish(event);
-        if (after_cache.usage() > options_.aggressive_threshold)
+        if (after_cache.usage() > options().aggressive_threshold)
             relief.unloaded = unload_for_pressure(after_cache, now);
-        relief.usage_after = guard_.probe().memory().usage();
+        relief.usage_after = core_.probe().memory().usage();
         return relief;
     }
 
-    // A snapshot for a status endpoint: every model (loaded or not), the device, the counters.
     // Waits (real time, at most `timeout`) for the peer calls still running on their own
     // threads, those abandoned at their deadline too. True when none runs any more.
     bool wait_for_peer_calls(std::chrono::milliseconds timeout) {
-        return peers_.wait_for_calls(detail::saturating_duration(timeout));
+        return relief_.wait_for_calls(detail::saturating_duration(timeout));
     }
 
+    // A snapshot for a status endpoint: every model (loaded or not), the device, the counters.
     RegistryStatus status() const {
         RegistryStatus status;
-        const TimePoint now = clock_();
-        for (const auto& slot : slots()) {
+        const TimePoint now = core_.now();
+        for (const auto& slot : core_.slots()) {
             status.models.push_back(detail::SlotAccess::status_at(*slot, now));
             if (status.models.back().loaded) ++status.loaded_models;
         }
-        status.max_loaded_models = options_.max_loaded_models;
-        status.memory = guard_.probe().memory();
+        status.max_loaded_models = options().max_loaded_models;
+        status.memory = core_.probe().memory();
         status.stats = stats();
-        status.peers = peers_.status(now);
+        status.peers = relief_.status(now);
         return status;
     }
 
-    RegistryStats stats() const noexcept { return stats_.snapshot(); }
-    const RegistryOptions& options() const noexcept { return options_; }
-    Guard<Probe>& guard() noexcept { return guard_; }
+    RegistryStats stats() const noexcept { return core_.stats(); }
+    const RegistryOptions& options() const noexcept { return core_.options(); }
+    Guard<Probe>& guard() noexcept { return core_.guard(); }
 
    private:
-    // What one look at the device decided.
-    struct Room {
-        bool ready = false;
-        std::uint64_t trusted_bytes = 0;  // freed by evictions, not yet reported: trusted
-        Admission admission;
-        std::size_t loaded = 0;
-        eviction::Plan plan;
-        std::uint64_t reachable = 0;  // free once every idle model went (with trusted bytes)
-        std::string peers;            // what the peers were asked and answered, for the refusal
-    };
+    using Look = typename detail::RegistryCore<Probe>::Look;
 
-    // Whether a load is in progress on this registry (some thread holds the turn).
-    bool loading() const noexcept {
-        return turn_owner_.load(std::memory_order_acquire) != std::thread::id();
-    }
     static UnloadResult busy_loading() noexcept {
         UnloadResult result;
         result.outcome = UnloadOutcome::busy;
@@ -10042,44 +10911,13 @@ class ModelRegistry : private detail::SlotOwner {
         return result;
     }
 
-    // Counts the event and, past the guard's Options::log_level, formats and logs it.
-    void publish(const RegistryEvent& event) {
-        detail::publish(stats_, guard_.options().log, guard_.options().log_level, event);
-    }
-    // An unload's event: the model, its bytes, how long it was idle.
+    void publish(const RegistryEvent& event) { core_.publish(event); }
     static RegistryEvent unload_event(RegistryEventKind kind, const detail::SlotBase& slot,
                                       const UnloadResult& result) noexcept {
-        RegistryEvent event(kind, slot.name());
-        event.bytes = result.bytes;
-        event.idle_seconds = result.idle_seconds;
-        return event;
+        return detail::RegistryCore<Probe>::unload_event(kind, slot, result);
     }
     void warn_if_referenced(const detail::SlotBase& slot, bool still_referenced) {
-        if (still_referenced)
-            publish(RegistryEvent(RegistryEventKind::still_referenced, slot.name()));
-    }
-
-    std::vector<std::shared_ptr<detail::SlotBase>> slots() const {
-        std::lock_guard<std::mutex> lock(mutex_);
-        return slots_;
-    }
-
-    // The slots and what each held when looked at, in the registry's order.
-    struct Look {
-        std::vector<std::shared_ptr<detail::SlotBase>> slots;
-        std::vector<detail::SlotSnapshot> seen;
-        std::size_t index_of(const detail::SlotBase* slot) const {
-            for (std::size_t i = 0; i < slots.size(); ++i)
-                if (slots[i].get() == slot) return i;
-            return eviction::no_slot;
-        }
-    };
-    Look look() const {
-        Look result;
-        result.slots = slots();
-        for (const auto& slot : result.slots)
-            result.seen.push_back(detail::SlotAccess::snapshot(*slot));
-        return result;
+        core_.warn_if_referenced(slot, still_referenced);
     }
 
     // Idle models unloaded least recently used first while use stays above aggressive_threshold
@@ -10087,8 +10925,8 @@ class ModelRegistry : private detail::SlotOwner {
     std::size_t unload_for_pressure(const MemoryInfo& after_cache, TimePoint now) {
         std::uint64_t used = after_cache.used_bytes();
         const std::uint64_t target =
-            pressure::unload_target(after_cache.total_bytes, options_.aggressive_threshold);
-        const Look seen = look();
+            pressure::unload_target(after_cache.total_bytes, options().aggressive_threshold);
+        const Look seen = core_.look();
         std::size_t unloaded = 0;
         for (const std::size_t i : eviction::idle_lru(seen.seen)) {
             if (used <= target) break;
@@ -10101,299 +10939,34 @@ class ModelRegistry : private detail::SlotOwner {
             ++unloaded;
             RegistryEvent event = unload_event(RegistryEventKind::pressure_unloaded, slot, result);
             event.usage = after_cache.usage();
-            event.threshold = options_.aggressive_threshold;
+            event.threshold = options().aggressive_threshold;
             publish(event);
             warn_if_referenced(slot, still_referenced);
         }
-        if (unloaded > 0) guard_.probe().release_cached();
+        if (unloaded > 0) core_.probe().release_cached();
         return unloaded;
     }
 
     // ---- SlotOwner ---------------------------------------------------------------------------
 
     void* load_model(detail::SlotBase& slot) override {
-        try {
-            return load_with_room(slot);
-        } catch (...) {
-            publish(RegistryEvent(RegistryEventKind::load_failed, slot.name()));
-            throw;
-        }
+        return detail::RegistryLoad<Probe>(core_, relief_).run(slot);
     }
 
-    bool holds_load_turn() const noexcept override {
-        return turn_owner_.load(std::memory_order_acquire) == std::this_thread::get_id();
-    }
+    bool holds_load_turn() const noexcept override { return core_.holds_turn(); }
 
     void on_requested_unload(detail::SlotBase& slot, const UnloadResult& result) noexcept override {
         try {
             publish(unload_event(RegistryEventKind::requested_unloaded, slot, result));
-            guard_.probe().release_cached();
+            core_.probe().release_cached();
         } catch (...) {
         }
     }
 
-    // ---- loading -----------------------------------------------------------------------------
-
-    void* load_with_room(detail::SlotBase& slot) {
-        const TimePoint start = clock_();
-        const TimePoint deadline = detail::deadline_after(start, options_.load_wait);
-        bool waited = false;
-        for (;;) {
-            Room room;
-            if (void* model = load_in_turn(slot, room)) return model;
-            const TimePoint now = clock_();
-            if (now >= deadline) {
-                publish(RegistryEvent(RegistryEventKind::rejected, slot.name()));
-                throw_insufficient(slot, room, now - start);
-            }
-            if (!waited) {
-                waited = true;
-                RegistryEvent event(RegistryEventKind::load_waits, slot.name());
-                event.limit = options_.load_wait;
-                event.at_cap = room.plan.at_cap;
-                publish(event);
-            }
-            sleep_(std::min<Duration>(guard_.options().poll_interval, deadline - now));
-        }
-    }
-
-    // One turn: make room, ask peers when that is not enough, then load once admitted. Returns the
-    // model (published, leased), or nullptr when there is no room (`room` says why).
-    void* load_in_turn(detail::SlotBase& slot, Room& room) {
-        std::lock_guard<std::mutex> turn(turn_mutex_);
-        turn_owner_.store(std::this_thread::get_id(), std::memory_order_release);
-        struct ClearOwner {
-            std::atomic<std::thread::id>& owner;
-            ~ClearOwner() { owner.store(std::thread::id(), std::memory_order_release); }
-        } clear_owner{turn_owner_};
-        room = make_room(slot);
-        if (!room.ready && relieve_with_peers(slot, room)) {
-            std::string asked = std::move(room.peers);
-            room = make_room(slot);  // admit once more: only the probe's reading counts
-            room.peers = std::move(asked);
-            if (room.ready) publish(RegistryEvent(RegistryEventKind::peer_relief, slot.name()));
-        }
-        if (!room.ready) return nullptr;
-        detail::LoadedModel loaded = run_loader(slot, room.trusted_bytes);
-        // Published before the turn ends: the next load counts it against the cap.
-        return detail::SlotAccess::commit_load(slot, std::move(loaded), clock_());
-    }
-
-    // Peer relief (relief.hpp), after local eviction: asks the peers for what the registry cannot
-    // reach by itself, then waits for the memory with the recovery rule. Returns whether to look
-    // again. Claims are never trusted: the next look reads the probe. One relief per device at a
-    // time; a second one does not wait for the first, it does without.
-    bool relieve_with_peers(detail::SlotBase& slot, Room& room) {
-        if (peers_.empty() ||
-            !relief::worth_asking(room.plan.never_fits, room.plan.fits, room.plan.at_cap))
-            return false;
-        const std::uint64_t needed =
-            policy::saturating_add(room.admission.requirement.bytes, room.admission.margin_bytes);
-        const std::uint64_t shortfall = relief::shortfall(needed, room.reachable);
-        if (shortfall == 0) return false;
-        std::unique_lock<std::mutex> one_relief(*relief_mutex_, std::try_to_lock);
-        if (!one_relief.owns_lock()) {
-            room.peers = "none (another load on this device is asking them)";
-            return false;
-        }
-        const std::uint64_t free_before = guard_.probe().memory().free_bytes;
-        const detail::ReliefOutcome outcome =
-            peers_.ask(shortfall, slot.name(), clock_, sleep_, guard_.options().poll_interval);
-        for (const std::string& answer : outcome.answers)
-            room.peers += (room.peers.empty() ? "" : "; ") + answer;
-        RegistryEvent asked(RegistryEventKind::peers_asked, slot.name());
-        asked.count = outcome.asked;
-        asked.bytes = shortfall;
-        asked.text = room.peers;
-        publish(asked);
-        if (outcome.claimed == 0) return false;
-        const TimePoint start = clock_();
-        const bool seen = guard_.wait_for_freed_memory(outcome.claimed, free_before, needed);
-        room.peers +=
-            (seen ? "; the memory showed after " : "; the claimed memory did not show within ") +
-            detail::ms_text(clock_() - start);
-        return true;
-    }
-
-    // Evicts idle models, least recently used first, until the load is admitted and under the cap
-    // (eviction::plan decides). Ready also when the model could never fit: then Guard::load says so
-    // with its own numbers, and nothing was evicted for nothing.
-    Room make_room(detail::SlotBase& slot) {
-        Room room;
-        for (;;) {
-            room.admission = guard_.admission(slot.key(), slot.declared_bytes());
-            if (room.admission.admitted) room.trusted_bytes = 0;
-            const Look seen = look();
-            const std::size_t self = seen.index_of(&slot);
-            const std::vector<std::size_t> idle = eviction::idle_lru(seen.seen, self);
-            eviction::Situation situation;
-            situation.required = room.admission.requirement.bytes;
-            situation.memory = room.admission.memory;
-            situation.safety_margin = guard_.options().safety_margin;
-            situation.trusted = room.trusted_bytes;
-            situation.loaded = room.loaded = eviction::loaded_count(seen.seen, self);
-            situation.max_loaded = options_.max_loaded_models;
-            for (const std::size_t i : idle) situation.idle_bytes.push_back(seen.seen[i].bytes);
-            room.plan = eviction::plan(situation);
-            room.reachable = eviction::reachable(situation.memory.free_bytes, situation.trusted,
-                                                 situation.idle_bytes);
-            if (room.plan.never_fits) room.trusted_bytes = 0;
-            if (room.plan.step != eviction::Step::evict) {
-                room.ready = room.plan.step == eviction::Step::load;
-                return room;
-            }
-            evict(slot, *seen.slots[idle.front()], seen.seen[idle.front()].uses, room);
-        }
-    }
-
-    void evict(detail::SlotBase& for_slot, detail::SlotBase& victim, std::uint64_t seen_uses,
-               Room& room) {
-        const std::uint64_t free_before = guard_.probe().memory().free_bytes;
-        bool still_referenced = false;
-        const UnloadResult result = detail::SlotAccess::try_unload(
-            victim, clock_(), Duration::zero(), seen_uses, &still_referenced);
-        if (!result.unloaded()) return;  // a lease came first: decide again
-        guard_.probe().release_cached();
-        RegistryEvent event = unload_event(RegistryEventKind::evicted, victim, result);
-        event.for_model = for_slot.name();
-        event.at_cap = room.plan.at_cap;
-        event.count = options_.max_loaded_models;
-        publish(event);
-        warn_if_referenced(victim, still_referenced);
-        if (room.plan.fits || result.bytes == 0)
-            return;  // only the cap was in the way: nothing to wait for
-        wait_for_eviction(victim, result.bytes, free_before, room);
-    }
-
-    // The driver reports freed memory late: wait until it shows (or enough is free), else trust
-    // the estimate, as Ollama does.
-    void wait_for_eviction(const detail::SlotBase& victim, std::uint64_t freed,
-                           std::uint64_t free_before, Room& room) {
-        const std::uint64_t needed =
-            policy::saturating_add(room.admission.requirement.bytes, room.admission.margin_bytes);
-        const TimePoint start = clock_();
-        if (guard_.wait_for_freed_memory(freed, free_before, needed)) {
-            RegistryEvent event(RegistryEventKind::recovery_seen, victim.name());
-            event.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_() - start);
-            publish(event);
-        } else {
-            room.trusted_bytes = policy::saturating_add(room.trusted_bytes, freed);
-            RegistryEvent event(RegistryEventKind::recovery_trusted, victim.name());
-            event.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_() - start);
-            event.bytes = freed;
-            event.threshold = guard_.options().recovery_fraction;
-            publish(event);
-        }
-    }
-
-    detail::LoadedModel run_loader(detail::SlotBase& slot, std::uint64_t trusted_bytes) {
-        const auto& loader = detail::SlotAccess::loader(slot);
-        const std::optional<std::uint64_t>& declared = slot.declared_bytes();
-        const std::uint64_t free_before = guard_.probe().memory().free_bytes;
-        const TimePoint start = clock_();
-        detail::LoadedModel loaded;
-        if (trusted_bytes > 0) {
-            // Memory an eviction freed but the driver does not report yet: the guard's admission
-            // only sees the report, so the requirement it checks is lowered by what is trusted.
-            const std::uint64_t required = guard_.admission(slot.key(), declared).requirement.bytes;
-            loaded.model = guard_.load(
-                slot.key(), required > trusted_bytes ? required - trusted_bytes : 1, loader);
-        } else if (declared) {
-            loaded.model = guard_.load(slot.key(), *declared, loader);
-        } else {
-            loaded.model = guard_.load(slot.key(), loader);
-        }
-        if (!loaded.model)
-            throw std::runtime_error("vramguard::ModelRegistry: the loader of model '" +
-                                     slot.name() + "' returned no model (a null pointer)");
-        // What the model holds: the guard's measured peak (a declaration is an estimate made
-        // before loading; what was measured is what an unload frees), else declared, else what
-        // free memory dropped by (blurred by anything else running, so it comes last).
-        if (const std::uint64_t peak = guard_.profiles().get(slot.key()).peak_bytes; peak > 0) {
-            loaded.bytes = peak;
-        } else if (declared) {
-            loaded.bytes = *declared;
-        } else {
-            const std::uint64_t free_after = guard_.probe().memory().free_bytes;
-            loaded.bytes = free_before > free_after ? free_before - free_after : 0;
-        }
-        RegistryEvent event(RegistryEventKind::loaded, slot.name());
-        event.bytes = loaded.bytes;
-        event.took = std::chrono::duration_cast<std::chrono::milliseconds>(clock_() - start);
-        publish(event);
-        return loaded;
-    }
-
-    [[noreturn]] void throw_insufficient(detail::SlotBase& slot, const Room& room,
-                                         Duration waited) {
-        const Admission& admission = room.admission;
-        const MemoryInfo& memory = admission.memory;
-        const std::string message =
-            "vramguard: cannot load model '" + slot.name() + "' (" + slot.key().describe() +
-            "): " + refusal_reason(room) + ". Holding memory: " + holders_text(memory) +
-            (room.peers.empty() ? "" : ". Peers asked: " + room.peers) + ". Waited " +
-            detail::ms_text(waited) + " (load_wait " + detail::ms_text(options_.load_wait) +
-            "); retry " + (room.loaded == 0 ? "when the other use shrinks." : "when a lease ends.");
-        // Never a "can never fit": make_room calls such a load ready, and Guard::load rejects it.
-        throw InsufficientMemory(admission.requirement.bytes, memory.free_bytes, memory.total_bytes,
-                                 slot.key().describe(), guard_.options().retry_delay, message,
-                                 false);
-    }
-
-    std::string refusal_reason(const Room& room) const {
-        const Admission& admission = room.admission;
-        const std::string cap = std::to_string(options_.max_loaded_models);
-        if (room.plan.at_cap && admission.admitted)
-            return std::to_string(room.loaded) + " models are loaded (max_loaded_models " + cap +
-                   ") and none of them is idle";
-        return "it needs " + format_bytes(admission.requirement.bytes) + " (" +
-               policy::to_string(admission.requirement.source) + ") plus a safety margin of " +
-               format_bytes(admission.margin_bytes) + ", but only " +
-               format_bytes(admission.memory.free_bytes) + " of " +
-               format_bytes(admission.memory.total_bytes) + " is free, and " +
-               (room.plan.evicting_cannot_help ? "unloading every idle model would not free enough"
-                : room.loaded == 0             ? "no other model is loaded to unload"
-                                               : "no loaded model is idle") +
-               (room.plan.at_cap ? " (max_loaded_models " + cap + " reached)" : "");
-    }
-
-    // Every loaded model with its bytes and whether it is busy, then what the registry does not
-    // hold: "'a' 4.00 GiB (busy, 1 lease), other use (...) 512.00 MiB".
-    std::string holders_text(const MemoryInfo& memory) const {
-        std::string text;
-        const TimePoint now = clock_();
-        std::uint64_t held = 0;
-        for (const auto& other : slots()) {
-            const ModelStatus status = detail::SlotAccess::status_at(*other, now);
-            if (!status.loaded) continue;
-            held = policy::saturating_add(held, status.bytes);
-            text += "'" + status.name + "' " + format_bytes(status.bytes) + " (" +
-                    (status.leases > 0 ? "busy, " + std::to_string(status.leases) +
-                                             (status.leases == 1 ? " lease" : " leases")
-                                       : "idle " + detail::seconds_text(status.idle_seconds)) +
-                    "), ";
-        }
-        const std::uint64_t used = memory.used_bytes();
-        return text + "other use (other processes, work outside the registry) " +
-               format_bytes(used > held ? used - held : 0);
-    }
-
-    Guard<Probe>& guard_;
-    const RegistryOptions options_;
-    const ClockFn clock_;
-    const SleepFn sleep_;
-
-    mutable std::mutex mutex_;  // slots_ and last_relief_; never held while loading or waiting
-    std::vector<std::shared_ptr<detail::SlotBase>> slots_;
+    detail::RegistryCore<Probe> core_;
+    detail::RegistryRelief<Probe> relief_;
+    std::mutex pressure_mutex_;  // last_relief_
     std::optional<TimePoint> last_relief_;
-    detail::AtomicRegistryStats stats_;
-
-    detail::PeerRelief peers_;
-    const std::shared_ptr<std::mutex> relief_mutex_;  // one peer relief per device at a time
-
-    std::mutex turn_mutex_;  // one load (decide, evict, ask peers, load) at a time
-    std::atomic<std::thread::id> turn_owner_{};
-
     std::unique_ptr<detail::Reaper> reaper_;  // last: started once everything above exists
 };
 
@@ -11323,7 +11896,7 @@ class HostProbe : public SystemMemoryProbe {
     std::uint64_t peak_bytes() const {
         if (!peak_tracking_) return 0;
         std::string text;
-        if (!detail::host::read_file(sources().root + "/proc/self/status", text)) return 0;
+        if (!detail::read_small_file(sources().root + "/proc/self/status", text)) return 0;
         return detail::host::field(text, "VmHWM:").value_or(0) * 1024;
     }
 

@@ -14,6 +14,7 @@
 #include <vramguard/memory.hpp>
 #include <vramguard/options.hpp>
 #include <vramguard/policy.hpp>
+#include <vramguard/recovery.hpp>
 #include <vramguard/stats.hpp>
 #include <vramguard/version.hpp>
 
@@ -111,18 +112,11 @@ class AdmissionControl {
         return came_back;
     }
 
-    // After an unload of `expected_freed` bytes (free was `free_before`): polls until the driver
-    // reports recovery_fraction of them, or `needed_free` is free, at most recovery_timeout; then
-    // trusts the estimate. Returns whether the memory was seen (true) or only trusted (false).
+    // The recovery wait (recovery.hpp) on this guard's probe and options.
     bool wait_for_freed_memory(std::uint64_t expected_freed, std::uint64_t free_before,
                                std::uint64_t needed_free) {
-        const TimePoint deadline = deadline_after(options_.clock(), options_.recovery_timeout);
-        return poll_until(options_.clock, options_.sleep, options_.poll_interval, deadline, [&] {
-            const std::uint64_t free_now = probe_.memory().free_bytes;
-            return (needed_free > 0 && free_now >= needed_free) ||
-                   policy::recovered(free_before, free_now, expected_freed,
-                                     options_.recovery_fraction);
-        });
+        return vramguard::wait_for_freed_memory(probe_, options_, expected_freed, free_before,
+                                                needed_free);
     }
 
    private:

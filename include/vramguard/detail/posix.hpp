@@ -21,8 +21,10 @@
 #include <cstdint>
 #include <cstring>
 #include <ctime>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 
 VRAMGUARD_BEGIN_NAMESPACE
 namespace detail {
@@ -108,6 +110,13 @@ inline ReadResult read_small_file(const std::string& path, std::string& out, int
     return ReadResult::ok;
 }
 
+// The same where only "read or not" matters (/proc and /sys files, absent on other systems).
+inline bool read_small_file(const std::string& path, std::string& out,
+                            std::size_t max_bytes = max_small_file_bytes) {
+    int error = 0;
+    return read_small_file(path, out, error, max_bytes) == ReadResult::ok;
+}
+
 // mkdir -p with mode 0755 (before the umask). Returns 0 or the errno that stopped it.
 inline int make_directories(const std::string& path) {
     if (path.empty()) return ENOENT;
@@ -127,24 +136,29 @@ inline int make_directories(const std::string& path) {
     return 0;
 }
 
-// flock(LOCK_EX) that gives up after `timeout` (errno ETIMEDOUT) instead of waiting for ever on a
-// holder that hangs (a process stopped under a debugger, a hung NFS server): polled, because flock
-// has no timed form. The caller's work goes on without the file.
-inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    std::chrono::microseconds pause{100};
+// flock(LOCK_EX) with a deadline: flock itself cannot time out, so it is polled with a short
+// backoff (20 us doubling to 1 ms; the ledger lock is held for microseconds). Returns 0, or the
+// errno that stopped it (ETIMEDOUT when the deadline passed).
+inline int lock_until(int fd, std::chrono::steady_clock::time_point deadline) {
+    auto pause = std::chrono::microseconds(20);
     for (;;) {
-        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return true;
-        if (errno != EWOULDBLOCK) return false;
-        if (std::chrono::steady_clock::now() >= deadline) {
-            errno = ETIMEDOUT;
-            return false;
-        }
-        timespec nap{0, static_cast<long>(pause.count()) * 1000};
-        ::nanosleep(&nap, nullptr);
-        // Short pauses: a poller sleeping long loses the lock to ones that keep trying.
-        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(2));
+        if (retry_eintr([&] { return ::flock(fd, LOCK_EX | LOCK_NB); }) == 0) return 0;
+        if (errno != EWOULDBLOCK && errno != EAGAIN) return errno;
+        const auto now = std::chrono::steady_clock::now();
+        if (now >= deadline) return ETIMEDOUT;
+        std::this_thread::sleep_for(
+            std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+        pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(1));
     }
+}
+
+// The same with a timeout, reporting through errno (ETIMEDOUT): a holder that hangs (a process
+// stopped under a debugger, a hung NFS server) costs the caller at most `timeout`, and its work
+// goes on without the file.
+inline bool flock_within(int fd, std::chrono::milliseconds timeout) noexcept {
+    const int error = lock_until(fd, std::chrono::steady_clock::now() + timeout);
+    if (error != 0) errno = error;
+    return error == 0;
 }
 
 // Numbers temporary files uniquely within this process (the pid separates processes).
@@ -163,49 +177,90 @@ inline void sync_directory(const std::string& path) noexcept {
 }
 
 // How replace_file() ended: error 0 when the target durably holds the new bytes; else the errno,
-// the step that failed ("create", "write", "fsync", "close", "rename") and the temporary file.
+// the step that failed ("create", "set the mode of", "write", "fsync", "close", "rename") and the
+// temporary file.
 struct ReplaceOutcome {
     int error = 0;
     const char* step = "";
     std::string temp;
 };
 
-// Replaces `target` (in `directory`) with `bytes`: a temporary file "<temp_stem>.<pid>.<n>.tmp" in
-// the same directory (rename is atomic only within one filesystem), fsync, rename over the target,
-// fsync of the directory. A failed attempt removes its temporary file. Another process may remove
-// our temporary file if it misjudges our pid as dead (pid namespaces): one more attempt covers
-// that, and EEXIST covers a recycled pid's leftovers.
+// How replace_file() makes its temporary file.
+struct ReplaceOptions {
+    mode_t mode = 0644;  // before the umask, unless `exact_mode`
+    // Empty: "<temp_stem>.<pid>.<n>.tmp", unique, for writers that share no lock. Else this one
+    // name, removed first: for writers that hold a common lock, where a leftover of a killed
+    // writer goes with the next write and litter never grows.
+    std::string fixed_temp;
+    std::optional<gid_t> group;  // the temporary file's group (fchown), when set
+    bool exact_mode = false;     // fchmod to `mode`: the umask may have taken the group bits
+};
+
+namespace replace {
+
+// Creates the temporary file, exclusively (never through a symbolic link).
+inline FileDescriptor create_temp(const std::string& temp, const ReplaceOptions& how) noexcept {
+    return FileDescriptor(retry_eintr([&] {
+        return ::open(temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW,
+                      how.mode);
+    }));
+}
+
+inline bool set_mode(int fd, const ReplaceOptions& how) noexcept {
+    if (how.group && ::fchown(fd, static_cast<uid_t>(-1), *how.group) != 0) return false;
+    return !how.exact_mode || ::fchmod(fd, how.mode) == 0;
+}
+
+// Mode, write, fsync, close, rename: the first step that fails, with its errno.
+inline void fill_and_rename(FileDescriptor& fd, const std::string& target, std::string_view bytes,
+                            const ReplaceOptions& how, ReplaceOutcome& outcome) {
+    if (!set_mode(fd.get(), how)) {
+        outcome.error = errno, outcome.step = "set the mode of";
+    } else if (!write_all(fd.get(), bytes)) {
+        outcome.error = errno, outcome.step = "write";
+    } else if (retry_eintr([&] { return ::fsync(fd.get()); }) != 0) {
+        outcome.error = errno, outcome.step = "fsync";
+    } else if ((outcome.error = fd.reset()) != 0) {
+        outcome.step = "close";
+    } else if (::rename(outcome.temp.c_str(), target.c_str()) != 0) {
+        outcome.error = errno, outcome.step = "rename";
+    }
+}
+
+}  // namespace replace
+
+// Replaces `target` (in `directory`) with `bytes`: a temporary file in the same directory (rename
+// is atomic only within one filesystem), fsync, rename over the target, fsync of the directory. A
+// failed attempt removes its temporary file. Another process may remove a unique temporary file
+// if it misjudges our pid as dead (pid namespaces): one more attempt covers that, and EEXIST covers
+// a recycled pid's leftovers.
 inline ReplaceOutcome replace_file(const std::string& directory, const std::string& temp_stem,
                                    const std::string& target, std::string_view bytes,
-                                   mode_t mode = 0644) {
+                                   const ReplaceOptions& how = {}) {
     ReplaceOutcome outcome;
+    const bool fixed = !how.fixed_temp.empty();
     for (int attempt = 0; attempt < 4; ++attempt) {
-        outcome.temp = temp_stem + "." + std::to_string(::getpid()) + "." +
-                       std::to_string(next_temp_counter()) + ".tmp";
-        FileDescriptor fd(retry_eintr([&] {
-            return ::open(outcome.temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOCTTY,
-                          mode);
-        }));
+        outcome.temp = fixed ? how.fixed_temp
+                             : temp_stem + "." + std::to_string(::getpid()) + "." +
+                                   std::to_string(next_temp_counter()) + ".tmp";
+        if (fixed && ::unlink(outcome.temp.c_str()) != 0 && errno != ENOENT) {
+            outcome.error = errno, outcome.step = "remove";
+            return outcome;
+        }
+        FileDescriptor fd = replace::create_temp(outcome.temp, how);
         outcome.step = "create";
         outcome.error = fd ? 0 : errno;
-        if (outcome.error == EEXIST) continue;
+        if (outcome.error == EEXIST && !fixed) continue;
         if (outcome.error != 0) return outcome;
-        if (!write_all(fd.get(), bytes)) {
-            outcome.error = errno, outcome.step = "write";
-        } else if (retry_eintr([&] { return ::fsync(fd.get()); }) != 0) {
-            outcome.error = errno, outcome.step = "fsync";
-        } else if ((outcome.error = fd.reset()) != 0) {
-            outcome.step = "close";
-        } else if (::rename(outcome.temp.c_str(), target.c_str()) != 0) {
-            outcome.error = errno, outcome.step = "rename";
-        }
+        replace::fill_and_rename(fd, target, bytes, how, outcome);
         if (outcome.error == 0) {
             sync_directory(directory);
             return outcome;
         }
         fd.reset();
         ::unlink(outcome.temp.c_str());
-        if (outcome.error != ENOENT || std::string_view(outcome.step) != "rename") return outcome;
+        if (fixed || outcome.error != ENOENT || std::string_view(outcome.step) != "rename")
+            return outcome;
     }
     return outcome;
 }

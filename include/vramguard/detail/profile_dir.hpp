@@ -102,5 +102,22 @@ inline void touch_file(const std::string& path) noexcept {
     ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0);
 }
 
+// "<dir>/.lock", opened per operation and locked exclusively (at most `timeout`; errno says why
+// not). A descriptor kept open would be shared with forked children, and flock treats a shared
+// descriptor as one owner.
+inline FileDescriptor lock_profile_directory(const std::string& directory,
+                                             std::chrono::milliseconds timeout) {
+    const std::string path = directory + "/.lock";
+    FileDescriptor fd(retry_eintr(
+        [&] { return ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY, 0644); }));
+    if (!fd) return fd;
+    if (!flock_within(fd.get(), timeout)) {
+        const int error = errno;
+        fd.reset();
+        errno = error;
+    }
+    return fd;
+}
+
 }  // namespace detail
 VRAMGUARD_END_NAMESPACE
