@@ -4,6 +4,7 @@
 #pragma once
 
 #include <vramguard/errors.hpp>
+#include <vramguard/detail/theil_sen.hpp>
 #include <vramguard/memory.hpp>
 #include <vramguard/version.hpp>
 
@@ -308,37 +309,9 @@ inline constexpr unsigned measure_every = 8;
 // still learned, at the cost of one chunk in measure_every x (this + 1) run alone.
 inline constexpr unsigned spoiled_before_exclusive = 2;
 
-namespace detail {
-inline double median_in_place(double* first, double* last) noexcept {
-    const std::size_t n = static_cast<std::size_t>(last - first);
-    double* middle = first + n / 2;
-    std::nth_element(first, middle, last);
-    if (n % 2 == 1) return *middle;
-    return (*middle + *std::max_element(first, middle)) / 2;
-}
-
-inline double per_unit(const CostSample& s) noexcept {
+inline double per_unit_bytes(const CostSample& s) noexcept {
     return static_cast<double>(s.peak_bytes) / static_cast<double>(s.size);
 }
-
-// The Theil-Sen slope of the first `count` samples (0 when no two sizes differ).
-template <class It>
-double theil_sen_slope(It first, std::size_t count) noexcept {
-    double slopes[cost_window * (cost_window - 1) / 2];
-    std::size_t pairs = 0;
-    It a = first;
-    for (std::size_t i = 0; i < count; ++i, ++a) {
-        It b = first;
-        for (std::size_t j = 0; j < i; ++j, ++b) {
-            if (b->size == a->size) continue;
-            slopes[pairs++] =
-                (static_cast<double>(a->peak_bytes) - static_cast<double>(b->peak_bytes)) /
-                (static_cast<double>(a->size) - static_cast<double>(b->size));
-        }
-    }
-    return pairs > 0 ? median_in_place(slopes, slopes + pairs) : 0;
-}
-}  // namespace detail
 
 // Fits the model to the newest cost_window of `samples` (oldest first; zero sizes are not read).
 // `planned_size`: the size chunks were planned at last (0: unknown), where the costliest unit is
@@ -363,14 +336,14 @@ CostModel fit_cost(const Samples& samples, std::uint64_t planned_size = 0) noexc
     for (std::size_t i = 0; i < count; ++i) {
         // Saturating: a size past 2^63 (weights saturate at 2^64 - 1) must not wrap to "small".
         if (saturating_add(kept[i].size, kept[i].size) >= largest)
-            model.costliest_unit = std::max(model.costliest_unit, detail::per_unit(kept[i]));
+            model.costliest_unit = std::max(model.costliest_unit, per_unit_bytes(kept[i]));
     }
-    const double slope = detail::theil_sen_slope(kept, count);
+    const double slope = detail::theil_sen_slope<cost_window>(kept, count);
     // One size, or sizes that disagree about the direction: charge everything per unit.
     model.slope_is_upper_bound = !(slope > 0);
     if (model.slope_is_upper_bound) {
         for (std::size_t i = 0; i < count; ++i)
-            model.bytes_per_unit = std::max(model.bytes_per_unit, detail::per_unit(kept[i]));
+            model.bytes_per_unit = std::max(model.bytes_per_unit, per_unit_bytes(kept[i]));
         return model;
     }
     model.bytes_per_unit = slope;
