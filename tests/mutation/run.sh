@@ -43,7 +43,7 @@ mutation 5 include/vramguard/policy.hpp \
 mutation 6 include/vramguard/policy.hpp \
   'if (failure_was_transient(report)) return 0;' 'if (false) return 0;' \
   decisions_test "no lower bound from a transient OOM"
-mutation 7 include/vramguard/detail/encode_run.hpp \
+mutation 7 include/vramguard/detail/chunk_planner.hpp \
   'policy::encode_reserve_bytes(seen.free_bytes, options().encode_reserve)' \
   'policy::encode_reserve_bytes(seen.total_bytes, options().encode_reserve)' \
   decisions_test "the reserve: a share of what is free"
@@ -56,7 +56,7 @@ mutation 9 include/vramguard/detail/run_tracker.hpp \
 mutation 10 include/vramguard/detail/run_tracker.hpp \
   'solo_ = tracker.running_.sum() <= 1;' 'solo_ = tracker.running_.sum() <= 2;' \
   learner_test "nothing running when a measurement starts"
-mutation 11 include/vramguard/relief.hpp \
+mutation 11 include/vramguard/detail/peer_call.hpp \
   'std::shared_ptr<std::mutex> existing = locks[device].lock();' 'std::shared_ptr<std::mutex> existing;' \
   peer_relief_test "one peer relief per device"
 mutation 12 include/vramguard/peers_http.hpp \
