@@ -37,6 +37,24 @@ struct BatcherStats {
     std::uint64_t queue_wait_max_us = 0;  // ... the longest
 };
 
+// Calls visit(name, help, value) once per counter of `stats`, in declaration order (as for Stats
+// in stats.hpp): the one list a server's /status and /metrics enumerate.
+template <class Visitor>
+constexpr void for_each_counter(const BatcherStats& stats, Visitor&& visit) {
+    visit("calls", "Batcher::encode and submit calls queued", stats.calls);
+    visit("items", "items queued", stats.items);
+    visit("gatherings", "runs of the queued items of every caller through Guard::encode",
+          stats.gatherings);
+    visit("batches", "batches that ran", stats.batches);
+    visit("batched_items", "items in the batches that ran (batched_items / batches: the fill)",
+          stats.batched_items);
+    visit("overloaded", "calls refused with Overloaded (the queue was full)", stats.overloaded);
+    visit("deadlines_passed", "calls that gave up at their deadline", stats.deadlines_passed);
+    visit("queue_wait_us", "microseconds calls waited in the queue, summed", stats.queue_wait_us);
+    visit("queue_wait_max_us", "the longest wait in the queue, microseconds",
+          stats.queue_wait_max_us);
+}
+
 // The queue is full: the server's 503, with the time after which a retry likely finds room (the
 // queued work at the rate the last gatherings ran).
 class Overloaded : public std::runtime_error {

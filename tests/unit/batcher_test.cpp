@@ -82,6 +82,17 @@ TEST(Batcher, ALoneCallerGetsItsResultsInOrder) {
     EXPECT_EQ(stats.batched_items, 4u);
 }
 
+TEST(Batcher, EveryCounterIsEnumeratedOnce) {
+    BatcherStats stats{1, 2, 3, 4, 5, 6, 7, 8, 9};
+    std::uint64_t sum = 0, count = 0;
+    for_each_counter(stats, [&](const char*, const char*, std::uint64_t value) {
+        sum += value;
+        ++count;
+    });
+    EXPECT_EQ(count * sizeof(std::uint64_t), sizeof(BatcherStats));
+    EXPECT_EQ(sum, 45u);
+}
+
 TEST(Batcher, QueuedCallsFormOneGatheringGroupedByWeightEachInItsOrder) {
     SimulatedDevice device(8_GiB);
     Guard<SimulatedDevice> guard(device, quiet_options());
