@@ -8449,27 +8449,14 @@ inline std::size_t recommended_workers(std::optional<MemoryInfo> gpu, ProfileCac
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/host.hpp> ----
 
-// ---- begin <vramguard/model_slot.hpp> ----
-// One model's lifecycle, independent of the device: ModelSlot<T> holds at most one loaded model
-// and lends it out through leases (Lease<T>); its registry (models.hpp) decides when it may load
-// and when it goes.
-//
-// Rules that hold everywhere in this file:
-// - A model is never unloaded while a lease on it is alive (checked under the slot's lock).
-// - No lock is held while a user's loader runs or while a model is destroyed.
+// ---- begin <vramguard/model_status.hpp> ----
+// What a model slot (model_slot.hpp) says about its model: its state, a status endpoint's view of
+// it, and the answer to an unload request. A header of its own so that the slot's internals
+// (detail/slot_base.hpp) can use them.
 
 
-#include <algorithm>
-#include <condition_variable>
 #include <cstdint>
-#include <exception>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <stdexcept>
 #include <string>
-#include <utility>
 
 VRAMGUARD_BEGIN_NAMESPACE
 
@@ -8523,10 +8510,38 @@ struct ModelStatus {
     int leases = 0;
 };
 
-template <class T>
-class Lease;
-template <class T>
-class ModelSlot;
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/model_status.hpp> ----
+
+// ---- begin <vramguard/model_slot.hpp> ----
+// One model's lifecycle, independent of the device: ModelSlot<T> holds at most one loaded model
+// and lends it out through leases (Lease<T>); its registry (models.hpp) decides when it may load
+// and when it goes.
+//
+// Rules that hold everywhere here and in the slot's state machine (detail/slot_base.hpp):
+// - A model is never unloaded while a lease on it is alive (checked under the slot's lock).
+// - No lock is held while a user's loader runs or while a model is destroyed.
+
+
+// ---- begin <vramguard/detail/slot_base.hpp> ----
+// The state machine of one model slot with the model's type erased (SlotBase), and the seams the
+// registry and the leases use to reach it (SlotOwner, SlotAccess). ModelSlot<T> (model_slot.hpp)
+// derives from SlotBase, so users name ModelSlot<T> without naming the device.
+
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
 
 namespace detail {
 
@@ -8845,6 +8860,22 @@ struct SlotPasskey {
 };
 
 }  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/slot_base.hpp> ----
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+template <class T>
+class Lease;
+template <class T>
+class ModelSlot;
 
 // A model lent out: the model stays loaded while any lease on it is alive. Move-only. A lease keeps
 // its slot alive, so it may outlive the registry (the model is unloaded when it ends then).
