@@ -1,114 +1,27 @@
 // SPDX-License-Identifier: MIT
 // The CUDA Runtime backend: a probe over cudaMemGetInfo, checked calls that turn CUDA status codes
-// into vramguard's error types, and an RAII device buffer for tests and examples.
+// into vramguard's error types (cuda_error.hpp), and an RAII device buffer for tests and examples.
 //
 // Needs only the Runtime API headers and libcudart (no nvcc, no kernels): link vramguard::cuda.
 #pragma once
 
+#include <vramguard/cuda_error.hpp>
+#include <vramguard/detail/cuda_device.hpp>
 #include <vramguard/errors.hpp>
 #include <vramguard/memory.hpp>
 #include <vramguard/version.hpp>
 
-#if defined(__has_include)
-#if !__has_include(<cuda_runtime_api.h>)
-#error "vramguard/cuda.hpp needs the CUDA Runtime headers: link vramguard::cuda"
-#endif
-#endif
-
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
-#if !defined(CUDART_VERSION) || CUDART_VERSION < 10000
-#error "vramguard/cuda.hpp needs CUDA 10.0 or newer (cudaDeviceProp::uuid identifies the device)"
-#endif
-
 VRAMGUARD_BEGIN_NAMESPACE
 namespace cuda {
-
-// "cudaErrorNoDevice (no CUDA-capable device is detected)": the name greps well in logs and issue
-// trackers, the description is what a person understands.
-inline std::string error_text(cudaError_t status) {
-    const char* name = cudaGetErrorName(status);
-    const char* text = cudaGetErrorString(status);
-    return std::string(name ? name : "cudaError?") + " (" + (text ? text : "no description") + ")";
-}
-
-// A CUDA call failed for a reason that is neither an OOM nor a missing device.
-class Error : public std::runtime_error {
-   public:
-    // `context` names the call and its device: "cudaMemGetInfo on device 0".
-    Error(cudaError_t code, const std::string& context)
-        : std::runtime_error(context + " failed: " + error_text(code)), code_(code) {}
-    cudaError_t code() const noexcept { return code_; }
-
-   private:
-    cudaError_t code_;
-};
-
-namespace detail {
-
-// Errors that mean "there is no device for this process to use", as opposed to "the device failed":
-// no GPU, no or too old a driver, a bad index, a GPU in exclusive mode held by another process, or
-// a binary built without code for this architecture. Callers handle these by running elsewhere
-// (or skipping a test), so they get their own type.
-inline bool is_unavailable(cudaError_t status) noexcept {
-    switch (status) {
-        case cudaErrorNoDevice:
-        case cudaErrorInsufficientDriver:
-        case cudaErrorInvalidDevice:
-        case cudaErrorNoKernelImageForDevice:
-        case cudaErrorDevicesUnavailable:
-        case cudaErrorDeviceNotLicensed:
-        case cudaErrorInitializationError:
-        case cudaErrorSystemNotReady:
-#if CUDART_VERSION >= 10010
-        case cudaErrorSystemDriverMismatch:
-        case cudaErrorCompatNotSupportedOnDevice:
-#endif
-#if CUDART_VERSION >= 11010
-        case cudaErrorStubLibrary:  // linked against the toolkit's stub libcuda, no real driver
-        case cudaErrorCallRequiresNewerDriver:
-        case cudaErrorUnsupportedPtxVersion:
-#endif
-            return true;
-        default: return false;
-    }
-}
-
-[[noreturn]] inline void throw_status(cudaError_t status, const std::string& context,
-                                      OomKind oom_kind) {
-    if (status == cudaErrorMemoryAllocation)
-        throw OutOfMemory(context + " failed: " + error_text(status), oom_kind);
-    if (is_unavailable(status))
-        throw DeviceUnavailable(context + " failed: " + error_text(status),
-                                static_cast<int>(status));
-    throw Error(status, context);
-}
-
-}  // namespace detail
-
-// Turns a CUDA status into vramguard's error types; success does nothing.
-//   cudaErrorMemoryAllocation -> OutOfMemory of `oom_kind`. The default is `driver` because an OOM
-//     from a kernel launch, a handle creation or a context creation can leave the CUDA context
-//     unusable, so it must not be retried blindly; pass OomKind::allocator for cudaMalloc-style
-//     calls, whose failure leaves the context healthy.
-//   no device / driver / bad index / no kernel image -> DeviceUnavailable (error_code() = status).
-//   anything else -> cuda::Error.
-// A failed call also sets the thread's "last error"; it is cleared here (when not sticky), so a
-// later cudaGetLastError() after an unrelated kernel launch does not report this one again.
-inline void check(cudaError_t status, const char* what, OomKind oom_kind = OomKind::driver) {
-    if (status == cudaSuccess) return;
-    static_cast<void>(cudaGetLastError());
-    detail::throw_status(status, what ? std::string(what) : std::string("CUDA call"), oom_kind);
-}
-inline void check(cudaError_t status, const std::string& what, OomKind oom_kind = OomKind::driver) {
-    check(status, what.c_str(), oom_kind);
-}
 
 // Visible CUDA devices; 0 when there is no driver or no GPU. Never throws, so it is safe for
 // "should I even try the GPU?" decisions and for skipping tests.
@@ -122,74 +35,6 @@ inline int device_count() noexcept {
 }
 
 inline bool available() noexcept { return device_count() > 0; }
-
-namespace detail {
-
-// Makes `device` current for one scope and puts the thread's previous device back, so a probe of
-// device 1 does not silently move the caller's next allocation there.
-// Caveat: since CUDA 12, cudaSetDevice creates the device's primary context at once, so restoring
-// a thread that never chose a device (it reads as 0) initialises device 0's context too.
-class CurrentDevice {
-   public:
-    CurrentDevice(int device, const char* who) {
-        check(cudaGetDevice(&previous_), std::string(who) + ": cudaGetDevice");
-        if (previous_ != device) {
-            check(cudaSetDevice(device),
-                  std::string(who) + ": cudaSetDevice(" + std::to_string(device) + ")");
-            switched_ = true;
-        }
-    }
-    ~CurrentDevice() {
-        if (switched_ && cudaSetDevice(previous_) != cudaSuccess)
-            static_cast<void>(cudaGetLastError());
-    }
-    CurrentDevice(const CurrentDevice&) = delete;
-    CurrentDevice& operator=(const CurrentDevice&) = delete;
-
-   private:
-    int previous_ = 0;
-    bool switched_ = false;
-};
-
-inline MemoryInfo read_memory(int device, const char* who) {
-    CurrentDevice current(device, who);
-    std::size_t free_bytes = 0, total_bytes = 0;
-    check(cudaMemGetInfo(&free_bytes, &total_bytes),
-          "cudaMemGetInfo on device " + std::to_string(device));
-    return MemoryInfo{free_bytes, total_bytes};
-}
-
-// The device's UUID (the one nvidia-smi prints as GPU-...; a MIG instance's own UUID on MIG), which
-// stays the same whatever CUDA_VISIBLE_DEVICES renumbers: that is what lets worker processes with
-// different device orders agree on one host-wide ledger per GPU. The PCI bus id is the fallback
-// for a device that reports no UUID.
-inline std::string device_key(int device) {
-    cudaDeviceProp properties{};
-    check(cudaGetDeviceProperties(&properties, device),
-          "cudaGetDeviceProperties on device " + std::to_string(device));
-    const auto* bytes = reinterpret_cast<const unsigned char*>(properties.uuid.bytes);
-    bool all_zero = true;
-    for (int i = 0; i < 16; ++i) all_zero = all_zero && bytes[i] == 0;
-    if (all_zero) {
-        char bus_id[32] = {};
-        check(cudaDeviceGetPCIBusId(bus_id, static_cast<int>(sizeof bus_id), device),
-              "cudaDeviceGetPCIBusId on device " + std::to_string(device));
-        std::string key = std::string("cuda-pci-") + bus_id;
-        for (char& c : key) c = vramguard::detail::ascii_lower(c);
-        return key;
-    }
-    // 8-4-4-4-12 lowercase hex, as nvidia-smi writes it, so an operator can grep for it.
-    std::string key = "cuda-";
-    static const char digits[] = "0123456789abcdef";
-    for (int i = 0; i < 16; ++i) {
-        if (i == 4 || i == 6 || i == 8 || i == 10) key += '-';
-        key += digits[bytes[i] >> 4];
-        key += digits[bytes[i] & 0xF];
-    }
-    return key;
-}
-
-}  // namespace detail
 
 // Free and total memory of one device as the driver reports them. The raw runtime has no cache of
 // its own, so this is exactly what this process could allocate now; a program that uses a caching

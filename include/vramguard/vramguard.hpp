@@ -28,6 +28,7 @@
 #include <vramguard/batcher.hpp>
 #include <vramguard/ledger_state.hpp>
 #include <vramguard/host.hpp>
+#include <vramguard/model_status.hpp>
 #include <vramguard/model_slot.hpp>
 #include <vramguard/eviction.hpp>
 #include <vramguard/pressure.hpp>

@@ -8467,27 +8467,14 @@ inline std::size_t recommended_workers(std::optional<MemoryInfo> gpu, ProfileCac
 VRAMGUARD_END_NAMESPACE
 // ---- end <vramguard/host.hpp> ----
 
-// ---- begin <vramguard/model_slot.hpp> ----
-// One model's lifecycle, independent of the device: ModelSlot<T> holds at most one loaded model
-// and lends it out through leases (Lease<T>); its registry (models.hpp) decides when it may load
-// and when it goes.
-//
-// Rules that hold everywhere in this file:
-// - A model is never unloaded while a lease on it is alive (checked under the slot's lock).
-// - No lock is held while a user's loader runs or while a model is destroyed.
+// ---- begin <vramguard/model_status.hpp> ----
+// What a model slot (model_slot.hpp) says about its model: its state, a status endpoint's view of
+// it, and the answer to an unload request. A header of its own so that the slot's internals
+// (detail/slot_base.hpp) can use them.
 
 
-#include <algorithm>
-#include <condition_variable>
 #include <cstdint>
-#include <exception>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <stdexcept>
 #include <string>
-#include <utility>
 
 VRAMGUARD_BEGIN_NAMESPACE
 
@@ -8541,10 +8528,38 @@ struct ModelStatus {
     int leases = 0;
 };
 
-template <class T>
-class Lease;
-template <class T>
-class ModelSlot;
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/model_status.hpp> ----
+
+// ---- begin <vramguard/model_slot.hpp> ----
+// One model's lifecycle, independent of the device: ModelSlot<T> holds at most one loaded model
+// and lends it out through leases (Lease<T>); its registry (models.hpp) decides when it may load
+// and when it goes.
+//
+// Rules that hold everywhere here and in the slot's state machine (detail/slot_base.hpp):
+// - A model is never unloaded while a lease on it is alive (checked under the slot's lock).
+// - No lock is held while a user's loader runs or while a model is destroyed.
+
+
+// ---- begin <vramguard/detail/slot_base.hpp> ----
+// The state machine of one model slot with the model's type erased (SlotBase), and the seams the
+// registry and the leases use to reach it (SlotOwner, SlotAccess). ModelSlot<T> (model_slot.hpp)
+// derives from SlotBase, so users name ModelSlot<T> without naming the device.
+
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
 
 namespace detail {
 
@@ -8863,6 +8878,22 @@ struct SlotPasskey {
 };
 
 }  // namespace detail
+
+VRAMGUARD_END_NAMESPACE
+// ---- end <vramguard/detail/slot_base.hpp> ----
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+
+template <class T>
+class Lease;
+template <class T>
+class ModelSlot;
 
 // A model lent out: the model stays loaded while any lease on it is alive. Move-only. A lease keeps
 // its slot alive, so it may outlive the registry (the model is unloaded when it ends then).
@@ -11016,9 +11047,17 @@ VRAMGUARD_END_NAMESPACE
 #ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_HPP
 #define VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_HPP
 // The CUDA Runtime backend: a probe over cudaMemGetInfo, checked calls that turn CUDA status codes
-// into vramguard's error types, and an RAII device buffer for tests and examples.
+// into vramguard's error types (cuda_error.hpp), and an RAII device buffer for tests and examples.
 //
 // Needs only the Runtime API headers and libcudart (no nvcc, no kernels): link vramguard::cuda.
+
+
+// ---- begin <vramguard/cuda_error.hpp> ----
+#ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_ERROR_HPP
+#define VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_ERROR_HPP
+// CUDA status codes turned into vramguard's error types: error_text(), cuda::Error and check(). A
+// header of its own so that the backend's device helpers (detail/cuda_device.hpp) can check their
+// calls; included by cuda.hpp, which is what a program includes (target vramguard::cuda).
 
 
 #if defined(__has_include)
@@ -11029,39 +11068,26 @@ VRAMGUARD_END_NAMESPACE
 
 #include <cuda_runtime_api.h>
 
-#include <cstdint>
-#include <exception>
 #include <stdexcept>
 #include <string>
-#include <utility>
 
 #if !defined(CUDART_VERSION) || CUDART_VERSION < 10000
 #error "vramguard/cuda.hpp needs CUDA 10.0 or newer (cudaDeviceProp::uuid identifies the device)"
 #endif
 
+
+// ---- begin <vramguard/detail/cuda_unavailable.hpp> ----
+#ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_UNAVAILABLE_HPP
+#define VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_UNAVAILABLE_HPP
+// Which CUDA statuses mean "there is no device for this process to use" rather than "the device
+// failed": cuda::check (cuda_error.hpp) throws DeviceUnavailable for them, which callers handle by
+// running elsewhere. Part of the CUDA backend (vramguard::cuda).
+
+
+#include <cuda_runtime_api.h>
+
 VRAMGUARD_BEGIN_NAMESPACE
 namespace cuda {
-
-// "cudaErrorNoDevice (no CUDA-capable device is detected)": the name greps well in logs and issue
-// trackers, the description is what a person understands.
-inline std::string error_text(cudaError_t status) {
-    const char* name = cudaGetErrorName(status);
-    const char* text = cudaGetErrorString(status);
-    return std::string(name ? name : "cudaError?") + " (" + (text ? text : "no description") + ")";
-}
-
-// A CUDA call failed for a reason that is neither an OOM nor a missing device.
-class Error : public std::runtime_error {
-   public:
-    // `context` names the call and its device: "cudaMemGetInfo on device 0".
-    Error(cudaError_t code, const std::string& context)
-        : std::runtime_error(context + " failed: " + error_text(code)), code_(code) {}
-    cudaError_t code() const noexcept { return code_; }
-
-   private:
-    cudaError_t code_;
-};
-
 namespace detail {
 
 // Errors that mean "there is no device for this process to use", as opposed to "the device failed":
@@ -11092,17 +11118,34 @@ inline bool is_unavailable(cudaError_t status) noexcept {
     }
 }
 
-[[noreturn]] inline void throw_status(cudaError_t status, const std::string& context,
-                                      OomKind oom_kind) {
-    if (status == cudaErrorMemoryAllocation)
-        throw OutOfMemory(context + " failed: " + error_text(status), oom_kind);
-    if (is_unavailable(status))
-        throw DeviceUnavailable(context + " failed: " + error_text(status),
-                                static_cast<int>(status));
-    throw Error(status, context);
+}  // namespace detail
+}  // namespace cuda
+VRAMGUARD_END_NAMESPACE
+#endif  // VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_UNAVAILABLE_HPP
+// ---- end <vramguard/detail/cuda_unavailable.hpp> ----
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace cuda {
+
+// "cudaErrorNoDevice (no CUDA-capable device is detected)": the name greps well in logs and issue
+// trackers, the description is what a person understands.
+inline std::string error_text(cudaError_t status) {
+    const char* name = cudaGetErrorName(status);
+    const char* text = cudaGetErrorString(status);
+    return std::string(name ? name : "cudaError?") + " (" + (text ? text : "no description") + ")";
 }
 
-}  // namespace detail
+// A CUDA call failed for a reason that is neither an OOM nor a missing device.
+class Error : public std::runtime_error {
+   public:
+    // `context` names the call and its device: "cudaMemGetInfo on device 0".
+    Error(cudaError_t code, const std::string& context)
+        : std::runtime_error(context + " failed: " + error_text(code)), code_(code) {}
+    cudaError_t code() const noexcept { return code_; }
+
+   private:
+    cudaError_t code_;
+};
 
 // Turns a CUDA status into vramguard's error types; success does nothing.
 //   cudaErrorMemoryAllocation -> OutOfMemory of `oom_kind`. The default is `driver` because an OOM
@@ -11116,25 +11159,38 @@ inline bool is_unavailable(cudaError_t status) noexcept {
 inline void check(cudaError_t status, const char* what, OomKind oom_kind = OomKind::driver) {
     if (status == cudaSuccess) return;
     static_cast<void>(cudaGetLastError());
-    detail::throw_status(status, what ? std::string(what) : std::string("CUDA call"), oom_kind);
+    const std::string context = what ? std::string(what) : std::string("CUDA call");
+    if (status == cudaErrorMemoryAllocation)
+        throw OutOfMemory(context + " failed: " + error_text(status), oom_kind);
+    if (detail::is_unavailable(status))
+        throw DeviceUnavailable(context + " failed: " + error_text(status),
+                                static_cast<int>(status));
+    throw Error(status, context);
 }
 inline void check(cudaError_t status, const std::string& what, OomKind oom_kind = OomKind::driver) {
     check(status, what.c_str(), oom_kind);
 }
 
-// Visible CUDA devices; 0 when there is no driver or no GPU. Never throws, so it is safe for
-// "should I even try the GPU?" decisions and for skipping tests.
-inline int device_count() noexcept {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess) {
-        static_cast<void>(cudaGetLastError());
-        return 0;
-    }
-    return count;
-}
+}  // namespace cuda
+VRAMGUARD_END_NAMESPACE
+#endif  // VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_ERROR_HPP
+// ---- end <vramguard/cuda_error.hpp> ----
 
-inline bool available() noexcept { return device_count() > 0; }
+// ---- begin <vramguard/detail/cuda_device.hpp> ----
+#ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_DEVICE_HPP
+#define VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_DEVICE_HPP
+// One CUDA device as the backend's probes see it: made current for one scope (CurrentDevice), its
+// free and total memory (read_memory), and its stable name across processes (device_key). Shared
+// by cuda::Probe (cuda.hpp) and torch::Probe (torch.hpp).
 
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <string>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace cuda {
 namespace detail {
 
 // Makes `device` current for one scope and puts the thread's previous device back, so a probe of
@@ -11202,6 +11258,35 @@ inline std::string device_key(int device) {
 }
 
 }  // namespace detail
+}  // namespace cuda
+VRAMGUARD_END_NAMESPACE
+#endif  // VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_DEVICE_HPP
+// ---- end <vramguard/detail/cuda_device.hpp> ----
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace cuda {
+
+// Visible CUDA devices; 0 when there is no driver or no GPU. Never throws, so it is safe for
+// "should I even try the GPU?" decisions and for skipping tests.
+inline int device_count() noexcept {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        static_cast<void>(cudaGetLastError());
+        return 0;
+    }
+    return count;
+}
+
+inline bool available() noexcept { return device_count() > 0; }
 
 // Free and total memory of one device as the driver reports them. The raw runtime has no cache of
 // its own, so this is exactly what this process could allocate now; a program that uses a caching
@@ -11406,9 +11491,17 @@ VRAMGUARD_END_NAMESPACE
 #ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_HPP
 #define VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_HPP
 // The CUDA Runtime backend: a probe over cudaMemGetInfo, checked calls that turn CUDA status codes
-// into vramguard's error types, and an RAII device buffer for tests and examples.
+// into vramguard's error types (cuda_error.hpp), and an RAII device buffer for tests and examples.
 //
 // Needs only the Runtime API headers and libcudart (no nvcc, no kernels): link vramguard::cuda.
+
+
+// ---- begin <vramguard/cuda_error.hpp> ----
+#ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_ERROR_HPP
+#define VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_ERROR_HPP
+// CUDA status codes turned into vramguard's error types: error_text(), cuda::Error and check(). A
+// header of its own so that the backend's device helpers (detail/cuda_device.hpp) can check their
+// calls; included by cuda.hpp, which is what a program includes (target vramguard::cuda).
 
 
 #if defined(__has_include)
@@ -11419,39 +11512,26 @@ VRAMGUARD_END_NAMESPACE
 
 #include <cuda_runtime_api.h>
 
-#include <cstdint>
-#include <exception>
 #include <stdexcept>
 #include <string>
-#include <utility>
 
 #if !defined(CUDART_VERSION) || CUDART_VERSION < 10000
 #error "vramguard/cuda.hpp needs CUDA 10.0 or newer (cudaDeviceProp::uuid identifies the device)"
 #endif
 
+
+// ---- begin <vramguard/detail/cuda_unavailable.hpp> ----
+#ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_UNAVAILABLE_HPP
+#define VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_UNAVAILABLE_HPP
+// Which CUDA statuses mean "there is no device for this process to use" rather than "the device
+// failed": cuda::check (cuda_error.hpp) throws DeviceUnavailable for them, which callers handle by
+// running elsewhere. Part of the CUDA backend (vramguard::cuda).
+
+
+#include <cuda_runtime_api.h>
+
 VRAMGUARD_BEGIN_NAMESPACE
 namespace cuda {
-
-// "cudaErrorNoDevice (no CUDA-capable device is detected)": the name greps well in logs and issue
-// trackers, the description is what a person understands.
-inline std::string error_text(cudaError_t status) {
-    const char* name = cudaGetErrorName(status);
-    const char* text = cudaGetErrorString(status);
-    return std::string(name ? name : "cudaError?") + " (" + (text ? text : "no description") + ")";
-}
-
-// A CUDA call failed for a reason that is neither an OOM nor a missing device.
-class Error : public std::runtime_error {
-   public:
-    // `context` names the call and its device: "cudaMemGetInfo on device 0".
-    Error(cudaError_t code, const std::string& context)
-        : std::runtime_error(context + " failed: " + error_text(code)), code_(code) {}
-    cudaError_t code() const noexcept { return code_; }
-
-   private:
-    cudaError_t code_;
-};
-
 namespace detail {
 
 // Errors that mean "there is no device for this process to use", as opposed to "the device failed":
@@ -11482,17 +11562,34 @@ inline bool is_unavailable(cudaError_t status) noexcept {
     }
 }
 
-[[noreturn]] inline void throw_status(cudaError_t status, const std::string& context,
-                                      OomKind oom_kind) {
-    if (status == cudaErrorMemoryAllocation)
-        throw OutOfMemory(context + " failed: " + error_text(status), oom_kind);
-    if (is_unavailable(status))
-        throw DeviceUnavailable(context + " failed: " + error_text(status),
-                                static_cast<int>(status));
-    throw Error(status, context);
+}  // namespace detail
+}  // namespace cuda
+VRAMGUARD_END_NAMESPACE
+#endif  // VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_UNAVAILABLE_HPP
+// ---- end <vramguard/detail/cuda_unavailable.hpp> ----
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace cuda {
+
+// "cudaErrorNoDevice (no CUDA-capable device is detected)": the name greps well in logs and issue
+// trackers, the description is what a person understands.
+inline std::string error_text(cudaError_t status) {
+    const char* name = cudaGetErrorName(status);
+    const char* text = cudaGetErrorString(status);
+    return std::string(name ? name : "cudaError?") + " (" + (text ? text : "no description") + ")";
 }
 
-}  // namespace detail
+// A CUDA call failed for a reason that is neither an OOM nor a missing device.
+class Error : public std::runtime_error {
+   public:
+    // `context` names the call and its device: "cudaMemGetInfo on device 0".
+    Error(cudaError_t code, const std::string& context)
+        : std::runtime_error(context + " failed: " + error_text(code)), code_(code) {}
+    cudaError_t code() const noexcept { return code_; }
+
+   private:
+    cudaError_t code_;
+};
 
 // Turns a CUDA status into vramguard's error types; success does nothing.
 //   cudaErrorMemoryAllocation -> OutOfMemory of `oom_kind`. The default is `driver` because an OOM
@@ -11506,25 +11603,38 @@ inline bool is_unavailable(cudaError_t status) noexcept {
 inline void check(cudaError_t status, const char* what, OomKind oom_kind = OomKind::driver) {
     if (status == cudaSuccess) return;
     static_cast<void>(cudaGetLastError());
-    detail::throw_status(status, what ? std::string(what) : std::string("CUDA call"), oom_kind);
+    const std::string context = what ? std::string(what) : std::string("CUDA call");
+    if (status == cudaErrorMemoryAllocation)
+        throw OutOfMemory(context + " failed: " + error_text(status), oom_kind);
+    if (detail::is_unavailable(status))
+        throw DeviceUnavailable(context + " failed: " + error_text(status),
+                                static_cast<int>(status));
+    throw Error(status, context);
 }
 inline void check(cudaError_t status, const std::string& what, OomKind oom_kind = OomKind::driver) {
     check(status, what.c_str(), oom_kind);
 }
 
-// Visible CUDA devices; 0 when there is no driver or no GPU. Never throws, so it is safe for
-// "should I even try the GPU?" decisions and for skipping tests.
-inline int device_count() noexcept {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess) {
-        static_cast<void>(cudaGetLastError());
-        return 0;
-    }
-    return count;
-}
+}  // namespace cuda
+VRAMGUARD_END_NAMESPACE
+#endif  // VRAMGUARD_AMALGAMATED_VRAMGUARD_CUDA_ERROR_HPP
+// ---- end <vramguard/cuda_error.hpp> ----
 
-inline bool available() noexcept { return device_count() > 0; }
+// ---- begin <vramguard/detail/cuda_device.hpp> ----
+#ifndef VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_DEVICE_HPP
+#define VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_DEVICE_HPP
+// One CUDA device as the backend's probes see it: made current for one scope (CurrentDevice), its
+// free and total memory (read_memory), and its stable name across processes (device_key). Shared
+// by cuda::Probe (cuda.hpp) and torch::Probe (torch.hpp).
 
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <string>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace cuda {
 namespace detail {
 
 // Makes `device` current for one scope and puts the thread's previous device back, so a probe of
@@ -11592,6 +11702,35 @@ inline std::string device_key(int device) {
 }
 
 }  // namespace detail
+}  // namespace cuda
+VRAMGUARD_END_NAMESPACE
+#endif  // VRAMGUARD_AMALGAMATED_VRAMGUARD_DETAIL_CUDA_DEVICE_HPP
+// ---- end <vramguard/detail/cuda_device.hpp> ----
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+VRAMGUARD_BEGIN_NAMESPACE
+namespace cuda {
+
+// Visible CUDA devices; 0 when there is no driver or no GPU. Never throws, so it is safe for
+// "should I even try the GPU?" decisions and for skipping tests.
+inline int device_count() noexcept {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        static_cast<void>(cudaGetLastError());
+        return 0;
+    }
+    return count;
+}
+
+inline bool available() noexcept { return device_count() > 0; }
 
 // Free and total memory of one device as the driver reports them. The raw runtime has no cache of
 // its own, so this is exactly what this process could allocate now; a program that uses a caching
