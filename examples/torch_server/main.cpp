@@ -4,7 +4,8 @@
 //   torch_server --port 8080 [--model model.pt [--dtype float16] [--model-bytes N|measure]]
 //                [--tokenizer spiece.model [--bos-id N] [--eos-id N]] [--max-tokens N]
 //                [--device cpu|cuda:N] [--idle-unload-seconds 300] [--peer KIND=URL]...
-//                [--unload-token-file FILE] ... (--help lists every flag)
+//                [--unload-token-file FILE] [--batching batcher|per-request]
+//                [--max-queued-items N] ... (--help lists every flag)
 //
 // Every flag is also read from the environment: --unload-token from VRAMGUARD_SERVER_UNLOAD_TOKEN,
 // and so on (the command line wins). Without --model it serves the built-in encoder
@@ -55,6 +56,11 @@ struct Flags {
     std::uint64_t simulate_other_process_bytes = 0;
     std::size_t max_texts = 1024;
     std::uint64_t simulate_oom_above_tokens = 0;
+    std::uint64_t simulate_bytes_per_token = 0;
+    std::uint64_t simulate_bytes_per_batch = 0;
+    std::string batching = "batcher";
+    std::size_t max_queued_items = 4096;
+    unsigned long long encode_deadline_seconds = 0;
     std::string unload_token;
     std::vector<std::string> peers;  // KIND=URL, in the order given
     std::string peer_token;
@@ -127,6 +133,27 @@ Flags parse_flags(int argc, char** argv) {
                    "fault injection: batches over N padded tokens fail with an out-of-memory "
                    "error (0 = off)")
         ->check(unsigned_number);
+    auto* per_token =
+        app.add_option("--simulate-bytes-per-token", f.simulate_bytes_per_token,
+                       "--simulate-shared-device: each batch takes N bytes per padded token from "
+                       "the simulated device while it runs (its activations; the guard sees and "
+                       "learns them)")
+            ->check(unsigned_number);
+    auto* per_batch = app.add_option("--simulate-bytes-per-batch", f.simulate_bytes_per_batch,
+                                     "--simulate-shared-device: and N bytes more per batch")
+                          ->check(unsigned_number);
+    app.add_option("--batching", f.batching,
+                   "how /encode runs its texts: batcher (the texts of every request in flight "
+                   "share batches) or per-request (each request's texts alone)")
+        ->check(CLI::IsMember({"batcher", "per-request"}));
+    app.add_option("--max-queued-items", f.max_queued_items,
+                   "--batching batcher: a request that would queue more texts beside those "
+                   "queued is answered 503 with Retry-After (0 counts as 1)")
+        ->check(unsigned_number);
+    app.add_option("--encode-deadline-seconds", f.encode_deadline_seconds,
+                   "--batching batcher: a request whose texts have not run after N s (on the "
+                   "guard's clock) is answered 503 with Retry-After; 0 = never")
+        ->check(unsigned_number);
     auto* token = app.add_option("--unload-token", f.unload_token,
                                  "let remote callers use /request-unload with \"Authorization: "
                                  "Bearer TOKEN\" (off: loopback only); prefer the variable or "
@@ -145,9 +172,12 @@ Flags parse_flags(int argc, char** argv) {
     app.add_option("--peer-token-file", peer_token_file,
                    "--peer-token's value, the first line of FILE")
         ->excludes(peer_token);
-    app.add_option("--simulate-shared-device", f.shared_device,
-                   "run on a simulated device kept in FILE, shared with every server started "
-                   "on it, with a simulated clock (demos, tests of peers)");
+    auto* shared = app.add_option("--simulate-shared-device", f.shared_device,
+                                  "run on a simulated device kept in FILE, shared with every "
+                                  "server started on it, with a simulated clock (demos, tests of "
+                                  "peers)");
+    per_token->needs(shared);
+    per_batch->needs(shared);
     app.add_option("--simulated-device-bytes", f.simulated_device_bytes,
                    "its size, when FILE is new")
         ->check(unsigned_number);
@@ -189,6 +219,7 @@ Flags parse_flags(int argc, char** argv) {
     f.threads = std::max<std::size_t>(1, f.threads);
     f.intra_op_threads = std::max(1, f.intra_op_threads);
     f.max_texts = std::max<std::size_t>(1, f.max_texts);
+    f.max_queued_items = std::max<std::size_t>(1, f.max_queued_items);
     f.max_connections = std::max<std::size_t>(1, f.max_connections);
     f.request_deadline_seconds =
         std::min<unsigned long long>(86400, std::max(1ull, f.request_deadline_seconds));
@@ -356,6 +387,12 @@ int main(int argc, char** argv) {
     config.profile_dir = flags.profile_dir;
     config.max_texts = flags.max_texts;
     config.simulate_oom_above_tokens = flags.simulate_oom_above_tokens;
+    config.simulate_bytes_per_token = flags.simulate_bytes_per_token;
+    config.simulate_bytes_per_batch = flags.simulate_bytes_per_batch;
+    config.batching = *torch_server::parse_batching(flags.batching);  // checked by CLI11
+    config.max_queued_items = flags.max_queued_items;
+    config.encode_deadline = std::chrono::seconds(
+        std::min<unsigned long long>(flags.encode_deadline_seconds, 86400ull * 365));
     config.unload_token = flags.unload_token;
     config.hold_encodes_while_file_exists = flags.hold_encodes_while_file_exists;
     for (const std::string& peer : flags.peers) {

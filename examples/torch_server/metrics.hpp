@@ -8,10 +8,13 @@
 
 #if TORCH_SERVER_HAS_PROMETHEUS
 
+#include "batching.hpp"
+
 #include <vramguard/prometheus.hpp>
 #include <vramguard/vramguard.hpp>
 
 #include <prometheus/counter.h>
+#include <prometheus/gauge.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
@@ -40,9 +43,12 @@ class Metrics {
     Metrics(const Metrics&) = delete;
     Metrics& operator=(const Metrics&) = delete;
 
-    // requests: /encode outcome -> count; unload_answers: /request-unload answer -> count. The
-    // server keeps those totals itself, so each scrape writes them into a fresh registry.
-    std::string render(const Counts& requests, const Counts& unload_answers) {
+    // requests: /encode outcome -> count; unload_answers: /request-unload answer -> count;
+    // batcher: the batcher's counters (none with --batching per-request), as
+    // torch_server_batcher_<name>_total, or torch_server_batcher_<name> for a highest-so-far.
+    // The server keeps those totals itself, so each scrape writes them into a fresh registry.
+    std::string render(const Counts& requests, const Counts& unload_answers,
+                       const std::vector<BatcherCounter>& batcher) {
         exporter_.update();
         prometheus::Registry own;
         auto& by_outcome = prometheus::BuildCounter()
@@ -58,6 +64,24 @@ class Metrics {
                 .Register(own);
         for (const auto& [answer, count] : unload_answers)
             by_answer.Add({{"answer", answer}}).Increment(static_cast<double>(count));
+        for (const BatcherCounter& counter : batcher) {
+            const std::string name = std::string("torch_server_batcher_") + counter.name;
+            const auto value = static_cast<double>(counter.value);
+            if (counter.gauge)
+                prometheus::BuildGauge()
+                    .Name(name)
+                    .Help(counter.help)
+                    .Register(own)
+                    .Add({})
+                    .Set(value);
+            else
+                prometheus::BuildCounter()
+                    .Name(name + "_total")
+                    .Help(counter.help)
+                    .Register(own)
+                    .Add({})
+                    .Increment(value);
+        }
         const prometheus::TextSerializer text;
         return text.Serialize(registry_.Collect()) + text.Serialize(own.Collect());
     }

@@ -7,7 +7,10 @@
 //                         or with --unload-token as "Authorization: Bearer <token>"
 //   GET  /status          model, device memory, what the guard learned, counters, peers
 //   GET  /metrics         the same in the Prometheus text format (where prometheus-cpp is)
-// Admission that says no is 503 with Retry-After, never 500: the client should come back later.
+// /encode runs every request's texts through one vramguard::Batcher (batching.hpp), or each
+// request alone through Guard::encode with --batching per-request.
+// Admission that says no is 503 with Retry-After, never 500: the client should come back later;
+// so is the batcher's full queue (--max-queued-items) and a passed --encode-deadline-seconds.
 // Work that can never fit, even on an empty device, is not worth coming back for: a model larger
 // than the device is 507 (the server's problem), an encode whose cheapest item cannot fit is 413
 // (the request's), neither with Retry-After. A text too large to encode even alone is 413, naming
@@ -17,6 +20,7 @@
 // deadlines): hostile requests are answered there, with a JSON error, before the model is involved.
 #pragma once
 
+#include "batching.hpp"
 #include "encoder.hpp"
 #include "http_front.hpp"
 #include "limited_probe.hpp"
@@ -62,6 +66,20 @@ struct ServerConfig {
     // Fault injection for demos and tests: a batch whose padded tokens exceed this throws the
     // simulated out-of-memory error, as a device this size would. 0 = off.
     std::uint64_t simulate_oom_above_tokens = 0;
+    // On a simulated device (hold_device_bytes): what each batch takes from it while it runs, its
+    // activations, bytes_per_batch + bytes_per_token x its padded tokens. The probe sees them, as
+    // it sees a real device's, so the guard learns them. 0 and 0 = nothing.
+    std::uint64_t simulate_bytes_per_batch = 0;
+    std::uint64_t simulate_bytes_per_token = 0;
+    // How /encode runs its texts (batching.hpp): one Batcher for every request (default), or one
+    // Guard::encode per request.
+    Batching batching = Batching::batcher;
+    // The batcher's queue bound: a request that would queue more texts beside the queued ones is
+    // a 503 with Retry-After (vramguard::Overloaded). A request alone is always queued.
+    std::size_t max_queued_items = 4096;
+    // A request gives up after this long in the batcher (on the guard's clock): 503 with
+    // Retry-After. 0 = never.
+    std::chrono::milliseconds encode_deadline{0};
     vramguard::LogSink log = vramguard::stderr_sink(vramguard::Level::info);
     // POST /request-unload without min_idle_seconds: the seeds' protocol's 30 s, so a peer's bare
     // request never unloads a model that served a request a second ago.
@@ -78,8 +96,9 @@ struct ServerConfig {
     vramguard::ClockFn clock;
     vramguard::SleepFn sleep;
     std::function<std::shared_ptr<void>(std::uint64_t bytes)> hold_device_bytes;
-    // Tests: while this file exists (up to 60 s of real time), an /encode that holds its lease
-    // waits before encoding, so a test can keep a request in flight for as long as it needs.
+    // Tests: while this file exists (up to 60 s of real time), a batch waits before it runs (its
+    // request holds the lease, its activations are taken), so a test can keep a request in flight,
+    // and the batcher busy, for as long as it needs.
     std::string hold_encodes_while_file_exists;
 };
 
@@ -149,6 +168,12 @@ class Server : public Endpoints {
                                                      model.padding_id, std::move(held));
             },
             model.declared_bytes);
+        if (config_.batching == Batching::batcher) {
+            vramguard::BatcherOptions options;
+            options.max_queued_items = config_.max_queued_items;
+            batcher_.emplace(guard_, encode_key_, RunQueued{this},
+                             vramguard::padded(TokensOfQueued{}), options);
+        }
     }
 
     Server(const Server&) = delete;
@@ -221,6 +246,7 @@ class Server : public Endpoints {
               {"learned_batch_ceiling", guard.learned_batch_ceiling(encode_key_)},
               {"learned_weight_budget", guard.learned_weight_budget(encode_key_)},
               {"weight", "padded tokens"}}},
+            {"batching", batching_json()},
             {"guard", wire::to_json(guard_.stats())},
             {"registry", wire::to_json(registry.stats)},
             {"peers", std::move(peers)},
@@ -270,17 +296,16 @@ class Server : public Endpoints {
     }
     void on_unload_refused() override { unload_refused_.fetch_add(1, std::memory_order_relaxed); }
 
-    void encode(std::vector<std::string> request_texts, httplib::Response& res) override {
-        const std::vector<std::string>* texts = &request_texts;
-        if (texts->empty()) {
+    void encode(std::vector<std::string> texts, httplib::Response& res) override {
+        if (texts.empty()) {
             encoded_ok_.fetch_add(1, std::memory_order_relaxed);
             wire::reply(res, 200,
                         json{{"embeddings", json::array()}, {"dim", model_.dim}, {"batches", 0}});
             return;
         }
         std::vector<Tokens> tokens;
-        tokens.reserve(texts->size());
-        for (const std::string& text : *texts) tokens.push_back(config_.tokenizer(text));
+        tokens.reserve(texts.size());
+        for (const std::string& text : texts) tokens.push_back(config_.tokenizer(text));
 
         bool loaded = false;  // past the load: an InsufficientMemory now is the encode's
         try {
@@ -288,35 +313,16 @@ class Server : public Endpoints {
             // reaper answer "busy" until it ends.
             vramguard::Lease<HeldEncoder> model = slot_->acquire();
             loaded = true;
-            hold_while_file_exists();
-            std::atomic<unsigned> batches{0};
-            const std::uint64_t oom_above = config_.simulate_oom_above_tokens;
-            std::vector<Embedding> embeddings = guard_.encode(
-                encode_key_, tokens,
-                [&](const auto& batch) {
-                    batches.fetch_add(1, std::memory_order_relaxed);
-                    if (oom_above > 0) {
-                        std::size_t longest = 0;
-                        for (const Tokens& t : batch) longest = std::max(longest, t.size());
-                        const std::uint64_t padded = longest * batch.size();
-                        if (padded > oom_above)
-                            throw vramguard::OutOfMemory(
-                                "simulated out of memory: a batch of " +
-                                std::to_string(batch.size()) + " texts padded to " +
-                                std::to_string(longest) + " tokens (" + std::to_string(padded) +
-                                " > --simulate-oom-above-tokens " + std::to_string(oom_above) +
-                                ")");
-                    }
-                    return model->encode(batch);
-                },
-                vramguard::padded(
-                    [](const Tokens& t) { return static_cast<std::uint64_t>(t.size()); }));
-            texts_encoded_.fetch_add(texts->size(), std::memory_order_relaxed);
+            const std::int64_t dim = model->dim();
+            unsigned batches = 0;
+            std::vector<Embedding> embeddings =
+                batcher_ ? encode_in_batcher(std::move(tokens), std::move(model), batches)
+                         : encode_alone(tokens, *model, batches);
+            texts_encoded_.fetch_add(texts.size(), std::memory_order_relaxed);
             encoded_ok_.fetch_add(1, std::memory_order_relaxed);
-            wire::reply(res, 200,
-                        json{{"embeddings", std::move(embeddings)},
-                             {"dim", model->dim()},
-                             {"batches", batches.load()}});
+            wire::reply(
+                res, 200,
+                json{{"embeddings", std::move(embeddings)}, {"dim", dim}, {"batches", batches}});
         } catch (const vramguard::InsufficientMemory& e) {
             json body{{"error", e.what()},
                       {"required_bytes", e.required()},
@@ -331,11 +337,7 @@ class Server : public Endpoints {
                 wire::reply(res, loaded ? 413 : 507, body);
                 return;
             }
-            rejected_.fetch_add(1, std::memory_order_relaxed);
-            const long long retry = wire::retry_after_seconds(e.retry_after());
-            res.set_header("Retry-After", std::to_string(retry));
-            body["retry_after_seconds"] = retry;
-            wire::reply(res, 503, body);
+            reply_come_back(res, std::move(body), e.retry_after());
         } catch (const vramguard::OomExhausted& e) {
             json body{{"error", e.what()}, {"attempts", e.attempts()}};
             if (e.item_index()) {
@@ -345,12 +347,19 @@ class Server : public Endpoints {
                 wire::reply(res, 413, body);
             } else {
                 // The load ran out of memory on every attempt: the device is busy, come back.
-                rejected_.fetch_add(1, std::memory_order_relaxed);
-                const long long retry = wire::retry_after_seconds(guard_.options().retry_delay);
-                res.set_header("Retry-After", std::to_string(retry));
-                body["retry_after_seconds"] = retry;
-                wire::reply(res, 503, body);
+                reply_come_back(res, std::move(body), guard_.options().retry_delay);
             }
+        } catch (const vramguard::Overloaded& e) {
+            // The batcher's queue is full: come back when what is queued has likely run.
+            reply_come_back(res, json{{"error", e.what()}, {"queue_full", true}}, e.retry_after());
+        } catch (const vramguard::DeadlinePassed& e) {
+            // --encode-deadline-seconds: the texts waited too long behind others'; the device is
+            // busy, not broken, so 503 (not 504) with the guard's retry delay.
+            reply_come_back(res, json{{"error", e.what()}, {"deadline_passed", true}},
+                            guard_.options().retry_delay);
+        } catch (const vramguard::BatcherClosed& e) {
+            // The server is stopping; another instance may answer.
+            reply_come_back(res, json{{"error", e.what()}}, guard_.options().retry_delay);
         } catch (const c10::Error& e) {
             failed_.fetch_add(1, std::memory_order_relaxed);
             wire::reply_error(res, 500, e.what_without_backtrace());
@@ -358,6 +367,118 @@ class Server : public Endpoints {
             failed_.fetch_add(1, std::memory_order_relaxed);
             wire::reply_error(res, 500, e.what());
         }
+    }
+
+    // 503 with Retry-After (whole seconds, rounded up, at least 1) in the header and the body.
+    void reply_come_back(httplib::Response& res, json body, std::chrono::milliseconds after) {
+        rejected_.fetch_add(1, std::memory_order_relaxed);
+        const long long retry = wire::retry_after_seconds(after);
+        res.set_header("Retry-After", std::to_string(retry));
+        body["retry_after_seconds"] = retry;
+        wire::reply(res, 503, body);
+    }
+
+    // --batching per-request: this request's texts alone, through Guard::encode.
+    std::vector<Embedding> encode_alone(const std::vector<Tokens>& tokens, HeldEncoder& model,
+                                        unsigned& batches) {
+        return guard_.encode(
+            encode_key_, tokens,
+            [&](const auto& batch) {
+                ++batches;  // batches of one request run one after another
+                return run_batch(model, batch);
+            },
+            vramguard::padded(
+                [](const Tokens& t) { return static_cast<std::uint64_t>(t.size()); }));
+    }
+
+    // --batching batcher: this request's texts queued with every other request's; they hold the
+    // lease until they have run (QueuedRequest).
+    std::vector<Embedding> encode_in_batcher(std::vector<Tokens> tokens,
+                                             vramguard::Lease<HeldEncoder> model,
+                                             unsigned& batches) {
+        auto request = std::make_shared<QueuedRequest>(std::move(model));
+        std::vector<QueuedText> queued;
+        queued.reserve(tokens.size());
+        for (Tokens& t : tokens) queued.push_back({std::move(t), request});
+        vramguard::EncodeOptions call;
+        if (config_.encode_deadline.count() > 0)
+            call.deadline = guard_.options().clock() + config_.encode_deadline;
+        std::vector<Embedding> embeddings;
+        try {
+            embeddings = batcher_->encode(std::move(queued), call);
+        } catch (const vramguard::DeadlinePassed&) {
+            throw;  // its texts may be running: they keep the lease until they end
+        } catch (...) {
+            request->model.release();
+            throw;
+        }
+        // Every text has run: the lease ends with the answer, not when the batcher lets go of
+        // the texts (the leader's turn may last a moment longer).
+        request->model.release();
+        batches = request->batches.load();
+        return embeddings;
+    }
+
+    // The batcher's batch_fn: texts of any requests, each holding a lease on the one model
+    // loaded (a model with leases is never unloaded, so they all hold the same).
+    struct RunQueued {
+        Server* server;
+        template <class View>
+        std::vector<Embedding> operator()(const View& view) const {
+            std::vector<Tokens> batch;
+            batch.reserve(view.size());
+            std::vector<QueuedRequest*> requests;
+            for (const QueuedText& text : view) {
+                batch.push_back(text.tokens);
+                requests.push_back(text.request.get());
+            }
+            std::sort(requests.begin(), requests.end());
+            requests.erase(std::unique(requests.begin(), requests.end()), requests.end());
+            HeldEncoder& model = *requests.front()->model;
+            for (const QueuedRequest* request : requests)
+                if (request->model.get() != &model)
+                    throw std::logic_error("torch_server: one batch held texts for two models");
+            std::vector<Embedding> out = server->run_batch(model, batch);
+            for (QueuedRequest* request : requests)
+                request->batches.fetch_add(1, std::memory_order_relaxed);
+            return out;
+        }
+    };
+
+    // One batch through the model, as the simulated device would run it: over
+    // --simulate-oom-above-tokens it fails; on a simulated device its activations take
+    // --simulate-bytes-per-batch + --simulate-bytes-per-token x its padded tokens while it runs
+    // (or fail with the device's out-of-memory error when they do not fit).
+    template <class Batch>
+    std::vector<Embedding> run_batch(HeldEncoder& model, const Batch& batch) const {
+        std::size_t longest = 0;
+        for (const Tokens& t : batch) longest = std::max(longest, t.size());
+        const std::uint64_t padded = longest * batch.size();
+        const std::uint64_t oom_above = config_.simulate_oom_above_tokens;
+        if (oom_above > 0 && padded > oom_above)
+            throw vramguard::OutOfMemory(
+                "simulated out of memory: a batch of " + std::to_string(batch.size()) +
+                " texts padded to " + std::to_string(longest) + " tokens (" +
+                std::to_string(padded) + " > --simulate-oom-above-tokens " +
+                std::to_string(oom_above) + ")");
+        std::shared_ptr<void> activations;
+        const std::uint64_t per_batch = config_.simulate_bytes_per_batch;
+        const std::uint64_t per_token = config_.simulate_bytes_per_token;
+        if (config_.hold_device_bytes && (per_batch > 0 || per_token > 0))
+            activations = config_.hold_device_bytes(per_batch + per_token * padded);
+        hold_while_file_exists();
+        return model.encode(batch);
+    }
+
+    json batching_json() const {
+        json out{{"mode", to_string(config_.batching)}};
+        if (!batcher_) return out;
+        json stats = json::object();
+        for (const BatcherCounter& counter : batcher_counters(batcher_->stats()))
+            stats[counter.name] = counter.value;
+        out["max_queued_items"] = batcher_->options().max_queued_items;
+        out["stats"] = std::move(stats);
+        return out;
     }
 
     // The seeds' protocol: {"status": "ok"|"busy", "unloaded", "message", "idle_seconds"}, with
@@ -431,7 +552,9 @@ class Server : public Endpoints {
                                   { "failed_500",
                                     failed_.load() }};
             res.status = 200;
-            res.set_content(metrics_.render(requests, unload_answers()),
+            const std::vector<BatcherCounter> batcher =
+                batcher_ ? batcher_counters(batcher_->stats()) : std::vector<BatcherCounter>{};
+            res.set_content(metrics_.render(requests, unload_answers(), batcher),
                             "text/plain; version=0.0.4; charset=utf-8");
         } catch (const std::exception& e) {
             wire::reply_error(res, 500, e.what());
@@ -464,6 +587,12 @@ class Server : public Endpoints {
     // POST /request-unload answers: unloaded, busy, not_loaded, refused (401/403), bad (400).
     std::atomic<std::uint64_t> unload_unloaded_{0}, unload_busy_{0}, unload_not_loaded_{0},
         unload_refused_{0}, unload_bad_{0};
+    // --batching batcher: one for the encode key, whatever model is loaded (each queued text
+    // holds its request's lease). Destroyed before the registry and the guard: the requests
+    // still queued then get BatcherClosed (503).
+    std::optional<
+        vramguard::Batcher<QueuedText, Probe, RunQueued, vramguard::Padded<TokensOfQueued>>>
+        batcher_;
 #if TORCH_SERVER_HAS_PROMETHEUS
     Metrics metrics_{guard_, registry_, encode_key_, config_.device_name};  // destroyed first
 #endif

@@ -2,8 +2,9 @@
 // A simulated device in a file, shared by every process that maps it (--simulate-shared-device
 // FILE): its size, the bytes in use, and a simulated clock. Two servers started on the same file
 // see each other's models as used memory, as two servers on one GPU do, and the model's parameter
-// bytes are taken from it while it is loaded: a load that does not fit throws vramguard's
-// out-of-memory error, as a device would, and counts in ooms(). The clock moves only when a process
+// bytes are taken from it while it is loaded (and each batch's activations while it runs, with
+// --simulate-bytes-per-token): an allocation that does not fit throws vramguard's out-of-memory
+// error, as a device would, and counts in ooms(). The clock moves only when a process
 // sleeps (the guard's and the registry's waits advance it) or a test advances it, so "idle for
 // 30 s" and a peer's 30 s cooldown are deterministic in tests. POSIX; the counters are lock-free
 // atomics in shared memory.

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 // The examples/torch_server binary as a child process, for the tests that drive it from outside
-// (torch_server_test, torch_server_model_test, torch_server_hostile_test): started on 127.0.0.1
+// (torch_server_test, torch_server_model_test, torch_server_hostile_test,
+// torch_server_batching_test): started on 127.0.0.1
 // with a port the kernel picks (the first line of its stdout names it), its stderr kept for the
 // test to read and echoed to the test's own stderr (ctest shows it on failure), and stopped when
 // the test ends. Then the HTTP client side those tests share. Every wait has a deadline.
@@ -275,6 +276,11 @@ inline Reply get(httplib::Client& client, const std::string& path) {
 
 inline Reply encode(httplib::Client& client, const std::vector<std::string>& texts) {
     return post(client, "/encode", nlohmann::json{{"texts", texts}}.dump());
+}
+
+// An /encode answer's embeddings.
+inline std::vector<std::vector<float>> embeddings_of(const Reply& reply) {
+    return reply.body.at("embeddings").get<std::vector<std::vector<float>>>();
 }
 
 // The largest difference between two embeddings; infinite when their sizes differ.

@@ -51,6 +51,7 @@ using namespace std::chrono_literals;
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using vramguard_test::embeddings_of;
 using vramguard_test::encode;
 using vramguard_test::get;
 using vramguard_test::max_difference;
@@ -68,10 +69,6 @@ struct Running : vramguard_test::RunningServer {
     }
     std::unique_ptr<httplib::Client> client() const { return vramguard_test::client_of(port()); }
 };
-
-std::vector<std::vector<float>> embeddings_of(const Reply& reply) {
-    return reply.body.at("embeddings").get<std::vector<std::vector<float>>>();
-}
 
 double norm(const std::vector<float>& v) {
     double sum = 0;
@@ -447,7 +444,11 @@ TEST(TorchServer, BadFlagsExitWithUsage) {
          std::vector<std::vector<std::string>>{{"--no-such-flag", "1"},
                                                {"--simulate-other-process-bytes", "lots"},
                                                {"--simulate-other-process-bytes", "-1"},
-                                               {"--simulate-other-process-bytes"}}) {
+                                               {"--simulate-other-process-bytes"},
+                                               {"--batching", "sometimes"},
+                                               {"--max-queued-items", "-1"},
+                                               // needs --simulate-shared-device
+                                               {"--simulate-bytes-per-token", "1000"}}) {
         ServerProcess process(args);
         EXPECT_LT(process.port(), 0) << args.front();
         const int status = process.stop();
