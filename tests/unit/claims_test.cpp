@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <numeric>
 #include <random>
 #include <thread>
 #include <vector>
@@ -265,6 +266,56 @@ TEST(ClaimsLoad, AnEncodePlannedDuringALoadLeavesItsBytes) {
     // 32 GiB free, 16 of it claimed by the load: the chunk fits in the other 16 (items of 1 MiB).
     EXPECT_LE(sizes.front(), 16u * 1024u);
     EXPECT_GT(sizes.front(), 8u * 1024u);
+}
+
+// Fairness: a call that needs most of the device, among a stream of smaller calls that keep the
+// device busy, waits at the head of the planners' queue: the memory that comes back is its first,
+// so it runs in large chunks instead of the crumbs the others leave (and instead of starving).
+TEST(ClaimsFairness, ALargeCallIsNotStarvedByAStreamOfSmallOnes) {
+    SimulatedDevice device(10_GiB);
+    Options options;
+    options.persist = false;
+    options.log = nullptr;
+    options.item_retry_delay = std::chrono::seconds(30);  // the bound on a wait: never reached here
+    Guard<SimulatedDevice> guard(device, options);
+    const Key key = Key::of("claims-fairness");
+    using View = BatchView<std::vector<int>::const_iterator>;
+    auto run = [&](const View& view) {
+        auto activations = device.allocate(view.size() * 1_MiB);
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    };
+    for (int i = 0; i < 4; ++i) {  // the key learns 1 MiB per item, measured alone
+        std::vector<int> warm(1000 + 500 * i, 1);
+        guard.encode(key, warm, run);
+    }
+    ASSERT_TRUE(guard.cost_model(key).known());
+    std::atomic<bool> done{false};
+    std::atomic<int> small_chunks{0};
+    std::vector<std::thread> stream;
+    for (int t = 0; t < 4; ++t) {
+        stream.emplace_back([&] {
+            const std::vector<int> items(3000, 1);  // 3 of these fit at once
+            while (!done)
+                guard.encode(key, items, [&](const View& view) {
+                    run(view);
+                    ++small_chunks;
+                });
+        });
+    }
+    while (small_chunks < 20) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    std::vector<std::size_t> sizes;
+    const std::vector<int> large(9000, 1);
+    guard.encode(key, large, [&](const View& view) {
+        run(view);
+        sizes.push_back(view.size());
+    });
+    done = true;
+    for (auto& thread : stream) thread.join();
+    // Its first chunk is at least half of it (policy::run_or_wait: half is at most one batch
+    // more than waiting), never the crumbs the stream leaves, and the call completes.
+    ASSERT_FALSE(sizes.empty());
+    EXPECT_GE(sizes.front(), 4500u);
+    EXPECT_EQ(std::accumulate(sizes.begin(), sizes.end(), std::size_t{0}), 9000u);
 }
 
 }  // namespace
