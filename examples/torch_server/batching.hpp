@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace torch_server {
@@ -59,26 +60,15 @@ struct BatcherCounter {
     bool gauge;  // a highest-so-far, not a total
 };
 
-// Every field of BatcherStats (vramguard lists Stats and RegistryStats with for_each_counter; it
-// has no such list for BatcherStats, so the server keeps this one).
-static_assert(sizeof(vramguard::BatcherStats) == 9 * sizeof(std::uint64_t),
-              "BatcherStats has a new field: list it in batcher_counters()");
-inline std::vector<BatcherCounter> batcher_counters(const vramguard::BatcherStats& s) {
-    return {
-        {"calls", "/encode requests queued in the batcher", s.calls, false},
-        {"items", "texts queued in the batcher", s.items, false},
-        {"gatherings", "runs of every queued text through the guard", s.gatherings, false},
-        {"batches", "batches the batcher ran", s.batches, false},
-        {"batched_items", "texts in those batches (batched_items / batches: the fill)",
-         s.batched_items, false},
-        {"overloaded", "requests refused because the queue was full (503)", s.overloaded, false},
-        {"deadlines_passed", "requests that gave up at their deadline (503)", s.deadlines_passed,
-         false},
-        {"queue_wait_us", "microseconds requests waited in the queue, summed", s.queue_wait_us,
-         false},
-        {"queue_wait_max_us", "the longest a request waited in the queue, in microseconds",
-         s.queue_wait_max_us, true},
-    };
+// Every field of BatcherStats, from vramguard's one list of them (for_each_counter); the longest
+// queue wait is a highest-so-far (a gauge), the rest are totals.
+inline std::vector<BatcherCounter> batcher_counters(const vramguard::BatcherStats& stats) {
+    std::vector<BatcherCounter> counters;
+    vramguard::for_each_counter(
+        stats, [&](const char* name, const char* help, std::uint64_t value) {
+            counters.push_back({name, help, value, std::string_view(name) == "queue_wait_max_us"});
+        });
+    return counters;
 }
 
 }  // namespace torch_server

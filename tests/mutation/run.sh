@@ -60,7 +60,7 @@ mutation 11 include/vramguard/detail/peer_call.hpp \
   'std::shared_ptr<std::mutex> existing = locks[device].lock();' 'std::shared_ptr<std::mutex> existing;' \
   peer_relief_test "one peer relief per device"
 mutation 12 include/vramguard/peers_http.hpp \
-  'if (busy_running + busy_pending > 0)' 'if (busy_running > 0)' \
+  'if (queue.running + queue.pending > 0)' 'if (queue.running > 0)' \
   peers_http_test "ComfyUI: pending prompts are busy"
 
 # Replaces the one occurrence of $1 by $2 in file $3 (Perl string escapes: \n, \&); status 3 when

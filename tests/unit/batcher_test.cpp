@@ -127,6 +127,7 @@ TEST(Batcher, AnItemThatFailsEvenAloneFailsOnlyItsOwnCall) {
     } catch (const OomExhausted& error) {
         ASSERT_TRUE(error.item_index().has_value());
         EXPECT_EQ(*error.item_index(), 2u);  // its index in this call
+        EXPECT_GE(error.attempts(), 1u);     // as the guard counted them
         EXPECT_NE(std::string(error.what()).find("item 2 of this call"), std::string::npos);
         // Items before it that ran are not lost.
         EXPECT_EQ(error.finished_results<int>(), (std::vector<int>{50, 60}));

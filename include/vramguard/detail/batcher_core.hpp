@@ -107,7 +107,7 @@ class BatcherCore {
                 lead(lock);
                 continue;
             }
-            changed_.wait_for(lock, guard_.options().poll_interval);
+            changed_.wait_for(lock, until_next_look(deadline));
         }
         if (call->error) std::rethrow_exception(call->error);
         std::vector<Result> results;
@@ -181,6 +181,16 @@ class BatcherCore {
             per_second > 0 ? static_cast<double>(queued_weight_) / per_second : 0.1;
         return std::chrono::milliseconds(
             static_cast<std::int64_t>(std::clamp(seconds * 1e3, 1.0, 60e3)));
+    }
+
+    // How long a waiting caller sleeps before it looks again (a gathering's end wakes it sooner):
+    // a poll interval, or less when its deadline comes first.
+    std::chrono::milliseconds until_next_look(const std::optional<TimePoint>& deadline) const {
+        const std::chrono::milliseconds poll = guard_.options().poll_interval;
+        if (!deadline) return poll;
+        const auto left =
+            std::chrono::ceil<std::chrono::milliseconds>(*deadline - guard_.options().clock());
+        return std::clamp(left, std::chrono::milliseconds(1), poll);
     }
 
     // The caller gives up at its deadline: its items still queued never run.
@@ -308,14 +318,16 @@ class BatcherCore {
     // batch_fn threw in; or, before any batch, all of them) and returns the slots left to run.
     std::vector<Slot> blame(const std::vector<Slot>& slots, const std::exception_ptr& failure) {
         std::optional<std::size_t> alone;
+        unsigned attempts = 0;
         try {
             std::rethrow_exception(failure);
         } catch (const OomExhausted& exhausted) {
             alone = exhausted.item_index();
+            attempts = exhausted.attempts();
         } catch (...) {
         }
         if (alone && *alone < slots.size()) {
-            fail_item(slots[*alone], failure);
+            fail_item(slots[*alone], failure, attempts);
         } else if (failed_chunk_) {
             const auto [offset, size] = *failed_chunk_;
             for (std::size_t i = offset; i < offset + size && i < slots.size(); ++i)
@@ -331,7 +343,7 @@ class BatcherCore {
     }
 
     // An item that ran out of memory even alone: its call fails, naming the item in the call.
-    void fail_item(const Slot& slot, const std::exception_ptr& failure) {
+    void fail_item(const Slot& slot, const std::exception_ptr& failure, unsigned attempts) {
         Call& call = *slot.call;
         try {
             throw_with_cause(failure, [&] {
@@ -345,7 +357,7 @@ class BatcherCore {
                                            std::to_string(slot.index) +
                                            " of this call ran out of memory even alone (" + what +
                                            ")",
-                                       key_.describe(), slot.index, 0);
+                                       key_.describe(), slot.index, attempts);
                 std::vector<Result> finished;
                 for (std::size_t i = 0; i < slot.index && call.results[i]; ++i)
                     finished.push_back(std::move(*call.results[i]));
