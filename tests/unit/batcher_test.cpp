@@ -35,6 +35,7 @@ Options quiet_options() {
 
 // Items are token counts; a batch allocates 1 MiB per padded token and records what it saw.
 struct Recorder {
+    explicit Recorder(SimulatedDevice& on) : device(on) {}
     SimulatedDevice& device;
     std::mutex mutex;
     std::vector<std::vector<int>> batches;
@@ -69,7 +70,7 @@ std::vector<int> times_ten(const std::vector<int>& items) {
 TEST(Batcher, ALoneCallerGetsItsResultsInOrder) {
     SimulatedDevice device(8_GiB);
     Guard<SimulatedDevice> guard(device, quiet_options());
-    Recorder recorder{device};
+    Recorder recorder(device);
     auto batcher = make_batcher<int>(
         guard, Key::of("lone"), [&](const auto& view) { return recorder.run(view); },
         padded(tokens_of));
@@ -96,7 +97,7 @@ TEST(Batcher, EveryCounterIsEnumeratedOnce) {
 TEST(Batcher, QueuedCallsFormOneGatheringGroupedByWeightEachInItsOrder) {
     SimulatedDevice device(8_GiB);
     Guard<SimulatedDevice> guard(device, quiet_options());
-    Recorder recorder{device};
+    Recorder recorder(device);
     auto batcher = make_batcher<int>(
         guard, Key::of("grouped"), [&](const auto& view) { return recorder.run(view); },
         padded(tokens_of));
@@ -114,7 +115,7 @@ TEST(Batcher, QueuedCallsFormOneGatheringGroupedByWeightEachInItsOrder) {
 TEST(Batcher, AnItemThatFailsEvenAloneFailsOnlyItsOwnCall) {
     SimulatedDevice device(8_GiB);
     Guard<SimulatedDevice> guard(device, quiet_options());
-    Recorder recorder{device};
+    Recorder recorder(device);
     recorder.poison = {13};
     auto batcher = make_batcher<int>(guard, Key::of("poison"),
                                      [&](const auto& view) { return recorder.run(view); });
