@@ -27,6 +27,13 @@
 #endif
 #endif
 
+// Marks a slow path (taken rarely) so the fast path around it stays small enough to inline.
+#if defined(__GNUC__) || defined(__clang__)
+#define VRAMGUARD_NOINLINE __attribute__((noinline))
+#else
+#define VRAMGUARD_NOINLINE
+#endif
+
 #if defined(__cpp_lib_semaphore) || \
     (__cplusplus >= 202002L && defined(__has_include) && __has_include(<semaphore>))
 #define VRAMGUARD_HAS_STD_SEMAPHORE 1

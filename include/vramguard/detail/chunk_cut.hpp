@@ -110,7 +110,7 @@ class ChunkWeights {
     }
 
    private:
-    ChunkCut cut_weighted(std::size_t pos, std::uint64_t limit) const {
+    VRAMGUARD_NOINLINE ChunkCut cut_weighted(std::size_t pos, std::uint64_t limit) const {
         ChunkCut chunk;
         auto weight_at = [this](std::size_t i) { return (*weights_)[i]; };
         chunk.size = padded_ ? policy::cut_by_padded_weight(pos, n_, limit, weight_at)

@@ -67,7 +67,13 @@ class ChunkPlanner {
     // The call's admission; the host-wide hold it made, if any.
     std::unique_ptr<Hold> admit_call(const Key& key, std::size_t n) {
         const std::uint64_t cheapest = learner_.published.cheapest.load(std::memory_order_acquire);
-        if (cheapest == 0 || n == 0) return nullptr;
+        if (cheapest == 0 || n == 0) return nullptr;  // nothing measured: nothing to refuse
+        return admit_measured(key, cheapest);
+    }
+
+   private:
+    VRAMGUARD_NOINLINE std::unique_ptr<Hold> admit_measured(const Key& key,
+                                                            std::uint64_t cheapest) {
         const std::uint64_t smallest = weights_.lightest();
         const bool ran_before =
             smallest <= learner_.published.ran_size.load(std::memory_order_acquire);
@@ -92,6 +98,7 @@ class ChunkPlanner {
             .hold;
     }
 
+   public:
     // The next chunk: planned from the key's model against the reading less what the guard's other
     // chunks in flight claim, in turn with the guard's other planners (detail/claims.hpp), then
     // claimed. When the claims leave little, it may wait for one to end (policy::run_or_wait). A
@@ -134,7 +141,7 @@ class ChunkPlanner {
 
    private:
     // The plan in turn with the guard's other planners, against what their claims leave.
-    void plan_with_claims(PlannedChunk& chunk, policy::ChunkFacts& facts) {
+    VRAMGUARD_NOINLINE void plan_with_claims(PlannedChunk& chunk, policy::ChunkFacts& facts) {
         const bool may_queue = !facts.exclusive_held;
         Claims::Turn turn(core_.claims(), may_queue);
         // Waiting for claims is bounded like an item's retry: item_retry_delay, the call's
