@@ -105,6 +105,11 @@ TEST_F(Decisions, AfterSpoiledMeasurementsTheNextMeasuredChunkRunsAlone) {
     const Key other = Key::of("holds the device"), key = Key::of("always overlapped");
     const auto items = numbered(10);
     Board board;
+    // The other key was measured once (it allocates nothing): its chunk claims nothing, so only
+    // the exclusive turn, not a claim, can keep the third call's measured chunk from running
+    // beside it.
+    guard.encode(other, items,
+                 [](const View& batch) { return std::vector<int>(batch.begin(), batch.end()); });
     std::thread holder([&] {
         guard.encode(other, items, [&](const View& batch) {
             auto held = device.allocate(1_GiB);
