@@ -5027,6 +5027,7 @@ VRAMGUARD_END_NAMESPACE
 
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -5077,15 +5078,15 @@ class Claims {
             if (!queued_) return;
             const std::uint64_t ticket = claims_.next_ticket_++;
             if (claims_.serving_ != ticket) {
-                ++claims_.waiting_;
+                claims_.waiting_.fetch_add(1);
                 claims_.changed_.wait(lock_, [&] { return claims_.serving_ == ticket; });
-                --claims_.waiting_;
+                claims_.waiting_.fetch_sub(1);
             }
         }
         ~Turn() {
             if (!queued_) return;
             ++claims_.serving_;
-            const bool someone_waits = claims_.waiting_ != 0;
+            const bool someone_waits = claims_.waiting_.load() != 0;
             lock_.unlock();
             if (someone_waits) claims_.changed_.notify_all();
         }
@@ -5095,33 +5096,29 @@ class Claims {
         // The free memory a plan may count on, from the probe's reading `free_now` (taken while
         // this turn is held, so every claim registered before it is in the sum).
         std::uint64_t available(std::uint64_t free_now) noexcept {
-            claims_.anchor_ =
-                claims_.claimed_ == 0 ? free_now : std::max(claims_.anchor_, free_now);
-            return policy::free_for_plan(free_now, claims_.anchor_, claims_.claimed_);
+            const std::uint64_t claimed = claims_.claimed_.load();
+            claims_.anchor_ = claimed == 0 ? free_now : std::max(claims_.anchor_, free_now);
+            return policy::free_for_plan(free_now, claims_.anchor_, claimed);
         }
         // What would be free were the claims back (after available(free_now)).
         std::uint64_t without_claims(std::uint64_t free_now) const noexcept {
-            return policy::free_without_claims(free_now, claims_.anchor_, claims_.claimed_);
+            return policy::free_without_claims(free_now, claims_.anchor_, claimed());
         }
         // What the chunks in flight claim now.
-        std::uint64_t claimed() const noexcept { return claims_.claimed_; }
+        std::uint64_t claimed() const noexcept { return claims_.claimed_.load(); }
 
         // Waits until a claim ends or `until` passes; true when one ended.
         bool wait_for_release(std::chrono::steady_clock::time_point until) {
             if (!queued_) return false;
-            const std::uint64_t seen = claims_.releases_;
-            ++claims_.waiting_;
+            const std::uint64_t seen = claims_.releases_.load();
+            claims_.waiting_.fetch_add(1);
             const bool released = claims_.changed_.wait_until(
-                lock_, until, [&] { return claims_.releases_ != seen; });
-            --claims_.waiting_;
+                lock_, until, [&] { return claims_.releases_.load() != seen; });
+            claims_.waiting_.fetch_sub(1);
             return released;
         }
 
-        Claim claim(std::uint64_t bytes) noexcept {
-            if (bytes == 0) return {};
-            claims_.claimed_ = policy::saturating_add(claims_.claimed_, bytes);
-            return Claim(&claims_, bytes);
-        }
+        Claim claim(std::uint64_t bytes) noexcept { return claims_.claim_now(bytes); }
 
        private:
         Claims& claims_;
@@ -5129,26 +5126,32 @@ class Claims {
         const bool queued_;
     };
 
+    // A claim made outside any turn (a load admitted for `bytes`): no lock, no wait.
+    Claim claim_now(std::uint64_t bytes) noexcept {
+        if (bytes == 0) return {};
+        claimed_.fetch_add(bytes);
+        return Claim(this, bytes);
+    }
+
    private:
+    // Lock-free unless a planner waits: the count first, then the wake-up under the lock a waiter
+    // checks its condition in, so no waiter misses a release.
     void give_back(std::uint64_t bytes) noexcept {
-        bool someone_waits = false;
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            claimed_ -= std::min(claimed_, bytes);
-            ++releases_;
-            someone_waits = waiting_ != 0;
-        }
-        if (someone_waits) changed_.notify_all();
+        claimed_.fetch_sub(bytes);
+        releases_.fetch_add(1);
+        if (waiting_.load() == 0) return;
+        { std::lock_guard<std::mutex> lock(mutex_); }
+        changed_.notify_all();
     }
 
     std::mutex mutex_;
     std::condition_variable changed_;
-    std::uint64_t claimed_ = 0;
-    std::uint64_t anchor_ = 0;
+    std::atomic<std::uint64_t> claimed_{0};
+    std::atomic<std::uint64_t> releases_{0};
+    std::atomic<unsigned> waiting_{0};
+    std::uint64_t anchor_ = 0;  // guarded by mutex_, as are the tickets
     std::uint64_t next_ticket_ = 0;
     std::uint64_t serving_ = 0;
-    std::uint64_t releases_ = 0;
-    unsigned waiting_ = 0;
 };
 
 }  // namespace detail
@@ -6539,8 +6542,7 @@ class LoadRun {
                 [] { return false; });
             // What the load was admitted for is claimed while it runs: encode chunks planned
             // meanwhile do not count on the memory it is about to take.
-            Claims::Claim claim =
-                Claims::Turn(core_.claims(), false).claim(admitted.requirement.bytes);
+            Claims::Claim claim = core_.claims().claim_now(admitted.requirement.bytes);
             std::exception_ptr error;
             try {
                 typename Core::Measurement measurement(core_, true);

@@ -44,8 +44,7 @@ class LoadRun {
                 [] { return false; });
             // What the load was admitted for is claimed while it runs: encode chunks planned
             // meanwhile do not count on the memory it is about to take.
-            Claims::Claim claim =
-                Claims::Turn(core_.claims(), false).claim(admitted.requirement.bytes);
+            Claims::Claim claim = core_.claims().claim_now(admitted.requirement.bytes);
             std::exception_ptr error;
             try {
                 typename Core::Measurement measurement(core_, true);
