@@ -6952,6 +6952,7 @@ template <class Item, class Result>
 struct BatcherCall {
     std::vector<Item> items;
     std::vector<std::uint64_t> weights;  // as the learner counts them (empty: no weights)
+    std::uint64_t weight = 0;            // their sum (the item count without weights)
     std::vector<std::optional<Result>> results;
     std::size_t done = 0;
     std::exception_ptr error;
@@ -6983,13 +6984,13 @@ class BatcherCore {
         auto call = std::make_shared<Call>();
         call->items = std::move(items);
         call->results.resize(call->items.size());
-        std::uint64_t weight = call->items.size();
+        call->weight = call->items.size();
         if constexpr (weighted) {
-            weight = 0;
+            call->weight = 0;
             for (const Item& item : call->items) {
                 call->weights.push_back(
                     checked_weight(unpadded(weight_fn_)(item), call->weights.size()));
-                weight = saturating_add(weight, call->weights.back());
+                call->weight = saturating_add(call->weight, call->weights.back());
             }
         }
         std::lock_guard<std::mutex> lock(mutex_);
@@ -6998,10 +6999,10 @@ class BatcherCore {
             call->finished = true;
             return call;
         }
-        refuse_when_full(call->items.size(), weight);
+        refuse_when_full(call->items.size(), call->weight);
         queue_.push_back(call);
         queued_items_ += call->items.size();
-        queued_weight_ = saturating_add(queued_weight_, weight);
+        queued_weight_ = saturating_add(queued_weight_, call->weight);
         stats_.calls.fetch_add(1, std::memory_order_relaxed);
         stats_.items.fetch_add(call->items.size(), std::memory_order_relaxed);
         return call;
@@ -7119,12 +7120,7 @@ class BatcherCore {
     void forget_queued(Call& call) {
         call.queued = false;
         queued_items_ -= call.items.size();
-        std::uint64_t weight = call.items.size();
-        if constexpr (weighted) {
-            weight = 0;
-            for (std::uint64_t w : call.weights) weight = saturating_add(weight, w);
-        }
-        queued_weight_ -= std::min(queued_weight_, weight);
+        queued_weight_ -= std::min(queued_weight_, call.weight);
     }
 
     // Takes every queued call and runs their items (the lock released meanwhile).
